@@ -1,0 +1,249 @@
+//! Admin tokens: bearer credentials for the admin API and UI.
+//!
+//! A token reads `gha_<id>_<secret>`: a 64-bit id (16 hex characters) that names the
+//! row, and a 256-bit secret (43 base64url characters). Only SHA-256 of the secret is
+//! stored; a 256-bit random secret needs no slow hash. Checks compare hashes in constant
+//! time and do the same work for an unknown id as for a known one. This module must not
+//! know HTTP: the admin extractor calls `AdminTokens::verify`.
+
+use ring::digest::{SHA256, digest};
+use ring::rand::{SecureRandom, SystemRandom};
+use serde::Serialize;
+use subtle::ConstantTimeEq;
+
+use crate::clock::SharedClock;
+use crate::store::records::AdminToken;
+use crate::store::{Store, StoreError};
+
+const PREFIX: &str = "gha_";
+const ID_BYTES: usize = 8;
+const SECRET_BYTES: usize = 32;
+/// Longest accepted token name, in characters.
+pub const MAX_NAME_CHARS: usize = 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminTokenError {
+    /// Deliberately one variant for every failed check: the caller learns nothing more.
+    #[error("invalid admin token")]
+    Invalid,
+    #[error("no admin token with id {0}")]
+    NotFound(String),
+    #[error("admin token {0} is already revoked")]
+    AlreadyRevoked(String),
+    #[error(
+        "bad token name: {0} (1 to 64 characters; letters, digits, spaces and . _ - @ : / only)"
+    )]
+    BadName(String),
+    #[error("the system random number generator failed")]
+    Random,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A token just created: the only moment its secret exists outside the caller.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct IssuedToken {
+    pub id: String,
+    pub name: String,
+    pub token: String,
+}
+
+/// What `admin-token list` shows (never the secret or its hash).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct AdminTokenInfo {
+    pub id: String,
+    pub name: String,
+    pub created_at_ms: u64,
+    pub last_used_at_ms: Option<u64>,
+    pub revoked_at_ms: Option<u64>,
+}
+
+/// The admin-token registry over the store.
+#[derive(Debug, Clone)]
+pub struct AdminTokens {
+    store: Store,
+    clock: SharedClock,
+}
+
+fn validate_name(name: &str) -> Result<String, AdminTokenError> {
+    let name = name.trim();
+    let ok_char = |c: char| c.is_alphanumeric() || " ._-@:/".contains(c);
+    if name.is_empty() || name.chars().count() > MAX_NAME_CHARS || !name.chars().all(ok_char) {
+        return Err(AdminTokenError::BadName(format!("{name:?}")));
+    }
+    Ok(name.to_string())
+}
+
+fn hash_secret(secret: &[u8]) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    out.copy_from_slice(digest(&SHA256, secret).as_ref());
+    out
+}
+
+/// Splits `gha_<id>_<secret>` into the id text and the secret bytes.
+fn parse(presented: &str) -> Option<(String, Vec<u8>)> {
+    // Bounded before any work: a token is exactly 4 + 16 + 1 + 43 = 64 characters.
+    if presented.len() != PREFIX.len() + ID_BYTES * 2 + 1 + 43 {
+        return None;
+    }
+    let rest = presented.strip_prefix(PREFIX)?;
+    let (id, secret) = rest.split_once('_')?;
+    let id_bytes = data_encoding::HEXLOWER.decode(id.as_bytes()).ok()?;
+    if id_bytes.len() != ID_BYTES {
+        return None;
+    }
+    let secret = data_encoding::BASE64URL_NOPAD
+        .decode(secret.as_bytes())
+        .ok()?;
+    (secret.len() == SECRET_BYTES).then(|| (id.to_string(), secret))
+}
+
+impl AdminTokens {
+    pub fn new(store: Store, clock: SharedClock) -> Self {
+        Self { store, clock }
+    }
+
+    /// Creates a token and returns its text, which is not stored anywhere.
+    pub async fn create(&self, name: &str) -> Result<IssuedToken, AdminTokenError> {
+        let name = validate_name(name)?;
+        let rng = SystemRandom::new();
+        let mut id = [0u8; ID_BYTES];
+        let mut secret = [0u8; SECRET_BYTES];
+        rng.fill(&mut id).map_err(|_| AdminTokenError::Random)?;
+        rng.fill(&mut secret).map_err(|_| AdminTokenError::Random)?;
+        let id = data_encoding::HEXLOWER.encode(&id);
+        let record = AdminToken {
+            name: name.clone(),
+            secret_hash: hash_secret(&secret),
+            created_at_ms: self.clock.now_ms(),
+            last_used_at_ms: None,
+            revoked_at_ms: None,
+        };
+        let row_id = id.clone();
+        self.store
+            .write(move |tx| -> Result<(), AdminTokenError> {
+                // 64 random bits collide about never; a collision must still not overwrite.
+                if tx.admin_token(&row_id)?.is_some() {
+                    return Err(AdminTokenError::Random);
+                }
+                Ok(tx.put_admin_token(&row_id, &record)?)
+            })
+            .await?;
+        let token = format!(
+            "{PREFIX}{id}_{}",
+            data_encoding::BASE64URL_NOPAD.encode(&secret)
+        );
+        Ok(IssuedToken { id, name, token })
+    }
+
+    /// Every token, revoked ones included, oldest first.
+    pub fn list(&self) -> Result<Vec<AdminTokenInfo>, AdminTokenError> {
+        let mut tokens: Vec<AdminTokenInfo> = self
+            .store
+            .read(|tx| tx.admin_tokens())?
+            .into_iter()
+            .map(|(id, t)| AdminTokenInfo {
+                id,
+                name: t.name,
+                created_at_ms: t.created_at_ms,
+                last_used_at_ms: t.last_used_at_ms,
+                revoked_at_ms: t.revoked_at_ms,
+            })
+            .collect();
+        tokens.sort_by(|a, b| (a.created_at_ms, &a.id).cmp(&(b.created_at_ms, &b.id)));
+        Ok(tokens)
+    }
+
+    /// Whether any token that still works exists.
+    pub fn any_active(&self) -> Result<bool, AdminTokenError> {
+        Ok(self.list()?.iter().any(|t| t.revoked_at_ms.is_none()))
+    }
+
+    /// Revokes a token by id; durable before this returns.
+    pub async fn revoke(&self, id: &str) -> Result<AdminTokenInfo, AdminTokenError> {
+        let id = id.trim().to_ascii_lowercase();
+        let now = self.clock.now_ms();
+        let row_id = id.clone();
+        let token = self
+            .store
+            .write(move |tx| -> Result<AdminToken, AdminTokenError> {
+                let mut token = tx
+                    .admin_token(&row_id)?
+                    .ok_or_else(|| AdminTokenError::NotFound(row_id.clone()))?;
+                if token.revoked_at_ms.is_some() {
+                    return Err(AdminTokenError::AlreadyRevoked(row_id.clone()));
+                }
+                token.revoked_at_ms = Some(now);
+                tx.put_admin_token(&row_id, &token)?;
+                Ok(token)
+            })
+            .await?;
+        Ok(AdminTokenInfo {
+            id,
+            name: token.name,
+            created_at_ms: token.created_at_ms,
+            last_used_at_ms: token.last_used_at_ms,
+            revoked_at_ms: token.revoked_at_ms,
+        })
+    }
+
+    /// Checks a presented token; returns its id. Every failure is the same `Invalid`.
+    pub fn verify(&self, presented: &str) -> Result<String, AdminTokenError> {
+        let (id, secret) = match parse(presented) {
+            Some(parts) => parts,
+            None => (String::new(), vec![0u8; SECRET_BYTES]),
+        };
+        let presented_hash = hash_secret(&secret);
+        let stored = if id.is_empty() {
+            None
+        } else {
+            self.store.read(|tx| tx.admin_token(&id))?
+        };
+        // Compare against a dummy when there is no row, so both paths do the same work.
+        let (expected, usable) = match &stored {
+            Some(t) => (t.secret_hash, t.revoked_at_ms.is_none()),
+            None => ([0xA5u8; 32], false),
+        };
+        let equal: bool = presented_hash.ct_eq(&expected).into();
+        if equal && usable {
+            Ok(id)
+        } else {
+            Err(AdminTokenError::Invalid)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        assert_eq!(
+            validate_name("  ops laptop ").ok().as_deref(),
+            Some("ops laptop")
+        );
+        assert!(validate_name("").is_err());
+        assert!(validate_name("a\u{7}b").is_err());
+        assert!(validate_name("<script>").is_err());
+        assert!(validate_name(&"x".repeat(65)).is_err());
+    }
+
+    #[test]
+    fn parse_rejects_malformed_tokens() {
+        let good = format!("gha_{}_{}", "0".repeat(16), "A".repeat(43));
+        assert!(parse(&good).is_some());
+        for bad in [
+            String::new(),
+            "gha_".into(),
+            good.replace("gha_", "ghx_"),
+            format!("gha_{}_{}", "0".repeat(15), "A".repeat(44)),
+            format!("gha_{}_{}", "Z".repeat(16), "A".repeat(43)),
+            format!("gha_{}-{}", "0".repeat(16), "A".repeat(43)),
+            format!("gha_{}_{}", "0".repeat(16), "*".repeat(43)),
+            "é".repeat(32),
+        ] {
+            assert!(parse(&bad).is_none(), "{bad:?} parsed");
+        }
+    }
+}

@@ -1,0 +1,303 @@
+//! Builds everything from a validated `Config`, runs it, and stops it in order.
+//!
+//! Start order: bind the TCP listener (a port in use fails here, before the data file is
+//! created or touched), load the master key, open the data file (checks and migrations
+//! run before any connection is accepted), prepare TLS, make the bootstrap admin token on
+//! a fresh instance, bind the admin socket, then accept. Stop order: `/readyz` turns 503,
+//! accepting stops, open connections drain within the grace period, the admin socket
+//! closes, the writer commits what is queued and the file is released.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::admin_socket::{AdminSocket, SocketError};
+use crate::admin_tokens::{AdminTokenError, IssuedToken};
+use crate::clock::{Clock, SharedClock};
+use crate::config::{Config, KeyOrigin, MasterKeySource, TlsMode};
+use crate::http::{self, AppState};
+use crate::manage::Services;
+use crate::store::seal::{MasterKey, SealError};
+use crate::store::{OpenReport, Store, StoreError};
+use crate::tls::{self, ServerTls, TlsError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error(
+        "cannot listen on {addr}: the address is already in use (another gatehouse, or another program, holds it); choose another with --listen"
+    )]
+    PortInUse { addr: SocketAddr },
+    #[error(
+        "cannot listen on {addr}: permission denied (ports below 1024 need CAP_NET_BIND_SERVICE; the systemd unit grants it)"
+    )]
+    PortDenied { addr: SocketAddr },
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(
+        "the master key file {key} is missing but the data file {data} exists: a new key \
+         cannot open it. Restore the key file, or point GATEHOUSE_MASTER_KEY_FILE at it"
+    )]
+    KeyMissingForExistingData { key: PathBuf, data: PathBuf },
+    #[error("no data file at {0}: start the server once (gatehouse serve), or pass --data")]
+    NoDataFile(PathBuf),
+    #[error(transparent)]
+    MasterKey(#[from] SealError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error(transparent)]
+    Socket(#[from] SocketError),
+    #[error("cannot create the bootstrap admin token: {0}")]
+    Bootstrap(#[from] AdminTokenError),
+    #[error("a start-up task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// Loads the master key; creates `<data>.key` only for a brand-new instance.
+pub fn load_master_key(source: &MasterKeySource, data: &Path) -> Result<MasterKey, AppError> {
+    match MasterKey::load(&source.path) {
+        Ok(key) => Ok(key),
+        Err(SealError::KeyFileMissing { .. }) if source.origin == KeyOrigin::BesideDataFile => {
+            if data.exists() {
+                return Err(AppError::KeyMissingForExistingData {
+                    key: source.path.clone(),
+                    data: data.to_path_buf(),
+                });
+            }
+            let key = MasterKey::create_file(&source.path)?;
+            tracing::warn!(
+                key_file = %source.path.display(),
+                "CREATED A NEW MASTER KEY beside the data file. Without this key the data file \
+                 cannot be opened: copy it somewhere safe now, away from the data file and its \
+                 backups, and in production hand it to gatehouse as a systemd credential or \
+                 through GATEHOUSE_MASTER_KEY_FILE (see HARDENING.md)"
+            );
+            Ok(key)
+        }
+        Err(err) => Err(err.into()),
+    }
+}
+
+/// Opens (or creates) the data file for `config`, logging what happened.
+pub async fn open_store(config: &Config, clock: SharedClock) -> Result<Store, AppError> {
+    let key = load_master_key(&config.master_key, &config.data_path)?;
+    if config.master_key.origin == KeyOrigin::BesideDataFile {
+        tracing::warn!(
+            key_file = %config.master_key.path.display(),
+            "the master key sits beside the data file: whoever copies that directory has both"
+        );
+    }
+    let path = config.data_path.clone();
+    let (store, report) =
+        tokio::task::spawn_blocking(move || Store::open(&path, &key, clock.as_ref())).await??;
+    log_open_report(&store, &report);
+    Ok(store)
+}
+
+/// Opens an existing data file (management commands never create one).
+pub async fn open_existing_store(config: &Config, clock: SharedClock) -> Result<Store, AppError> {
+    if !config.data_path.exists() {
+        return Err(AppError::NoDataFile(config.data_path.clone()));
+    }
+    open_store(config, clock).await
+}
+
+fn log_open_report(store: &Store, report: &OpenReport) {
+    let info = store.info();
+    if report.created {
+        tracing::info!(path = %store.path().display(), instance = %info.instance_id, "created a new data file");
+    } else {
+        tracing::info!(path = %store.path().display(), instance = %info.instance_id, format = info.format_version, "opened the data file");
+    }
+    if let Some(m) = &report.migrated {
+        tracing::info!(from = m.from, to = m.to, steps = ?m.steps, "migrated the data file");
+    }
+    if let Some(kept) = &report.recovered_original {
+        tracing::warn!(original = %kept.display(), "the data file was repaired after an unclean stop");
+    }
+    for warning in &report.warnings {
+        tracing::warn!("{warning}");
+    }
+}
+
+fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, AppError> {
+    let map = |source: std::io::Error| match source.kind() {
+        std::io::ErrorKind::AddrInUse => AppError::PortInUse { addr },
+        std::io::ErrorKind::PermissionDenied => AppError::PortDenied { addr },
+        _ => AppError::Bind { addr, source },
+    };
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }
+    .map_err(map)?;
+    socket.set_reuseaddr(true).map_err(map)?;
+    socket.bind(addr).map_err(map)?;
+    socket.listen(1024).map_err(map)
+}
+
+/// A started server.
+#[derive(Debug)]
+pub struct Running {
+    pub local_addr: SocketAddr,
+    pub admin_socket: PathBuf,
+    /// Set on the first start of an instance: shown once, never stored.
+    pub bootstrap_token: Option<IssuedToken>,
+    pub tls: Option<ServerTls>,
+    pub store: Store,
+    state: AppState,
+    stop: watch::Sender<bool>,
+    http_task: JoinHandle<http::serve::Drained>,
+    socket_task: JoinHandle<()>,
+}
+
+/// Starts the server described by `config`.
+pub async fn start(config: &Config, clock: SharedClock) -> Result<Running, AppError> {
+    tls::install_default_provider();
+    let listener = bind(config.server.listen)?;
+    let local_addr = listener.local_addr().map_err(|source| AppError::Bind {
+        addr: config.server.listen,
+        source,
+    })?;
+    let store = open_store(config, clock.clone()).await?;
+    let server_tls = match config.tls_mode {
+        TlsMode::SelfSigned => Some(tls::self_signed(&store, clock.as_ref(), local_addr).await?),
+        TlsMode::Off => {
+            tracing::warn!(%local_addr, "TLS is off: plain HTTP on a loopback address");
+            None
+        }
+    };
+    let services = Services::new(store.clone(), clock.clone(), config.master_key.clone());
+    let bootstrap_token = bootstrap(&services).await?;
+    let socket = AdminSocket::bind(&config.admin_socket)?;
+    let admin_socket = socket.path().to_path_buf();
+
+    let state = AppState::new(store.clone(), config.tls_mode);
+    let router = http::router(state.clone(), &config.server);
+    let (stop, stopped) = watch::channel(false);
+    let until_stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let http_task = tokio::spawn(http::serve::serve(
+        listener,
+        server_tls.as_ref().map(|t| t.config.clone()),
+        router,
+        config.server.clone(),
+        until_stopped(stopped.clone()),
+    ));
+    let socket_task = tokio::spawn(socket.serve(services, until_stopped(stopped)));
+    Ok(Running {
+        local_addr,
+        admin_socket,
+        bootstrap_token,
+        tls: server_tls,
+        store,
+        state,
+        stop,
+        http_task,
+        socket_task,
+    })
+}
+
+/// A fresh instance (no admin token was ever made) gets one, shown once.
+async fn bootstrap(services: &Services) -> Result<Option<IssuedToken>, AppError> {
+    if !services.admin_tokens.list()?.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(services.admin_tokens.create("bootstrap").await?))
+}
+
+impl Running {
+    /// Drains and stops everything; returns once the data file is released.
+    pub async fn stop(self) -> Result<(), AppError> {
+        self.state.start_draining();
+        let _ = self.stop.send(true);
+        let drained = self.http_task.await?;
+        if drained.cut > 0 {
+            tracing::warn!(
+                connections = drained.cut,
+                "connections closed at the end of the grace period"
+            );
+        }
+        self.socket_task.await?;
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.close()).await?;
+        Ok(())
+    }
+}
+
+/// Waits for SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+                _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+            }
+        }
+        _ => {
+            tracing::error!("cannot install signal handlers; stop with Ctrl-C");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+/// `gatehouse serve`: start, announce, run until a signal, stop.
+pub async fn serve(config: Config) -> Result<(), AppError> {
+    let clock: SharedClock = Arc::new(crate::clock::SystemClock);
+    for source in &config.sources {
+        tracing::info!(%source, "configuration loaded");
+    }
+    let running = start(&config, clock.clone()).await?;
+    announce(&running, &config, clock.as_ref());
+    shutdown_signal().await;
+    running.stop().await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn announce(running: &Running, config: &Config, clock: &dyn Clock) {
+    let scheme = if running.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let url = format!("{scheme}://{}", running.local_addr);
+    if let Some(token) = &running.bootstrap_token {
+        println!(
+            "\nFirst start: a bootstrap admin token was created. It is shown only now; store it \
+             somewhere safe:\n\n    {}\n\nThen create named tokens (gatehouse admin-token create \
+             --name NAME) and revoke this one (gatehouse admin-token revoke {}).\n",
+            token.token, token.id
+        );
+    }
+    println!("gatehouse listening on {url}");
+    println!("admin socket: {}", running.admin_socket.display());
+    if let Some(tls) = &running.tls {
+        println!(
+            "TLS: self-signed certificate for {} (valid until {}); SPKI pin sha256/{}",
+            tls.names.join(", "),
+            crate::clock::format_rfc3339(tls.not_after_ms),
+            tls.spki_sha256
+        );
+    }
+    tracing::info!(
+        %url,
+        tls = config.tls_mode.as_str(),
+        admin_socket = %running.admin_socket.display(),
+        started_at = %crate::clock::format_rfc3339(clock.now_ms()),
+        "serving"
+    );
+}

@@ -1,0 +1,243 @@
+//! The command line: clap definitions, and one function per subcommand.
+//!
+//! Management commands build a `manage::Command`, send it to a running server through
+//! the admin socket, or, when no server is listening, open the data file themselves and
+//! run the same command in-process. Output for scripts goes to stdout (a created token is
+//! the only thing printed); logs and errors go to stderr.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+
+use crate::admin_socket::{self, Reply};
+use crate::clock::{SharedClock, SystemClock, format_rfc3339};
+use crate::config::{Config, Env, Flags};
+use crate::manage::{self, Command, KeyText, Outcome, Services};
+use crate::store::seal::MasterKey;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "gatehouse",
+    version,
+    about = "Device pairing, tokens, rate limits, audit and TLS for a small app, in one binary",
+    long_about = None
+)]
+pub struct Cli {
+    /// The data file [env: GATEHOUSE_DATA] [default: $STATE_DIRECTORY/gatehouse.redb, else ./gatehouse.redb]
+    #[arg(long, global = true, value_name = "PATH")]
+    data: Option<PathBuf>,
+    /// A TOML configuration file (see schema/config.md) [env: GATEHOUSE_CONFIG]
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// The master key file [env: GATEHOUSE_MASTER_KEY_FILE] [default: $CREDENTIALS_DIRECTORY/master-key, else <data>.key]
+    #[arg(long, global = true, value_name = "FILE")]
+    master_key_file: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Commands,
+}
+
+#[derive(Debug, Subcommand)]
+enum Commands {
+    /// Run the server (zero-config: HTTPS with a self-signed certificate on 127.0.0.1:8443)
+    Serve {
+        /// Address to listen on [env: GATEHOUSE_LISTEN] [default: 127.0.0.1:8443]
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<String>,
+        /// TLS mode: self-signed or off (off only on a loopback address) [env: GATEHOUSE_TLS]
+        #[arg(long, value_name = "MODE")]
+        tls: Option<String>,
+    },
+    /// Manage admin tokens
+    #[command(subcommand)]
+    AdminToken(AdminTokenCommand),
+    /// Re-seal every secret in the data file under a new master key
+    Rekey {
+        /// The new key file; created (mode 0600) with a fresh random key if it does not exist
+        #[arg(long, value_name = "FILE")]
+        new_key_file: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AdminTokenCommand {
+    /// Create a token and print it (only the token, on stdout)
+    Create {
+        /// A name to recognise the token by
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// List tokens (never their secrets)
+    List {
+        /// Print JSON instead of a table
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a token by its id
+    Revoke { id: String },
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let flags = Flags {
+        config: cli.config.clone(),
+        data: cli.data.clone(),
+        master_key_file: cli.master_key_file.clone(),
+        listen: match &cli.command {
+            Commands::Serve { listen, .. } => listen.clone(),
+            _ => None,
+        },
+        tls: match &cli.command {
+            Commands::Serve { tls, .. } => tls.clone(),
+            _ => None,
+        },
+    };
+    let config = match Config::load(&flags, &Env::from_process()) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("gatehouse: configuration error: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    crate::telemetry::init(config.log_format, &config.log_filter);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("gatehouse: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command, config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("gatehouse: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Commands, config: Config) -> anyhow::Result<()> {
+    match command {
+        Commands::Serve { .. } => Ok(crate::app::serve(config).await?),
+        Commands::AdminToken(AdminTokenCommand::Create { name }) => {
+            let outcome = run_command(Command::AdminTokenCreate { name }, &config).await?;
+            if let Outcome::TokenCreated(issued) = outcome {
+                println!("{}", issued.token);
+                eprintln!("created admin token {} ({})", issued.id, issued.name);
+            }
+            Ok(())
+        }
+        Commands::AdminToken(AdminTokenCommand::List { json }) => {
+            if let Outcome::TokenList { tokens } =
+                run_command(Command::AdminTokenList, &config).await?
+            {
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&tokens)?);
+                } else {
+                    print_token_table(&tokens);
+                }
+            }
+            Ok(())
+        }
+        Commands::AdminToken(AdminTokenCommand::Revoke { id }) => {
+            if let Outcome::TokenRevoked(info) =
+                run_command(Command::AdminTokenRevoke { id }, &config).await?
+            {
+                println!("revoked admin token {} ({})", info.id, info.name);
+            }
+            Ok(())
+        }
+        Commands::Rekey { new_key_file } => rekey(&new_key_file, &config).await,
+    }
+}
+
+fn print_token_table(tokens: &[crate::admin_tokens::AdminTokenInfo]) {
+    println!(
+        "{:<16}  {:<24}  {:<20}  {:<20}  STATUS",
+        "ID", "NAME", "CREATED", "LAST USED"
+    );
+    for t in tokens {
+        let status = match t.revoked_at_ms {
+            Some(at) => format!("revoked {}", format_rfc3339(at)),
+            None => "active".into(),
+        };
+        println!(
+            "{:<16}  {:<24}  {:<20}  {:<20}  {}",
+            t.id,
+            t.name,
+            format_rfc3339(t.created_at_ms),
+            t.last_used_at_ms
+                .map_or_else(|| "never".into(), format_rfc3339),
+            status
+        );
+    }
+}
+
+async fn rekey(new_key_file: &std::path::Path, config: &Config) -> anyhow::Result<()> {
+    let key = if new_key_file.exists() {
+        MasterKey::load(new_key_file)?
+    } else {
+        let key = MasterKey::create_file(new_key_file)?;
+        eprintln!("wrote a new master key to {}", new_key_file.display());
+        key
+    };
+    let outcome = run_command(
+        Command::Rekey {
+            new_key: KeyText(key.to_text()),
+        },
+        config,
+    )
+    .await?;
+    if let Outcome::Rekeyed {
+        secrets,
+        fingerprint,
+        key_file_replaced,
+        key_file_to_replace,
+    } = outcome
+    {
+        println!("re-sealed {secrets} secret(s); the data file now opens with key {fingerprint}");
+        if let Some(path) = key_file_replaced {
+            println!("{} now holds the new key", path.display());
+        }
+        if let Some(path) = key_file_to_replace {
+            println!(
+                "IMPORTANT: gatehouse reads its key from {}. Install {} there (or point \
+                 GATEHOUSE_MASTER_KEY_FILE at it) before the next start. Keep the old key \
+                 as long as you keep backups made before this rekey.",
+                path.display(),
+                new_key_file.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Runs `command` in the running server if there is one, else against the file directly.
+async fn run_command(command: Command, config: &Config) -> anyhow::Result<Outcome> {
+    if let Some(reply) = admin_socket::request(&config.admin_socket, &command).await? {
+        return match reply {
+            Reply::Ok(outcome) => Ok(outcome),
+            Reply::Error(err) => Err(err.into()),
+        };
+    }
+    let clock: SharedClock = Arc::new(SystemClock);
+    let store = crate::app::open_existing_store(config, clock.clone())
+        .await
+        .with_context(|| {
+            format!(
+                "no server answered on {}, and the data file could not be opened directly",
+                config.admin_socket.display()
+            )
+        })?;
+    let services = Services::new(store.clone(), clock, config.master_key.clone());
+    let result = manage::execute(command, &services).await;
+    let closing = store.clone();
+    tokio::task::spawn_blocking(move || closing.close()).await?;
+    Ok(result?)
+}

@@ -1,0 +1,830 @@
+//! Configuration: a TOML file, `GATEHOUSE_*` environment variables and command-line
+//! flags, merged into one validated `Config`.
+//!
+//! This is the only module that reads the environment or the config file. Precedence,
+//! highest first: flags, environment, file, built-in defaults (`schema/config.md`).
+//! Every setting is listed once in `SETTINGS` with its file key and environment name;
+//! an unknown key or `GATEHOUSE_*` variable, or a bad value, is an error that names the
+//! setting, where it came from and what is allowed.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Defaults, in one place so `schema/config.md` can be checked against them.
+pub mod defaults {
+    use std::time::Duration;
+    pub const LISTEN: &str = "127.0.0.1:8443";
+    pub const MAX_BODY_BYTES: u64 = 64 * 1024;
+    pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+    pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+    pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+    pub const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+    pub const MAX_CONNECTIONS: u64 = 4096;
+    pub const MAX_HEADER_BYTES: u64 = 16 * 1024;
+    pub const MAX_HEADERS: u64 = 64;
+    pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+    pub const H2_MAX_CONCURRENT_STREAMS: u64 = 64;
+    pub const DATA_FILE_NAME: &str = "gatehouse.redb";
+}
+
+/// A configuration error: which setting, from where, and what is allowed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    FileUnreadable {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    FileSyntax { path: PathBuf, message: String },
+    #[error("{origin}: unknown setting `{key}`; known settings: {known}")]
+    UnknownKey {
+        origin: String,
+        key: String,
+        known: String,
+    },
+    #[error("{origin}: bad value {value:?} for `{key}`: {allowed}")]
+    BadValue {
+        origin: String,
+        key: &'static str,
+        value: String,
+        allowed: String,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// How the server gets its certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsMode {
+    /// A self-signed certificate kept (sealed) in the data file. The default.
+    SelfSigned,
+    /// Plain HTTP; refused unless the listen address is loopback.
+    Off,
+}
+
+impl TlsMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::SelfSigned => "self-signed",
+            Self::Off => "off",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Text on a terminal, JSON otherwise.
+    Auto,
+    Text,
+    Json,
+}
+
+/// Where the master key comes from, which decides whether gatehouse may create it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyOrigin {
+    /// `--master-key-file`, `GATEHOUSE_MASTER_KEY_FILE` or `master_key_file`: must exist.
+    Configured,
+    /// `$CREDENTIALS_DIRECTORY/master-key` (systemd): must exist.
+    SystemdCredential,
+    /// `<data>.key`: created on first start, with a warning.
+    BesideDataFile,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MasterKeySource {
+    pub path: PathBuf,
+    pub origin: KeyOrigin,
+}
+
+/// Limits and timeouts of the HTTPS listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub max_body_bytes: usize,
+    pub header_read_timeout: Duration,
+    pub request_timeout: Duration,
+    pub tls_handshake_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_connections: usize,
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+    pub shutdown_grace: Duration,
+    pub h2_max_concurrent_streams: u32,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub data_path: PathBuf,
+    pub master_key: MasterKeySource,
+    pub admin_socket: PathBuf,
+    pub server: ServerConfig,
+    pub tls_mode: TlsMode,
+    pub log_format: LogFormat,
+    pub log_filter: String,
+    /// Where settings came from, for the start-up log (`file /etc/...`, `env GATEHOUSE_...`).
+    pub sources: Vec<String>,
+}
+
+/// Values given on the command line (all optional).
+#[derive(Debug, Clone, Default)]
+pub struct Flags {
+    pub config: Option<PathBuf>,
+    pub data: Option<PathBuf>,
+    pub master_key_file: Option<PathBuf>,
+    pub listen: Option<String>,
+    pub tls: Option<String>,
+}
+
+/// The process environment as the loader sees it (tests pass their own).
+#[derive(Debug, Clone, Default)]
+pub struct Env(pub BTreeMap<String, String>);
+
+impl Env {
+    pub fn from_process() -> Self {
+        // Non-UTF-8 variables cannot be gatehouse settings; they are skipped here and a
+        // GATEHOUSE_ one among them is reported by `unknown_env` via its lossy name.
+        Self(
+            std::env::vars_os()
+                .map(|(k, v)| {
+                    (
+                        k.to_string_lossy().into_owned(),
+                        v.to_string_lossy().into_owned(),
+                    )
+                })
+                .collect(),
+        )
+    }
+    fn get(&self, name: &str) -> Option<&str> {
+        self.0
+            .get(name)
+            .map(String::as_str)
+            .filter(|v| !v.is_empty())
+    }
+}
+
+/// Settings before defaults: each `None` means "not given at this level".
+#[derive(Debug, Default, Clone)]
+struct Raw {
+    data: Option<PathBuf>,
+    master_key_file: Option<PathBuf>,
+    admin_socket: Option<PathBuf>,
+    listen: Option<SocketAddr>,
+    max_body_bytes: Option<u64>,
+    header_read_timeout: Option<Duration>,
+    request_timeout: Option<Duration>,
+    tls_handshake_timeout: Option<Duration>,
+    idle_timeout: Option<Duration>,
+    max_connections: Option<u64>,
+    max_header_bytes: Option<u64>,
+    max_headers: Option<u64>,
+    shutdown_grace: Option<Duration>,
+    h2_max_concurrent_streams: Option<u64>,
+    tls_mode: Option<TlsMode>,
+    log_format: Option<LogFormat>,
+    log_level: Option<String>,
+}
+
+type Apply = fn(&mut Raw, &str) -> Result<(), String>;
+
+/// One setting: its key in the file (`section.name`), its environment variable, and how
+/// to parse it. The single list from which file, env and docs are all checked.
+#[derive(Debug)]
+pub struct Setting {
+    pub key: &'static str,
+    pub env: &'static str,
+    apply: Apply,
+}
+
+fn duration(v: &str, min: Duration, max: Duration) -> Result<Duration, String> {
+    let d = humantime::parse_duration(v).map_err(|_| {
+        format!(
+            "expected a duration such as \"10s\" or \"5m\" between {} and {}",
+            humantime::format_duration(min),
+            humantime::format_duration(max)
+        )
+    })?;
+    if d < min || d > max {
+        return Err(format!(
+            "must be between {} and {}",
+            humantime::format_duration(min),
+            humantime::format_duration(max)
+        ));
+    }
+    Ok(d)
+}
+
+fn integer(v: &str, min: u64, max: u64) -> Result<u64, String> {
+    let n: u64 = v
+        .trim()
+        .parse()
+        .map_err(|_| format!("expected a whole number between {min} and {max}"))?;
+    if !(min..=max).contains(&n) {
+        return Err(format!("must be between {min} and {max}"));
+    }
+    Ok(n)
+}
+
+fn path(v: &str) -> Result<PathBuf, String> {
+    if v.trim().is_empty() {
+        return Err("expected a file path".into());
+    }
+    Ok(PathBuf::from(v))
+}
+
+macro_rules! setting {
+    ($key:literal, $env:literal, |$raw:ident, $v:ident| $body:expr) => {
+        Setting {
+            key: $key,
+            env: $env,
+            apply: |$raw: &mut Raw, $v: &str| -> Result<(), String> {
+                $body;
+                Ok(())
+            },
+        }
+    };
+}
+
+/// Every setting gatehouse has.
+pub static SETTINGS: &[Setting] = &[
+    setting!("data", "GATEHOUSE_DATA", |r, v| r.data = Some(path(v)?)),
+    setting!("master_key_file", "GATEHOUSE_MASTER_KEY_FILE", |r, v| r
+        .master_key_file =
+        Some(path(v)?)),
+    setting!("admin.socket", "GATEHOUSE_ADMIN_SOCKET", |r, v| r
+        .admin_socket =
+        Some(path(v)?)),
+    setting!("server.listen", "GATEHOUSE_LISTEN", |r, v| r.listen =
+        Some(v.trim().parse().map_err(|_| {
+            "expected IP:PORT, such as 127.0.0.1:8443 or [::1]:8443".to_string()
+        })?)),
+    setting!(
+        "server.max_body_bytes",
+        "GATEHOUSE_MAX_BODY_BYTES",
+        |r, v| r.max_body_bytes = Some(integer(v, 1024, 16 * 1024 * 1024)?)
+    ),
+    setting!(
+        "server.header_read_timeout",
+        "GATEHOUSE_HEADER_READ_TIMEOUT",
+        |r, v| r.header_read_timeout = Some(duration(
+            v,
+            Duration::from_secs(1),
+            Duration::from_secs(300)
+        )?)
+    ),
+    setting!(
+        "server.request_timeout",
+        "GATEHOUSE_REQUEST_TIMEOUT",
+        |r, v| r.request_timeout = Some(duration(
+            v,
+            Duration::from_secs(1),
+            Duration::from_secs(600)
+        )?)
+    ),
+    setting!(
+        "server.tls_handshake_timeout",
+        "GATEHOUSE_TLS_HANDSHAKE_TIMEOUT",
+        |r, v| r.tls_handshake_timeout = Some(duration(
+            v,
+            Duration::from_secs(1),
+            Duration::from_secs(120)
+        )?)
+    ),
+    setting!("server.idle_timeout", "GATEHOUSE_IDLE_TIMEOUT", |r, v| r
+        .idle_timeout =
+        Some(duration(
+            v,
+            Duration::from_secs(1),
+            Duration::from_secs(3600)
+        )?)),
+    setting!(
+        "server.max_connections",
+        "GATEHOUSE_MAX_CONNECTIONS",
+        |r, v| r.max_connections = Some(integer(v, 1, 1_000_000)?)
+    ),
+    setting!(
+        "server.max_header_bytes",
+        "GATEHOUSE_MAX_HEADER_BYTES",
+        |r, v| r.max_header_bytes = Some(integer(v, 1024, 1024 * 1024)?)
+    ),
+    setting!("server.max_headers", "GATEHOUSE_MAX_HEADERS", |r, v| r
+        .max_headers =
+        Some(integer(v, 8, 1000)?)),
+    setting!(
+        "server.shutdown_grace",
+        "GATEHOUSE_SHUTDOWN_GRACE",
+        |r, v| r.shutdown_grace = Some(duration(
+            v,
+            Duration::from_secs(0),
+            Duration::from_secs(300)
+        )?)
+    ),
+    setting!(
+        "server.h2_max_concurrent_streams",
+        "GATEHOUSE_H2_MAX_CONCURRENT_STREAMS",
+        |r, v| r.h2_max_concurrent_streams = Some(integer(v, 1, 1000)?)
+    ),
+    setting!("tls.mode", "GATEHOUSE_TLS", |r, v| r.tls_mode =
+        Some(match v.trim() {
+            "self-signed" => TlsMode::SelfSigned,
+            "off" => TlsMode::Off,
+            _ => return Err("allowed values: \"self-signed\", \"off\"".into()),
+        })),
+    setting!("log.format", "GATEHOUSE_LOG_FORMAT", |r, v| r.log_format =
+        Some(match v.trim() {
+            "auto" => LogFormat::Auto,
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            _ => return Err("allowed values: \"auto\", \"text\", \"json\"".into()),
+        })),
+    setting!("log.level", "GATEHOUSE_LOG", |r, v| r.log_level = Some({
+        tracing_subscriber::EnvFilter::builder()
+            .parse(v.trim())
+            .map_err(|e| {
+                format!(
+                    "expected error, warn, info, debug, trace or a filter such as \
+                 \"info,gatehouse=debug\" ({e})"
+                )
+            })?;
+        v.trim().to_string()
+    })),
+];
+
+/// Environment variables that are read but are not settings.
+const OTHER_ENV: &[&str] = &["GATEHOUSE_CONFIG"];
+
+fn setting(key: &str) -> Option<&'static Setting> {
+    SETTINGS.iter().find(|s| s.key == key)
+}
+
+fn known_keys() -> String {
+    SETTINGS
+        .iter()
+        .map(|s| s.key)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn apply(raw: &mut Raw, s: &Setting, value: &str, origin: &str) -> Result<(), ConfigError> {
+    (s.apply)(raw, value).map_err(|allowed| ConfigError::BadValue {
+        origin: origin.to_string(),
+        key: s.key,
+        value: value.to_string(),
+        allowed,
+    })
+}
+
+/// Flattens a TOML document into `section.key = value-text` pairs and applies them.
+fn apply_file(raw: &mut Raw, file: &Path, text: &str) -> Result<(), ConfigError> {
+    let doc: toml::Table = toml::from_str(text).map_err(|e| ConfigError::FileSyntax {
+        path: file.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    let origin = format!("config file {}", file.display());
+    let mut flat = Vec::new();
+    for (name, value) in doc {
+        match value {
+            toml::Value::Table(section) => {
+                for (inner, v) in section {
+                    flat.push((format!("{name}.{inner}"), v));
+                }
+            }
+            other => flat.push((name, other)),
+        }
+    }
+    for (key, value) in flat {
+        let s = setting(&key).ok_or_else(|| ConfigError::UnknownKey {
+            origin: origin.clone(),
+            key: key.clone(),
+            known: known_keys(),
+        })?;
+        let text = match &value {
+            toml::Value::String(s) => s.clone(),
+            toml::Value::Integer(i) => i.to_string(),
+            other => {
+                return Err(ConfigError::BadValue {
+                    origin,
+                    key: s.key,
+                    value: format!("{other:?}"),
+                    allowed: "expected a string or a whole number".into(),
+                });
+            }
+        };
+        apply(raw, s, &text, &origin)?;
+    }
+    Ok(())
+}
+
+fn is_loopback(addr: &SocketAddr) -> bool {
+    addr.ip().is_loopback()
+}
+
+impl Config {
+    /// Builds the configuration from flags, the environment and the config file.
+    pub fn load(flags: &Flags, env: &Env) -> Result<Self, ConfigError> {
+        let mut sources = Vec::new();
+        // Unknown GATEHOUSE_* variables are typos until proven otherwise.
+        for name in env.0.keys().filter(|k| k.starts_with("GATEHOUSE_")) {
+            if !SETTINGS.iter().any(|s| s.env == name) && !OTHER_ENV.contains(&name.as_str()) {
+                let mut known: Vec<&str> = SETTINGS.iter().map(|s| s.env).collect();
+                known.extend(OTHER_ENV);
+                return Err(ConfigError::UnknownKey {
+                    origin: "environment".into(),
+                    key: name.clone(),
+                    known: known.join(", "),
+                });
+            }
+        }
+
+        let mut file_raw = Raw::default();
+        let config_path = flags
+            .config
+            .clone()
+            .or_else(|| env.get("GATEHOUSE_CONFIG").map(PathBuf::from));
+        if let Some(file) = &config_path {
+            let text =
+                std::fs::read_to_string(file).map_err(|source| ConfigError::FileUnreadable {
+                    path: file.clone(),
+                    source,
+                })?;
+            apply_file(&mut file_raw, file, &text)?;
+            sources.push(format!("file {}", file.display()));
+        }
+
+        let mut env_raw = Raw::default();
+        for s in SETTINGS {
+            if let Some(value) = env.get(s.env) {
+                apply(
+                    &mut env_raw,
+                    s,
+                    value,
+                    &format!("environment variable {}", s.env),
+                )?;
+                sources.push(format!("env {}", s.env));
+            }
+        }
+
+        let mut flag_raw = Raw::default();
+        let flag_values = [
+            (
+                "data",
+                "--data",
+                flags.data.as_ref().map(|p| p.display().to_string()),
+            ),
+            (
+                "master_key_file",
+                "--master-key-file",
+                flags
+                    .master_key_file
+                    .as_ref()
+                    .map(|p| p.display().to_string()),
+            ),
+            ("server.listen", "--listen", flags.listen.clone()),
+            ("tls.mode", "--tls", flags.tls.clone()),
+        ];
+        for (key, flag, value) in flag_values {
+            if let (Some(value), Some(s)) = (value, setting(key)) {
+                apply(&mut flag_raw, s, &value, &format!("flag {flag}"))?;
+            }
+        }
+
+        let raw = merge(flag_raw, merge(env_raw, file_raw));
+        Self::from_raw(raw, env, sources)
+    }
+
+    fn from_raw(raw: Raw, env: &Env, sources: Vec<String>) -> Result<Self, ConfigError> {
+        let data_path = raw.data.unwrap_or_else(|| default_data_path(env));
+        let master_key = match raw.master_key_file {
+            Some(path) => MasterKeySource {
+                path,
+                origin: KeyOrigin::Configured,
+            },
+            None => match env.get("CREDENTIALS_DIRECTORY") {
+                Some(dir) => MasterKeySource {
+                    path: Path::new(dir).join("master-key"),
+                    origin: KeyOrigin::SystemdCredential,
+                },
+                None => MasterKeySource {
+                    path: sibling(&data_path, ".key"),
+                    origin: KeyOrigin::BesideDataFile,
+                },
+            },
+        };
+        let admin_socket = raw
+            .admin_socket
+            .unwrap_or_else(|| sibling(&data_path, ".sock"));
+        // sockaddr_un holds 108 bytes including the terminating NUL.
+        if admin_socket.as_os_str().len() > 107 {
+            return Err(ConfigError::Invalid(format!(
+                "the admin socket path {} is longer than 107 bytes, the limit of a Unix socket \
+                 address; set admin.socket (GATEHOUSE_ADMIN_SOCKET) to a shorter path",
+                admin_socket.display()
+            )));
+        }
+        let listen = match raw.listen {
+            Some(addr) => addr,
+            None => defaults::LISTEN
+                .parse()
+                .map_err(|_| ConfigError::Invalid("bad built-in listen address".into()))?,
+        };
+        let tls_mode = raw.tls_mode.unwrap_or(TlsMode::SelfSigned);
+        if tls_mode == TlsMode::Off && !is_loopback(&listen) {
+            return Err(ConfigError::Invalid(format!(
+                "tls.mode \"off\" is refused on {listen}: plain HTTP is allowed only on a \
+                 loopback address (127.0.0.1 or [::1]), behind a proxy on the same host"
+            )));
+        }
+        let to_usize = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
+        let server = ServerConfig {
+            listen,
+            max_body_bytes: to_usize(raw.max_body_bytes.unwrap_or(defaults::MAX_BODY_BYTES)),
+            header_read_timeout: raw
+                .header_read_timeout
+                .unwrap_or(defaults::HEADER_READ_TIMEOUT),
+            request_timeout: raw.request_timeout.unwrap_or(defaults::REQUEST_TIMEOUT),
+            tls_handshake_timeout: raw
+                .tls_handshake_timeout
+                .unwrap_or(defaults::TLS_HANDSHAKE_TIMEOUT),
+            idle_timeout: raw.idle_timeout.unwrap_or(defaults::IDLE_TIMEOUT),
+            max_connections: to_usize(raw.max_connections.unwrap_or(defaults::MAX_CONNECTIONS)),
+            max_header_bytes: to_usize(raw.max_header_bytes.unwrap_or(defaults::MAX_HEADER_BYTES)),
+            max_headers: to_usize(raw.max_headers.unwrap_or(defaults::MAX_HEADERS)),
+            shutdown_grace: raw.shutdown_grace.unwrap_or(defaults::SHUTDOWN_GRACE),
+            h2_max_concurrent_streams: u32::try_from(
+                raw.h2_max_concurrent_streams
+                    .unwrap_or(defaults::H2_MAX_CONCURRENT_STREAMS),
+            )
+            .unwrap_or(u32::MAX),
+        };
+        Ok(Self {
+            data_path,
+            master_key,
+            admin_socket,
+            server,
+            tls_mode,
+            log_format: raw.log_format.unwrap_or(LogFormat::Auto),
+            log_filter: raw.log_level.unwrap_or_else(|| "info".into()),
+            sources,
+        })
+    }
+}
+
+/// `$STATE_DIRECTORY/gatehouse.redb` under systemd (the first of its paths), else
+/// `./gatehouse.redb`.
+fn default_data_path(env: &Env) -> PathBuf {
+    match env
+        .get("STATE_DIRECTORY")
+        .and_then(|dirs| dirs.split(':').next())
+    {
+        Some(dir) if !dir.is_empty() => Path::new(dir).join(defaults::DATA_FILE_NAME),
+        _ => PathBuf::from(defaults::DATA_FILE_NAME),
+    }
+}
+
+fn sibling(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(suffix);
+    PathBuf::from(name)
+}
+
+/// `high` wins wherever it has a value.
+fn merge(high: Raw, low: Raw) -> Raw {
+    Raw {
+        data: high.data.or(low.data),
+        master_key_file: high.master_key_file.or(low.master_key_file),
+        admin_socket: high.admin_socket.or(low.admin_socket),
+        listen: high.listen.or(low.listen),
+        max_body_bytes: high.max_body_bytes.or(low.max_body_bytes),
+        header_read_timeout: high.header_read_timeout.or(low.header_read_timeout),
+        request_timeout: high.request_timeout.or(low.request_timeout),
+        tls_handshake_timeout: high.tls_handshake_timeout.or(low.tls_handshake_timeout),
+        idle_timeout: high.idle_timeout.or(low.idle_timeout),
+        max_connections: high.max_connections.or(low.max_connections),
+        max_header_bytes: high.max_header_bytes.or(low.max_header_bytes),
+        max_headers: high.max_headers.or(low.max_headers),
+        shutdown_grace: high.shutdown_grace.or(low.shutdown_grace),
+        h2_max_concurrent_streams: high
+            .h2_max_concurrent_streams
+            .or(low.h2_max_concurrent_streams),
+        tls_mode: high.tls_mode.or(low.tls_mode),
+        log_format: high.log_format.or(low.log_format),
+        log_level: high.log_level.or(low.log_level),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Env {
+        Env(pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect())
+    }
+
+    fn with_file(text: &str) -> (tempfile::TempDir, Flags) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gatehouse.toml");
+        std::fs::write(&path, text).unwrap();
+        (
+            dir,
+            Flags {
+                config: Some(path),
+                ..Flags::default()
+            },
+        )
+    }
+
+    #[test]
+    fn zero_config_defaults() {
+        let c = Config::load(&Flags::default(), &Env::default()).unwrap();
+        assert_eq!(c.server.listen.to_string(), "127.0.0.1:8443");
+        assert_eq!(c.tls_mode, TlsMode::SelfSigned);
+        assert_eq!(c.data_path, PathBuf::from("gatehouse.redb"));
+        assert_eq!(c.master_key.path, PathBuf::from("gatehouse.redb.key"));
+        assert_eq!(c.master_key.origin, KeyOrigin::BesideDataFile);
+        assert_eq!(c.admin_socket, PathBuf::from("gatehouse.redb.sock"));
+        assert_eq!(c.server.max_body_bytes, 65536);
+    }
+
+    #[test]
+    fn systemd_directories() {
+        let e = env(&[
+            ("STATE_DIRECTORY", "/var/lib/gatehouse"),
+            (
+                "CREDENTIALS_DIRECTORY",
+                "/run/credentials/gatehouse.service",
+            ),
+        ]);
+        let c = Config::load(&Flags::default(), &e).unwrap();
+        assert_eq!(
+            c.data_path,
+            PathBuf::from("/var/lib/gatehouse/gatehouse.redb")
+        );
+        assert_eq!(
+            c.master_key.path,
+            PathBuf::from("/run/credentials/gatehouse.service/master-key")
+        );
+        assert_eq!(c.master_key.origin, KeyOrigin::SystemdCredential);
+    }
+
+    #[test]
+    fn precedence_flag_over_env_over_file() {
+        let (_dir, mut flags) =
+            with_file("[server]\nlisten = \"127.0.0.1:1001\"\nmax_headers = 20\n");
+        let e = env(&[
+            ("GATEHOUSE_LISTEN", "127.0.0.1:1002"),
+            ("GATEHOUSE_MAX_HEADERS", "30"),
+        ]);
+        let c = Config::load(&flags, &e).unwrap();
+        assert_eq!(c.server.listen.port(), 1002);
+        assert_eq!(c.server.max_headers, 30);
+        flags.listen = Some("127.0.0.1:1003".into());
+        let c = Config::load(&flags, &e).unwrap();
+        assert_eq!(c.server.listen.port(), 1003);
+        let c = Config::load(&flags, &Env::default()).unwrap();
+        assert_eq!(c.server.max_headers, 20);
+    }
+
+    #[test]
+    fn unknown_file_key_is_named() {
+        let (_dir, flags) = with_file("[server]\nlisen = \"127.0.0.1:1\"\n");
+        let err = Config::load(&flags, &Env::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("server.lisen"), "{err}");
+        assert!(err.contains("server.listen"), "{err}");
+    }
+
+    #[test]
+    fn unknown_section_and_top_level_key() {
+        for text in ["[srever]\nlisten = \"x\"\n", "colour = \"blue\"\n"] {
+            let (_dir, flags) = with_file(text);
+            let err = Config::load(&flags, &Env::default()).unwrap_err();
+            assert!(matches!(err, ConfigError::UnknownKey { .. }), "{err}");
+        }
+    }
+
+    #[test]
+    fn unknown_env_is_named() {
+        let err = Config::load(&Flags::default(), &env(&[("GATEHOUSE_LISTN", "x")]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("GATEHOUSE_LISTN") && err.contains("GATEHOUSE_LISTEN"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn bad_values_name_key_and_allowed() {
+        let cases = [
+            ("[tls]\nmode = \"maybe\"\n", "tls.mode", "self-signed"),
+            (
+                "[server]\nmax_body_bytes = 10\n",
+                "server.max_body_bytes",
+                "between 1024",
+            ),
+            (
+                "[server]\nheader_read_timeout = \"forever\"\n",
+                "server.header_read_timeout",
+                "duration",
+            ),
+            (
+                "[server]\nlisten = \"localhost\"\n",
+                "server.listen",
+                "IP:PORT",
+            ),
+            ("[log]\nformat = \"xml\"\n", "log.format", "json"),
+            (
+                "[server]\nmax_headers = true\n",
+                "server.max_headers",
+                "whole number",
+            ),
+        ];
+        for (text, key, allowed) in cases {
+            let (_dir, flags) = with_file(text);
+            let err = Config::load(&flags, &Env::default())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key) && err.contains(allowed), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn syntax_error_names_file() {
+        let (_dir, flags) = with_file("[server\n");
+        let err = Config::load(&flags, &Env::default()).unwrap_err();
+        assert!(matches!(err, ConfigError::FileSyntax { .. }));
+    }
+
+    #[test]
+    fn tls_off_only_on_loopback() {
+        let flags = Flags {
+            tls: Some("off".into()),
+            ..Flags::default()
+        };
+        assert!(Config::load(&flags, &Env::default()).is_ok());
+        let flags = Flags {
+            tls: Some("off".into()),
+            listen: Some("[::1]:8080".into()),
+            ..Flags::default()
+        };
+        assert!(Config::load(&flags, &Env::default()).is_ok());
+        let flags = Flags {
+            tls: Some("off".into()),
+            listen: Some("0.0.0.0:8080".into()),
+            ..Flags::default()
+        };
+        let err = Config::load(&flags, &Env::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("loopback"), "{err}");
+    }
+
+    #[test]
+    fn long_socket_path_is_refused() {
+        let flags = Flags {
+            data: Some(PathBuf::from(format!(
+                "/{}/gatehouse.redb",
+                "d".repeat(120)
+            ))),
+            ..Flags::default()
+        };
+        assert!(matches!(
+            Config::load(&flags, &Env::default()),
+            Err(ConfigError::Invalid(_))
+        ));
+    }
+
+    #[test]
+    fn every_setting_has_a_distinct_key_and_env() {
+        let mut keys: Vec<_> = SETTINGS.iter().map(|s| s.key).collect();
+        let mut envs: Vec<_> = SETTINGS.iter().map(|s| s.env).collect();
+        keys.sort_unstable();
+        envs.sort_unstable();
+        keys.dedup();
+        envs.dedup();
+        assert_eq!(keys.len(), SETTINGS.len());
+        assert_eq!(envs.len(), SETTINGS.len());
+        assert!(SETTINGS.iter().all(|s| s.env.starts_with("GATEHOUSE_")));
+    }
+
+    #[test]
+    fn config_reference_documents_every_setting() {
+        let doc = include_str!("../schema/config.md");
+        for s in SETTINGS {
+            assert!(
+                doc.contains(&format!("`{}`", s.key)),
+                "schema/config.md lacks {}",
+                s.key
+            );
+            assert!(doc.contains(s.env), "schema/config.md lacks {}", s.env);
+        }
+    }
+}

@@ -1,0 +1,115 @@
+//! The one error shape every client sees: `{"error", "message", "request_id"}`.
+//!
+//! Handlers return `ApiError`; its `IntoResponse` only records the code and message in
+//! the response extensions. `render_errors` (a middleware) then writes every error
+//! response, ours and those of layers such as the body limit or timeout, as that JSON
+//! with the request id, so there is exactly one renderer and no plain-text error leaks.
+
+use axum::body::Body;
+use axum::extract::Request;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use http::{HeaderValue, StatusCode, header};
+
+use super::security::RequestId;
+
+/// An error on its way to a client. `message` must never carry internals (paths,
+/// database details): 5xx messages are fixed text, details go to the log.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// A 500 whose cause is logged, not shown.
+    pub fn internal(cause: &dyn std::fmt::Display) -> Self {
+        tracing::error!(error = %cause, "internal error");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal_error",
+            "the server failed to handle this request; it has been logged",
+        )
+    }
+
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = self.status.into_response();
+        response.extensions_mut().insert(self);
+        response
+    }
+}
+
+/// The code and message for an error response that carries no `ApiError`.
+fn default_error(status: StatusCode) -> ApiError {
+    let (code, message) = match status {
+        StatusCode::BAD_REQUEST => ("bad_request", "the request is malformed"),
+        StatusCode::UNAUTHORIZED => ("unauthorized", "authentication is required"),
+        StatusCode::FORBIDDEN => ("forbidden", "not allowed"),
+        StatusCode::NOT_FOUND => ("not_found", "no such resource"),
+        StatusCode::METHOD_NOT_ALLOWED => ("method_not_allowed", "method not allowed here"),
+        StatusCode::REQUEST_TIMEOUT => ("request_timeout", "the request took too long"),
+        StatusCode::PAYLOAD_TOO_LARGE => ("payload_too_large", "the request body is too large"),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => {
+            ("unsupported_media_type", "unsupported content type")
+        }
+        StatusCode::UNPROCESSABLE_ENTITY => ("invalid_request", "the request body is invalid"),
+        StatusCode::TOO_MANY_REQUESTS => ("rate_limited", "too many requests"),
+        StatusCode::SERVICE_UNAVAILABLE => ("unavailable", "the service is unavailable"),
+        s if s.is_server_error() => ("internal_error", "the server failed to handle this request"),
+        _ => ("error", "the request failed"),
+    };
+    ApiError::new(status, code, message)
+}
+
+#[derive(serde::Serialize)]
+struct ErrorBody<'a> {
+    error: &'a str,
+    message: &'a str,
+    request_id: &'a str,
+}
+
+/// Renders every 4xx/5xx response as the JSON error body.
+pub async fn render_errors(request: Request, next: Next) -> Response {
+    let request_id = request
+        .extensions()
+        .get::<RequestId>()
+        .map(|id| id.0.clone())
+        .unwrap_or_default();
+    let response = next.run(request).await;
+    let status = response.status();
+    if !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    let (mut parts, _) = response.into_parts();
+    let error = parts
+        .extensions
+        .remove::<ApiError>()
+        .unwrap_or_else(|| default_error(status));
+    let body = serde_json::to_vec(&ErrorBody {
+        error: error.code,
+        message: &error.message,
+        request_id: &request_id,
+    })
+    .unwrap_or_default();
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Response::from_parts(parts, Body::from(body))
+}

@@ -1,0 +1,286 @@
+//! Serving connections: the accept loop and everything a hostile client could abuse
+//! below the router.
+//!
+//! `axum::serve` sets no header-read timeout, so a client sending half a header would
+//! hold a connection forever; here every connection goes through hyper-util's builder
+//! with a timer. Per connection: a TLS handshake timeout, a header-read timeout (which in
+//! hyper also bounds the wait for the next request on a kept-alive connection), caps on
+//! header bytes and count, HTTP/2 stream and reset-flood limits, and an idle timeout on
+//! the socket itself (no byte moved either way for `idle_timeout` closes it). A
+//! semaphore caps concurrent connections: at the cap, new connections wait in the
+//! kernel's backlog instead of consuming memory.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::ConnectInfo;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
+use tower::ServiceExt;
+
+use crate::config::ServerConfig;
+
+/// hyper refuses a read buffer smaller than this.
+const HYPER_MIN_BUF: usize = 8192;
+
+/// How the accept loop ended.
+#[derive(Debug, Default)]
+pub struct Drained {
+    /// Connections still open when the grace period ran out (closed by force).
+    pub cut: usize,
+}
+
+fn connection_builder(limits: &ServerConfig) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes.max(HYPER_MIN_BUF))
+        .max_headers(limits.max_headers)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.h2_max_concurrent_streams)
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        // Rapid-reset (CVE-2023-44487) and local-error floods close the connection.
+        .max_pending_accept_reset_streams(Some(20))
+        .max_local_error_reset_streams(Some(64))
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(10));
+    builder
+}
+
+/// Accepts connections until `shutdown` resolves, then drains for `shutdown_grace`.
+pub async fn serve(
+    listener: TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    app: Router,
+    limits: ServerConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Drained {
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let graceful = GracefulShutdown::new();
+    let builder = Arc::new(connection_builder(&limits));
+    let acceptor = tls.map(TlsAcceptor::from);
+    tokio::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            biased;
+            () = &mut shutdown => break,
+            permit = slots.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break,
+            },
+        };
+        let (stream, peer) = tokio::select! {
+            biased;
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(err) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %err, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let connection = Connection {
+            app: app.clone(),
+            builder: builder.clone(),
+            watcher: graceful.watcher(),
+            limits: limits.clone(),
+            peer,
+        };
+        let acceptor = acceptor.clone();
+        tokio::spawn(async move {
+            connection.run(stream, acceptor).await;
+            drop(permit);
+        });
+    }
+    drop(listener);
+    let deadline = Instant::now() + limits.shutdown_grace;
+    if tokio::time::timeout_at(deadline, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("grace period over; closing the remaining connections");
+    }
+    // Connections still in their TLS handshake hold a slot but no watcher: wait for them too.
+    let total = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
+    match tokio::time::timeout_at(deadline, slots.acquire_many(total)).await {
+        Ok(_) => Drained { cut: 0 },
+        Err(_) => Drained {
+            cut: limits.max_connections - slots.available_permits(),
+        },
+    }
+}
+
+struct Connection {
+    app: Router,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    watcher: Watcher,
+    limits: ServerConfig,
+    peer: SocketAddr,
+}
+
+impl Connection {
+    async fn run(self, stream: tokio::net::TcpStream, acceptor: Option<TlsAcceptor>) {
+        let activity = Arc::new(Activity::new());
+        let io = IdleIo {
+            inner: stream,
+            activity: activity.clone(),
+        };
+        match acceptor {
+            None => self.serve_io(io, activity).await,
+            Some(acceptor) => {
+                let handshake =
+                    tokio::time::timeout(self.limits.tls_handshake_timeout, acceptor.accept(io));
+                match handshake.await {
+                    Ok(Ok(tls)) => self.serve_io(tls, activity).await,
+                    Ok(Err(err)) => {
+                        tracing::debug!(peer = %self.peer, error = %err, "TLS handshake failed");
+                    }
+                    Err(_) => tracing::debug!(peer = %self.peer, "TLS handshake timed out"),
+                }
+            }
+        }
+    }
+
+    async fn serve_io<I>(self, io: I, activity: Arc<Activity>)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let peer = self.peer;
+        let service = self
+            .app
+            .map_request(move |mut request: http::Request<Incoming>| {
+                request.extensions_mut().insert(ConnectInfo(peer));
+                request
+            });
+        let conn = self
+            .builder
+            .serve_connection_with_upgrades(TokioIo::new(io), TowerToHyperService::new(service))
+            .into_owned();
+        let conn = self.watcher.watch(conn);
+        tokio::select! {
+            result = conn => {
+                if let Err(err) = result {
+                    tracing::debug!(%peer, error = %err, "connection ended with an error");
+                }
+            }
+            () = activity.expired(self.limits.idle_timeout) => {
+                tracing::debug!(%peer, "idle connection closed");
+            }
+        }
+    }
+}
+
+/// When bytes last moved on a connection, in milliseconds since it opened.
+struct Activity {
+    opened: Instant,
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            opened: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let now = u64::try_from(self.opened.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.store(now, Ordering::Relaxed);
+    }
+
+    /// Resolves once no byte has moved for `idle`.
+    async fn expired(&self, idle: Duration) {
+        loop {
+            let last = self.opened + Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+            let due = last + idle;
+            if Instant::now() >= due {
+                return;
+            }
+            tokio::time::sleep_until(due).await;
+        }
+    }
+}
+
+/// A socket that records activity on every successful read or write.
+struct IdleIo<T> {
+    inner: T,
+    activity: Arc<Activity>,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for IdleIo<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let result = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if matches!(result, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.activity.touch();
+        }
+        result
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let result = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(result, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        result
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let result = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if matches!(result, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        result
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}

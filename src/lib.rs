@@ -1,0 +1,19 @@
+//! gatehouse: one self-contained binary that gives a small app a hardened security layer
+//! (device pairing, a token authority, rate limits, an audit log, automatic TLS) with all
+//! state in one redb file and every secret in it sealed under a master key kept outside.
+//!
+//! Calls flow one way: `cli`, `http` and `admin_socket` call the domain modules
+//! (`admin_tokens`, ...), which call `store`, the only module that touches redb.
+//! `app` builds the long-lived parts from a validated `config::Config` and runs them.
+
+pub mod admin_socket;
+pub mod admin_tokens;
+pub mod app;
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod http;
+pub mod manage;
+pub mod store;
+pub mod telemetry;
+pub mod tls;

@@ -1,0 +1,216 @@
+//! Management operations: what every management command of the CLI does.
+//!
+//! A `Command` runs the same way wherever it runs: inside the server (sent over the
+//! admin socket) or in the CLI process with the data file opened directly when no server
+//! holds it. `execute` is that one code path; the CLI only chooses where and renders the
+//! `Outcome`.
+
+use std::fmt;
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::admin_tokens::{AdminTokenError, AdminTokenInfo, AdminTokens, IssuedToken};
+use crate::clock::SharedClock;
+use crate::config::{KeyOrigin, MasterKeySource};
+use crate::store::Store;
+use crate::store::seal::{MasterKey, sync_parent_dir};
+
+/// The master key text, kept out of `Debug` output and logs.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct KeyText(pub String);
+
+impl fmt::Debug for KeyText {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("KeyText(..)")
+    }
+}
+
+/// A management request.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "command", rename_all = "kebab-case")]
+pub enum Command {
+    AdminTokenCreate { name: Option<String> },
+    AdminTokenList,
+    AdminTokenRevoke { id: String },
+    Rekey { new_key: KeyText },
+}
+
+/// What a command did.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "kebab-case")]
+pub enum Outcome {
+    TokenCreated(IssuedToken),
+    TokenList {
+        tokens: Vec<AdminTokenInfo>,
+    },
+    TokenRevoked(AdminTokenInfo),
+    Rekeyed {
+        secrets: u64,
+        fingerprint: String,
+        /// Set when gatehouse replaced the key file itself (the `<data>.key` default).
+        key_file_replaced: Option<PathBuf>,
+        /// The key file the server reads at start, when it must be replaced by hand.
+        key_file_to_replace: Option<PathBuf>,
+    },
+}
+
+/// A refused or failed command: a stable code and a message for a person.
+#[derive(Debug, Clone, Serialize, Deserialize, thiserror::Error)]
+#[error("{message}")]
+pub struct CommandError {
+    pub code: String,
+    pub message: String,
+}
+
+impl CommandError {
+    pub fn new(code: &str, message: impl Into<String>) -> Self {
+        Self {
+            code: code.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl From<AdminTokenError> for CommandError {
+    fn from(err: AdminTokenError) -> Self {
+        let code = match &err {
+            AdminTokenError::NotFound(_) => "not_found",
+            AdminTokenError::AlreadyRevoked(_) => "already_revoked",
+            AdminTokenError::BadName(_) => "bad_name",
+            AdminTokenError::Invalid => "invalid",
+            AdminTokenError::Random | AdminTokenError::Store(_) => "internal",
+        };
+        Self::new(code, err.to_string())
+    }
+}
+
+/// What commands run against.
+#[derive(Debug, Clone)]
+pub struct Services {
+    pub store: Store,
+    pub admin_tokens: AdminTokens,
+    pub clock: SharedClock,
+    pub master_key: MasterKeySource,
+}
+
+impl Services {
+    pub fn new(store: Store, clock: SharedClock, master_key: MasterKeySource) -> Self {
+        Self {
+            admin_tokens: AdminTokens::new(store.clone(), clock.clone()),
+            store,
+            clock,
+            master_key,
+        }
+    }
+}
+
+/// Runs one command.
+pub async fn execute(command: Command, services: &Services) -> Result<Outcome, CommandError> {
+    match command {
+        Command::AdminTokenCreate { name } => {
+            let name = name.unwrap_or_else(|| {
+                format!(
+                    "admin-{}",
+                    crate::clock::format_rfc3339(services.clock.now_ms())
+                )
+            });
+            Ok(Outcome::TokenCreated(
+                services.admin_tokens.create(&name).await?,
+            ))
+        }
+        Command::AdminTokenList => Ok(Outcome::TokenList {
+            tokens: services.admin_tokens.list()?,
+        }),
+        Command::AdminTokenRevoke { id } => Ok(Outcome::TokenRevoked(
+            services.admin_tokens.revoke(&id).await?,
+        )),
+        Command::Rekey { new_key } => rekey(&new_key, services).await,
+    }
+}
+
+async fn rekey(new_key: &KeyText, services: &Services) -> Result<Outcome, CommandError> {
+    let new = MasterKey::from_text(&new_key.0).map_err(|reason| {
+        CommandError::new(
+            "bad_key",
+            format!("the new key is not a gatehouse master key: {reason}"),
+        )
+    })?;
+    if new.fingerprint() == services.store.master_key_fingerprint() {
+        return Err(CommandError::new(
+            "same_key",
+            "the new key is the key already in use",
+        ));
+    }
+    let source = &services.master_key;
+    // The default key file is ours to replace. The new key goes to disk before the data
+    // file changes, so a crash at any point leaves a key that opens the file on disk.
+    let staged = match source.origin {
+        KeyOrigin::BesideDataFile => Some(stage_key_file(&source.path, &new)?),
+        KeyOrigin::Configured | KeyOrigin::SystemdCredential => None,
+    };
+    let resealed = match services.store.rekey(&new).await {
+        Ok(count) => count,
+        Err(err) => {
+            if let Some(staged) = &staged {
+                let _ = fs::remove_file(staged);
+            }
+            return Err(CommandError::new(
+                "internal",
+                format!("rekey failed, nothing changed: {err}"),
+            ));
+        }
+    };
+    let mut replaced = None;
+    if let Some(staged) = staged {
+        fs::rename(&staged, &source.path)
+            .and_then(|()| sync_parent_dir(&source.path))
+            .map_err(|err| {
+                CommandError::new(
+                    "key_file",
+                    format!(
+                        "the data file is now sealed with the new key, but {} could not be \
+                         replaced ({err}); the new key is in {}: move it there by hand",
+                        source.path.display(),
+                        staged.display()
+                    ),
+                )
+            })?;
+        replaced = Some(source.path.clone());
+    }
+    Ok(Outcome::Rekeyed {
+        secrets: resealed,
+        fingerprint: new.fingerprint(),
+        key_file_to_replace: replaced.is_none().then(|| source.path.clone()),
+        key_file_replaced: replaced,
+    })
+}
+
+/// Writes `key` to `<path>.new` (0600, fsynced) and returns that path.
+fn stage_key_file(path: &Path, key: &MasterKey) -> Result<PathBuf, CommandError> {
+    let mut staged = path.as_os_str().to_owned();
+    staged.push(".new");
+    let staged = PathBuf::from(staged);
+    let write = || -> std::io::Result<()> {
+        let _ = fs::remove_file(&staged);
+        let mut file = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&staged)?;
+        file.set_permissions(fs::Permissions::from_mode(0o600))?;
+        file.write_all(key.to_text().as_bytes())?;
+        file.sync_all()
+    };
+    write().map_err(|err| {
+        CommandError::new(
+            "key_file",
+            format!("cannot write {}: {err}; nothing changed", staged.display()),
+        )
+    })?;
+    Ok(staged)
+}

@@ -1,0 +1,90 @@
+//! Migrations between data-file format versions.
+//!
+//! An ordered list: step `n` turns a format-`n` file into a format-`n + 1` file. All
+//! steps needed run inside one write transaction together with the version bump, before
+//! any socket accepts traffic, so a crash mid-migration leaves the old format intact.
+//! There is no downgrade: a file newer than this build is refused before anything runs.
+
+use redb::ReadableTable;
+
+use super::StoreError;
+use super::records::{self, AdminTokenRecord};
+use super::tables::{ADMIN_TOKENS, FORMAT_VERSION, META, META_FORMAT_VERSION};
+
+type Step = fn(&redb::WriteTransaction) -> Result<(), StoreError>;
+
+/// `(from_version, description, step)`, in order.
+const STEPS: &[(u32, &str, Step)] = &[(
+    1,
+    "admin tokens gain last-used and revoked times",
+    admin_tokens_v1_to_v2,
+)];
+
+/// What a migration did, for the log and the audit trail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Migrated {
+    pub from: u32,
+    pub to: u32,
+    pub steps: Vec<&'static str>,
+}
+
+/// Runs every step from `found` to the current version in `tx` and records the new version.
+pub(super) fn run(tx: &redb::WriteTransaction, found: u32) -> Result<Option<Migrated>, StoreError> {
+    if found == FORMAT_VERSION {
+        return Ok(None);
+    }
+    let mut steps = Vec::new();
+    let mut version = found;
+    while version < FORMAT_VERSION {
+        let (_, description, step) = STEPS
+            .iter()
+            .find(|(from, _, _)| *from == version)
+            .ok_or(StoreError::NoMigration { from: version })?;
+        step(tx)?;
+        steps.push(*description);
+        version += 1;
+    }
+    tx.open_table(META)?
+        .insert(META_FORMAT_VERSION, FORMAT_VERSION.to_le_bytes().as_slice())?;
+    Ok(Some(Migrated {
+        from: found,
+        to: FORMAT_VERSION,
+        steps,
+    }))
+}
+
+/// Format 1 → 2: rewrite every admin token as a version-2 record, so that only
+/// `records.rs` and this step ever see version 1.
+fn admin_tokens_v1_to_v2(tx: &redb::WriteTransaction) -> Result<(), StoreError> {
+    let mut table = tx.open_table(ADMIN_TOKENS)?;
+    let mut rows = Vec::new();
+    for row in table.iter()? {
+        let (key, value) = row?;
+        let id = key.value().to_string();
+        let record: AdminTokenRecord =
+            records::decode(value.value()).map_err(|e| StoreError::Decode {
+                table: "admin_tokens.v1",
+                key: id.clone(),
+                reason: e.to_string(),
+            })?;
+        rows.push((id, record.into_current()));
+    }
+    for (id, token) in rows {
+        table.insert(id.as_str(), records::encode_admin_token(&token).as_slice())?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn steps_are_contiguous_and_reach_the_current_version() {
+        for (i, (from, _, _)) in STEPS.iter().enumerate() {
+            assert_eq!(*from, 1 + i as u32);
+        }
+        let last = STEPS.last().map_or(1, |(from, _, _)| from + 1);
+        assert_eq!(last, FORMAT_VERSION);
+    }
+}

@@ -1,0 +1,706 @@
+//! The one data file: the only module that opens redb, defines tables and runs
+//! transactions.
+//!
+//! Opening is careful about never changing a file it should refuse. An existing file is
+//! first inspected through redb's read-only mode, which never writes: format version,
+//! instance facts and the master-key check value are read there, and a file from a newer
+//! build, a wrong master key or a damaged file is refused before anything is written. A
+//! file that was not closed cleanly is repaired on a copy, which replaces the original
+//! only once it has opened and passed the same checks; the original is kept beside it.
+//! Migrations then run in one write transaction, before any socket accepts traffic.
+//!
+//! Writes go through the group-commit writer (`writer.rs`); reads run on the caller's
+//! thread in a read transaction (`tx.rs`). `schema/data-file.md` documents the format.
+
+pub mod migrate;
+pub mod records;
+pub mod seal;
+pub mod tables;
+mod tx;
+mod writer;
+
+use std::fs;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::thread::JoinHandle;
+
+use redb::{ReadableDatabase, ReadableTable, TableHandle};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::clock::Clock;
+pub use migrate::Migrated;
+use seal::{MasterKey, SealError, Sealer, sync_parent_dir};
+use tables::{
+    ADMIN_TOKENS, FORMAT_VERSION, MASTER_KEY_CHECK_PLAINTEXT, META, META_CREATED_AT,
+    META_FORMAT_VERSION, META_INSTANCE_ID, META_MASTER_KEY_CHECK, SECRETS,
+};
+pub use tx::{ReadTx, WriteTx};
+use writer::{Job, Pending, WriterContext};
+
+/// redb's page cache is allocated as it fills; this caps it for small VPSes.
+const CACHE_BYTES: usize = 128 * 1024 * 1024;
+
+/// Everything that can go wrong with the data file.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "the data file {path} is in use by another process (a running `gatehouse serve`?); \
+         stop it, or run the command while it runs so it goes through the admin socket"
+    )]
+    Locked { path: PathBuf },
+    #[error("{path} is not a gatehouse data file: {reason}")]
+    NotADataFile { path: PathBuf, reason: String },
+    #[error(
+        "the data file {path} is damaged ({reason}); it was left untouched. \
+         Restore it from a backup (gatehouse restore FILE)"
+    )]
+    Corrupt { path: PathBuf, reason: String },
+    #[error(
+        "the data file {path} was written by a newer gatehouse (format {found}; this build \
+         reads up to {supported}); it was left untouched. Upgrade gatehouse to open it"
+    )]
+    NewerFormat {
+        path: PathBuf,
+        found: u32,
+        supported: u32,
+    },
+    #[error(
+        "the master key (fingerprint {fingerprint}) does not open the data file {path}: it \
+         was sealed under another key. Nothing was changed. Point GATEHOUSE_MASTER_KEY_FILE \
+         at the key this file was created with (after an interrupted rekey, that is the file \
+         given to --new-key-file)"
+    )]
+    WrongMasterKey { path: PathBuf, fingerprint: String },
+    #[error("no migration from data-file format {from}: this build cannot upgrade that file")]
+    NoMigration { from: u32 },
+    #[error("stored value {table}/{key} cannot be decoded: {reason}")]
+    Decode {
+        table: &'static str,
+        key: String,
+        reason: String,
+    },
+    #[error("sealed value {table}/{key}: {source}")]
+    SealedValue {
+        table: &'static str,
+        key: String,
+        source: SealError,
+    },
+    #[error("database error: {0}")]
+    Database(#[from] redb::Error),
+    #[error("the data-file writer has stopped")]
+    WriterStopped,
+    #[error("a write job panicked; its transaction was rolled back")]
+    JobPanicked,
+    #[error("the write was not committed: {0}")]
+    WriteFailed(String),
+}
+
+macro_rules! from_redb {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StoreError {
+            fn from(err: $t) -> Self {
+                Self::Database(err.into())
+            }
+        }
+    )*};
+}
+from_redb!(
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError,
+    redb::SetDurabilityError
+);
+
+/// What opening the data file did, for the start-up log.
+#[derive(Debug, Default)]
+pub struct OpenReport {
+    /// The file did not exist and was created.
+    pub created: bool,
+    pub migrated: Option<Migrated>,
+    /// The file had not been closed cleanly; it was repaired and the original kept here.
+    pub recovered_original: Option<PathBuf>,
+    /// Things an operator should fix, such as file permissions.
+    pub warnings: Vec<String>,
+}
+
+/// Facts about the instance stored in `meta`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceInfo {
+    pub instance_id: String,
+    pub created_at_ms: u64,
+    pub format_version: u32,
+}
+
+/// A handle to the open data file. Cheap to clone; every clone shares the one writer.
+#[derive(Clone, Debug)]
+pub struct Store {
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    db: Arc<redb::Database>,
+    path: PathBuf,
+    sealer: Arc<RwLock<Arc<Sealer>>>,
+    jobs: Mutex<Option<mpsc::Sender<Job>>>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+    healthy: Arc<AtomicBool>,
+    info: InstanceInfo,
+}
+
+impl std::fmt::Debug for Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Job")
+    }
+}
+
+impl Store {
+    /// Opens the data file at `path`, creating it if it does not exist.
+    pub fn open(
+        path: &Path,
+        master: &MasterKey,
+        clock: &dyn Clock,
+    ) -> Result<(Self, OpenReport), StoreError> {
+        let sealer = Sealer::new(master);
+        let mut report = OpenReport::default();
+        let db = match fs::symlink_metadata(path) {
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                report.created = true;
+                create_new(path, &sealer, clock)?
+            }
+            Err(source) => {
+                return Err(StoreError::Io {
+                    action: "cannot read",
+                    path: path.to_path_buf(),
+                    source,
+                });
+            }
+            Ok(meta) => {
+                if !meta.is_file() {
+                    return Err(StoreError::NotADataFile {
+                        path: path.to_path_buf(),
+                        reason: "it is not a regular file".into(),
+                    });
+                }
+                if meta.mode() & 0o077 != 0 {
+                    report.warnings.push(format!(
+                        "the data file {} can be read by group or others (mode {:o}); \
+                         fix with: chmod 600 {}",
+                        path.display(),
+                        meta.mode() & 0o777,
+                        path.display()
+                    ));
+                }
+                match inspect_read_only(path, &sealer) {
+                    Ok(()) => {}
+                    Err(Inspect::NeedsRecovery) => {
+                        report.recovered_original = Some(recover_via_copy(path, &sealer)?);
+                    }
+                    Err(Inspect::Refused(err)) => return Err(err),
+                }
+                let db = builder()
+                    .open(path)
+                    .map_err(|err| map_open_error(path, err))?;
+                report.migrated = migrate_db(&db)?;
+                db
+            }
+        };
+        let info = read_instance_info(&db, path)?;
+        Ok((Self::start(db, path, sealer, info)?, report))
+    }
+
+    fn start(
+        db: redb::Database,
+        path: &Path,
+        sealer: Sealer,
+        info: InstanceInfo,
+    ) -> Result<Self, StoreError> {
+        let db = Arc::new(db);
+        let sealer = Arc::new(RwLock::new(Arc::new(sealer)));
+        let healthy = Arc::new(AtomicBool::new(true));
+        let (sender, receiver) = mpsc::channel(writer::QUEUE_DEPTH);
+        let ctx = WriterContext {
+            db: db.clone(),
+            sealer: sealer.clone(),
+            healthy: healthy.clone(),
+        };
+        let handle = std::thread::Builder::new()
+            .name("gatehouse-writer".into())
+            .spawn(move || writer::run(ctx, receiver))
+            .map_err(|source| StoreError::Io {
+                action: "cannot start the writer thread for",
+                path: path.to_path_buf(),
+                source,
+            })?;
+        Ok(Self {
+            shared: Arc::new(Shared {
+                db,
+                path: path.to_path_buf(),
+                sealer,
+                jobs: Mutex::new(Some(sender)),
+                writer: Mutex::new(Some(handle)),
+                healthy,
+                info,
+            }),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.shared.path
+    }
+
+    pub fn info(&self) -> &InstanceInfo {
+        &self.shared.info
+    }
+
+    /// The fingerprint of the master key in use.
+    pub fn master_key_fingerprint(&self) -> String {
+        self.with_sealer(|s| s.fingerprint().to_string())
+    }
+
+    /// False once a commit has failed (redb refuses writes after an I/O error) or the
+    /// writer has been closed.
+    pub fn is_healthy(&self) -> bool {
+        self.shared.healthy.load(Ordering::SeqCst) && self.sender().is_some()
+    }
+
+    fn with_sealer<R>(&self, f: impl FnOnce(&Sealer) -> R) -> R {
+        match self.shared.sealer.read() {
+            Ok(guard) => f(&guard),
+            Err(poisoned) => f(&poisoned.into_inner()),
+        }
+    }
+
+    fn sender(&self) -> Option<mpsc::Sender<Job>> {
+        match self.shared.jobs.lock() {
+            Ok(guard) => guard.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Runs `f` in a read transaction. Meant for short lookups; long scans belong in
+    /// `spawn_blocking`.
+    pub fn read<R>(
+        &self,
+        f: impl FnOnce(&ReadTx<'_>) -> Result<R, StoreError>,
+    ) -> Result<R, StoreError> {
+        // The sealer lock is held for the whole read so a concurrent rekey cannot swap
+        // keys between this transaction's snapshot and its opening of sealed values.
+        self.with_sealer(|sealer| {
+            let tx = self.shared.db.begin_read()?;
+            f(&ReadTx { tx: &tx, sealer })
+        })
+    }
+
+    /// Runs `job` in the group-commit writer and answers once its transaction is durable.
+    ///
+    /// The job may run more than once (a failing neighbour in its batch makes the writer
+    /// retry each job alone), so it must not have effects outside the transaction.
+    pub async fn write<R, E, F>(&self, job: F) -> Result<R, E>
+    where
+        F: FnMut(&WriteTx<'_>) -> Result<R, E> + Send + 'static,
+        R: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+    {
+        let sender = self.sender().ok_or(StoreError::WriterStopped)?;
+        let (reply, answer) = oneshot::channel();
+        sender
+            .send(Job::Write(Box::new(Pending::new(job, reply))))
+            .await
+            .map_err(|_| StoreError::WriterStopped)?;
+        answer.await.map_err(|_| StoreError::WriterStopped)?
+    }
+
+    /// Re-seals every sealed value and the master-key check under `new` in one
+    /// transaction; from its commit on, this store uses `new`. Returns the number of
+    /// secrets re-sealed.
+    pub async fn rekey(&self, new: &MasterKey) -> Result<u64, StoreError> {
+        let sender = self.sender().ok_or(StoreError::WriterStopped)?;
+        let (reply, answer) = oneshot::channel();
+        sender
+            .send(Job::Rekey {
+                new_sealer: Arc::new(Sealer::new(new)),
+                reply,
+            })
+            .await
+            .map_err(|_| StoreError::WriterStopped)?;
+        answer.await.map_err(|_| StoreError::WriterStopped)?
+    }
+
+    /// Stops the writer after every queued job has been committed and answered. Blocks
+    /// until then; call through `spawn_blocking` from async code. Later writes fail with
+    /// `WriterStopped`. The file is released when the last clone is dropped.
+    pub fn close(&self) {
+        let sender = match self.shared.jobs.lock() {
+            Ok(mut guard) => guard.take(),
+            Err(poisoned) => poisoned.into_inner().take(),
+        };
+        drop(sender);
+        let handle = match self.shared.writer.lock() {
+            Ok(mut guard) => guard.take(),
+            Err(poisoned) => poisoned.into_inner().take(),
+        };
+        if let Some(handle) = handle
+            && handle.join().is_err()
+        {
+            tracing::error!("the data-file writer thread panicked");
+        }
+    }
+}
+
+fn builder() -> redb::Builder {
+    let mut builder = redb::Builder::new();
+    builder.set_cache_size(CACHE_BYTES);
+    builder
+}
+
+/// Every write transaction: durable on commit, two-phase commit (redb's advice when
+/// attacker-influenced data is written and the process may be crashed) and quick repair
+/// (allocator state saved per commit, so a crash needs no full scan and the read-only
+/// inspection at the next start can open the file).
+fn begin_durable_write(db: &redb::Database) -> Result<redb::WriteTransaction, StoreError> {
+    let mut tx = db.begin_write()?;
+    tx.set_durability(redb::Durability::Immediate)?;
+    tx.set_two_phase_commit(true);
+    tx.set_quick_repair(true);
+    Ok(tx)
+}
+
+fn create_new(
+    path: &Path,
+    sealer: &Sealer,
+    clock: &dyn Clock,
+) -> Result<redb::Database, StoreError> {
+    let io = |action: &'static str| {
+        move |source| StoreError::Io {
+            action,
+            path: path.to_path_buf(),
+            source,
+        }
+    };
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io("cannot create the data file"))?;
+    let result = (|| {
+        file.set_permissions(fs::Permissions::from_mode(0o600))
+            .map_err(io("cannot set permissions on"))?;
+        let backend =
+            redb::backends::FileBackend::new(file).map_err(|err| map_open_error(path, err))?;
+        let db = builder()
+            .create_with_backend(backend)
+            .map_err(|err| map_open_error(path, err))?;
+        initialise(&db, sealer, clock)?;
+        sync_parent_dir(path).map_err(io("cannot sync the directory of"))?;
+        Ok(db)
+    })();
+    if result.is_err() {
+        // Nothing of a half-created file is left behind.
+        let _ = fs::remove_file(path);
+    }
+    result
+}
+
+fn initialise(db: &redb::Database, sealer: &Sealer, clock: &dyn Clock) -> Result<(), StoreError> {
+    let mut instance_id = [0u8; 16];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut instance_id).map_err(
+        |_| StoreError::SealedValue {
+            table: "meta",
+            key: META_INSTANCE_ID.into(),
+            source: SealError::Random,
+        },
+    )?;
+    let check = seal_check(sealer)?;
+    let tx = begin_durable_write(db)?;
+    {
+        let mut meta = tx.open_table(META)?;
+        meta.insert(META_FORMAT_VERSION, FORMAT_VERSION.to_le_bytes().as_slice())?;
+        meta.insert(META_INSTANCE_ID, records::encode(&instance_id).as_slice())?;
+        meta.insert(META_CREATED_AT, records::encode(&clock.now_ms()).as_slice())?;
+        meta.insert(META_MASTER_KEY_CHECK, check.as_slice())?;
+        tx.open_table(SECRETS)?;
+        tx.open_table(ADMIN_TOKENS)?;
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+fn seal_check(sealer: &Sealer) -> Result<Vec<u8>, StoreError> {
+    sealer
+        .seal(
+            META.name(),
+            META_MASTER_KEY_CHECK.as_bytes(),
+            MASTER_KEY_CHECK_PLAINTEXT,
+        )
+        .map_err(|source| StoreError::SealedValue {
+            table: "meta",
+            key: META_MASTER_KEY_CHECK.into(),
+            source,
+        })
+}
+
+enum Inspect {
+    NeedsRecovery,
+    Refused(StoreError),
+}
+
+impl From<StoreError> for Inspect {
+    fn from(err: StoreError) -> Self {
+        Self::Refused(err)
+    }
+}
+
+/// Checks an existing file without writing to it.
+fn inspect_read_only(path: &Path, sealer: &Sealer) -> Result<(), Inspect> {
+    let db = match builder().open_read_only(path) {
+        Ok(db) => db,
+        Err(redb::DatabaseError::RepairAborted) => return Err(Inspect::NeedsRecovery),
+        Err(err) => return Err(Inspect::Refused(map_open_error(path, err))),
+    };
+    let tx = db.begin_read().map_err(|e| corrupt(path, e))?;
+    check_meta(&tx, path, sealer)?;
+    Ok(())
+}
+
+/// Format version and master key: the two reasons to refuse a well-formed file.
+fn check_meta(tx: &redb::ReadTransaction, path: &Path, sealer: &Sealer) -> Result<u32, StoreError> {
+    let meta = match tx.open_table(META) {
+        Ok(meta) => meta,
+        Err(redb::TableError::TableDoesNotExist(_)) => {
+            return Err(StoreError::NotADataFile {
+                path: path.to_path_buf(),
+                reason: "it is a redb file without gatehouse's meta table".into(),
+            });
+        }
+        Err(err) => return Err(corrupt(path, err)),
+    };
+    let get = |key: &str| -> Result<Vec<u8>, StoreError> {
+        meta.get(key)
+            .map_err(|e| corrupt(path, e))?
+            .map(|v| v.value().to_vec())
+            .ok_or_else(|| StoreError::Corrupt {
+                path: path.to_path_buf(),
+                reason: format!("meta has no {key}"),
+            })
+    };
+    let version_bytes = get(META_FORMAT_VERSION)?;
+    let version = <[u8; 4]>::try_from(version_bytes.as_slice())
+        .map(u32::from_le_bytes)
+        .map_err(|_| StoreError::Corrupt {
+            path: path.to_path_buf(),
+            reason: "meta format_version is not 4 bytes".into(),
+        })?;
+    if version > FORMAT_VERSION {
+        return Err(StoreError::NewerFormat {
+            path: path.to_path_buf(),
+            found: version,
+            supported: FORMAT_VERSION,
+        });
+    }
+    if version == 0 {
+        return Err(StoreError::Corrupt {
+            path: path.to_path_buf(),
+            reason: "format version 0".into(),
+        });
+    }
+    let check = get(META_MASTER_KEY_CHECK)?;
+    match sealer.open(META.name(), META_MASTER_KEY_CHECK.as_bytes(), &check) {
+        Ok(plain) if plain == MASTER_KEY_CHECK_PLAINTEXT => Ok(version),
+        _ => Err(StoreError::WrongMasterKey {
+            path: path.to_path_buf(),
+            fingerprint: sealer.fingerprint().to_string(),
+        }),
+    }
+}
+
+fn corrupt(path: &Path, err: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt {
+        path: path.to_path_buf(),
+        reason: err.to_string(),
+    }
+}
+
+fn map_open_error(path: &Path, err: redb::DatabaseError) -> StoreError {
+    match err {
+        redb::DatabaseError::DatabaseAlreadyOpen | redb::DatabaseError::LockProtocolMismatch => {
+            StoreError::Locked {
+                path: path.to_path_buf(),
+            }
+        }
+        redb::DatabaseError::UpgradeRequired(v) => StoreError::NotADataFile {
+            path: path.to_path_buf(),
+            reason: format!("it uses an old redb file format ({v})"),
+        },
+        redb::DatabaseError::RepairAborted => StoreError::Corrupt {
+            path: path.to_path_buf(),
+            reason: "it needs a repair that could not run".into(),
+        },
+        redb::DatabaseError::Storage(redb::StorageError::Io(source))
+            if source.kind() != std::io::ErrorKind::UnexpectedEof =>
+        {
+            StoreError::Io {
+                action: "cannot open",
+                path: path.to_path_buf(),
+                source,
+            }
+        }
+        other => StoreError::Corrupt {
+            path: path.to_path_buf(),
+            reason: other.to_string(),
+        },
+    }
+}
+
+/// Repairs a file that was not closed cleanly on a copy; the copy replaces the original
+/// only after it opened and passed the meta checks. Returns where the original was kept.
+fn recover_via_copy(path: &Path, sealer: &Sealer) -> Result<PathBuf, StoreError> {
+    let work = sibling(path, ".recovering");
+    let io = |action: &'static str, at: &Path| {
+        let at = at.to_path_buf();
+        move |source| StoreError::Io {
+            action,
+            path: at,
+            source,
+        }
+    };
+    tracing::warn!(path = %path.display(), "the data file was not closed cleanly; repairing a copy");
+    let _ = fs::remove_file(&work);
+    fs::copy(path, &work).map_err(io("cannot copy the data file to", &work))?;
+    let checked = (|| {
+        fs::set_permissions(&work, fs::Permissions::from_mode(0o600))
+            .map_err(io("cannot set permissions on", &work))?;
+        let db = builder()
+            .open(&work)
+            .map_err(|err| map_open_error(path, err))?;
+        let tx = db.begin_read().map_err(|e| corrupt(path, e))?;
+        check_meta(&tx, path, sealer)?;
+        drop(tx);
+        db.close().map_err(|e| corrupt(path, e))?;
+        fs::File::open(&work)
+            .and_then(|f| f.sync_all())
+            .map_err(io("cannot sync", &work))
+    })();
+    if let Err(err) = checked {
+        let _ = fs::remove_file(&work);
+        return Err(err);
+    }
+    let kept = sibling(path, ".before-recovery");
+    let _ = fs::remove_file(&kept);
+    fs::hard_link(path, &kept)
+        .or_else(|_| fs::copy(path, &kept).map(|_| ()))
+        .map_err(io("cannot keep the original data file as", &kept))?;
+    fs::rename(&work, path).map_err(io("cannot replace the data file", path))?;
+    sync_parent_dir(path).map_err(io("cannot sync the directory of", path))?;
+    tracing::warn!(kept = %kept.display(), "data file repaired; the original is kept");
+    Ok(kept)
+}
+
+fn sibling(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(suffix);
+    PathBuf::from(name)
+}
+
+fn read_version(tx: &redb::WriteTransaction) -> Result<u32, StoreError> {
+    let meta = tx.open_table(META)?;
+    let bytes = meta
+        .get(META_FORMAT_VERSION)?
+        .map(|v| v.value().to_vec())
+        .unwrap_or_default();
+    <[u8; 4]>::try_from(bytes.as_slice())
+        .map(u32::from_le_bytes)
+        .map_err(|_| StoreError::Decode {
+            table: "meta",
+            key: META_FORMAT_VERSION.into(),
+            reason: "not 4 bytes".into(),
+        })
+}
+
+fn migrate_db(db: &redb::Database) -> Result<Option<Migrated>, StoreError> {
+    let tx = begin_durable_write(db)?;
+    let found = read_version(&tx)?;
+    match migrate::run(&tx, found) {
+        Ok(Some(migrated)) => {
+            tx.commit()?;
+            Ok(Some(migrated))
+        }
+        Ok(None) => {
+            tx.abort()?;
+            Ok(None)
+        }
+        Err(err) => {
+            tx.abort()?;
+            Err(err)
+        }
+    }
+}
+
+fn read_instance_info(db: &redb::Database, path: &Path) -> Result<InstanceInfo, StoreError> {
+    let tx = db.begin_read()?;
+    let meta = tx.open_table(META)?;
+    let get = |key: &'static str| -> Result<Vec<u8>, StoreError> {
+        meta.get(key)?
+            .map(|v| v.value().to_vec())
+            .ok_or_else(|| corrupt(path, format!("meta has no {key}")))
+    };
+    let decode_err = |key: &'static str| {
+        move |e: records::DecodeError| StoreError::Decode {
+            table: "meta",
+            key: key.into(),
+            reason: e.to_string(),
+        }
+    };
+    let id: [u8; 16] =
+        records::decode(&get(META_INSTANCE_ID)?).map_err(decode_err(META_INSTANCE_ID))?;
+    let created_at_ms: u64 =
+        records::decode(&get(META_CREATED_AT)?).map_err(decode_err(META_CREATED_AT))?;
+    let version = get(META_FORMAT_VERSION)?;
+    let format_version = <[u8; 4]>::try_from(version.as_slice())
+        .map(u32::from_le_bytes)
+        .map_err(|_| corrupt(path, "meta format_version is not 4 bytes"))?;
+    Ok(InstanceInfo {
+        instance_id: data_encoding::HEXLOWER.encode(&id),
+        created_at_ms,
+        format_version,
+    })
+}
+
+/// Re-seals every secret and the check value under `new` inside `tx` (see `writer.rs`).
+fn rekey_in(tx: &redb::WriteTransaction, old: &Sealer, new: &Sealer) -> Result<u64, StoreError> {
+    let mut secrets = tx.open_table(SECRETS)?;
+    let mut resealed = Vec::new();
+    for row in secrets.iter()? {
+        let (key, value) = row?;
+        let name = key.value().to_string();
+        let sealed_err = |source| StoreError::SealedValue {
+            table: "secrets.v1",
+            key: name.clone(),
+            source,
+        };
+        let plain = old
+            .open(SECRETS.name(), name.as_bytes(), value.value())
+            .map_err(sealed_err)?;
+        let again = new
+            .seal(SECRETS.name(), name.as_bytes(), &plain)
+            .map_err(sealed_err)?;
+        resealed.push((name, again));
+    }
+    for (name, sealed) in &resealed {
+        secrets.insert(name.as_str(), sealed.as_slice())?;
+    }
+    tx.open_table(META)?
+        .insert(META_MASTER_KEY_CHECK, seal_check(new)?.as_slice())?;
+    Ok(resealed.len() as u64)
+}

@@ -1,0 +1,36 @@
+//! Every redb table of the data file, in one place.
+//!
+//! A table's name carries its layout version (`"admin_tokens.v1"`): a change to a key
+//! or value layout gets a new name and a migration, never an in-place reinterpretation.
+//! Values are postcard-encoded versioned records (see `records.rs`) or sealed bytes
+//! (see `seal.rs`). `schema/data-file.md` documents each table; keep the two in step.
+
+use redb::TableDefinition;
+
+/// The format version this build writes. Files with a higher version are refused.
+pub const FORMAT_VERSION: u32 = 2;
+
+/// Instance facts: format version, instance id, creation time, master-key check value.
+/// Keys are the `META_*` constants. `format_version` is 4 bytes little-endian so that it
+/// can be read by any future build without knowing postcard; other values are postcard.
+pub const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+
+pub const META_FORMAT_VERSION: &str = "format_version";
+pub const META_INSTANCE_ID: &str = "instance_id";
+pub const META_CREATED_AT: &str = "created_at_ms";
+/// A constant sealed under the master key: opens only with the right key.
+pub const META_MASTER_KEY_CHECK: &str = "master_key_check";
+
+/// Every sealed secret of the instance, keyed by a namespaced name (`"tls/self-signed"`).
+/// Values are sealed (AAD = table name + key). Keeping every sealed value in this one
+/// table is what lets `rekey` re-seal everything in one pass.
+pub const SECRETS: TableDefinition<&str, &[u8]> = TableDefinition::new("secrets.v1");
+
+/// Admin tokens, keyed by token id (16 lowercase hex characters). Values: `AdminTokenRecord`.
+pub const ADMIN_TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("admin_tokens.v1");
+
+/// Names of every table this format version has, for backups, counts and checks.
+pub const ALL_TABLES: &[&str] = &["meta", "secrets.v1", "admin_tokens.v1"];
+
+/// The plaintext sealed into `META_MASTER_KEY_CHECK`.
+pub const MASTER_KEY_CHECK_PLAINTEXT: &[u8] = b"gatehouse master key check v1";

@@ -1,0 +1,188 @@
+//! TLS for the listener: the rustls configuration and where its certificate comes from.
+//!
+//! Modes: `self-signed` (a certificate made with rcgen, kept sealed in the data file so
+//! it stays the same across restarts and backups) and `off` (loopback only, checked by
+//! `config`). ACME and certificate files come with their own work. The policy is the
+//! same in every mode: TLS 1.3 and 1.2 only, rustls' ring provider and its safe cipher
+//! suites in the server's order, ALPN h2 and http/1.1.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rcgen::{
+    CertificateParams, DistinguishedName, DnType, KeyPair, PKCS_ECDSA_P256_SHA256, PublicKeyData,
+};
+use ring::digest::{SHA256, digest};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+
+use crate::clock::Clock;
+use crate::store::records::SelfSignedCert;
+use crate::store::{Store, StoreError};
+
+/// A self-signed certificate lives this long...
+const SELF_SIGNED_VALIDITY: Duration = Duration::from_secs(397 * 24 * 3600);
+/// ...and is replaced this long before it expires.
+const SELF_SIGNED_RENEW_BEFORE: Duration = Duration::from_secs(30 * 24 * 3600);
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot make a self-signed certificate: {0}")]
+    Generate(#[from] rcgen::Error),
+    #[error("the stored certificate or key is unusable: {0}")]
+    Rustls(#[from] rustls::Error),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The ring crypto provider: the only one gatehouse uses.
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Makes ring the process-wide default provider (for any library that asks for the
+/// default rather than taking ours). Idempotent.
+pub fn install_default_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// A ready server configuration and facts worth printing.
+#[derive(Debug, Clone)]
+pub struct ServerTls {
+    pub config: Arc<rustls::ServerConfig>,
+    /// SHA-256 of the certificate's SubjectPublicKeyInfo, base64 (an HPKP-style pin a
+    /// pairing app can use to trust a self-signed server).
+    pub spki_sha256: String,
+    pub names: Vec<String>,
+    pub not_after_ms: u64,
+}
+
+/// Builds the rustls server configuration for one certificate and key.
+pub fn server_config(
+    cert_der: Vec<u8>,
+    key_der: Vec<u8>,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![CertificateDer::from(cert_der)],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key_der)),
+        )?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    config.ignore_client_order = true;
+    Ok(Arc::new(config))
+}
+
+/// The names a self-signed certificate for `listen` must carry.
+pub fn self_signed_names(listen: SocketAddr) -> Vec<String> {
+    let mut names = vec![
+        "localhost".to_string(),
+        "127.0.0.1".to_string(),
+        "::1".to_string(),
+    ];
+    let ip = listen.ip();
+    if !ip.is_unspecified() && !ip.is_loopback() {
+        names.push(ip.to_string());
+    }
+    names
+}
+
+fn generate(names: &[String], now_ms: u64) -> Result<SelfSignedCert, TlsError> {
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+    let mut params = CertificateParams::new(names.to_vec())?;
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, "gatehouse self-signed");
+    params.distinguished_name = dn;
+    let now = time::OffsetDateTime::UNIX_EPOCH + Duration::from_millis(now_ms);
+    // Backdated an hour so a client whose clock runs a little behind still accepts it.
+    params.not_before = now - Duration::from_secs(3600);
+    params.not_after = now + SELF_SIGNED_VALIDITY;
+    let cert = params.self_signed(&key)?;
+    Ok(SelfSignedCert {
+        cert_der: cert.der().to_vec(),
+        key_der: key.serialize_der(),
+        names: names.to_vec(),
+        created_at_ms: now_ms,
+        not_after_ms: now_ms + SELF_SIGNED_VALIDITY.as_millis() as u64,
+    })
+}
+
+fn needs_new(cert: &SelfSignedCert, names: &[String], now_ms: u64) -> bool {
+    let renew_at = cert
+        .not_after_ms
+        .saturating_sub(SELF_SIGNED_RENEW_BEFORE.as_millis() as u64);
+    now_ms >= renew_at || names.iter().any(|n| !cert.names.contains(n))
+}
+
+fn spki_pin(key_der: &[u8]) -> Result<String, TlsError> {
+    let key = KeyPair::try_from(key_der)?;
+    let spki = key.subject_public_key_info();
+    Ok(data_encoding::BASE64.encode(digest(&SHA256, &spki).as_ref()))
+}
+
+/// The self-signed certificate for `listen`: the stored one while it is valid and
+/// covers the listen address, else a new one, stored (sealed) before it is served.
+pub async fn self_signed(
+    store: &Store,
+    clock: &dyn Clock,
+    listen: SocketAddr,
+) -> Result<ServerTls, TlsError> {
+    let names = self_signed_names(listen);
+    let now = clock.now_ms();
+    let cert = match store.read(|tx| tx.self_signed_cert())? {
+        Some(cert) if !needs_new(&cert, &names, now) => cert,
+        previous => {
+            if previous.is_some() {
+                tracing::info!("replacing the self-signed certificate (expiring, or new names)");
+            }
+            let cert = generate(&names, now)?;
+            let stored = cert.clone();
+            store
+                .write(move |tx| tx.put_self_signed_cert(&stored))
+                .await?;
+            cert
+        }
+    };
+    let spki_sha256 = spki_pin(&cert.key_der)?;
+    Ok(ServerTls {
+        config: server_config(cert.cert_der, cert.key_der)?,
+        spki_sha256,
+        names: cert.names,
+        not_after_ms: cert.not_after_ms,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn names_cover_listen_address() {
+        let names = self_signed_names("192.0.2.7:8443".parse().unwrap());
+        assert!(names.contains(&"192.0.2.7".to_string()));
+        assert_eq!(self_signed_names("0.0.0.0:8443".parse().unwrap()).len(), 3);
+    }
+
+    #[test]
+    fn generated_certificate_loads_into_rustls() {
+        let cert = generate(
+            &self_signed_names("127.0.0.1:1".parse().unwrap()),
+            1_700_000_000_000,
+        )
+        .unwrap();
+        server_config(cert.cert_der.clone(), cert.key_der.clone()).unwrap();
+        assert_eq!(spki_pin(&cert.key_der).unwrap().len(), 44);
+    }
+
+    #[test]
+    fn renewal_rules() {
+        let names = self_signed_names("127.0.0.1:1".parse().unwrap());
+        let cert = generate(&names, 0).unwrap();
+        assert!(!needs_new(&cert, &names, 1000));
+        assert!(needs_new(&cert, &names, cert.not_after_ms - 1000));
+        let more = self_signed_names("192.0.2.1:1".parse().unwrap());
+        assert!(needs_new(&cert, &more, 1000));
+    }
+}
