@@ -50,6 +50,8 @@ pub fn install_default_provider() {
 #[derive(Debug, Clone)]
 pub struct ServerTls {
     pub config: Arc<rustls::ServerConfig>,
+    /// The served certificate (DER), for clients that trust it directly.
+    pub cert_der: Vec<u8>,
     /// SHA-256 of the certificate's SubjectPublicKeyInfo, base64 (an HPKP-style pin a
     /// pairing app can use to trust a self-signed server).
     pub spki_sha256: String,
@@ -88,7 +90,8 @@ pub fn self_signed_names(listen: SocketAddr) -> Vec<String> {
     names
 }
 
-fn generate(names: &[String], now_ms: u64) -> Result<SelfSignedCert, TlsError> {
+/// Makes a self-signed ECDSA P-256 certificate for `names`, valid from `now_ms`.
+pub fn generate_self_signed(names: &[String], now_ms: u64) -> Result<SelfSignedCert, TlsError> {
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
     let mut params = CertificateParams::new(names.to_vec())?;
     let mut dn = DistinguishedName::new();
@@ -136,7 +139,7 @@ pub async fn self_signed(
             if previous.is_some() {
                 tracing::info!("replacing the self-signed certificate (expiring, or new names)");
             }
-            let cert = generate(&names, now)?;
+            let cert = generate_self_signed(&names, now)?;
             let stored = cert.clone();
             store
                 .write(move |tx| tx.put_self_signed_cert(&stored))
@@ -146,7 +149,8 @@ pub async fn self_signed(
     };
     let spki_sha256 = spki_pin(&cert.key_der)?;
     Ok(ServerTls {
-        config: server_config(cert.cert_der, cert.key_der)?,
+        config: server_config(cert.cert_der.clone(), cert.key_der)?,
+        cert_der: cert.cert_der,
         spki_sha256,
         names: cert.names,
         not_after_ms: cert.not_after_ms,
@@ -167,7 +171,7 @@ mod tests {
 
     #[test]
     fn generated_certificate_loads_into_rustls() {
-        let cert = generate(
+        let cert = generate_self_signed(
             &self_signed_names("127.0.0.1:1".parse().unwrap()),
             1_700_000_000_000,
         )
@@ -179,7 +183,7 @@ mod tests {
     #[test]
     fn renewal_rules() {
         let names = self_signed_names("127.0.0.1:1".parse().unwrap());
-        let cert = generate(&names, 0).unwrap();
+        let cert = generate_self_signed(&names, 0).unwrap();
         assert!(!needs_new(&cert, &names, 1000));
         assert!(needs_new(&cert, &names, cert.not_after_ms - 1000));
         let more = self_signed_names("192.0.2.1:1".parse().unwrap());

@@ -547,6 +547,15 @@ fn map_open_error(path: &Path, err: redb::DatabaseError) -> StoreError {
             path: path.to_path_buf(),
             reason: "it needs a repair that could not run".into(),
         },
+        // redb reports a missing magic number or an empty file as InvalidData.
+        redb::DatabaseError::Storage(redb::StorageError::Io(source))
+            if source.kind() == std::io::ErrorKind::InvalidData =>
+        {
+            StoreError::NotADataFile {
+                path: path.to_path_buf(),
+                reason: source.to_string(),
+            }
+        }
         redb::DatabaseError::Storage(redb::StorageError::Io(source))
             if source.kind() != std::io::ErrorKind::UnexpectedEof =>
         {

@@ -13,14 +13,16 @@ use serde::{Deserialize, Serialize};
 #[error("{0}")]
 pub struct DecodeError(String);
 
-pub(crate) fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+/// Encodes any record with postcard (used by migrations and by fixture builders).
+pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     // Invariant: postcard serialisation into a Vec fails only for types serde cannot
     // represent (e.g. maps with non-string keys in some formats); our records have none.
     #[allow(clippy::expect_used)]
     postcard::to_stdvec(value).expect("records are always serialisable")
 }
 
-pub(crate) fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, DecodeError> {
+/// Decodes one whole record; trailing bytes are an error.
+pub fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, DecodeError> {
     let (value, rest) =
         postcard::take_from_bytes(bytes).map_err(|err| DecodeError(err.to_string()))?;
     if !rest.is_empty() {

@@ -1,0 +1,117 @@
+//! Shared test fixtures: an in-process server and clients that trust its certificate.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use gatehouse::app::{self, Running};
+use gatehouse::clock::{FixedClock, SharedClock};
+use gatehouse::config::{Config, Env, Flags};
+
+/// 2026-11-23T00:00:00Z: the fixed "now" of in-process tests.
+pub const TEST_NOW_MS: u64 = 1_795_392_000_000;
+
+/// A running in-process server on a temporary data file.
+pub struct TestApp {
+    pub dir: tempfile::TempDir,
+    pub config: Config,
+    pub clock: Arc<FixedClock>,
+    pub running: Running,
+    pub base_url: String,
+}
+
+impl TestApp {
+    pub fn data_path(&self) -> &Path {
+        &self.config.data_path
+    }
+
+    /// A client that trusts exactly this server's certificate.
+    pub fn client(&self) -> reqwest::Client {
+        let cert = self
+            .running
+            .tls
+            .as_ref()
+            .expect("TLS is on")
+            .cert_der
+            .clone();
+        client_trusting(&cert)
+    }
+
+    pub async fn stop(self) -> tempfile::TempDir {
+        self.running.stop().await.expect("clean stop");
+        self.dir
+    }
+}
+
+/// The configuration a test server uses: everything inside `dir`, port 0.
+pub fn test_config(dir: &Path, extra_env: &[(&str, &str)]) -> Config {
+    let mut env: BTreeMap<String, String> = extra_env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    env.entry("GATEHOUSE_LOG".into())
+        .or_insert_with(|| "warn".into());
+    let flags = Flags {
+        data: Some(dir.join("gatehouse.redb")),
+        listen: Some("127.0.0.1:0".into()),
+        ..Flags::default()
+    };
+    Config::load(&flags, &Env(env)).expect("test config is valid")
+}
+
+/// Starts a server on a fresh temporary data file.
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(&[]).await
+}
+
+/// Starts a server with extra `GATEHOUSE_*` settings.
+pub async fn spawn_app_with(extra_env: &[(&str, &str)]) -> TestApp {
+    let dir = tempfile::tempdir().expect("temp dir");
+    spawn_app_in(dir, extra_env).await
+}
+
+/// Starts a server on the data file inside `dir` (kept from an earlier run, or new).
+pub async fn spawn_app_in(dir: tempfile::TempDir, extra_env: &[(&str, &str)]) -> TestApp {
+    let config = test_config(dir.path(), extra_env);
+    let clock = Arc::new(FixedClock::new(TEST_NOW_MS));
+    let shared: SharedClock = clock.clone();
+    let running = app::start(&config, shared).await.expect("server starts");
+    let scheme = if running.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let base_url = format!("{scheme}://{}", running.local_addr);
+    TestApp {
+        dir,
+        config,
+        clock,
+        running,
+        base_url,
+    }
+}
+
+/// A reqwest client (rustls on ring) whose only trust anchor is `cert_der`.
+pub fn client_trusting(cert_der: &[u8]) -> reqwest::Client {
+    gatehouse::tls::install_default_provider();
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls::pki_types::CertificateDer::from(cert_der.to_vec()))
+        .expect("certificate parses");
+    let tls = rustls::ClientConfig::builder_with_provider(gatehouse::tls::provider())
+        .with_safe_default_protocol_versions()
+        .expect("protocol versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    reqwest::Client::builder()
+        .tls_backend_preconfigured(tls)
+        .build()
+        .expect("client builds")
+}
+
+/// A copy of `src` at a new path inside `dir`.
+pub fn copy_into(src: &Path, dir: &Path, name: &str) -> PathBuf {
+    let dst = dir.join(name);
+    std::fs::copy(src, &dst).expect("copy");
+    dst
+}

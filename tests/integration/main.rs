@@ -1,0 +1,13 @@
+//! gatehouse's integration tests: one test binary (one link step), one module per area.
+//!
+//! `helpers::spawn_app()` starts a server in-process on a temporary data file, port 0
+//! and a fixed clock; `binary` starts the compiled `gatehouse` and talks to it as a user
+//! would.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod binary;
+mod cli;
+mod helpers;
+mod http;
+mod store;

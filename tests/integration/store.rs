@@ -1,0 +1,694 @@
+//! The data file: round-trips, migration from a format-1 fixture, refusal of damaged,
+//! newer or wrongly keyed files (left byte-identical), sealing bound to its row, the
+//! group-commit writer and rekey.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use gatehouse::admin_tokens::AdminTokens;
+use gatehouse::clock::{FixedClock, SharedClock};
+use gatehouse::store::records::{self, AdminToken, AdminTokenRecord, AdminTokenV1};
+use gatehouse::store::seal::{MasterKey, Sealer};
+use gatehouse::store::tables::{self, FORMAT_VERSION};
+use gatehouse::store::{Store, StoreError};
+use redb::{ReadableTable, TableDefinition};
+
+use crate::helpers::{self, TEST_NOW_MS};
+
+const RAW: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const RAW_SECRETS: TableDefinition<&str, &[u8]> = TableDefinition::new("secrets.v1");
+const RAW_ADMIN_TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("admin_tokens.v1");
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+fn clock() -> Arc<FixedClock> {
+    Arc::new(FixedClock::new(TEST_NOW_MS))
+}
+
+/// A new data file with a key beside it, closed.
+fn new_instance(dir: &Path) -> (PathBuf, MasterKey) {
+    let path = dir.join("gatehouse.redb");
+    let key = MasterKey::generate().unwrap();
+    let (store, report) = Store::open(&path, &key, clock().as_ref()).unwrap();
+    assert!(report.created);
+    store.close();
+    drop(store);
+    (path, key)
+}
+
+fn token(name: &str) -> AdminToken {
+    AdminToken {
+        name: name.into(),
+        secret_hash: [9; 32],
+        created_at_ms: 1,
+        last_used_at_ms: None,
+        revoked_at_ms: None,
+    }
+}
+
+/// Writes straight into a closed data file, bypassing every gatehouse check.
+fn raw_edit(path: &Path, edit: impl FnOnce(&redb::WriteTransaction)) {
+    let db = redb::Database::open(path).unwrap();
+    let tx = db.begin_write().unwrap();
+    edit(&tx);
+    tx.commit().unwrap();
+}
+
+#[tokio::test]
+async fn records_round_trip_across_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, key) = new_instance(dir.path());
+    let cert = gatehouse::tls::generate_self_signed(&["localhost".into()], TEST_NOW_MS).unwrap();
+    {
+        let (store, report) = Store::open(&path, &key, clock().as_ref()).unwrap();
+        assert!(!report.created && report.migrated.is_none());
+        let stored = cert.clone();
+        store
+            .write(move |tx| -> Result<(), StoreError> {
+                tx.put_admin_token("00000000000000aa", &token("a"))?;
+                tx.put_self_signed_cert(&stored)
+            })
+            .await
+            .unwrap();
+        store.close();
+    }
+    let (store, _) = Store::open(&path, &key, clock().as_ref()).unwrap();
+    assert_eq!(
+        store.read(|tx| tx.admin_token("00000000000000aa")).unwrap(),
+        Some(token("a"))
+    );
+    assert_eq!(
+        store.read(|tx| tx.self_signed_cert()).unwrap(),
+        Some(cert.clone())
+    );
+    let counts = store.read(|tx| tx.table_counts()).unwrap();
+    assert!(counts.contains(&("admin_tokens.v1", 1)));
+    assert_eq!(store.info().format_version, FORMAT_VERSION);
+    // The sealed secret is not readable in the file.
+    store.close();
+    drop(store);
+    let bytes = std::fs::read(&path).unwrap();
+    assert!(!bytes.windows(16).any(|w| w == &cert.key_der[..16]));
+}
+
+// ---------------------------------------------------------------------------------------
+// The format-1 fixture
+
+const FIXTURE_TOKEN_ID: &str = "0011223344556677";
+const FIXTURE_TOKEN_SECRET: [u8; 32] = [7; 32];
+
+fn fixture_token_text() -> String {
+    format!(
+        "gha_{FIXTURE_TOKEN_ID}_{}",
+        data_encoding::BASE64URL_NOPAD.encode(&FIXTURE_TOKEN_SECRET)
+    )
+}
+
+/// Builds `tests/fixtures/format-v1.redb` the way a format-1 gatehouse wrote it. Run
+/// once with `cargo test -- --ignored write_format_v1_fixture`; the committed file is
+/// the fixture, this is its recipe.
+#[test]
+#[ignore = "regenerates the committed fixture"]
+fn write_format_v1_fixture() {
+    let path = fixtures().join("format-v1.redb");
+    let key_path = fixtures().join("format-v1.key");
+    let _ = std::fs::remove_file(&path);
+    let _ = std::fs::remove_file(&key_path);
+    let key = MasterKey::create_file(&key_path).unwrap();
+    let sealer = Sealer::new(&key);
+    let db = redb::Database::create(&path).unwrap();
+    let tx = db.begin_write().unwrap();
+    {
+        let mut meta = tx.open_table(RAW).unwrap();
+        meta.insert("format_version", 1u32.to_le_bytes().as_slice())
+            .unwrap();
+        meta.insert("instance_id", records::encode(&[0x42u8; 16]).as_slice())
+            .unwrap();
+        meta.insert("created_at_ms", records::encode(&TEST_NOW_MS).as_slice())
+            .unwrap();
+        let check = sealer
+            .seal(
+                "meta",
+                b"master_key_check",
+                tables::MASTER_KEY_CHECK_PLAINTEXT,
+            )
+            .unwrap();
+        meta.insert("master_key_check", check.as_slice()).unwrap();
+        let mut tokens = tx.open_table(RAW_ADMIN_TOKENS).unwrap();
+        let hash: [u8; 32] = ring::digest::digest(&ring::digest::SHA256, &FIXTURE_TOKEN_SECRET)
+            .as_ref()
+            .try_into()
+            .unwrap();
+        for (id, name, secret_hash) in [
+            (FIXTURE_TOKEN_ID, "bootstrap", hash),
+            ("8899aabbccddeeff", "ops", [1; 32]),
+        ] {
+            let record = AdminTokenRecord::V1(AdminTokenV1 {
+                name: name.into(),
+                secret_hash,
+                created_at_ms: TEST_NOW_MS,
+            });
+            tokens
+                .insert(id, records::encode(&record).as_slice())
+                .unwrap();
+        }
+        let cert = gatehouse::tls::generate_self_signed(
+            &gatehouse::tls::self_signed_names("127.0.0.1:0".parse().unwrap()),
+            TEST_NOW_MS,
+        )
+        .unwrap();
+        let plain = records::encode(&records::SelfSignedCertRecord::V1(cert));
+        let sealed = sealer
+            .seal("secrets.v1", b"tls/self-signed", &plain)
+            .unwrap();
+        tx.open_table(RAW_SECRETS)
+            .unwrap()
+            .insert("tls/self-signed", sealed.as_slice())
+            .unwrap();
+    }
+    tx.commit().unwrap();
+}
+
+fn fixture_copy(dir: &Path) -> (PathBuf, MasterKey) {
+    let path = helpers::copy_into(&fixtures().join("format-v1.redb"), dir, "gatehouse.redb");
+    let key_path = dir.join("gatehouse.redb.key");
+    std::fs::write(
+        &key_path,
+        std::fs::read(fixtures().join("format-v1.key")).unwrap(),
+    )
+    .unwrap();
+    set_mode(&key_path, 0o600);
+    set_mode(&path, 0o600);
+    (path, MasterKey::load(&key_path).unwrap())
+}
+
+fn set_mode(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+#[tokio::test]
+async fn format_v1_fixture_migrates_to_current() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, key) = fixture_copy(dir.path());
+    let (store, report) = Store::open(&path, &key, clock().as_ref()).unwrap();
+    let migrated = report.migrated.expect("format 1 is migrated");
+    assert_eq!((migrated.from, migrated.to), (1, FORMAT_VERSION));
+    assert_eq!(store.info().format_version, FORMAT_VERSION);
+    assert_eq!(store.info().instance_id, "42".repeat(16));
+
+    let tokens = store.read(|tx| tx.admin_tokens()).unwrap();
+    assert_eq!(tokens.len(), 2);
+    assert!(tokens.iter().all(|(_, t)| t.revoked_at_ms.is_none()));
+    let shared: SharedClock = clock();
+    let admin = AdminTokens::new(store.clone(), shared);
+    assert_eq!(
+        admin.verify(&fixture_token_text()).unwrap(),
+        FIXTURE_TOKEN_ID
+    );
+    // New code can write to a migrated file.
+    admin.revoke("8899aabbccddeeff").await.unwrap();
+    store.close();
+    drop((store, admin));
+
+    // Rows are stored as version-2 records now, and a second open migrates nothing.
+    let db = redb::ReadOnlyDatabase::open(&path).unwrap();
+    {
+        let tx = redb::ReadableDatabase::begin_read(&db).unwrap();
+        let table = tx.open_table(RAW_ADMIN_TOKENS).unwrap();
+        for row in table.iter().unwrap() {
+            let (_, value) = row.unwrap();
+            let record: AdminTokenRecord = records::decode(value.value()).unwrap();
+            assert!(matches!(record, AdminTokenRecord::V2(_)));
+        }
+    }
+    drop(db);
+    let (store, report) = Store::open(&path, &key, clock().as_ref()).unwrap();
+    assert!(report.migrated.is_none());
+    assert!(
+        store
+            .read(|tx| tx.admin_token("8899aabbccddeeff"))
+            .unwrap()
+            .unwrap()
+            .revoked_at_ms
+            .is_some()
+    );
+    store.close();
+}
+
+#[tokio::test]
+async fn migrated_fixture_serves_its_stored_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, key) = fixture_copy(dir.path());
+    let stored = {
+        let (store, _) = Store::open(&path, &key, clock().as_ref()).unwrap();
+        let cert = store.read(|tx| tx.self_signed_cert()).unwrap().unwrap();
+        store.close();
+        cert
+    };
+    let app = helpers::spawn_app_in(dir, &[]).await;
+    assert!(
+        app.running.bootstrap_token.is_none(),
+        "the fixture has tokens"
+    );
+    assert_eq!(app.running.tls.as_ref().unwrap().cert_der, stored.cert_der);
+    let response = app
+        .client()
+        .get(format!("{}/healthz", app.base_url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    app.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Files that must be refused and left untouched
+
+fn assert_refused_untouched(path: &Path, key: &MasterKey) -> StoreError {
+    let before = std::fs::read(path).unwrap();
+    let err = Store::open(path, key, clock().as_ref()).expect_err("must be refused");
+    assert_eq!(
+        std::fs::read(path).unwrap(),
+        before,
+        "refused file was modified"
+    );
+    let dir = path.parent().unwrap();
+    for leftover in std::fs::read_dir(dir).unwrap() {
+        let name = leftover.unwrap().file_name().into_string().unwrap();
+        assert!(
+            !name.ends_with(".recovering"),
+            "a repair copy was left behind: {name}"
+        );
+    }
+    err
+}
+
+#[test]
+fn wrong_master_key_is_refused_and_file_byte_identical() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, _) = new_instance(dir.path());
+    let other = MasterKey::generate().unwrap();
+    let err = assert_refused_untouched(&path, &other);
+    assert!(matches!(err, StoreError::WrongMasterKey { .. }), "{err}");
+    assert!(err.to_string().contains("master key"));
+}
+
+#[test]
+fn newer_format_is_refused_and_file_byte_identical() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, key) = new_instance(dir.path());
+    raw_edit(&path, |tx| {
+        tx.open_table(RAW)
+            .unwrap()
+            .insert("format_version", 99u32.to_le_bytes().as_slice())
+            .unwrap();
+    });
+    let err = assert_refused_untouched(&path, &key);
+    assert!(
+        matches!(
+            err,
+            StoreError::NewerFormat {
+                found: 99,
+                supported: FORMAT_VERSION,
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn truncated_file_is_refused_and_left_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, key) = new_instance(dir.path());
+    let whole = std::fs::read(&path).unwrap();
+    for keep in [
+        0,
+        100,
+        4096,
+        whole.len() / 3,
+        whole.len() / 2,
+        whole.len() - 1,
+    ] {
+        std::fs::write(&path, &whole[..keep]).unwrap();
+        let err = assert_refused_untouched(&path, &key);
+        assert!(
+            matches!(
+                err,
+                StoreError::Corrupt { .. } | StoreError::NotADataFile { .. }
+            ),
+            "truncated to {keep}: {err}"
+        );
+    }
+}
+
+#[test]
+fn garbage_and_foreign_files_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = MasterKey::generate().unwrap();
+    let path = dir.path().join("gatehouse.redb");
+    let mut garbage = vec![0u8; 64 * 1024];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut garbage).unwrap();
+    std::fs::write(&path, &garbage).unwrap();
+    let err = assert_refused_untouched(&path, &key);
+    assert!(matches!(err, StoreError::NotADataFile { .. }), "{err}");
+
+    // A healthy redb file that is not gatehouse's.
+    std::fs::remove_file(&path).unwrap();
+    {
+        let db = redb::Database::create(&path).unwrap();
+        let tx = db.begin_write().unwrap();
+        tx.open_table(TableDefinition::<u64, u64>::new("other"))
+            .unwrap()
+            .insert(1, 2)
+            .unwrap();
+        tx.commit().unwrap();
+    }
+    let err = assert_refused_untouched(&path, &key);
+    assert!(matches!(err, StoreError::NotADataFile { .. }), "{err}");
+
+    // A directory where the file should be.
+    let as_dir = dir.path().join("dir.redb");
+    std::fs::create_dir(&as_dir).unwrap();
+    let err = Store::open(&as_dir, &key, clock().as_ref()).unwrap_err();
+    assert!(matches!(err, StoreError::NotADataFile { .. }), "{err}");
+}
+
+#[test]
+fn damaged_header_is_refused_and_left_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, key) = new_instance(dir.path());
+    let mut bytes = std::fs::read(&path).unwrap();
+    // The first bytes are redb's magic number and header.
+    for b in &mut bytes[..64] {
+        *b ^= 0xFF;
+    }
+    std::fs::write(&path, &bytes).unwrap();
+    let err = assert_refused_untouched(&path, &key);
+    assert!(
+        matches!(
+            err,
+            StoreError::Corrupt { .. } | StoreError::NotADataFile { .. }
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_second_opener_is_refused_while_the_file_is_held() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, key) = new_instance(dir.path());
+    let (store, _) = Store::open(&path, &key, clock().as_ref()).unwrap();
+    let err = Store::open(&path, &key, clock().as_ref()).unwrap_err();
+    assert!(matches!(err, StoreError::Locked { .. }), "{err}");
+    store.close();
+}
+
+#[test]
+fn a_failed_creation_leaves_no_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("missing-dir").join("gatehouse.redb");
+    let key = MasterKey::generate().unwrap();
+    let err = Store::open(&path, &key, clock().as_ref()).unwrap_err();
+    assert!(matches!(err, StoreError::Io { .. }), "{err}");
+    assert!(!path.exists());
+}
+
+#[test]
+fn group_readable_data_file_is_warned_about() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, key) = new_instance(dir.path());
+    set_mode(&path, 0o640);
+    let (store, report) = Store::open(&path, &key, clock().as_ref()).unwrap();
+    assert!(
+        report.warnings.iter().any(|w| w.contains("chmod 600")),
+        "{:?}",
+        report.warnings
+    );
+    store.close();
+}
+
+#[test]
+fn a_new_data_file_is_private() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (path, _) = new_instance(dir.path());
+    assert_eq!(std::fs::metadata(&path).unwrap().mode() & 0o777, 0o600);
+}
+
+// ---------------------------------------------------------------------------------------
+// Crash recovery
+
+/// A file whose last writer died without saving allocator state: redb's read-only mode
+/// refuses it, so gatehouse repairs a copy and keeps the original.
+#[test]
+fn unclean_file_is_repaired_on_a_copy_and_the_original_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, key) = new_instance(dir.path());
+    let crashed = dir.path().join("crashed.redb");
+    {
+        // Commit without quick repair, then copy the file while it is still open: the
+        // copy is what a crash right after that commit leaves on disk.
+        let db = redb::Database::open(&path).unwrap();
+        let mut tx = db.begin_write().unwrap();
+        tx.set_quick_repair(false);
+        tx.open_table(RAW_ADMIN_TOKENS)
+            .unwrap()
+            .insert(
+                "00000000000000bb",
+                records::encode(&AdminTokenRecord::V2(token("survivor"))).as_slice(),
+            )
+            .unwrap();
+        tx.commit().unwrap();
+        std::fs::copy(&path, &crashed).unwrap();
+    }
+    let needs_repair = matches!(
+        redb::ReadOnlyDatabase::open(&crashed),
+        Err(redb::DatabaseError::RepairAborted)
+    );
+    assert!(
+        needs_repair,
+        "the simulated crash did not leave an unclean file"
+    );
+    let original = std::fs::read(&crashed).unwrap();
+    let (store, report) = Store::open(&crashed, &key, clock().as_ref()).unwrap();
+    let kept = report.recovered_original.expect("recovery reported");
+    assert_eq!(std::fs::read(&kept).unwrap(), original);
+    assert_eq!(
+        store
+            .read(|tx| tx.admin_token("00000000000000bb"))
+            .unwrap()
+            .map(|t| t.name),
+        Some("survivor".to_string())
+    );
+    store.close();
+    drop(store);
+    // Clean now: a plain read-only open works.
+    assert!(redb::ReadOnlyDatabase::open(&crashed).is_ok());
+}
+
+#[test]
+fn unclean_file_with_wrong_key_is_left_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, _) = new_instance(dir.path());
+    let crashed = dir.path().join("crashed.redb");
+    {
+        let db = redb::Database::open(&path).unwrap();
+        let mut tx = db.begin_write().unwrap();
+        tx.set_quick_repair(false);
+        tx.open_table(RAW_SECRETS).unwrap();
+        tx.commit().unwrap();
+        std::fs::copy(&path, &crashed).unwrap();
+    }
+    let err = assert_refused_untouched(&crashed, &MasterKey::generate().unwrap());
+    assert!(matches!(err, StoreError::WrongMasterKey { .. }), "{err}");
+    assert!(!dir.path().join("crashed.redb.before-recovery").exists());
+}
+
+// ---------------------------------------------------------------------------------------
+// Sealing and rekey
+
+#[tokio::test]
+async fn sealed_value_moved_to_another_row_does_not_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, key) = new_instance(dir.path());
+    {
+        let (store, _) = Store::open(&path, &key, clock().as_ref()).unwrap();
+        let cert =
+            gatehouse::tls::generate_self_signed(&["localhost".into()], TEST_NOW_MS).unwrap();
+        store
+            .write(move |tx| tx.put_self_signed_cert(&cert))
+            .await
+            .unwrap();
+        store.close();
+    }
+    // Move the master-key check value into the certificate's row: same key, wrong row.
+    raw_edit(&path, |tx| {
+        let check = tx
+            .open_table(RAW)
+            .unwrap()
+            .get("master_key_check")
+            .unwrap()
+            .unwrap()
+            .value()
+            .to_vec();
+        tx.open_table(RAW_SECRETS)
+            .unwrap()
+            .insert("tls/self-signed", check.as_slice())
+            .unwrap();
+    });
+    let (store, _) = Store::open(&path, &key, clock().as_ref()).unwrap();
+    let err = store.read(|tx| tx.self_signed_cert()).unwrap_err();
+    assert!(
+        matches!(err, StoreError::SealedValue { ref key, .. } if key == "tls/self-signed"),
+        "{err}"
+    );
+    store.close();
+}
+
+#[tokio::test]
+async fn rekey_reseals_everything_and_the_old_key_stops_working() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, old) = new_instance(dir.path());
+    let new = MasterKey::generate().unwrap();
+    let cert = gatehouse::tls::generate_self_signed(&["localhost".into()], TEST_NOW_MS).unwrap();
+    {
+        let (store, _) = Store::open(&path, &old, clock().as_ref()).unwrap();
+        let stored = cert.clone();
+        store
+            .write(move |tx| tx.put_self_signed_cert(&stored))
+            .await
+            .unwrap();
+        assert_eq!(store.rekey(&new).await.unwrap(), 1);
+        assert_eq!(store.master_key_fingerprint(), new.fingerprint());
+        // The running store reads with the new key at once.
+        assert_eq!(
+            store.read(|tx| tx.self_signed_cert()).unwrap(),
+            Some(cert.clone())
+        );
+        store.close();
+    }
+    let err = assert_refused_untouched(&path, &old);
+    assert!(matches!(err, StoreError::WrongMasterKey { .. }));
+    let (store, _) = Store::open(&path, &new, clock().as_ref()).unwrap();
+    assert_eq!(store.read(|tx| tx.self_signed_cert()).unwrap(), Some(cert));
+    store.close();
+}
+
+#[tokio::test]
+async fn rekey_that_cannot_open_a_row_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, key) = new_instance(dir.path());
+    {
+        let (store, _) = Store::open(&path, &key, clock().as_ref()).unwrap();
+        let cert =
+            gatehouse::tls::generate_self_signed(&["localhost".into()], TEST_NOW_MS).unwrap();
+        store
+            .write(move |tx| tx.put_self_signed_cert(&cert))
+            .await
+            .unwrap();
+        store.close();
+    }
+    // A sealed value copied to another row of the same table.
+    raw_edit(&path, |tx| {
+        let mut secrets = tx.open_table(RAW_SECRETS).unwrap();
+        let sealed = secrets
+            .get("tls/self-signed")
+            .unwrap()
+            .unwrap()
+            .value()
+            .to_vec();
+        secrets.insert("tls/moved", sealed.as_slice()).unwrap();
+    });
+    let (store, _) = Store::open(&path, &key, clock().as_ref()).unwrap();
+    let err = store
+        .rekey(&MasterKey::generate().unwrap())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::SealedValue { ref key, .. } if key == "tls/moved"),
+        "{err}"
+    );
+    assert_eq!(store.master_key_fingerprint(), key.fingerprint());
+    assert!(store.read(|tx| tx.self_signed_cert()).unwrap().is_some());
+    store.close();
+    drop(store);
+    let (store, _) = Store::open(&path, &key, clock().as_ref()).unwrap();
+    store.close();
+}
+
+// ---------------------------------------------------------------------------------------
+// The group-commit writer
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_writes_are_all_durable_and_a_failing_job_harms_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, key) = new_instance(dir.path());
+    let (store, _) = Store::open(&path, &key, clock().as_ref()).unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..300u32 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            if i % 10 == 0 {
+                // Writes, then fails: its write must vanish, its neighbours must not.
+                let id = format!("bad{i:013}");
+                store
+                    .write(move |tx| -> Result<(), StoreError> {
+                        tx.put_admin_token(&id, &token("doomed"))?;
+                        Err(StoreError::WriteFailed("refused on purpose".into()))
+                    })
+                    .await
+                    .map(|()| false)
+            } else {
+                let id = format!("{i:016x}");
+                store
+                    .write(move |tx| tx.put_admin_token(&id, &token("ok")))
+                    .await
+                    .map(|()| true)
+            }
+        }));
+    }
+    let mut ok = 0;
+    let mut failed = 0;
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(true) => ok += 1,
+            Err(StoreError::WriteFailed(_)) => failed += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!((ok, failed), (270, 30));
+    store.close();
+    drop(store);
+    let (store, _) = Store::open(&path, &key, clock().as_ref()).unwrap();
+    let tokens = store.read(|tx| tx.admin_tokens()).unwrap();
+    assert_eq!(tokens.len(), 270);
+    assert!(tokens.iter().all(|(_, t)| t.name == "ok"));
+    store.close();
+}
+
+#[tokio::test]
+async fn a_panicking_job_is_an_error_and_the_writer_lives_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, key) = new_instance(dir.path());
+    let (store, _) = Store::open(&path, &key, clock().as_ref()).unwrap();
+    let err = store
+        .write(|_tx| -> Result<(), StoreError> { panic!("job bug") })
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::JobPanicked), "{err}");
+    store
+        .write(|tx| tx.put_admin_token("00000000000000cc", &token("after")))
+        .await
+        .unwrap();
+    assert!(store.is_healthy());
+    store.close();
+    let err = store
+        .write(|tx| tx.put_admin_token("00000000000000dd", &token("late")))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::WriterStopped));
+}
