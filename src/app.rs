@@ -56,6 +56,8 @@ pub enum AppError {
     Socket(#[from] SocketError),
     #[error("cannot create the bootstrap admin token: {0}")]
     Bootstrap(#[from] AdminTokenError),
+    #[error("cannot install the SIGTERM/SIGINT handlers: {0}")]
+    Signals(std::io::Error),
     #[error("a start-up task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
 }
@@ -234,22 +236,28 @@ impl Running {
     }
 }
 
-/// Waits for SIGTERM or SIGINT.
-pub async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-                _ = int.recv() => tracing::info!("SIGINT: shutting down"),
-            }
-        }
-        _ => {
-            tracing::error!("cannot install signal handlers; stop with Ctrl-C");
-            let _ = tokio::signal::ctrl_c().await;
+/// SIGTERM and SIGINT handlers, installed before anything is announced: a signal that
+/// arrives at any point after the "listening" line is a clean stop, never a kill.
+#[derive(Debug)]
+pub struct StopSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    pub fn install() -> std::io::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    /// Waits for SIGTERM or SIGINT.
+    pub async fn wait(mut self) {
+        tokio::select! {
+            _ = self.term.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = self.int.recv() => tracing::info!("SIGINT: shutting down"),
         }
     }
 }
@@ -260,9 +268,10 @@ pub async fn serve(config: Config) -> Result<(), AppError> {
     for source in &config.sources {
         tracing::info!(%source, "configuration loaded");
     }
+    let signals = StopSignals::install().map_err(AppError::Signals)?;
     let running = start(&config, clock.clone()).await?;
     announce(&running, &config, clock.as_ref());
-    shutdown_signal().await;
+    signals.wait().await;
     running.stop().await?;
     tracing::info!("stopped");
     Ok(())

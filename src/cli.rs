@@ -180,6 +180,11 @@ fn print_token_table(tokens: &[crate::admin_tokens::AdminTokenInfo]) {
 }
 
 async fn rekey(new_key_file: &std::path::Path, config: &Config) -> anyhow::Result<()> {
+    // Checked first so a mistyped --data leaves no stray key file behind. A running
+    // server holds an existing file, so this holds on both paths.
+    if !config.data_path.exists() {
+        return Err(crate::app::AppError::NoDataFile(config.data_path.clone()).into());
+    }
     let key = if new_key_file.exists() {
         MasterKey::load(new_key_file)?
     } else {

@@ -85,6 +85,7 @@ struct ErrorBody<'a> {
 
 /// Renders every 4xx/5xx response as the JSON error body.
 pub async fn render_errors(request: Request, next: Next) -> Response {
+    let http1 = request.version() < http::Version::HTTP_2;
     let request_id = request
         .extensions()
         .get::<RequestId>()
@@ -111,5 +112,15 @@ pub async fn render_errors(request: Request, next: Next) -> Response {
         HeaderValue::from_static("application/json"),
     );
     parts.headers.remove(header::CONTENT_LENGTH);
+    if status != StatusCode::METHOD_NOT_ALLOWED {
+        parts.headers.remove(header::ALLOW);
+    }
+    // A body refused unread leaves the HTTP/1 connection unusable; say so, so that the
+    // client does not send its next request into a closing socket.
+    if http1 && status == StatusCode::PAYLOAD_TOO_LARGE {
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     Response::from_parts(parts, Body::from(body))
 }

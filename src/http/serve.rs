@@ -62,8 +62,9 @@ fn connection_builder(limits: &ServerConfig) -> auto::Builder<TokioExecutor> {
         // Rapid-reset (CVE-2023-44487) and local-error floods close the connection.
         .max_pending_accept_reset_streams(Some(20))
         .max_local_error_reset_streams(Some(64))
-        .keep_alive_interval(Some(Duration::from_secs(30)))
-        .keep_alive_timeout(Duration::from_secs(10));
+        // No server pings: their answers would count as activity and keep an idle HTTP/2
+        // connection open for ever. A dead or idle peer is closed by the idle timeout.
+        .keep_alive_interval(None);
     builder
 }
 
@@ -145,17 +146,20 @@ struct Connection {
 impl Connection {
     async fn run(self, stream: tokio::net::TcpStream, acceptor: Option<TlsAcceptor>) {
         let activity = Arc::new(Activity::new());
-        let io = IdleIo {
-            inner: stream,
-            activity: activity.clone(),
-        };
         match acceptor {
-            None => self.serve_io(io, activity).await,
+            None => {
+                let io = IdleIo::plaintext(stream, activity.clone());
+                self.serve_io(io, activity).await;
+            }
             Some(acceptor) => {
+                let io = IdleIo::raw(stream, activity.clone());
                 let handshake =
                     tokio::time::timeout(self.limits.tls_handshake_timeout, acceptor.accept(io));
                 match handshake.await {
-                    Ok(Ok(tls)) => self.serve_io(tls, activity).await,
+                    Ok(Ok(tls)) => {
+                        let io = IdleIo::plaintext(tls, activity.clone());
+                        self.serve_io(io, activity).await;
+                    }
                     Ok(Err(err)) => {
                         tracing::debug!(peer = %self.peer, error = %err, "TLS handshake failed");
                     }
@@ -190,6 +194,12 @@ impl Connection {
             () = activity.expired(self.limits.idle_timeout) => {
                 tracing::debug!(%peer, "idle connection closed");
             }
+            // hyper-util reads the first bytes (to choose HTTP/1 or HTTP/2) with no timer,
+            // and hyper's header-read timer starts only after that: a client that opens a
+            // connection and sends nothing is bound here instead.
+            () = activity.silent_for(self.limits.header_read_timeout) => {
+                tracing::debug!(%peer, "connection sent no request in time");
+            }
         }
     }
 }
@@ -198,6 +208,8 @@ impl Connection {
 struct Activity {
     opened: Instant,
     last_ms: AtomicU64,
+    /// Last read of HTTP bytes (after TLS), 0 for never.
+    last_request_bytes_ms: AtomicU64,
 }
 
 impl Activity {
@@ -205,12 +217,32 @@ impl Activity {
         Self {
             opened: Instant::now(),
             last_ms: AtomicU64::new(0),
+            last_request_bytes_ms: AtomicU64::new(0),
         }
     }
 
+    fn elapsed_ms(&self) -> u64 {
+        u64::try_from(self.opened.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
     fn touch(&self) {
-        let now = u64::try_from(self.opened.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.store(self.elapsed_ms(), Ordering::Relaxed);
+    }
+
+    fn touch_request_bytes(&self) {
+        let now = self.elapsed_ms();
         self.last_ms.store(now, Ordering::Relaxed);
+        // `max(1)`: a read in the first millisecond must still differ from "never".
+        self.last_request_bytes_ms
+            .store(now.max(1), Ordering::Relaxed);
+    }
+
+    /// Resolves if no HTTP byte arrived within `limit` of now; else never.
+    async fn silent_for(&self, limit: Duration) {
+        tokio::time::sleep(limit).await;
+        if self.last_request_bytes_ms.load(Ordering::Relaxed) != 0 {
+            std::future::pending::<()>().await;
+        }
     }
 
     /// Resolves once no byte has moved for `idle`.
@@ -226,10 +258,30 @@ impl Activity {
     }
 }
 
-/// A socket that records activity on every successful read or write.
+/// A stream that records activity on every successful read or write. The `plaintext`
+/// one is what hyper reads (after TLS): its reads are HTTP bytes from the client.
 struct IdleIo<T> {
     inner: T,
     activity: Arc<Activity>,
+    plaintext: bool,
+}
+
+impl<T> IdleIo<T> {
+    fn raw(inner: T, activity: Arc<Activity>) -> Self {
+        Self {
+            inner,
+            activity,
+            plaintext: false,
+        }
+    }
+
+    fn plaintext(inner: T, activity: Arc<Activity>) -> Self {
+        Self {
+            inner,
+            activity,
+            plaintext: true,
+        }
+    }
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for IdleIo<T> {
@@ -241,7 +293,11 @@ impl<T: AsyncRead + Unpin> AsyncRead for IdleIo<T> {
         let before = buf.filled().len();
         let result = Pin::new(&mut self.inner).poll_read(cx, buf);
         if matches!(result, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            self.activity.touch();
+            if self.plaintext {
+                self.activity.touch_request_bytes();
+            } else {
+                self.activity.touch();
+            }
         }
         result
     }
