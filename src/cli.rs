@@ -212,9 +212,11 @@ async fn rekey(new_key_file: &std::path::Path, config: &Config) -> anyhow::Resul
         }
         if let Some(path) = key_file_to_replace {
             println!(
-                "IMPORTANT: gatehouse reads its key from {}. Install {} there (or point \
-                 GATEHOUSE_MASTER_KEY_FILE at it) before the next start. Keep the old key \
-                 as long as you keep backups made before this rekey.",
+                "IMPORTANT: gatehouse reads its key from {}. Before the next start, put {} \
+                 where that key comes from: under systemd, the LoadCredential= source file \
+                 (e.g. /etc/gatehouse/master-key), not the read-only copy systemd makes; \
+                 otherwise the file GATEHOUSE_MASTER_KEY_FILE names. Keep the old key as \
+                 long as you keep backups made before this rekey.",
                 path.display(),
                 new_key_file.display()
             );

@@ -145,8 +145,8 @@ pub struct Env(pub BTreeMap<String, String>);
 
 impl Env {
     pub fn from_process() -> Self {
-        // Non-UTF-8 variables cannot be gatehouse settings; they are skipped here and a
-        // GATEHOUSE_ one among them is reported by `unknown_env` via its lossy name.
+        // Names and values are converted lossily: a non-UTF-8 GATEHOUSE_ variable then
+        // fails as an unknown setting or a bad value instead of being silently ignored.
         Self(
             std::env::vars_os()
                 .map(|(k, v)| {
