@@ -511,20 +511,23 @@ fn unclean_file_with_wrong_key_is_left_untouched() {
 // ---------------------------------------------------------------------------------------
 // Sealing and rekey
 
+/// A closed instance whose secrets table holds a self-signed certificate.
+async fn instance_with_certificate(dir: &Path) -> (PathBuf, MasterKey) {
+    let (path, key) = new_instance(dir);
+    let (store, _) = Store::open(&path, &key, clock().as_ref()).unwrap();
+    let cert = gatehouse::tls::generate_self_signed(&["localhost".into()], TEST_NOW_MS).unwrap();
+    store
+        .write(move |tx| tx.put_self_signed_cert(&cert))
+        .await
+        .unwrap();
+    store.close();
+    (path, key)
+}
+
 #[tokio::test]
 async fn sealed_value_moved_to_another_row_does_not_open() {
     let dir = tempfile::tempdir().unwrap();
-    let (path, key) = new_instance(dir.path());
-    {
-        let (store, _) = Store::open(&path, &key, clock().as_ref()).unwrap();
-        let cert =
-            gatehouse::tls::generate_self_signed(&["localhost".into()], TEST_NOW_MS).unwrap();
-        store
-            .write(move |tx| tx.put_self_signed_cert(&cert))
-            .await
-            .unwrap();
-        store.close();
-    }
+    let (path, key) = instance_with_certificate(dir.path()).await;
     // Move the master-key check value into the certificate's row: same key, wrong row.
     raw_edit(&path, |tx| {
         let check = tx
@@ -581,17 +584,7 @@ async fn rekey_reseals_everything_and_the_old_key_stops_working() {
 #[tokio::test]
 async fn rekey_that_cannot_open_a_row_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let (path, key) = new_instance(dir.path());
-    {
-        let (store, _) = Store::open(&path, &key, clock().as_ref()).unwrap();
-        let cert =
-            gatehouse::tls::generate_self_signed(&["localhost".into()], TEST_NOW_MS).unwrap();
-        store
-            .write(move |tx| tx.put_self_signed_cert(&cert))
-            .await
-            .unwrap();
-        store.close();
-    }
+    let (path, key) = instance_with_certificate(dir.path()).await;
     // A sealed value copied to another row of the same table.
     raw_edit(&path, |tx| {
         let mut secrets = tx.open_table(RAW_SECRETS).unwrap();
