@@ -171,6 +171,86 @@ fn write_format_v1_fixture() {
     tx.commit().unwrap();
 }
 
+/// Builds `tests/fixtures/format-v2.redb` the way a format-2 gatehouse wrote it: the
+/// same instance as the format-1 fixture, with its tokens as version-2 records (one of
+/// them revoked and one used). Run once with
+/// `cargo test -- --ignored write_format_v2_fixture`.
+#[test]
+#[ignore = "regenerates the committed fixture"]
+fn write_format_v2_fixture() {
+    let path = fixtures().join("format-v2.redb");
+    let key_path = fixtures().join("format-v2.key");
+    let _ = std::fs::remove_file(&path);
+    let _ = std::fs::remove_file(&key_path);
+    let key = MasterKey::create_file(&key_path).unwrap();
+    let sealer = Sealer::new(&key);
+    let db = redb::Database::create(&path).unwrap();
+    let tx = db.begin_write().unwrap();
+    {
+        let mut meta = tx.open_table(RAW).unwrap();
+        meta.insert("format_version", 2u32.to_le_bytes().as_slice())
+            .unwrap();
+        meta.insert("instance_id", records::encode(&[0x43u8; 16]).as_slice())
+            .unwrap();
+        meta.insert("created_at_ms", records::encode(&TEST_NOW_MS).as_slice())
+            .unwrap();
+        let check = sealer
+            .seal(
+                "meta",
+                b"master_key_check",
+                tables::MASTER_KEY_CHECK_PLAINTEXT,
+            )
+            .unwrap();
+        meta.insert("master_key_check", check.as_slice()).unwrap();
+        let mut tokens = tx.open_table(RAW_ADMIN_TOKENS).unwrap();
+        let hash: [u8; 32] = ring::digest::digest(&ring::digest::SHA256, &FIXTURE_TOKEN_SECRET)
+            .as_ref()
+            .try_into()
+            .unwrap();
+        for (id, name, secret_hash, used, revoked) in [
+            (
+                FIXTURE_TOKEN_ID,
+                "bootstrap",
+                hash,
+                Some(TEST_NOW_MS + 5),
+                None,
+            ),
+            (
+                "8899aabbccddeeff",
+                "ops",
+                [1; 32],
+                None,
+                Some(TEST_NOW_MS + 9),
+            ),
+        ] {
+            let record = AdminTokenRecord::V2(AdminToken {
+                name: name.into(),
+                secret_hash,
+                created_at_ms: TEST_NOW_MS,
+                last_used_at_ms: used,
+                revoked_at_ms: revoked,
+            });
+            tokens
+                .insert(id, records::encode(&record).as_slice())
+                .unwrap();
+        }
+        let cert = gatehouse::tls::generate_self_signed(
+            &gatehouse::tls::self_signed_names("127.0.0.1:0".parse().unwrap()),
+            TEST_NOW_MS,
+        )
+        .unwrap();
+        let plain = records::encode(&records::SelfSignedCertRecord::V1(cert));
+        let sealed = sealer
+            .seal("secrets.v1", b"tls/self-signed", &plain)
+            .unwrap();
+        tx.open_table(RAW_SECRETS)
+            .unwrap()
+            .insert("tls/self-signed", sealed.as_slice())
+            .unwrap();
+    }
+    tx.commit().unwrap();
+}
+
 fn fixture_copy(dir: &Path) -> (PathBuf, MasterKey) {
     let path = helpers::copy_into(&fixtures().join("format-v1.redb"), dir, "gatehouse.redb");
     let key_path = dir.join("gatehouse.redb.key");
