@@ -6,6 +6,9 @@
 //! time and do the same work for an unknown id as for a known one. This module must not
 //! know HTTP: the admin extractor calls `AdminTokens::verify`.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
 use ring::digest::{SHA256, digest};
 use ring::rand::{SecureRandom, SystemRandom};
 use serde::Serialize;
@@ -58,11 +61,17 @@ pub struct AdminTokenInfo {
     pub revoked_at_ms: Option<u64>,
 }
 
+/// How often a token's last-used time is written, at most.
+const LAST_USED_RESOLUTION_MS: u64 = 60_000;
+
 /// The admin-token registry over the store.
 #[derive(Debug, Clone)]
 pub struct AdminTokens {
     store: Store,
     clock: SharedClock,
+    /// Token id → the last-used time last written, so that a busy token costs one write
+    /// a minute, not one per request.
+    last_written: Arc<Mutex<HashMap<String, u64>>>,
 }
 
 fn validate_name(name: &str) -> Result<String, AdminTokenError> {
@@ -100,7 +109,43 @@ fn parse(presented: &str) -> Option<(String, Vec<u8>)> {
 
 impl AdminTokens {
     pub fn new(store: Store, clock: SharedClock) -> Self {
-        Self { store, clock }
+        Self {
+            store,
+            clock,
+            last_written: Arc::default(),
+        }
+    }
+
+    /// Records that token `id` was just used; written in the background at most once a
+    /// minute per token. Losing one such write to a crash loses a minute of precision.
+    pub fn note_used(&self, id: &str) {
+        let now = self.clock.now_ms();
+        {
+            let mut written = self.last_written.lock().unwrap_or_else(|p| p.into_inner());
+            let due = written
+                .get(id)
+                .is_none_or(|at| now.saturating_sub(*at) >= LAST_USED_RESOLUTION_MS);
+            if !due {
+                return;
+            }
+            written.insert(id.to_string(), now);
+        }
+        let store = self.store.clone();
+        let id = id.to_string();
+        tokio::spawn(async move {
+            let result = store
+                .write(move |tx| -> Result<(), StoreError> {
+                    if let Some(mut token) = tx.admin_token(&id)? {
+                        token.last_used_at_ms = Some(now);
+                        tx.put_admin_token(&id, &token)?;
+                    }
+                    Ok(())
+                })
+                .await;
+            if let Err(err) = result {
+                tracing::warn!(error = %err, "could not record an admin token's last use");
+            }
+        });
     }
 
     /// Creates a token and returns its text, which is not stored anywhere.

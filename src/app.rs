@@ -19,7 +19,8 @@ use crate::admin_tokens::{AdminTokenError, IssuedToken};
 use crate::clock::{Clock, SharedClock};
 use crate::config::{Config, KeyOrigin, MasterKeySource, TlsMode};
 use crate::http::{self, AppState};
-use crate::manage::Services;
+use crate::pairing::ServerIdentity;
+use crate::services::{self, Services, ServicesError};
 use crate::store::seal::{MasterKey, SealError};
 use crate::store::{OpenReport, Store, StoreError};
 use crate::tls::{self, ServerTls, TlsError};
@@ -54,6 +55,8 @@ pub enum AppError {
     Tls(#[from] TlsError),
     #[error(transparent)]
     Socket(#[from] SocketError),
+    #[error(transparent)]
+    Services(#[from] ServicesError),
     #[error("cannot create the bootstrap admin token: {0}")]
     Bootstrap(#[from] AdminTokenError),
     #[error("cannot install the SIGTERM/SIGINT handlers: {0}")]
@@ -164,6 +167,7 @@ pub struct Running {
 /// Starts the server described by `config`.
 pub async fn start(config: &Config, clock: SharedClock) -> Result<Running, AppError> {
     tls::install_default_provider();
+    crate::jwt::install_provider();
     let listener = bind(config.server.listen)?;
     let local_addr = listener.local_addr().map_err(|source| AppError::Bind {
         addr: config.server.listen,
@@ -177,12 +181,18 @@ pub async fn start(config: &Config, clock: SharedClock) -> Result<Running, AppEr
             None
         }
     };
-    let services = Services::new(store.clone(), clock.clone(), config.master_key.clone());
+    let server = ServerIdentity {
+        url: services::issuer(config, local_addr),
+        pin: server_tls
+            .as_ref()
+            .map(|tls| format!("sha256/{}", tls.spki_sha256)),
+    };
+    let services = Services::start(store.clone(), clock.clone(), config, server).await?;
     let bootstrap_token = bootstrap(&services).await?;
     let socket = AdminSocket::bind(&config.admin_socket)?;
     let admin_socket = socket.path().to_path_buf();
 
-    let state = AppState::new(store.clone(), config.tls_mode);
+    let state = AppState::new(services.clone(), config.tls_mode);
     let router = http::router(state.clone(), &config.server);
     let (stop, stopped) = watch::channel(false);
     let until_stopped = |mut rx: watch::Receiver<bool>| async move {

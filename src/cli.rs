@@ -15,7 +15,9 @@ use clap::{Parser, Subcommand};
 use crate::admin_socket::{self, Reply};
 use crate::clock::{SharedClock, SystemClock, format_rfc3339};
 use crate::config::{Config, Env, Flags};
-use crate::manage::{self, Command, KeyText, Outcome, Services};
+use crate::manage::{self, Command, KeyText, Outcome};
+use crate::pairing::ServerIdentity;
+use crate::services::Services;
 use crate::store::seal::MasterKey;
 
 #[derive(Debug, Parser)]
@@ -53,6 +55,18 @@ enum Commands {
     /// Manage admin tokens
     #[command(subcommand)]
     AdminToken(AdminTokenCommand),
+    /// Manage the signing keys (JWKS)
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// Manage API clients (callers of /v1/introspect)
+    #[command(subcommand)]
+    Clients(ClientsCommand),
+    /// Manage paired devices
+    #[command(subcommand)]
+    Devices(DevicesCommand),
+    /// Pair a device
+    #[command(subcommand)]
+    Pair(PairCommand),
     /// Re-seal every secret in the data file under a new master key
     Rekey {
         /// The new key file; created (mode 0600) with a fresh random key if it does not exist
@@ -77,6 +91,71 @@ enum AdminTokenCommand {
     },
     /// Revoke a token by its id
     Revoke { id: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum KeysCommand {
+    /// List signing keys and their states (next, active, retiring, revoked)
+    List {
+        /// Print JSON instead of a table
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make the next key active; the active key keeps verifying until its tokens expire
+    Rotate {
+        /// Rotate even if apps may not have fetched the next key yet (an emergency)
+        #[arg(long)]
+        now: bool,
+    },
+    /// Revoke a key: every token it signed is refused at once
+    Revoke { kid: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum ClientsCommand {
+    /// Register a client; prints its id and secret (the secret only now)
+    Create {
+        /// A name to recognise the client by
+        #[arg(long)]
+        name: String,
+    },
+    /// List clients (never their secrets)
+    List {
+        /// Print JSON instead of a table
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a client by its id
+    Revoke { id: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum DevicesCommand {
+    /// List paired devices
+    List {
+        /// Print JSON instead of a table
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a device and every token it holds
+    Revoke { id: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum PairCommand {
+    /// Open a pairing session and print its pairing URI
+    New {
+        /// A name for the device to be paired
+        #[arg(long)]
+        name: Option<String>,
+        /// How long the session stays open, such as 5m (30s to 1h) [default: pairing.ttl]
+        #[arg(long, value_name = "DURATION", value_parser = parse_ttl)]
+        ttl: Option<std::time::Duration>,
+    },
+}
+
+fn parse_ttl(text: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(text).map_err(|e| format!("{e} (expected a duration such as 5m)"))
 }
 
 /// Entry point of the binary.
@@ -154,7 +233,167 @@ async fn run(command: Commands, config: Config) -> anyhow::Result<()> {
             Ok(())
         }
         Commands::Rekey { new_key_file } => rekey(&new_key_file, &config).await,
+        Commands::Keys(command) => keys(command, &config).await,
+        Commands::Clients(command) => clients(command, &config).await,
+        Commands::Devices(command) => devices(command, &config).await,
+        Commands::Pair(PairCommand::New { name, ttl }) => {
+            let command = Command::PairNew {
+                name,
+                ttl_seconds: ttl.map(|d| d.as_secs()),
+            };
+            if let Outcome::PairingOpened(session) = run_command(command, &config).await? {
+                println!("{}", session.pairing_uri);
+                eprintln!(
+                    "pairing session {} open until {}",
+                    session.session_id,
+                    format_rfc3339(session.expires_at_ms)
+                );
+            }
+            Ok(())
+        }
     }
+}
+
+fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+async fn keys(command: KeysCommand, config: &Config) -> anyhow::Result<()> {
+    match command {
+        KeysCommand::List { json } => {
+            if let Outcome::KeyList { keys } = run_command(Command::KeysList, config).await? {
+                if json {
+                    return print_json(&keys);
+                }
+                println!(
+                    "{:<43}  {:<5}  {:<8}  {:<20}  UNTIL",
+                    "KID", "ALG", "STATE", "CREATED"
+                );
+                for k in keys {
+                    let state = serde_json::to_value(k.state)?;
+                    println!(
+                        "{:<43}  {:<5}  {:<8}  {:<20}  {}",
+                        k.kid,
+                        k.alg,
+                        state.as_str().unwrap_or_default(),
+                        k.created_at,
+                        k.verify_until.unwrap_or_default()
+                    );
+                }
+            }
+        }
+        KeysCommand::Rotate { now } => {
+            if let Outcome::KeyRotated(report) =
+                run_command(Command::KeysRotate { now }, config).await?
+            {
+                println!("active: {}", report.activated);
+                if let Some(kid) = report.retiring {
+                    println!("retiring: {kid} (verifies until its tokens expire)");
+                }
+                println!("next: {}", report.next);
+                for kid in report.retired {
+                    println!("retired: {kid}");
+                }
+            }
+        }
+        KeysCommand::Revoke { kid } => {
+            if let Outcome::KeyRevoked(info) =
+                run_command(Command::KeysRevoke { kid }, config).await?
+            {
+                println!(
+                    "revoked signing key {}; every token it signed is now refused",
+                    info.kid
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn clients(command: ClientsCommand, config: &Config) -> anyhow::Result<()> {
+    match command {
+        ClientsCommand::Create { name } => {
+            if let Outcome::ClientCreated(client) =
+                run_command(Command::ClientCreate { name }, config).await?
+            {
+                println!("client_id={}", client.client_id);
+                println!("client_secret={}", client.client_secret);
+                eprintln!(
+                    "registered client {} ({}); the secret is shown only now",
+                    client.client_id, client.name
+                );
+            }
+        }
+        ClientsCommand::List { json } => {
+            if let Outcome::ClientList { clients } =
+                run_command(Command::ClientList, config).await?
+            {
+                if json {
+                    return print_json(&clients);
+                }
+                println!("{:<36}  {:<24}  {:<20}  STATUS", "ID", "NAME", "CREATED");
+                for c in clients {
+                    let status = c
+                        .revoked_at
+                        .map_or_else(|| "active".into(), |at| format!("revoked {at}"));
+                    println!(
+                        "{:<36}  {:<24}  {:<20}  {status}",
+                        c.client_id.to_string(),
+                        c.name,
+                        c.created_at
+                    );
+                }
+            }
+        }
+        ClientsCommand::Revoke { id } => {
+            if let Outcome::ClientRevoked(info) =
+                run_command(Command::ClientRevoke { id }, config).await?
+            {
+                println!("revoked client {} ({})", info.client_id, info.name);
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn devices(command: DevicesCommand, config: &Config) -> anyhow::Result<()> {
+    match command {
+        DevicesCommand::List { json } => {
+            if let Outcome::DeviceList { devices } =
+                run_command(Command::DevicesList, config).await?
+            {
+                if json {
+                    return print_json(&devices);
+                }
+                println!(
+                    "{:<36}  {:<24}  {:<10}  {:<8}  LAST SEEN",
+                    "ID", "NAME", "PLATFORM", "STATUS"
+                );
+                for d in devices {
+                    println!(
+                        "{:<36}  {:<24}  {:<10}  {:<8}  {}",
+                        d.id.to_string(),
+                        d.name,
+                        d.platform,
+                        d.status,
+                        d.last_seen
+                    );
+                }
+            }
+        }
+        DevicesCommand::Revoke { id } => {
+            if let Outcome::DeviceRevoked(device) =
+                run_command(Command::DevicesRevoke { id }, config).await?
+            {
+                println!(
+                    "revoked device {} ({}) and all its tokens",
+                    device.id, device.name
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 fn print_token_table(tokens: &[crate::admin_tokens::AdminTokenInfo]) {
@@ -242,8 +481,15 @@ async fn run_command(command: Command, config: &Config) -> anyhow::Result<Outcom
                 config.admin_socket.display()
             )
         })?;
-    let services = Services::new(store.clone(), clock, config.master_key.clone());
-    let result = manage::execute(command, &services).await;
+    crate::jwt::install_provider();
+    let server = ServerIdentity {
+        url: crate::services::issuer(config, config.server.listen),
+        pin: None,
+    };
+    let result = match Services::start(store.clone(), clock, config, server).await {
+        Ok(services) => manage::execute(command, &services).await,
+        Err(err) => Err(manage::CommandError::new("internal", err.to_string())),
+    };
     let closing = store.clone();
     tokio::task::spawn_blocking(move || closing.close()).await?;
     Ok(result?)

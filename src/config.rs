@@ -12,6 +12,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use crate::keys::KeyAlgorithm;
+
 /// Defaults, in one place so `schema/config.md` can be checked against them.
 pub mod defaults {
     use std::time::Duration;
@@ -27,6 +29,12 @@ pub mod defaults {
     pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
     pub const H2_MAX_CONCURRENT_STREAMS: u64 = 64;
     pub const DATA_FILE_NAME: &str = "gatehouse.redb";
+    pub const ACCESS_TTL: Duration = Duration::from_secs(15 * 60);
+    pub const REFRESH_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+    pub const TOKEN_LEEWAY: Duration = Duration::from_secs(30);
+    pub const PAIRING_TTL: Duration = Duration::from_secs(5 * 60);
+    /// The longest a pairing session may live, whatever is asked.
+    pub const PAIRING_MAX_TTL: Duration = Duration::from_secs(3600);
 }
 
 /// A configuration error: which setting, from where, and what is allowed.
@@ -115,6 +123,38 @@ pub struct ServerConfig {
     pub h2_max_concurrent_streams: u32,
 }
 
+/// The token authority's settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenConfig {
+    /// `iss` of every access token; `None` means "derive it from the listen address at
+    /// start" (fine on loopback, to be set in production: changing it invalidates tokens).
+    pub issuer: Option<String>,
+    /// `aud` of every access token; `None` means "the issuer".
+    pub audience: Option<String>,
+    pub access_ttl: Duration,
+    pub refresh_ttl: Duration,
+    /// Clock skew tolerated on `exp`, `nbf` and `iat`.
+    pub leeway: Duration,
+    /// The algorithm of newly generated signing keys.
+    pub key_algorithm: KeyAlgorithm,
+    /// Default lifetime of a pairing session.
+    pub pairing_ttl: Duration,
+}
+
+impl Default for TokenConfig {
+    fn default() -> Self {
+        Self {
+            issuer: None,
+            audience: None,
+            access_ttl: defaults::ACCESS_TTL,
+            refresh_ttl: defaults::REFRESH_TTL,
+            leeway: defaults::TOKEN_LEEWAY,
+            key_algorithm: KeyAlgorithm::Ed25519,
+            pairing_ttl: defaults::PAIRING_TTL,
+        }
+    }
+}
+
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -125,6 +165,7 @@ pub struct Config {
     pub tls_mode: TlsMode,
     pub log_format: LogFormat,
     pub log_filter: String,
+    pub tokens: TokenConfig,
     /// Where settings came from, for the start-up log (`file /etc/...`, `env GATEHOUSE_...`).
     pub sources: Vec<String>,
 }
@@ -186,6 +227,13 @@ struct Raw {
     tls_mode: Option<TlsMode>,
     log_format: Option<LogFormat>,
     log_level: Option<String>,
+    issuer: Option<String>,
+    audience: Option<String>,
+    access_ttl: Option<Duration>,
+    refresh_ttl: Option<Duration>,
+    token_leeway: Option<Duration>,
+    key_algorithm: Option<KeyAlgorithm>,
+    pairing_ttl: Option<Duration>,
 }
 
 type Apply = fn(&mut Raw, &str) -> Result<(), String>;
@@ -351,7 +399,75 @@ pub static SETTINGS: &[Setting] = &[
             })?;
         v.trim().to_string()
     })),
+    setting!("tokens.issuer", "GATEHOUSE_ISSUER", |r, v| r.issuer =
+        Some(issuer(v)?)),
+    setting!("tokens.audience", "GATEHOUSE_AUDIENCE", |r, v| r.audience =
+        Some(audience(v)?)),
+    setting!("tokens.access_ttl", "GATEHOUSE_ACCESS_TTL", |r, v| r
+        .access_ttl =
+        Some(duration(
+            v,
+            Duration::from_secs(60),
+            Duration::from_secs(24 * 3600)
+        )?)),
+    setting!("tokens.refresh_ttl", "GATEHOUSE_REFRESH_TTL", |r, v| r
+        .refresh_ttl =
+        Some(duration(
+            v,
+            Duration::from_secs(300),
+            Duration::from_secs(365 * 24 * 3600)
+        )?)),
+    setting!("tokens.leeway", "GATEHOUSE_TOKEN_LEEWAY", |r, v| r
+        .token_leeway =
+        Some(duration(
+            v,
+            Duration::from_secs(0),
+            Duration::from_secs(300)
+        )?)),
+    setting!("keys.algorithm", "GATEHOUSE_KEY_ALGORITHM", |r, v| r
+        .key_algorithm =
+        Some(match v.trim() {
+            "EdDSA" | "Ed25519" => KeyAlgorithm::Ed25519,
+            "ES256" => KeyAlgorithm::EcdsaP256,
+            _ => return Err("allowed values: \"EdDSA\" (Ed25519), \"ES256\"".into()),
+        })),
+    setting!("pairing.ttl", "GATEHOUSE_PAIRING_TTL", |r, v| r
+        .pairing_ttl =
+        Some(duration(
+            v,
+            Duration::from_secs(30),
+            defaults::PAIRING_MAX_TTL
+        )?)),
 ];
+
+/// An issuer is an https URL without query or fragment (RFC 8414 section 2).
+fn issuer(v: &str) -> Result<String, String> {
+    let v = v.trim();
+    let allowed = "expected an https URL without query or fragment, such as \
+                   \"https://auth.example.com\"";
+    let rest = v
+        .strip_prefix("https://")
+        .or_else(|| v.strip_prefix("http://"))
+        .ok_or_else(|| allowed.to_string())?;
+    if rest.is_empty()
+        || v.len() > 255
+        || rest.contains(['?', '#', ' '])
+        || v.chars().any(char::is_control)
+    {
+        return Err(allowed.into());
+    }
+    Ok(v.trim_end_matches('/').to_string())
+}
+
+fn audience(v: &str) -> Result<String, String> {
+    let v = v.trim();
+    if v.is_empty() || v.len() > 255 || v.chars().any(|c| c.is_control() || c == ' ') {
+        return Err("expected 1 to 255 characters without spaces, such as \
+                    \"https://api.example.com\""
+            .into());
+    }
+    Ok(v.to_string())
+}
 
 /// Environment variables that are read but are not settings.
 const OTHER_ENV: &[&str] = &["GATEHOUSE_CONFIG"];
@@ -537,6 +653,16 @@ impl Config {
                  loopback address (127.0.0.1 or [::1]), behind a proxy on the same host"
             )));
         }
+        let access_ttl = raw.access_ttl.unwrap_or(defaults::ACCESS_TTL);
+        let refresh_ttl = raw.refresh_ttl.unwrap_or(defaults::REFRESH_TTL);
+        if refresh_ttl < access_ttl {
+            return Err(ConfigError::Invalid(format!(
+                "tokens.refresh_ttl ({}) is shorter than tokens.access_ttl ({}): a device \
+                 could not refresh before its access token expired",
+                humantime::format_duration(refresh_ttl),
+                humantime::format_duration(access_ttl)
+            )));
+        }
         let to_usize = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
         let server = ServerConfig {
             listen,
@@ -567,6 +693,15 @@ impl Config {
             tls_mode,
             log_format: raw.log_format.unwrap_or(LogFormat::Auto),
             log_filter: raw.log_level.unwrap_or_else(|| "info".into()),
+            tokens: TokenConfig {
+                issuer: raw.issuer,
+                audience: raw.audience,
+                access_ttl,
+                refresh_ttl,
+                leeway: raw.token_leeway.unwrap_or(defaults::TOKEN_LEEWAY),
+                key_algorithm: raw.key_algorithm.unwrap_or(KeyAlgorithm::Ed25519),
+                pairing_ttl: raw.pairing_ttl.unwrap_or(defaults::PAIRING_TTL),
+            },
             sources,
         })
     }
@@ -612,6 +747,13 @@ fn merge(high: Raw, low: Raw) -> Raw {
         tls_mode: high.tls_mode.or(low.tls_mode),
         log_format: high.log_format.or(low.log_format),
         log_level: high.log_level.or(low.log_level),
+        issuer: high.issuer.or(low.issuer),
+        audience: high.audience.or(low.audience),
+        access_ttl: high.access_ttl.or(low.access_ttl),
+        refresh_ttl: high.refresh_ttl.or(low.refresh_ttl),
+        token_leeway: high.token_leeway.or(low.token_leeway),
+        key_algorithm: high.key_algorithm.or(low.key_algorithm),
+        pairing_ttl: high.pairing_ttl.or(low.pairing_ttl),
     }
 }
 

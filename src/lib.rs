@@ -3,17 +3,27 @@
 //! state in one redb file and every secret in it sealed under a master key kept outside.
 //!
 //! Calls flow one way: `cli`, `http` and `admin_socket` call the domain modules
-//! (`admin_tokens`, ...), which call `store`, the only module that touches redb.
+//! (`pairing`, `tokens`, `keys`, `revocation`, `devices`, `clients`,
+//! `admin_tokens`), which call `store`, the only module that touches redb.
 //! `app` builds the long-lived parts from a validated `config::Config` and runs them.
 
 pub mod admin_socket;
 pub mod admin_tokens;
 pub mod app;
 pub mod cli;
+pub mod clients;
 pub mod clock;
 pub mod config;
+pub mod devices;
 pub mod http;
+pub mod ids;
+pub mod jwt;
+pub mod keys;
 pub mod manage;
+pub mod pairing;
+pub mod revocation;
+pub mod services;
 pub mod store;
 pub mod telemetry;
 pub mod tls;
+pub mod tokens;

@@ -13,10 +13,14 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::admin_tokens::{AdminTokenError, AdminTokenInfo, AdminTokens, IssuedToken};
-use crate::clock::SharedClock;
-use crate::config::{KeyOrigin, MasterKeySource};
-use crate::store::Store;
+use crate::admin_tokens::{AdminTokenError, AdminTokenInfo, IssuedToken};
+use crate::clients::{ClientError, ClientInfo, NewClient};
+use crate::config::KeyOrigin;
+use crate::devices::{DeviceError, DeviceView};
+use crate::ids::DeviceId;
+use crate::keys::{KeyError, KeyInfo, Rotation, RotationReport};
+use crate::pairing::{NewSession, PairingError};
+pub use crate::services::Services;
 use crate::store::seal::{MasterKey, sync_parent_dir};
 
 /// The master key text, kept out of `Debug` output and logs.
@@ -34,10 +38,38 @@ impl fmt::Debug for KeyText {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "command", rename_all = "kebab-case")]
 pub enum Command {
-    AdminTokenCreate { name: Option<String> },
+    AdminTokenCreate {
+        name: Option<String>,
+    },
     AdminTokenList,
-    AdminTokenRevoke { id: String },
-    Rekey { new_key: KeyText },
+    AdminTokenRevoke {
+        id: String,
+    },
+    Rekey {
+        new_key: KeyText,
+    },
+    KeysList,
+    KeysRotate {
+        now: bool,
+    },
+    KeysRevoke {
+        kid: String,
+    },
+    ClientCreate {
+        name: String,
+    },
+    ClientList,
+    ClientRevoke {
+        id: String,
+    },
+    DevicesList,
+    DevicesRevoke {
+        id: String,
+    },
+    PairNew {
+        name: Option<String>,
+        ttl_seconds: Option<u64>,
+    },
 }
 
 /// What a command did.
@@ -57,6 +89,21 @@ pub enum Outcome {
         /// The key file the server reads at start, when it must be replaced by hand.
         key_file_to_replace: Option<PathBuf>,
     },
+    KeyList {
+        keys: Vec<KeyInfo>,
+    },
+    KeyRotated(RotationReport),
+    KeyRevoked(KeyInfo),
+    ClientCreated(NewClient),
+    ClientList {
+        clients: Vec<ClientInfo>,
+    },
+    ClientRevoked(ClientInfo),
+    DeviceList {
+        devices: Vec<DeviceView>,
+    },
+    DeviceRevoked(DeviceView),
+    PairingOpened(NewSession),
 }
 
 /// A refused or failed command: a stable code and a message for a person.
@@ -89,23 +136,49 @@ impl From<AdminTokenError> for CommandError {
     }
 }
 
-/// What commands run against.
-#[derive(Debug, Clone)]
-pub struct Services {
-    pub store: Store,
-    pub admin_tokens: AdminTokens,
-    pub clock: SharedClock,
-    pub master_key: MasterKeySource,
+impl From<KeyError> for CommandError {
+    fn from(err: KeyError) -> Self {
+        let code = match &err {
+            KeyError::UnknownKey(_) => "not_found",
+            KeyError::AlreadyRevoked(_) => "already_revoked",
+            KeyError::NextKeyTooNew { .. } => "too_soon",
+            _ => "internal",
+        };
+        Self::new(code, err.to_string())
+    }
 }
 
-impl Services {
-    pub fn new(store: Store, clock: SharedClock, master_key: MasterKeySource) -> Self {
-        Self {
-            admin_tokens: AdminTokens::new(store.clone(), clock.clone()),
-            store,
-            clock,
-            master_key,
-        }
+impl From<ClientError> for CommandError {
+    fn from(err: ClientError) -> Self {
+        let code = match &err {
+            ClientError::NotFound(_) => "not_found",
+            ClientError::AlreadyRevoked(_) => "already_revoked",
+            ClientError::BadName(_) => "bad_name",
+            ClientError::Invalid => "invalid",
+            ClientError::Random(_) | ClientError::Store(_) => "internal",
+        };
+        Self::new(code, err.to_string())
+    }
+}
+
+impl From<DeviceError> for CommandError {
+    fn from(err: DeviceError) -> Self {
+        let code = match &err {
+            DeviceError::NotFound(_) => "not_found",
+            DeviceError::Store(_) => "internal",
+        };
+        Self::new(code, err.to_string())
+    }
+}
+
+impl From<PairingError> for CommandError {
+    fn from(err: PairingError) -> Self {
+        let code = match &err {
+            PairingError::BadTtl(_) => "bad_ttl",
+            PairingError::BadName(_) => "bad_name",
+            _ => "internal",
+        };
+        Self::new(code, err.to_string())
     }
 }
 
@@ -130,6 +203,47 @@ pub async fn execute(command: Command, services: &Services) -> Result<Outcome, C
             services.admin_tokens.revoke(&id).await?,
         )),
         Command::Rekey { new_key } => rekey(&new_key, services).await,
+        Command::KeysList => Ok(Outcome::KeyList {
+            keys: services.keys.list(),
+        }),
+        Command::KeysRotate { now } => {
+            let mode = if now {
+                Rotation::Now
+            } else {
+                Rotation::Scheduled
+            };
+            Ok(Outcome::KeyRotated(services.keys.rotate(mode).await?))
+        }
+        Command::KeysRevoke { kid } => Ok(Outcome::KeyRevoked(services.keys.revoke(&kid).await?)),
+        Command::ClientCreate { name } => Ok(Outcome::ClientCreated(
+            services.clients.create(&name).await?,
+        )),
+        Command::ClientList => Ok(Outcome::ClientList {
+            clients: services.clients.list()?,
+        }),
+        Command::ClientRevoke { id } => {
+            Ok(Outcome::ClientRevoked(services.clients.revoke(&id).await?))
+        }
+        Command::DevicesList => Ok(Outcome::DeviceList {
+            devices: services.devices.list()?,
+        }),
+        Command::DevicesRevoke { id } => {
+            let device = DeviceId::parse(&id)
+                .ok_or_else(|| CommandError::from(DeviceError::NotFound(id.clone())))?;
+            Ok(Outcome::DeviceRevoked(
+                services.devices.revoke(&device).await?,
+            ))
+        }
+        Command::PairNew { name, ttl_seconds } => Ok(Outcome::PairingOpened(
+            services
+                .pairing
+                .create(
+                    name.as_deref(),
+                    ttl_seconds.map(std::time::Duration::from_secs),
+                    "cli",
+                )
+                .await?,
+        )),
     }
 }
 

@@ -5,8 +5,13 @@
 //! TLS handshake, header-read and idle timeouts, header caps, the connection cap and
 //! graceful shutdown.
 
+pub mod devices;
 pub mod error;
+pub mod extract;
 pub mod health;
+pub mod keys;
+pub mod oauth;
+pub mod pairing;
 pub mod security;
 pub mod serve;
 
@@ -15,26 +20,29 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
-use axum::routing::get;
+use axum::routing::{get, post};
 use http::StatusCode;
 use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::timeout::TimeoutLayer;
 
 use crate::config::{ServerConfig, TlsMode};
+use crate::services::Services;
 use crate::store::Store;
 
 /// Shared state of every handler.
 #[derive(Debug, Clone)]
 pub struct AppState {
+    pub services: Services,
     pub store: Store,
     pub tls_mode: TlsMode,
     draining: Arc<AtomicBool>,
 }
 
 impl AppState {
-    pub fn new(store: Store, tls_mode: TlsMode) -> Self {
+    pub fn new(services: Services, tls_mode: TlsMode) -> Self {
         Self {
-            store,
+            store: services.store.clone(),
+            services,
             tls_mode,
             draining: Arc::new(AtomicBool::new(false)),
         }
@@ -56,6 +64,24 @@ pub fn router(state: AppState, limits: &ServerConfig) -> Router {
     Router::new()
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
+        .route("/.well-known/jwks.json", get(oauth::jwks))
+        .route(
+            "/.well-known/oauth-authorization-server",
+            get(oauth::metadata),
+        )
+        .route("/v1/token", post(oauth::token))
+        .route("/v1/revoke", post(oauth::revoke))
+        .route("/v1/introspect", post(oauth::introspect))
+        .route("/v1/pairing/sessions", post(pairing::create_session))
+        .route("/v1/pair", post(pairing::pair))
+        .route("/v1/keys", get(keys::list))
+        .route("/v1/keys/rotate", post(keys::rotate))
+        .route("/v1/keys/{kid}/revoke", post(keys::revoke))
+        .route("/v1/devices", get(devices::list))
+        .route(
+            "/v1/devices/{id}",
+            get(devices::show).delete(devices::revoke),
+        )
         .with_state(state)
         .layer(DefaultBodyLimit::max(limits.max_body_bytes))
         .layer(RequestBodyLimitLayer::new(limits.max_body_bytes))

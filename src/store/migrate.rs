@@ -9,16 +9,26 @@ use redb::ReadableTable;
 
 use super::StoreError;
 use super::records::{self, AdminTokenRecord};
-use super::tables::{ADMIN_TOKENS, FORMAT_VERSION, META, META_FORMAT_VERSION};
+use super::tables::{
+    ADMIN_TOKENS, CLIENTS, DEVICES, FORMAT_VERSION, META, META_FORMAT_VERSION, PAIRING_SESSIONS,
+    REFRESH_TOKENS, REVOKED_TOKENS, SIGNING_KEYS, TOKEN_FAMILIES,
+};
 
 type Step = fn(&redb::WriteTransaction) -> Result<(), StoreError>;
 
 /// `(from_version, description, step)`, in order.
-const STEPS: &[(u32, &str, Step)] = &[(
-    1,
-    "admin tokens gain last-used and revoked times",
-    admin_tokens_v1_to_v2,
-)];
+const STEPS: &[(u32, &str, Step)] = &[
+    (
+        1,
+        "admin tokens gain last-used and revoked times",
+        admin_tokens_v1_to_v2,
+    ),
+    (
+        2,
+        "tables for signing keys, pairing sessions, devices, refresh tokens, revocations and clients",
+        create_token_tables,
+    ),
+];
 
 /// What a migration did, for the log and the audit trail.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,6 +81,23 @@ fn admin_tokens_v1_to_v2(tx: &redb::WriteTransaction) -> Result<(), StoreError> 
     }
     for (id, token) in rows {
         table.insert(id.as_str(), records::encode_admin_token(&token).as_slice())?;
+    }
+    Ok(())
+}
+
+/// Format 2 → 3: the token authority's tables, created empty so that every table of
+/// the format exists in every file (counts, backups and checks rely on it).
+fn create_token_tables(tx: &redb::WriteTransaction) -> Result<(), StoreError> {
+    for def in [
+        SIGNING_KEYS,
+        PAIRING_SESSIONS,
+        DEVICES,
+        TOKEN_FAMILIES,
+        REFRESH_TOKENS,
+        REVOKED_TOKENS,
+        CLIENTS,
+    ] {
+        tx.open_table(def)?;
     }
     Ok(())
 }

@@ -33,10 +33,13 @@ use crate::clock::Clock;
 pub use migrate::Migrated;
 use seal::{MasterKey, SealError, Sealer, sync_parent_dir};
 use tables::{
-    ADMIN_TOKENS, FORMAT_VERSION, MASTER_KEY_CHECK_PLAINTEXT, META, META_CREATED_AT,
-    META_FORMAT_VERSION, META_INSTANCE_ID, META_MASTER_KEY_CHECK, SECRETS,
+    FORMAT_VERSION, MASTER_KEY_CHECK_PLAINTEXT, META, META_CREATED_AT, META_FORMAT_VERSION,
+    META_INSTANCE_ID, META_MASTER_KEY_CHECK, SECRETS,
 };
-pub use tx::{ReadTx, WriteTx};
+pub use tx::{
+    CLIENTS, DEVICES, PAIRING_SESSIONS, REFRESH_TOKENS, REVOKED_TOKENS, ReadTx, Records,
+    SIGNING_KEYS, TOKEN_FAMILIES, WriteTx,
+};
 use writer::{Job, Pending, WriterContext};
 
 /// redb's page cache is allocated as it fills; this caps it for small VPSes.
@@ -430,8 +433,10 @@ fn initialise(db: &redb::Database, sealer: &Sealer, clock: &dyn Clock) -> Result
         meta.insert(META_INSTANCE_ID, records::encode(&instance_id).as_slice())?;
         meta.insert(META_CREATED_AT, records::encode(&clock.now_ms()).as_slice())?;
         meta.insert(META_MASTER_KEY_CHECK, check.as_slice())?;
-        tx.open_table(SECRETS)?;
-        tx.open_table(ADMIN_TOKENS)?;
+    }
+    // Every table of the format exists in every file (counts and backups rely on it).
+    for name in tables::ALL_TABLES.iter().filter(|n| **n != META.name()) {
+        tx.open_table(redb::TableDefinition::<&str, &[u8]>::new(name))?;
     }
     tx.commit()?;
     Ok(())

@@ -110,16 +110,201 @@ pub enum SelfSignedCertRecord {
     V1(SelfSignedCert),
 }
 
-pub(crate) fn encode_self_signed(cert: &SelfSignedCert) -> Vec<u8> {
-    #[derive(Serialize)]
-    enum Borrowed<'a> {
-        V1(&'a SelfSignedCert),
-    }
-    encode(&Borrowed::V1(cert))
+// ---------------------------------------------------------------------------------------
+// Signing keys (`signing_keys.v1`; private halves sealed in `secrets.v1`)
+
+/// A signing key's algorithm. Stored as the variant index: append only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum StoredKeyAlgorithm {
+    Ed25519,
+    EcdsaP256,
 }
 
-pub(crate) fn decode_self_signed(bytes: &[u8]) -> Result<SelfSignedCert, DecodeError> {
-    decode::<SelfSignedCertRecord>(bytes).map(|SelfSignedCertRecord::V1(c)| c)
+/// Where a key is in its life. Retired keys are deleted, so there is no variant for them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StoredKeyState {
+    Next,
+    Active,
+    Retiring,
+    Revoked,
+}
+
+/// The public half and life of a signing key, keyed by its `kid`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SigningKey {
+    pub algorithm: StoredKeyAlgorithm,
+    /// Ed25519: the 32-byte key; P-256: the 65-byte uncompressed point.
+    pub public_key: Vec<u8>,
+    pub state: StoredKeyState,
+    pub created_at_ms: u64,
+    pub activated_at_ms: Option<u64>,
+    pub retiring_at_ms: Option<u64>,
+    pub revoked_at_ms: Option<u64>,
+    /// Retiring and revoked keys: when no token they signed can be valid any more, and
+    /// the row may go.
+    pub verify_until_ms: Option<u64>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum SigningKeyRecord {
+    V1(SigningKey),
+}
+
+/// The private half of a signing key, sealed under `signing-key/<kid>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SigningKeyPrivate {
+    /// PKCS#8 DER as ring generates it.
+    pub pkcs8: Vec<u8>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum SigningKeyPrivateRecord {
+    V1(SigningKeyPrivate),
+}
+
+// ---------------------------------------------------------------------------------------
+// Pairing sessions (`pairing_sessions.v1`)
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PairingSession {
+    /// What the operator called the device-to-be.
+    pub name: Option<String>,
+    /// SHA-256 of the one-time secret; the secret itself is never stored.
+    pub secret_hash: [u8; 32],
+    pub created_at_ms: u64,
+    pub expires_at_ms: u64,
+    /// Who made it: an admin token id, or `"cli"`.
+    pub created_by: String,
+    pub claimed_at_ms: Option<u64>,
+    /// The device that claimed it (text id).
+    pub device_id: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum PairingSessionRecord {
+    V1(PairingSession),
+}
+
+// ---------------------------------------------------------------------------------------
+// Devices (`devices.v1`)
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Device {
+    pub name: String,
+    pub platform: String,
+    pub app_version: String,
+    pub created_at_ms: u64,
+    pub last_seen_ms: u64,
+    /// The client address the pairing came from.
+    pub paired_from: String,
+    /// The pairing session it claimed (text id).
+    pub pairing_session: String,
+    pub revoked_at_ms: Option<u64>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum DeviceRecord {
+    V1(Device),
+}
+
+// ---------------------------------------------------------------------------------------
+// Refresh-token families (`token_families.v1`) and refresh tokens (`refresh_tokens.v1`)
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenFamily {
+    pub device_id: String,
+    pub created_at_ms: u64,
+    /// How many refresh tokens the family has had (the first is 1).
+    pub generation: u32,
+    /// When the current refresh token expires; the family is spent after that.
+    pub refresh_expires_at_ms: u64,
+    pub revoked_at_ms: Option<u64>,
+    /// Why it was revoked, for operators: `"reuse"`, `"revoked"`, `"device revoked"`.
+    pub revoke_reason: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum TokenFamilyRecord {
+    V1(TokenFamily),
+}
+
+/// One refresh token, keyed by the hex SHA-256 of its text.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefreshToken {
+    pub family_id: String,
+    pub device_id: String,
+    pub issued_at_ms: u64,
+    pub expires_at_ms: u64,
+    /// Set when it was exchanged: presenting it again is reuse.
+    pub spent_at_ms: Option<u64>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum RefreshTokenRecord {
+    V1(RefreshToken),
+}
+
+// ---------------------------------------------------------------------------------------
+// Revoked access tokens (`revoked_tokens.v1`)
+
+/// An access token revoked by its `jti`; the row goes once the token has expired.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevokedToken {
+    pub device_id: String,
+    /// The token's own `exp`, in milliseconds.
+    pub expires_at_ms: u64,
+    pub revoked_at_ms: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum RevokedTokenRecord {
+    V1(RevokedToken),
+}
+
+// ---------------------------------------------------------------------------------------
+// API clients (`clients.v1`)
+
+/// A registered client that may call `/v1/introspect` with HTTP Basic credentials.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Client {
+    pub name: String,
+    pub secret_hash: [u8; 32],
+    pub created_at_ms: u64,
+    pub revoked_at_ms: Option<u64>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum ClientRecord {
+    V1(Client),
+}
+
+/// Encoding and decoding of the single-version records above, one pair per record.
+macro_rules! single_version_codec {
+    ($($encode:ident, $decode:ident, $record:ident, $current:ident;)*) => {$(
+        pub(crate) fn $encode(value: &$current) -> Vec<u8> {
+            #[derive(Serialize)]
+            enum Borrowed<'a> {
+                V1(&'a $current),
+            }
+            encode(&Borrowed::V1(value))
+        }
+
+        pub(crate) fn $decode(bytes: &[u8]) -> Result<$current, DecodeError> {
+            decode::<$record>(bytes).map(|$record::V1(v)| v)
+        }
+    )*};
+}
+
+single_version_codec! {
+    encode_signing_key, decode_signing_key, SigningKeyRecord, SigningKey;
+    encode_signing_key_private, decode_signing_key_private, SigningKeyPrivateRecord, SigningKeyPrivate;
+    encode_pairing_session, decode_pairing_session, PairingSessionRecord, PairingSession;
+    encode_device, decode_device, DeviceRecord, Device;
+    encode_token_family, decode_token_family, TokenFamilyRecord, TokenFamily;
+    encode_refresh_token, decode_refresh_token, RefreshTokenRecord, RefreshToken;
+    encode_revoked_token, decode_revoked_token, RevokedTokenRecord, RevokedToken;
+    encode_client, decode_client, ClientRecord, Client;
+    encode_self_signed, decode_self_signed, SelfSignedCertRecord, SelfSignedCert;
 }
 
 #[cfg(test)]
@@ -151,6 +336,57 @@ mod tests {
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
             let _ = decode_admin_token(&bytes);
             let _ = decode_self_signed(&bytes);
+            let _ = decode_signing_key(&bytes);
+            let _ = decode_pairing_session(&bytes);
+            let _ = decode_device(&bytes);
+            let _ = decode_token_family(&bytes);
+            let _ = decode_refresh_token(&bytes);
+            let _ = decode_revoked_token(&bytes);
+            let _ = decode_client(&bytes);
+        }
+
+        #[test]
+        fn signing_key_round_trip(public in proptest::collection::vec(any::<u8>(), 0..70),
+                                  state in 0u8..4, ed in any::<bool>(), times in any::<[Option<u64>; 4]>(),
+                                  created in any::<u64>()) {
+            let key = SigningKey {
+                algorithm: if ed { StoredKeyAlgorithm::Ed25519 } else { StoredKeyAlgorithm::EcdsaP256 },
+                public_key: public,
+                state: [StoredKeyState::Next, StoredKeyState::Active, StoredKeyState::Retiring,
+                        StoredKeyState::Revoked][usize::from(state)],
+                created_at_ms: created,
+                activated_at_ms: times[0], retiring_at_ms: times[1], revoked_at_ms: times[2],
+                verify_until_ms: times[3],
+            };
+            prop_assert_eq!(decode_signing_key(&encode_signing_key(&key)).unwrap(), key);
+        }
+
+        #[test]
+        fn device_and_session_round_trip(name in ".{0,40}", platform in ".{0,20}", times in any::<[u64; 4]>(),
+                                         revoked in any::<Option<u64>>(), hash in any::<[u8; 32]>()) {
+            let device = Device { name: name.clone(), platform: platform.clone(), app_version: "1.0".into(),
+                                  created_at_ms: times[0], last_seen_ms: times[1], paired_from: "::1".into(),
+                                  pairing_session: "ps_x".into(), revoked_at_ms: revoked };
+            prop_assert_eq!(decode_device(&encode_device(&device)).unwrap(), device);
+            let session = PairingSession { name: Some(name), secret_hash: hash, created_at_ms: times[2],
+                                           expires_at_ms: times[3], created_by: platform,
+                                           claimed_at_ms: revoked, device_id: None };
+            prop_assert_eq!(decode_pairing_session(&encode_pairing_session(&session)).unwrap(), session);
+        }
+
+        #[test]
+        fn token_records_round_trip(times in any::<[u64; 4]>(), spent in any::<Option<u64>>(), generation in any::<u32>(),
+                                    reason in proptest::option::of(".{0,20}")) {
+            let family = TokenFamily { device_id: "dev_x".into(), created_at_ms: times[0], generation,
+                                       refresh_expires_at_ms: times[1], revoked_at_ms: spent, revoke_reason: reason };
+            prop_assert_eq!(decode_token_family(&encode_token_family(&family)).unwrap(), family);
+            let refresh = RefreshToken { family_id: "fam_x".into(), device_id: "dev_x".into(),
+                                         issued_at_ms: times[2], expires_at_ms: times[3], spent_at_ms: spent };
+            prop_assert_eq!(decode_refresh_token(&encode_refresh_token(&refresh)).unwrap(), refresh);
+            let revoked = RevokedToken { device_id: "dev_x".into(), expires_at_ms: times[0], revoked_at_ms: times[1] };
+            prop_assert_eq!(decode_revoked_token(&encode_revoked_token(&revoked)).unwrap(), revoked);
+            let client = Client { name: "c".into(), secret_hash: [3; 32], created_at_ms: times[2], revoked_at_ms: spent };
+            prop_assert_eq!(decode_client(&encode_client(&client)).unwrap(), client);
         }
     }
 

@@ -8,7 +8,7 @@
 use redb::TableDefinition;
 
 /// The format version this build writes. Files with a higher version are refused.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 
 /// Instance facts: format version, instance id, creation time, master-key check value.
 /// Keys are the `META_*` constants. `format_version` is 4 bytes little-endian so that it
@@ -29,8 +29,43 @@ pub const SECRETS: TableDefinition<&str, &[u8]> = TableDefinition::new("secrets.
 /// Admin tokens, keyed by token id (16 lowercase hex characters). Values: `AdminTokenRecord`.
 pub const ADMIN_TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("admin_tokens.v1");
 
+/// Signing keys by `kid` (RFC 7638 thumbprint): public half and life. Values:
+/// `SigningKeyRecord`. The private half is sealed in `SECRETS` as `signing-key/<kid>`.
+pub const SIGNING_KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("signing_keys.v1");
+
+/// Pairing sessions by session id (`ps_…`). Values: `PairingSessionRecord`.
+pub const PAIRING_SESSIONS: TableDefinition<&str, &[u8]> =
+    TableDefinition::new("pairing_sessions.v1");
+
+/// Paired devices by device id (`dev_…`). Values: `DeviceRecord`.
+pub const DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("devices.v1");
+
+/// Refresh-token families by family id (`fam_…`). Values: `TokenFamilyRecord`.
+pub const TOKEN_FAMILIES: TableDefinition<&str, &[u8]> = TableDefinition::new("token_families.v1");
+
+/// Refresh tokens by the lowercase hex SHA-256 of the token text. Values:
+/// `RefreshTokenRecord`.
+pub const REFRESH_TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("refresh_tokens.v1");
+
+/// Access tokens revoked one by one, by `jti`. Values: `RevokedTokenRecord`.
+pub const REVOKED_TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("revoked_tokens.v1");
+
+/// Registered API clients by client id (`cli_…`). Values: `ClientRecord`.
+pub const CLIENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("clients.v1");
+
 /// Names of every table this format version has, for backups, counts and checks.
-pub const ALL_TABLES: &[&str] = &["meta", "secrets.v1", "admin_tokens.v1"];
+pub const ALL_TABLES: &[&str] = &[
+    "meta",
+    "secrets.v1",
+    "admin_tokens.v1",
+    "signing_keys.v1",
+    "pairing_sessions.v1",
+    "devices.v1",
+    "token_families.v1",
+    "refresh_tokens.v1",
+    "revoked_tokens.v1",
+    "clients.v1",
+];
 
 /// The plaintext sealed into `META_MASTER_KEY_CHECK`.
 pub const MASTER_KEY_CHECK_PLAINTEXT: &[u8] = b"gatehouse master key check v1";

@@ -3,17 +3,68 @@
 //! `ReadTx` and `WriteTx` are the only way the rest of the crate touches a table: they
 //! take and return domain records, seal and open secrets, and turn every redb or
 //! decoding failure into a `StoreError` that names the table and key. No redb type
-//! leaves this module.
+//! leaves this module. Each record table is one `Records<T>` constant (its table and its
+//! codec), used through `get`, `all`, `put`, `delete` and `retain`.
 
 use redb::{ReadableTable, ReadableTableMetadata, TableDefinition, TableHandle as _};
 
 use super::StoreError;
-use super::records::{self, AdminToken, SelfSignedCert};
+use super::records::{
+    self, AdminToken, Client, DecodeError, Device, PairingSession, RefreshToken, RevokedToken,
+    SelfSignedCert, SigningKey, SigningKeyPrivate, TokenFamily,
+};
 use super::seal::Sealer;
-use super::tables::{self, ADMIN_TOKENS, SECRETS};
+use super::tables::{self, SECRETS};
 
 /// The name of the self-signed certificate in the secrets table.
 pub const SECRET_SELF_SIGNED: &str = "tls/self-signed";
+
+type Def = TableDefinition<'static, &'static str, &'static [u8]>;
+
+/// A table of versioned records of one type: where they live and how they are coded.
+pub struct Records<T: 'static> {
+    table: Def,
+    name: &'static str,
+    encode: fn(&T) -> Vec<u8>,
+    decode: fn(&[u8]) -> Result<T, DecodeError>,
+}
+
+impl<T> std::fmt::Debug for Records<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Records({})", self.name)
+    }
+}
+
+macro_rules! records_table {
+    ($(#[$doc:meta])* $const:ident: $ty:ty = $table:path, $name:literal, $enc:path, $dec:path) => {
+        $(#[$doc])*
+        pub static $const: Records<$ty> = Records {
+            table: $table,
+            name: $name,
+            encode: $enc,
+            decode: $dec,
+        };
+    };
+}
+
+records_table!(ADMIN_TOKENS: AdminToken = tables::ADMIN_TOKENS, "admin_tokens.v1",
+    records::encode_admin_token, records::decode_admin_token);
+records_table!(SIGNING_KEYS: SigningKey = tables::SIGNING_KEYS, "signing_keys.v1",
+    records::encode_signing_key, records::decode_signing_key);
+records_table!(PAIRING_SESSIONS: PairingSession = tables::PAIRING_SESSIONS, "pairing_sessions.v1",
+    records::encode_pairing_session, records::decode_pairing_session);
+records_table!(DEVICES: Device = tables::DEVICES, "devices.v1",
+    records::encode_device, records::decode_device);
+records_table!(TOKEN_FAMILIES: TokenFamily = tables::TOKEN_FAMILIES, "token_families.v1",
+    records::encode_token_family, records::decode_token_family);
+records_table!(
+    /// Keyed by the lowercase hex SHA-256 of the token text.
+    REFRESH_TOKENS: RefreshToken = tables::REFRESH_TOKENS, "refresh_tokens.v1",
+    records::encode_refresh_token, records::decode_refresh_token);
+records_table!(REVOKED_TOKENS: RevokedToken = tables::REVOKED_TOKENS, "revoked_tokens.v1",
+    records::encode_revoked_token, records::decode_revoked_token);
+records_table!(CLIENTS: Client = tables::CLIENTS, "clients.v1",
+    records::encode_client, records::decode_client);
 
 /// A read-only view of the data file at one point in time.
 pub struct ReadTx<'a> {
@@ -47,34 +98,30 @@ fn decode_err(table: &'static str, key: &str, err: impl std::fmt::Display) -> St
     }
 }
 
-fn get_bytes(
+fn get_from<T>(
+    records: &Records<T>,
     table: &impl ReadableTable<&'static str, &'static [u8]>,
     key: &str,
-) -> Result<Option<Vec<u8>>, StoreError> {
-    Ok(table.get(key)?.map(|v| v.value().to_vec()))
+) -> Result<Option<T>, StoreError> {
+    match table.get(key)? {
+        None => Ok(None),
+        Some(value) => (records.decode)(value.value())
+            .map(Some)
+            .map_err(|e| decode_err(records.name, key, e)),
+    }
 }
 
-fn admin_token_from(
+fn all_from<T>(
+    records: &Records<T>,
     table: &impl ReadableTable<&'static str, &'static [u8]>,
-    id: &str,
-) -> Result<Option<AdminToken>, StoreError> {
-    get_bytes(table, id)?
-        .map(|bytes| {
-            records::decode_admin_token(&bytes).map_err(|e| decode_err("admin_tokens.v1", id, e))
-        })
-        .transpose()
-}
-
-fn admin_tokens_from(
-    table: &impl ReadableTable<&'static str, &'static [u8]>,
-) -> Result<Vec<(String, AdminToken)>, StoreError> {
+) -> Result<Vec<(String, T)>, StoreError> {
     let mut out = Vec::new();
     for row in table.iter()? {
         let (key, value) = row?;
-        let id = key.value().to_string();
-        let token = records::decode_admin_token(value.value())
-            .map_err(|e| decode_err("admin_tokens.v1", &id, e))?;
-        out.push((id, token));
+        let key = key.value().to_string();
+        let record =
+            (records.decode)(value.value()).map_err(|e| decode_err(records.name, &key, e))?;
+        out.push((key, record));
     }
     Ok(out)
 }
@@ -84,7 +131,7 @@ fn open_secret(
     table: &impl ReadableTable<&'static str, &'static [u8]>,
     name: &str,
 ) -> Result<Option<Vec<u8>>, StoreError> {
-    let Some(sealed) = get_bytes(table, name)? else {
+    let Some(sealed) = table.get(name)?.map(|v| v.value().to_vec()) else {
         return Ok(None);
     };
     sealer
@@ -97,36 +144,56 @@ fn open_secret(
         })
 }
 
-fn self_signed_from(
-    sealer: &Sealer,
-    table: &impl ReadableTable<&'static str, &'static [u8]>,
-) -> Result<Option<SelfSignedCert>, StoreError> {
-    open_secret(sealer, table, SECRET_SELF_SIGNED)?
-        .map(|plain| {
-            records::decode_self_signed(&plain)
-                .map_err(|e| decode_err("secrets.v1", SECRET_SELF_SIGNED, e))
-        })
+fn decode_secret<T>(
+    plain: Option<Vec<u8>>,
+    name: &str,
+    decode: fn(&[u8]) -> Result<T, DecodeError>,
+) -> Result<Option<T>, StoreError> {
+    plain
+        .map(|plain| decode(&plain).map_err(|e| decode_err("secrets.v1", name, e)))
         .transpose()
+}
+
+/// The name under which a signing key's private half is sealed.
+fn signing_key_secret(kid: &str) -> String {
+    format!("signing-key/{kid}")
 }
 
 impl ReadTx<'_> {
     fn table(
         &self,
-        def: TableDefinition<'static, &'static str, &'static [u8]>,
+        def: Def,
     ) -> Result<redb::ReadOnlyTable<&'static str, &'static [u8]>, StoreError> {
         Ok(self.tx.open_table(def)?)
     }
 
+    /// One record by key.
+    pub fn get<T>(&self, records: &Records<T>, key: &str) -> Result<Option<T>, StoreError> {
+        get_from(records, &self.table(records.table)?, key)
+    }
+
+    /// Every record of a table, in key order.
+    pub fn all<T>(&self, records: &Records<T>) -> Result<Vec<(String, T)>, StoreError> {
+        all_from(records, &self.table(records.table)?)
+    }
+
     pub fn admin_token(&self, id: &str) -> Result<Option<AdminToken>, StoreError> {
-        admin_token_from(&self.table(ADMIN_TOKENS)?, id)
+        self.get(&ADMIN_TOKENS, id)
     }
 
     pub fn admin_tokens(&self) -> Result<Vec<(String, AdminToken)>, StoreError> {
-        admin_tokens_from(&self.table(ADMIN_TOKENS)?)
+        self.all(&ADMIN_TOKENS)
     }
 
     pub fn self_signed_cert(&self) -> Result<Option<SelfSignedCert>, StoreError> {
-        self_signed_from(self.sealer, &self.table(SECRETS)?)
+        let plain = open_secret(self.sealer, &self.table(SECRETS)?, SECRET_SELF_SIGNED)?;
+        decode_secret(plain, SECRET_SELF_SIGNED, records::decode_self_signed)
+    }
+
+    pub fn signing_key_private(&self, kid: &str) -> Result<Option<SigningKeyPrivate>, StoreError> {
+        let name = signing_key_secret(kid);
+        let plain = open_secret(self.sealer, &self.table(SECRETS)?, &name)?;
+        decode_secret(plain, &name, records::decode_signing_key_private)
     }
 
     /// Row counts of every table, for backups, `doctor` and tests.
@@ -141,33 +208,97 @@ impl ReadTx<'_> {
 }
 
 impl WriteTx<'_> {
-    fn table(
-        &self,
-        def: TableDefinition<'static, &'static str, &'static [u8]>,
-    ) -> Result<redb::Table<'_, &'static str, &'static [u8]>, StoreError> {
+    fn table(&self, def: Def) -> Result<redb::Table<'_, &'static str, &'static [u8]>, StoreError> {
         Ok(self.tx.open_table(def)?)
     }
 
-    pub fn admin_token(&self, id: &str) -> Result<Option<AdminToken>, StoreError> {
-        admin_token_from(&self.table(ADMIN_TOKENS)?, id)
+    /// One record by key, as this transaction sees it.
+    pub fn get<T>(&self, records: &Records<T>, key: &str) -> Result<Option<T>, StoreError> {
+        get_from(records, &self.table(records.table)?, key)
     }
 
-    pub fn admin_tokens(&self) -> Result<Vec<(String, AdminToken)>, StoreError> {
-        admin_tokens_from(&self.table(ADMIN_TOKENS)?)
+    pub fn all<T>(&self, records: &Records<T>) -> Result<Vec<(String, T)>, StoreError> {
+        all_from(records, &self.table(records.table)?)
     }
 
-    pub fn put_admin_token(&self, id: &str, token: &AdminToken) -> Result<(), StoreError> {
-        let bytes = records::encode_admin_token(token);
-        self.table(ADMIN_TOKENS)?.insert(id, bytes.as_slice())?;
+    /// Inserts or replaces one record.
+    pub fn put<T>(&self, records: &Records<T>, key: &str, value: &T) -> Result<(), StoreError> {
+        let bytes = (records.encode)(value);
+        self.table(records.table)?.insert(key, bytes.as_slice())?;
         Ok(())
     }
 
+    /// Removes one record; whether it was there.
+    pub fn delete<T>(&self, records: &Records<T>, key: &str) -> Result<bool, StoreError> {
+        Ok(self.table(records.table)?.remove(key)?.is_some())
+    }
+
+    /// Removes every record for which `keep` is false; returns how many went. A row that
+    /// does not decode is an error, never silently dropped.
+    pub fn retain<T>(
+        &self,
+        records: &Records<T>,
+        mut keep: impl FnMut(&str, &T) -> bool,
+    ) -> Result<u64, StoreError> {
+        let mut table = self.table(records.table)?;
+        let mut doomed = Vec::new();
+        for row in table.iter()? {
+            let (key, value) = row?;
+            let key = key.value();
+            let record =
+                (records.decode)(value.value()).map_err(|e| decode_err(records.name, key, e))?;
+            if !keep(key, &record) {
+                doomed.push(key.to_string());
+            }
+        }
+        for key in &doomed {
+            table.remove(key.as_str())?;
+        }
+        Ok(doomed.len() as u64)
+    }
+
+    pub fn admin_token(&self, id: &str) -> Result<Option<AdminToken>, StoreError> {
+        self.get(&ADMIN_TOKENS, id)
+    }
+
+    pub fn admin_tokens(&self) -> Result<Vec<(String, AdminToken)>, StoreError> {
+        self.all(&ADMIN_TOKENS)
+    }
+
+    pub fn put_admin_token(&self, id: &str, token: &AdminToken) -> Result<(), StoreError> {
+        self.put(&ADMIN_TOKENS, id, token)
+    }
+
     pub fn self_signed_cert(&self) -> Result<Option<SelfSignedCert>, StoreError> {
-        self_signed_from(self.sealer, &self.table(SECRETS)?)
+        let plain = open_secret(self.sealer, &self.table(SECRETS)?, SECRET_SELF_SIGNED)?;
+        decode_secret(plain, SECRET_SELF_SIGNED, records::decode_self_signed)
     }
 
     pub fn put_self_signed_cert(&self, cert: &SelfSignedCert) -> Result<(), StoreError> {
         self.put_secret(SECRET_SELF_SIGNED, &records::encode_self_signed(cert))
+    }
+
+    pub fn signing_key_private(&self, kid: &str) -> Result<Option<SigningKeyPrivate>, StoreError> {
+        let name = signing_key_secret(kid);
+        let plain = open_secret(self.sealer, &self.table(SECRETS)?, &name)?;
+        decode_secret(plain, &name, records::decode_signing_key_private)
+    }
+
+    pub fn put_signing_key_private(
+        &self,
+        kid: &str,
+        key: &SigningKeyPrivate,
+    ) -> Result<(), StoreError> {
+        self.put_secret(
+            &signing_key_secret(kid),
+            &records::encode_signing_key_private(key),
+        )
+    }
+
+    /// Destroys a signing key's private half (revocation, retirement).
+    pub fn delete_signing_key_private(&self, kid: &str) -> Result<bool, StoreError> {
+        let name = signing_key_secret(kid);
+        Ok(self.table(SECRETS)?.remove(name.as_str())?.is_some())
     }
 
     fn put_secret(&self, name: &str, plaintext: &[u8]) -> Result<(), StoreError> {

@@ -1,0 +1,155 @@
+//! Registered API clients: the resource servers that may call `/v1/introspect` with
+//! HTTP Basic credentials (`client_secret_basic`, as RFC 7662 callers usually do).
+//!
+//! A client id reads `cli_<32 hex>`, a secret `ghc_<43 base64url>` (256 random bits),
+//! stored only as SHA-256. Checks compare in constant time and do the same work for an
+//! unknown id as for a known one. This module must not know HTTP.
+
+use serde::Serialize;
+use subtle::ConstantTimeEq;
+
+use crate::clock::{SharedClock, format_rfc3339};
+use crate::ids::{ClientId, RandomError, Secret, secret_hash};
+use crate::store::records::Client;
+use crate::store::{CLIENTS, Store, StoreError};
+
+const SECRET_PREFIX: &str = "ghc_";
+/// Longest accepted client name, in characters.
+pub const MAX_NAME_CHARS: usize = 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// Every failed check: one variant, the caller learns nothing more.
+    #[error("invalid client credentials")]
+    Invalid,
+    #[error("no client with id {0}")]
+    NotFound(String),
+    #[error("client {0} is already revoked")]
+    AlreadyRevoked(String),
+    #[error(
+        "bad client name: {0:?} (1 to 64 characters; letters, digits, spaces and . _ - @ : / only)"
+    )]
+    BadName(String),
+    #[error(transparent)]
+    Random(#[from] RandomError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A client just registered: the only moment its secret exists outside the caller.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct NewClient {
+    pub client_id: ClientId,
+    pub client_secret: String,
+    pub name: String,
+}
+
+/// A client as listed (never its secret or hash).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct ClientInfo {
+    pub client_id: ClientId,
+    pub name: String,
+    pub created_at: String,
+    pub revoked_at: Option<String>,
+}
+
+fn info(id: ClientId, c: &Client) -> ClientInfo {
+    ClientInfo {
+        client_id: id,
+        name: c.name.clone(),
+        created_at: format_rfc3339(c.created_at_ms),
+        revoked_at: c.revoked_at_ms.map(format_rfc3339),
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Clients {
+    store: Store,
+    clock: SharedClock,
+    dummy_hash: [u8; 32],
+}
+
+impl Clients {
+    pub fn new(store: Store, clock: SharedClock) -> Result<Self, RandomError> {
+        Ok(Self {
+            store,
+            clock,
+            dummy_hash: crate::ids::random_bytes()?,
+        })
+    }
+
+    pub async fn create(&self, name: &str) -> Result<NewClient, ClientError> {
+        let name = name.trim().to_string();
+        let ok_char = |c: char| c.is_alphanumeric() || " ._-@:/".contains(c);
+        if name.is_empty() || name.chars().count() > MAX_NAME_CHARS || !name.chars().all(ok_char) {
+            return Err(ClientError::BadName(name));
+        }
+        let id = ClientId::generate()?;
+        let secret = Secret::generate(SECRET_PREFIX)?;
+        let record = Client {
+            name: name.clone(),
+            secret_hash: secret.hash(),
+            created_at_ms: self.clock.now_ms(),
+            revoked_at_ms: None,
+        };
+        let key = id.to_string();
+        self.store
+            .write(move |tx| tx.put(&CLIENTS, &key, &record))
+            .await?;
+        Ok(NewClient {
+            client_id: id,
+            client_secret: secret.into_string(),
+            name,
+        })
+    }
+
+    pub fn list(&self) -> Result<Vec<ClientInfo>, ClientError> {
+        let rows = self.store.read(|tx| tx.all(&CLIENTS))?;
+        let mut out: Vec<ClientInfo> = rows
+            .iter()
+            .filter_map(|(id, c)| ClientId::parse(id).map(|id| info(id, c)))
+            .collect();
+        out.sort_by(|a, b| a.created_at.cmp(&b.created_at));
+        Ok(out)
+    }
+
+    pub async fn revoke(&self, id: &str) -> Result<ClientInfo, ClientError> {
+        let client_id = ClientId::parse(id).ok_or_else(|| ClientError::NotFound(id.to_string()))?;
+        let now = self.clock.now_ms();
+        let key = client_id.to_string();
+        let outcome = self
+            .store
+            .write(
+                move |tx| -> Result<Result<Client, ClientError>, StoreError> {
+                    let Some(mut client) = tx.get(&CLIENTS, &key)? else {
+                        return Ok(Err(ClientError::NotFound(key.clone())));
+                    };
+                    if client.revoked_at_ms.is_some() {
+                        return Ok(Err(ClientError::AlreadyRevoked(key.clone())));
+                    }
+                    client.revoked_at_ms = Some(now);
+                    tx.put(&CLIENTS, &key, &client)?;
+                    Ok(Ok(client))
+                },
+            )
+            .await??;
+        Ok(info(client_id, &outcome))
+    }
+
+    /// Checks a client id and secret; `Ok(id)` only for a registered, unrevoked client.
+    pub fn verify(&self, client_id: &str, secret: &str) -> Result<ClientId, ClientError> {
+        let id = ClientId::parse(client_id);
+        let record = match id {
+            Some(id) => self.store.read(|tx| tx.get(&CLIENTS, &id.to_string()))?,
+            None => None,
+        };
+        let presented = secret_hash(secret.as_bytes());
+        let expected = record.as_ref().map_or(&self.dummy_hash, |c| &c.secret_hash);
+        let matches =
+            bool::from(expected.ct_eq(&presented)) && Secret::well_formed(secret, SECRET_PREFIX);
+        match (id, record) {
+            (Some(id), Some(c)) if matches && c.revoked_at_ms.is_none() => Ok(id),
+            _ => Err(ClientError::Invalid),
+        }
+    }
+}

@@ -1,0 +1,218 @@
+//! Extractors: request bodies with clear errors, and who is calling.
+//!
+//! `ApiJson` and `ApiForm` wrap axum's extractors so a bad body is a 400 (or 415) with a
+//! message that says what is wrong, in our error shape. `Admin` accepts only
+//! `Authorization: Bearer <admin token>`. `Introspector` accepts an admin token or a
+//! registered client's HTTP Basic credentials. Every failed credential check is the same
+//! 401, with `WWW-Authenticate`, whatever the reason.
+
+use std::net::SocketAddr;
+
+use axum::extract::rejection::{FormRejection, JsonRejection};
+use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Request};
+use axum::response::{IntoResponse, Response};
+use http::request::Parts;
+use http::{HeaderValue, StatusCode, header};
+use serde::de::DeserializeOwned;
+
+use super::AppState;
+use super::error::ApiError;
+use crate::ids::ClientId;
+
+/// A JSON body; a bad one is a 400 that says why.
+#[derive(Debug)]
+pub struct ApiJson<T>(pub T);
+
+impl<T: DeserializeOwned> FromRequest<AppState> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
+        match axum::Json::<T>::from_request(req, state).await {
+            Ok(axum::Json(value)) => Ok(Self(value)),
+            Err(rejection) => Err(json_rejection(&rejection)),
+        }
+    }
+}
+
+fn json_rejection(rejection: &JsonRejection) -> ApiError {
+    match rejection {
+        JsonRejection::MissingJsonContentType(_) => ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "send the body as JSON with Content-Type: application/json",
+        ),
+        JsonRejection::JsonDataError(e) => {
+            ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", e.body_text())
+        }
+        JsonRejection::JsonSyntaxError(e) => {
+            ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", e.body_text())
+        }
+        other => ApiError::new(other.status(), "invalid_request", other.body_text()),
+    }
+}
+
+/// An `application/x-www-form-urlencoded` body (the OAuth endpoints).
+#[derive(Debug)]
+pub struct ApiForm<T>(pub T);
+
+impl<T: DeserializeOwned> FromRequest<AppState> for ApiForm<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
+        match axum::Form::<T>::from_request(req, state).await {
+            Ok(axum::Form(value)) => Ok(Self(value)),
+            Err(FormRejection::InvalidFormContentType(_)) => Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "send the body with Content-Type: application/x-www-form-urlencoded",
+            )),
+            Err(FormRejection::FailedToDeserializeForm(e)) => Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                e.body_text(),
+            )),
+            Err(other) => Err(ApiError::new(
+                other.status(),
+                "invalid_request",
+                other.body_text(),
+            )),
+        }
+    }
+}
+
+/// The client's address as the TCP connection shows it.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(pub SocketAddr);
+
+impl FromRequestParts<AppState> for Peer {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &AppState) -> Result<Self, ApiError> {
+        parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|ConnectInfo(addr)| Self(*addr))
+            .ok_or_else(|| ApiError::internal(&"no peer address on the request"))
+    }
+}
+
+/// A 401 that tells the client which schemes we take.
+#[derive(Debug)]
+pub struct Unauthorized {
+    error: ApiError,
+    challenge: &'static str,
+}
+
+impl Unauthorized {
+    fn new(message: &str, challenge: &'static str) -> Self {
+        Self {
+            error: ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message),
+            challenge,
+        }
+    }
+}
+
+impl IntoResponse for Unauthorized {
+    fn into_response(self) -> Response {
+        let mut response = self.error.into_response();
+        response.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static(self.challenge),
+        );
+        response
+    }
+}
+
+const ADMIN_CHALLENGE: &str = r#"Bearer realm="gatehouse admin""#;
+const INTROSPECT_CHALLENGE: &str = r#"Basic realm="gatehouse", Bearer realm="gatehouse admin""#;
+
+fn authorization(parts: &Parts) -> Option<(&str, &str)> {
+    let value = parts.headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, credentials) = value.split_once(' ')?;
+    Some((scheme, credentials.trim()))
+}
+
+/// An admin caller: the id of the admin token presented.
+#[derive(Debug, Clone)]
+pub struct Admin {
+    pub token_id: String,
+}
+
+fn admin_from(
+    parts: &Parts,
+    state: &AppState,
+    challenge: &'static str,
+) -> Result<Option<Admin>, Unauthorized> {
+    let Some((scheme, credentials)) = authorization(parts) else {
+        return Ok(None);
+    };
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Ok(None);
+    }
+    match state.services.admin_tokens.verify(credentials) {
+        Ok(token_id) => {
+            state.services.admin_tokens.note_used(&token_id);
+            Ok(Some(Admin { token_id }))
+        }
+        Err(err) => {
+            tracing::debug!(error = %err, "admin token refused");
+            Err(Unauthorized::new(
+                "the admin token is invalid or revoked",
+                challenge,
+            ))
+        }
+    }
+}
+
+impl FromRequestParts<AppState> for Admin {
+    type Rejection = Unauthorized;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Unauthorized> {
+        admin_from(parts, state, ADMIN_CHALLENGE)?.ok_or_else(|| {
+            Unauthorized::new(
+                "this endpoint needs an admin token: Authorization: Bearer gha_...",
+                ADMIN_CHALLENGE,
+            )
+        })
+    }
+}
+
+/// A caller allowed to introspect: an admin, or a registered client.
+#[derive(Debug, Clone)]
+pub enum Introspector {
+    Admin(Admin),
+    Client(ClientId),
+}
+
+impl FromRequestParts<AppState> for Introspector {
+    type Rejection = Unauthorized;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Unauthorized> {
+        if let Some(admin) = admin_from(parts, state, INTROSPECT_CHALLENGE)? {
+            return Ok(Self::Admin(admin));
+        }
+        let refused = || {
+            Unauthorized::new(
+                "introspection needs client credentials (HTTP Basic) or an admin token",
+                INTROSPECT_CHALLENGE,
+            )
+        };
+        let (scheme, credentials) = authorization(parts).ok_or_else(refused)?;
+        if !scheme.eq_ignore_ascii_case("basic") {
+            return Err(refused());
+        }
+        let decoded = data_encoding::BASE64
+            .decode(credentials.as_bytes())
+            .ok()
+            .and_then(|bytes| String::from_utf8(bytes).ok())
+            .ok_or_else(refused)?;
+        let (id, secret) = decoded.split_once(':').ok_or_else(refused)?;
+        match state.services.clients.verify(id, secret) {
+            Ok(id) => Ok(Self::Client(id)),
+            Err(err) => {
+                tracing::debug!(error = %err, "client credentials refused");
+                Err(refused())
+            }
+        }
+    }
+}

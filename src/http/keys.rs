@@ -1,0 +1,81 @@
+//! `GET /v1/keys`, `POST /v1/keys/rotate` and `POST /v1/keys/{kid}/revoke` (admin).
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use http::StatusCode;
+use serde::{Deserialize, Serialize};
+
+use super::AppState;
+use super::error::ApiError;
+use super::extract::Admin;
+use crate::keys::{KeyError, KeyInfo, Rotation, RotationReport};
+
+fn key_error(err: KeyError) -> ApiError {
+    match err {
+        KeyError::UnknownKey(_) => {
+            ApiError::new(StatusCode::NOT_FOUND, "not_found", err.to_string())
+        }
+        KeyError::AlreadyRevoked(_) | KeyError::NextKeyTooNew { .. } => {
+            ApiError::new(StatusCode::CONFLICT, "conflict", err.to_string())
+        }
+        other => ApiError::internal(&other),
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct KeyList {
+    keys: Vec<KeyInfo>,
+}
+
+pub async fn list(State(state): State<AppState>, _admin: Admin) -> Json<KeyList> {
+    Json(KeyList {
+        keys: state.services.keys.list(),
+    })
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RotateRequest {
+    /// Rotate even if the next key was published only moments ago.
+    #[serde(default)]
+    now: bool,
+}
+
+/// The body is optional: none (or `{}`) is an ordinary rotation, `{"now": true}` an
+/// emergency one.
+pub async fn rotate(
+    State(state): State<AppState>,
+    _admin: Admin,
+    body: Bytes,
+) -> Result<Json<RotationReport>, ApiError> {
+    let request: RotateRequest = if body.is_empty() {
+        RotateRequest::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                format!("the body must be empty or {{\"now\": true|false}}: {e}"),
+            )
+        })?
+    };
+    let mode = if request.now {
+        Rotation::Now
+    } else {
+        Rotation::Scheduled
+    };
+    Ok(Json(
+        state.services.keys.rotate(mode).await.map_err(key_error)?,
+    ))
+}
+
+pub async fn revoke(
+    State(state): State<AppState>,
+    _admin: Admin,
+    Path(kid): Path<String>,
+) -> Result<Json<KeyInfo>, ApiError> {
+    Ok(Json(
+        state.services.keys.revoke(&kid).await.map_err(key_error)?,
+    ))
+}

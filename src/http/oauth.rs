@@ -1,0 +1,154 @@
+//! The OAuth endpoints: `/v1/token` (refresh grant), `/v1/revoke` (RFC 7009),
+//! `/v1/introspect` (RFC 7662), the JWKS and the RFC 8414 metadata document.
+
+use axum::Json;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use http::{HeaderValue, StatusCode, header};
+use serde::Deserialize;
+
+use super::AppState;
+use super::error::ApiError;
+use super::extract::{ApiForm, Introspector};
+use crate::keys::JWKS_MAX_AGE_SECS;
+use crate::tokens::{Introspection, TokenError, TokenPair};
+
+/// The longest `token` parameter read; longer ones cannot be ours.
+const MAX_TOKEN_PARAM: usize = crate::jwt::MAX_TOKEN_BYTES;
+
+fn token_error(err: TokenError) -> ApiError {
+    match err {
+        TokenError::InvalidGrant => ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_grant",
+            "the refresh token is invalid, expired or revoked",
+        ),
+        other => ApiError::internal(&other),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenRequest {
+    grant_type: String,
+    refresh_token: Option<String>,
+    /// Public clients may send it; it is not checked (devices are not OAuth clients).
+    #[serde(default)]
+    #[allow(dead_code)]
+    client_id: Option<String>,
+}
+
+/// `POST /v1/token`: the refresh grant (RFC 6749 section 6).
+pub async fn token(
+    State(state): State<AppState>,
+    ApiForm(request): ApiForm<TokenRequest>,
+) -> Result<Json<TokenPair>, ApiError> {
+    if request.grant_type != "refresh_token" {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "unsupported_grant_type",
+            "only grant_type=refresh_token is supported here; devices get their first tokens from /v1/pair",
+        ));
+    }
+    let presented = request.refresh_token.ok_or_else(|| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "the refresh_token parameter is missing",
+        )
+    })?;
+    let pair = state
+        .services
+        .tokens
+        .refresh(&presented)
+        .await
+        .map_err(token_error)?;
+    Ok(Json(pair))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenParam {
+    token: String,
+    /// A hint only (RFC 7009 section 2.1); the token's own shape decides.
+    #[serde(default)]
+    #[allow(dead_code)]
+    token_type_hint: Option<String>,
+}
+
+fn bounded(token: &str) -> Option<&str> {
+    (token.len() <= MAX_TOKEN_PARAM).then_some(token)
+}
+
+/// `POST /v1/revoke`: RFC 7009. Holding a token is the right to revoke it; unknown or
+/// invalid tokens get the same 200, so nothing is learnt by trying.
+pub async fn revoke(
+    State(state): State<AppState>,
+    ApiForm(request): ApiForm<TokenParam>,
+) -> Result<StatusCode, ApiError> {
+    if let Some(token) = bounded(&request.token) {
+        state
+            .services
+            .tokens
+            .revoke(token)
+            .await
+            .map_err(token_error)?;
+    }
+    Ok(StatusCode::OK)
+}
+
+/// `POST /v1/introspect`: RFC 7662, for admins and registered clients.
+pub async fn introspect(
+    State(state): State<AppState>,
+    _caller: Introspector,
+    ApiForm(request): ApiForm<TokenParam>,
+) -> Json<Introspection> {
+    match bounded(&request.token) {
+        Some(token) => Json(state.services.tokens.introspect(token)),
+        None => Json(Introspection::default()),
+    }
+}
+
+/// `GET /.well-known/jwks.json`: the public keys, cacheable for a few minutes (the key
+/// ring publishes a next key well before it signs, see `keys`).
+pub async fn jwks(State(state): State<AppState>) -> Response {
+    let body = state.services.keys.snapshot().jwks();
+    let mut response = (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/jwk-set+json"),
+        )],
+        body.to_string(),
+    )
+        .into_response();
+    if let Ok(value) = HeaderValue::from_str(&format!(
+        "public, max-age={JWKS_MAX_AGE_SECS}, stale-while-revalidate=60"
+    )) {
+        response.headers_mut().insert(header::CACHE_CONTROL, value);
+    }
+    response
+}
+
+/// `GET /.well-known/oauth-authorization-server`: RFC 8414 metadata.
+pub async fn metadata(State(state): State<AppState>) -> Response {
+    let issuer = &state.services.tokens.settings().issuer;
+    let document = serde_json::json!({
+        "issuer": issuer,
+        "token_endpoint": format!("{issuer}/v1/token"),
+        "jwks_uri": format!("{issuer}/.well-known/jwks.json"),
+        "revocation_endpoint": format!("{issuer}/v1/revoke"),
+        "introspection_endpoint": format!("{issuer}/v1/introspect"),
+        "grant_types_supported": ["refresh_token"],
+        "response_types_supported": [],
+        "token_endpoint_auth_methods_supported": ["none"],
+        "revocation_endpoint_auth_methods_supported": ["none"],
+        "introspection_endpoint_auth_methods_supported": ["client_secret_basic"],
+        "pairing_endpoint": format!("{issuer}/v1/pair"),
+    });
+    let mut response = Json(document).into_response();
+    response.headers_mut().insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("public, max-age=3600"),
+    );
+    response
+}

@@ -1,0 +1,403 @@
+//! Pairing sessions: how a phone becomes a device.
+//!
+//! An operator opens a session (`create`), which yields a one-time secret of 256 random
+//! bits, stored only as SHA-256, valid `ttl` (5 minutes by default, 1 hour at most),
+//! and a pairing URI that carries everything an app needs (see `schema/pairing-uri.md`).
+//! The app presents the session id and secret (`pair`); exactly one presentation can
+//! win, because the claim is re-checked and recorded inside the write transaction that
+//! also creates the device, its token family and its first refresh token.
+//!
+//! A wrong secret, an unknown, expired or already used session all fail the same way
+//! (`PairingError::Rejected`) after the same work: one read, one SHA-256, one
+//! constant-time comparison against the stored hash or a dummy. This module must not
+//! know HTTP.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+use subtle::ConstantTimeEq;
+
+use crate::clock::SharedClock;
+use crate::config::defaults::PAIRING_MAX_TTL;
+use crate::ids::{DeviceId, RandomError, Secret, SessionId, secret_hash};
+use crate::store::records::{Device, PairingSession};
+use crate::store::{DEVICES, PAIRING_SESSIONS, Store, StoreError};
+use crate::tokens::{NewFamily, TokenAuthority, TokenError, TokenPair};
+
+/// The shortest session an operator may open.
+pub const MIN_TTL: Duration = Duration::from_secs(30);
+/// Longest accepted lengths of the device fields, in characters.
+pub const MAX_DEVICE_NAME: usize = 64;
+pub const MAX_PLATFORM: usize = 32;
+pub const MAX_APP_VERSION: usize = 32;
+/// A presented secret longer than this is wrong without being hashed.
+const MAX_SECRET_LEN: usize = 128;
+/// Expired sessions are kept this long (for `pair` to say "used" or "expired" in the
+/// log, and for operators), then pruned.
+const KEEP_EXPIRED: Duration = Duration::from_secs(24 * 3600);
+
+#[derive(Debug, thiserror::Error)]
+pub enum PairingError {
+    /// Wrong secret, unknown, expired or used session: deliberately one variant.
+    #[error(
+        "the pairing session does not exist, has expired or was already used, or the secret is wrong"
+    )]
+    Rejected,
+    #[error("bad ttl: {0}")]
+    BadTtl(String),
+    #[error("bad session name: {0}")]
+    BadName(String),
+    #[error("bad device description: {0}")]
+    BadDevice(String),
+    #[error(transparent)]
+    Random(#[from] RandomError),
+    #[error(transparent)]
+    Token(#[from] TokenError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Where apps reach this server, for the pairing URI.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerIdentity {
+    /// The base URL (the issuer).
+    pub url: String,
+    /// `sha256/<base64>` of the certificate's public key, when it is self-signed and an
+    /// app must pin it instead of trusting a CA.
+    pub pin: Option<String>,
+}
+
+/// A session just opened: the only moment its secret exists outside the app.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct NewSession {
+    pub session_id: SessionId,
+    pub secret: String,
+    pub pairing_uri: String,
+    pub expires_at_ms: u64,
+    pub name: Option<String>,
+}
+
+/// What an app says about itself when pairing.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+pub struct DeviceInfo {
+    pub name: String,
+    pub platform: String,
+    pub app_version: String,
+}
+
+fn check_text(field: &str, value: &str, max: usize) -> Result<String, PairingError> {
+    let value = value.trim();
+    if value.is_empty() || value.chars().count() > max {
+        return Err(PairingError::BadDevice(format!(
+            "`{field}` must be 1 to {max} characters"
+        )));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(PairingError::BadDevice(format!(
+            "`{field}` must not contain control characters"
+        )));
+    }
+    Ok(value.to_string())
+}
+
+impl DeviceInfo {
+    fn validated(&self) -> Result<Self, PairingError> {
+        Ok(Self {
+            name: check_text("name", &self.name, MAX_DEVICE_NAME)?,
+            platform: check_text("platform", &self.platform, MAX_PLATFORM)?,
+            app_version: check_text("app_version", &self.app_version, MAX_APP_VERSION)?,
+        })
+    }
+}
+
+/// Percent-encodes a URI query value (RFC 3986 unreserved characters pass).
+fn query_value(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for b in value.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// `gatehouse://pair?...`: the text a QR code carries (`schema/pairing-uri.md`).
+pub fn pairing_uri(
+    server: &ServerIdentity,
+    session: &SessionId,
+    secret: &str,
+    expires_at_ms: u64,
+) -> String {
+    let mut uri = format!(
+        "gatehouse://pair?v=1&server={}&session={}&secret={}&exp={}",
+        query_value(&server.url),
+        session,
+        query_value(secret),
+        expires_at_ms / 1000
+    );
+    if let Some(pin) = &server.pin {
+        uri.push_str("&pin=");
+        uri.push_str(&query_value(pin));
+    }
+    uri
+}
+
+/// What the claim transaction decided.
+enum Claim {
+    Won,
+    Lost,
+}
+
+#[derive(Debug)]
+pub struct PairingSessions {
+    store: Store,
+    clock: SharedClock,
+    tokens: Arc<TokenAuthority>,
+    default_ttl: Duration,
+    server: ServerIdentity,
+    /// Compared against when the session does not exist, so that path costs the same.
+    dummy_hash: [u8; 32],
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+impl PairingSessions {
+    pub fn new(
+        store: Store,
+        clock: SharedClock,
+        tokens: Arc<TokenAuthority>,
+        default_ttl: Duration,
+        server: ServerIdentity,
+    ) -> Result<Self, RandomError> {
+        Ok(Self {
+            store,
+            clock,
+            tokens,
+            default_ttl,
+            server,
+            dummy_hash: crate::ids::random_bytes()?,
+        })
+    }
+
+    pub fn server(&self) -> &ServerIdentity {
+        &self.server
+    }
+
+    /// Opens a session. Durable when this returns.
+    pub async fn create(
+        &self,
+        name: Option<&str>,
+        ttl: Option<Duration>,
+        created_by: &str,
+    ) -> Result<NewSession, PairingError> {
+        let ttl = ttl.unwrap_or(self.default_ttl);
+        if ttl < MIN_TTL || ttl > PAIRING_MAX_TTL {
+            return Err(PairingError::BadTtl(format!(
+                "must be between {} and {} seconds",
+                MIN_TTL.as_secs(),
+                PAIRING_MAX_TTL.as_secs()
+            )));
+        }
+        let name = name
+            .map(|n| {
+                check_text("name", n, MAX_DEVICE_NAME).map_err(|_| {
+                    PairingError::BadName(format!(
+                        "1 to {MAX_DEVICE_NAME} characters without control characters"
+                    ))
+                })
+            })
+            .transpose()?;
+        let id = SessionId::generate()?;
+        let secret = Secret::generate("")?;
+        let now = self.clock.now_ms();
+        let expires_at_ms = now.saturating_add(ms(ttl));
+        let record = PairingSession {
+            name: name.clone(),
+            secret_hash: secret.hash(),
+            created_at_ms: now,
+            expires_at_ms,
+            created_by: created_by.to_string(),
+            claimed_at_ms: None,
+            device_id: None,
+        };
+        let key = id.to_string();
+        self.store
+            .write(move |tx| tx.put(&PAIRING_SESSIONS, &key, &record))
+            .await?;
+        Ok(NewSession {
+            pairing_uri: pairing_uri(&self.server, &id, secret.as_str(), expires_at_ms),
+            session_id: id,
+            secret: secret.into_string(),
+            expires_at_ms,
+            name,
+        })
+    }
+
+    /// A session's record, for QR rendering and the admin UI.
+    pub fn get(&self, id: &SessionId) -> Result<Option<PairingSession>, PairingError> {
+        Ok(self
+            .store
+            .read(|tx| tx.get(&PAIRING_SESSIONS, &id.to_string()))?)
+    }
+
+    /// Claims a session with its secret: creates the device and returns its tokens.
+    pub async fn pair(
+        &self,
+        session_id: &str,
+        secret: &str,
+        device: &DeviceInfo,
+        peer: &str,
+    ) -> Result<TokenPair, PairingError> {
+        let device = device.validated()?;
+        let now = self.clock.now_ms();
+        let session = match SessionId::parse(session_id) {
+            Some(id) => self
+                .store
+                .read(|tx| tx.get(&PAIRING_SESSIONS, &id.to_string()))?
+                .map(|s| (id, s)),
+            None => None,
+        };
+        let presented = if secret.len() <= MAX_SECRET_LEN {
+            secret_hash(secret.as_bytes())
+        } else {
+            secret_hash(b"")
+        };
+        let expected = session
+            .as_ref()
+            .map_or(&self.dummy_hash, |(_, s)| &s.secret_hash);
+        let secret_ok = bool::from(expected.ct_eq(&presented)) && secret.len() <= MAX_SECRET_LEN;
+        let Some((session_id, session)) = session else {
+            tracing::debug!(reason = "unknown session", "pairing refused");
+            return Err(PairingError::Rejected);
+        };
+        let reason = if !secret_ok {
+            Some("wrong secret")
+        } else if session.claimed_at_ms.is_some() {
+            Some("already used")
+        } else if now >= session.expires_at_ms {
+            Some("expired")
+        } else {
+            None
+        };
+        if let Some(reason) = reason {
+            tracing::debug!(%session_id, reason, "pairing refused");
+            return Err(PairingError::Rejected);
+        }
+
+        let device_id = DeviceId::generate()?;
+        let family = NewFamily::generate()?;
+        let stored_family = family.clone();
+        let tokens = self.tokens.clone();
+        let key = session_id.to_string();
+        let record = Device {
+            name: device.name,
+            platform: device.platform,
+            app_version: device.app_version,
+            created_at_ms: now,
+            last_seen_ms: now,
+            paired_from: peer.to_string(),
+            pairing_session: key.clone(),
+            revoked_at_ms: None,
+        };
+        let claim = self
+            .store
+            .write(move |tx| -> Result<Claim, StoreError> {
+                // Re-checked inside the transaction: of concurrent claims, the first to
+                // commit wins and every later one sees it claimed.
+                let Some(mut session) = tx.get(&PAIRING_SESSIONS, &key)? else {
+                    return Ok(Claim::Lost);
+                };
+                if session.claimed_at_ms.is_some() || now >= session.expires_at_ms {
+                    return Ok(Claim::Lost);
+                }
+                session.claimed_at_ms = Some(now);
+                session.device_id = Some(device_id.to_string());
+                tx.put(&PAIRING_SESSIONS, &key, &session)?;
+                tx.put(&DEVICES, &device_id.to_string(), &record)?;
+                tokens.write_family_in(tx, &stored_family, &device_id, now)?;
+                Ok(Claim::Won)
+            })
+            .await?;
+        match claim {
+            Claim::Won => {
+                tracing::info!(%session_id, device = %device_id, peer, "device paired");
+                Ok(self
+                    .tokens
+                    .pair_for(device_id, family.family, family.refresh)?)
+            }
+            Claim::Lost => {
+                tracing::debug!(%session_id, reason = "claimed concurrently", "pairing refused");
+                Err(PairingError::Rejected)
+            }
+        }
+    }
+
+    /// Deletes sessions that expired more than a day ago. For the scheduler.
+    pub async fn prune_expired(&self) -> Result<u64, PairingError> {
+        let cutoff = self.clock.now_ms().saturating_sub(ms(KEEP_EXPIRED));
+        Ok(self
+            .store
+            .write(move |tx| tx.retain(&PAIRING_SESSIONS, |_, s| s.expires_at_ms > cutoff))
+            .await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uri_carries_every_field_encoded() {
+        let server = ServerIdentity {
+            url: "https://127.0.0.1:8443".into(),
+            pin: Some("sha256/ab+c/d=".into()),
+        };
+        let id = SessionId::from_bytes([1; 16]);
+        let uri = pairing_uri(&server, &id, "s3cr-t_", 1_700_000_000_123);
+        assert_eq!(
+            uri,
+            format!(
+                "gatehouse://pair?v=1&server=https%3A%2F%2F127.0.0.1%3A8443&session={id}\
+                 &secret=s3cr-t_&exp=1700000000&pin=sha256%2Fab%2Bc%2Fd%3D"
+            )
+        );
+    }
+
+    #[test]
+    fn device_fields_are_bounded_and_trimmed() {
+        let ok = DeviceInfo {
+            name: " Ada's phone ".into(),
+            platform: "ios".into(),
+            app_version: "1.2.3".into(),
+        };
+        assert_eq!(
+            ok.validated().map(|d| d.name).ok(),
+            Some("Ada's phone".into())
+        );
+        for bad in [
+            DeviceInfo {
+                name: String::new(),
+                ..ok.clone()
+            },
+            DeviceInfo {
+                name: "x".repeat(65),
+                ..ok.clone()
+            },
+            DeviceInfo {
+                platform: "a\nb".into(),
+                ..ok.clone()
+            },
+            DeviceInfo {
+                app_version: " ".into(),
+                ..ok.clone()
+            },
+        ] {
+            assert!(matches!(bad.validated(), Err(PairingError::BadDevice(_))));
+        }
+    }
+}

@@ -1,0 +1,121 @@
+//! The domain services of one instance, built together over one store.
+//!
+//! `app` builds them once for the server; the CLI builds them over a directly opened data
+//! file when no server runs. The HTTP layer and the admin socket both call into the same
+//! `Services`, so every operation has one implementation wherever it is invoked.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use crate::admin_tokens::AdminTokens;
+use crate::clients::Clients;
+use crate::clock::SharedClock;
+use crate::config::{Config, MasterKeySource, TlsMode};
+use crate::devices::Devices;
+use crate::ids::RandomError;
+use crate::keys::{KeyError, KeyRing};
+use crate::pairing::{PairingSessions, ServerIdentity};
+use crate::revocation::RevocationList;
+use crate::store::{Store, StoreError};
+use crate::tokens::{TokenAuthority, TokenSettings};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServicesError {
+    #[error("cannot load the signing keys: {0}")]
+    Keys(#[from] KeyError),
+    #[error("cannot load the revocation list: {0}")]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Random(#[from] RandomError),
+}
+
+/// Everything a request or a management command may call.
+#[derive(Debug, Clone)]
+pub struct Services {
+    pub store: Store,
+    pub clock: SharedClock,
+    pub master_key: MasterKeySource,
+    pub admin_tokens: AdminTokens,
+    pub keys: Arc<KeyRing>,
+    pub revocations: Arc<RevocationList>,
+    pub tokens: Arc<TokenAuthority>,
+    pub pairing: Arc<PairingSessions>,
+    pub devices: Devices,
+    pub clients: Clients,
+}
+
+/// The issuer when none is configured: the listen address (fine on loopback; a server
+/// reachable under a name should set `tokens.issuer`).
+pub fn issuer(config: &Config, local_addr: SocketAddr) -> String {
+    if let Some(issuer) = &config.tokens.issuer {
+        return issuer.clone();
+    }
+    let scheme = match config.tls_mode {
+        TlsMode::Off => "http",
+        TlsMode::SelfSigned => "https",
+    };
+    format!("{scheme}://{local_addr}")
+}
+
+impl Services {
+    /// Loads the key ring (creating the first keys on a new instance) and the revocation
+    /// list, and wires the rest.
+    pub async fn start(
+        store: Store,
+        clock: SharedClock,
+        config: &Config,
+        server: ServerIdentity,
+    ) -> Result<Self, ServicesError> {
+        let settings = TokenSettings {
+            audience: config
+                .tokens
+                .audience
+                .clone()
+                .unwrap_or_else(|| server.url.clone()),
+            issuer: server.url.clone(),
+            access_ttl: config.tokens.access_ttl,
+            refresh_ttl: config.tokens.refresh_ttl,
+            leeway: config.tokens.leeway,
+        };
+        let keys = Arc::new(
+            KeyRing::open(
+                store.clone(),
+                clock.clone(),
+                config.tokens.key_algorithm,
+                settings.access_window(),
+            )
+            .await?,
+        );
+        let revocations = Arc::new(RevocationList::load(
+            store.clone(),
+            clock.clone(),
+            settings.access_window(),
+        )?);
+        let tokens = Arc::new(TokenAuthority::new(
+            store.clone(),
+            clock.clone(),
+            keys.clone(),
+            revocations.clone(),
+            settings,
+        ));
+        let pairing = Arc::new(PairingSessions::new(
+            store.clone(),
+            clock.clone(),
+            tokens.clone(),
+            config.tokens.pairing_ttl,
+            server,
+        )?);
+        Ok(Self {
+            admin_tokens: AdminTokens::new(store.clone(), clock.clone()),
+            devices: Devices::new(store.clone(), revocations.clone()),
+            clients: Clients::new(store.clone(), clock.clone())?,
+            master_key: config.master_key.clone(),
+            store,
+            clock,
+            keys,
+            revocations,
+            tokens,
+            pairing,
+        })
+    }
+}

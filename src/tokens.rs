@@ -1,0 +1,632 @@
+//! The token authority: issues access and refresh tokens, verifies, refreshes, revokes
+//! and introspects them.
+//!
+//! Access tokens are JWTs (RFC 9068 profile) signed by the key ring's active key and
+//! valid `access_ttl`. Refresh tokens are opaque (`ghr_` + 256 random bits), stored only
+//! as SHA-256, valid `refresh_ttl`, and rotated on every use: each one belongs to a
+//! family (one per pairing), and presenting a spent one revokes the whole family with
+//! every access token it produced, since either the legitimate app or a thief holds a
+//! copy and we cannot tell which.
+//!
+//! `verify` is the one check of a presented access token (RFC 8725): strict parsing
+//! (`jwt::parse`), `typ`, a `kid` we hold, the algorithm pinned by that key, the key's
+//! state, the signature, `iss` and `aud` exactly, `exp`/`nbf`/`iat` against the injected
+//! clock with bounded leeway, then the revocation list. A bounded cache of tokens whose
+//! signature already verified skips only the signature; every other check runs on every
+//! call. This module must not know HTTP.
+
+use std::collections::HashMap;
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::clock::SharedClock;
+use crate::ids::{DeviceId, FamilyId, RandomError, Secret, TokenId};
+use crate::jwt::{self, ACCESS_TOKEN_TYP, AccessClaims, Malformed};
+use crate::keys::{KeyError, KeyRing};
+use crate::revocation::RevocationList;
+use crate::store::records::{RefreshToken, TokenFamily};
+use crate::store::{DEVICES, REFRESH_TOKENS, Store, StoreError, TOKEN_FAMILIES, WriteTx};
+
+/// Refresh tokens read `ghr_<43 base64url characters>`.
+pub const REFRESH_PREFIX: &str = "ghr_";
+
+/// Fixed settings of the authority.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenSettings {
+    pub issuer: String,
+    pub audience: String,
+    pub access_ttl: Duration,
+    pub refresh_ttl: Duration,
+    pub leeway: Duration,
+}
+
+impl TokenSettings {
+    /// How long after its issue a token may still be presented: lifetime plus leeway.
+    pub fn access_window(&self) -> Duration {
+        self.access_ttl + self.leeway
+    }
+}
+
+/// Why an access token was refused. The client sees one "invalid token" whatever the
+/// reason (no oracle); the reason goes to the debug log and the counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejection {
+    Malformed(Malformed),
+    WrongType,
+    UnknownKey,
+    AlgorithmMismatch,
+    KeyNotUsable,
+    BadSignature,
+    WrongIssuer,
+    WrongAudience,
+    Expired,
+    NotYetValid,
+    IssuedInFuture,
+    Revoked,
+}
+
+impl Rejection {
+    /// A short stable name for logs and metrics.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Malformed(_) => "malformed",
+            Self::WrongType => "wrong_typ",
+            Self::UnknownKey => "unknown_kid",
+            Self::AlgorithmMismatch => "alg_mismatch",
+            Self::KeyNotUsable => "key_not_usable",
+            Self::BadSignature => "bad_signature",
+            Self::WrongIssuer => "wrong_iss",
+            Self::WrongAudience => "wrong_aud",
+            Self::Expired => "expired",
+            Self::NotYetValid => "not_yet_valid",
+            Self::IssuedInFuture => "iat_in_future",
+            Self::Revoked => "revoked",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    /// Every failed refresh (unknown, expired, spent, revoked): one answer, no oracle.
+    #[error("the refresh token is invalid, expired or revoked")]
+    InvalidGrant,
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    #[error(transparent)]
+    Random(#[from] RandomError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A verified access token.
+#[derive(Debug, Clone)]
+pub struct Verified {
+    pub claims: AccessClaims,
+    pub kid: String,
+}
+
+/// What `/v1/pair` and `/v1/token` answer.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct TokenPair {
+    pub device_id: DeviceId,
+    pub access_token: String,
+    pub refresh_token: String,
+    pub token_type: String,
+    pub expires_in: u64,
+}
+
+/// An RFC 7662 introspection answer. Inactive answers carry `active: false` only.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Introspection {
+    pub active: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_type: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub iss: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub aud: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sub: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exp: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub iat: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jti: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sid: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scope: Option<String>,
+}
+
+/// A new refresh-token family, generated outside the write transaction that stores it
+/// (a transaction may run twice; its randomness must not change between runs).
+#[derive(Debug, Clone)]
+pub struct NewFamily {
+    pub family: FamilyId,
+    pub refresh: Secret,
+}
+
+impl NewFamily {
+    pub fn generate() -> Result<Self, RandomError> {
+        Ok(Self {
+            family: FamilyId::generate()?,
+            refresh: Secret::generate(REFRESH_PREFIX)?,
+        })
+    }
+}
+
+fn hash_key(secret_hash: &[u8; 32]) -> String {
+    data_encoding::HEXLOWER.encode(secret_hash)
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// What the refresh transaction decided.
+enum RefreshOutcome {
+    Rotated { device: DeviceId, family: FamilyId },
+    Reused { device: String, family: FamilyId },
+    Refused(&'static str),
+}
+
+// ---------------------------------------------------------------------------------------
+// The cache of verified signatures
+
+const CACHE_SHARDS: usize = 16;
+const CACHE_PER_SHARD: usize = 1024;
+
+#[derive(Debug)]
+struct CachedToken {
+    token: Box<str>,
+    verified: Verified,
+}
+
+/// Tokens whose signature has been verified, keyed by their signature segment. Bounded:
+/// a full shard drops an arbitrary entry. A hit is confirmed by comparing the whole
+/// token, so a valid signature grafted onto other claims never hits.
+#[derive(Debug, Default)]
+struct VerifiedCache {
+    shards: [Mutex<HashMap<u64, CachedToken>>; CACHE_SHARDS],
+}
+
+impl VerifiedCache {
+    fn key(token: &str) -> u64 {
+        let signature = token.rsplit_once('.').map_or(token, |(_, s)| s);
+        let mut hasher = DefaultHasher::new();
+        signature.hash(&mut hasher);
+        hasher.finish()
+    }
+
+    fn shard(&self, key: u64) -> std::sync::MutexGuard<'_, HashMap<u64, CachedToken>> {
+        #[allow(clippy::cast_possible_truncation)] // the low bits pick a shard
+        let index = (key as usize) % CACHE_SHARDS;
+        self.shards[index].lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn get(&self, token: &str) -> Option<Verified> {
+        let key = Self::key(token);
+        let shard = self.shard(key);
+        shard
+            .get(&key)
+            .filter(|c| &*c.token == token)
+            .map(|c| c.verified.clone())
+    }
+
+    fn insert(&self, token: &str, verified: &Verified) {
+        let key = Self::key(token);
+        let mut shard = self.shard(key);
+        if shard.len() >= CACHE_PER_SHARD
+            && let Some(evict) = shard.keys().next().copied()
+        {
+            shard.remove(&evict);
+        }
+        shard.insert(
+            key,
+            CachedToken {
+                token: token.into(),
+                verified: verified.clone(),
+            },
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The authority
+
+#[derive(Debug)]
+pub struct TokenAuthority {
+    store: Store,
+    clock: SharedClock,
+    keys: Arc<KeyRing>,
+    revocations: Arc<RevocationList>,
+    settings: TokenSettings,
+    cache: VerifiedCache,
+}
+
+impl TokenAuthority {
+    pub fn new(
+        store: Store,
+        clock: SharedClock,
+        keys: Arc<KeyRing>,
+        revocations: Arc<RevocationList>,
+        settings: TokenSettings,
+    ) -> Self {
+        Self {
+            store,
+            clock,
+            keys,
+            revocations,
+            settings,
+            cache: VerifiedCache::default(),
+        }
+    }
+
+    pub fn settings(&self) -> &TokenSettings {
+        &self.settings
+    }
+
+    pub fn keys(&self) -> &Arc<KeyRing> {
+        &self.keys
+    }
+
+    pub fn revocations(&self) -> &Arc<RevocationList> {
+        &self.revocations
+    }
+
+    /// Signs a new access token for a device and family.
+    pub fn issue_access(&self, device: DeviceId, family: FamilyId) -> Result<String, TokenError> {
+        let now_s = self.clock.now_ms() / 1000;
+        let claims = AccessClaims {
+            iss: self.settings.issuer.clone(),
+            aud: self.settings.audience.clone(),
+            sub: device,
+            exp: now_s + self.settings.access_ttl.as_secs(),
+            nbf: now_s,
+            iat: now_s,
+            jti: TokenId::generate()?,
+            sid: family,
+            scope: None,
+        };
+        Ok(self.keys.sign(&claims)?)
+    }
+
+    /// Writes a new family and its first refresh token inside a caller's transaction
+    /// (pairing creates the device, the family and the token in one commit).
+    pub fn write_family_in(
+        &self,
+        tx: &WriteTx<'_>,
+        new: &NewFamily,
+        device: &DeviceId,
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
+        let expires = now_ms.saturating_add(ms(self.settings.refresh_ttl));
+        tx.put(
+            &TOKEN_FAMILIES,
+            &new.family.to_string(),
+            &TokenFamily {
+                device_id: device.to_string(),
+                created_at_ms: now_ms,
+                generation: 1,
+                refresh_expires_at_ms: expires,
+                revoked_at_ms: None,
+                revoke_reason: None,
+            },
+        )?;
+        tx.put(
+            &REFRESH_TOKENS,
+            &hash_key(&new.refresh.hash()),
+            &RefreshToken {
+                family_id: new.family.to_string(),
+                device_id: device.to_string(),
+                issued_at_ms: now_ms,
+                expires_at_ms: expires,
+                spent_at_ms: None,
+            },
+        )
+    }
+
+    /// The pair answered to a device: a fresh access token and the given refresh token.
+    pub fn pair_for(
+        &self,
+        device: DeviceId,
+        family: FamilyId,
+        refresh: Secret,
+    ) -> Result<TokenPair, TokenError> {
+        Ok(TokenPair {
+            device_id: device,
+            access_token: self.issue_access(device, family)?,
+            refresh_token: refresh.into_string(),
+            token_type: "Bearer".into(),
+            expires_in: self.settings.access_ttl.as_secs(),
+        })
+    }
+
+    /// The refresh grant: spends `presented` and returns a new pair. A spent token
+    /// revokes its family (durably) and is refused like any invalid one.
+    pub async fn refresh(&self, presented: &str) -> Result<TokenPair, TokenError> {
+        if !Secret::well_formed(presented, REFRESH_PREFIX) {
+            tracing::debug!(reason = "malformed", "refresh refused");
+            return Err(TokenError::InvalidGrant);
+        }
+        let key = hash_key(&crate::ids::secret_hash(presented.as_bytes()));
+        // Generated outside the transaction, which may run twice.
+        let next_refresh = Secret::generate(REFRESH_PREFIX)?;
+        let stored_refresh = next_refresh.clone();
+        let now = self.clock.now_ms();
+        let refresh_ttl = ms(self.settings.refresh_ttl);
+        let outcome = self
+            .store
+            .write(move |tx| -> Result<RefreshOutcome, StoreError> {
+                let Some(mut token) = tx.get(&REFRESH_TOKENS, &key)? else {
+                    return Ok(RefreshOutcome::Refused("unknown"));
+                };
+                let Some(family_id) = FamilyId::parse(&token.family_id) else {
+                    return Ok(RefreshOutcome::Refused("bad family id"));
+                };
+                let Some(mut family) = tx.get(&TOKEN_FAMILIES, &token.family_id)? else {
+                    return Ok(RefreshOutcome::Refused("unknown family"));
+                };
+                if token.spent_at_ms.is_some() {
+                    let device = family.device_id.clone();
+                    RevocationList::revoke_family_in(tx, &family_id, &mut family, "reuse", now)?;
+                    return Ok(RefreshOutcome::Reused {
+                        device,
+                        family: family_id,
+                    });
+                }
+                if family.revoked_at_ms.is_some() {
+                    return Ok(RefreshOutcome::Refused("family revoked"));
+                }
+                if now >= token.expires_at_ms {
+                    return Ok(RefreshOutcome::Refused("expired"));
+                }
+                let Some(device_id) = DeviceId::parse(&token.device_id) else {
+                    return Ok(RefreshOutcome::Refused("bad device id"));
+                };
+                let Some(mut device) = tx.get(&DEVICES, &token.device_id)? else {
+                    return Ok(RefreshOutcome::Refused("unknown device"));
+                };
+                if device.revoked_at_ms.is_some() {
+                    return Ok(RefreshOutcome::Refused("device revoked"));
+                }
+                token.spent_at_ms = Some(now);
+                tx.put(&REFRESH_TOKENS, &key, &token)?;
+                let expires = now.saturating_add(refresh_ttl);
+                tx.put(
+                    &REFRESH_TOKENS,
+                    &hash_key(&stored_refresh.hash()),
+                    &RefreshToken {
+                        family_id: token.family_id.clone(),
+                        device_id: token.device_id.clone(),
+                        issued_at_ms: now,
+                        expires_at_ms: expires,
+                        spent_at_ms: None,
+                    },
+                )?;
+                family.generation = family.generation.saturating_add(1);
+                family.refresh_expires_at_ms = expires;
+                tx.put(&TOKEN_FAMILIES, &token.family_id, &family)?;
+                device.last_seen_ms = now;
+                tx.put(&DEVICES, &token.device_id, &device)?;
+                Ok(RefreshOutcome::Rotated {
+                    device: device_id,
+                    family: family_id,
+                })
+            })
+            .await?;
+        match outcome {
+            RefreshOutcome::Rotated { device, family } => {
+                self.pair_for(device, family, next_refresh)
+            }
+            RefreshOutcome::Reused { device, family } => {
+                self.revocations.remember_family(family);
+                tracing::error!(
+                    severity = "high",
+                    %family,
+                    device = %device,
+                    "a spent refresh token was presented again: the whole token family is revoked \
+                     (a copy of the token is in someone else's hands, or the app replayed it)"
+                );
+                Err(TokenError::InvalidGrant)
+            }
+            RefreshOutcome::Refused(reason) => {
+                tracing::debug!(reason, "refresh refused");
+                Err(TokenError::InvalidGrant)
+            }
+        }
+    }
+
+    /// Verifies a presented access token (see the module documentation for the order).
+    pub fn verify(&self, token: &str) -> Result<Verified, Rejection> {
+        let now_ms = self.clock.now_ms();
+        let keys = self.keys.snapshot();
+        let verified = if let Some(hit) = self.cache.get(token) {
+            let key = keys.get(&hit.kid).ok_or(Rejection::UnknownKey)?;
+            if !key.verifies_at(now_ms) {
+                return Err(Rejection::KeyNotUsable);
+            }
+            hit
+        } else {
+            let parsed = jwt::parse(token).map_err(Rejection::Malformed)?;
+            if parsed.header.typ != ACCESS_TOKEN_TYP {
+                return Err(Rejection::WrongType);
+            }
+            let key = keys.get(&parsed.header.kid).ok_or(Rejection::UnknownKey)?;
+            if parsed.header.alg != key.algorithm.jws_alg() {
+                return Err(Rejection::AlgorithmMismatch);
+            }
+            if !key.verifies_at(now_ms) {
+                return Err(Rejection::KeyNotUsable);
+            }
+            if !key.verify_signature(parsed.signing_input, parsed.signature) {
+                return Err(Rejection::BadSignature);
+            }
+            let verified = Verified {
+                claims: parsed.claims,
+                kid: key.kid.clone(),
+            };
+            self.cache.insert(token, &verified);
+            verified
+        };
+        self.check_claims(&verified.claims, now_ms)?;
+        Ok(verified)
+    }
+
+    fn check_claims(&self, claims: &AccessClaims, now_ms: u64) -> Result<(), Rejection> {
+        if claims.iss != self.settings.issuer {
+            return Err(Rejection::WrongIssuer);
+        }
+        if claims.aud != self.settings.audience {
+            return Err(Rejection::WrongAudience);
+        }
+        let leeway = ms(self.settings.leeway);
+        let at = |seconds: u64| seconds.saturating_mul(1000);
+        if now_ms >= at(claims.exp).saturating_add(leeway) {
+            return Err(Rejection::Expired);
+        }
+        if at(claims.nbf) > now_ms.saturating_add(leeway) {
+            return Err(Rejection::NotYetValid);
+        }
+        if at(claims.iat) > now_ms.saturating_add(leeway) {
+            return Err(Rejection::IssuedInFuture);
+        }
+        if self
+            .revocations
+            .is_revoked(&claims.jti, &claims.sid, &claims.sub)
+        {
+            return Err(Rejection::Revoked);
+        }
+        Ok(())
+    }
+
+    /// RFC 7662: what the caller may know about `token`. Anything not valid now is
+    /// `{"active": false}` and nothing more.
+    pub fn introspect(&self, token: &str) -> Introspection {
+        if token.starts_with(REFRESH_PREFIX) {
+            return self.introspect_refresh(token);
+        }
+        match self.verify(token) {
+            Ok(Verified { claims, .. }) => Introspection {
+                active: true,
+                token_type: Some("access_token".into()),
+                iss: Some(claims.iss),
+                aud: Some(claims.aud),
+                sub: Some(claims.sub.to_string()),
+                exp: Some(claims.exp),
+                nbf: Some(claims.nbf),
+                iat: Some(claims.iat),
+                jti: Some(claims.jti.to_string()),
+                sid: Some(claims.sid.to_string()),
+                scope: claims.scope,
+            },
+            Err(reason) => {
+                tracing::debug!(reason = reason.code(), "introspection: inactive");
+                Introspection::default()
+            }
+        }
+    }
+
+    fn introspect_refresh(&self, presented: &str) -> Introspection {
+        if !Secret::well_formed(presented, REFRESH_PREFIX) {
+            return Introspection::default();
+        }
+        let key = hash_key(&crate::ids::secret_hash(presented.as_bytes()));
+        let now = self.clock.now_ms();
+        let found = self.store.read(|tx| {
+            let Some(token) = tx.get(&REFRESH_TOKENS, &key)? else {
+                return Ok(None);
+            };
+            let family = tx.get(&TOKEN_FAMILIES, &token.family_id)?;
+            Ok::<_, StoreError>(Some((token, family)))
+        });
+        match found {
+            Ok(Some((token, Some(family))))
+                if token.spent_at_ms.is_none()
+                    && family.revoked_at_ms.is_none()
+                    && now < token.expires_at_ms
+                    && DeviceId::parse(&token.device_id)
+                        .is_some_and(|d| !self.revocations.is_device_revoked(&d)) =>
+            {
+                Introspection {
+                    active: true,
+                    token_type: Some("refresh_token".into()),
+                    iss: Some(self.settings.issuer.clone()),
+                    sub: Some(token.device_id),
+                    exp: Some(token.expires_at_ms / 1000),
+                    iat: Some(token.issued_at_ms / 1000),
+                    sid: Some(token.family_id),
+                    ..Introspection::default()
+                }
+            }
+            Ok(_) => Introspection::default(),
+            Err(err) => {
+                tracing::error!(error = %err, "introspection: store read failed");
+                Introspection::default()
+            }
+        }
+    }
+
+    /// RFC 7009: revokes `token` if it is one of ours. A refresh token takes its family
+    /// (and so every access token from it) with it; an access token is revoked alone.
+    /// Unknown, invalid or expired tokens are not an error: there is nothing to revoke.
+    /// Durable when this returns.
+    pub async fn revoke(&self, token: &str) -> Result<bool, TokenError> {
+        if token.starts_with(REFRESH_PREFIX) {
+            if !Secret::well_formed(token, REFRESH_PREFIX) {
+                return Ok(false);
+            }
+            let key = hash_key(&crate::ids::secret_hash(token.as_bytes()));
+            let Some(row) = self.store.read(|tx| tx.get(&REFRESH_TOKENS, &key))? else {
+                return Ok(false);
+            };
+            let Some(family) = FamilyId::parse(&row.family_id) else {
+                return Ok(false);
+            };
+            return Ok(self.revocations.revoke_family(family, "revoked").await?);
+        }
+        match self.verify(token) {
+            Ok(Verified { claims, .. }) => {
+                self.revocations
+                    .revoke_token(claims.jti, claims.sub, claims.exp.saturating_mul(1000))
+                    .await?;
+                Ok(true)
+            }
+            Err(Rejection::Revoked) => Ok(false),
+            Err(reason) => {
+                tracing::debug!(reason = reason.code(), "revoke: not a valid token of ours");
+                Ok(false)
+            }
+        }
+    }
+
+    /// Deletes refresh tokens and families that can no longer be used, and revocation
+    /// entries whose tokens have expired. For the scheduler.
+    pub async fn prune_expired(&self) -> Result<u64, TokenError> {
+        let now = self.clock.now_ms();
+        let window = ms(self.settings.access_window());
+        let refresh = self
+            .store
+            .write(move |tx| -> Result<u64, StoreError> {
+                let tokens = tx.retain(&REFRESH_TOKENS, |_, t| t.expires_at_ms > now)?;
+                // A family is kept while its refresh token lives, and while an access
+                // token it issued could still be presented.
+                let families = tx.retain(&TOKEN_FAMILIES, |_, f| {
+                    f.refresh_expires_at_ms.saturating_add(window) > now
+                        && f.revoked_at_ms
+                            .is_none_or(|at| at.saturating_add(window) > now)
+                })?;
+                Ok(tokens + families)
+            })
+            .await?;
+        let revocations = self.revocations.prune(self.settings.leeway).await?;
+        Ok(refresh + revocations)
+    }
+}
