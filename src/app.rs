@@ -158,6 +158,8 @@ pub struct Running {
     pub bootstrap_token: Option<IssuedToken>,
     pub tls: Option<ServerTls>,
     pub store: Store,
+    /// The domain services the server runs (tests sign, rotate and revoke through them).
+    pub services: Services,
     state: AppState,
     stop: watch::Sender<bool>,
     http_task: JoinHandle<http::serve::Drained>,
@@ -212,6 +214,7 @@ pub async fn start(config: &Config, clock: SharedClock) -> Result<Running, AppEr
         bootstrap_token,
         tls: server_tls,
         store,
+        services: state.services.clone(),
         state,
         stop,
         http_task,

@@ -11,6 +11,16 @@ use gatehouse::config::{Config, Env, Flags};
 /// 2026-11-23T00:00:00Z: the fixed "now" of in-process tests.
 pub const TEST_NOW_MS: u64 = 1_795_392_000_000;
 
+/// What `/v1/pair` and `/v1/token` answer.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct PairedDevice {
+    pub device_id: String,
+    pub access_token: String,
+    pub refresh_token: String,
+    pub token_type: String,
+    pub expires_in: u64,
+}
+
 /// A running in-process server on a temporary data file.
 pub struct TestApp {
     pub dir: tempfile::TempDir,
@@ -35,6 +45,70 @@ impl TestApp {
             .cert_der
             .clone();
         client_trusting(&cert)
+    }
+
+    /// The bootstrap admin token of a fresh instance.
+    pub fn admin_token(&self) -> String {
+        self.running
+            .bootstrap_token
+            .as_ref()
+            .expect("a fresh instance has a bootstrap token")
+            .token
+            .clone()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base_url)
+    }
+
+    /// Opens a pairing session over HTTP as the admin: `(session_id, secret)`.
+    pub async fn open_pairing_session(&self) -> (String, String) {
+        let response = self
+            .client()
+            .post(self.url("/v1/pairing/sessions"))
+            .bearer_auth(self.admin_token())
+            .json(&serde_json::json!({"name": "test phone"}))
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(response.status(), 201, "pairing session created");
+        let body: serde_json::Value = response.json().await.expect("json");
+        (
+            body["session_id"].as_str().expect("session_id").to_string(),
+            body["secret"].as_str().expect("secret").to_string(),
+        )
+    }
+
+    /// Pairs a new device over HTTP: the answer of `/v1/pair`.
+    pub async fn pair_device(&self) -> PairedDevice {
+        let (session_id, secret) = self.open_pairing_session().await;
+        let response = self
+            .client()
+            .post(self.url("/v1/pair"))
+            .json(&serde_json::json!({
+                "session_id": session_id,
+                "secret": secret,
+                "device": {"name": "Pixel", "platform": "android", "app_version": "1.0.0"},
+            }))
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(response.status(), 200, "paired");
+        response.json().await.expect("token pair")
+    }
+
+    /// `/v1/introspect` as the admin: the JSON answer.
+    pub async fn introspect(&self, token: &str) -> serde_json::Value {
+        let response = self
+            .client()
+            .post(self.url("/v1/introspect"))
+            .bearer_auth(self.admin_token())
+            .form(&[("token", token)])
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(response.status(), 200, "introspection answers 200");
+        response.json().await.expect("json")
     }
 
     pub async fn stop(self) -> tempfile::TempDir {

@@ -10,4 +10,7 @@ mod binary;
 mod cli;
 mod helpers;
 mod http;
+mod interop;
+mod jwt_negative;
 mod store;
+mod tokens;

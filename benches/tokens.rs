@@ -1,0 +1,2 @@
+//! Placeholder replaced by the token benchmarks.
+fn main() {}
