@@ -164,6 +164,7 @@ pub struct Running {
     stop: watch::Sender<bool>,
     http_task: JoinHandle<http::serve::Drained>,
     socket_task: JoinHandle<()>,
+    maintenance_task: JoinHandle<()>,
 }
 
 /// Starts the server described by `config`.
@@ -207,6 +208,7 @@ pub async fn start(config: &Config, clock: SharedClock) -> Result<Running, AppEr
         config.server.clone(),
         until_stopped(stopped.clone()),
     ));
+    let maintenance_task = tokio::spawn(maintain(services.clone(), until_stopped(stopped.clone())));
     let socket_task = tokio::spawn(socket.serve(services, until_stopped(stopped)));
     Ok(Running {
         local_addr,
@@ -219,7 +221,38 @@ pub async fn start(config: &Config, clock: SharedClock) -> Result<Running, AppEr
         stop,
         http_task,
         socket_task,
+        maintenance_task,
     })
+}
+
+/// How often expired rows are pruned and retiring keys retired.
+const MAINTENANCE_EVERY: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Housekeeping until the scheduler takes it over: retires signing keys whose window
+/// has closed and prunes refresh tokens, revocations and pairing sessions that can no
+/// longer matter, at start and then every ten minutes.
+async fn maintain(services: Services, stopped: impl std::future::Future<Output = ()>) {
+    tokio::pin!(stopped);
+    let mut tick = tokio::time::interval(MAINTENANCE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            biased;
+            () = &mut stopped => return,
+            _ = tick.tick() => {}
+        }
+        if let Err(err) = services.keys.retire_expired().await {
+            tracing::warn!(error = %err, "retiring expired signing keys failed");
+        }
+        match services.tokens.prune_expired().await {
+            Ok(0) => {}
+            Ok(rows) => tracing::info!(rows, "pruned expired tokens and revocations"),
+            Err(err) => tracing::warn!(error = %err, "pruning expired tokens failed"),
+        }
+        if let Err(err) = services.pairing.prune_expired().await {
+            tracing::warn!(error = %err, "pruning expired pairing sessions failed");
+        }
+    }
 }
 
 /// A fresh instance (no admin token was ever made) gets one, shown once.
@@ -243,6 +276,7 @@ impl Running {
             );
         }
         self.socket_task.await?;
+        self.maintenance_task.await?;
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || store.close()).await?;
         Ok(())

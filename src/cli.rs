@@ -482,15 +482,34 @@ async fn run_command(command: Command, config: &Config) -> anyhow::Result<Outcom
             )
         })?;
     crate::jwt::install_provider();
-    let server = ServerIdentity {
-        url: crate::services::issuer(config, config.server.listen),
-        pin: None,
-    };
-    let result = match Services::start(store.clone(), clock, config, server).await {
-        Ok(services) => manage::execute(command, &services).await,
-        Err(err) => Err(manage::CommandError::new("internal", err.to_string())),
-    };
+    let result = execute_offline(command, config, &store, clock).await;
     let closing = store.clone();
     tokio::task::spawn_blocking(move || closing.close()).await?;
     Ok(result?)
+}
+
+/// Runs `command` over a data file this process opened (no server is running).
+async fn execute_offline(
+    command: Command,
+    config: &Config,
+    store: &crate::store::Store,
+    clock: SharedClock,
+) -> Result<Outcome, manage::CommandError> {
+    let internal =
+        |err: &dyn std::fmt::Display| manage::CommandError::new("internal", err.to_string());
+    // A pairing URI for a self-signed server must carry the pin of the stored certificate.
+    let pin = match config.tls_mode {
+        crate::config::TlsMode::SelfSigned => {
+            crate::tls::stored_pin(store).map_err(|e| internal(&e))?
+        }
+        crate::config::TlsMode::Off => None,
+    };
+    let server = ServerIdentity {
+        url: crate::services::issuer(config, config.server.listen),
+        pin,
+    };
+    let services = Services::start(store.clone(), clock, config, server)
+        .await
+        .map_err(|e| internal(&e))?;
+    manage::execute(command, &services).await
 }

@@ -103,8 +103,9 @@ pub enum KeyError {
     AlreadyRevoked(String),
     #[error(
         "the next key was published at {published}; apps that cache the JWKS may not have \
-         fetched it before {ready}. Rotate after that, or now with --now (tokens signed by \
-         the new key may then be refused by apps until they refetch the JWKS)"
+         fetched it before {ready}. Rotate after that, or now (`keys rotate --now`, or \
+         {{\"now\": true}} over HTTP); tokens signed by the new key may then be refused by \
+         apps until they refetch the JWKS"
     )]
     NextKeyTooNew { published: String, ready: String },
     #[error("the key ring has no active key")]

@@ -80,6 +80,7 @@ pub struct NewSession {
 
 /// What an app says about itself when pairing.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct DeviceInfo {
     pub name: String,
     pub platform: String,

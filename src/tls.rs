@@ -124,6 +124,15 @@ fn spki_pin(key_der: &[u8]) -> Result<String, TlsError> {
     Ok(data_encoding::BASE64.encode(digest(&SHA256, &spki).as_ref()))
 }
 
+/// The SPKI pin (`sha256/<base64>`) of the stored self-signed certificate, for
+/// commands that run without the server (a pairing URI must carry it).
+pub fn stored_pin(store: &Store) -> Result<Option<String>, TlsError> {
+    match store.read(|tx| tx.self_signed_cert())? {
+        Some(cert) => Ok(Some(format!("sha256/{}", spki_pin(&cert.key_der)?))),
+        None => Ok(None),
+    }
+}
+
 /// The self-signed certificate for `listen`: the stored one while it is valid and
 /// covers the listen address, else a new one, stored (sealed) before it is served.
 pub async fn self_signed(

@@ -71,6 +71,12 @@ impl<T: DeserializeOwned> FromRequest<AppState> for ApiForm<T> {
                 "invalid_request",
                 e.body_text(),
             )),
+            // A missing, repeated or mistyped parameter: 400 (RFC 6749 section 5.2).
+            Err(FormRejection::FailedToDeserializeFormBody(e)) => Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                e.body_text(),
+            )),
             Err(other) => Err(ApiError::new(
                 other.status(),
                 "invalid_request",

@@ -27,8 +27,8 @@ fn token_error(err: TokenError) -> ApiError {
     }
 }
 
+/// Unknown parameters are ignored (RFC 6749 section 3.2); repeated ones are refused.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct TokenRequest {
     grant_type: String,
     refresh_token: Option<String>,
@@ -66,8 +66,8 @@ pub async fn token(
     Ok(Json(pair))
 }
 
+/// Unknown parameters (such as `client_id`) are ignored; repeated ones are refused.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct TokenParam {
     token: String,
     /// A hint only (RFC 7009 section 2.1); the token's own shape decides.

@@ -544,7 +544,7 @@ fn names_in(dir: &Path) -> Vec<String> {
 }
 
 /// Creates an instance with the binary (start, then SIGTERM); returns the data path.
-fn create_instance(dir: &Path) -> PathBuf {
+pub(crate) fn create_instance(dir: &Path) -> PathBuf {
     let data = dir.join("gatehouse.redb");
     Server::start_ok(serve_cmd(&data)).stop_ok();
     assert!(data.exists() && key_path(&data).exists());
@@ -926,4 +926,281 @@ fn sigterm_right_after_the_listening_line_stops_cleanly() {
         "SIGTERM after the listening line killed the server ({status}); stderr tail:\n{}",
         &stderr[stderr.len().saturating_sub(2000)..]
     );
+}
+
+// ---------------------------------------------------------------------------------------
+// Durability across SIGKILL
+
+impl Server {
+    /// Sends SIGKILL (`Child::kill` on Unix): no drain, no clean close of the data file.
+    /// Returns the exit status, which must say the process died of that signal.
+    pub(crate) fn kill(mut self) -> ExitStatus {
+        use std::os::unix::process::ExitStatusExt;
+        self.child.kill().expect("SIGKILL");
+        let status = self.child.wait().expect("wait");
+        assert_eq!(status.signal(), Some(9), "not killed by SIGKILL: {status}");
+        status
+    }
+}
+
+/// A device as `/v1/pair` and `/v1/token` answer it.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub(crate) struct Paired {
+    pub device_id: String,
+    pub access_token: String,
+    pub refresh_token: String,
+}
+
+/// The HTTP API of a running binary, as the admin (bootstrap token) and as devices.
+pub(crate) struct Api {
+    pub client: reqwest::Client,
+    pub url: String,
+    pub admin: String,
+}
+
+impl Api {
+    /// Trusts `server` through its printed pin.
+    pub(crate) fn new(server: &Server, admin: &str) -> Self {
+        Self {
+            client: pinned_client(server).0,
+            url: server.url.clone(),
+            admin: admin.to_string(),
+        }
+    }
+
+    /// Opens a pairing session as the admin and pairs a device through it.
+    pub(crate) async fn pair(&self, name: &str) -> Paired {
+        let response = self
+            .client
+            .post(format!("{}/v1/pairing/sessions", self.url))
+            .bearer_auth(&self.admin)
+            .json(&serde_json::json!({"name": name}))
+            .send()
+            .await
+            .expect("POST /v1/pairing/sessions");
+        assert_eq!(response.status(), 201, "pairing session");
+        let session: serde_json::Value = response.json().await.expect("json");
+        let response = self
+            .client
+            .post(format!("{}/v1/pair", self.url))
+            .json(&serde_json::json!({
+                "session_id": session["session_id"],
+                "secret": session["secret"],
+                "device": {"name": name, "platform": "ios", "app_version": "2.1.0"},
+            }))
+            .send()
+            .await
+            .expect("POST /v1/pair");
+        assert_eq!(response.status(), 200, "paired");
+        response.json().await.expect("token pair")
+    }
+
+    /// `/v1/introspect` as the admin.
+    pub(crate) async fn introspect(&self, token: &str) -> serde_json::Value {
+        let response = self
+            .client
+            .post(format!("{}/v1/introspect", self.url))
+            .bearer_auth(&self.admin)
+            .form(&[("token", token)])
+            .send()
+            .await
+            .expect("POST /v1/introspect");
+        assert_eq!(response.status(), 200, "introspection");
+        response.json().await.expect("json")
+    }
+
+    /// Whether introspection calls `token` active; anything but a boolean fails.
+    pub(crate) async fn active(&self, token: &str) -> bool {
+        let answer = self.introspect(token).await;
+        answer["active"]
+            .as_bool()
+            .unwrap_or_else(|| panic!("no boolean active in {answer}"))
+    }
+
+    /// `POST /v1/token` with the refresh grant: status and JSON body.
+    pub(crate) async fn refresh(&self, refresh_token: &str) -> (u16, serde_json::Value) {
+        let response = self
+            .client
+            .post(format!("{}/v1/token", self.url))
+            .form(&[
+                ("grant_type", "refresh_token"),
+                ("refresh_token", refresh_token),
+            ])
+            .send()
+            .await
+            .expect("POST /v1/token");
+        let status = response.status().as_u16();
+        (status, response.json().await.expect("json"))
+    }
+}
+
+/// A fresh instance of the binary with two paired devices: the server, its API as the
+/// bootstrap admin, the device the test acts on and a bystander device.
+async fn instance_with_two_devices(data: &Path) -> (Server, Api, Paired, Paired) {
+    let server = Server::start_ok(serve_cmd(data));
+    let admin = server
+        .bootstrap_token
+        .clone()
+        .expect("a first start prints a bootstrap token");
+    let api = Api::new(&server, &admin);
+    let target = api.pair("target phone").await;
+    let bystander = api.pair("bystander phone").await;
+    assert_ne!(target.device_id, bystander.device_id);
+    for token in [
+        &target.access_token,
+        &target.refresh_token,
+        &bystander.access_token,
+        &bystander.refresh_token,
+    ] {
+        assert!(api.active(token).await, "a fresh token is inactive");
+    }
+    (server, api, target, bystander)
+}
+
+/// Restarts the binary on `data` after a SIGKILL, on the address the killed one used:
+/// the default issuer (and audience) is the listen address, so a restart on another port
+/// would refuse every token for that reason alone. The same admin token still works.
+fn restart_after_kill(data: &Path, addr: SocketAddr, admin: &str) -> (Server, Api) {
+    let mut cmd = gatehouse(data);
+    cmd.args(["serve", "--listen", &addr.to_string()]);
+    let server = Server::start_ok(cmd);
+    assert_eq!(server.addr, addr);
+    assert!(
+        server.bootstrap_token.is_none(),
+        "a restart printed a new bootstrap token"
+    );
+    let api = Api::new(&server, admin);
+    (server, api)
+}
+
+/// Stops the restarted server and checks that it had found the file not closed cleanly,
+/// so the kill really happened before any orderly close.
+fn stop_after_recovery(server: Server) {
+    let stopped = server.stop_ok();
+    assert!(
+        stopped.stderr.contains("not closed cleanly"),
+        "the restart did not see an unclean data file; stderr:\n{}",
+        stopped.stderr
+    );
+}
+
+/// RFC 7009 revocation of an access token is durable when the 200 arrives: SIGKILL at
+/// once, restart, and the token is inactive while another device's token is active.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoked_access_token_stays_revoked_after_sigkill() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("gatehouse.redb");
+    let (server, api, target, bystander) = instance_with_two_devices(&data).await;
+
+    let response = api
+        .client
+        .post(format!("{}/v1/revoke", api.url))
+        .form(&[("token", target.access_token.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let addr = server.addr;
+    server.kill();
+
+    let (server, api) = restart_after_kill(&data, addr, &api.admin);
+    assert_eq!(
+        api.introspect(&target.access_token).await,
+        serde_json::json!({"active": false})
+    );
+    assert!(
+        api.active(&bystander.access_token).await,
+        "another device's token must still be active (introspection works)"
+    );
+    // Only the access token was revoked: the device's refresh token still works.
+    assert!(api.active(&target.refresh_token).await);
+    stop_after_recovery(server);
+}
+
+/// `DELETE /v1/devices/{id}` is durable when its answer arrives: after SIGKILL and a
+/// restart the device's tokens are refused, another device's are not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoked_device_stays_revoked_after_sigkill() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("gatehouse.redb");
+    let (server, api, target, bystander) = instance_with_two_devices(&data).await;
+
+    let response = api
+        .client
+        .delete(format!("{}/v1/devices/{}", api.url, target.device_id))
+        .bearer_auth(&api.admin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let addr = server.addr;
+    server.kill();
+
+    let (server, api) = restart_after_kill(&data, addr, &api.admin);
+    assert_eq!(
+        api.introspect(&target.access_token).await,
+        serde_json::json!({"active": false})
+    );
+    assert_eq!(
+        api.introspect(&target.refresh_token).await,
+        serde_json::json!({"active": false})
+    );
+    let (status, body) = api.refresh(&target.refresh_token).await;
+    assert_eq!((status, &body["error"]), (400, &"invalid_grant".into()));
+    let device: serde_json::Value = api
+        .client
+        .get(format!("{}/v1/devices/{}", api.url, target.device_id))
+        .bearer_auth(&api.admin)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(device["status"], "revoked", "{device}");
+    assert!(api.active(&bystander.access_token).await);
+    assert!(api.active(&bystander.refresh_token).await);
+    stop_after_recovery(server);
+}
+
+/// Presenting a spent refresh token revokes its family, durably before the
+/// `invalid_grant` answer: after SIGKILL and a restart the family's newest refresh token
+/// and access token are still refused, another device's are not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refresh_token_reuse_stays_detected_after_sigkill() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("gatehouse.redb");
+    let (server, api, target, bystander) = instance_with_two_devices(&data).await;
+
+    let (status, body) = api.refresh(&target.refresh_token).await;
+    assert_eq!(status, 200, "{body}");
+    let newest: Paired = serde_json::from_value(body).unwrap();
+    assert_eq!(newest.device_id, target.device_id);
+    assert!(api.active(&newest.refresh_token).await);
+    assert!(api.active(&newest.access_token).await);
+    assert!(
+        !api.active(&target.refresh_token).await,
+        "a spent token is not active"
+    );
+
+    let (status, body) = api.refresh(&target.refresh_token).await;
+    assert_eq!((status, &body["error"]), (400, &"invalid_grant".into()));
+    let addr = server.addr;
+    server.kill();
+
+    let (server, api) = restart_after_kill(&data, addr, &api.admin);
+    let (status, body) = api.refresh(&newest.refresh_token).await;
+    assert_eq!(
+        (status, &body["error"]),
+        (400, &"invalid_grant".into()),
+        "the family's newest refresh token was accepted after the restart: {body}"
+    );
+    assert_eq!(
+        api.introspect(&newest.access_token).await,
+        serde_json::json!({"active": false})
+    );
+    assert!(api.active(&bystander.access_token).await);
+    let (status, _) = api.refresh(&bystander.refresh_token).await;
+    assert_eq!(status, 200, "another device's family still refreshes");
+    stop_after_recovery(server);
 }

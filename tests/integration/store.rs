@@ -765,3 +765,165 @@ async fn a_panicking_job_is_an_error_and_the_writer_lives_on() {
         .unwrap_err();
     assert!(matches!(err, StoreError::WriterStopped));
 }
+
+// ---------------------------------------------------------------------------------------
+// The format-2 fixture
+
+/// A copy of the format-2 fixture and its key, laid out as a server expects them.
+fn fixture_v2_copy(dir: &Path) -> (PathBuf, MasterKey) {
+    let path = helpers::copy_into(&fixtures().join("format-v2.redb"), dir, "gatehouse.redb");
+    let key_path = dir.join("gatehouse.redb.key");
+    std::fs::write(
+        &key_path,
+        std::fs::read(fixtures().join("format-v2.key")).unwrap(),
+    )
+    .unwrap();
+    set_mode(&key_path, 0o600);
+    set_mode(&path, 0o600);
+    (path, MasterKey::load(&key_path).unwrap())
+}
+
+/// Tables format 3 added; a migrated format-2 file has them, empty.
+const FORMAT_3_TABLES: &[&str] = &[
+    "signing_keys.v1",
+    "pairing_sessions.v1",
+    "devices.v1",
+    "token_families.v1",
+    "refresh_tokens.v1",
+    "revoked_tokens.v1",
+    "clients.v1",
+];
+
+#[tokio::test]
+async fn format_v2_fixture_migrates_to_current_with_empty_token_tables() {
+    assert_eq!(FORMAT_VERSION, 3, "this test knows format 3");
+    let dir = tempfile::tempdir().unwrap();
+    let (path, key) = fixture_v2_copy(dir.path());
+    let (store, report) = Store::open(&path, &key, clock().as_ref()).unwrap();
+    let migrated = report.migrated.expect("format 2 is migrated");
+    assert_eq!((migrated.from, migrated.to), (2, FORMAT_VERSION));
+    assert_eq!(migrated.steps.len(), 1, "{:?}", migrated.steps);
+    assert_eq!(store.info().format_version, FORMAT_VERSION);
+    assert_eq!(store.info().instance_id, "43".repeat(16));
+    assert_eq!(store.info().created_at_ms, TEST_NOW_MS);
+
+    // Both admin tokens, with their last use and revocation, unchanged.
+    let tokens = store.read(|tx| tx.admin_tokens()).unwrap();
+    assert_eq!(tokens.len(), 2);
+    let bootstrap = store
+        .read(|tx| tx.admin_token(FIXTURE_TOKEN_ID))
+        .unwrap()
+        .expect("the bootstrap token");
+    assert_eq!(bootstrap.name, "bootstrap");
+    assert_eq!(bootstrap.created_at_ms, TEST_NOW_MS);
+    assert_eq!(bootstrap.last_used_at_ms, Some(TEST_NOW_MS + 5));
+    assert_eq!(bootstrap.revoked_at_ms, None);
+    let ops = store
+        .read(|tx| tx.admin_token("8899aabbccddeeff"))
+        .unwrap()
+        .expect("the ops token");
+    assert_eq!(ops.name, "ops");
+    assert_eq!(ops.last_used_at_ms, None);
+    assert_eq!(ops.revoked_at_ms, Some(TEST_NOW_MS + 9));
+    let shared: SharedClock = clock();
+    let admin = AdminTokens::new(store.clone(), shared);
+    assert_eq!(
+        admin.verify(&fixture_token_text()).unwrap(),
+        FIXTURE_TOKEN_ID
+    );
+    assert!(store.read(|tx| tx.self_signed_cert()).unwrap().is_some());
+
+    let counts = store.read(|tx| tx.table_counts()).unwrap();
+    for table in FORMAT_3_TABLES {
+        assert!(counts.contains(&(table, 0)), "{table} in {counts:?}");
+    }
+    assert!(counts.contains(&("admin_tokens.v1", 2)), "{counts:?}");
+    assert!(counts.contains(&("secrets.v1", 1)), "{counts:?}");
+    assert_eq!(counts.len(), tables::ALL_TABLES.len());
+    store.close();
+    drop((store, admin));
+
+    // A second open migrates nothing.
+    let (store, report) = Store::open(&path, &key, clock().as_ref()).unwrap();
+    assert!(report.migrated.is_none());
+    assert_eq!(store.read(|tx| tx.admin_tokens()).unwrap(), tokens);
+    store.close();
+}
+
+#[tokio::test]
+async fn a_server_on_the_format_v2_fixture_serves_its_certificate_and_pairs_a_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, key) = fixture_v2_copy(dir.path());
+    // The server itself migrates the file.
+    let app = helpers::spawn_app_in(dir, &[]).await;
+    assert!(
+        app.running.bootstrap_token.is_none(),
+        "the fixture has tokens"
+    );
+    assert_eq!(app.running.store.info().format_version, FORMAT_VERSION);
+    let served = app.running.tls.as_ref().unwrap().cert_der.clone();
+    let admin = app
+        .running
+        .services
+        .admin_tokens
+        .create("after migration")
+        .await
+        .unwrap()
+        .token;
+    let client = app.client();
+
+    // The fixture's own token still administers.
+    let response = client
+        .get(app.url("/v1/keys"))
+        .bearer_auth(fixture_token_text())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let keys: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(keys["keys"].as_array().unwrap().len(), 2, "{keys}");
+
+    let response = client
+        .post(app.url("/v1/pairing/sessions"))
+        .bearer_auth(&admin)
+        .json(&serde_json::json!({"name": "first phone"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    let session: serde_json::Value = response.json().await.unwrap();
+    let response = client
+        .post(app.url("/v1/pair"))
+        .json(&serde_json::json!({
+            "session_id": session["session_id"],
+            "secret": session["secret"],
+            "device": {"name": "Pixel", "platform": "android", "app_version": "1.0.0"},
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let pair: helpers::PairedDevice = response.json().await.unwrap();
+    let response = client
+        .post(app.url("/v1/introspect"))
+        .bearer_auth(&admin)
+        .form(&[("token", pair.access_token.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let answer: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(answer["active"], true, "{answer}");
+    assert_eq!(answer["sub"], pair.device_id.as_str());
+    let counts = app.running.store.read(|tx| tx.table_counts()).unwrap();
+    assert!(counts.contains(&("devices.v1", 1)), "{counts:?}");
+    assert!(counts.contains(&("signing_keys.v1", 2)), "{counts:?}");
+    let _dir = app.stop().await;
+
+    // What was served is the certificate the fixture stored, not a new one.
+    let (store, report) = Store::open(&path, &key, clock().as_ref()).unwrap();
+    assert!(report.migrated.is_none());
+    let stored = store.read(|tx| tx.self_signed_cert()).unwrap().unwrap();
+    assert_eq!(served, stored.cert_der);
+    store.close();
+}
