@@ -143,7 +143,7 @@ enum DevicesCommand {
 
 #[derive(Debug, Subcommand)]
 enum PairCommand {
-    /// Open a pairing session and print its pairing URI
+    /// Open a pairing session; print its QR code and pairing URI
     New {
         /// A name for the device to be paired
         #[arg(long)]
@@ -242,6 +242,8 @@ async fn run(command: Commands, config: Config) -> anyhow::Result<()> {
                 ttl_seconds: ttl.map(|d| d.as_secs()),
             };
             if let Outcome::PairingOpened(session) = run_command(command, &config).await? {
+                // The code first, then the URI as the last line for scripts.
+                print!("{}", crate::qr::terminal(&session.pairing_uri)?);
                 println!("{}", session.pairing_uri);
                 eprintln!(
                     "pairing session {} open until {}",

@@ -21,6 +21,7 @@ pub mod jwt;
 pub mod keys;
 pub mod manage;
 pub mod pairing;
+pub mod qr;
 pub mod revocation;
 pub mod services;
 pub mod store;

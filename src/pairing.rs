@@ -12,7 +12,8 @@
 //! constant-time comparison against the stored hash or a dummy. This module must not
 //! know HTTP.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -44,6 +45,15 @@ pub enum PairingError {
         "the pairing session does not exist, has expired or was already used, or the secret is wrong"
     )]
     Rejected,
+    #[error("no such pairing session")]
+    UnknownSession,
+    #[error("the pairing session was already used or has expired")]
+    Closed,
+    #[error(
+        "this session's secret is no longer held (the server restarted since it was opened); \
+         open a new session"
+    )]
+    SecretUnavailable,
     #[error("bad ttl: {0}")]
     BadTtl(String),
     #[error("bad session name: {0}")]
@@ -161,6 +171,10 @@ pub struct PairingSessions {
     server: ServerIdentity,
     /// Compared against when the session does not exist, so that path costs the same.
     dummy_hash: [u8; 32],
+    /// Pairing URIs of open sessions this process created, so the admin API can render
+    /// their QR codes. Memory only: the data file holds only the secret's hash, so after
+    /// a restart an open session's QR code cannot be shown again.
+    open_uris: Mutex<HashMap<SessionId, (String, u64)>>,
 }
 
 fn ms(d: Duration) -> u64 {
@@ -182,6 +196,7 @@ impl PairingSessions {
             default_ttl,
             server,
             dummy_hash: crate::ids::random_bytes()?,
+            open_uris: Mutex::new(HashMap::new()),
         })
     }
 
@@ -230,8 +245,14 @@ impl PairingSessions {
         self.store
             .write(move |tx| tx.put(&PAIRING_SESSIONS, &key, &record))
             .await?;
+        let uri = pairing_uri(&self.server, &id, secret.as_str(), expires_at_ms);
+        {
+            let mut open = self.open_uris.lock().unwrap_or_else(|p| p.into_inner());
+            open.retain(|_, (_, expires)| *expires > now);
+            open.insert(id, (uri.clone(), expires_at_ms));
+        }
         Ok(NewSession {
-            pairing_uri: pairing_uri(&self.server, &id, secret.as_str(), expires_at_ms),
+            pairing_uri: uri,
             session_id: id,
             secret: secret.into_string(),
             expires_at_ms,
@@ -239,11 +260,31 @@ impl PairingSessions {
         })
     }
 
-    /// A session's record, for QR rendering and the admin UI.
+    /// A session's record, for the admin UI.
     pub fn get(&self, id: &SessionId) -> Result<Option<PairingSession>, PairingError> {
         Ok(self
             .store
             .read(|tx| tx.get(&PAIRING_SESSIONS, &id.to_string()))?)
+    }
+
+    /// The pairing URI of a session that is still open, for its QR code.
+    pub fn open_uri(&self, id: &SessionId) -> Result<String, PairingError> {
+        let session = self.get(id)?.ok_or(PairingError::UnknownSession)?;
+        let now = self.clock.now_ms();
+        if session.claimed_at_ms.is_some() || now >= session.expires_at_ms {
+            return Err(PairingError::Closed);
+        }
+        let open = self.open_uris.lock().unwrap_or_else(|p| p.into_inner());
+        open.get(id)
+            .map(|(uri, _)| uri.clone())
+            .ok_or(PairingError::SecretUnavailable)
+    }
+
+    fn forget_uri(&self, id: &SessionId) {
+        self.open_uris
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
     }
 
     /// Claims a session with its secret: creates the device and returns its tokens.
@@ -326,6 +367,7 @@ impl PairingSessions {
             .await?;
         match claim {
             Claim::Won => {
+                self.forget_uri(&session_id);
                 tracing::info!(%session_id, device = %device_id, peer, "device paired");
                 Ok(self
                     .tokens

@@ -73,6 +73,8 @@ pub fn router(state: AppState, limits: &ServerConfig) -> Router {
         .route("/v1/revoke", post(oauth::revoke))
         .route("/v1/introspect", post(oauth::introspect))
         .route("/v1/pairing/sessions", post(pairing::create_session))
+        .route("/v1/pairing/sessions/{id}/qr.svg", get(pairing::qr_svg))
+        .route("/v1/pairing/sessions/{id}/qr.png", get(pairing::qr_png))
         .route("/v1/pair", post(pairing::pair))
         .route("/v1/keys", get(keys::list))
         .route("/v1/keys/rotate", post(keys::rotate))

@@ -1,10 +1,12 @@
-//! `POST /v1/pairing/sessions` (admin) and `POST /v1/pair` (the app).
+//! `POST /v1/pairing/sessions` and the session's QR code (admin), and `POST /v1/pair`
+//! (the app).
 
 use std::time::Duration;
 
 use axum::Json;
-use axum::extract::State;
-use http::StatusCode;
+use axum::extract::{Path, State};
+use axum::response::{IntoResponse, Response};
+use http::{StatusCode, header};
 use serde::{Deserialize, Serialize};
 
 use super::AppState;
@@ -16,7 +18,7 @@ use crate::pairing::{DeviceInfo, PairingError};
 use crate::tokens::TokenPair;
 
 fn pairing_error(err: PairingError) -> ApiError {
-    match err {
+    match &err {
         PairingError::Rejected => ApiError::new(
             StatusCode::UNAUTHORIZED,
             "pairing_failed",
@@ -30,6 +32,14 @@ fn pairing_error(err: PairingError) -> ApiError {
         ),
         PairingError::BadName(m) | PairingError::BadDevice(m) => {
             ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", m)
+        }
+        PairingError::UnknownSession => ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no such pairing session",
+        ),
+        PairingError::Closed | PairingError::SecretUnavailable => {
+            ApiError::new(StatusCode::GONE, "gone", err.to_string())
         }
         other => ApiError::internal(&other),
     }
@@ -103,4 +113,53 @@ pub async fn pair(
         .await
         .map_err(pairing_error)?;
     Ok(Json(pair))
+}
+
+/// Which picture of the pairing URI to render.
+#[derive(Debug, Clone, Copy)]
+pub enum QrFormat {
+    Svg,
+    Png,
+}
+
+fn session_id(text: &str) -> Result<SessionId, ApiError> {
+    SessionId::parse(text).ok_or_else(|| pairing_error(PairingError::UnknownSession))
+}
+
+/// The QR code of an open session's pairing URI (admin): 404 for an unknown session,
+/// 410 once it is used or expired, or when the secret is no longer held.
+pub async fn qr(state: &AppState, id: &str, format: QrFormat) -> Result<Response, ApiError> {
+    let id = session_id(id)?;
+    let uri = state
+        .services
+        .pairing
+        .open_uri(&id)
+        .map_err(pairing_error)?;
+    let response = match format {
+        QrFormat::Svg => {
+            let svg = crate::qr::svg(&uri).map_err(|e| ApiError::internal(&e))?;
+            ([(header::CONTENT_TYPE, "image/svg+xml")], svg).into_response()
+        }
+        QrFormat::Png => {
+            let png = crate::qr::png(&uri).map_err(|e| ApiError::internal(&e))?;
+            ([(header::CONTENT_TYPE, "image/png")], png).into_response()
+        }
+    };
+    Ok(response)
+}
+
+pub async fn qr_svg(
+    State(state): State<AppState>,
+    _admin: Admin,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    qr(&state, &id, QrFormat::Svg).await
+}
+
+pub async fn qr_png(
+    State(state): State<AppState>,
+    _admin: Admin,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    qr(&state, &id, QrFormat::Png).await
 }
