@@ -226,32 +226,50 @@ pub async fn start(config: &Config, clock: SharedClock) -> Result<Running, AppEr
 }
 
 /// How often expired rows are pruned and retiring keys retired.
-const MAINTENANCE_EVERY: std::time::Duration = std::time::Duration::from_secs(600);
+const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(600);
+/// How often devices' last-seen times are written.
+const LAST_SEEN_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// Housekeeping until the scheduler takes it over: retires signing keys whose window
-/// has closed and prunes refresh tokens, revocations and pairing sessions that can no
-/// longer matter, at start and then every ten minutes.
+/// Housekeeping until the scheduler takes it over: writes devices' last-seen times every
+/// few seconds (and once more at stop); retires signing keys whose window has closed and
+/// prunes refresh tokens, revocations and pairing sessions that can no longer matter, at
+/// start and then every ten minutes.
 async fn maintain(services: Services, stopped: impl std::future::Future<Output = ()>) {
     tokio::pin!(stopped);
-    let mut tick = tokio::time::interval(MAINTENANCE_EVERY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut prune = tokio::time::interval(PRUNE_EVERY);
+    prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_seen = tokio::time::interval(LAST_SEEN_EVERY);
+    last_seen.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             biased;
-            () = &mut stopped => return,
-            _ = tick.tick() => {}
+            () = &mut stopped => {
+                flush_last_seen(&services).await;
+                return;
+            }
+            _ = last_seen.tick() => flush_last_seen(&services).await,
+            _ = prune.tick() => prune_expired(&services).await,
         }
-        if let Err(err) = services.keys.retire_expired().await {
-            tracing::warn!(error = %err, "retiring expired signing keys failed");
-        }
-        match services.tokens.prune_expired().await {
-            Ok(0) => {}
-            Ok(rows) => tracing::info!(rows, "pruned expired tokens and revocations"),
-            Err(err) => tracing::warn!(error = %err, "pruning expired tokens failed"),
-        }
-        if let Err(err) = services.pairing.prune_expired().await {
-            tracing::warn!(error = %err, "pruning expired pairing sessions failed");
-        }
+    }
+}
+
+async fn flush_last_seen(services: &Services) {
+    if let Err(err) = services.devices.flush_last_seen().await {
+        tracing::warn!(error = %err, "writing devices' last-seen times failed");
+    }
+}
+
+async fn prune_expired(services: &Services) {
+    if let Err(err) = services.keys.retire_expired().await {
+        tracing::warn!(error = %err, "retiring expired signing keys failed");
+    }
+    match services.tokens.prune_expired().await {
+        Ok(0) => {}
+        Ok(rows) => tracing::info!(rows, "pruned expired tokens and revocations"),
+        Err(err) => tracing::warn!(error = %err, "pruning expired tokens failed"),
+    }
+    if let Err(err) = services.pairing.prune_expired().await {
+        tracing::warn!(error = %err, "pruning expired pairing sessions failed");
     }
 }
 

@@ -137,6 +137,8 @@ enum DevicesCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Show one device
+    Show { id: String },
     /// Revoke a device and every token it holds
     Revoke { id: String },
 }
@@ -382,6 +384,13 @@ async fn devices(command: DevicesCommand, config: &Config) -> anyhow::Result<()>
                         d.last_seen
                     );
                 }
+            }
+        }
+        DevicesCommand::Show { id } => {
+            if let Outcome::DeviceShown(device) =
+                run_command(Command::DevicesShow { id }, config).await?
+            {
+                return print_json(&device);
             }
         }
         DevicesCommand::Revoke { id } => {

@@ -2,22 +2,35 @@
 //!
 //! A device is created by `pairing` in the same transaction as its first tokens, and
 //! revoked through the revocation list, which also revokes every token family the device
-//! holds, durably, before `Devices::revoke` returns. This module must not know HTTP.
+//! holds, durably, before `Devices::revoke` returns. `last_seen` is kept in memory as
+//! devices are seen (`Devices::seen`) and written in one batch by `flush_last_seen`
+//! (every few seconds, and at stop), so a busy device costs no write per request. This
+//! module must not know HTTP.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 
-use crate::clock::format_rfc3339;
+use crate::clock::{SharedClock, format_rfc3339};
 use crate::ids::DeviceId;
 use crate::revocation::RevocationList;
 use crate::store::records::Device;
 use crate::store::{DEVICES, Store, StoreError};
 
+/// Longest page of `list`.
+pub const MAX_PAGE: usize = 200;
+/// Page size when none is asked for.
+pub const DEFAULT_PAGE: usize = 50;
+
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
     #[error("no device with id {0}")]
     NotFound(String),
+    #[error("bad device name: {0}")]
+    BadName(String),
+    #[error("bad filter: {0}")]
+    BadFilter(String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -58,31 +71,206 @@ impl DeviceView {
     }
 }
 
+/// Which devices `list` returns, and from where.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeviceFilter {
+    /// `"active"` or `"revoked"`.
+    pub status: Option<String>,
+    /// Devices whose name contains this text (case-insensitive).
+    pub name: Option<String>,
+    /// Devices after this one in the listing order (the `next` of the previous page).
+    pub after: Option<DeviceId>,
+    pub limit: Option<usize>,
+}
+
+/// One page of devices; `next` is the cursor for the following page, if any.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct DevicePage {
+    pub devices: Vec<DeviceView>,
+    pub next: Option<DeviceId>,
+}
+
 #[derive(Debug, Clone)]
 pub struct Devices {
     store: Store,
+    clock: SharedClock,
     revocations: Arc<RevocationList>,
+    /// Device → when it was last seen, not yet written.
+    unwritten_seen: Arc<Mutex<HashMap<DeviceId, u64>>>,
 }
 
 impl Devices {
-    pub fn new(store: Store, revocations: Arc<RevocationList>) -> Self {
-        Self { store, revocations }
+    pub fn new(store: Store, clock: SharedClock, revocations: Arc<RevocationList>) -> Self {
+        Self {
+            store,
+            clock,
+            revocations,
+            unwritten_seen: Arc::default(),
+        }
+    }
+
+    /// Notes that a device was just seen (a verified token, a message on its socket).
+    pub fn seen(&self, id: DeviceId) {
+        let now = self.clock.now_ms();
+        self.unwritten_seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, now);
+    }
+
+    /// Writes every pending `last_seen` in one transaction; returns how many devices.
+    pub async fn flush_last_seen(&self) -> Result<usize, DeviceError> {
+        let pending: Vec<(DeviceId, u64)> = {
+            let mut map = self
+                .unwritten_seen
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            map.drain().collect()
+        };
+        if pending.is_empty() {
+            return Ok(0);
+        }
+        let count = pending.len();
+        self.store
+            .write(move |tx| -> Result<(), StoreError> {
+                for (id, at) in &pending {
+                    let key = id.to_string();
+                    if let Some(mut device) = tx.get(&DEVICES, &key)?
+                        && device.last_seen_ms < *at
+                    {
+                        device.last_seen_ms = *at;
+                        tx.put(&DEVICES, &key, &device)?;
+                    }
+                }
+                Ok(())
+            })
+            .await?;
+        Ok(count)
+    }
+
+    /// The last-seen time including what is not written yet.
+    fn with_unwritten(&self, mut view: DeviceView, record: &Device) -> DeviceView {
+        let pending = self
+            .unwritten_seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&view.id)
+            .copied();
+        if let Some(at) = pending.filter(|at| *at > record.last_seen_ms) {
+            view.last_seen = format_rfc3339(at);
+        }
+        view
     }
 
     pub fn get(&self, id: &DeviceId) -> Result<Option<DeviceView>, DeviceError> {
         let record = self.store.read(|tx| tx.get(&DEVICES, &id.to_string()))?;
-        Ok(record.map(|d| DeviceView::new(*id, d)))
+        Ok(record.map(|d| self.with_unwritten(DeviceView::new(*id, d.clone()), &d)))
     }
 
     /// Every device, oldest first.
     pub fn list(&self) -> Result<Vec<DeviceView>, DeviceError> {
+        let mut all = Vec::new();
+        let mut after = None;
+        loop {
+            let page = self.page(&DeviceFilter {
+                after,
+                limit: Some(MAX_PAGE),
+                ..DeviceFilter::default()
+            })?;
+            all.extend(page.devices);
+            match page.next {
+                Some(next) => after = Some(next),
+                None => return Ok(all),
+            }
+        }
+    }
+
+    /// One page of devices, oldest first, filtered.
+    pub fn page(&self, filter: &DeviceFilter) -> Result<DevicePage, DeviceError> {
+        let limit = filter.limit.unwrap_or(DEFAULT_PAGE);
+        if limit == 0 || limit > MAX_PAGE {
+            return Err(DeviceError::BadFilter(format!(
+                "limit must be between 1 and {MAX_PAGE}"
+            )));
+        }
+        let revoked = match filter.status.as_deref() {
+            None => None,
+            Some("active") => Some(false),
+            Some("revoked") => Some(true),
+            Some(other) => {
+                return Err(DeviceError::BadFilter(format!(
+                    "status must be \"active\" or \"revoked\", not {other:?}"
+                )));
+            }
+        };
+        let needle = filter.name.as_ref().map(|n| n.to_lowercase());
         let rows = self.store.read(|tx| tx.all(&DEVICES))?;
-        let mut out: Vec<DeviceView> = rows
+        let mut rows: Vec<(DeviceId, Device)> = rows
             .into_iter()
-            .filter_map(|(id, d)| DeviceId::parse(&id).map(|id| DeviceView::new(id, d)))
+            .filter_map(|(id, d)| DeviceId::parse(&id).map(|id| (id, d)))
             .collect();
-        out.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
-        Ok(out)
+        rows.sort_by(|(a_id, a), (b_id, b)| {
+            a.created_at_ms.cmp(&b.created_at_ms).then(a_id.cmp(b_id))
+        });
+        let start = match &filter.after {
+            Some(after) => match rows.iter().position(|(id, _)| id == after) {
+                Some(i) => i + 1,
+                None => {
+                    return Err(DeviceError::BadFilter(
+                        "the `after` cursor names no device".into(),
+                    ));
+                }
+            },
+            None => 0,
+        };
+        let mut matching = rows[start..].iter().filter(|(_, d)| {
+            revoked.is_none_or(|r| d.revoked_at_ms.is_some() == r)
+                && needle
+                    .as_ref()
+                    .is_none_or(|n| d.name.to_lowercase().contains(n.as_str()))
+        });
+        let devices: Vec<DeviceView> = matching
+            .by_ref()
+            .take(limit)
+            .map(|(id, d)| self.with_unwritten(DeviceView::new(*id, d.clone()), d))
+            .collect();
+        let next = if matching.next().is_some() {
+            devices.last().map(|d| d.id)
+        } else {
+            None
+        };
+        Ok(DevicePage { devices, next })
+    }
+
+    /// Renames a device; durable when this returns.
+    pub async fn rename(&self, id: &DeviceId, name: &str) -> Result<DeviceView, DeviceError> {
+        let name = name.trim().to_string();
+        if name.is_empty()
+            || name.chars().count() > crate::pairing::MAX_DEVICE_NAME
+            || name.chars().any(char::is_control)
+        {
+            return Err(DeviceError::BadName(format!(
+                "1 to {} characters without control characters",
+                crate::pairing::MAX_DEVICE_NAME
+            )));
+        }
+        let key = id.to_string();
+        let found = self
+            .store
+            .write(move |tx| -> Result<bool, StoreError> {
+                let Some(mut device) = tx.get(&DEVICES, &key)? else {
+                    return Ok(false);
+                };
+                device.name.clone_from(&name);
+                tx.put(&DEVICES, &key, &device)?;
+                Ok(true)
+            })
+            .await?;
+        if !found {
+            return Err(DeviceError::NotFound(id.to_string()));
+        }
+        self.get(id)?
+            .ok_or_else(|| DeviceError::NotFound(id.to_string()))
     }
 
     /// Revokes a device and all its tokens; durable when this returns. Revoking a

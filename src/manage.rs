@@ -63,6 +63,9 @@ pub enum Command {
         id: String,
     },
     DevicesList,
+    DevicesShow {
+        id: String,
+    },
     DevicesRevoke {
         id: String,
     },
@@ -103,6 +106,7 @@ pub enum Outcome {
         devices: Vec<DeviceView>,
     },
     DeviceRevoked(DeviceView),
+    DeviceShown(DeviceView),
     PairingOpened(NewSession),
 }
 
@@ -165,6 +169,8 @@ impl From<DeviceError> for CommandError {
     fn from(err: DeviceError) -> Self {
         let code = match &err {
             DeviceError::NotFound(_) => "not_found",
+            DeviceError::BadName(_) => "bad_name",
+            DeviceError::BadFilter(_) => "bad_request",
             DeviceError::Store(_) => "internal",
         };
         Self::new(code, err.to_string())
@@ -227,6 +233,15 @@ pub async fn execute(command: Command, services: &Services) -> Result<Outcome, C
         Command::DevicesList => Ok(Outcome::DeviceList {
             devices: services.devices.list()?,
         }),
+        Command::DevicesShow { id } => {
+            let device = DeviceId::parse(&id)
+                .ok_or_else(|| CommandError::from(DeviceError::NotFound(id.clone())))?;
+            let view = services
+                .devices
+                .get(&device)?
+                .ok_or_else(|| CommandError::from(DeviceError::NotFound(id.clone())))?;
+            Ok(Outcome::DeviceShown(view))
+        }
         Command::DevicesRevoke { id } => {
             let device = DeviceId::parse(&id)
                 .ok_or_else(|| CommandError::from(DeviceError::NotFound(id.clone())))?;

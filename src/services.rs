@@ -107,7 +107,7 @@ impl Services {
         )?);
         Ok(Self {
             admin_tokens: AdminTokens::new(store.clone(), clock.clone()),
-            devices: Devices::new(store.clone(), revocations.clone()),
+            devices: Devices::new(store.clone(), clock.clone(), revocations.clone()),
             clients: Clients::new(store.clone(), clock.clone())?,
             master_key: config.master_key.clone(),
             store,

@@ -1,20 +1,24 @@
-//! `GET /v1/devices`, `GET /v1/devices/{id}` and `DELETE /v1/devices/{id}` (admin).
+//! `GET /v1/devices` (filtered, paged), `GET`, `PATCH` and `DELETE /v1/devices/{id}`
+//! (admin).
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use http::StatusCode;
-use serde::Serialize;
+use serde::Deserialize;
 
 use super::AppState;
 use super::error::ApiError;
-use super::extract::Admin;
-use crate::devices::{DeviceError, DeviceView};
+use super::extract::{Admin, ApiJson};
+use crate::devices::{DeviceError, DeviceFilter, DevicePage, DeviceView};
 use crate::ids::DeviceId;
 
 fn device_error(err: DeviceError) -> ApiError {
     match err {
         DeviceError::NotFound(_) => {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", err.to_string())
+        }
+        DeviceError::BadName(_) | DeviceError::BadFilter(_) => {
+            ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", err.to_string())
         }
         DeviceError::Store(e) => ApiError::internal(&e),
     }
@@ -30,21 +34,41 @@ fn device_id(text: &str) -> Result<DeviceId, ApiError> {
     })
 }
 
-#[derive(Debug, Serialize)]
-pub struct DeviceList {
-    devices: Vec<DeviceView>,
-    next: Option<String>,
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    status: Option<String>,
+    name: Option<String>,
+    after: Option<String>,
+    limit: Option<usize>,
 }
 
+/// `GET /v1/devices?status=active|revoked&name=TEXT&after=ID&limit=N`, oldest first.
 pub async fn list(
     State(state): State<AppState>,
     _admin: Admin,
-) -> Result<Json<DeviceList>, ApiError> {
-    let devices = state.services.devices.list().map_err(device_error)?;
-    Ok(Json(DeviceList {
-        devices,
-        next: None,
-    }))
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<DevicePage>, ApiError> {
+    let Query(query) = query.map_err(|e| {
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", e.body_text())
+    })?;
+    let after = match query.after.as_deref() {
+        Some(text) => Some(DeviceId::parse(text).ok_or_else(|| {
+            device_error(DeviceError::BadFilter(
+                "`after` must be a device id from a previous page's `next`".into(),
+            ))
+        })?),
+        None => None,
+    };
+    let filter = DeviceFilter {
+        status: query.status,
+        name: query.name,
+        after,
+        limit: query.limit,
+    };
+    Ok(Json(
+        state.services.devices.page(&filter).map_err(device_error)?,
+    ))
 }
 
 pub async fn show(
@@ -60,6 +84,30 @@ pub async fn show(
         .map_err(device_error)?
         .map(Json)
         .ok_or_else(|| device_error(DeviceError::NotFound(id.to_string())))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rename {
+    name: String,
+}
+
+/// `PATCH /v1/devices/{id}` with `{"name": …}`.
+pub async fn rename(
+    State(state): State<AppState>,
+    _admin: Admin,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<Rename>,
+) -> Result<Json<DeviceView>, ApiError> {
+    let id = device_id(&id)?;
+    Ok(Json(
+        state
+            .services
+            .devices
+            .rename(&id, &body.name)
+            .await
+            .map_err(device_error)?,
+    ))
 }
 
 /// Revokes the device and every token it holds, durably, before answering.

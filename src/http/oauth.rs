@@ -103,10 +103,20 @@ pub async fn introspect(
     _caller: Introspector,
     ApiForm(request): ApiForm<TokenParam>,
 ) -> Json<Introspection> {
-    match bounded(&request.token) {
-        Some(token) => Json(state.services.tokens.introspect(token)),
-        None => Json(Introspection::default()),
+    let Some(token) = bounded(&request.token) else {
+        return Json(Introspection::default());
+    };
+    let answer = state.services.tokens.introspect(token);
+    // An app asking about a device's token means the device is in use.
+    if let Some(device) = answer
+        .sub
+        .as_deref()
+        .filter(|_| answer.active)
+        .and_then(crate::ids::DeviceId::parse)
+    {
+        state.services.devices.seen(device);
     }
+    Json(answer)
 }
 
 /// `GET /.well-known/jwks.json`: the public keys, cacheable for a few minutes (the key

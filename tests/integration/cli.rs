@@ -798,18 +798,22 @@ fn percent_decode(text: &str) -> String {
     String::from_utf8(out).unwrap()
 }
 
-/// `pair new` prints exactly one line, the URI.
+/// `pair new` prints the QR code (black-on-white ANSI lines), then the URI as the last
+/// line.
 fn pair_new(data: &Path, args: &[&str]) -> (String, HashMap<String, String>) {
     let mut all = vec!["pair", "new"];
     all.extend_from_slice(args);
     let done = run_ok(cli(data, &all));
-    let uri = done
-        .stdout
-        .strip_suffix('\n')
-        .unwrap_or_else(|| panic!("{:?}", done.stdout));
+    let mut lines: Vec<&str> = done.stdout.lines().collect();
+    let uri = lines
+        .pop()
+        .unwrap_or_else(|| panic!("no output: {:?}", done.stdout));
+    assert!(lines.len() > 10, "no QR code above the URI: {:?}", done.stdout);
     assert!(
-        !uri.contains('\n'),
-        "stdout is not one line: {:?}",
+        lines
+            .iter()
+            .all(|l| l.starts_with("\x1b[30;47m") && l.ends_with("\x1b[0m")),
+        "QR lines are not black on white: {:?}",
         done.stdout
     );
     assert!(done.stderr.contains("open until"), "{}", done.stderr);
@@ -892,7 +896,7 @@ async fn offline_pair_new_opens_a_session_the_server_honours() {
     let mut cmd = cli(&data, &["pair", "new", "--name", "x", "--ttl", "2m"]);
     cmd.env("GATEHOUSE_LISTEN", addr.to_string());
     let done = run_ok(cmd);
-    let query = pairing_query(done.stdout.trim_end());
+    let query = pairing_query(done.stdout.lines().last().unwrap_or_default());
     assert_eq!(
         query["server"],
         format!("https://{addr}"),
