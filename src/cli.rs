@@ -108,7 +108,11 @@ enum KeysCommand {
         now: bool,
     },
     /// Revoke a key: every token it signed is refused at once
-    Revoke { kid: String },
+    Revoke {
+        /// The key's id (base64url: it may begin with '-')
+        #[arg(allow_hyphen_values = true)]
+        kid: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -523,4 +527,19 @@ async fn execute_offline(
         .await
         .map_err(|e| internal(&e))?;
     manage::execute(command, &services).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_kid_may_begin_with_a_hyphen() {
+        // Key ids are base64url thumbprints: about one in 64 begins with '-'.
+        let cli = Cli::try_parse_from(["gatehouse", "keys", "revoke", "-Wq3xIqZ"]);
+        assert!(
+            matches!(cli, Ok(Cli { command: Commands::Keys(KeysCommand::Revoke { ref kid }), .. }) if kid == "-Wq3xIqZ"),
+            "{cli:?}"
+        );
+    }
 }
