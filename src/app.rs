@@ -190,6 +190,15 @@ pub async fn start(config: &Config, clock: SharedClock) -> Result<Running, AppEr
             .as_ref()
             .map(|tls| format!("sha256/{}", tls.spki_sha256)),
     };
+    if config.tokens.issuer.is_none() && local_addr.ip().is_unspecified() {
+        tracing::warn!(
+            issuer = %server.url,
+            "tokens.issuer is not set and the server listens on all addresses: tokens and \
+             pairing URIs name {}, which apps cannot reach. Set tokens.issuer \
+             (GATEHOUSE_ISSUER) to the URL apps use",
+            server.url
+        );
+    }
     let services = Services::start(store.clone(), clock.clone(), config, server).await?;
     let bootstrap_token = bootstrap(&services).await?;
     let socket = AdminSocket::bind(&config.admin_socket)?;
@@ -285,6 +294,7 @@ impl Running {
     /// Drains and stops everything; returns once the data file is released.
     pub async fn stop(self) -> Result<(), AppError> {
         self.state.start_draining();
+        self.services.live.close_all();
         let _ = self.stop.send(true);
         let drained = self.http_task.await?;
         if drained.cut > 0 {

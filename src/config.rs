@@ -35,6 +35,9 @@ pub mod defaults {
     pub const PAIRING_TTL: Duration = Duration::from_secs(5 * 60);
     /// The longest a pairing session may live, whatever is asked.
     pub const PAIRING_MAX_TTL: Duration = Duration::from_secs(3600);
+    pub const WS_MAX_CONNECTIONS: u64 = 10_000;
+    pub const WS_MAX_CONNECTIONS_PER_IP: u64 = 64;
+    pub const WS_MESSAGES_PER_SECOND: u64 = 10;
 }
 
 /// A configuration error: which setting, from where, and what is allowed.
@@ -155,6 +158,14 @@ impl Default for TokenConfig {
     }
 }
 
+/// The WebSocket channel's limits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WsConfig {
+    pub max_connections: usize,
+    pub max_connections_per_ip: usize,
+    pub messages_per_second: u32,
+}
+
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -166,6 +177,7 @@ pub struct Config {
     pub log_format: LogFormat,
     pub log_filter: String,
     pub tokens: TokenConfig,
+    pub ws: WsConfig,
     /// Where settings came from, for the start-up log (`file /etc/...`, `env GATEHOUSE_...`).
     pub sources: Vec<String>,
 }
@@ -234,6 +246,9 @@ struct Raw {
     token_leeway: Option<Duration>,
     key_algorithm: Option<KeyAlgorithm>,
     pairing_ttl: Option<Duration>,
+    ws_max_connections: Option<u64>,
+    ws_max_connections_per_ip: Option<u64>,
+    ws_messages_per_second: Option<u64>,
 }
 
 type Apply = fn(&mut Raw, &str) -> Result<(), String>;
@@ -438,6 +453,21 @@ pub static SETTINGS: &[Setting] = &[
             Duration::from_secs(30),
             defaults::PAIRING_MAX_TTL
         )?)),
+    setting!(
+        "ws.max_connections",
+        "GATEHOUSE_WS_MAX_CONNECTIONS",
+        |r, v| r.ws_max_connections = Some(integer(v, 1, 1_000_000)?)
+    ),
+    setting!(
+        "ws.max_connections_per_ip",
+        "GATEHOUSE_WS_MAX_CONNECTIONS_PER_IP",
+        |r, v| r.ws_max_connections_per_ip = Some(integer(v, 1, 1_000_000)?)
+    ),
+    setting!(
+        "ws.messages_per_second",
+        "GATEHOUSE_WS_MESSAGES_PER_SECOND",
+        |r, v| r.ws_messages_per_second = Some(integer(v, 1, 1000)?)
+    ),
 ];
 
 /// An issuer is an https URL without query or fragment (RFC 8414 section 2).
@@ -445,10 +475,24 @@ fn issuer(v: &str) -> Result<String, String> {
     let v = v.trim();
     let allowed = "expected an https URL without query or fragment, such as \
                    \"https://auth.example.com\"";
-    let rest = v
-        .strip_prefix("https://")
-        .or_else(|| v.strip_prefix("http://"))
-        .ok_or_else(|| allowed.to_string())?;
+    let rest = match (v.strip_prefix("https://"), v.strip_prefix("http://")) {
+        (Some(rest), _) => rest,
+        // Plain http only names a loopback server (with tls.mode = "off" behind a proxy).
+        (None, Some(rest))
+            if ["localhost", "127.0.0.1", "[::1]"].iter().any(|host| {
+                rest == *host
+                    || rest.starts_with(&format!("{host}:"))
+                    || rest.starts_with(&format!("{host}/"))
+            }) =>
+        {
+            rest
+        }
+        _ => {
+            return Err(format!(
+                "{allowed} (http:// only for localhost, 127.0.0.1 or [::1])"
+            ));
+        }
+    };
     if rest.is_empty()
         || v.len() > 255
         || rest.contains(['?', '#', ' '])
@@ -702,6 +746,21 @@ impl Config {
                 key_algorithm: raw.key_algorithm.unwrap_or(KeyAlgorithm::Ed25519),
                 pairing_ttl: raw.pairing_ttl.unwrap_or(defaults::PAIRING_TTL),
             },
+            ws: WsConfig {
+                max_connections: to_usize(
+                    raw.ws_max_connections
+                        .unwrap_or(defaults::WS_MAX_CONNECTIONS),
+                ),
+                max_connections_per_ip: to_usize(
+                    raw.ws_max_connections_per_ip
+                        .unwrap_or(defaults::WS_MAX_CONNECTIONS_PER_IP),
+                ),
+                messages_per_second: u32::try_from(
+                    raw.ws_messages_per_second
+                        .unwrap_or(defaults::WS_MESSAGES_PER_SECOND),
+                )
+                .unwrap_or(u32::MAX),
+            },
             sources,
         })
     }
@@ -754,6 +813,11 @@ fn merge(high: Raw, low: Raw) -> Raw {
         token_leeway: high.token_leeway.or(low.token_leeway),
         key_algorithm: high.key_algorithm.or(low.key_algorithm),
         pairing_ttl: high.pairing_ttl.or(low.pairing_ttl),
+        ws_max_connections: high.ws_max_connections.or(low.ws_max_connections),
+        ws_max_connections_per_ip: high
+            .ws_max_connections_per_ip
+            .or(low.ws_max_connections_per_ip),
+        ws_messages_per_second: high.ws_messages_per_second.or(low.ws_messages_per_second),
     }
 }
 

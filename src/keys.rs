@@ -24,6 +24,7 @@ use serde::Serialize;
 
 use crate::clock::{SharedClock, format_rfc3339};
 use crate::jwt::{self, AccessClaims};
+use crate::live::Changes;
 use crate::store::records::{SigningKey, SigningKeyPrivate, StoredKeyAlgorithm, StoredKeyState};
 use crate::store::{SIGNING_KEYS, Store, StoreError};
 
@@ -373,17 +374,22 @@ fn load_key(
     })
 }
 
+/// Listing order: active, next, retiring, revoked.
+fn state_rank(state: StoredKeyState) -> u8 {
+    match state {
+        StoredKeyState::Active => 0,
+        StoredKeyState::Next => 1,
+        StoredKeyState::Retiring => 2,
+        StoredKeyState::Revoked => 3,
+    }
+}
+
 fn build_set(keys: Vec<LoadedKey>, now_ms: u64) -> KeySet {
     let mut keys: Vec<Arc<LoadedKey>> = keys.into_iter().map(Arc::new).collect();
     // Active first, then next, then retiring: the order apps see in the JWKS.
     keys.sort_by_key(|k| {
         (
-            match k.record.state {
-                StoredKeyState::Active => 0,
-                StoredKeyState::Next => 1,
-                StoredKeyState::Retiring => 2,
-                StoredKeyState::Revoked => 3,
-            },
+            state_rank(k.record.state),
             std::cmp::Reverse(k.record.created_at_ms),
         )
     });
@@ -412,8 +418,10 @@ pub struct KeyRing {
     /// How long a retiring key keeps verifying: the access-token lifetime plus leeway.
     verify_window: Duration,
     current: RwLock<Arc<KeySet>>,
+    /// Bumped after every change, so live connections re-check their tokens.
+    changes: Changes,
     /// Serialises changes (rotate, revoke, retire) so each starts from the latest state.
-    changes: tokio::sync::Mutex<()>,
+    serial: tokio::sync::Mutex<()>,
 }
 
 fn ms(d: Duration) -> u64 {
@@ -427,6 +435,7 @@ impl KeyRing {
         clock: SharedClock,
         algorithm: KeyAlgorithm,
         verify_window: Duration,
+        changes: Changes,
     ) -> Result<Self, KeyError> {
         let ring = Self {
             store,
@@ -434,10 +443,11 @@ impl KeyRing {
             algorithm,
             verify_window,
             current: RwLock::new(Arc::new(build_set(Vec::new(), 0))),
-            changes: tokio::sync::Mutex::new(()),
+            changes,
+            serial: tokio::sync::Mutex::new(()),
         };
         {
-            let _guard = ring.changes.lock().await;
+            let _guard = ring.serial.lock().await;
             ring.ensure_active_and_next().await?;
             ring.reload()?;
         }
@@ -480,6 +490,7 @@ impl KeyRing {
             .map(|(kid, record, private)| load_key(kid, record, private))
             .collect::<Result<Vec<_>, _>>()?;
         self.replace(build_set(keys, self.clock.now_ms()));
+        self.changes.bump();
         Ok(())
     }
 
@@ -504,54 +515,24 @@ impl KeyRing {
     pub fn list(&self) -> Vec<KeyInfo> {
         let set = self.snapshot();
         let mut keys: Vec<&Arc<LoadedKey>> = set.keys.values().collect();
-        keys.sort_by_key(|k| (k.state() as u8, std::cmp::Reverse(k.record.created_at_ms)));
+        keys.sort_by_key(|k| {
+            (
+                state_rank(k.record.state),
+                std::cmp::Reverse(k.record.created_at_ms),
+            )
+        });
         keys.into_iter().map(|k| k.info()).collect()
     }
 
     /// First start, or a ring left without an active or next key (after a revocation
     /// was interrupted): generate and promote as needed, in one write.
     async fn ensure_active_and_next(&self) -> Result<(), KeyError> {
-        let now = self.clock.now_ms();
         let existing = self.store.read(|tx| tx.all(&SIGNING_KEYS))?;
-        let has = |state| existing.iter().any(|(_, k)| k.state == state);
-        if has(StoredKeyState::Active) && has(StoredKeyState::Next) {
+        let writes = repairs(&existing, self.algorithm, self.clock.now_ms())?;
+        if writes.is_empty() {
             return Ok(());
         }
-        let mut writes: Vec<(String, SigningKey, Option<SigningKeyPrivate>)> = Vec::new();
-        let mut next_exists = has(StoredKeyState::Next);
-        if !has(StoredKeyState::Active) {
-            if let Some((kid, record)) = existing
-                .iter()
-                .filter(|(_, k)| k.state == StoredKeyState::Next)
-                .max_by_key(|(_, k)| k.created_at_ms)
-            {
-                let mut record = record.clone();
-                record.state = StoredKeyState::Active;
-                record.activated_at_ms = Some(now);
-                writes.push((kid.clone(), record, None));
-                next_exists = false;
-            } else {
-                let mut key = generate(self.algorithm, now)?;
-                key.record.state = StoredKeyState::Active;
-                key.record.activated_at_ms = Some(now);
-                writes.push((key.kid, key.record, Some(key.private)));
-            }
-        }
-        if !next_exists {
-            let key = generate(self.algorithm, now)?;
-            writes.push((key.kid, key.record, Some(key.private)));
-        }
-        self.store
-            .write(move |tx| -> Result<(), StoreError> {
-                for (kid, record, private) in &writes {
-                    tx.put(&SIGNING_KEYS, kid, record)?;
-                    if let Some(private) = private {
-                        tx.put_signing_key_private(kid, private)?;
-                    }
-                }
-                Ok(())
-            })
-            .await?;
+        self.store.write(move |tx| put_keys(tx, &writes)).await?;
         Ok(())
     }
 
@@ -559,7 +540,7 @@ impl KeyRing {
     /// next key and removes keys whose verification window has closed. Durable before it
     /// returns. The scheduler calls this with `Rotation::Scheduled`.
     pub async fn rotate(&self, mode: Rotation) -> Result<RotationReport, KeyError> {
-        let _guard = self.changes.lock().await;
+        let _guard = self.serial.lock().await;
         let now = self.clock.now_ms();
         let existing = self.store.read(|tx| tx.all(&SIGNING_KEYS))?;
         let next = existing
@@ -628,12 +609,12 @@ impl KeyRing {
     /// its private half is destroyed, and if it was the active (or next) key, a
     /// replacement takes its place in the same write.
     pub async fn revoke(&self, kid: &str) -> Result<KeyInfo, KeyError> {
-        let _guard = self.changes.lock().await;
+        let _guard = self.serial.lock().await;
         let now = self.clock.now_ms();
-        let mut record = self
-            .store
-            .read(|tx| tx.get(&SIGNING_KEYS, kid))?
-            .ok_or_else(|| KeyError::UnknownKey(kid.to_string()))?;
+        let mut existing = self.store.read(|tx| tx.all(&SIGNING_KEYS))?;
+        let Some((_, record)) = existing.iter_mut().find(|(k, _)| k == kid) else {
+            return Err(KeyError::UnknownKey(kid.to_string()));
+        };
         if record.state == StoredKeyState::Revoked {
             return Err(KeyError::AlreadyRevoked(kid.to_string()));
         }
@@ -642,17 +623,18 @@ impl KeyRing {
         record.revoked_at_ms = Some(now);
         // Kept (as "revoked") while one of its tokens could otherwise still be valid.
         record.verify_until_ms = Some(now.saturating_add(ms(self.verify_window)));
+        let revoked = record.clone();
+        // The replacement (a promoted next key, a new next key) goes in the same write,
+        // so no crash can leave the ring without an active key.
+        let replacements = repairs(&existing, self.algorithm, now)?;
         let kid_owned = kid.to_string();
         self.store
             .write(move |tx| -> Result<(), StoreError> {
-                tx.put(&SIGNING_KEYS, &kid_owned, &record)?;
+                tx.put(&SIGNING_KEYS, &kid_owned, &revoked)?;
                 tx.delete_signing_key_private(&kid_owned)?;
-                Ok(())
+                put_keys(tx, &replacements)
             })
             .await?;
-        if matches!(was, StoredKeyState::Active | StoredKeyState::Next) {
-            self.ensure_active_and_next().await?;
-        }
         self.reload()?;
         tracing::warn!(kid, was = ?KeyState::from(was), "signing key revoked");
         self.snapshot()
@@ -663,7 +645,7 @@ impl KeyRing {
 
     /// Deletes retiring and revoked keys whose verification window has closed.
     pub async fn retire_expired(&self) -> Result<Vec<String>, KeyError> {
-        let _guard = self.changes.lock().await;
+        let _guard = self.serial.lock().await;
         let now = self.clock.now_ms();
         let retired = self.store.write(move |tx| retire_in(tx, now)).await?;
         if !retired.is_empty() {
@@ -672,6 +654,54 @@ impl KeyRing {
         self.reload()?;
         Ok(retired)
     }
+}
+
+/// A key to write, with its private half when it has one to store.
+type KeyWrite = (String, SigningKey, Option<SigningKeyPrivate>);
+
+/// What makes `existing` hold one active and one next key again: promote the newest
+/// next key if there is no active one, and generate what is still missing.
+fn repairs(
+    existing: &[(String, SigningKey)],
+    algorithm: KeyAlgorithm,
+    now: u64,
+) -> Result<Vec<KeyWrite>, KeyError> {
+    let has = |state| existing.iter().any(|(_, k)| k.state == state);
+    let mut writes = Vec::new();
+    let mut next_exists = has(StoredKeyState::Next);
+    if !has(StoredKeyState::Active) {
+        if let Some((kid, record)) = existing
+            .iter()
+            .filter(|(_, k)| k.state == StoredKeyState::Next)
+            .max_by_key(|(_, k)| k.created_at_ms)
+        {
+            let mut record = record.clone();
+            record.state = StoredKeyState::Active;
+            record.activated_at_ms = Some(now);
+            writes.push((kid.clone(), record, None));
+            next_exists = false;
+        } else {
+            let mut key = generate(algorithm, now)?;
+            key.record.state = StoredKeyState::Active;
+            key.record.activated_at_ms = Some(now);
+            writes.push((key.kid, key.record, Some(key.private)));
+        }
+    }
+    if !next_exists {
+        let key = generate(algorithm, now)?;
+        writes.push((key.kid, key.record, Some(key.private)));
+    }
+    Ok(writes)
+}
+
+fn put_keys(tx: &crate::store::WriteTx<'_>, writes: &[KeyWrite]) -> Result<(), StoreError> {
+    for (kid, record, private) in writes {
+        tx.put(&SIGNING_KEYS, kid, record)?;
+        if let Some(private) = private {
+            tx.put_signing_key_private(kid, private)?;
+        }
+    }
+    Ok(())
 }
 
 fn retire_in(tx: &crate::store::WriteTx<'_>, now: u64) -> Result<Vec<String>, StoreError> {

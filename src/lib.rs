@@ -19,6 +19,7 @@ pub mod http;
 pub mod ids;
 pub mod jwt;
 pub mod keys;
+pub mod live;
 pub mod manage;
 pub mod pairing;
 pub mod qr;

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use crate::clock::SharedClock;
 use crate::ids::{DeviceId, FamilyId, TokenId};
+use crate::live::Changes;
 use crate::store::records::{RevokedToken, TokenFamily};
 use crate::store::{DEVICES, REVOKED_TOKENS, Store, StoreError, TOKEN_FAMILIES, WriteTx};
 
@@ -36,6 +37,8 @@ pub struct RevocationList {
     /// access tokens could still be presented.
     access_window: Duration,
     revoked: RwLock<Revoked>,
+    /// Bumped after every revocation, so live connections re-check their tokens.
+    changes: Changes,
 }
 
 fn ms(d: Duration) -> u64 {
@@ -48,6 +51,7 @@ impl RevocationList {
         store: Store,
         clock: SharedClock,
         access_window: Duration,
+        changes: Changes,
     ) -> Result<Self, StoreError> {
         let now = clock.now_ms();
         let window = ms(access_window);
@@ -78,6 +82,7 @@ impl RevocationList {
             clock,
             access_window,
             revoked: RwLock::new(revoked),
+            changes,
         })
     }
 
@@ -110,6 +115,7 @@ impl RevocationList {
         expires_at_ms: u64,
     ) -> Result<(), StoreError> {
         self.write().tokens.insert(jti, expires_at_ms);
+        self.changes.bump();
         let row = RevokedToken {
             device_id: device.to_string(),
             expires_at_ms,
@@ -142,6 +148,7 @@ impl RevocationList {
     pub fn remember_family(&self, family: FamilyId) {
         let forget_at = self.clock.now_ms().saturating_add(ms(self.access_window));
         self.write().families.insert(family, forget_at);
+        self.changes.bump();
     }
 
     /// Revokes a whole family (its refresh token and every access token); durable when
@@ -175,6 +182,7 @@ impl RevocationList {
     /// when there is no such device.
     pub async fn revoke_device(&self, device: DeviceId) -> Result<bool, StoreError> {
         self.write().devices.insert(device);
+        self.changes.bump();
         let now = self.clock.now_ms();
         let key = device.to_string();
         let outcome = self

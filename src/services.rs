@@ -14,6 +14,7 @@ use crate::config::{Config, MasterKeySource, TlsMode};
 use crate::devices::Devices;
 use crate::ids::RandomError;
 use crate::keys::{KeyError, KeyRing};
+use crate::live::{Changes, LiveConnections};
 use crate::pairing::{PairingSessions, ServerIdentity};
 use crate::revocation::RevocationList;
 use crate::store::{Store, StoreError};
@@ -42,6 +43,10 @@ pub struct Services {
     pub pairing: Arc<PairingSessions>,
     pub devices: Devices,
     pub clients: Clients,
+    /// Bumped on every revocation and key change; live connections watch it.
+    pub changes: Changes,
+    /// The WebSocket channel's connection caps and message budgets.
+    pub live: Arc<LiveConnections>,
 }
 
 /// The issuer when none is configured: the listen address (fine on loopback; a server
@@ -77,12 +82,14 @@ impl Services {
             refresh_ttl: config.tokens.refresh_ttl,
             leeway: config.tokens.leeway,
         };
+        let changes = Changes::default();
         let keys = Arc::new(
             KeyRing::open(
                 store.clone(),
                 clock.clone(),
                 config.tokens.key_algorithm,
                 settings.access_window(),
+                changes.clone(),
             )
             .await?,
         );
@@ -90,6 +97,7 @@ impl Services {
             store.clone(),
             clock.clone(),
             settings.access_window(),
+            changes.clone(),
         )?);
         let tokens = Arc::new(TokenAuthority::new(
             store.clone(),
@@ -116,6 +124,12 @@ impl Services {
             revocations,
             tokens,
             pairing,
+            changes,
+            live: LiveConnections::new(
+                config.ws.max_connections,
+                config.ws.max_connections_per_ip,
+                config.ws.messages_per_second,
+            ),
         })
     }
 }

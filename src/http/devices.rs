@@ -49,9 +49,8 @@ pub async fn list(
     _admin: Admin,
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<DevicePage>, ApiError> {
-    let Query(query) = query.map_err(|e| {
-        ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", e.body_text())
-    })?;
+    let Query(query) = query
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", e.body_text()))?;
     let after = match query.after.as_deref() {
         Some(text) => Some(DeviceId::parse(text).ok_or_else(|| {
             device_error(DeviceError::BadFilter(

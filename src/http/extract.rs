@@ -47,7 +47,16 @@ fn json_rejection(rejection: &JsonRejection) -> ApiError {
         JsonRejection::JsonSyntaxError(e) => {
             ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", e.body_text())
         }
-        other => ApiError::new(other.status(), "invalid_request", other.body_text()),
+        other => passthrough(other.status(), other.body_text()),
+    }
+}
+
+/// Any other rejection keeps its status; a body over the limit keeps its own code.
+fn passthrough(status: StatusCode, text: String) -> ApiError {
+    if status == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::new(status, "payload_too_large", "the request body is too large")
+    } else {
+        ApiError::new(status, "invalid_request", text)
     }
 }
 
@@ -77,11 +86,7 @@ impl<T: DeserializeOwned> FromRequest<AppState> for ApiForm<T> {
                 "invalid_request",
                 e.body_text(),
             )),
-            Err(other) => Err(ApiError::new(
-                other.status(),
-                "invalid_request",
-                other.body_text(),
-            )),
+            Err(other) => Err(passthrough(other.status(), other.body_text())),
         }
     }
 }

@@ -14,6 +14,7 @@ pub mod oauth;
 pub mod pairing;
 pub mod security;
 pub mod serve;
+pub mod ws;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -79,6 +80,7 @@ pub fn router(state: AppState, limits: &ServerConfig) -> Router {
         .route("/v1/keys", get(keys::list))
         .route("/v1/keys/rotate", post(keys::rotate))
         .route("/v1/keys/{kid}/revoke", post(keys::revoke))
+        .route("/v1/ws", get(ws::upgrade))
         .route("/v1/devices", get(devices::list))
         .route(
             "/v1/devices/{id}",
