@@ -8,9 +8,11 @@
 
 mod binary;
 mod cli;
+mod devices;
 mod helpers;
 mod http;
 mod interop;
 mod jwt_negative;
 mod store;
 mod tokens;
+mod ws;
