@@ -39,7 +39,7 @@ pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 pub const MAX_STRIKES: u32 = 5;
 /// Initial read buffer: small, so an idle connection costs little; it grows for large
 /// messages.
-const READ_BUFFER_BYTES: usize = 4 * 1024;
+const READ_BUFFER_BYTES: usize = 1024;
 /// Close code for "message too big" (RFC 6455 section 7.4.1).
 const TOO_BIG: u16 = 1009;
 

@@ -1,0 +1,246 @@
+//! Memory of idle authenticated WebSocket connections.
+//!
+//! Starts the real `gatehouse` binary, pairs one device, then opens N WebSocket
+//! connections over TLS, authenticates each with the device's access token and leaves
+//! them idle. It reads the server's resident memory (`VmRSS`) before and after and
+//! reports the growth per connection. Run: `ulimit -n 65536; cargo bench --bench
+//! ws_idle` (N = 10 000, or `WS_IDLE_CONNECTIONS`). Under `cargo test` it opens 20
+//! connections and checks that each one authenticates.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use tokio_tungstenite::tungstenite::Message;
+
+/// Loopback benchmark client: accepts the server's self-signed certificate without
+/// checking it (this measures memory, not trust), but still checks handshake signatures.
+#[derive(Debug)]
+struct AcceptAny(Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for AcceptAny {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+fn tls_config(alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
+    let provider = gatehouse::tls::provider();
+    let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AcceptAny(provider)))
+        .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Arc::new(config)
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+struct Server {
+    child: Child,
+    addr: SocketAddr,
+    admin_token: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_server(connections: usize) -> Server {
+    let dir = tempfile::tempdir().unwrap();
+    let cap = (connections + 100).to_string();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_gatehouse"))
+        .args(["--data"])
+        .arg(dir.path().join("gatehouse.redb"))
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .env("GATEHOUSE_LOG", "warn")
+        .env("GATEHOUSE_MAX_CONNECTIONS", &cap)
+        .env("GATEHOUSE_WS_MAX_CONNECTIONS", &cap)
+        .env("GATEHOUSE_WS_MAX_CONNECTIONS_PER_IP", &cap)
+        .env("GATEHOUSE_WS_MESSAGES_PER_SECOND", "1000")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut admin_token = None;
+    let addr = loop {
+        let line = lines.next().expect("server output").unwrap();
+        if let Some(token) = line.trim().strip_prefix("gha_") {
+            admin_token = Some(format!("gha_{token}"));
+        }
+        if let Some(url) = line.strip_prefix("gatehouse listening on https://") {
+            break url.parse().unwrap();
+        }
+    };
+    // Keep draining stdout so the server never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    Server {
+        child,
+        addr,
+        admin_token: admin_token.expect("bootstrap token"),
+        _dir: dir,
+    }
+}
+
+async fn pair(server: &Server) -> String {
+    let client = reqwest::Client::builder()
+        .tls_backend_preconfigured((*tls_config(&[b"http/1.1"])).clone())
+        .build()
+        .unwrap();
+    let base = format!("https://{}", server.addr);
+    let session: serde_json::Value = client
+        .post(format!("{base}/v1/pairing/sessions"))
+        .bearer_auth(&server.admin_token)
+        .json(&serde_json::json!({}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let pair: serde_json::Value = client
+        .post(format!("{base}/v1/pair"))
+        .json(&serde_json::json!({
+            "session_id": session["session_id"],
+            "secret": session["secret"],
+            "device": {"name": "bench", "platform": "linux", "app_version": "1"},
+        }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    pair["access_token"].as_str().unwrap().to_string()
+}
+
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
+
+async fn connect(addr: SocketAddr, tls: Arc<rustls::ClientConfig>, token: Arc<str>) -> Socket {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = ServerName::try_from("localhost").unwrap();
+    let stream = tokio_rustls::TlsConnector::from(tls)
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let (mut socket, _) = tokio_tungstenite::client_async(format!("wss://{addr}/v1/ws"), stream)
+        .await
+        .unwrap();
+    let auth = serde_json::json!({"type": "auth", "access_token": &*token}).to_string();
+    socket.send(Message::Text(auth.into())).await.unwrap();
+    match socket.next().await {
+        Some(Ok(Message::Text(text))) => {
+            assert!(text.contains("auth_success"), "{text}");
+        }
+        other => panic!("no auth_success: {other:?}"),
+    }
+    socket
+}
+
+fn main() {
+    let benching = std::env::args().any(|a| a == "--bench");
+    let connections: usize = if benching {
+        std::env::var("WS_IDLE_CONNECTIONS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(10_000)
+    } else {
+        20
+    };
+    gatehouse::tls::install_default_provider();
+    let server = start_server(connections);
+    let pid = server.child.id();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let token: Arc<str> = pair(&server).await.into();
+        let tls = tls_config(&[b"http/1.1"]);
+        // One connection first, so that lazily built state is not counted per socket.
+        let warm = connect(server.addr, tls.clone(), token.clone()).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let before = rss_kib(pid);
+        let started = Instant::now();
+        let limit = Arc::new(tokio::sync::Semaphore::new(64));
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..connections {
+            let permit = limit.clone().acquire_owned().await.unwrap();
+            let (tls, token) = (tls.clone(), token.clone());
+            let addr = server.addr;
+            tasks.spawn(async move {
+                let socket = connect(addr, tls, token).await;
+                drop(permit);
+                socket
+            });
+        }
+        let mut sockets = Vec::with_capacity(connections);
+        while let Some(socket) = tasks.join_next().await {
+            sockets.push(socket.unwrap());
+        }
+        let opened = started.elapsed();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let after = rss_kib(pid);
+        let per = (after.saturating_sub(before)) as f64 / connections as f64;
+        println!(
+            "ws_idle: {connections} authenticated idle connections opened in {:.1} s; \
+             server RSS {before} KiB -> {after} KiB; {per:.1} KiB per connection",
+            opened.as_secs_f64()
+        );
+        assert_eq!(sockets.len(), connections);
+        drop((sockets, warm));
+    });
+}
