@@ -225,7 +225,7 @@ pub async fn start(config: &Config, clock: SharedClock) -> Result<Running, AppEr
         bootstrap_token,
         tls: server_tls,
         store,
-        services: state.services.clone(),
+        services: Services::clone(&state.services),
         state,
         stop,
         http_task,

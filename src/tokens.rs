@@ -189,12 +189,21 @@ struct CachedToken {
     verified: Verified,
 }
 
-/// Tokens whose signature has been verified, keyed by their signature segment. Bounded:
-/// a full shard drops an arbitrary entry. A hit is confirmed by comparing the whole
-/// token, so a valid signature grafted onto other claims never hits.
+/// Tokens whose signature has been verified, keyed by a hash of their signature
+/// segment. Bounded: a full shard forgets its oldest entry (first in, first out), and
+/// tokens are cached when first verified, so the oldest entries are also the first to
+/// expire. A hit is confirmed by comparing the whole token, so a valid signature grafted
+/// onto other claims never hits.
 #[derive(Debug, Default)]
 struct VerifiedCache {
-    shards: [Mutex<HashMap<u64, CachedToken>>; CACHE_SHARDS],
+    shards: [Mutex<CacheShard>; CACHE_SHARDS],
+}
+
+#[derive(Debug, Default)]
+struct CacheShard {
+    entries: HashMap<u64, CachedToken>,
+    /// Keys in insertion order, one per entry.
+    order: std::collections::VecDeque<u64>,
 }
 
 impl VerifiedCache {
@@ -205,7 +214,7 @@ impl VerifiedCache {
         hasher.finish()
     }
 
-    fn shard(&self, key: u64) -> std::sync::MutexGuard<'_, HashMap<u64, CachedToken>> {
+    fn shard(&self, key: u64) -> std::sync::MutexGuard<'_, CacheShard> {
         #[allow(clippy::cast_possible_truncation)] // the low bits pick a shard
         let index = (key as usize) % CACHE_SHARDS;
         self.shards[index].lock().unwrap_or_else(|p| p.into_inner())
@@ -215,6 +224,7 @@ impl VerifiedCache {
         let key = Self::key(token);
         let shard = self.shard(key);
         shard
+            .entries
             .get(&key)
             .filter(|c| &*c.token == token)
             .map(|c| c.verified.clone())
@@ -223,18 +233,20 @@ impl VerifiedCache {
     fn insert(&self, token: &str, verified: &Verified) {
         let key = Self::key(token);
         let mut shard = self.shard(key);
-        if shard.len() >= CACHE_PER_SHARD
-            && let Some(evict) = shard.keys().next().copied()
-        {
-            shard.remove(&evict);
+        let entry = CachedToken {
+            token: token.into(),
+            verified: verified.clone(),
+        };
+        if shard.entries.insert(key, entry).is_some() {
+            return;
         }
-        shard.insert(
-            key,
-            CachedToken {
-                token: token.into(),
-                verified: verified.clone(),
-            },
-        );
+        shard.order.push_back(key);
+        while shard.entries.len() > CACHE_PER_SHARD {
+            let Some(oldest) = shard.order.pop_front() else {
+                break;
+            };
+            shard.entries.remove(&oldest);
+        }
     }
 }
 
@@ -628,5 +640,53 @@ impl TokenAuthority {
             .await?;
         let revocations = self.revocations.prune(self.settings.leeway).await?;
         Ok(refresh + revocations)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn verified(n: u8) -> Verified {
+        Verified {
+            claims: AccessClaims {
+                iss: "i".into(),
+                aud: "a".into(),
+                sub: DeviceId::from_bytes([n; 16]),
+                exp: 1,
+                nbf: 1,
+                iat: 1,
+                jti: TokenId::from_bytes([n; 16]),
+                sid: FamilyId::from_bytes([n; 16]),
+                scope: None,
+            },
+            kid: "k".into(),
+        }
+    }
+
+    #[test]
+    fn a_full_cache_forgets_its_oldest_entries_and_keeps_caching() {
+        let cache = VerifiedCache::default();
+        let total = CACHE_SHARDS * CACHE_PER_SHARD * 3;
+        let tokens: Vec<String> = (0..total).map(|i| format!("h.p.sig{i}")).collect();
+        for token in &tokens {
+            cache.insert(token, &verified(1));
+        }
+        let hits = |range: std::ops::Range<usize>| {
+            tokens[range]
+                .iter()
+                .filter(|t| cache.get(t).is_some())
+                .count()
+        };
+        // The newest tokens are cached (shards fill unevenly, so allow some slack)...
+        let newest = CACHE_SHARDS * CACHE_PER_SHARD / 2;
+        assert!(hits(total - newest..total) >= newest * 95 / 100);
+        // ...and the oldest ones were forgotten.
+        assert_eq!(hits(0..newest), 0);
+        // New tokens keep being cached after the cache filled up.
+        cache.insert("h.p.fresh", &verified(2));
+        assert!(cache.get("h.p.fresh").is_some());
+        assert!(cache.get("h.x.fresh").is_none(), "whole token must match");
     }
 }

@@ -181,9 +181,14 @@ impl Connection {
                     None => Next::Drop,
                     Some(Err(err)) => read_error(&err),
                     Some(Ok(message)) => {
-                        let was_authenticated = self.auth.is_some();
+                        let token_before = self.auth.as_ref().map(|a| a.access_token.clone());
                         let next = self.on_message(message, &mut socket).await;
-                        if !was_authenticated && let Some(remaining) = self.token_lifetime() {
+                        // A new or renewed token moves the expiry timer to its own end.
+                        let token_after = self.auth.as_ref().map(|a| &a.access_token);
+                        if token_after.is_some()
+                            && token_after != token_before.as_ref()
+                            && let Some(remaining) = self.token_lifetime()
+                        {
                             expiry.as_mut().reset(tokio::time::Instant::now() + remaining);
                         }
                         next
@@ -229,8 +234,12 @@ impl Connection {
         let verified = self.state.services.tokens.verify(&auth.access_token).ok()?;
         let now = self.state.services.clock.now_ms();
         let leeway = self.state.services.tokens.settings().leeway;
-        let until = verified.claims.exp.saturating_mul(1000);
-        Some(Duration::from_millis(until.saturating_sub(now)) + leeway)
+        let until = verified
+            .claims
+            .exp
+            .saturating_mul(1000)
+            .saturating_add(u64::try_from(leeway.as_millis()).unwrap_or(u64::MAX));
+        Some(Duration::from_millis(until.saturating_sub(now)))
     }
 
     /// Re-verifies the token the socket authenticated with (after a revocation, a key
@@ -320,6 +329,16 @@ impl Connection {
                 secret,
                 device,
             } => {
+                // A socket speaks for one device: it cannot claim a session for another.
+                if self.auth.is_some() {
+                    return self
+                        .refuse(
+                            socket,
+                            "device_mismatch",
+                            "this socket already speaks for a device",
+                        )
+                        .await;
+                }
                 let paired = self
                     .state
                     .services
@@ -343,6 +362,23 @@ impl Connection {
                 }
             }
             ClientMessage::Refresh { refresh_token } => {
+                // Checked before the token is spent: another device's refresh token
+                // presented here must not be rotated (or reuse-detected) by a refusal.
+                if let Some(current) = &self.auth {
+                    // Only a live token of another device is refused here; a spent or
+                    // unknown one goes on to the refresh, which detects reuse.
+                    let answer = self.state.services.tokens.introspect(&refresh_token);
+                    let device = current.device.to_string();
+                    if answer.active && answer.sub.as_deref() != Some(device.as_str()) {
+                        return self
+                            .refuse(
+                                socket,
+                                "device_mismatch",
+                                "this socket speaks for another device",
+                            )
+                            .await;
+                    }
+                }
                 match self.state.services.tokens.refresh(&refresh_token).await {
                     Ok(pair) => self.accept_pair(socket, pair).await,
                     Err(TokenError::InvalidGrant) => {

@@ -808,7 +808,11 @@ fn pair_new(data: &Path, args: &[&str]) -> (String, HashMap<String, String>) {
     let uri = lines
         .pop()
         .unwrap_or_else(|| panic!("no output: {:?}", done.stdout));
-    assert!(lines.len() > 10, "no QR code above the URI: {:?}", done.stdout);
+    assert!(
+        lines.len() > 10,
+        "no QR code above the URI: {:?}",
+        done.stdout
+    );
     assert!(
         lines
             .iter()
