@@ -8,15 +8,16 @@
 # file (loopback, a free port, self-signed TLS, default settings), registers an API client
 # through the admin socket, pairs a device over HTTPS (bootstrap admin token -> pairing
 # session -> /v1/pair) and runs wrk against POST /v1/introspect with the client's HTTP
-# Basic credentials and the device's access token. Peer side: a writable copy of
-# /work/shared/peers/oidc-provider (kept under ~/.cache so npm installs once), run with its
-# own run.sh. Prints both Requests/sec and the ratio. Needs: cargo, wrk, curl, python3,
+# Basic credentials and the device's access token. Peer side (when PEER_DIR names the
+# oidc-provider peer: a directory with its run.sh, server.js, package.json and
+# introspect.lua): a writable copy (kept under ~/.cache so npm installs once), run with
+# its own run.sh. Without PEER_DIR only gatehouse is measured. Prints both Requests/sec and the ratio. Needs: cargo, wrk, curl, python3,
 # node/npm, openssl. GATEHOUSE_BIN=path uses that binary instead of building one.
 set -euo pipefail
 
 seconds=${1:-10}
 root=$(cd "$(dirname "$0")/.." && pwd)
-peer_src=${PEER_DIR:-/work/shared/peers/oidc-provider}
+peer_src=${PEER_DIR:-}
 peer_dir=${XDG_CACHE_HOME:-$HOME/.cache}/gatehouse-bench/oidc-provider
 
 say() { printf '%s\n' "$*" >&2; }
@@ -129,6 +130,14 @@ server_pid=
 
 # ---------------------------------------------------------------------------------------
 # The peer: its own script, from a writable copy (node_modules kept between runs)
+
+if [ -z "$peer_src" ]; then
+  echo
+  echo "gatehouse      /v1/introspect          Requests/sec: $ours"
+  say "PEER_DIR is not set: the peer was not measured"
+  exit 0
+fi
+[ -f "$peer_src/run.sh" ] || die "PEER_DIR=$peer_src has no run.sh"
 
 mkdir -p "$peer_dir"
 cp -f "$peer_src"/README.md "$peer_src"/introspect.lua "$peer_src"/package.json \

@@ -738,6 +738,19 @@ async fn devices_list_and_revoke_online_and_offline() {
     assert_eq!(device_in(&devices, &phone.device_id).status, "revoked");
     assert!(device_in(&devices, &phone.device_id).revoked_at.is_some());
     assert_eq!(device_in(&devices, &tablet.device_id).status, "active");
+    // `devices show` prints one device as JSON.
+    let shown: gatehouse::devices::DeviceView =
+        serde_json::from_str(&run_ok(cli(&data, &["devices", "show", &phone.device_id])).stdout)
+            .unwrap();
+    assert_eq!(shown.id.to_string(), phone.device_id);
+    assert_eq!(shown.status, "revoked");
+    assert_failed(
+        &run(cli(
+            &data,
+            &["devices", "show", &format!("dev_{}", "1".repeat(32))],
+        )),
+        "no device",
+    );
     let unknown = format!("dev_{}", "0".repeat(32));
     assert_failed(
         &run(cli(&data, &["devices", "revoke", &unknown])),
