@@ -9,6 +9,7 @@
 mod binary;
 mod cli;
 mod devices;
+mod format_v3;
 mod helpers;
 mod http;
 mod interop;

@@ -1,0 +1,356 @@
+//! The format-3 fixture: a data file as a format-3 gatehouse wrote it, with a signing key
+//! ring, a device, a token family, a refresh token, a revoked access token, an API client
+//! and an open pairing session. A newer build must open it (migrating if needed) and keep
+//! every one of them working.
+
+use std::path::{Path, PathBuf};
+
+use gatehouse::clock::FixedClock;
+use gatehouse::store::Store;
+use gatehouse::store::records::{
+    self, AdminToken, AdminTokenRecord, Client, ClientRecord, Device, DeviceRecord, PairingSession,
+    PairingSessionRecord, RefreshToken, RefreshTokenRecord, RevokedToken, RevokedTokenRecord,
+    SigningKey, SigningKeyPrivate, SigningKeyPrivateRecord, SigningKeyRecord, StoredKeyAlgorithm,
+    StoredKeyState, TokenFamily, TokenFamilyRecord,
+};
+use gatehouse::store::seal::{MasterKey, Sealer};
+use gatehouse::store::tables::{self, FORMAT_VERSION};
+use redb::TableDefinition;
+use ring::signature::KeyPair as _;
+
+use crate::helpers::{self, TEST_NOW_MS};
+
+const DEVICE: &str = "dev_d1d1d1d1d1d1d1d1d1d1d1d1d1d1d1d1";
+const FAMILY: &str = "fam_f1f1f1f1f1f1f1f1f1f1f1f1f1f1f1f1";
+const CLIENT: &str = "cli_c1c1c1c1c1c1c1c1c1c1c1c1c1c1c1c1";
+const SESSION: &str = "ps_b1b1b1b1b1b1b1b1b1b1b1b1b1b1b1b1";
+const REVOKED_JTI: &str = "a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1";
+const HOUR_MS: u64 = 3_600_000;
+
+fn b64(bytes: &[u8]) -> String {
+    data_encoding::BASE64URL_NOPAD.encode(bytes)
+}
+
+fn refresh_token() -> String {
+    format!("ghr_{}", b64(&[0x33; 32]))
+}
+
+fn client_secret() -> String {
+    format!("ghc_{}", b64(&[0x44; 32]))
+}
+
+fn pairing_secret() -> String {
+    b64(&[0x55; 32])
+}
+
+fn sha256(text: &str) -> [u8; 32] {
+    ring::digest::digest(&ring::digest::SHA256, text.as_bytes())
+        .as_ref()
+        .try_into()
+        .unwrap()
+}
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+fn raw(name: &str) -> TableDefinition<'_, &'static str, &'static [u8]> {
+    TableDefinition::new(name)
+}
+
+/// RFC 7638 thumbprint of an Ed25519 public key: the key's `kid`.
+fn kid_of(public: &[u8]) -> String {
+    let canonical = format!(r#"{{"crv":"Ed25519","kty":"OKP","x":"{}"}}"#, b64(public));
+    b64(ring::digest::digest(&ring::digest::SHA256, canonical.as_bytes()).as_ref())
+}
+
+/// Builds `tests/fixtures/format-v3.redb` the way a format-3 gatehouse wrote it. Run once
+/// with `cargo test -- --ignored write_format_v3_fixture`; the committed file is the
+/// fixture, this is its recipe.
+#[test]
+#[ignore = "regenerates the committed fixture"]
+fn write_format_v3_fixture() {
+    let path = fixtures().join("format-v3.redb");
+    let key_path = fixtures().join("format-v3.key");
+    let _ = std::fs::remove_file(&path);
+    let _ = std::fs::remove_file(&key_path);
+    let key = MasterKey::create_file(&key_path).unwrap();
+    let sealer = Sealer::new(&key);
+    let seal =
+        |name: &str, plain: &[u8]| sealer.seal("secrets.v1", name.as_bytes(), plain).unwrap();
+    let db = redb::Database::create(&path).unwrap();
+    let tx = db.begin_write().unwrap();
+    {
+        let mut meta = tx.open_table(raw("meta")).unwrap();
+        meta.insert("format_version", 3u32.to_le_bytes().as_slice())
+            .unwrap();
+        meta.insert("instance_id", records::encode(&[0x44u8; 16]).as_slice())
+            .unwrap();
+        meta.insert("created_at_ms", records::encode(&TEST_NOW_MS).as_slice())
+            .unwrap();
+        let check = sealer
+            .seal(
+                "meta",
+                b"master_key_check",
+                tables::MASTER_KEY_CHECK_PLAINTEXT,
+            )
+            .unwrap();
+        meta.insert("master_key_check", check.as_slice()).unwrap();
+        for name in tables::ALL_TABLES.iter().filter(|n| **n != "meta") {
+            tx.open_table(raw(name)).unwrap();
+        }
+        let mut secrets = tx.open_table(raw("secrets.v1")).unwrap();
+        let cert = gatehouse::tls::generate_self_signed(
+            &gatehouse::tls::self_signed_names("127.0.0.1:0".parse().unwrap()),
+            TEST_NOW_MS,
+        )
+        .unwrap();
+        let plain = records::encode(&records::SelfSignedCertRecord::V1(cert));
+        secrets
+            .insert(
+                "tls/self-signed",
+                seal("tls/self-signed", &plain).as_slice(),
+            )
+            .unwrap();
+
+        let mut keys = tx.open_table(raw("signing_keys.v1")).unwrap();
+        let rng = ring::rand::SystemRandom::new();
+        for state in [StoredKeyState::Active, StoredKeyState::Next] {
+            let pkcs8 = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng).unwrap();
+            let pair = ring::signature::Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap();
+            let public = pair.public_key().as_ref().to_vec();
+            let kid = kid_of(&public);
+            let record = SigningKeyRecord::V1(SigningKey {
+                algorithm: StoredKeyAlgorithm::Ed25519,
+                public_key: public,
+                state,
+                created_at_ms: TEST_NOW_MS,
+                activated_at_ms: (state == StoredKeyState::Active).then_some(TEST_NOW_MS),
+                retiring_at_ms: None,
+                revoked_at_ms: None,
+                verify_until_ms: None,
+            });
+            keys.insert(kid.as_str(), records::encode(&record).as_slice())
+                .unwrap();
+            let name = format!("signing-key/{kid}");
+            let private = records::encode(&SigningKeyPrivateRecord::V1(SigningKeyPrivate {
+                pkcs8: pkcs8.as_ref().to_vec(),
+            }));
+            secrets
+                .insert(name.as_str(), seal(&name, &private).as_slice())
+                .unwrap();
+        }
+
+        let admin = AdminTokenRecord::V2(AdminToken {
+            name: "fixture".into(),
+            secret_hash: [2; 32],
+            created_at_ms: TEST_NOW_MS,
+            last_used_at_ms: None,
+            revoked_at_ms: None,
+        });
+        tx.open_table(raw("admin_tokens.v1"))
+            .unwrap()
+            .insert("1122334455667788", records::encode(&admin).as_slice())
+            .unwrap();
+        let device = DeviceRecord::V1(Device {
+            name: "Fixture phone".into(),
+            platform: "android".into(),
+            app_version: "1.0".into(),
+            created_at_ms: TEST_NOW_MS,
+            last_seen_ms: TEST_NOW_MS,
+            paired_from: "127.0.0.1".into(),
+            pairing_session: "ps_00000000000000000000000000000000".into(),
+            revoked_at_ms: None,
+        });
+        tx.open_table(raw("devices.v1"))
+            .unwrap()
+            .insert(DEVICE, records::encode(&device).as_slice())
+            .unwrap();
+        let family = TokenFamilyRecord::V1(TokenFamily {
+            device_id: DEVICE.into(),
+            created_at_ms: TEST_NOW_MS,
+            generation: 1,
+            refresh_expires_at_ms: TEST_NOW_MS + 24 * HOUR_MS,
+            revoked_at_ms: None,
+            revoke_reason: None,
+        });
+        tx.open_table(raw("token_families.v1"))
+            .unwrap()
+            .insert(FAMILY, records::encode(&family).as_slice())
+            .unwrap();
+        let refresh = RefreshTokenRecord::V1(RefreshToken {
+            family_id: FAMILY.into(),
+            device_id: DEVICE.into(),
+            issued_at_ms: TEST_NOW_MS,
+            expires_at_ms: TEST_NOW_MS + 24 * HOUR_MS,
+            spent_at_ms: None,
+        });
+        let refresh_key = data_encoding::HEXLOWER.encode(&sha256(&refresh_token()));
+        tx.open_table(raw("refresh_tokens.v1"))
+            .unwrap()
+            .insert(refresh_key.as_str(), records::encode(&refresh).as_slice())
+            .unwrap();
+        let revoked = RevokedTokenRecord::V1(RevokedToken {
+            device_id: DEVICE.into(),
+            expires_at_ms: TEST_NOW_MS + HOUR_MS,
+            revoked_at_ms: TEST_NOW_MS,
+        });
+        tx.open_table(raw("revoked_tokens.v1"))
+            .unwrap()
+            .insert(REVOKED_JTI, records::encode(&revoked).as_slice())
+            .unwrap();
+        let client = ClientRecord::V1(Client {
+            name: "fixture api".into(),
+            secret_hash: sha256(&client_secret()),
+            created_at_ms: TEST_NOW_MS,
+            revoked_at_ms: None,
+        });
+        tx.open_table(raw("clients.v1"))
+            .unwrap()
+            .insert(CLIENT, records::encode(&client).as_slice())
+            .unwrap();
+        let session = PairingSessionRecord::V1(PairingSession {
+            name: Some("fixture session".into()),
+            secret_hash: sha256(&pairing_secret()),
+            created_at_ms: TEST_NOW_MS,
+            expires_at_ms: TEST_NOW_MS + HOUR_MS,
+            created_by: "cli".into(),
+            claimed_at_ms: None,
+            device_id: None,
+        });
+        tx.open_table(raw("pairing_sessions.v1"))
+            .unwrap()
+            .insert(SESSION, records::encode(&session).as_slice())
+            .unwrap();
+    }
+    tx.commit().unwrap();
+}
+
+/// A private copy of the fixture in `dir`, with its key beside it.
+fn fixture_copy(dir: &Path) -> PathBuf {
+    let path = helpers::copy_into(&fixtures().join("format-v3.redb"), dir, "gatehouse.redb");
+    let key_path = dir.join("gatehouse.redb.key");
+    std::fs::copy(fixtures().join("format-v3.key"), &key_path).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    for p in [&path, &key_path] {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    path
+}
+
+#[test]
+fn format_v3_fixture_opens_at_the_current_format() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = fixture_copy(dir.path());
+    let key = MasterKey::load(&dir.path().join("gatehouse.redb.key")).unwrap();
+    let (store, report) = Store::open(&path, &key, &FixedClock::new(TEST_NOW_MS)).unwrap();
+    match report.migrated {
+        None => assert_eq!(FORMAT_VERSION, 3),
+        Some(m) => assert_eq!((m.from, m.to), (3, FORMAT_VERSION)),
+    }
+    assert_eq!(store.info().format_version, FORMAT_VERSION);
+    assert_eq!(store.info().instance_id, "44".repeat(16));
+    let counts = store.read(|tx| tx.table_counts()).unwrap();
+    for (table, rows) in [
+        ("signing_keys.v1", 2),
+        ("devices.v1", 1),
+        ("token_families.v1", 1),
+        ("refresh_tokens.v1", 1),
+        ("revoked_tokens.v1", 1),
+        ("clients.v1", 1),
+        ("pairing_sessions.v1", 1),
+        ("admin_tokens.v1", 1),
+    ] {
+        assert!(counts.contains(&(table, rows)), "{table}: {counts:?}");
+    }
+    store.close();
+}
+
+#[tokio::test]
+async fn a_server_on_the_format_v3_fixture_keeps_its_keys_devices_tokens_and_clients() {
+    let dir = tempfile::tempdir().unwrap();
+    fixture_copy(dir.path());
+    let app = helpers::spawn_app_in(dir, &[]).await;
+    let services = &app.running.services;
+    assert!(
+        app.running.bootstrap_token.is_none(),
+        "the fixture has an admin token"
+    );
+    let admin = services.admin_tokens.create("test").await.unwrap().token;
+    let client = app.client();
+
+    // The stored ring is used as it is: no new keys at start.
+    let kids: Vec<String> = services.keys.list().into_iter().map(|k| k.kid).collect();
+    assert_eq!(kids.len(), 2);
+    let jwks: serde_json::Value = client
+        .get(app.url("/.well-known/jwks.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    for kid in &kids {
+        assert!(
+            jwks.to_string().contains(kid.as_str()),
+            "{kid} not published"
+        );
+    }
+
+    // The stored refresh token refreshes, and the new access token verifies.
+    let response = client
+        .post(app.url("/v1/token"))
+        .form(&[
+            ("grant_type", "refresh_token"),
+            ("refresh_token", &refresh_token()),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let pair: helpers::PairedDevice = response.json().await.unwrap();
+    assert_eq!(pair.device_id, DEVICE);
+    let verified = services.tokens.verify(&pair.access_token).unwrap();
+    assert!(kids.contains(&verified.kid));
+
+    // The stored client introspects with its secret.
+    let answer: serde_json::Value = client
+        .post(app.url("/v1/introspect"))
+        .basic_auth(CLIENT, Some(client_secret()))
+        .form(&[("token", pair.access_token.as_str())])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(answer["active"], true);
+    assert_eq!(answer["sub"], DEVICE);
+
+    // The stored revocation is in the in-memory list; the stored device is listed.
+    assert_eq!(services.revocations.counts().0, 1);
+    let devices: serde_json::Value = client
+        .get(app.url("/v1/devices"))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(devices["devices"][0]["name"], "Fixture phone");
+
+    // The stored pairing session pairs a second device.
+    let response = client
+        .post(app.url("/v1/pair"))
+        .json(&serde_json::json!({
+            "session_id": SESSION,
+            "secret": pairing_secret(),
+            "device": {"name": "Second", "platform": "ios", "app_version": "2.0"},
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    app.stop().await;
+}
