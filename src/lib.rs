@@ -23,6 +23,7 @@ pub mod live;
 pub mod manage;
 pub mod pairing;
 pub mod qr;
+pub mod ratelimit;
 pub mod revocation;
 pub mod services;
 pub mod store;

@@ -1,0 +1,223 @@
+//! Writes the seed corpus of every fuzz target into `fuzz/seeds/<target>/`:
+//! inputs of the shapes gatehouse really produces and accepts, built with its own API.
+//!
+//! Run from the repository root: `cargo run --manifest-path fuzz/Cargo.toml --example make_seeds`.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use gatehouse::ids::{ClientId, DeviceId, FamilyId, SessionId, TokenId};
+use gatehouse::jwt::{self, AccessClaims};
+use gatehouse::store::records::{
+    self, AdminToken, AdminTokenRecord, AdminTokenV1, Client, ClientRecord, Device,
+    DeviceRecord, PairingSession, PairingSessionRecord, RefreshToken, RefreshTokenRecord,
+    RevokedToken, RevokedTokenRecord, SelfSignedCert, SelfSignedCertRecord, SigningKey,
+    SigningKeyPrivate, SigningKeyPrivateRecord, SigningKeyRecord, StoredKeyAlgorithm,
+    StoredKeyState, TokenFamily, TokenFamilyRecord,
+};
+
+/// A fixed, made-up 64-byte signature: `parse` only checks its length and encoding.
+fn signature(fill: u8) -> [u8; 64] {
+    let mut out = [0u8; 64];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = fill.wrapping_mul(31).wrapping_add(i as u8);
+    }
+    out
+}
+
+fn claims(scope: Option<&str>) -> AccessClaims {
+    AccessClaims {
+        iss: "https://auth.example.com".into(),
+        aud: "https://auth.example.com".into(),
+        sub: DeviceId::from_bytes([0x4a; 16]),
+        exp: 1_795_000_900,
+        nbf: 1_795_000_000,
+        iat: 1_795_000_000,
+        jti: TokenId::from_bytes([0x9c; 16]),
+        sid: FamilyId::from_bytes([0x17; 16]),
+        scope: scope.map(str::to_string),
+    }
+}
+
+fn jwt_parse() -> Vec<(&'static str, Vec<u8>)> {
+    let ed = jwt::encoded_header("EdDSA", "k_2026-11-23_a1");
+    let es = jwt::encoded_header("ES256", "k2");
+    let plain = jwt::finish(jwt::signing_input(&ed, &claims(None)), &signature(1));
+    let scoped = jwt::finish(
+        jwt::signing_input(&es, &claims(Some("read write"))),
+        &signature(2),
+    );
+    let (header_b64, rest) = plain.split_once('.').unwrap_or_default();
+
+    // The structured form: header JSON, 0xFF, claims JSON (the target base64url-encodes them).
+    let header_json = format!(r#"{{"alg":"EdDSA","typ":"{}","kid":"k1"}}"#, jwt::ACCESS_TOKEN_TYP);
+    let claims_json = serde_json::to_string(&claims(Some("x"))).unwrap_or_default();
+    let mut structured = header_json.clone().into_bytes();
+    structured.push(0xFF);
+    structured.extend_from_slice(claims_json.as_bytes());
+    let mut duplicate = br#"{"alg":"EdDSA","alg":"HS256","typ":"at+jwt","kid":"k1"}"#.to_vec();
+    duplicate.push(0xFF);
+    duplicate.extend_from_slice(claims_json.as_bytes());
+
+    vec![
+        ("eddsa", plain.clone().into_bytes()),
+        ("es256_scope", scoped.into_bytes()),
+        ("two_segments", format!("{header_b64}.{rest}").into_bytes()),
+        ("four_segments", format!("{plain}.AA").into_bytes()),
+        ("padded", format!("{plain}==").into_bytes()),
+        ("structured", structured),
+        ("duplicate_alg", duplicate),
+    ]
+}
+
+fn ids() -> Vec<(&'static str, Vec<u8>)> {
+    let device = DeviceId::from_bytes([0x0f; 16]).to_string();
+    vec![
+        ("device", device.clone().into_bytes()),
+        ("family", FamilyId::from_bytes([0xab; 16]).to_string().into_bytes()),
+        ("session", SessionId::from_bytes([0x3c; 16]).to_string().into_bytes()),
+        ("token", TokenId::from_bytes([0x01; 16]).to_string().into_bytes()),
+        ("client", ClientId::from_bytes([0xfe; 16]).to_string().into_bytes()),
+        ("device_json", format!("\"{device}\"").into_bytes()),
+        ("device_upper", device.to_uppercase().into_bytes()),
+        ("refresh_secret", b"ghr_U3LmQk0q2H1d1lJ8Jw9c5Yk2v3t6yP0bX4s7nM1aZ8E".to_vec()),
+        ("pairing_secret", b"gsEMq0dJ5kJ1xX2w3v4u5t6s7r8q9p0o1n2m3l4k5j6".to_vec()),
+    ]
+}
+
+fn record_seeds() -> Vec<(&'static str, Vec<u8>)> {
+    let admin = AdminToken {
+        name: "ops laptop".into(),
+        secret_hash: [7; 32],
+        created_at_ms: 1_795_000_000_000,
+        last_used_at_ms: Some(1_795_000_060_000),
+        revoked_at_ms: None,
+    };
+    let admin_v1 = AdminTokenV1 {
+        name: "bootstrap".into(),
+        secret_hash: [8; 32],
+        created_at_ms: 1_795_000_000_000,
+    };
+    let cert = SelfSignedCert {
+        cert_der: vec![0x30, 0x82, 0x01, 0x0a],
+        key_der: vec![0x30, 0x51, 0x02, 0x01],
+        names: vec!["localhost".into(), "127.0.0.1".into(), "::1".into()],
+        created_at_ms: 1_795_000_000_000,
+        not_after_ms: 1_826_536_000_000,
+    };
+    let key = SigningKey {
+        algorithm: StoredKeyAlgorithm::EcdsaP256,
+        public_key: vec![4; 65],
+        state: StoredKeyState::Retiring,
+        created_at_ms: 1,
+        activated_at_ms: Some(2),
+        retiring_at_ms: Some(3),
+        revoked_at_ms: None,
+        verify_until_ms: Some(u64::MAX),
+    };
+    let session = PairingSession {
+        name: Some("Ada's phone".into()),
+        secret_hash: [9; 32],
+        created_at_ms: 10,
+        expires_at_ms: 300_010,
+        created_by: "cli".into(),
+        claimed_at_ms: Some(20),
+        device_id: Some(DeviceId::from_bytes([0x4a; 16]).to_string()),
+    };
+    let device = Device {
+        name: "Pixel".into(),
+        platform: "android".into(),
+        app_version: "1.0".into(),
+        created_at_ms: 20,
+        last_seen_ms: 30,
+        paired_from: "192.0.2.7".into(),
+        pairing_session: SessionId::from_bytes([0x3c; 16]).to_string(),
+        revoked_at_ms: None,
+    };
+    let family = TokenFamily {
+        device_id: DeviceId::from_bytes([0x4a; 16]).to_string(),
+        created_at_ms: 20,
+        generation: 3,
+        refresh_expires_at_ms: 2_592_000_020,
+        revoked_at_ms: Some(40),
+        revoke_reason: Some("reuse".into()),
+    };
+    let refresh = RefreshToken {
+        family_id: FamilyId::from_bytes([0x17; 16]).to_string(),
+        device_id: DeviceId::from_bytes([0x4a; 16]).to_string(),
+        issued_at_ms: 20,
+        expires_at_ms: 2_592_000_020,
+        spent_at_ms: None,
+    };
+    let revoked = RevokedToken {
+        device_id: DeviceId::from_bytes([0x4a; 16]).to_string(),
+        expires_at_ms: 900_000,
+        revoked_at_ms: 60_000,
+    };
+    let client = Client {
+        name: "api".into(),
+        secret_hash: [5; 32],
+        created_at_ms: 70,
+        revoked_at_ms: None,
+    };
+    vec![
+        ("admin_v2", records::encode(&AdminTokenRecord::V2(admin))),
+        ("admin_v1", records::encode(&AdminTokenRecord::V1(admin_v1))),
+        ("self_signed", records::encode(&SelfSignedCertRecord::V1(cert))),
+        ("signing_key", records::encode(&SigningKeyRecord::V1(key))),
+        (
+            "signing_key_private",
+            records::encode(&SigningKeyPrivateRecord::V1(SigningKeyPrivate {
+                pkcs8: vec![0x30, 0x53, 0x02, 0x01, 0x01],
+            })),
+        ),
+        ("pairing_session", records::encode(&PairingSessionRecord::V1(session))),
+        ("device", records::encode(&DeviceRecord::V1(device))),
+        ("token_family", records::encode(&TokenFamilyRecord::V1(family))),
+        ("refresh_token", records::encode(&RefreshTokenRecord::V1(refresh))),
+        ("revoked_token", records::encode(&RevokedTokenRecord::V1(revoked))),
+        ("client", records::encode(&ClientRecord::V1(client))),
+    ]
+}
+
+fn pairing_input() -> Vec<(&'static str, Vec<u8>)> {
+    vec![
+        (
+            "pixel",
+            br#"{"name":"Pixel","platform":"android","app_version":"1.0"}"#.to_vec(),
+        ),
+        (
+            "url_and_pin",
+            br#"{"name":"https://auth.example.com:8443","platform":"sha256/6eO5+pyaTORL2KMVe80zdfA9wmyvQeEfLAuZUA+NXmo=","app_version":"gsEMq0dJ5kJ1xX2w3v4u5t6s7r8q9p0o1n2m3l4k5j6"}"#.to_vec(),
+        ),
+        (
+            "escapes",
+            "{\"name\":\"Ada\\u2019s \\\"phone\\\" \u{1F4F1}\",\"platform\":\"i\\tOS &=?#%\",\"app_version\":\"\\u0000\"}"
+                .as_bytes()
+                .to_vec(),
+        ),
+        (
+            "unknown_field",
+            br#"{"name":"a","platform":"b","app_version":"c","extra":1}"#.to_vec(),
+        ),
+    ]
+}
+
+fn write(dir: &Path, seeds: Vec<(&'static str, Vec<u8>)>) -> io::Result<()> {
+    fs::create_dir_all(dir)?;
+    for (name, bytes) in seeds {
+        fs::write(dir.join(name), bytes)?;
+    }
+    Ok(())
+}
+
+fn main() -> io::Result<()> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("seeds");
+    write(&root.join("jwt_parse"), jwt_parse())?;
+    write(&root.join("ids"), ids())?;
+    write(&root.join("records"), record_seeds())?;
+    write(&root.join("pairing_input"), pairing_input())?;
+    println!("seeds written to {}", root.display());
+    Ok(())
+}
