@@ -406,7 +406,10 @@ mod tests {
         }
         assert!(after.check(0, &policy, &subject, 1).allowed);
         assert!(after.check(0, &policy, &subject, 1).allowed);
-        assert!(!after.check(0, &policy, &subject, 1).allowed, "the 11th is refused");
+        assert!(
+            !after.check(0, &policy, &subject, 1).allowed,
+            "the 11th is refused"
+        );
     }
 
     #[test]

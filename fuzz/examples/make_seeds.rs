@@ -10,11 +10,11 @@ use std::path::{Path, PathBuf};
 use gatehouse::ids::{ClientId, DeviceId, FamilyId, SessionId, TokenId};
 use gatehouse::jwt::{self, AccessClaims};
 use gatehouse::store::records::{
-    self, AdminToken, AdminTokenRecord, AdminTokenV1, Client, ClientRecord, Device,
-    DeviceRecord, PairingSession, PairingSessionRecord, RefreshToken, RefreshTokenRecord,
-    RevokedToken, RevokedTokenRecord, SelfSignedCert, SelfSignedCertRecord, SigningKey,
-    SigningKeyPrivate, SigningKeyPrivateRecord, SigningKeyRecord, StoredKeyAlgorithm,
-    StoredKeyState, TokenFamily, TokenFamilyRecord,
+    self, AdminToken, AdminTokenRecord, AdminTokenV1, Client, ClientRecord, Device, DeviceRecord,
+    PairingSession, PairingSessionRecord, RefreshToken, RefreshTokenRecord, RevokedToken,
+    RevokedTokenRecord, SelfSignedCert, SelfSignedCertRecord, SigningKey, SigningKeyPrivate,
+    SigningKeyPrivateRecord, SigningKeyRecord, StoredKeyAlgorithm, StoredKeyState, TokenFamily,
+    TokenFamilyRecord,
 };
 
 /// A fixed, made-up 64-byte signature: `parse` only checks its length and encoding.
@@ -51,7 +51,10 @@ fn jwt_parse() -> Vec<(&'static str, Vec<u8>)> {
     let (header_b64, rest) = plain.split_once('.').unwrap_or_default();
 
     // The structured form: header JSON, 0xFF, claims JSON (the target base64url-encodes them).
-    let header_json = format!(r#"{{"alg":"EdDSA","typ":"{}","kid":"k1"}}"#, jwt::ACCESS_TOKEN_TYP);
+    let header_json = format!(
+        r#"{{"alg":"EdDSA","typ":"{}","kid":"k1"}}"#,
+        jwt::ACCESS_TOKEN_TYP
+    );
     let claims_json = serde_json::to_string(&claims(Some("x"))).unwrap_or_default();
     let mut structured = header_json.clone().into_bytes();
     structured.push(0xFF);
@@ -75,14 +78,32 @@ fn ids() -> Vec<(&'static str, Vec<u8>)> {
     let device = DeviceId::from_bytes([0x0f; 16]).to_string();
     vec![
         ("device", device.clone().into_bytes()),
-        ("family", FamilyId::from_bytes([0xab; 16]).to_string().into_bytes()),
-        ("session", SessionId::from_bytes([0x3c; 16]).to_string().into_bytes()),
-        ("token", TokenId::from_bytes([0x01; 16]).to_string().into_bytes()),
-        ("client", ClientId::from_bytes([0xfe; 16]).to_string().into_bytes()),
+        (
+            "family",
+            FamilyId::from_bytes([0xab; 16]).to_string().into_bytes(),
+        ),
+        (
+            "session",
+            SessionId::from_bytes([0x3c; 16]).to_string().into_bytes(),
+        ),
+        (
+            "token",
+            TokenId::from_bytes([0x01; 16]).to_string().into_bytes(),
+        ),
+        (
+            "client",
+            ClientId::from_bytes([0xfe; 16]).to_string().into_bytes(),
+        ),
         ("device_json", format!("\"{device}\"").into_bytes()),
         ("device_upper", device.to_uppercase().into_bytes()),
-        ("refresh_secret", b"ghr_U3LmQk0q2H1d1lJ8Jw9c5Yk2v3t6yP0bX4s7nM1aZ8E".to_vec()),
-        ("pairing_secret", b"gsEMq0dJ5kJ1xX2w3v4u5t6s7r8q9p0o1n2m3l4k5j6".to_vec()),
+        (
+            "refresh_secret",
+            b"ghr_U3LmQk0q2H1d1lJ8Jw9c5Yk2v3t6yP0bX4s7nM1aZ8E".to_vec(),
+        ),
+        (
+            "pairing_secret",
+            b"gsEMq0dJ5kJ1xX2w3v4u5t6s7r8q9p0o1n2m3l4k5j6".to_vec(),
+        ),
     ]
 }
 
@@ -164,7 +185,10 @@ fn record_seeds() -> Vec<(&'static str, Vec<u8>)> {
     vec![
         ("admin_v2", records::encode(&AdminTokenRecord::V2(admin))),
         ("admin_v1", records::encode(&AdminTokenRecord::V1(admin_v1))),
-        ("self_signed", records::encode(&SelfSignedCertRecord::V1(cert))),
+        (
+            "self_signed",
+            records::encode(&SelfSignedCertRecord::V1(cert)),
+        ),
         ("signing_key", records::encode(&SigningKeyRecord::V1(key))),
         (
             "signing_key_private",
@@ -172,11 +196,23 @@ fn record_seeds() -> Vec<(&'static str, Vec<u8>)> {
                 pkcs8: vec![0x30, 0x53, 0x02, 0x01, 0x01],
             })),
         ),
-        ("pairing_session", records::encode(&PairingSessionRecord::V1(session))),
+        (
+            "pairing_session",
+            records::encode(&PairingSessionRecord::V1(session)),
+        ),
         ("device", records::encode(&DeviceRecord::V1(device))),
-        ("token_family", records::encode(&TokenFamilyRecord::V1(family))),
-        ("refresh_token", records::encode(&RefreshTokenRecord::V1(refresh))),
-        ("revoked_token", records::encode(&RevokedTokenRecord::V1(revoked))),
+        (
+            "token_family",
+            records::encode(&TokenFamilyRecord::V1(family)),
+        ),
+        (
+            "refresh_token",
+            records::encode(&RefreshTokenRecord::V1(refresh)),
+        ),
+        (
+            "revoked_token",
+            records::encode(&RevokedTokenRecord::V1(revoked)),
+        ),
         ("client", records::encode(&ClientRecord::V1(client))),
     ]
 }

@@ -91,7 +91,11 @@ fn id<T: Id>(text: &str) {
     let Some(id) = parsed else {
         return;
     };
-    assert_eq!(id.to_string(), text, "to_string does not give back the parsed text");
+    assert_eq!(
+        id.to_string(),
+        text,
+        "to_string does not give back the parsed text"
+    );
     assert!(text.starts_with(T::PREFIX));
     assert_eq!(text.len(), T::PREFIX.len() + 32);
     assert_eq!(T::from_bytes(*id.as_bytes()), id);
@@ -106,7 +110,11 @@ fn json<T: Id>(data: &[u8]) {
         return;
     };
     let text = id.to_string();
-    assert_eq!(T::parse(&text), Some(id), "an id read from JSON does not parse from its text");
+    assert_eq!(
+        T::parse(&text),
+        Some(id),
+        "an id read from JSON does not parse from its text"
+    );
 }
 
 fn secret(presented: &str, prefix: &str) {

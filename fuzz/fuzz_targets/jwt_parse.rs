@@ -56,7 +56,11 @@ fn check(token: &str) {
         token.starts_with(parsed.signing_input),
         "signing input is not a prefix of the token"
     );
-    assert_eq!(parsed.signature.len(), SIGNATURE_B64, "signature segment length");
+    assert_eq!(
+        parsed.signature.len(),
+        SIGNATURE_B64,
+        "signature segment length"
+    );
     assert_eq!(
         token.len(),
         parsed.signing_input.len() + 1 + parsed.signature.len(),

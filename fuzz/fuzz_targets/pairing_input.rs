@@ -94,7 +94,10 @@ fn decode(value: &str, uri: &str) -> String {
         } else if b == b'%' {
             let hex = bytes
                 .get(i + 1..i + 3)
-                .filter(|h| h.iter().all(|c| c.is_ascii_digit() || (b'A'..=b'F').contains(c)))
+                .filter(|h| {
+                    h.iter()
+                        .all(|c| c.is_ascii_digit() || (b'A'..=b'F').contains(c))
+                })
                 .unwrap_or_else(|| panic!("a bad escape in {uri:?}"));
             let hex = std::str::from_utf8(hex).unwrap_or_default();
             out.push(u8::from_str_radix(hex, 16).unwrap_or_default());
