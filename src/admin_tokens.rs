@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use ring::digest::{SHA256, digest};
+use crate::ids::secret_hash;
 use ring::rand::{SecureRandom, SystemRandom};
 use serde::Serialize;
 use subtle::ConstantTimeEq;
@@ -83,12 +83,6 @@ fn validate_name(name: &str) -> Result<String, AdminTokenError> {
     Ok(name.to_string())
 }
 
-fn hash_secret(secret: &[u8]) -> [u8; 32] {
-    let mut out = [0u8; 32];
-    out.copy_from_slice(digest(&SHA256, secret).as_ref());
-    out
-}
-
 /// Splits `gha_<id>_<secret>` into the id text and the secret bytes.
 fn parse(presented: &str) -> Option<(String, Vec<u8>)> {
     // Bounded before any work: a token is exactly 4 + 16 + 1 + 43 = 64 characters.
@@ -159,7 +153,7 @@ impl AdminTokens {
         let id = data_encoding::HEXLOWER.encode(&id);
         let record = AdminToken {
             name: name.clone(),
-            secret_hash: hash_secret(&secret),
+            secret_hash: secret_hash(&secret),
             created_at_ms: self.clock.now_ms(),
             last_used_at_ms: None,
             revoked_at_ms: None,
@@ -238,7 +232,7 @@ impl AdminTokens {
             Some(parts) => parts,
             None => (String::new(), vec![0u8; SECRET_BYTES]),
         };
-        let presented_hash = hash_secret(&secret);
+        let presented_hash = secret_hash(&secret);
         let stored = if id.is_empty() {
             None
         } else {

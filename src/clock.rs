@@ -22,8 +22,13 @@ impl Clock for SystemClock {
         // A clock before 1970 reads as the epoch rather than panicking.
         SystemTime::now()
             .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+            .map_or(0, millis)
     }
+}
+
+/// A duration in whole milliseconds, saturating (the unit every stored time uses).
+pub fn millis(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// A clock that moves only when told to (tests).

@@ -22,7 +22,7 @@ use ring::rand::SystemRandom;
 use ring::signature::{self as sig, KeyPair as _};
 use serde::Serialize;
 
-use crate::clock::{SharedClock, format_rfc3339};
+use crate::clock::{SharedClock, format_rfc3339, millis};
 use crate::jwt::{self, AccessClaims};
 use crate::live::Changes;
 use crate::store::records::{SigningKey, SigningKeyPrivate, StoredKeyAlgorithm, StoredKeyState};
@@ -424,10 +424,6 @@ pub struct KeyRing {
     serial: tokio::sync::Mutex<()>,
 }
 
-fn ms(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
-
 impl KeyRing {
     /// Loads the ring, making sure there is an active and a next key.
     pub async fn open(
@@ -554,14 +550,14 @@ impl KeyRing {
         };
         let ready_at = next_record
             .created_at_ms
-            .saturating_add(ms(NEXT_KEY_MIN_PUBLISHED));
+            .saturating_add(millis(NEXT_KEY_MIN_PUBLISHED));
         if mode == Rotation::Scheduled && now < ready_at {
             return Err(KeyError::NextKeyTooNew {
                 published: format_rfc3339(next_record.created_at_ms),
                 ready: format_rfc3339(ready_at),
             });
         }
-        let verify_until = now.saturating_add(ms(self.verify_window));
+        let verify_until = now.saturating_add(millis(self.verify_window));
         let mut writes: Vec<(String, SigningKey)> = Vec::new();
         let mut retiring = None;
         for (kid, record) in existing
@@ -622,7 +618,7 @@ impl KeyRing {
         record.state = StoredKeyState::Revoked;
         record.revoked_at_ms = Some(now);
         // Kept (as "revoked") while one of its tokens could otherwise still be valid.
-        record.verify_until_ms = Some(now.saturating_add(ms(self.verify_window)));
+        record.verify_until_ms = Some(now.saturating_add(millis(self.verify_window)));
         let revoked = record.clone();
         // The replacement (a promoted next key, a new next key) goes in the same write,
         // so no crash can leave the ring without an active key.

@@ -19,7 +19,7 @@ use std::time::Duration;
 use serde::Serialize;
 use subtle::ConstantTimeEq;
 
-use crate::clock::SharedClock;
+use crate::clock::{SharedClock, millis};
 use crate::config::defaults::PAIRING_MAX_TTL;
 use crate::ids::{DeviceId, RandomError, Secret, SessionId, secret_hash};
 use crate::store::records::{Device, PairingSession};
@@ -177,10 +177,6 @@ pub struct PairingSessions {
     open_uris: Mutex<HashMap<SessionId, (String, u64)>>,
 }
 
-fn ms(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
-
 impl PairingSessions {
     pub fn new(
         store: Store,
@@ -231,7 +227,7 @@ impl PairingSessions {
         let id = SessionId::generate()?;
         let secret = Secret::generate("")?;
         let now = self.clock.now_ms();
-        let expires_at_ms = now.saturating_add(ms(ttl));
+        let expires_at_ms = now.saturating_add(millis(ttl));
         let record = PairingSession {
             name: name.clone(),
             secret_hash: secret.hash(),
@@ -382,7 +378,7 @@ impl PairingSessions {
 
     /// Deletes sessions that expired more than a day ago. For the scheduler.
     pub async fn prune_expired(&self) -> Result<u64, PairingError> {
-        let cutoff = self.clock.now_ms().saturating_sub(ms(KEEP_EXPIRED));
+        let cutoff = self.clock.now_ms().saturating_sub(millis(KEEP_EXPIRED));
         Ok(self
             .store
             .write(move |tx| tx.retain(&PAIRING_SESSIONS, |_, s| s.expires_at_ms > cutoff))

@@ -12,7 +12,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::RwLock;
 use std::time::Duration;
 
-use crate::clock::SharedClock;
+use crate::clock::{SharedClock, millis};
 use crate::ids::{DeviceId, FamilyId, TokenId};
 use crate::live::Changes;
 use crate::store::records::{RevokedToken, TokenFamily};
@@ -41,10 +41,6 @@ pub struct RevocationList {
     changes: Changes,
 }
 
-fn ms(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
-
 impl RevocationList {
     /// Rebuilds the in-memory mirror from the data file.
     pub fn load(
@@ -54,7 +50,7 @@ impl RevocationList {
         changes: Changes,
     ) -> Result<Self, StoreError> {
         let now = clock.now_ms();
-        let window = ms(access_window);
+        let window = millis(access_window);
         let mut revoked = Revoked::default();
         store.read(|tx| {
             for (jti, row) in tx.all(&REVOKED_TOKENS)? {
@@ -146,7 +142,10 @@ impl RevocationList {
 
     /// Mirrors a family revocation committed by `revoke_family_in`.
     pub fn remember_family(&self, family: FamilyId) {
-        let forget_at = self.clock.now_ms().saturating_add(ms(self.access_window));
+        let forget_at = self
+            .clock
+            .now_ms()
+            .saturating_add(millis(self.access_window));
         self.write().families.insert(family, forget_at);
         self.changes.bump();
     }
@@ -225,7 +224,7 @@ impl RevocationList {
     /// Forgets entries whose tokens can no longer verify: rows of revoked access tokens
     /// past their expiry plus `leeway`, and in-memory family entries past their window.
     pub async fn prune(&self, leeway: Duration) -> Result<u64, StoreError> {
-        let cutoff = self.clock.now_ms().saturating_sub(ms(leeway));
+        let cutoff = self.clock.now_ms().saturating_sub(millis(leeway));
         let now = self.clock.now_ms();
         let removed = self
             .store

@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::clock::SharedClock;
+use crate::clock::{SharedClock, millis};
 use crate::ids::{DeviceId, FamilyId, RandomError, Secret, TokenId};
 use crate::jwt::{self, ACCESS_TOKEN_TYP, AccessClaims, Malformed};
 use crate::keys::{KeyError, KeyRing};
@@ -164,10 +164,6 @@ impl NewFamily {
 
 fn hash_key(secret_hash: &[u8; 32]) -> String {
     data_encoding::HEXLOWER.encode(secret_hash)
-}
-
-fn ms(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// What the refresh transaction decided.
@@ -319,7 +315,7 @@ impl TokenAuthority {
         device: &DeviceId,
         now_ms: u64,
     ) -> Result<(), StoreError> {
-        let expires = now_ms.saturating_add(ms(self.settings.refresh_ttl));
+        let expires = now_ms.saturating_add(millis(self.settings.refresh_ttl));
         tx.put(
             &TOKEN_FAMILIES,
             &new.family.to_string(),
@@ -373,7 +369,7 @@ impl TokenAuthority {
         let next_refresh = Secret::generate(REFRESH_PREFIX)?;
         let stored_refresh = next_refresh.clone();
         let now = self.clock.now_ms();
-        let refresh_ttl = ms(self.settings.refresh_ttl);
+        let refresh_ttl = millis(self.settings.refresh_ttl);
         let outcome = self
             .store
             .write(move |tx| -> Result<RefreshOutcome, StoreError> {
@@ -499,7 +495,7 @@ impl TokenAuthority {
         if claims.aud != self.settings.audience {
             return Err(Rejection::WrongAudience);
         }
-        let leeway = ms(self.settings.leeway);
+        let leeway = millis(self.settings.leeway);
         let at = |seconds: u64| seconds.saturating_mul(1000);
         if now_ms >= at(claims.exp).saturating_add(leeway) {
             return Err(Rejection::Expired);
@@ -623,7 +619,7 @@ impl TokenAuthority {
     /// entries whose tokens have expired. For the scheduler.
     pub async fn prune_expired(&self) -> Result<u64, TokenError> {
         let now = self.clock.now_ms();
-        let window = ms(self.settings.access_window());
+        let window = millis(self.settings.access_window());
         let refresh = self
             .store
             .write(move |tx| -> Result<u64, StoreError> {

@@ -40,6 +40,8 @@ pub const MAX_STRIKES: u32 = 5;
 /// Initial read buffer: small, so an idle connection costs little; it grows for large
 /// messages.
 const READ_BUFFER_BYTES: usize = 1024;
+/// How long a frame may wait to be taken by the peer.
+const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 /// Close code for "message too big" (RFC 6455 section 7.4.1).
 const TOO_BIG: u16 = 1009;
 
@@ -203,10 +205,7 @@ impl Connection {
                         Next::Drop
                     } else {
                         self.awaiting_pong = true;
-                        match socket.send(Message::Ping(Default::default())).await {
-                            Ok(()) => Next::Continue,
-                            Err(_) => Next::Drop,
-                        }
+                        send_within(&mut socket, Message::Ping(Default::default())).await
                     }
                 }
                 Ok(()) = changes.changed(), if self.auth.is_some() => self.recheck(),
@@ -220,7 +219,7 @@ impl Connection {
                         code,
                         reason: Utf8Bytes::from_static(reason),
                     };
-                    let _ = socket.send(Message::Close(Some(frame))).await;
+                    let _ = send_within(&mut socket, Message::Close(Some(frame))).await;
                     break;
                 }
                 Next::Drop => break,
@@ -238,7 +237,7 @@ impl Connection {
             .claims
             .exp
             .saturating_mul(1000)
-            .saturating_add(u64::try_from(leeway.as_millis()).unwrap_or(u64::MAX));
+            .saturating_add(crate::clock::millis(leeway));
         Some(Duration::from_millis(until.saturating_sub(now)))
     }
 
@@ -260,10 +259,7 @@ impl Connection {
 
     async fn send(&self, socket: &mut WebSocket, message: &ServerMessage<'_>) -> Next {
         let text = serde_json::to_string(message).unwrap_or_default();
-        match socket.send(Message::Text(text.into())).await {
-            Ok(()) => Next::Continue,
-            Err(_) => Next::Drop,
-        }
+        send_within(socket, Message::Text(text.into())).await
     }
 
     async fn refuse(&mut self, socket: &mut WebSocket, code: &str, message: &str) -> Next {
@@ -331,13 +327,7 @@ impl Connection {
             } => {
                 // A socket speaks for one device: it cannot claim a session for another.
                 if self.auth.is_some() {
-                    return self
-                        .refuse(
-                            socket,
-                            "device_mismatch",
-                            "this socket already speaks for a device",
-                        )
-                        .await;
+                    return self.mismatch(socket).await;
                 }
                 let paired = self
                     .state
@@ -370,13 +360,7 @@ impl Connection {
                     let answer = self.state.services.tokens.introspect(&refresh_token);
                     let device = current.device.to_string();
                     if answer.active && answer.sub.as_deref() != Some(device.as_str()) {
-                        return self
-                            .refuse(
-                                socket,
-                                "device_mismatch",
-                                "this socket speaks for another device",
-                            )
-                            .await;
+                        return self.mismatch(socket).await;
                     }
                 }
                 match self.state.services.tokens.refresh(&refresh_token).await {
@@ -393,6 +377,16 @@ impl Connection {
                 }
             }
         }
+    }
+
+    /// Credentials of another device on a socket that already speaks for one.
+    async fn mismatch(&mut self, socket: &mut WebSocket) -> Next {
+        self.refuse(
+            socket,
+            "device_mismatch",
+            "this socket speaks for another device",
+        )
+        .await
     }
 
     async fn internal(&mut self, socket: &mut WebSocket, err: String) -> Next {
@@ -412,13 +406,7 @@ impl Connection {
         if let Some(current) = &self.auth
             && current.device != pair.device_id
         {
-            return self
-                .refuse(
-                    socket,
-                    "device_mismatch",
-                    "this socket speaks for another device",
-                )
-                .await;
+            return self.mismatch(socket).await;
         }
         self.become_device(pair.device_id, pair.access_token.clone());
         self.send(
@@ -452,13 +440,7 @@ impl Connection {
         if let Some(current) = &self.auth
             && current.device != claims.sub
         {
-            return self
-                .refuse(
-                    socket,
-                    "device_mismatch",
-                    "this socket speaks for another device",
-                )
-                .await;
+            return self.mismatch(socket).await;
         }
         let now_s = self.state.services.clock.now_ms() / 1000;
         self.become_device(claims.sub, access_token);
@@ -492,6 +474,15 @@ impl PartialEq for Next {
             (self, other),
             (Self::Continue, Self::Continue) | (Self::Drop, Self::Drop)
         ) || matches!((self, other), (Self::Close(a, _), Self::Close(b, _)) if a == b)
+    }
+}
+
+/// Sends one frame; a peer that does not take it within `SEND_TIMEOUT` (it stopped
+/// reading) is dropped instead of holding the connection's task forever.
+async fn send_within(socket: &mut WebSocket, message: Message) -> Next {
+    match tokio::time::timeout(SEND_TIMEOUT, socket.send(message)).await {
+        Ok(Ok(())) => Next::Continue,
+        Ok(Err(_)) | Err(_) => Next::Drop,
     }
 }
 
