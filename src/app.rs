@@ -238,9 +238,11 @@ pub async fn start(config: &Config, clock: SharedClock) -> Result<Running, AppEr
 const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(600);
 /// How often devices' last-seen times are written.
 const LAST_SEEN_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+/// How often changed rate-limit windows are written.
+const LIMITS_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Housekeeping until the scheduler takes it over: writes devices' last-seen times every
-/// few seconds (and once more at stop); retires signing keys whose window has closed and
+/// Housekeeping until the scheduler takes it over: writes changed rate-limit windows every
+/// second and devices' last-seen times every few seconds (both once more at stop); retires signing keys whose window has closed and
 /// prunes refresh tokens, revocations and pairing sessions that can no longer matter, at
 /// start and then every ten minutes.
 async fn maintain(services: Services, stopped: impl std::future::Future<Output = ()>) {
@@ -249,13 +251,17 @@ async fn maintain(services: Services, stopped: impl std::future::Future<Output =
     prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_seen = tokio::time::interval(LAST_SEEN_EVERY);
     last_seen.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut limits = tokio::time::interval(LIMITS_EVERY);
+    limits.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             biased;
             () = &mut stopped => {
                 flush_last_seen(&services).await;
+                flush_limits(&services).await;
                 return;
             }
+            _ = limits.tick() => flush_limits(&services).await,
             _ = last_seen.tick() => flush_last_seen(&services).await,
             _ = prune.tick() => prune_expired(&services).await,
         }
@@ -268,7 +274,16 @@ async fn flush_last_seen(services: &Services) {
     }
 }
 
+async fn flush_limits(services: &Services) {
+    if let Err(err) = services.limits.flush().await {
+        tracing::warn!(error = %err, "writing rate-limit windows failed");
+    }
+}
+
 async fn prune_expired(services: &Services) {
+    if let Err(err) = services.limits.prune().await {
+        tracing::warn!(error = %err, "pruning rate-limit windows failed");
+    }
     if let Err(err) = services.keys.retire_expired().await {
         tracing::warn!(error = %err, "retiring expired signing keys failed");
     }

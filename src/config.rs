@@ -38,6 +38,9 @@ pub mod defaults {
     pub const WS_MAX_CONNECTIONS: u64 = 10_000;
     pub const WS_MAX_CONNECTIONS_PER_IP: u64 = 64;
     pub const WS_MESSAGES_PER_SECOND: u64 = 10;
+    /// `POST /v1/pair` per client address.
+    pub const RATELIMIT_PAIRING: (u32, Duration) = (10, Duration::from_secs(60));
+    pub const RATELIMIT_MAX_KEYS: u64 = 100_000;
 }
 
 /// A configuration error: which setting, from where, and what is allowed.
@@ -158,6 +161,15 @@ impl Default for TokenConfig {
     }
 }
 
+/// Rate-limit settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RateLimitConfig {
+    /// Pairing attempts per client address: (requests, window).
+    pub pairing: (u32, Duration),
+    /// Most subjects tracked at once (memory bound).
+    pub max_keys: usize,
+}
+
 /// The WebSocket channel's limits.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WsConfig {
@@ -178,6 +190,7 @@ pub struct Config {
     pub log_filter: String,
     pub tokens: TokenConfig,
     pub ws: WsConfig,
+    pub ratelimit: RateLimitConfig,
     /// Where settings came from, for the start-up log (`file /etc/...`, `env GATEHOUSE_...`).
     pub sources: Vec<String>,
 }
@@ -249,6 +262,8 @@ struct Raw {
     ws_max_connections: Option<u64>,
     ws_max_connections_per_ip: Option<u64>,
     ws_messages_per_second: Option<u64>,
+    ratelimit_pairing: Option<(u32, Duration)>,
+    ratelimit_max_keys: Option<u64>,
 }
 
 type Apply = fn(&mut Raw, &str) -> Result<(), String>;
@@ -454,6 +469,16 @@ pub static SETTINGS: &[Setting] = &[
             defaults::PAIRING_MAX_TTL
         )?)),
     setting!(
+        "ratelimit.pairing",
+        "GATEHOUSE_RATELIMIT_PAIRING",
+        |r, v| r.ratelimit_pairing = Some(rate(v)?)
+    ),
+    setting!(
+        "ratelimit.max_keys",
+        "GATEHOUSE_RATELIMIT_MAX_KEYS",
+        |r, v| r.ratelimit_max_keys = Some(integer(v, 1000, 100_000_000)?)
+    ),
+    setting!(
         "ws.max_connections",
         "GATEHOUSE_WS_MAX_CONNECTIONS",
         |r, v| r.ws_max_connections = Some(integer(v, 1, 1_000_000)?)
@@ -469,6 +494,25 @@ pub static SETTINGS: &[Setting] = &[
         |r, v| r.ws_messages_per_second = Some(integer(v, 1, 1000)?)
     ),
 ];
+
+/// A rate as `N/DURATION`: at most N requests (1 to 1 000 000) per DURATION (1s to 24h).
+fn rate(v: &str) -> Result<(u32, Duration), String> {
+    let allowed =
+        "expected REQUESTS/WINDOW such as \"10/1m\" (1 to 1000000 requests per 1s to 24h)";
+    let (n, window) = v
+        .trim()
+        .split_once('/')
+        .ok_or_else(|| allowed.to_string())?;
+    let n: u32 = n.trim().parse().map_err(|_| allowed.to_string())?;
+    let window = humantime::parse_duration(window.trim()).map_err(|_| allowed.to_string())?;
+    if !(1..=1_000_000).contains(&n)
+        || window < Duration::from_secs(1)
+        || window > Duration::from_secs(24 * 3600)
+    {
+        return Err(allowed.into());
+    }
+    Ok((n, window))
+}
 
 /// An issuer is an https URL without query or fragment (RFC 8414 section 2).
 fn issuer(v: &str) -> Result<String, String> {
@@ -746,6 +790,13 @@ impl Config {
                 key_algorithm: raw.key_algorithm.unwrap_or(KeyAlgorithm::Ed25519),
                 pairing_ttl: raw.pairing_ttl.unwrap_or(defaults::PAIRING_TTL),
             },
+            ratelimit: RateLimitConfig {
+                pairing: raw.ratelimit_pairing.unwrap_or(defaults::RATELIMIT_PAIRING),
+                max_keys: to_usize(
+                    raw.ratelimit_max_keys
+                        .unwrap_or(defaults::RATELIMIT_MAX_KEYS),
+                ),
+            },
             ws: WsConfig {
                 max_connections: to_usize(
                     raw.ws_max_connections
@@ -818,6 +869,8 @@ fn merge(high: Raw, low: Raw) -> Raw {
             .ws_max_connections_per_ip
             .or(low.ws_max_connections_per_ip),
         ws_messages_per_second: high.ws_messages_per_second.or(low.ws_messages_per_second),
+        ratelimit_pairing: high.ratelimit_pairing.or(low.ratelimit_pairing),
+        ratelimit_max_keys: high.ratelimit_max_keys.or(low.ratelimit_max_keys),
     }
 }
 

@@ -23,7 +23,10 @@ use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use crate::clock::SharedClock;
 use crate::ids::{ClientId, DeviceId};
+use crate::store::records::RateWindow;
+use crate::store::{RATE_WINDOWS, Store, StoreError};
 
 const SHARDS: usize = 64;
 
@@ -326,6 +329,125 @@ impl RateTable {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The limits of the instance: policies, the table, and write-behind persistence
+
+/// The policies gatehouse applies, by number (the number is stored: append only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum PolicyId {
+    /// `POST /v1/pair` and WebSocket `pair`, per client address.
+    Pairing = 0,
+}
+
+/// The configured policies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policies {
+    pub pairing: Policy,
+}
+
+impl Policies {
+    fn get(&self, id: PolicyId) -> &Policy {
+        match id {
+            PolicyId::Pairing => &self.pairing,
+        }
+    }
+}
+
+/// Rate limits over the data file: decisions in memory, windows written behind.
+#[derive(Debug)]
+pub struct RateLimits {
+    table: RateTable,
+    policies: Policies,
+    store: Store,
+    clock: SharedClock,
+}
+
+fn window_key(policy_id: u8, subject: &[u8; 17]) -> String {
+    let mut bytes = [0u8; 18];
+    bytes[0] = policy_id;
+    bytes[1..].copy_from_slice(subject);
+    data_encoding::HEXLOWER.encode(&bytes)
+}
+
+impl RateLimits {
+    /// Loads the windows that are still running from the data file.
+    pub fn load(
+        store: Store,
+        clock: SharedClock,
+        policies: Policies,
+        max_keys: usize,
+    ) -> Result<Self, StoreError> {
+        let table = RateTable::new(max_keys);
+        let now_us = clock.now_ms().saturating_mul(1000);
+        for (key, window) in store.read(|tx| tx.all(&RATE_WINDOWS))? {
+            let Ok(bytes) = data_encoding::HEXLOWER.decode(key.as_bytes()) else {
+                continue;
+            };
+            let (Some(&policy_id), Ok(subject)) =
+                (bytes.first(), <[u8; 17]>::try_from(&bytes[1..]))
+            else {
+                continue;
+            };
+            if window.tat_us > now_us {
+                table.restore(&Window {
+                    policy_id,
+                    subject,
+                    tat_us: window.tat_us,
+                });
+            }
+        }
+        Ok(Self {
+            table,
+            policies,
+            store,
+            clock,
+        })
+    }
+
+    /// Decides one request of `subject` under policy `id`, now.
+    pub fn check(&self, id: PolicyId, subject: &Subject) -> (Decision, &Policy) {
+        let policy = self.policies.get(id);
+        let now_us = self.clock.now_ms().saturating_mul(1000);
+        (self.table.check(id as u8, policy, subject, now_us), policy)
+    }
+
+    /// Writes the windows changed since the last flush. Called about once a second and
+    /// at stop; a crash loses at most the last second of counting.
+    pub async fn flush(&self) -> Result<usize, StoreError> {
+        let now_us = self.clock.now_ms().saturating_mul(1000);
+        let changed = self.table.take_changed(now_us);
+        let count = changed.len();
+        if count == 0 {
+            return Ok(0);
+        }
+        self.store
+            .write(move |tx| -> Result<(), StoreError> {
+                for window in &changed {
+                    tx.put(
+                        &RATE_WINDOWS,
+                        &window_key(window.policy_id, &window.subject),
+                        &RateWindow {
+                            tat_us: window.tat_us,
+                        },
+                    )?;
+                }
+                Ok(())
+            })
+            .await?;
+        Ok(count)
+    }
+
+    /// Deletes stored windows whose budget is whole again (a missing window means the
+    /// same). For the periodic housekeeping, not the per-second flush.
+    pub async fn prune(&self) -> Result<u64, StoreError> {
+        let now_us = self.clock.now_ms().saturating_mul(1000);
+        self.store
+            .write(move |tx| tx.retain(&RATE_WINDOWS, |_, w| w.tat_us > now_us))
+            .await
     }
 }
 

@@ -16,6 +16,7 @@ use crate::ids::RandomError;
 use crate::keys::{KeyError, KeyRing};
 use crate::live::{Changes, LiveConnections};
 use crate::pairing::{PairingSessions, ServerIdentity};
+use crate::ratelimit::{Policies, Policy, RateLimits};
 use crate::revocation::RevocationList;
 use crate::store::{Store, StoreError};
 use crate::tokens::{TokenAuthority, TokenSettings};
@@ -47,6 +48,8 @@ pub struct Services {
     pub changes: Changes,
     /// The WebSocket channel's connection caps and message budgets.
     pub live: Arc<LiveConnections>,
+    /// Rate limits, counted in memory and written behind.
+    pub limits: Arc<RateLimits>,
 }
 
 /// The issuer when none is configured: the listen address (fine on loopback; a server
@@ -113,7 +116,20 @@ impl Services {
             config.tokens.pairing_ttl,
             server,
         )?);
+        let limits = Arc::new(RateLimits::load(
+            store.clone(),
+            clock.clone(),
+            Policies {
+                pairing: Policy::new(
+                    "pairing",
+                    config.ratelimit.pairing.0,
+                    config.ratelimit.pairing.1,
+                ),
+            },
+            config.ratelimit.max_keys,
+        )?);
         Ok(Self {
+            limits,
             admin_tokens: AdminTokens::new(store.clone(), clock.clone()),
             devices: Devices::new(store.clone(), clock.clone(), revocations.clone()),
             clients: Clients::new(store.clone(), clock.clone())?,

@@ -10,6 +10,7 @@ pub mod error;
 pub mod extract;
 pub mod health;
 pub mod keys;
+pub mod limits;
 pub mod oauth;
 pub mod pairing;
 pub mod security;

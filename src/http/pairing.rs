@@ -15,6 +15,7 @@ use super::extract::{Admin, ApiJson, Peer};
 use crate::clock::format_rfc3339;
 use crate::ids::SessionId;
 use crate::pairing::{DeviceInfo, PairingError};
+use crate::ratelimit::{PolicyId, Subject};
 use crate::tokens::TokenPair;
 
 fn pairing_error(err: PairingError) -> ApiError {
@@ -100,8 +101,12 @@ pub async fn pair(
     State(state): State<AppState>,
     Peer(peer): Peer,
     ApiJson(request): ApiJson<PairRequest>,
-) -> Result<Json<TokenPair>, ApiError> {
-    let pair = state
+) -> Response {
+    // Counted before the secret is looked at, so guessing costs budget.
+    if let Err(limited) = super::limits::check(&state, PolicyId::Pairing, &Subject::ip(peer.ip())) {
+        return limited.into_response();
+    }
+    let paired = state
         .services
         .pairing
         .pair(
@@ -110,9 +115,11 @@ pub async fn pair(
             &request.device,
             &peer.ip().to_string(),
         )
-        .await
-        .map_err(pairing_error)?;
-    Ok(Json(pair))
+        .await;
+    match paired {
+        Ok(pair) => Json::<TokenPair>(pair).into_response(),
+        Err(err) => pairing_error(err).into_response(),
+    }
 }
 
 /// Which picture of the pairing URI to render.

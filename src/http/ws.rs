@@ -329,6 +329,21 @@ impl Connection {
                 if self.auth.is_some() {
                     return self.mismatch(socket).await;
                 }
+                let subject = crate::ratelimit::Subject::ip(self.peer.ip());
+                let (decision, _) = self
+                    .state
+                    .services
+                    .limits
+                    .check(crate::ratelimit::PolicyId::Pairing, &subject);
+                if !decision.allowed {
+                    return self
+                        .refuse(
+                            socket,
+                            "rate_limited",
+                            "too many pairing attempts from this address",
+                        )
+                        .await;
+                }
                 let paired = self
                     .state
                     .services

@@ -11,7 +11,7 @@ use super::StoreError;
 use super::records::{self, AdminTokenRecord};
 use super::tables::{
     ADMIN_TOKENS, CLIENTS, DEVICES, FORMAT_VERSION, META, META_FORMAT_VERSION, PAIRING_SESSIONS,
-    REFRESH_TOKENS, REVOKED_TOKENS, SIGNING_KEYS, TOKEN_FAMILIES,
+    RATE_WINDOWS, REFRESH_TOKENS, REVOKED_TOKENS, SIGNING_KEYS, TOKEN_FAMILIES,
 };
 
 type Step = fn(&redb::WriteTransaction) -> Result<(), StoreError>;
@@ -27,6 +27,11 @@ const STEPS: &[(u32, &str, Step)] = &[
         2,
         "tables for signing keys, pairing sessions, devices, refresh tokens, revocations and clients",
         create_token_tables,
+    ),
+    (
+        3,
+        "a table for rate-limit windows",
+        create_rate_window_table,
     ),
 ];
 
@@ -99,6 +104,12 @@ fn create_token_tables(tx: &redb::WriteTransaction) -> Result<(), StoreError> {
     ] {
         tx.open_table(def)?;
     }
+    Ok(())
+}
+
+/// Format 3 → 4: the rate-limit windows table, created empty.
+fn create_rate_window_table(tx: &redb::WriteTransaction) -> Result<(), StoreError> {
+    tx.open_table(RATE_WINDOWS)?;
     Ok(())
 }
 

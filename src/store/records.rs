@@ -278,6 +278,20 @@ pub enum ClientRecord {
     V1(Client),
 }
 
+// ---------------------------------------------------------------------------------------
+// Rate-limit windows (`rate_windows.v1`)
+
+/// One subject's GCRA state under one policy: its theoretical arrival time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RateWindow {
+    pub tat_us: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum RateWindowRecord {
+    V1(RateWindow),
+}
+
 /// Encoding and decoding of the single-version records above, one pair per record.
 macro_rules! single_version_codec {
     ($($encode:ident, $decode:ident, $record:ident, $current:ident;)*) => {$(
@@ -304,6 +318,7 @@ single_version_codec! {
     encode_refresh_token, decode_refresh_token, RefreshTokenRecord, RefreshToken;
     encode_revoked_token, decode_revoked_token, RevokedTokenRecord, RevokedToken;
     encode_client, decode_client, ClientRecord, Client;
+    encode_rate_window, decode_rate_window, RateWindowRecord, RateWindow;
     encode_self_signed, decode_self_signed, SelfSignedCertRecord, SelfSignedCert;
 }
 

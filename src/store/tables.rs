@@ -8,7 +8,7 @@
 use redb::TableDefinition;
 
 /// The format version this build writes. Files with a higher version are refused.
-pub const FORMAT_VERSION: u32 = 3;
+pub const FORMAT_VERSION: u32 = 4;
 
 /// Instance facts: format version, instance id, creation time, master-key check value.
 /// Keys are the `META_*` constants. `format_version` is 4 bytes little-endian so that it
@@ -53,6 +53,11 @@ pub const REVOKED_TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("r
 /// Registered API clients by client id (`cli_…`). Values: `ClientRecord`.
 pub const CLIENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("clients.v1");
 
+/// Rate-limit windows, written behind (about once a second and at stop) so that a
+/// restart does not reset anyone's budget. Keyed by 36 lowercase hex characters: the
+/// policy number and the 17-byte subject key. Values: `RateWindowRecord`.
+pub const RATE_WINDOWS: TableDefinition<&str, &[u8]> = TableDefinition::new("rate_windows.v1");
+
 /// Names of every table this format version has, for backups, counts and checks.
 pub const ALL_TABLES: &[&str] = &[
     "meta",
@@ -65,6 +70,7 @@ pub const ALL_TABLES: &[&str] = &[
     "refresh_tokens.v1",
     "revoked_tokens.v1",
     "clients.v1",
+    "rate_windows.v1",
 ];
 
 /// The plaintext sealed into `META_MASTER_KEY_CHECK`.

@@ -10,8 +10,8 @@ use redb::{ReadableTable, ReadableTableMetadata, TableDefinition, TableHandle as
 
 use super::StoreError;
 use super::records::{
-    self, AdminToken, Client, DecodeError, Device, PairingSession, RefreshToken, RevokedToken,
-    SelfSignedCert, SigningKey, SigningKeyPrivate, TokenFamily,
+    self, AdminToken, Client, DecodeError, Device, PairingSession, RateWindow, RefreshToken,
+    RevokedToken, SelfSignedCert, SigningKey, SigningKeyPrivate, TokenFamily,
 };
 use super::seal::Sealer;
 use super::tables::{self, SECRETS};
@@ -65,6 +65,8 @@ records_table!(REVOKED_TOKENS: RevokedToken = tables::REVOKED_TOKENS, "revoked_t
     records::encode_revoked_token, records::decode_revoked_token);
 records_table!(CLIENTS: Client = tables::CLIENTS, "clients.v1",
     records::encode_client, records::decode_client);
+records_table!(RATE_WINDOWS: RateWindow = tables::RATE_WINDOWS, "rate_windows.v1",
+    records::encode_rate_window, records::decode_rate_window);
 
 /// A read-only view of the data file at one point in time.
 pub struct ReadTx<'a> {

@@ -14,6 +14,7 @@ mod helpers;
 mod http;
 mod interop;
 mod jwt_negative;
+mod ratelimit;
 mod store;
 mod tokens;
 mod ws;

@@ -540,7 +540,8 @@ async fn device_fields_are_validated_and_a_refusal_keeps_the_session() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sixteen_concurrent_claims_of_one_session_pair_exactly_one_device() {
-    let app = helpers::spawn_app().await;
+    // More attempts from one address than the default pairing limit allows at once.
+    let app = helpers::spawn_app_with(&[("GATEHOUSE_RATELIMIT_PAIRING", "100/1m")]).await;
     let (session_id, secret) = app.open_pairing_session().await;
     let client = app.client();
     let url = app.url("/v1/pair");
