@@ -9,7 +9,7 @@
 mod binary;
 mod cli;
 mod devices;
-mod format_v3;
+mod fixtures;
 mod helpers;
 mod http;
 mod interop;

@@ -1,7 +1,8 @@
-//! The format-3 fixture: a data file as a format-3 gatehouse wrote it, with a signing key
-//! ring, a device, a token family, a refresh token, a revoked access token, an API client
-//! and an open pairing session. A newer build must open it (migrating if needed) and keep
-//! every one of them working.
+//! The fixtures of formats 3 and later: data files as those gatehouse versions wrote them,
+//! with a signing key ring, a device, a token family, a refresh token, a revoked access
+//! token, an API client and an open pairing session (and, from format 4, a rate-limit
+//! window). A newer build must open them (migrating if needed) and keep every one of
+//! them working. (Formats 1 and 2 are in `store.rs`.)
 
 use std::path::{Path, PathBuf};
 
@@ -70,8 +71,36 @@ fn kid_of(public: &[u8]) -> String {
 #[test]
 #[ignore = "regenerates the committed fixture"]
 fn write_format_v3_fixture() {
-    let path = fixtures().join("format-v3.redb");
-    let key_path = fixtures().join("format-v3.key");
+    write_fixture(3);
+}
+
+/// Builds `tests/fixtures/format-v4.redb`: the format-3 content, plus the pairing window
+/// of 127.0.0.1 with nine of its ten attempts spent.
+#[test]
+#[ignore = "regenerates the committed fixture"]
+fn write_format_v4_fixture() {
+    write_fixture(4);
+}
+
+/// Tables each fixture format has.
+fn tables_of(format: u32) -> impl Iterator<Item = &'static str> {
+    tables::ALL_TABLES
+        .iter()
+        .copied()
+        .filter(move |n| *n != "meta" && (format >= 4 || *n != "rate_windows.v1"))
+}
+
+/// The stored key of 127.0.0.1's pairing window: policy 0, tag 1 (IPv4), the address.
+fn loopback_pairing_window() -> String {
+    let mut key = [0u8; 18];
+    key[1] = 1;
+    key[2..6].copy_from_slice(&[127, 0, 0, 1]);
+    data_encoding::HEXLOWER.encode(&key)
+}
+
+fn write_fixture(format: u32) {
+    let path = fixtures().join(format!("format-v{format}.redb"));
+    let key_path = fixtures().join(format!("format-v{format}.key"));
     let _ = std::fs::remove_file(&path);
     let _ = std::fs::remove_file(&key_path);
     let key = MasterKey::create_file(&key_path).unwrap();
@@ -82,7 +111,7 @@ fn write_format_v3_fixture() {
     let tx = db.begin_write().unwrap();
     {
         let mut meta = tx.open_table(raw("meta")).unwrap();
-        meta.insert("format_version", 3u32.to_le_bytes().as_slice())
+        meta.insert("format_version", format.to_le_bytes().as_slice())
             .unwrap();
         meta.insert("instance_id", records::encode(&[0x44u8; 16]).as_slice())
             .unwrap();
@@ -96,7 +125,7 @@ fn write_format_v3_fixture() {
             )
             .unwrap();
         meta.insert("master_key_check", check.as_slice()).unwrap();
-        for name in tables::ALL_TABLES.iter().filter(|n| **n != "meta") {
+        for name in tables_of(format) {
             tx.open_table(raw(name)).unwrap();
         }
         let mut secrets = tx.open_table(raw("secrets.v1")).unwrap();
@@ -222,15 +251,36 @@ fn write_format_v3_fixture() {
             .unwrap()
             .insert(SESSION, records::encode(&session).as_slice())
             .unwrap();
+        if format >= 4 {
+            // Nine of ten attempts spent: the TAT runs 54 s ahead of now.
+            let window = records::RateWindowRecord::V1(records::RateWindow {
+                tat_us: (TEST_NOW_MS + 54_000) * 1000,
+            });
+            tx.open_table(raw("rate_windows.v1"))
+                .unwrap()
+                .insert(
+                    loopback_pairing_window().as_str(),
+                    records::encode(&window).as_slice(),
+                )
+                .unwrap();
+        }
     }
     tx.commit().unwrap();
 }
 
-/// A private copy of the fixture in `dir`, with its key beside it.
+/// A private copy of the format-3 fixture in `dir`, with its key beside it.
 fn fixture_copy(dir: &Path) -> PathBuf {
-    let path = helpers::copy_into(&fixtures().join("format-v3.redb"), dir, "gatehouse.redb");
+    fixture_copy_of(3, dir)
+}
+
+fn fixture_copy_of(format: u32, dir: &Path) -> PathBuf {
+    let path = helpers::copy_into(
+        &fixtures().join(format!("format-v{format}.redb")),
+        dir,
+        "gatehouse.redb",
+    );
     let key_path = dir.join("gatehouse.redb.key");
-    std::fs::copy(fixtures().join("format-v3.key"), &key_path).unwrap();
+    std::fs::copy(fixtures().join(format!("format-v{format}.key")), &key_path).unwrap();
     use std::os::unix::fs::PermissionsExt;
     for p in [&path, &key_path] {
         std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o600)).unwrap();
@@ -352,5 +402,39 @@ async fn a_server_on_the_format_v3_fixture_keeps_its_keys_devices_tokens_and_cli
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_server_on_the_format_v4_fixture_keeps_its_rate_windows() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = fixture_copy_of(4, dir.path());
+    {
+        let key = MasterKey::load(&dir.path().join("gatehouse.redb.key")).unwrap();
+        let (store, report) = Store::open(&path, &key, &FixedClock::new(TEST_NOW_MS)).unwrap();
+        match report.migrated {
+            None => assert_eq!(FORMAT_VERSION, 4),
+            Some(m) => assert_eq!((m.from, m.to), (4, FORMAT_VERSION)),
+        }
+        let counts = store.read(|tx| tx.table_counts()).unwrap();
+        assert!(counts.contains(&("rate_windows.v1", 1)), "{counts:?}");
+        store.close();
+    }
+    let app = helpers::spawn_app_in(dir, &[]).await;
+    let attempt = || async {
+        app.client()
+            .post(app.url("/v1/pair"))
+            .json(&serde_json::json!({
+                "session_id": SESSION, "secret": "wrong",
+                "device": {"name": "x", "platform": "ios", "app_version": "1"},
+            }))
+            .send()
+            .await
+            .unwrap()
+            .status()
+    };
+    // The stored window leaves 127.0.0.1 one attempt of ten.
+    assert_eq!(attempt().await, 401);
+    assert_eq!(attempt().await, 429);
     app.stop().await;
 }
