@@ -9,10 +9,8 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use crate::ids::secret_hash;
-use ring::rand::{SecureRandom, SystemRandom};
+use crate::ids::{hash_matches, random_bytes, secret_hash};
 use serde::Serialize;
-use subtle::ConstantTimeEq;
 
 use crate::clock::SharedClock;
 use crate::store::records::AdminToken;
@@ -22,7 +20,7 @@ const PREFIX: &str = "gha_";
 const ID_BYTES: usize = 8;
 const SECRET_BYTES: usize = 32;
 /// Longest accepted token name, in characters.
-pub const MAX_NAME_CHARS: usize = 64;
+pub const MAX_NAME_CHARS: usize = crate::ids::MAX_CREDENTIAL_NAME;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AdminTokenError {
@@ -75,12 +73,8 @@ pub struct AdminTokens {
 }
 
 fn validate_name(name: &str) -> Result<String, AdminTokenError> {
-    let name = name.trim();
-    let ok_char = |c: char| c.is_alphanumeric() || " ._-@:/".contains(c);
-    if name.is_empty() || name.chars().count() > MAX_NAME_CHARS || !name.chars().all(ok_char) {
-        return Err(AdminTokenError::BadName(format!("{name:?}")));
-    }
-    Ok(name.to_string())
+    crate::ids::credential_name(name)
+        .ok_or_else(|| AdminTokenError::BadName(format!("{:?}", name.trim())))
 }
 
 /// Splits `gha_<id>_<secret>` into the id text and the secret bytes.
@@ -145,11 +139,8 @@ impl AdminTokens {
     /// Creates a token and returns its text, which is not stored anywhere.
     pub async fn create(&self, name: &str) -> Result<IssuedToken, AdminTokenError> {
         let name = validate_name(name)?;
-        let rng = SystemRandom::new();
-        let mut id = [0u8; ID_BYTES];
-        let mut secret = [0u8; SECRET_BYTES];
-        rng.fill(&mut id).map_err(|_| AdminTokenError::Random)?;
-        rng.fill(&mut secret).map_err(|_| AdminTokenError::Random)?;
+        let id: [u8; ID_BYTES] = random_bytes().map_err(|_| AdminTokenError::Random)?;
+        let secret: [u8; SECRET_BYTES] = random_bytes().map_err(|_| AdminTokenError::Random)?;
         let id = data_encoding::HEXLOWER.encode(&id);
         let record = AdminToken {
             name: name.clone(),
@@ -238,13 +229,8 @@ impl AdminTokens {
         } else {
             self.store.read(|tx| tx.admin_token(&id))?
         };
-        // Compare against a dummy when there is no row, so both paths do the same work.
-        let (expected, usable) = match &stored {
-            Some(t) => (t.secret_hash, t.revoked_at_ms.is_none()),
-            None => ([0xA5u8; 32], false),
-        };
-        let equal: bool = presented_hash.ct_eq(&expected).into();
-        if equal && usable {
+        let matches = hash_matches(stored.as_ref().map(|t| &t.secret_hash), &presented_hash);
+        if matches && stored.is_some_and(|t| t.revoked_at_ms.is_none()) {
             Ok(id)
         } else {
             Err(AdminTokenError::Invalid)

@@ -6,16 +6,15 @@
 //! unknown id as for a known one. This module must not know HTTP.
 
 use serde::Serialize;
-use subtle::ConstantTimeEq;
 
 use crate::clock::{SharedClock, format_rfc3339};
-use crate::ids::{ClientId, RandomError, Secret, secret_hash};
+use crate::ids::{ClientId, RandomError, Secret, hash_matches, secret_hash};
 use crate::store::records::Client;
 use crate::store::{CLIENTS, Store, StoreError};
 
 const SECRET_PREFIX: &str = "ghc_";
 /// Longest accepted client name, in characters.
-pub const MAX_NAME_CHARS: usize = 64;
+pub const MAX_NAME_CHARS: usize = crate::ids::MAX_CREDENTIAL_NAME;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -66,24 +65,16 @@ fn info(id: ClientId, c: &Client) -> ClientInfo {
 pub struct Clients {
     store: Store,
     clock: SharedClock,
-    dummy_hash: [u8; 32],
 }
 
 impl Clients {
-    pub fn new(store: Store, clock: SharedClock) -> Result<Self, RandomError> {
-        Ok(Self {
-            store,
-            clock,
-            dummy_hash: crate::ids::random_bytes()?,
-        })
+    pub fn new(store: Store, clock: SharedClock) -> Self {
+        Self { store, clock }
     }
 
     pub async fn create(&self, name: &str) -> Result<NewClient, ClientError> {
-        let name = name.trim().to_string();
-        let ok_char = |c: char| c.is_alphanumeric() || " ._-@:/".contains(c);
-        if name.is_empty() || name.chars().count() > MAX_NAME_CHARS || !name.chars().all(ok_char) {
-            return Err(ClientError::BadName(name));
-        }
+        let name = crate::ids::credential_name(name)
+            .ok_or_else(|| ClientError::BadName(name.trim().to_string()))?;
         let id = ClientId::generate()?;
         let secret = Secret::generate(SECRET_PREFIX)?;
         let record = Client {
@@ -144,9 +135,8 @@ impl Clients {
             None => None,
         };
         let presented = secret_hash(secret.as_bytes());
-        let expected = record.as_ref().map_or(&self.dummy_hash, |c| &c.secret_hash);
-        let matches =
-            bool::from(expected.ct_eq(&presented)) && Secret::well_formed(secret, SECRET_PREFIX);
+        let matches = hash_matches(record.as_ref().map(|c| &c.secret_hash), &presented)
+            && Secret::well_formed(secret, SECRET_PREFIX);
         match (id, record) {
             (Some(id), Some(c)) if matches && c.revoked_at_ms.is_none() => Ok(id),
             _ => Err(ClientError::Invalid),

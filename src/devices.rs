@@ -167,22 +167,26 @@ impl Devices {
         Ok(record.map(|d| self.with_unwritten(DeviceView::new(*id, d.clone()), &d)))
     }
 
-    /// Every device, oldest first.
+    /// Every device, oldest first (one read).
     pub fn list(&self) -> Result<Vec<DeviceView>, DeviceError> {
-        let mut all = Vec::new();
-        let mut after = None;
-        loop {
-            let page = self.page(&DeviceFilter {
-                after,
-                limit: Some(MAX_PAGE),
-                ..DeviceFilter::default()
-            })?;
-            all.extend(page.devices);
-            match page.next {
-                Some(next) => after = Some(next),
-                None => return Ok(all),
-            }
-        }
+        Ok(self
+            .oldest_first()?
+            .iter()
+            .map(|(id, d)| self.with_unwritten(DeviceView::new(*id, d.clone()), d))
+            .collect())
+    }
+
+    /// Every device record, by pairing time then id: the listing order.
+    fn oldest_first(&self) -> Result<Vec<(DeviceId, Device)>, DeviceError> {
+        let rows = self.store.read(|tx| tx.all(&DEVICES))?;
+        let mut rows: Vec<(DeviceId, Device)> = rows
+            .into_iter()
+            .filter_map(|(id, d)| DeviceId::parse(&id).map(|id| (id, d)))
+            .collect();
+        rows.sort_by(|(a_id, a), (b_id, b)| {
+            a.created_at_ms.cmp(&b.created_at_ms).then(a_id.cmp(b_id))
+        });
+        Ok(rows)
     }
 
     /// One page of devices, oldest first, filtered.
@@ -204,14 +208,7 @@ impl Devices {
             }
         };
         let needle = filter.name.as_ref().map(|n| n.to_lowercase());
-        let rows = self.store.read(|tx| tx.all(&DEVICES))?;
-        let mut rows: Vec<(DeviceId, Device)> = rows
-            .into_iter()
-            .filter_map(|(id, d)| DeviceId::parse(&id).map(|id| (id, d)))
-            .collect();
-        rows.sort_by(|(a_id, a), (b_id, b)| {
-            a.created_at_ms.cmp(&b.created_at_ms).then(a_id.cmp(b_id))
-        });
+        let rows = self.oldest_first()?;
         let start = match &filter.after {
             Some(after) => match rows.iter().position(|(id, _)| id == after) {
                 Some(i) => i + 1,
@@ -244,16 +241,12 @@ impl Devices {
 
     /// Renames a device; durable when this returns.
     pub async fn rename(&self, id: &DeviceId, name: &str) -> Result<DeviceView, DeviceError> {
-        let name = name.trim().to_string();
-        if name.is_empty()
-            || name.chars().count() > crate::pairing::MAX_DEVICE_NAME
-            || name.chars().any(char::is_control)
-        {
-            return Err(DeviceError::BadName(format!(
+        let name = crate::pairing::device_name(name).ok_or_else(|| {
+            DeviceError::BadName(format!(
                 "1 to {} characters without control characters",
                 crate::pairing::MAX_DEVICE_NAME
-            )));
-        }
+            ))
+        })?;
         let key = id.to_string();
         let found = self
             .store

@@ -26,6 +26,28 @@ pub fn random_bytes<const N: usize>() -> Result<[u8; N], RandomError> {
     Ok(out)
 }
 
+/// Longest name of a credential (admin token, API client), in characters.
+pub const MAX_CREDENTIAL_NAME: usize = 64;
+
+/// A credential's name, trimmed, if it follows the rule: 1 to 64 characters; letters,
+/// digits, spaces and `. _ - @ : /` only (no markup, no control characters).
+pub fn credential_name(name: &str) -> Option<String> {
+    let name = name.trim();
+    let ok_char = |c: char| c.is_alphanumeric() || " ._-@:/".contains(c);
+    (!name.is_empty() && name.chars().count() <= MAX_CREDENTIAL_NAME && name.chars().all(ok_char))
+        .then(|| name.to_string())
+}
+
+/// Compares a presented secret's hash with the stored one in constant time. With no
+/// stored hash (unknown id) it compares against a fixed dummy, so that both paths do the
+/// same work, and answers false.
+pub fn hash_matches(stored: Option<&[u8; 32]>, presented: &[u8; 32]) -> bool {
+    use subtle::ConstantTimeEq;
+    const DUMMY: [u8; 32] = [0xA5; 32];
+    let equal: bool = stored.unwrap_or(&DUMMY).ct_eq(presented).into();
+    equal && stored.is_some()
+}
+
 /// SHA-256 of a secret's bytes, as stored.
 pub fn secret_hash(secret: &[u8]) -> [u8; 32] {
     let mut out = [0u8; 32];

@@ -17,11 +17,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::Serialize;
-use subtle::ConstantTimeEq;
 
 use crate::clock::{SharedClock, millis};
 use crate::config::defaults::PAIRING_MAX_TTL;
-use crate::ids::{DeviceId, RandomError, Secret, SessionId, secret_hash};
+use crate::ids::{DeviceId, RandomError, Secret, SessionId, hash_matches, secret_hash};
 use crate::store::records::{Device, PairingSession};
 use crate::store::{DEVICES, PAIRING_SESSIONS, Store, StoreError};
 use crate::tokens::{NewFamily, TokenAuthority, TokenError, TokenPair};
@@ -97,6 +96,12 @@ pub struct DeviceInfo {
     pub app_version: String,
 }
 
+/// A device's (or pairing session's) name, trimmed, if it is 1 to 64 characters without
+/// control characters; the rule `DeviceInfo` and device renames share.
+pub fn device_name(name: &str) -> Option<String> {
+    check_text("name", name, MAX_DEVICE_NAME).ok()
+}
+
 fn check_text(field: &str, value: &str, max: usize) -> Result<String, PairingError> {
     let value = value.trim();
     if value.is_empty() || value.chars().count() > max {
@@ -169,8 +174,6 @@ pub struct PairingSessions {
     tokens: Arc<TokenAuthority>,
     default_ttl: Duration,
     server: ServerIdentity,
-    /// Compared against when the session does not exist, so that path costs the same.
-    dummy_hash: [u8; 32],
     /// Pairing URIs of open sessions this process created, so the admin API can render
     /// their QR codes. Memory only: the data file holds only the secret's hash, so after
     /// a restart an open session's QR code cannot be shown again.
@@ -184,20 +187,15 @@ impl PairingSessions {
         tokens: Arc<TokenAuthority>,
         default_ttl: Duration,
         server: ServerIdentity,
-    ) -> Result<Self, RandomError> {
-        Ok(Self {
+    ) -> Self {
+        Self {
             store,
             clock,
             tokens,
             default_ttl,
             server,
-            dummy_hash: crate::ids::random_bytes()?,
             open_uris: Mutex::new(HashMap::new()),
-        })
-    }
-
-    pub fn server(&self) -> &ServerIdentity {
-        &self.server
+        }
     }
 
     /// Opens a session. Durable when this returns.
@@ -217,7 +215,7 @@ impl PairingSessions {
         }
         let name = name
             .map(|n| {
-                check_text("name", n, MAX_DEVICE_NAME).map_err(|_| {
+                device_name(n).ok_or_else(|| {
                     PairingError::BadName(format!(
                         "1 to {MAX_DEVICE_NAME} characters without control characters"
                     ))
@@ -305,10 +303,8 @@ impl PairingSessions {
         } else {
             secret_hash(b"")
         };
-        let expected = session
-            .as_ref()
-            .map_or(&self.dummy_hash, |(_, s)| &s.secret_hash);
-        let secret_ok = bool::from(expected.ct_eq(&presented)) && secret.len() <= MAX_SECRET_LEN;
+        let secret_ok = hash_matches(session.as_ref().map(|(_, s)| &s.secret_hash), &presented)
+            && secret.len() <= MAX_SECRET_LEN;
         let Some((session_id, session)) = session else {
             tracing::debug!(reason = "unknown session", "pairing refused");
             return Err(PairingError::Rejected);

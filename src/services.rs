@@ -115,7 +115,7 @@ impl Services {
             tokens.clone(),
             config.tokens.pairing_ttl,
             server,
-        )?);
+        ));
         let limits = Arc::new(RateLimits::load(
             store.clone(),
             clock.clone(),
@@ -132,7 +132,7 @@ impl Services {
             limits,
             admin_tokens: AdminTokens::new(store.clone(), clock.clone()),
             devices: Devices::new(store.clone(), clock.clone(), revocations.clone()),
-            clients: Clients::new(store.clone(), clock.clone())?,
+            clients: Clients::new(store.clone(), clock.clone()),
             master_key: config.master_key.clone(),
             store,
             clock,

@@ -281,14 +281,6 @@ impl TokenAuthority {
         &self.settings
     }
 
-    pub fn keys(&self) -> &Arc<KeyRing> {
-        &self.keys
-    }
-
-    pub fn revocations(&self) -> &Arc<RevocationList> {
-        &self.revocations
-    }
-
     /// Signs a new access token for a device and family.
     pub fn issue_access(&self, device: DeviceId, family: FamilyId) -> Result<String, TokenError> {
         let now_s = self.clock.now_ms() / 1000;

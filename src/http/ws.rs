@@ -152,6 +152,8 @@ struct Connection {
     own_budget: MessageBudget,
     strikes: u32,
     awaiting_pong: bool,
+    /// Counts successful authentications, so the loop sees when the token changed.
+    renewals: u64,
 }
 
 impl Connection {
@@ -165,6 +167,7 @@ impl Connection {
             own_budget: MessageBudget::new(rate),
             strikes: 0,
             awaiting_pong: false,
+            renewals: 0,
         }
     }
 
@@ -183,12 +186,10 @@ impl Connection {
                     None => Next::Drop,
                     Some(Err(err)) => read_error(&err),
                     Some(Ok(message)) => {
-                        let token_before = self.auth.as_ref().map(|a| a.access_token.clone());
+                        let renewals = self.renewals;
                         let next = self.on_message(message, &mut socket).await;
                         // A new or renewed token moves the expiry timer to its own end.
-                        let token_after = self.auth.as_ref().map(|a| &a.access_token);
-                        if token_after.is_some()
-                            && token_after != token_before.as_ref()
+                        if self.renewals != renewals
                             && let Some(remaining) = self.token_lifetime()
                         {
                             expiry.as_mut().reset(tokio::time::Instant::now() + remaining);
@@ -475,6 +476,7 @@ impl Connection {
     fn become_device(&mut self, device: DeviceId, access_token: String) {
         self.state.services.devices.seen(device);
         let budget = self.state.services.live.budget(device);
+        self.renewals += 1;
         self.auth = Some(Authenticated {
             device,
             access_token,
