@@ -13,6 +13,7 @@
 //! know HTTP.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -21,6 +22,7 @@ use serde::Serialize;
 use crate::clock::{SharedClock, millis};
 use crate::config::defaults::PAIRING_MAX_TTL;
 use crate::ids::{DeviceId, RandomError, Secret, SessionId, hash_matches, secret_hash};
+use crate::ratelimit::{Decision, Policy, PolicyId, RateLimits, Subject};
 use crate::store::records::{Device, PairingSession};
 use crate::store::{DEVICES, PAIRING_SESSIONS, Store, StoreError};
 use crate::tokens::{NewFamily, TokenAuthority, TokenError, TokenPair};
@@ -44,6 +46,8 @@ pub enum PairingError {
         "the pairing session does not exist, has expired or was already used, or the secret is wrong"
     )]
     Rejected,
+    #[error("too many pairing attempts from this address")]
+    RateLimited(Box<(Decision, Policy)>),
     #[error("no such pairing session")]
     UnknownSession,
     #[error("the pairing session was already used or has expired")]
@@ -174,6 +178,9 @@ pub struct PairingSessions {
     tokens: Arc<TokenAuthority>,
     default_ttl: Duration,
     server: ServerIdentity,
+    /// Every attempt spends from its address's `pairing` budget, whichever door it came
+    /// through (REST or WebSocket).
+    limits: Arc<RateLimits>,
     /// Pairing URIs of open sessions this process created, so the admin API can render
     /// their QR codes. Memory only: the data file holds only the secret's hash, so after
     /// a restart an open session's QR code cannot be shown again.
@@ -187,6 +194,7 @@ impl PairingSessions {
         tokens: Arc<TokenAuthority>,
         default_ttl: Duration,
         server: ServerIdentity,
+        limits: Arc<RateLimits>,
     ) -> Self {
         Self {
             store,
@@ -194,6 +202,7 @@ impl PairingSessions {
             tokens,
             default_ttl,
             server,
+            limits,
             open_uris: Mutex::new(HashMap::new()),
         }
     }
@@ -287,8 +296,19 @@ impl PairingSessions {
         session_id: &str,
         secret: &str,
         device: &DeviceInfo,
-        peer: &str,
+        peer: IpAddr,
     ) -> Result<TokenPair, PairingError> {
+        // Counted before anything is looked at, so that guessing costs budget.
+        let (decision, policy) = self.limits.check(PolicyId::Pairing, &Subject::ip(peer));
+        if !decision.allowed {
+            tracing::debug!(%peer, "pairing refused: rate limited");
+            return Err(PairingError::RateLimited(Box::new((
+                decision,
+                policy.clone(),
+            ))));
+        }
+        let peer = peer.to_string();
+        let peer = peer.as_str();
         let device = device.validated()?;
         let now = self.clock.now_ms();
         let session = match SessionId::parse(session_id) {

@@ -109,13 +109,6 @@ impl Services {
             revocations.clone(),
             settings,
         ));
-        let pairing = Arc::new(PairingSessions::new(
-            store.clone(),
-            clock.clone(),
-            tokens.clone(),
-            config.tokens.pairing_ttl,
-            server,
-        ));
         let limits = Arc::new(RateLimits::load(
             store.clone(),
             clock.clone(),
@@ -128,6 +121,14 @@ impl Services {
             },
             config.ratelimit.max_keys,
         )?);
+        let pairing = Arc::new(PairingSessions::new(
+            store.clone(),
+            clock.clone(),
+            tokens.clone(),
+            config.tokens.pairing_ttl,
+            server,
+            limits.clone(),
+        ));
         Ok(Self {
             limits,
             admin_tokens: AdminTokens::new(store.clone(), clock.clone()),

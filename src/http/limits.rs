@@ -4,36 +4,8 @@
 use axum::response::{IntoResponse, Response};
 use http::{HeaderName, HeaderValue, StatusCode, header};
 
-use super::AppState;
 use super::error::ApiError;
-use crate::ratelimit::{Decision, Policy, PolicyId, Subject};
-
-/// A refused request: answered as a 429.
-#[derive(Debug)]
-pub struct Limited {
-    decision: Decision,
-    policy: Policy,
-}
-
-impl IntoResponse for Limited {
-    fn into_response(self) -> Response {
-        too_many(&self.decision, &self.policy)
-    }
-}
-
-/// Spends one request of `subject` under policy `id`.
-pub fn check(state: &AppState, id: PolicyId, subject: &Subject) -> Result<(), Limited> {
-    let (decision, policy) = state.services.limits.check(id, subject);
-    if decision.allowed {
-        Ok(())
-    } else {
-        tracing::debug!(policy = %policy.name, ?subject, "rate limited");
-        Err(Limited {
-            decision,
-            policy: policy.clone(),
-        })
-    }
-}
+use crate::ratelimit::{Decision, Policy};
 
 fn ceil_secs(d: std::time::Duration) -> u64 {
     d.as_secs() + u64::from(d.subsec_nanos() > 0)

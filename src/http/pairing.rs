@@ -15,7 +15,6 @@ use super::extract::{Admin, ApiJson, Peer};
 use crate::clock::format_rfc3339;
 use crate::ids::SessionId;
 use crate::pairing::{DeviceInfo, PairingError};
-use crate::ratelimit::{PolicyId, Subject};
 use crate::tokens::TokenPair;
 
 fn pairing_error(err: PairingError) -> ApiError {
@@ -102,10 +101,6 @@ pub async fn pair(
     Peer(peer): Peer,
     ApiJson(request): ApiJson<PairRequest>,
 ) -> Response {
-    // Counted before the secret is looked at, so guessing costs budget.
-    if let Err(limited) = super::limits::check(&state, PolicyId::Pairing, &Subject::ip(peer.ip())) {
-        return limited.into_response();
-    }
     let paired = state
         .services
         .pairing
@@ -113,11 +108,12 @@ pub async fn pair(
             &request.session_id,
             &request.secret,
             &request.device,
-            &peer.ip().to_string(),
+            peer.ip(),
         )
         .await;
     match paired {
         Ok(pair) => Json::<TokenPair>(pair).into_response(),
+        Err(PairingError::RateLimited(limited)) => super::limits::too_many(&limited.0, &limited.1),
         Err(err) => pairing_error(err).into_response(),
     }
 }

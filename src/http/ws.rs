@@ -330,31 +330,24 @@ impl Connection {
                 if self.auth.is_some() {
                     return self.mismatch(socket).await;
                 }
-                let subject = crate::ratelimit::Subject::ip(self.peer.ip());
-                let (decision, _) = self
-                    .state
-                    .services
-                    .limits
-                    .check(crate::ratelimit::PolicyId::Pairing, &subject);
-                if !decision.allowed {
-                    return self
-                        .refuse(
-                            socket,
-                            "rate_limited",
-                            "too many pairing attempts from this address",
-                        )
-                        .await;
-                }
                 let paired = self
                     .state
                     .services
                     .pairing
-                    .pair(&session_id, &secret, &device, &self.peer.ip().to_string())
+                    .pair(&session_id, &secret, &device, self.peer.ip())
                     .await;
                 match paired {
                     Ok(pair) => self.accept_pair(socket, pair).await,
                     Err(PairingError::BadDevice(m) | PairingError::BadName(m)) => {
                         self.refuse(socket, "invalid_request", &m).await
+                    }
+                    Err(PairingError::RateLimited(_)) => {
+                        self.refuse(
+                            socket,
+                            "rate_limited",
+                            "too many pairing attempts from this address",
+                        )
+                        .await
                     }
                     Err(PairingError::Rejected) => {
                         self.refuse(
