@@ -110,37 +110,11 @@ fn write_fixture(format: u32) {
     let db = redb::Database::create(&path).unwrap();
     let tx = db.begin_write().unwrap();
     {
-        let mut meta = tx.open_table(raw("meta")).unwrap();
-        meta.insert("format_version", format.to_le_bytes().as_slice())
-            .unwrap();
-        meta.insert("instance_id", records::encode(&[0x44u8; 16]).as_slice())
-            .unwrap();
-        meta.insert("created_at_ms", records::encode(&TEST_NOW_MS).as_slice())
-            .unwrap();
-        let check = sealer
-            .seal(
-                "meta",
-                b"master_key_check",
-                tables::MASTER_KEY_CHECK_PLAINTEXT,
-            )
-            .unwrap();
-        meta.insert("master_key_check", check.as_slice()).unwrap();
+        helpers::write_fixture_base(&tx, &sealer, format, 0x44);
         for name in tables_of(format) {
             tx.open_table(raw(name)).unwrap();
         }
         let mut secrets = tx.open_table(raw("secrets.v1")).unwrap();
-        let cert = gatehouse::tls::generate_self_signed(
-            &gatehouse::tls::self_signed_names("127.0.0.1:0".parse().unwrap()),
-            TEST_NOW_MS,
-        )
-        .unwrap();
-        let plain = records::encode(&records::SelfSignedCertRecord::V1(cert));
-        secrets
-            .insert(
-                "tls/self-signed",
-                seal("tls/self-signed", &plain).as_slice(),
-            )
-            .unwrap();
 
         let mut keys = tx.open_table(raw("signing_keys.v1")).unwrap();
         let rng = ring::rand::SystemRandom::new();

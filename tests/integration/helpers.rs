@@ -189,3 +189,44 @@ pub fn copy_into(src: &Path, dir: &Path, name: &str) -> PathBuf {
     std::fs::copy(src, &dst).expect("copy");
     dst
 }
+
+/// What every fixture recipe writes first, as every format so far stored it: `meta` (the
+/// format version, an instance id of sixteen `instance` bytes, the creation time and the
+/// master-key check value) and a sealed self-signed certificate in `secrets.v1`.
+pub fn write_fixture_base(
+    tx: &redb::WriteTransaction,
+    sealer: &gatehouse::store::seal::Sealer,
+    format: u32,
+    instance: u8,
+) {
+    use gatehouse::store::records;
+    let raw = |name| redb::TableDefinition::<&str, &[u8]>::new(name);
+    let mut meta = tx.open_table(raw("meta")).unwrap();
+    meta.insert("format_version", format.to_le_bytes().as_slice())
+        .unwrap();
+    meta.insert("instance_id", records::encode(&[instance; 16]).as_slice())
+        .unwrap();
+    meta.insert("created_at_ms", records::encode(&TEST_NOW_MS).as_slice())
+        .unwrap();
+    let check = sealer
+        .seal(
+            "meta",
+            b"master_key_check",
+            gatehouse::store::tables::MASTER_KEY_CHECK_PLAINTEXT,
+        )
+        .unwrap();
+    meta.insert("master_key_check", check.as_slice()).unwrap();
+    let cert = gatehouse::tls::generate_self_signed(
+        &gatehouse::tls::self_signed_names("127.0.0.1:0".parse().unwrap()),
+        TEST_NOW_MS,
+    )
+    .unwrap();
+    let plain = records::encode(&records::SelfSignedCertRecord::V1(cert));
+    let sealed = sealer
+        .seal("secrets.v1", b"tls/self-signed", &plain)
+        .unwrap();
+    tx.open_table(raw("secrets.v1"))
+        .unwrap()
+        .insert("tls/self-signed", sealed.as_slice())
+        .unwrap();
+}

@@ -121,21 +121,7 @@ fn write_format_v1_fixture() {
     let db = redb::Database::create(&path).unwrap();
     let tx = db.begin_write().unwrap();
     {
-        let mut meta = tx.open_table(RAW).unwrap();
-        meta.insert("format_version", 1u32.to_le_bytes().as_slice())
-            .unwrap();
-        meta.insert("instance_id", records::encode(&[0x42u8; 16]).as_slice())
-            .unwrap();
-        meta.insert("created_at_ms", records::encode(&TEST_NOW_MS).as_slice())
-            .unwrap();
-        let check = sealer
-            .seal(
-                "meta",
-                b"master_key_check",
-                tables::MASTER_KEY_CHECK_PLAINTEXT,
-            )
-            .unwrap();
-        meta.insert("master_key_check", check.as_slice()).unwrap();
+        helpers::write_fixture_base(&tx, &sealer, 1, 0x42);
         let mut tokens = tx.open_table(RAW_ADMIN_TOKENS).unwrap();
         let hash: [u8; 32] = ring::digest::digest(&ring::digest::SHA256, &FIXTURE_TOKEN_SECRET)
             .as_ref()
@@ -154,19 +140,6 @@ fn write_format_v1_fixture() {
                 .insert(id, records::encode(&record).as_slice())
                 .unwrap();
         }
-        let cert = gatehouse::tls::generate_self_signed(
-            &gatehouse::tls::self_signed_names("127.0.0.1:0".parse().unwrap()),
-            TEST_NOW_MS,
-        )
-        .unwrap();
-        let plain = records::encode(&records::SelfSignedCertRecord::V1(cert));
-        let sealed = sealer
-            .seal("secrets.v1", b"tls/self-signed", &plain)
-            .unwrap();
-        tx.open_table(RAW_SECRETS)
-            .unwrap()
-            .insert("tls/self-signed", sealed.as_slice())
-            .unwrap();
     }
     tx.commit().unwrap();
 }
@@ -187,21 +160,7 @@ fn write_format_v2_fixture() {
     let db = redb::Database::create(&path).unwrap();
     let tx = db.begin_write().unwrap();
     {
-        let mut meta = tx.open_table(RAW).unwrap();
-        meta.insert("format_version", 2u32.to_le_bytes().as_slice())
-            .unwrap();
-        meta.insert("instance_id", records::encode(&[0x43u8; 16]).as_slice())
-            .unwrap();
-        meta.insert("created_at_ms", records::encode(&TEST_NOW_MS).as_slice())
-            .unwrap();
-        let check = sealer
-            .seal(
-                "meta",
-                b"master_key_check",
-                tables::MASTER_KEY_CHECK_PLAINTEXT,
-            )
-            .unwrap();
-        meta.insert("master_key_check", check.as_slice()).unwrap();
+        helpers::write_fixture_base(&tx, &sealer, 2, 0x43);
         let mut tokens = tx.open_table(RAW_ADMIN_TOKENS).unwrap();
         let hash: [u8; 32] = ring::digest::digest(&ring::digest::SHA256, &FIXTURE_TOKEN_SECRET)
             .as_ref()
@@ -234,19 +193,6 @@ fn write_format_v2_fixture() {
                 .insert(id, records::encode(&record).as_slice())
                 .unwrap();
         }
-        let cert = gatehouse::tls::generate_self_signed(
-            &gatehouse::tls::self_signed_names("127.0.0.1:0".parse().unwrap()),
-            TEST_NOW_MS,
-        )
-        .unwrap();
-        let plain = records::encode(&records::SelfSignedCertRecord::V1(cert));
-        let sealed = sealer
-            .seal("secrets.v1", b"tls/self-signed", &plain)
-            .unwrap();
-        tx.open_table(RAW_SECRETS)
-            .unwrap()
-            .insert("tls/self-signed", sealed.as_slice())
-            .unwrap();
     }
     tx.commit().unwrap();
 }
