@@ -184,7 +184,7 @@ impl Connection {
             let next = tokio::select! {
                 received = socket.recv() => match received {
                     None => Next::Drop,
-                    Some(Err(err)) => read_error(&err),
+                    Some(Err(err)) => read_error(err),
                     Some(Ok(message)) => {
                         let renewals = self.renewals;
                         let next = self.on_message(message, &mut socket).await;
@@ -496,17 +496,17 @@ async fn send_within(socket: &mut WebSocket, message: Message) -> Next {
     }
 }
 
-/// A read error: too big closes with 1009; anything else is a broken peer.
-fn read_error(err: &axum::Error) -> Next {
-    let text = err.to_string();
-    if text.contains("Space limit exceeded")
-        || text.contains("too long")
-        || text.contains("too big")
-    {
-        Next::Close(TOO_BIG, "message too big (64 KiB at most)")
-    } else {
-        tracing::debug!(error = %text, "websocket read error");
-        Next::Drop
+/// A read error: over the size limits closes with 1009; anything else is a broken peer.
+fn read_error(err: axum::Error) -> Next {
+    let inner = err.into_inner();
+    match inner.downcast_ref::<tungstenite::Error>() {
+        Some(tungstenite::Error::Capacity(_)) => {
+            Next::Close(TOO_BIG, "message too big (64 KiB at most)")
+        }
+        _ => {
+            tracing::debug!(error = %inner, "websocket read error");
+            Next::Drop
+        }
     }
 }
 
