@@ -175,7 +175,12 @@ impl Instance {
                     let device = DeviceId::generate().unwrap();
                     tasks.spawn(async move {
                         revocations
-                            .revoke_token(jti, device, expires)
+                            .revoke_token(
+                                jti,
+                                device,
+                                expires,
+                                &gatehouse::audit::Origin::operator(),
+                            )
                             .await
                             .unwrap();
                     });

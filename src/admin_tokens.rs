@@ -7,11 +7,13 @@
 //! know HTTP: the admin extractor calls `AdminTokens::verify`.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
 use crate::ids::{hash_matches, random_bytes, secret_hash};
 use serde::Serialize;
 
+use crate::audit::{self, Event, Origin, Severity};
 use crate::clock::SharedClock;
 use crate::store::records::AdminToken;
 use crate::store::{Store, StoreError};
@@ -61,6 +63,11 @@ pub struct AdminTokenInfo {
 
 /// How often a token's last-used time is written, at most.
 const LAST_USED_RESOLUTION_MS: u64 = 60_000;
+/// A token id and the address it was used from.
+type UseKey = (String, Option<IpAddr>);
+
+/// Bound on the (token, address) pairs remembered for that coalescing.
+const MAX_TRACKED_USES: usize = 10_000;
 
 /// The admin-token registry over the store.
 #[derive(Debug, Clone)]
@@ -69,7 +76,8 @@ pub struct AdminTokens {
     clock: SharedClock,
     /// Token id → the last-used time last written, so that a busy token costs one write
     /// a minute, not one per request.
-    last_written: Arc<Mutex<HashMap<String, u64>>>,
+    /// When each (token, address) last had its use written.
+    last_written: Arc<Mutex<HashMap<UseKey, u64>>>,
 }
 
 fn validate_name(name: &str) -> Result<String, AdminTokenError> {
@@ -104,29 +112,38 @@ impl AdminTokens {
         }
     }
 
-    /// Records that token `id` was just used; written in the background at most once a
-    /// minute per token. Losing one such write to a crash loses a minute of precision.
-    pub fn note_used(&self, id: &str) {
+    /// Records that token `id` was just used by `origin`: its last-use time and a
+    /// `login.succeeded` audit record, written in the background at most once a minute
+    /// per token and address. Losing one such write to a crash loses a minute of
+    /// precision.
+    pub fn note_used(&self, id: &str, origin: &Origin) {
         let now = self.clock.now_ms();
         {
             let mut written = self.last_written.lock().unwrap_or_else(|p| p.into_inner());
+            let key = (id.to_string(), origin.source);
             let due = written
-                .get(id)
+                .get(&key)
                 .is_none_or(|at| now.saturating_sub(*at) >= LAST_USED_RESOLUTION_MS);
             if !due {
                 return;
             }
-            written.insert(id.to_string(), now);
+            if written.len() >= MAX_TRACKED_USES {
+                written.retain(|_, at| now.saturating_sub(*at) < LAST_USED_RESOLUTION_MS);
+            }
+            written.insert(key, now);
         }
         let store = self.store.clone();
         let id = id.to_string();
+        let origin = origin.clone();
         tokio::spawn(async move {
+            let event = Event::new("login.succeeded").detail("method", "admin_token");
             let result = store
                 .write(move |tx| -> Result<(), StoreError> {
                     if let Some(mut token) = tx.admin_token(&id)? {
                         token.last_used_at_ms = Some(now);
                         tx.put_admin_token(&id, &token)?;
                     }
+                    audit::append(tx, &origin, &event, now)?;
                     Ok(())
                 })
                 .await;
@@ -137,7 +154,11 @@ impl AdminTokens {
     }
 
     /// Creates a token and returns its text, which is not stored anywhere.
-    pub async fn create(&self, name: &str) -> Result<IssuedToken, AdminTokenError> {
+    pub async fn create(
+        &self,
+        name: &str,
+        origin: &Origin,
+    ) -> Result<IssuedToken, AdminTokenError> {
         let name = validate_name(name)?;
         let id: [u8; ID_BYTES] = random_bytes().map_err(|_| AdminTokenError::Random)?;
         let secret: [u8; SECRET_BYTES] = random_bytes().map_err(|_| AdminTokenError::Random)?;
@@ -150,13 +171,20 @@ impl AdminTokens {
             revoked_at_ms: None,
         };
         let row_id = id.clone();
+        let event = Event::new("admin_token.created")
+            .severity(Severity::Notice)
+            .detail("id", id.clone())
+            .detail("name", name.clone());
+        let origin = origin.clone();
         self.store
             .write(move |tx| -> Result<(), AdminTokenError> {
                 // 64 random bits collide about never; a collision must still not overwrite.
                 if tx.admin_token(&row_id)?.is_some() {
                     return Err(AdminTokenError::Random);
                 }
-                Ok(tx.put_admin_token(&row_id, &record)?)
+                tx.put_admin_token(&row_id, &record)?;
+                audit::append(tx, &origin, &event, record.created_at_ms)?;
+                Ok(())
             })
             .await?;
         let token = format!(
@@ -190,10 +218,15 @@ impl AdminTokens {
     }
 
     /// Revokes a token by id; durable before this returns.
-    pub async fn revoke(&self, id: &str) -> Result<AdminTokenInfo, AdminTokenError> {
+    pub async fn revoke(
+        &self,
+        id: &str,
+        origin: &Origin,
+    ) -> Result<AdminTokenInfo, AdminTokenError> {
         let id = id.trim().to_ascii_lowercase();
         let now = self.clock.now_ms();
         let row_id = id.clone();
+        let origin = origin.clone();
         let token = self
             .store
             .write(move |tx| -> Result<AdminToken, AdminTokenError> {
@@ -205,6 +238,11 @@ impl AdminTokens {
                 }
                 token.revoked_at_ms = Some(now);
                 tx.put_admin_token(&row_id, &token)?;
+                let event = Event::new("admin_token.revoked")
+                    .severity(Severity::Notice)
+                    .detail("id", row_id.clone())
+                    .detail("name", token.name.clone());
+                audit::append(tx, &origin, &event, now)?;
                 Ok(token)
             })
             .await?;

@@ -16,6 +16,7 @@ use tokio::task::JoinHandle;
 
 use crate::admin_socket::{AdminSocket, SocketError};
 use crate::admin_tokens::{AdminTokenError, IssuedToken};
+use crate::audit::{Event, Origin, Severity};
 use crate::clock::{Clock, SharedClock};
 use crate::config::{Config, KeyOrigin, MasterKeySource, TlsMode};
 use crate::http::{self, AppState};
@@ -92,6 +93,15 @@ pub fn load_master_key(source: &MasterKeySource, data: &Path) -> Result<MasterKe
 
 /// Opens (or creates) the data file for `config`, logging what happened.
 pub async fn open_store(config: &Config, clock: SharedClock) -> Result<Store, AppError> {
+    open_store_with_report(config, clock)
+        .await
+        .map(|(store, _)| store)
+}
+
+async fn open_store_with_report(
+    config: &Config,
+    clock: SharedClock,
+) -> Result<(Store, OpenReport), AppError> {
     let key = load_master_key(&config.master_key, &config.data_path)?;
     if config.master_key.origin == KeyOrigin::BesideDataFile {
         tracing::warn!(
@@ -103,7 +113,7 @@ pub async fn open_store(config: &Config, clock: SharedClock) -> Result<Store, Ap
     let (store, report) =
         tokio::task::spawn_blocking(move || Store::open(&path, &key, clock.as_ref())).await??;
     log_open_report(&store, &report);
-    Ok(store)
+    Ok((store, report))
 }
 
 /// Opens an existing data file (management commands never create one).
@@ -176,7 +186,7 @@ pub async fn start(config: &Config, clock: SharedClock) -> Result<Running, AppEr
         addr: config.server.listen,
         source,
     })?;
-    let store = open_store(config, clock.clone()).await?;
+    let (store, report) = open_store_with_report(config, clock.clone()).await?;
     let server_tls = match config.tls_mode {
         TlsMode::SelfSigned => Some(tls::self_signed(&store, clock.as_ref(), local_addr).await?),
         TlsMode::Off => {
@@ -200,6 +210,7 @@ pub async fn start(config: &Config, clock: SharedClock) -> Result<Running, AppEr
         );
     }
     let services = Services::start(store.clone(), clock.clone(), config, server).await?;
+    record_start(&services, config, local_addr, &report).await?;
     let bootstrap_token = bootstrap(&services).await?;
     let socket = AdminSocket::bind(&config.admin_socket)?;
     let admin_socket = socket.path().to_path_buf();
@@ -234,12 +245,60 @@ pub async fn start(config: &Config, clock: SharedClock) -> Result<Running, AppEr
     })
 }
 
+/// `service.started`, `config.loaded` and (after a migration or a repair) `store.migrated`
+/// or `store.repaired`, in one durable write before any request is served.
+async fn record_start(
+    services: &Services,
+    config: &Config,
+    local_addr: SocketAddr,
+    report: &OpenReport,
+) -> Result<(), AppError> {
+    let system = Origin::system();
+    let mut events = vec![
+        (
+            system.clone(),
+            Event::new("service.started")
+                .severity(Severity::Notice)
+                .detail("version", env!("CARGO_PKG_VERSION"))
+                .detail("listen", local_addr.to_string())
+                .detail("data_file_created", report.created),
+        ),
+        (
+            system.clone(),
+            Event::new("config.loaded").detail("sources", config.sources.clone()),
+        ),
+    ];
+    if let Some(m) = &report.migrated {
+        events.push((
+            system.clone(),
+            Event::new("store.migrated")
+                .severity(Severity::Notice)
+                .detail("from", m.from)
+                .detail("to", m.to)
+                .detail("steps", m.steps.clone()),
+        ));
+    }
+    if let Some(kept) = &report.recovered_original {
+        events.push((
+            system,
+            Event::new("store.repaired")
+                .severity(Severity::Warning)
+                .detail("original_kept_at", kept.display().to_string()),
+        ));
+    }
+    services.audit.record_many(events).await?;
+    Ok(())
+}
+
 /// How often expired rows are pruned and retiring keys retired.
 const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(600);
 /// How often devices' last-seen times are written.
 const LAST_SEEN_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 /// How often changed rate-limit windows are written.
 const LIMITS_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+/// How often refused requests are written to the audit log, one record per policy and
+/// subject.
+const REFUSALS_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Housekeeping until the scheduler takes it over: writes changed rate-limit windows every
 /// second and devices' last-seen times every few seconds (both once more at stop); retires signing keys whose window has closed and
@@ -253,15 +312,23 @@ async fn maintain(services: Services, stopped: impl std::future::Future<Output =
     last_seen.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut limits = tokio::time::interval(LIMITS_EVERY);
     limits.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut refusals = tokio::time::interval(REFUSALS_EVERY);
+    refusals.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut refusals_since = services.clock.now_ms();
     loop {
         tokio::select! {
             biased;
             () = &mut stopped => {
                 flush_last_seen(&services).await;
                 flush_limits(&services).await;
+                audit_refusals(&services, refusals_since).await;
                 return;
             }
             _ = limits.tick() => flush_limits(&services).await,
+            _ = refusals.tick() => {
+                audit_refusals(&services, refusals_since).await;
+                refusals_since = services.clock.now_ms();
+            }
             _ = last_seen.tick() => flush_last_seen(&services).await,
             _ = prune.tick() => prune_expired(&services).await,
         }
@@ -280,7 +347,31 @@ async fn flush_limits(services: &Services) {
     }
 }
 
+async fn audit_refusals(services: &Services, since_ms: u64) {
+    if let Err(err) = services
+        .limits
+        .audit_refusals(&services.audit, since_ms)
+        .await
+    {
+        tracing::warn!(error = %err, "writing rate-limit refusals to the audit log failed");
+    }
+}
+
 async fn prune_expired(services: &Services) {
+    if let Err(err) = services.lockout.prune().await {
+        tracing::warn!(error = %err, "pruning lapsed bans failed");
+    }
+    match services.audit.prune().await {
+        Ok(summary) if summary.removed > 0 => {
+            tracing::info!(
+                removed = summary.removed,
+                chunks = summary.chunks,
+                "pruned the audit log"
+            );
+        }
+        Ok(_) => {}
+        Err(err) => tracing::warn!(error = %err, "pruning the audit log failed"),
+    }
     if let Err(err) = services.limits.prune().await {
         tracing::warn!(error = %err, "pruning rate-limit windows failed");
     }
@@ -302,7 +393,12 @@ async fn bootstrap(services: &Services) -> Result<Option<IssuedToken>, AppError>
     if !services.admin_tokens.list()?.is_empty() {
         return Ok(None);
     }
-    Ok(Some(services.admin_tokens.create("bootstrap").await?))
+    Ok(Some(
+        services
+            .admin_tokens
+            .create("bootstrap", &Origin::system())
+            .await?,
+    ))
 }
 
 impl Running {
@@ -320,6 +416,13 @@ impl Running {
         }
         self.socket_task.await?;
         self.maintenance_task.await?;
+        self.services
+            .audit
+            .record_or_log(
+                &Origin::system(),
+                Event::new("service.stopped").severity(Severity::Notice),
+            )
+            .await;
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || store.close()).await?;
         Ok(())

@@ -5,6 +5,7 @@
 //! stored only as SHA-256. Checks compare in constant time and do the same work for an
 //! unknown id as for a known one. This module must not know HTTP.
 
+use crate::audit::{self, Event, Origin, Severity};
 use serde::Serialize;
 
 use crate::clock::{SharedClock, format_rfc3339};
@@ -72,7 +73,7 @@ impl Clients {
         Self { store, clock }
     }
 
-    pub async fn create(&self, name: &str) -> Result<NewClient, ClientError> {
+    pub async fn create(&self, name: &str, origin: &Origin) -> Result<NewClient, ClientError> {
         let name = crate::ids::credential_name(name)
             .ok_or_else(|| ClientError::BadName(name.trim().to_string()))?;
         let id = ClientId::generate()?;
@@ -84,8 +85,17 @@ impl Clients {
             revoked_at_ms: None,
         };
         let key = id.to_string();
+        let event = Event::new("client.created")
+            .severity(Severity::Notice)
+            .detail("client_id", key.clone())
+            .detail("name", name.clone());
+        let origin = origin.clone();
         self.store
-            .write(move |tx| tx.put(&CLIENTS, &key, &record))
+            .write(move |tx| {
+                tx.put(&CLIENTS, &key, &record)?;
+                audit::append(tx, &origin, &event, record.created_at_ms)?;
+                Ok::<_, StoreError>(())
+            })
             .await?;
         Ok(NewClient {
             client_id: id,
@@ -104,7 +114,8 @@ impl Clients {
         Ok(out)
     }
 
-    pub async fn revoke(&self, id: &str) -> Result<ClientInfo, ClientError> {
+    pub async fn revoke(&self, id: &str, origin: &Origin) -> Result<ClientInfo, ClientError> {
+        let origin = origin.clone();
         let client_id = ClientId::parse(id).ok_or_else(|| ClientError::NotFound(id.to_string()))?;
         let now = self.clock.now_ms();
         let key = client_id.to_string();
@@ -120,6 +131,11 @@ impl Clients {
                     }
                     client.revoked_at_ms = Some(now);
                     tx.put(&CLIENTS, &key, &client)?;
+                    let event = Event::new("client.revoked")
+                        .severity(Severity::Notice)
+                        .detail("client_id", key.clone())
+                        .detail("name", client.name.clone());
+                    audit::append(tx, &origin, &event, now)?;
                     Ok(Ok(client))
                 },
             )

@@ -41,6 +41,21 @@ pub mod defaults {
     /// `POST /v1/pair` per client address.
     pub const RATELIMIT_PAIRING: (u32, Duration) = (10, Duration::from_secs(60));
     pub const RATELIMIT_MAX_KEYS: u64 = 100_000;
+    /// Refresh-token grants per device.
+    pub const RATELIMIT_REFRESH: (u32, Duration) = (60, Duration::from_secs(60));
+    /// Introspection calls per client.
+    pub const RATELIMIT_INTROSPECTION: (u32, Duration) = (6000, Duration::from_secs(60));
+    /// Failed admin sign-ins per client address.
+    pub const RATELIMIT_ADMIN_LOGIN: (u32, Duration) = (10, Duration::from_secs(60));
+    /// WebSocket messages per device.
+    pub const RATELIMIT_WS_MESSAGES: (u32, Duration) = (60, Duration::from_secs(60));
+    /// Every HTTP request per client address.
+    pub const RATELIMIT_PER_IP: (u32, Duration) = (6000, Duration::from_secs(60));
+    pub const LOCKOUT_MAX_FAILURES: u64 = 10;
+    pub const LOCKOUT_WINDOW: Duration = Duration::from_secs(10 * 60);
+    pub const LOCKOUT_BAN: Duration = Duration::from_secs(15 * 60);
+    pub const LOCKOUT_MAX_BAN: Duration = Duration::from_secs(24 * 3600);
+    pub const AUDIT_RETENTION: Duration = Duration::from_secs(90 * 24 * 3600);
 }
 
 /// A configuration error: which setting, from where, and what is allowed.
@@ -161,13 +176,36 @@ impl Default for TokenConfig {
     }
 }
 
+/// A rate: (requests, window); `None` when the policy is off.
+pub type Rate = Option<(u32, Duration)>;
+
 /// Rate-limit settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RateLimitConfig {
-    /// Pairing attempts per client address: (requests, window).
-    pub pairing: (u32, Duration),
+    /// Pairing attempts per client address.
+    pub pairing: Rate,
+    pub refresh: Rate,
+    pub introspection: Rate,
+    pub admin_login: Rate,
+    pub ws_messages: Rate,
+    pub per_ip: Rate,
     /// Most subjects tracked at once (memory bound).
     pub max_keys: usize,
+}
+
+/// Brute-force lockout settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LockoutConfig {
+    pub max_failures: u32,
+    pub window: Duration,
+    pub ban: Duration,
+    pub max_ban: Duration,
+}
+
+/// Audit-log settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditConfig {
+    pub retention: Duration,
 }
 
 /// The WebSocket channel's limits.
@@ -191,6 +229,8 @@ pub struct Config {
     pub tokens: TokenConfig,
     pub ws: WsConfig,
     pub ratelimit: RateLimitConfig,
+    pub lockout: LockoutConfig,
+    pub audit: AuditConfig,
     /// Where settings came from, for the start-up log (`file /etc/...`, `env GATEHOUSE_...`).
     pub sources: Vec<String>,
 }
@@ -262,8 +302,18 @@ struct Raw {
     ws_max_connections: Option<u64>,
     ws_max_connections_per_ip: Option<u64>,
     ws_messages_per_second: Option<u64>,
-    ratelimit_pairing: Option<(u32, Duration)>,
+    ratelimit_pairing: Option<Rate>,
+    ratelimit_refresh: Option<Rate>,
+    ratelimit_introspection: Option<Rate>,
+    ratelimit_admin_login: Option<Rate>,
+    ratelimit_ws_messages: Option<Rate>,
+    ratelimit_per_ip: Option<Rate>,
     ratelimit_max_keys: Option<u64>,
+    lockout_max_failures: Option<u64>,
+    lockout_window: Option<Duration>,
+    lockout_ban: Option<Duration>,
+    lockout_max_ban: Option<Duration>,
+    audit_retention: Option<Duration>,
 }
 
 type Apply = fn(&mut Raw, &str) -> Result<(), String>;
@@ -474,6 +524,62 @@ pub static SETTINGS: &[Setting] = &[
         |r, v| r.ratelimit_pairing = Some(rate(v)?)
     ),
     setting!(
+        "ratelimit.refresh",
+        "GATEHOUSE_RATELIMIT_REFRESH",
+        |r, v| r.ratelimit_refresh = Some(rate(v)?)
+    ),
+    setting!(
+        "ratelimit.introspection",
+        "GATEHOUSE_RATELIMIT_INTROSPECTION",
+        |r, v| r.ratelimit_introspection = Some(rate(v)?)
+    ),
+    setting!(
+        "ratelimit.admin_login",
+        "GATEHOUSE_RATELIMIT_ADMIN_LOGIN",
+        |r, v| r.ratelimit_admin_login = Some(rate(v)?)
+    ),
+    setting!(
+        "ratelimit.ws_messages",
+        "GATEHOUSE_RATELIMIT_WS_MESSAGES",
+        |r, v| r.ratelimit_ws_messages = Some(rate(v)?)
+    ),
+    setting!("ratelimit.per_ip", "GATEHOUSE_RATELIMIT_PER_IP", |r, v| r
+        .ratelimit_per_ip =
+        Some(rate(v)?)),
+    setting!(
+        "lockout.max_failures",
+        "GATEHOUSE_LOCKOUT_MAX_FAILURES",
+        |r, v| r.lockout_max_failures = Some(integer(v, 1, 10_000)?)
+    ),
+    setting!("lockout.window", "GATEHOUSE_LOCKOUT_WINDOW", |r, v| r
+        .lockout_window =
+        Some(duration(
+            v,
+            Duration::from_secs(1),
+            Duration::from_secs(24 * 3600)
+        )?)),
+    setting!("lockout.ban", "GATEHOUSE_LOCKOUT_BAN", |r, v| r
+        .lockout_ban =
+        Some(duration(
+            v,
+            Duration::from_secs(1),
+            Duration::from_secs(30 * 24 * 3600)
+        )?)),
+    setting!("lockout.max_ban", "GATEHOUSE_LOCKOUT_MAX_BAN", |r, v| r
+        .lockout_max_ban =
+        Some(duration(
+            v,
+            Duration::from_secs(1),
+            Duration::from_secs(365 * 24 * 3600)
+        )?)),
+    setting!("audit.retention", "GATEHOUSE_AUDIT_RETENTION", |r, v| r
+        .audit_retention =
+        Some(duration(
+            v,
+            Duration::from_secs(24 * 3600),
+            Duration::from_secs(10 * 366 * 24 * 3600)
+        )?)),
+    setting!(
         "ratelimit.max_keys",
         "GATEHOUSE_RATELIMIT_MAX_KEYS",
         |r, v| r.ratelimit_max_keys = Some(integer(v, 1000, 100_000_000)?)
@@ -495,10 +601,14 @@ pub static SETTINGS: &[Setting] = &[
     ),
 ];
 
-/// A rate as `N/DURATION`: at most N requests (1 to 1 000 000) per DURATION (1s to 24h).
-fn rate(v: &str) -> Result<(u32, Duration), String> {
-    let allowed =
-        "expected REQUESTS/WINDOW such as \"10/1m\" (1 to 1000000 requests per 1s to 24h)";
+/// A rate as `N/DURATION`: at most N requests (1 to 1 000 000) per DURATION (1s to 24h);
+/// or `off`.
+fn rate(v: &str) -> Result<Rate, String> {
+    let allowed = "expected REQUESTS/WINDOW such as \"10/1m\" (1 to 1000000 requests per 1s \
+                   to 24h), or \"off\"";
+    if v.trim() == "off" {
+        return Ok(None);
+    }
     let (n, window) = v
         .trim()
         .split_once('/')
@@ -511,7 +621,7 @@ fn rate(v: &str) -> Result<(u32, Duration), String> {
     {
         return Err(allowed.into());
     }
-    Ok((n, window))
+    Ok(Some((n, window)))
 }
 
 /// An issuer is an https URL without query or fragment (RFC 8414 section 2).
@@ -790,8 +900,38 @@ impl Config {
                 key_algorithm: raw.key_algorithm.unwrap_or(KeyAlgorithm::Ed25519),
                 pairing_ttl: raw.pairing_ttl.unwrap_or(defaults::PAIRING_TTL),
             },
+            lockout: LockoutConfig {
+                max_failures: u32::try_from(
+                    raw.lockout_max_failures
+                        .unwrap_or(defaults::LOCKOUT_MAX_FAILURES),
+                )
+                .unwrap_or(u32::MAX),
+                window: raw.lockout_window.unwrap_or(defaults::LOCKOUT_WINDOW),
+                ban: raw.lockout_ban.unwrap_or(defaults::LOCKOUT_BAN),
+                max_ban: raw.lockout_max_ban.unwrap_or(defaults::LOCKOUT_MAX_BAN),
+            },
+            audit: AuditConfig {
+                retention: raw.audit_retention.unwrap_or(defaults::AUDIT_RETENTION),
+            },
             ratelimit: RateLimitConfig {
-                pairing: raw.ratelimit_pairing.unwrap_or(defaults::RATELIMIT_PAIRING),
+                pairing: raw
+                    .ratelimit_pairing
+                    .unwrap_or(Some(defaults::RATELIMIT_PAIRING)),
+                refresh: raw
+                    .ratelimit_refresh
+                    .unwrap_or(Some(defaults::RATELIMIT_REFRESH)),
+                introspection: raw
+                    .ratelimit_introspection
+                    .unwrap_or(Some(defaults::RATELIMIT_INTROSPECTION)),
+                admin_login: raw
+                    .ratelimit_admin_login
+                    .unwrap_or(Some(defaults::RATELIMIT_ADMIN_LOGIN)),
+                ws_messages: raw
+                    .ratelimit_ws_messages
+                    .unwrap_or(Some(defaults::RATELIMIT_WS_MESSAGES)),
+                per_ip: raw
+                    .ratelimit_per_ip
+                    .unwrap_or(Some(defaults::RATELIMIT_PER_IP)),
                 max_keys: to_usize(
                     raw.ratelimit_max_keys
                         .unwrap_or(defaults::RATELIMIT_MAX_KEYS),
@@ -870,7 +1010,17 @@ fn merge(high: Raw, low: Raw) -> Raw {
             .or(low.ws_max_connections_per_ip),
         ws_messages_per_second: high.ws_messages_per_second.or(low.ws_messages_per_second),
         ratelimit_pairing: high.ratelimit_pairing.or(low.ratelimit_pairing),
+        ratelimit_refresh: high.ratelimit_refresh.or(low.ratelimit_refresh),
+        ratelimit_introspection: high.ratelimit_introspection.or(low.ratelimit_introspection),
+        ratelimit_admin_login: high.ratelimit_admin_login.or(low.ratelimit_admin_login),
+        ratelimit_ws_messages: high.ratelimit_ws_messages.or(low.ratelimit_ws_messages),
+        ratelimit_per_ip: high.ratelimit_per_ip.or(low.ratelimit_per_ip),
         ratelimit_max_keys: high.ratelimit_max_keys.or(low.ratelimit_max_keys),
+        lockout_max_failures: high.lockout_max_failures.or(low.lockout_max_failures),
+        lockout_window: high.lockout_window.or(low.lockout_window),
+        lockout_ban: high.lockout_ban.or(low.lockout_ban),
+        lockout_max_ban: high.lockout_max_ban.or(low.lockout_max_ban),
+        audit_retention: high.audit_retention.or(low.audit_retention),
     }
 }
 

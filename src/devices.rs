@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 
+use crate::audit::{self, Event, Origin};
 use crate::clock::{SharedClock, format_rfc3339};
 use crate::ids::DeviceId;
 use crate::revocation::RevocationList;
@@ -240,7 +241,12 @@ impl Devices {
     }
 
     /// Renames a device; durable when this returns.
-    pub async fn rename(&self, id: &DeviceId, name: &str) -> Result<DeviceView, DeviceError> {
+    pub async fn rename(
+        &self,
+        id: &DeviceId,
+        name: &str,
+        origin: &Origin,
+    ) -> Result<DeviceView, DeviceError> {
         let name = crate::pairing::device_name(name).ok_or_else(|| {
             DeviceError::BadName(format!(
                 "1 to {} characters without control characters",
@@ -248,14 +254,21 @@ impl Devices {
             ))
         })?;
         let key = id.to_string();
+        let origin = origin.clone();
+        let now = self.clock.now_ms();
         let found = self
             .store
             .write(move |tx| -> Result<bool, StoreError> {
                 let Some(mut device) = tx.get(&DEVICES, &key)? else {
                     return Ok(false);
                 };
+                let event = Event::new("device.renamed")
+                    .device(&key)
+                    .detail("from", device.name.clone())
+                    .detail("to", name.clone());
                 device.name.clone_from(&name);
                 tx.put(&DEVICES, &key, &device)?;
+                audit::append(tx, &origin, &event, now)?;
                 Ok(true)
             })
             .await?;
@@ -268,8 +281,8 @@ impl Devices {
 
     /// Revokes a device and all its tokens; durable when this returns. Revoking a
     /// revoked device again is not an error (the answer is the same record).
-    pub async fn revoke(&self, id: &DeviceId) -> Result<DeviceView, DeviceError> {
-        if !self.revocations.revoke_device(*id).await? {
+    pub async fn revoke(&self, id: &DeviceId, origin: &Origin) -> Result<DeviceView, DeviceError> {
+        if !self.revocations.revoke_device(*id, origin).await? {
             return Err(DeviceError::NotFound(id.to_string()));
         }
         self.get(id)?

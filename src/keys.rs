@@ -22,6 +22,7 @@ use ring::rand::SystemRandom;
 use ring::signature::{self as sig, KeyPair as _};
 use serde::Serialize;
 
+use crate::audit::{self, Event, Origin, Severity};
 use crate::clock::{SharedClock, format_rfc3339, millis};
 use crate::jwt::{self, AccessClaims};
 use crate::live::Changes;
@@ -83,6 +84,17 @@ pub enum KeyState {
     Active,
     Retiring,
     Revoked,
+}
+
+impl KeyState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Next => "next",
+            Self::Active => "active",
+            Self::Retiring => "retiring",
+            Self::Revoked => "revoked",
+        }
+    }
 }
 
 impl From<StoredKeyState> for KeyState {
@@ -528,14 +540,21 @@ impl KeyRing {
         if writes.is_empty() {
             return Ok(());
         }
-        self.store.write(move |tx| put_keys(tx, &writes)).await?;
+        let now = self.clock.now_ms();
+        self.store
+            .write(move |tx| put_keys(tx, &writes, &Origin::system(), now))
+            .await?;
         Ok(())
     }
 
     /// Promotes the next key, retires the active one into `retiring`, publishes a new
     /// next key and removes keys whose verification window has closed. Durable before it
     /// returns. The scheduler calls this with `Rotation::Scheduled`.
-    pub async fn rotate(&self, mode: Rotation) -> Result<RotationReport, KeyError> {
+    pub async fn rotate(
+        &self,
+        mode: Rotation,
+        origin: &Origin,
+    ) -> Result<RotationReport, KeyError> {
         let _guard = self.serial.lock().await;
         let now = self.clock.now_ms();
         let existing = self.store.read(|tx| tx.all(&SIGNING_KEYS))?;
@@ -576,9 +595,27 @@ impl KeyRing {
         writes.push((next_kid.clone(), next_record));
         let new_next = generate(self.algorithm, now)?;
         let new_next_kid = new_next.kid.clone();
+        let rotated = Event::new("key.rotated")
+            .severity(Severity::Notice)
+            .detail("activated", next_kid.clone())
+            .detail("retiring", retiring.clone())
+            .detail("next", new_next_kid.clone())
+            .detail(
+                "mode",
+                match mode {
+                    Rotation::Scheduled => "scheduled",
+                    Rotation::Now => "now",
+                },
+            );
+        let generated = Event::new("key.generated")
+            .detail("kid", new_next_kid.clone())
+            .detail("state", "next");
+        let origin = origin.clone();
         let retired = self
             .store
             .write(move |tx| -> Result<Vec<String>, StoreError> {
+                audit::append(tx, &origin, &rotated, now)?;
+                audit::append(tx, &origin, &generated, now)?;
                 for (kid, record) in &writes {
                     tx.put(&SIGNING_KEYS, kid, record)?;
                     if record.state == StoredKeyState::Retiring {
@@ -588,7 +625,7 @@ impl KeyRing {
                 }
                 tx.put(&SIGNING_KEYS, &new_next.kid, &new_next.record)?;
                 tx.put_signing_key_private(&new_next.kid, &new_next.private)?;
-                retire_in(tx, now)
+                retire_in(tx, now, &origin)
             })
             .await?;
         self.reload()?;
@@ -604,7 +641,7 @@ impl KeyRing {
     /// Revokes a key: every token it signed is refused from now on, it leaves the JWKS,
     /// its private half is destroyed, and if it was the active (or next) key, a
     /// replacement takes its place in the same write.
-    pub async fn revoke(&self, kid: &str) -> Result<KeyInfo, KeyError> {
+    pub async fn revoke(&self, kid: &str, origin: &Origin) -> Result<KeyInfo, KeyError> {
         let _guard = self.serial.lock().await;
         let now = self.clock.now_ms();
         let mut existing = self.store.read(|tx| tx.all(&SIGNING_KEYS))?;
@@ -624,11 +661,17 @@ impl KeyRing {
         // so no crash can leave the ring without an active key.
         let replacements = repairs(&existing, self.algorithm, now)?;
         let kid_owned = kid.to_string();
+        let event = Event::new("key.revoked")
+            .severity(Severity::High)
+            .detail("kid", kid.to_string())
+            .detail("was", KeyState::from(was).as_str());
+        let origin = origin.clone();
         self.store
             .write(move |tx| -> Result<(), StoreError> {
                 tx.put(&SIGNING_KEYS, &kid_owned, &revoked)?;
                 tx.delete_signing_key_private(&kid_owned)?;
-                put_keys(tx, &replacements)
+                audit::append(tx, &origin, &event, now)?;
+                put_keys(tx, &replacements, &origin, now)
             })
             .await?;
         self.reload()?;
@@ -643,7 +686,10 @@ impl KeyRing {
     pub async fn retire_expired(&self) -> Result<Vec<String>, KeyError> {
         let _guard = self.serial.lock().await;
         let now = self.clock.now_ms();
-        let retired = self.store.write(move |tx| retire_in(tx, now)).await?;
+        let retired = self
+            .store
+            .write(move |tx| retire_in(tx, now, &Origin::system()))
+            .await?;
         if !retired.is_empty() {
             tracing::info!(retired = ?retired, "signing keys retired");
         }
@@ -690,17 +736,36 @@ fn repairs(
     Ok(writes)
 }
 
-fn put_keys(tx: &crate::store::WriteTx<'_>, writes: &[KeyWrite]) -> Result<(), StoreError> {
+fn put_keys(
+    tx: &crate::store::WriteTx<'_>,
+    writes: &[KeyWrite],
+    origin: &Origin,
+    now: u64,
+) -> Result<(), StoreError> {
     for (kid, record, private) in writes {
         tx.put(&SIGNING_KEYS, kid, record)?;
-        if let Some(private) = private {
+        let state = KeyState::from(record.state).as_str();
+        let event = if let Some(private) = private {
             tx.put_signing_key_private(kid, private)?;
-        }
+            Event::new("key.generated")
+        } else {
+            Event::new("key.activated")
+        };
+        audit::append(
+            tx,
+            origin,
+            &event.detail("kid", kid.clone()).detail("state", state),
+            now,
+        )?;
     }
     Ok(())
 }
 
-fn retire_in(tx: &crate::store::WriteTx<'_>, now: u64) -> Result<Vec<String>, StoreError> {
+fn retire_in(
+    tx: &crate::store::WriteTx<'_>,
+    now: u64,
+    origin: &Origin,
+) -> Result<Vec<String>, StoreError> {
     let mut retired = Vec::new();
     tx.retain(&SIGNING_KEYS, |kid, key| {
         let done = matches!(
@@ -714,6 +779,12 @@ fn retire_in(tx: &crate::store::WriteTx<'_>, now: u64) -> Result<Vec<String>, St
     })?;
     for kid in &retired {
         tx.delete_signing_key_private(kid)?;
+        audit::append(
+            tx,
+            origin,
+            &Event::new("key.retired").detail("kid", kid.clone()),
+            now,
+        )?;
     }
     Ok(retired)
 }

@@ -4,12 +4,13 @@
 //!
 //! Calls flow one way: `cli`, `http` and `admin_socket` call the domain modules
 //! (`pairing`, `tokens`, `keys`, `revocation`, `devices`, `clients`,
-//! `admin_tokens`), which call `store`, the only module that touches redb.
+//! `admin_tokens`, `ratelimit`, `audit`), which call `store`, the only module that touches redb.
 //! `app` builds the long-lived parts from a validated `config::Config` and runs them.
 
 pub mod admin_socket;
 pub mod admin_tokens;
 pub mod app;
+pub mod audit;
 pub mod cli;
 pub mod clients;
 pub mod clock;

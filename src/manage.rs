@@ -14,13 +14,16 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::admin_tokens::{AdminTokenError, AdminTokenInfo, IssuedToken};
+use crate::audit::{Event, EventPage, Origin, Query, Severity, VerifyReport};
 use crate::clients::{ClientError, ClientInfo, NewClient};
 use crate::config::KeyOrigin;
 use crate::devices::{DeviceError, DeviceView};
 use crate::ids::DeviceId;
 use crate::keys::{KeyError, KeyInfo, Rotation, RotationReport};
 use crate::pairing::{NewSession, PairingError};
+use crate::ratelimit::{Ban, BanError};
 pub use crate::services::Services;
+use crate::store::StoreError;
 use crate::store::seal::{MasterKey, sync_parent_dir};
 
 /// The master key text, kept out of `Debug` output and logs.
@@ -73,6 +76,20 @@ pub enum Command {
         name: Option<String>,
         ttl_seconds: Option<u64>,
     },
+    AuditSearch {
+        after: u64,
+        kind: Option<String>,
+        device: Option<String>,
+        limit: usize,
+    },
+    AuditTail {
+        count: usize,
+    },
+    AuditVerify,
+    BansList,
+    BansLift {
+        key: String,
+    },
 }
 
 /// What a command did.
@@ -108,6 +125,12 @@ pub enum Outcome {
     DeviceRevoked(DeviceView),
     DeviceShown(DeviceView),
     PairingOpened(NewSession),
+    AuditPage(EventPage),
+    AuditVerified(VerifyReport),
+    BanList {
+        bans: Vec<Ban>,
+    },
+    BanLifted(Ban),
 }
 
 /// A refused or failed command: a stable code and a message for a person.
@@ -177,6 +200,23 @@ impl From<DeviceError> for CommandError {
     }
 }
 
+impl From<BanError> for CommandError {
+    fn from(err: BanError) -> Self {
+        let code = match &err {
+            BanError::NotFound(_) => "not_found",
+            BanError::BadKey(_) => "bad_request",
+            BanError::Store(_) => "internal",
+        };
+        Self::new(code, err.to_string())
+    }
+}
+
+impl From<StoreError> for CommandError {
+    fn from(err: StoreError) -> Self {
+        Self::new("internal", err.to_string())
+    }
+}
+
 impl From<PairingError> for CommandError {
     fn from(err: PairingError) -> Self {
         let code = match &err {
@@ -190,6 +230,7 @@ impl From<PairingError> for CommandError {
 
 /// Runs one command.
 pub async fn execute(command: Command, services: &Services) -> Result<Outcome, CommandError> {
+    let operator = Origin::operator();
     match command {
         Command::AdminTokenCreate { name } => {
             let name = name.unwrap_or_else(|| {
@@ -199,14 +240,14 @@ pub async fn execute(command: Command, services: &Services) -> Result<Outcome, C
                 )
             });
             Ok(Outcome::TokenCreated(
-                services.admin_tokens.create(&name).await?,
+                services.admin_tokens.create(&name, &operator).await?,
             ))
         }
         Command::AdminTokenList => Ok(Outcome::TokenList {
             tokens: services.admin_tokens.list()?,
         }),
         Command::AdminTokenRevoke { id } => Ok(Outcome::TokenRevoked(
-            services.admin_tokens.revoke(&id).await?,
+            services.admin_tokens.revoke(&id, &operator).await?,
         )),
         Command::Rekey { new_key } => rekey(&new_key, services).await,
         Command::KeysList => Ok(Outcome::KeyList {
@@ -218,18 +259,22 @@ pub async fn execute(command: Command, services: &Services) -> Result<Outcome, C
             } else {
                 Rotation::Scheduled
             };
-            Ok(Outcome::KeyRotated(services.keys.rotate(mode).await?))
+            Ok(Outcome::KeyRotated(
+                services.keys.rotate(mode, &operator).await?,
+            ))
         }
-        Command::KeysRevoke { kid } => Ok(Outcome::KeyRevoked(services.keys.revoke(&kid).await?)),
+        Command::KeysRevoke { kid } => Ok(Outcome::KeyRevoked(
+            services.keys.revoke(&kid, &operator).await?,
+        )),
         Command::ClientCreate { name } => Ok(Outcome::ClientCreated(
-            services.clients.create(&name).await?,
+            services.clients.create(&name, &operator).await?,
         )),
         Command::ClientList => Ok(Outcome::ClientList {
             clients: services.clients.list()?,
         }),
-        Command::ClientRevoke { id } => {
-            Ok(Outcome::ClientRevoked(services.clients.revoke(&id).await?))
-        }
+        Command::ClientRevoke { id } => Ok(Outcome::ClientRevoked(
+            services.clients.revoke(&id, &operator).await?,
+        )),
         Command::DevicesList => Ok(Outcome::DeviceList {
             devices: services.devices.list()?,
         }),
@@ -246,7 +291,7 @@ pub async fn execute(command: Command, services: &Services) -> Result<Outcome, C
             let device = DeviceId::parse(&id)
                 .ok_or_else(|| CommandError::from(DeviceError::NotFound(id.clone())))?;
             Ok(Outcome::DeviceRevoked(
-                services.devices.revoke(&device).await?,
+                services.devices.revoke(&device, &operator).await?,
             ))
         }
         Command::PairNew { name, ttl_seconds } => Ok(Outcome::PairingOpened(
@@ -255,9 +300,37 @@ pub async fn execute(command: Command, services: &Services) -> Result<Outcome, C
                 .create(
                     name.as_deref(),
                     ttl_seconds.map(std::time::Duration::from_secs),
-                    "cli",
+                    &operator,
                 )
                 .await?,
+        )),
+        Command::AuditSearch {
+            after,
+            kind,
+            device,
+            limit,
+        } => Ok(Outcome::AuditPage(services.audit.query(&Query {
+            after,
+            kind,
+            device,
+            limit,
+        })?)),
+        Command::AuditTail { count } => Ok(Outcome::AuditPage(EventPage {
+            events: services.audit.tail(count)?,
+            next: None,
+        })),
+        Command::AuditVerify => {
+            let audit = services.audit.clone();
+            let report = tokio::task::spawn_blocking(move || audit.verify_report(&mut |_, _| {}))
+                .await
+                .map_err(|err| CommandError::new("internal", err.to_string()))??;
+            Ok(Outcome::AuditVerified(report))
+        }
+        Command::BansList => Ok(Outcome::BanList {
+            bans: services.lockout.list(),
+        }),
+        Command::BansLift { key } => Ok(Outcome::BanLifted(
+            services.lockout.lift(&key, &operator).await?,
         )),
     }
 }
@@ -294,6 +367,16 @@ async fn rekey(new_key: &KeyText, services: &Services) -> Result<Outcome, Comman
             ));
         }
     };
+    services
+        .audit
+        .record_or_log(
+            &Origin::operator(),
+            Event::new("master_key.rotated")
+                .severity(Severity::High)
+                .detail("secrets_resealed", resealed)
+                .detail("fingerprint", new.fingerprint()),
+        )
+        .await;
     let mut replaced = None;
     if let Some(staged) = staged {
         fs::rename(&staged, &source.path)

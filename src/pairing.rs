@@ -19,10 +19,11 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::clock::{SharedClock, millis};
+use crate::audit::{self, Actor, Event, Origin};
+use crate::clock::{SharedClock, format_rfc3339, millis};
 use crate::config::defaults::PAIRING_MAX_TTL;
 use crate::ids::{DeviceId, RandomError, Secret, SessionId, hash_matches, secret_hash};
-use crate::ratelimit::{Decision, Policy, PolicyId, RateLimits, Subject};
+use crate::ratelimit::{FailedCheck, Limited, Lockout, PolicyId, RateLimits, Subject};
 use crate::store::records::{Device, PairingSession};
 use crate::store::{DEVICES, PAIRING_SESSIONS, Store, StoreError};
 use crate::tokens::{NewFamily, TokenAuthority, TokenError, TokenPair};
@@ -47,7 +48,7 @@ pub enum PairingError {
     )]
     Rejected,
     #[error("too many pairing attempts from this address")]
-    RateLimited(Box<(Decision, Policy)>),
+    RateLimited(Box<Limited>),
     #[error("no such pairing session")]
     UnknownSession,
     #[error("the pairing session was already used or has expired")]
@@ -181,6 +182,8 @@ pub struct PairingSessions {
     /// Every attempt spends from its address's `pairing` budget, whichever door it came
     /// through (REST or WebSocket).
     limits: Arc<RateLimits>,
+    /// Wrong secrets count toward a ban of the caller's address.
+    lockout: Arc<Lockout>,
     /// Pairing URIs of open sessions this process created, so the admin API can render
     /// their QR codes. Memory only: the data file holds only the secret's hash, so after
     /// a restart an open session's QR code cannot be shown again.
@@ -195,6 +198,7 @@ impl PairingSessions {
         default_ttl: Duration,
         server: ServerIdentity,
         limits: Arc<RateLimits>,
+        lockout: Arc<Lockout>,
     ) -> Self {
         Self {
             store,
@@ -203,6 +207,7 @@ impl PairingSessions {
             default_ttl,
             server,
             limits,
+            lockout,
             open_uris: Mutex::new(HashMap::new()),
         }
     }
@@ -212,7 +217,7 @@ impl PairingSessions {
         &self,
         name: Option<&str>,
         ttl: Option<Duration>,
-        created_by: &str,
+        origin: &Origin,
     ) -> Result<NewSession, PairingError> {
         let ttl = ttl.unwrap_or(self.default_ttl);
         if ttl < MIN_TTL || ttl > PAIRING_MAX_TTL {
@@ -240,13 +245,22 @@ impl PairingSessions {
             secret_hash: secret.hash(),
             created_at_ms: now,
             expires_at_ms,
-            created_by: created_by.to_string(),
+            created_by: origin.actor.to_text(),
             claimed_at_ms: None,
             device_id: None,
         };
         let key = id.to_string();
+        let event = Event::new("pairing.created")
+            .detail("session_id", key.clone())
+            .detail("name", name.clone())
+            .detail("expires_at", format_rfc3339(expires_at_ms));
+        let origin = origin.clone();
         self.store
-            .write(move |tx| tx.put(&PAIRING_SESSIONS, &key, &record))
+            .write(move |tx| {
+                tx.put(&PAIRING_SESSIONS, &key, &record)?;
+                audit::append(tx, &origin, &event, now)?;
+                Ok::<_, StoreError>(())
+            })
             .await?;
         let uri = pairing_uri(&self.server, &id, secret.as_str(), expires_at_ms);
         {
@@ -296,16 +310,13 @@ impl PairingSessions {
         session_id: &str,
         secret: &str,
         device: &DeviceInfo,
-        peer: IpAddr,
+        origin: &Origin,
     ) -> Result<TokenPair, PairingError> {
+        let peer = origin.source.unwrap_or(IpAddr::from([0, 0, 0, 0]));
         // Counted before anything is looked at, so that guessing costs budget.
-        let (decision, policy) = self.limits.check(PolicyId::Pairing, &Subject::ip(peer));
-        if !decision.allowed {
+        if let Err(limited) = self.limits.limit(PolicyId::Pairing, &Subject::ip(peer)) {
             tracing::debug!(%peer, "pairing refused: rate limited");
-            return Err(PairingError::RateLimited(Box::new((
-                decision,
-                policy.clone(),
-            ))));
+            return Err(PairingError::RateLimited(limited));
         }
         let peer = peer.to_string();
         let peer = peer.as_str();
@@ -326,8 +337,7 @@ impl PairingSessions {
         let secret_ok = hash_matches(session.as_ref().map(|(_, s)| &s.secret_hash), &presented)
             && secret.len() <= MAX_SECRET_LEN;
         let Some((session_id, session)) = session else {
-            tracing::debug!(reason = "unknown session", "pairing refused");
-            return Err(PairingError::Rejected);
+            return Err(self.refuse(origin, None, "unknown session", true).await);
         };
         let reason = if !secret_ok {
             Some("wrong secret")
@@ -339,8 +349,10 @@ impl PairingSessions {
             None
         };
         if let Some(reason) = reason {
-            tracing::debug!(%session_id, reason, "pairing refused");
-            return Err(PairingError::Rejected);
+            let guessed = !secret_ok;
+            return Err(self
+                .refuse(origin, Some(&session_id), reason, guessed)
+                .await);
         }
 
         let device_id = DeviceId::generate()?;
@@ -348,6 +360,16 @@ impl PairingSessions {
         let stored_family = family.clone();
         let tokens = self.tokens.clone();
         let key = session_id.to_string();
+        let device_origin = origin.as_actor(Actor::Device(device_id.to_string()));
+        let claimed = Event::new("pairing.claimed")
+            .device(device_id)
+            .detail("session_id", key.clone())
+            .detail("name", device.name.clone())
+            .detail("platform", device.platform.clone());
+        let issued = Event::new("token.issued")
+            .device(device_id)
+            .detail("family", family.family.to_string())
+            .detail("grant", "pairing");
         let record = Device {
             name: device.name,
             platform: device.platform,
@@ -374,6 +396,8 @@ impl PairingSessions {
                 tx.put(&PAIRING_SESSIONS, &key, &session)?;
                 tx.put(&DEVICES, &device_id.to_string(), &record)?;
                 tokens.write_family_in(tx, &stored_family, &device_id, now)?;
+                audit::append(tx, &device_origin, &claimed, now)?;
+                audit::append(tx, &device_origin, &issued, now)?;
                 Ok(Claim::Won)
             })
             .await?;
@@ -385,10 +409,41 @@ impl PairingSessions {
                     .tokens
                     .pair_for(device_id, family.family, family.refresh)?)
             }
-            Claim::Lost => {
-                tracing::debug!(%session_id, reason = "claimed concurrently", "pairing refused");
-                Err(PairingError::Rejected)
-            }
+            Claim::Lost => Err(self
+                .refuse(origin, Some(&session_id), "claimed concurrently", false)
+                .await),
+        }
+    }
+
+    /// Records a refused claim (`pairing.failed`; a wrong secret or unknown session
+    /// also counts toward lockout) and gives the one error every refusal shares.
+    async fn refuse(
+        &self,
+        origin: &Origin,
+        session_id: Option<&SessionId>,
+        reason: &'static str,
+        guessed: bool,
+    ) -> PairingError {
+        tracing::debug!(session_id = ?session_id.map(ToString::to_string), reason, "pairing refused");
+        let mut event = Event::failure("pairing.failed").detail("reason", reason);
+        if let Some(id) = session_id {
+            event = event.detail("session_id", id.to_string());
+        }
+        let written = if guessed {
+            self.lockout
+                .record_failure(&self.limits, origin, FailedCheck::PairingSecret, event)
+                .await
+                .map(|_| ())
+        } else {
+            let clock = self.clock.clone();
+            let origin = origin.clone();
+            self.store
+                .write(move |tx| audit::append(tx, &origin, &event, clock.now_ms()).map(|_| ()))
+                .await
+        };
+        match written {
+            Ok(()) => PairingError::Rejected,
+            Err(err) => PairingError::Store(err),
         }
     }
 

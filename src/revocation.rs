@@ -12,6 +12,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::RwLock;
 use std::time::Duration;
 
+use crate::audit::{self, Event, Origin, Severity};
 use crate::clock::{SharedClock, millis};
 use crate::ids::{DeviceId, FamilyId, TokenId};
 use crate::live::Changes;
@@ -109,6 +110,7 @@ impl RevocationList {
         jti: TokenId,
         device: DeviceId,
         expires_at_ms: u64,
+        origin: &Origin,
     ) -> Result<(), StoreError> {
         self.write().tokens.insert(jti, expires_at_ms);
         self.changes.bump();
@@ -118,8 +120,18 @@ impl RevocationList {
             revoked_at_ms: self.clock.now_ms(),
         };
         let key = jti.to_string();
+        let event = Event::new("token.revoked")
+            .device(device)
+            .detail("jti", key.clone())
+            .detail("scope", "access_token");
+        let origin = origin.clone();
+        let now = row.revoked_at_ms;
         self.store
-            .write(move |tx| tx.put(&REVOKED_TOKENS, &key, &row))
+            .write(move |tx| {
+                tx.put(&REVOKED_TOKENS, &key, &row)?;
+                audit::append(tx, &origin, &event, now)?;
+                Ok(())
+            })
             .await
     }
 
@@ -156,11 +168,13 @@ impl RevocationList {
         &self,
         family_id: FamilyId,
         reason: &str,
+        origin: &Origin,
     ) -> Result<bool, StoreError> {
         self.remember_family(family_id);
         let now = self.clock.now_ms();
         let reason = reason.to_string();
         let key = family_id.to_string();
+        let origin = origin.clone();
         let known = self
             .store
             .write(move |tx| {
@@ -168,6 +182,12 @@ impl RevocationList {
                     return Ok::<_, StoreError>(false);
                 };
                 Self::revoke_family_in(tx, &family_id, &mut family, &reason, now)?;
+                let event = Event::new("token.revoked")
+                    .device(&family.device_id)
+                    .detail("family", key.clone())
+                    .detail("scope", "family")
+                    .detail("reason", reason.clone());
+                audit::append(tx, &origin, &event, now)?;
                 Ok(true)
             })
             .await?;
@@ -179,11 +199,16 @@ impl RevocationList {
 
     /// Revokes a device and every family it holds; durable when this returns. `Ok(false)`
     /// when there is no such device.
-    pub async fn revoke_device(&self, device: DeviceId) -> Result<bool, StoreError> {
+    pub async fn revoke_device(
+        &self,
+        device: DeviceId,
+        origin: &Origin,
+    ) -> Result<bool, StoreError> {
         self.write().devices.insert(device);
         self.changes.bump();
         let now = self.clock.now_ms();
         let key = device.to_string();
+        let origin = origin.clone();
         let outcome = self
             .store
             .write(move |tx| {
@@ -204,6 +229,12 @@ impl RevocationList {
                         families.push(family_id);
                     }
                 }
+                let event = Event::new("device.revoked")
+                    .severity(Severity::Notice)
+                    .device(&key)
+                    .detail("name", record.name.clone())
+                    .detail("families_revoked", families.len());
+                audit::append(tx, &origin, &event, now)?;
                 Ok(Some(families))
             })
             .await?;

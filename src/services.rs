@@ -8,15 +8,17 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use crate::admin_tokens::AdminTokens;
+use crate::audit::AuditLog;
 use crate::clients::Clients;
 use crate::clock::SharedClock;
+use crate::config::Rate;
 use crate::config::{Config, MasterKeySource, TlsMode};
 use crate::devices::Devices;
 use crate::ids::RandomError;
 use crate::keys::{KeyError, KeyRing};
 use crate::live::{Changes, LiveConnections};
 use crate::pairing::{PairingSessions, ServerIdentity};
-use crate::ratelimit::{Policies, Policy, RateLimits};
+use crate::ratelimit::{Lockout, LockoutPolicy, Policies, Policy, RateLimits};
 use crate::revocation::RevocationList;
 use crate::store::{Store, StoreError};
 use crate::tokens::{TokenAuthority, TokenSettings};
@@ -50,6 +52,9 @@ pub struct Services {
     pub live: Arc<LiveConnections>,
     /// Rate limits, counted in memory and written behind.
     pub limits: Arc<RateLimits>,
+    /// Failed secret checks and the bans they earn.
+    pub lockout: Arc<Lockout>,
+    pub audit: AuditLog,
 }
 
 /// The issuer when none is configured: the listen address (fine on loopback; a server
@@ -102,25 +107,44 @@ impl Services {
             settings.access_window(),
             changes.clone(),
         )?);
+        let policy = |name: &str, rate: Rate| rate.map(|(n, window)| Policy::new(name, n, window));
+        let limits = Arc::new(RateLimits::load(
+            store.clone(),
+            clock.clone(),
+            Policies {
+                pairing: policy("pairing", config.ratelimit.pairing),
+                refresh: policy("refresh", config.ratelimit.refresh),
+                introspection: policy("introspection", config.ratelimit.introspection),
+                admin_login: policy("admin_login", config.ratelimit.admin_login),
+                ws_messages: policy("ws_messages", config.ratelimit.ws_messages),
+                per_ip: policy("per_ip", config.ratelimit.per_ip),
+                failures: Policy::new(
+                    "failures",
+                    config.lockout.max_failures,
+                    config.lockout.window,
+                ),
+            },
+            config.ratelimit.max_keys,
+        )?);
+        let lockout = Arc::new(Lockout::load(
+            store.clone(),
+            clock.clone(),
+            LockoutPolicy {
+                max_failures: config.lockout.max_failures,
+                window: config.lockout.window,
+                ban: config.lockout.ban,
+                max_ban: config.lockout.max_ban,
+            },
+        )?);
+        let audit = AuditLog::new(store.clone(), clock.clone(), config.audit.retention);
         let tokens = Arc::new(TokenAuthority::new(
             store.clone(),
             clock.clone(),
             keys.clone(),
             revocations.clone(),
             settings,
+            limits.clone(),
         ));
-        let limits = Arc::new(RateLimits::load(
-            store.clone(),
-            clock.clone(),
-            Policies {
-                pairing: Policy::new(
-                    "pairing",
-                    config.ratelimit.pairing.0,
-                    config.ratelimit.pairing.1,
-                ),
-            },
-            config.ratelimit.max_keys,
-        )?);
         let pairing = Arc::new(PairingSessions::new(
             store.clone(),
             clock.clone(),
@@ -128,9 +152,12 @@ impl Services {
             config.tokens.pairing_ttl,
             server,
             limits.clone(),
+            lockout.clone(),
         ));
         Ok(Self {
             limits,
+            lockout,
+            audit,
             admin_tokens: AdminTokens::new(store.clone(), clock.clone()),
             devices: Devices::new(store.clone(), clock.clone(), revocations.clone()),
             clients: Clients::new(store.clone(), clock.clone()),

@@ -23,10 +23,12 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::audit::{self, Actor, Event, Origin, Severity};
 use crate::clock::{SharedClock, millis};
 use crate::ids::{DeviceId, FamilyId, RandomError, Secret, TokenId};
 use crate::jwt::{self, ACCESS_TOKEN_TYP, AccessClaims, Malformed};
 use crate::keys::{KeyError, KeyRing};
+use crate::ratelimit::{Limited, PolicyId, RateLimits, Subject};
 use crate::revocation::RevocationList;
 use crate::store::records::{RefreshToken, TokenFamily};
 use crate::store::{DEVICES, REFRESH_TOKENS, Store, StoreError, TOKEN_FAMILIES, WriteTx};
@@ -94,6 +96,8 @@ pub enum TokenError {
     /// Every failed refresh (unknown, expired, spent, revoked): one answer, no oracle.
     #[error("the refresh token is invalid, expired or revoked")]
     InvalidGrant,
+    #[error("too many refreshes for this device")]
+    RateLimited(Box<Limited>),
     #[error(transparent)]
     Key(#[from] KeyError),
     #[error(transparent)]
@@ -256,6 +260,8 @@ pub struct TokenAuthority {
     keys: Arc<KeyRing>,
     revocations: Arc<RevocationList>,
     settings: TokenSettings,
+    /// The `refresh` policy is spent per device before each grant.
+    limits: Arc<RateLimits>,
     cache: VerifiedCache,
 }
 
@@ -266,12 +272,14 @@ impl TokenAuthority {
         keys: Arc<KeyRing>,
         revocations: Arc<RevocationList>,
         settings: TokenSettings,
+        limits: Arc<RateLimits>,
     ) -> Self {
         Self {
             store,
             clock,
             keys,
             revocations,
+            limits,
             settings,
             cache: VerifiedCache::default(),
         }
@@ -351,12 +359,24 @@ impl TokenAuthority {
 
     /// The refresh grant: spends `presented` and returns a new pair. A spent token
     /// revokes its family (durably) and is refused like any invalid one.
-    pub async fn refresh(&self, presented: &str) -> Result<TokenPair, TokenError> {
+    pub async fn refresh(&self, presented: &str, origin: &Origin) -> Result<TokenPair, TokenError> {
         if !Secret::well_formed(presented, REFRESH_PREFIX) {
             tracing::debug!(reason = "malformed", "refresh refused");
+            self.audit_refused(origin, "malformed").await?;
             return Err(TokenError::InvalidGrant);
         }
         let key = hash_key(&crate::ids::secret_hash(presented.as_bytes()));
+        // The device's refresh budget is spent before the grant is tried.
+        if let Some(device) = self
+            .store
+            .read(|tx| tx.get(&REFRESH_TOKENS, &key))?
+            .and_then(|row| DeviceId::parse(&row.device_id))
+        {
+            self.limits
+                .limit(PolicyId::Refresh, &Subject::Device(device))
+                .map_err(TokenError::RateLimited)?;
+        }
+        let origin = origin.clone();
         // Generated outside the transaction, which may run twice.
         let next_refresh = Secret::generate(REFRESH_PREFIX)?;
         let stored_refresh = next_refresh.clone();
@@ -365,37 +385,53 @@ impl TokenAuthority {
         let outcome = self
             .store
             .write(move |tx| -> Result<RefreshOutcome, StoreError> {
-                let Some(mut token) = tx.get(&REFRESH_TOKENS, &key)? else {
-                    return Ok(RefreshOutcome::Refused("unknown"));
+                let refused = |reason: &'static str, device: Option<&str>| {
+                    let mut event = Event::failure("token.refresh_failed").detail("reason", reason);
+                    if let Some(device) = device {
+                        event = event.device(device);
+                    }
+                    audit::append(tx, &origin, &event, now)?;
+                    Ok::<_, StoreError>(RefreshOutcome::Refused(reason))
                 };
+                let Some(mut token) = tx.get(&REFRESH_TOKENS, &key)? else {
+                    return refused("unknown", None);
+                };
+                let as_device = origin.as_actor(Actor::Device(token.device_id.clone()));
+                let device_text = token.device_id.clone();
                 let Some(family_id) = FamilyId::parse(&token.family_id) else {
-                    return Ok(RefreshOutcome::Refused("bad family id"));
+                    return refused("bad family id", Some(&device_text));
                 };
                 let Some(mut family) = tx.get(&TOKEN_FAMILIES, &token.family_id)? else {
-                    return Ok(RefreshOutcome::Refused("unknown family"));
+                    return refused("unknown family", Some(&device_text));
                 };
                 if token.spent_at_ms.is_some() {
                     let device = family.device_id.clone();
                     RevocationList::revoke_family_in(tx, &family_id, &mut family, "reuse", now)?;
+                    let event = Event::failure("token.reused")
+                        .severity(Severity::High)
+                        .device(&device)
+                        .detail("family", family_id.to_string())
+                        .detail("family_revoked", true);
+                    audit::append(tx, &as_device, &event, now)?;
                     return Ok(RefreshOutcome::Reused {
                         device,
                         family: family_id,
                     });
                 }
                 if family.revoked_at_ms.is_some() {
-                    return Ok(RefreshOutcome::Refused("family revoked"));
+                    return refused("family revoked", Some(&device_text));
                 }
                 if now >= token.expires_at_ms {
-                    return Ok(RefreshOutcome::Refused("expired"));
+                    return refused("expired", Some(&device_text));
                 }
                 let Some(device_id) = DeviceId::parse(&token.device_id) else {
-                    return Ok(RefreshOutcome::Refused("bad device id"));
+                    return refused("bad device id", Some(&device_text));
                 };
                 let Some(mut device) = tx.get(&DEVICES, &token.device_id)? else {
-                    return Ok(RefreshOutcome::Refused("unknown device"));
+                    return refused("unknown device", Some(&device_text));
                 };
                 if device.revoked_at_ms.is_some() {
-                    return Ok(RefreshOutcome::Refused("device revoked"));
+                    return refused("device revoked", Some(&device_text));
                 }
                 token.spent_at_ms = Some(now);
                 tx.put(&REFRESH_TOKENS, &key, &token)?;
@@ -416,6 +452,11 @@ impl TokenAuthority {
                 tx.put(&TOKEN_FAMILIES, &token.family_id, &family)?;
                 device.last_seen_ms = now;
                 tx.put(&DEVICES, &token.device_id, &device)?;
+                let event = Event::new("token.refreshed")
+                    .device(&device_text)
+                    .detail("family", family_id.to_string())
+                    .detail("generation", family.generation);
+                audit::append(tx, &as_device, &event, now)?;
                 Ok(RefreshOutcome::Rotated {
                     device: device_id,
                     family: family_id,
@@ -442,6 +483,18 @@ impl TokenAuthority {
                 Err(TokenError::InvalidGrant)
             }
         }
+    }
+
+    /// Records a refresh refused before any row was looked at.
+    async fn audit_refused(&self, origin: &Origin, reason: &'static str) -> Result<(), StoreError> {
+        let origin = origin.clone();
+        let now = self.clock.now_ms();
+        self.store
+            .write(move |tx| {
+                let event = Event::failure("token.refresh_failed").detail("reason", reason);
+                audit::append(tx, &origin, &event, now).map(|_| ())
+            })
+            .await
     }
 
     /// Verifies a presented access token (see the module documentation for the order).
@@ -578,7 +631,7 @@ impl TokenAuthority {
     /// (and so every access token from it) with it; an access token is revoked alone.
     /// Unknown, invalid or expired tokens are not an error: there is nothing to revoke.
     /// Durable when this returns.
-    pub async fn revoke(&self, token: &str) -> Result<bool, TokenError> {
+    pub async fn revoke(&self, token: &str, origin: &Origin) -> Result<bool, TokenError> {
         if token.starts_with(REFRESH_PREFIX) {
             if !Secret::well_formed(token, REFRESH_PREFIX) {
                 return Ok(false);
@@ -590,12 +643,20 @@ impl TokenAuthority {
             let Some(family) = FamilyId::parse(&row.family_id) else {
                 return Ok(false);
             };
-            return Ok(self.revocations.revoke_family(family, "revoked").await?);
+            return Ok(self
+                .revocations
+                .revoke_family(family, "revoked", origin)
+                .await?);
         }
         match self.verify(token) {
             Ok(Verified { claims, .. }) => {
                 self.revocations
-                    .revoke_token(claims.jti, claims.sub, claims.exp.saturating_mul(1000))
+                    .revoke_token(
+                        claims.jti,
+                        claims.sub,
+                        claims.exp.saturating_mul(1000),
+                        origin,
+                    )
                     .await?;
                 Ok(true)
             }

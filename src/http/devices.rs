@@ -94,7 +94,7 @@ pub struct Rename {
 /// `PATCH /v1/devices/{id}` with `{"name": …}`.
 pub async fn rename(
     State(state): State<AppState>,
-    _admin: Admin,
+    admin: Admin,
     Path(id): Path<String>,
     ApiJson(body): ApiJson<Rename>,
 ) -> Result<Json<DeviceView>, ApiError> {
@@ -103,7 +103,7 @@ pub async fn rename(
         state
             .services
             .devices
-            .rename(&id, &body.name)
+            .rename(&id, &body.name, &admin.origin)
             .await
             .map_err(device_error)?,
     ))
@@ -112,7 +112,7 @@ pub async fn rename(
 /// Revokes the device and every token it holds, durably, before answering.
 pub async fn revoke(
     State(state): State<AppState>,
-    _admin: Admin,
+    admin: Admin,
     Path(id): Path<String>,
 ) -> Result<Json<DeviceView>, ApiError> {
     let id = device_id(&id)?;
@@ -120,7 +120,7 @@ pub async fn revoke(
         state
             .services
             .devices
-            .revoke(&id)
+            .revoke(&id, &admin.origin)
             .await
             .map_err(device_error)?,
     ))

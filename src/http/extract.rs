@@ -17,7 +17,11 @@ use serde::de::DeserializeOwned;
 
 use super::AppState;
 use super::error::ApiError;
+use super::limits::too_many;
+use super::security::RequestId;
+use crate::audit::{Actor, Event, Origin};
 use crate::ids::ClientId;
+use crate::ratelimit::{FailedCheck, PolicyId, Subject};
 
 /// A JSON body; a bad one is a 400 that says why.
 #[derive(Debug)]
@@ -91,6 +95,29 @@ impl<T: DeserializeOwned> FromRequest<AppState> for ApiForm<T> {
     }
 }
 
+/// Who is calling (not yet identified), from where, in which request: the start of
+/// every audit record a request writes.
+#[derive(Debug, Clone)]
+pub struct RequestOrigin(pub Origin);
+
+fn origin_of(parts: &Parts) -> Result<Origin, ApiError> {
+    let peer = parts
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|ConnectInfo(addr)| addr.ip())
+        .ok_or_else(|| ApiError::internal(&"no peer address on the request"))?;
+    let request_id = parts.extensions.get::<RequestId>().map(|id| id.0.clone());
+    Ok(Origin::request(peer, request_id))
+}
+
+impl FromRequestParts<AppState> for RequestOrigin {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &AppState) -> Result<Self, ApiError> {
+        origin_of(parts).map(Self)
+    }
+}
+
 /// The client's address as the TCP connection shows it.
 #[derive(Debug, Clone, Copy)]
 pub struct Peer(pub SocketAddr);
@@ -143,71 +170,130 @@ fn authorization(parts: &Parts) -> Option<(&str, &str)> {
     Some((scheme, credentials.trim()))
 }
 
-/// An admin caller: the id of the admin token presented.
+/// An admin caller: the id of the admin token presented, and the request's origin
+/// with that admin as its actor.
 #[derive(Debug, Clone)]
 pub struct Admin {
     pub token_id: String,
+    pub origin: Origin,
 }
 
-fn admin_from(
+/// A failed credential check: counted toward the `admin_login` policy and lockout,
+/// and recorded as `login.failed`, before the 401 is sent.
+async fn credential_refused(
+    state: &AppState,
+    origin: &Origin,
+    check: FailedCheck,
+    challenge: &'static str,
+    message: &'static str,
+) -> Response {
+    let services = &state.services;
+    if let Some(ip) = origin.source
+        && matches!(check, FailedCheck::AdminToken | FailedCheck::AdminPassword)
+    {
+        // The budget only counts failures; its refusals are answered before checking.
+        let _ = services
+            .limits
+            .limit(PolicyId::AdminLogin, &Subject::ip(ip));
+    }
+    let event = Event::failure("login.failed").detail("method", check.as_str());
+    if let Err(err) = services
+        .lockout
+        .record_failure(&services.limits, origin, check, event)
+        .await
+    {
+        return ApiError::internal(&err).into_response();
+    }
+    Unauthorized::new(message, challenge).into_response()
+}
+
+async fn admin_from(
     parts: &Parts,
     state: &AppState,
     challenge: &'static str,
-) -> Result<Option<Admin>, Unauthorized> {
+) -> Result<Option<Admin>, Response> {
     let Some((scheme, credentials)) = authorization(parts) else {
         return Ok(None);
     };
     if !scheme.eq_ignore_ascii_case("bearer") {
         return Ok(None);
     }
+    let origin = origin_of(parts).map_err(IntoResponse::into_response)?;
+    if let Some(ip) = origin.source
+        && let Err(limited) = state
+            .services
+            .limits
+            .has_budget(PolicyId::AdminLogin, &Subject::ip(ip))
+    {
+        return Err(too_many(&limited.decision, &limited.policy));
+    }
     match state.services.admin_tokens.verify(credentials) {
         Ok(token_id) => {
-            state.services.admin_tokens.note_used(&token_id);
-            Ok(Some(Admin { token_id }))
+            let origin = origin.as_actor(Actor::Admin(token_id.clone()));
+            state.services.admin_tokens.note_used(&token_id, &origin);
+            Ok(Some(Admin { token_id, origin }))
         }
         Err(err) => {
             tracing::debug!(error = %err, "admin token refused");
-            Err(Unauthorized::new(
-                "the admin token is invalid or revoked",
+            Err(credential_refused(
+                state,
+                &origin,
+                FailedCheck::AdminToken,
                 challenge,
-            ))
+                "the admin token is invalid or revoked",
+            )
+            .await)
         }
     }
 }
 
 impl FromRequestParts<AppState> for Admin {
-    type Rejection = Unauthorized;
+    type Rejection = Response;
 
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Unauthorized> {
-        admin_from(parts, state, ADMIN_CHALLENGE)?.ok_or_else(|| {
-            Unauthorized::new(
-                "this endpoint needs an admin token: Authorization: Bearer gha_...",
-                ADMIN_CHALLENGE,
-            )
-        })
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Response> {
+        admin_from(parts, state, ADMIN_CHALLENGE)
+            .await?
+            .ok_or_else(|| {
+                Unauthorized::new(
+                    "this endpoint needs an admin token: Authorization: Bearer gha_...",
+                    ADMIN_CHALLENGE,
+                )
+                .into_response()
+            })
     }
 }
 
-/// A caller allowed to introspect: an admin, or a registered client.
+/// A caller allowed to introspect: an admin, or a registered client. Its
+/// `introspection` budget (per client; per address for an admin) is spent here.
 #[derive(Debug, Clone)]
 pub enum Introspector {
     Admin(Admin),
     Client(ClientId),
 }
 
-impl FromRequestParts<AppState> for Introspector {
-    type Rejection = Unauthorized;
+const INTROSPECT_REFUSED: &str =
+    "introspection needs client credentials (HTTP Basic) or an admin token";
 
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Unauthorized> {
-        if let Some(admin) = admin_from(parts, state, INTROSPECT_CHALLENGE)? {
+impl FromRequestParts<AppState> for Introspector {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Response> {
+        let limits = &state.services.limits;
+        // The refusal, if `subject` has no introspection budget left.
+        let spend = |subject: Subject| -> Option<Response> {
+            limits
+                .limit(PolicyId::Introspection, &subject)
+                .err()
+                .map(|limited| too_many(&limited.decision, &limited.policy))
+        };
+        if let Some(admin) = admin_from(parts, state, INTROSPECT_CHALLENGE).await? {
+            if let Some(refusal) = admin.origin.source.and_then(|ip| spend(Subject::ip(ip))) {
+                return Err(refusal);
+            }
             return Ok(Self::Admin(admin));
         }
-        let refused = || {
-            Unauthorized::new(
-                "introspection needs client credentials (HTTP Basic) or an admin token",
-                INTROSPECT_CHALLENGE,
-            )
-        };
+        let refused =
+            || Unauthorized::new(INTROSPECT_REFUSED, INTROSPECT_CHALLENGE).into_response();
         let (scheme, credentials) = authorization(parts).ok_or_else(refused)?;
         if !scheme.eq_ignore_ascii_case("basic") {
             return Err(refused());
@@ -215,14 +301,29 @@ impl FromRequestParts<AppState> for Introspector {
         let decoded = data_encoding::BASE64
             .decode(credentials.as_bytes())
             .ok()
-            .and_then(|bytes| String::from_utf8(bytes).ok())
-            .ok_or_else(refused)?;
-        let (id, secret) = decoded.split_once(':').ok_or_else(refused)?;
-        match state.services.clients.verify(id, secret) {
-            Ok(id) => Ok(Self::Client(id)),
-            Err(err) => {
-                tracing::debug!(error = %err, "client credentials refused");
-                Err(refused())
+            .and_then(|bytes| String::from_utf8(bytes).ok());
+        let verified = decoded
+            .as_deref()
+            .and_then(|text| text.split_once(':'))
+            .map(|(id, secret)| state.services.clients.verify(id, secret));
+        match verified {
+            Some(Ok(id)) => match spend(Subject::Client(id)) {
+                Some(refusal) => Err(refusal),
+                None => Ok(Self::Client(id)),
+            },
+            failed => {
+                if let Some(Err(err)) = failed {
+                    tracing::debug!(error = %err, "client credentials refused");
+                }
+                let origin = origin_of(parts).map_err(IntoResponse::into_response)?;
+                Err(credential_refused(
+                    state,
+                    &origin,
+                    FailedCheck::ClientCredential,
+                    INTROSPECT_CHALLENGE,
+                    INTROSPECT_REFUSED,
+                )
+                .await)
             }
         }
     }

@@ -46,7 +46,7 @@ pub struct RotateRequest {
 /// emergency one.
 pub async fn rotate(
     State(state): State<AppState>,
-    _admin: Admin,
+    admin: Admin,
     body: Bytes,
 ) -> Result<Json<RotationReport>, ApiError> {
     let request: RotateRequest = if body.is_empty() {
@@ -66,16 +66,26 @@ pub async fn rotate(
         Rotation::Scheduled
     };
     Ok(Json(
-        state.services.keys.rotate(mode).await.map_err(key_error)?,
+        state
+            .services
+            .keys
+            .rotate(mode, &admin.origin)
+            .await
+            .map_err(key_error)?,
     ))
 }
 
 pub async fn revoke(
     State(state): State<AppState>,
-    _admin: Admin,
+    admin: Admin,
     Path(kid): Path<String>,
 ) -> Result<Json<KeyInfo>, ApiError> {
     Ok(Json(
-        state.services.keys.revoke(&kid).await.map_err(key_error)?,
+        state
+            .services
+            .keys
+            .revoke(&kid, &admin.origin)
+            .await
+            .map_err(key_error)?,
     ))
 }

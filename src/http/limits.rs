@@ -4,11 +4,58 @@
 use axum::response::{IntoResponse, Response};
 use http::{HeaderName, HeaderValue, StatusCode, header};
 
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, Request, State};
+use axum::middleware::Next;
+
+use super::AppState;
 use super::error::ApiError;
-use crate::ratelimit::{Decision, Policy};
+use crate::ratelimit::{Decision, Policy, PolicyId, Subject};
 
 fn ceil_secs(d: std::time::Duration) -> u64 {
     d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
+/// Refuses a banned address (429 `banned` with `Retry-After`) and spends one request
+/// of the `per_ip` policy, before any route runs.
+pub async fn admit_address(
+    State(state): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let Some(ConnectInfo(peer)) = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .copied()
+    else {
+        return next.run(request).await;
+    };
+    let ip = peer.ip();
+    if let Some(left) = state.services.lockout.banned(ip) {
+        let retry = ceil_secs(left).max(1);
+        let mut response = ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "banned",
+            format!(
+                "this address is locked out after repeated failed credential checks; \
+                 retry in {retry} s"
+            ),
+        )
+        .into_response();
+        if let Ok(value) = HeaderValue::from_str(&retry.to_string()) {
+            response.headers_mut().insert(header::RETRY_AFTER, value);
+        }
+        return response;
+    }
+    if let Err(limited) = state
+        .services
+        .limits
+        .limit(PolicyId::PerIp, &Subject::ip(ip))
+    {
+        return too_many(&limited.decision, &limited.policy);
+    }
+    next.run(request).await
 }
 
 /// The 429 for a refused decision.

@@ -1,10 +1,11 @@
 //! The HTTP layer: thin. Parse, call the domain, map errors. No redb type appears here.
 //!
 //! Middleware order, outermost first: security headers and request id, error rendering,
-//! request timeout, body limit, then the routes. `serve.rs` owns the connections:
+//! request timeout, body limit, the ban and per-address limit, then the routes. `serve.rs` owns the connections:
 //! TLS handshake, header-read and idle timeouts, header caps, the connection cap and
 //! graceful shutdown.
 
+pub mod audit;
 pub mod devices;
 pub mod error;
 pub mod extract;
@@ -22,7 +23,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use http::StatusCode;
 use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::timeout::TimeoutLayer;
@@ -91,6 +92,13 @@ pub fn router(state: AppState, limits: &ServerConfig) -> Router {
                 .patch(devices::rename)
                 .delete(devices::revoke),
         )
+        .route("/v1/audit", get(audit::list))
+        .route("/v1/ratelimit/bans", get(audit::bans))
+        .route("/v1/ratelimit/bans/{key}", delete(audit::lift))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            limits::admit_address,
+        ))
         .with_state(state)
         .layer(DefaultBodyLimit::max(limits.max_body_bytes))
         .layer(RequestBodyLimitLayer::new(limits.max_body_bytes))

@@ -9,7 +9,7 @@ use serde::Deserialize;
 
 use super::AppState;
 use super::error::ApiError;
-use super::extract::{ApiForm, Introspector};
+use super::extract::{ApiForm, Introspector, RequestOrigin};
 use crate::keys::JWKS_MAX_AGE_SECS;
 use crate::tokens::{Introspection, TokenError, TokenPair};
 
@@ -41,8 +41,9 @@ pub struct TokenRequest {
 /// `POST /v1/token`: the refresh grant (RFC 6749 section 6).
 pub async fn token(
     State(state): State<AppState>,
+    RequestOrigin(origin): RequestOrigin,
     ApiForm(request): ApiForm<TokenRequest>,
-) -> Result<Json<TokenPair>, ApiError> {
+) -> Result<Response, ApiError> {
     if request.grant_type != "refresh_token" {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -57,13 +58,13 @@ pub async fn token(
             "the refresh_token parameter is missing",
         )
     })?;
-    let pair = state
-        .services
-        .tokens
-        .refresh(&presented)
-        .await
-        .map_err(token_error)?;
-    Ok(Json(pair))
+    match state.services.tokens.refresh(&presented, &origin).await {
+        Ok(pair) => Ok(Json::<TokenPair>(pair).into_response()),
+        Err(TokenError::RateLimited(limited)) => {
+            Ok(super::limits::too_many(&limited.decision, &limited.policy))
+        }
+        Err(err) => Err(token_error(err)),
+    }
 }
 
 /// Unknown parameters (such as `client_id`) are ignored; repeated ones are refused.
@@ -84,13 +85,14 @@ fn bounded(token: &str) -> Option<&str> {
 /// invalid tokens get the same 200, so nothing is learnt by trying.
 pub async fn revoke(
     State(state): State<AppState>,
+    RequestOrigin(origin): RequestOrigin,
     ApiForm(request): ApiForm<TokenParam>,
 ) -> Result<StatusCode, ApiError> {
     if let Some(token) = bounded(&request.token) {
         state
             .services
             .tokens
-            .revoke(token)
+            .revoke(token, &origin)
             .await
             .map_err(token_error)?;
     }

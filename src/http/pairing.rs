@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use super::AppState;
 use super::error::ApiError;
-use super::extract::{Admin, ApiJson, Peer};
+use super::extract::{Admin, ApiJson, RequestOrigin};
 use crate::clock::format_rfc3339;
 use crate::ids::SessionId;
 use crate::pairing::{DeviceInfo, PairingError};
@@ -72,7 +72,7 @@ pub async fn create_session(
         .create(
             request.name.as_deref(),
             request.ttl_seconds.map(Duration::from_secs),
-            &admin.token_id,
+            &admin.origin,
         )
         .await
         .map_err(pairing_error)?;
@@ -98,7 +98,7 @@ pub struct PairRequest {
 /// Claims a pairing session: the device and its first token pair.
 pub async fn pair(
     State(state): State<AppState>,
-    Peer(peer): Peer,
+    RequestOrigin(origin): RequestOrigin,
     ApiJson(request): ApiJson<PairRequest>,
 ) -> Response {
     let paired = state
@@ -108,12 +108,14 @@ pub async fn pair(
             &request.session_id,
             &request.secret,
             &request.device,
-            peer.ip(),
+            &origin,
         )
         .await;
     match paired {
         Ok(pair) => Json::<TokenPair>(pair).into_response(),
-        Err(PairingError::RateLimited(limited)) => super::limits::too_many(&limited.0, &limited.1),
+        Err(PairingError::RateLimited(limited)) => {
+            super::limits::too_many(&limited.decision, &limited.policy)
+        }
         Err(err) => pairing_error(err).into_response(),
     }
 }

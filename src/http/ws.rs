@@ -24,9 +24,11 @@ use serde_json::Value;
 use super::AppState;
 use super::error::ApiError;
 use super::extract::Peer;
+use crate::audit::{Actor, Origin};
 use crate::ids::DeviceId;
 use crate::live::{MessageBudget, Refused, Slot};
 use crate::pairing::{DeviceInfo, PairingError};
+use crate::ratelimit::{PolicyId, Subject};
 use crate::tokens::{Rejection, TokenError, TokenPair, Verified};
 
 /// Time a new connection has to authenticate.
@@ -279,16 +281,28 @@ impl Connection {
         Next::Continue
     }
 
+    /// Spends one message: from the burst guard (per device, in memory; before
+    /// authentication, the connection's own) and from the `ws_messages` policy (per
+    /// device; per address before authentication).
     fn spend(&mut self) -> bool {
         let now = std::time::Instant::now();
-        match &self.auth {
-            Some(auth) => auth
-                .budget
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .spend(now),
-            None => self.own_budget.spend(now),
-        }
+        let (burst_ok, subject) = match &self.auth {
+            Some(auth) => (
+                auth.budget
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .spend(now),
+                Subject::Device(auth.device),
+            ),
+            None => (self.own_budget.spend(now), Subject::ip(self.peer.ip())),
+        };
+        burst_ok
+            && self
+                .state
+                .services
+                .limits
+                .limit(PolicyId::WsMessages, &subject)
+                .is_ok()
     }
 
     async fn on_message(&mut self, message: Message, socket: &mut WebSocket) -> Next {
@@ -334,7 +348,7 @@ impl Connection {
                     .state
                     .services
                     .pairing
-                    .pair(&session_id, &secret, &device, self.peer.ip())
+                    .pair(&session_id, &secret, &device, &self.origin())
                     .await;
                 match paired {
                     Ok(pair) => self.accept_pair(socket, pair).await,
@@ -372,8 +386,22 @@ impl Connection {
                         return self.mismatch(socket).await;
                     }
                 }
-                match self.state.services.tokens.refresh(&refresh_token).await {
+                match self
+                    .state
+                    .services
+                    .tokens
+                    .refresh(&refresh_token, &self.origin())
+                    .await
+                {
                     Ok(pair) => self.accept_pair(socket, pair).await,
+                    Err(TokenError::RateLimited(_)) => {
+                        self.refuse(
+                            socket,
+                            "rate_limited",
+                            "too many refreshes for this device; try again later",
+                        )
+                        .await
+                    }
                     Err(TokenError::InvalidGrant) => {
                         self.refuse(
                             socket,
@@ -385,6 +413,16 @@ impl Connection {
                     Err(err) => self.internal(socket, err.to_string()).await,
                 }
             }
+        }
+    }
+
+    /// This connection as the origin of an audit record: its address, and its device
+    /// once authenticated.
+    fn origin(&self) -> Origin {
+        let origin = Origin::request(self.peer.ip(), None);
+        match &self.auth {
+            Some(auth) => origin.as_actor(Actor::Device(auth.device.to_string())),
+            None => origin,
         }
     }
 

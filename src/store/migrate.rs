@@ -10,8 +10,9 @@ use redb::ReadableTable;
 use super::StoreError;
 use super::records::{self, AdminTokenRecord};
 use super::tables::{
-    ADMIN_TOKENS, CLIENTS, DEVICES, FORMAT_VERSION, META, META_FORMAT_VERSION, PAIRING_SESSIONS,
-    RATE_WINDOWS, REFRESH_TOKENS, REVOKED_TOKENS, SIGNING_KEYS, TOKEN_FAMILIES,
+    ADMIN_TOKENS, AUDIT_CHECKPOINT, AUDIT_EVENTS, BANS, CLIENTS, DEVICES, FORMAT_VERSION, META,
+    META_FORMAT_VERSION, PAIRING_SESSIONS, RATE_WINDOWS, REFRESH_TOKENS, REVOKED_TOKENS,
+    SIGNING_KEYS, TOKEN_FAMILIES,
 };
 
 type Step = fn(&redb::WriteTransaction) -> Result<(), StoreError>;
@@ -32,6 +33,11 @@ const STEPS: &[(u32, &str, Step)] = &[
         3,
         "a table for rate-limit windows",
         create_rate_window_table,
+    ),
+    (
+        4,
+        "tables for the audit log, its pruning checkpoint and lockout bans",
+        create_audit_tables,
     ),
 ];
 
@@ -110,6 +116,15 @@ fn create_token_tables(tx: &redb::WriteTransaction) -> Result<(), StoreError> {
 /// Format 3 → 4: the rate-limit windows table, created empty.
 fn create_rate_window_table(tx: &redb::WriteTransaction) -> Result<(), StoreError> {
     tx.open_table(RATE_WINDOWS)?;
+    Ok(())
+}
+
+/// Format 4 → 5: the audit log, its checkpoint and the bans, created empty. The audit
+/// chain key is created when the store opens (it needs the master key).
+fn create_audit_tables(tx: &redb::WriteTransaction) -> Result<(), StoreError> {
+    tx.open_table(AUDIT_EVENTS)?;
+    tx.open_table(AUDIT_CHECKPOINT)?;
+    tx.open_table(BANS)?;
     Ok(())
 }
 

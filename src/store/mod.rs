@@ -12,6 +12,7 @@
 //! Writes go through the group-commit writer (`writer.rs`); reads run on the caller's
 //! thread in a read transaction (`tx.rs`). `schema/data-file.md` documents the format.
 
+mod audit_chain;
 pub mod migrate;
 pub mod records;
 pub mod seal;
@@ -30,6 +31,8 @@ use redb::{ReadableDatabase, ReadableTable, TableHandle};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::clock::Clock;
+use audit_chain::ChainKey;
+pub use audit_chain::{AuditFilter, AuditPage, ChainBreak, ChainReport, Pruned};
 pub use migrate::Migrated;
 use seal::{MasterKey, SealError, Sealer, sync_parent_dir};
 use tables::{
@@ -37,7 +40,7 @@ use tables::{
     META_INSTANCE_ID, META_MASTER_KEY_CHECK, SECRETS,
 };
 pub use tx::{
-    CLIENTS, DEVICES, PAIRING_SESSIONS, RATE_WINDOWS, REFRESH_TOKENS, REVOKED_TOKENS, ReadTx,
+    BANS, CLIENTS, DEVICES, PAIRING_SESSIONS, RATE_WINDOWS, REFRESH_TOKENS, REVOKED_TOKENS, ReadTx,
     Records, SIGNING_KEYS, TOKEN_FAMILIES, WriteTx,
 };
 use writer::{Job, Pending, WriterContext};
@@ -157,6 +160,7 @@ struct Shared {
     jobs: Mutex<Option<mpsc::Sender<Job>>>,
     writer: Mutex<Option<JoinHandle<()>>>,
     healthy: Arc<AtomicBool>,
+    chain: Arc<ChainKey>,
     info: InstanceInfo,
 }
 
@@ -218,15 +222,18 @@ impl Store {
             }
         };
         let info = read_instance_info(&db, path)?;
-        Ok((Self::start(db, path, sealer, info)?, report))
+        let chain = ChainKey::load_or_create(&db, &sealer)?;
+        Ok((Self::start(db, path, sealer, chain, info)?, report))
     }
 
     fn start(
         db: redb::Database,
         path: &Path,
         sealer: Sealer,
+        chain: ChainKey,
         info: InstanceInfo,
     ) -> Result<Self, StoreError> {
+        let chain = Arc::new(chain);
         let db = Arc::new(db);
         let sealer = Arc::new(RwLock::new(Arc::new(sealer)));
         let healthy = Arc::new(AtomicBool::new(true));
@@ -235,6 +242,7 @@ impl Store {
             db: db.clone(),
             sealer: sealer.clone(),
             healthy: healthy.clone(),
+            chain: chain.clone(),
         };
         let handle = std::thread::Builder::new()
             .name("gatehouse-writer".into())
@@ -252,6 +260,7 @@ impl Store {
                 jobs: Mutex::new(Some(sender)),
                 writer: Mutex::new(Some(handle)),
                 healthy,
+                chain,
                 info,
             }),
         })
@@ -300,7 +309,11 @@ impl Store {
         // keys between this transaction's snapshot and its opening of sealed values.
         self.with_sealer(|sealer| {
             let tx = self.shared.db.begin_read()?;
-            f(&ReadTx { tx: &tx, sealer })
+            f(&ReadTx {
+                tx: &tx,
+                sealer,
+                chain: &self.shared.chain,
+            })
         })
     }
 
@@ -435,9 +448,7 @@ fn initialise(db: &redb::Database, sealer: &Sealer, clock: &dyn Clock) -> Result
         meta.insert(META_MASTER_KEY_CHECK, check.as_slice())?;
     }
     // Every table of the format exists in every file (counts and backups rely on it).
-    for name in tables::ALL_TABLES.iter().filter(|n| **n != META.name()) {
-        tx.open_table(redb::TableDefinition::<&str, &[u8]>::new(name))?;
-    }
+    tables::create_missing(&tx)?;
     tx.commit()?;
     Ok(())
 }

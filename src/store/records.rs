@@ -292,6 +292,77 @@ pub enum RateWindowRecord {
     V1(RateWindow),
 }
 
+// ---------------------------------------------------------------------------------------
+// Audit log (`audit_events.v1`, `audit_checkpoint.v1`)
+
+/// One audit event as stored. The chain fields (`prev`, and the tag in front of the
+/// encoded record) are set by the store when it appends; see `store::audit_chain`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    pub time_ms: u64,
+    /// The event type, e.g. `device.revoked` (`schema/audit-events.md`).
+    pub kind: String,
+    pub severity: String,
+    /// `admin:<token id>`, `device:<id>`, `client:<id>`, `system` or `anonymous`.
+    pub actor: String,
+    pub source: Option<String>,
+    pub request_id: Option<String>,
+    pub outcome: String,
+    /// The device the event concerns, if any (the `device` filter of the query).
+    pub device: Option<String>,
+    /// A compact JSON object.
+    pub details: String,
+    /// The tag of the previous record (zeros for the first record of a new log).
+    pub prev: [u8; 32],
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum AuditEntryRecord {
+    V1(AuditEntry),
+}
+
+/// Where the audit log starts after pruning, tagged with the chain key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditCheckpoint {
+    /// The sequence number of the first record that was kept.
+    pub next_seq: u64,
+    /// The tag of the last record pruned: the `prev` the first kept record must carry.
+    pub prev: [u8; 32],
+    /// How many records have been pruned in all.
+    pub pruned: u64,
+    /// The time of the newest record pruned.
+    pub pruned_through_ms: u64,
+    /// HMAC-SHA256 under the chain key over the fields above.
+    pub tag: [u8; 32],
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum AuditCheckpointRecord {
+    V1(AuditCheckpoint),
+}
+
+// ---------------------------------------------------------------------------------------
+// Bans (`bans.v1`)
+
+/// A lockout ban on one subject. Kept after it ends (while `offences` still counts
+/// toward a longer next ban) and pruned once that memory has lapsed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ban {
+    pub since_ms: u64,
+    pub until_ms: u64,
+    /// How many bans this subject has earned in a row (1 for the first).
+    pub offences: u32,
+    /// Which secret check failed last, e.g. `admin_token`.
+    pub reason: String,
+    /// Set when an admin lifted the ban early.
+    pub lifted_at_ms: Option<u64>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum BanRecord {
+    V1(Ban),
+}
+
 /// Encoding and decoding of the single-version records above, one pair per record.
 macro_rules! single_version_codec {
     ($($encode:ident, $decode:ident, $record:ident, $current:ident;)*) => {$(
@@ -320,6 +391,9 @@ single_version_codec! {
     encode_client, decode_client, ClientRecord, Client;
     encode_rate_window, decode_rate_window, RateWindowRecord, RateWindow;
     encode_self_signed, decode_self_signed, SelfSignedCertRecord, SelfSignedCert;
+    encode_audit_entry, decode_audit_entry, AuditEntryRecord, AuditEntry;
+    encode_audit_checkpoint, decode_audit_checkpoint, AuditCheckpointRecord, AuditCheckpoint;
+    encode_ban, decode_ban, BanRecord, Ban;
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@
 use redb::TableDefinition;
 
 /// The format version this build writes. Files with a higher version are refused.
-pub const FORMAT_VERSION: u32 = 4;
+pub const FORMAT_VERSION: u32 = 5;
 
 /// Instance facts: format version, instance id, creation time, master-key check value.
 /// Keys are the `META_*` constants. `format_version` is 4 bytes little-endian so that it
@@ -58,6 +58,22 @@ pub const CLIENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("clients.
 /// policy number and the 17-byte subject key. Values: `RateWindowRecord`.
 pub const RATE_WINDOWS: TableDefinition<&str, &[u8]> = TableDefinition::new("rate_windows.v1");
 
+/// The audit log: one row per event, keyed by its sequence number (1, 2, …; never
+/// reused). Values: a 32-byte HMAC-SHA256 tag followed by an `AuditEntryRecord`; the
+/// chain and its key are described in `schema/data-file.md`.
+pub const AUDIT_EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("audit_events.v1");
+
+/// The audit log's pruning checkpoint (one row, key `AUDIT_CHECKPOINT_KEY`): where the
+/// remaining log starts and the tag of the last record pruned. Values:
+/// `AuditCheckpointRecord`.
+pub const AUDIT_CHECKPOINT: TableDefinition<&str, &[u8]> =
+    TableDefinition::new("audit_checkpoint.v1");
+pub const AUDIT_CHECKPOINT_KEY: &str = "checkpoint";
+
+/// Bans from brute-force lockout, written through. Keyed by the subject's text form
+/// (`ip:203.0.113.7`, `ip:2001:db8:1:2::/64`). Values: `BanRecord`.
+pub const BANS: TableDefinition<&str, &[u8]> = TableDefinition::new("bans.v1");
+
 /// Names of every table this format version has, for backups, counts and checks.
 pub const ALL_TABLES: &[&str] = &[
     "meta",
@@ -71,7 +87,23 @@ pub const ALL_TABLES: &[&str] = &[
     "revoked_tokens.v1",
     "clients.v1",
     "rate_windows.v1",
+    "audit_events.v1",
+    "audit_checkpoint.v1",
+    "bans.v1",
 ];
+
+/// Creates every table of the format that `tx` does not have yet, each with its key
+/// type (all are `&str`-keyed except the audit log).
+pub fn create_missing(tx: &redb::WriteTransaction) -> Result<(), redb::TableError> {
+    for name in ALL_TABLES {
+        if *name == "audit_events.v1" {
+            tx.open_table(AUDIT_EVENTS)?;
+        } else {
+            tx.open_table(TableDefinition::<&str, &[u8]>::new(name))?;
+        }
+    }
+    Ok(())
+}
 
 /// The plaintext sealed into `META_MASTER_KEY_CHECK`.
 pub const MASTER_KEY_CHECK_PLAINTEXT: &[u8] = b"gatehouse master key check v1";

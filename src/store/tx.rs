@@ -9,8 +9,9 @@
 use redb::{ReadableTable, ReadableTableMetadata, TableDefinition, TableHandle as _};
 
 use super::StoreError;
+use super::audit_chain::{ChainKey, HeadCache};
 use super::records::{
-    self, AdminToken, Client, DecodeError, Device, PairingSession, RateWindow, RefreshToken,
+    self, AdminToken, Ban, Client, DecodeError, Device, PairingSession, RateWindow, RefreshToken,
     RevokedToken, SelfSignedCert, SigningKey, SigningKeyPrivate, TokenFamily,
 };
 use super::seal::Sealer;
@@ -67,17 +68,39 @@ records_table!(CLIENTS: Client = tables::CLIENTS, "clients.v1",
     records::encode_client, records::decode_client);
 records_table!(RATE_WINDOWS: RateWindow = tables::RATE_WINDOWS, "rate_windows.v1",
     records::encode_rate_window, records::decode_rate_window);
+records_table!(
+    /// Keyed by the subject's text form (`ip:203.0.113.7`).
+    BANS: Ban = tables::BANS, "bans.v1",
+    records::encode_ban, records::decode_ban);
 
 /// A read-only view of the data file at one point in time.
 pub struct ReadTx<'a> {
     pub(super) tx: &'a redb::ReadTransaction,
     pub(super) sealer: &'a Sealer,
+    pub(super) chain: &'a ChainKey,
 }
 
 /// A write transaction handed to a job of the group-commit writer.
 pub struct WriteTx<'a> {
     pub(super) tx: &'a redb::WriteTransaction,
     pub(super) sealer: &'a Sealer,
+    pub(super) chain: &'a ChainKey,
+    pub(super) audit_head: HeadCache,
+}
+
+impl<'a> WriteTx<'a> {
+    pub(super) fn new(
+        tx: &'a redb::WriteTransaction,
+        sealer: &'a Sealer,
+        chain: &'a ChainKey,
+    ) -> Self {
+        Self {
+            tx,
+            sealer,
+            chain,
+            audit_head: HeadCache::default(),
+        }
+    }
 }
 
 impl std::fmt::Debug for ReadTx<'_> {
@@ -203,7 +226,7 @@ impl ReadTx<'_> {
         let mut out = Vec::new();
         for name in tables::ALL_TABLES {
             let def: TableDefinition<&str, &[u8]> = TableDefinition::new(name);
-            out.push((*name, self.tx.open_table(def)?.len()?));
+            out.push((*name, self.tx.open_untyped_table(def)?.len()?));
         }
         Ok(out)
     }

@@ -17,6 +17,7 @@ use std::sync::{Arc, RwLock};
 
 use tokio::sync::{mpsc, oneshot};
 
+use super::audit_chain::ChainKey;
 use super::seal::Sealer;
 use super::tx::WriteTx;
 use super::{StoreError, begin_durable_write, rekey_in};
@@ -91,6 +92,7 @@ pub(super) struct WriterContext {
     /// Cleared when a commit fails: redb refuses further writes after an I/O error, and
     /// `/readyz` must say so.
     pub healthy: Arc<AtomicBool>,
+    pub chain: Arc<ChainKey>,
 }
 
 pub(super) fn run(ctx: WriterContext, mut jobs: mpsc::Receiver<Job>) {
@@ -131,10 +133,7 @@ fn commit_batch(ctx: &WriterContext, mut batch: Vec<Box<dyn PendingWrite>>) {
     let attempt = (|| -> Result<bool, StoreError> {
         let tx = begin_durable_write(&ctx.db)?;
         let all_ok = {
-            let wtx = WriteTx {
-                tx: &tx,
-                sealer: &sealer,
-            };
+            let wtx = WriteTx::new(&tx, &sealer, &ctx.chain);
             batch.iter_mut().all(|job| job.apply(&wtx))
         };
         if !all_ok {

@@ -105,7 +105,13 @@ async fn devices_are_listed_oldest_first_filtered_and_paged() {
     let services = &app.running.services;
     let rename = |i: usize, name: &'static str| {
         let id = gatehouse::ids::DeviceId::parse(&devices[i]).expect("device id");
-        async move { services.devices.rename(&id, name).await.expect("renamed") }
+        async move {
+            services
+                .devices
+                .rename(&id, name, &gatehouse::audit::Origin::operator())
+                .await
+                .expect("renamed")
+        }
     };
     rename(2, "ADA's watch").await;
     rename(4, "Garage door (ada)").await;
@@ -707,7 +713,7 @@ async fn after_a_restart_an_open_sessions_qr_code_is_gone_but_the_session_still_
         .running
         .services
         .admin_tokens
-        .create("after restart")
+        .create("after restart", &gatehouse::audit::Origin::operator())
         .await
         .expect("admin token")
         .token;

@@ -300,7 +300,12 @@ async fn a_server_on_the_format_v3_fixture_keeps_its_keys_devices_tokens_and_cli
         app.running.bootstrap_token.is_none(),
         "the fixture has an admin token"
     );
-    let admin = services.admin_tokens.create("test").await.unwrap().token;
+    let admin = services
+        .admin_tokens
+        .create("test", &gatehouse::audit::Origin::operator())
+        .await
+        .unwrap()
+        .token;
     let client = app.client();
 
     // The stored ring is used as it is: no new keys at start.

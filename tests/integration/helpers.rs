@@ -107,8 +107,10 @@ impl TestApp {
             .send()
             .await
             .expect("request");
-        assert_eq!(response.status(), 200, "introspection answers 200");
-        response.json().await.expect("json")
+        let status = response.status();
+        let body = response.text().await.expect("body");
+        assert_eq!(status, 200, "introspection answers 200: {body}");
+        serde_json::from_str(&body).expect("json")
     }
 
     pub async fn stop(self) -> tempfile::TempDir {

@@ -294,7 +294,10 @@ where
         .running
         .services
         .keys
-        .rotate(gatehouse::keys::Rotation::Now)
+        .rotate(
+            gatehouse::keys::Rotation::Now,
+            &gatehouse::audit::Origin::operator(),
+        )
         .await
         .expect("rotate --now");
     assert_eq!(report.retiring.as_deref(), Some(kid.as_str()));

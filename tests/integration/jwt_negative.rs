@@ -99,6 +99,16 @@ fn malformed(why: Malformed) -> Rejection {
     Rejection::Malformed(why)
 }
 
+/// A server that neither bans nor throttles the suite's hundreds of refused admin
+/// credentials (each crafted token is also presented as a Bearer admin token).
+async fn spawn_app() -> TestApp {
+    helpers::spawn_app_with(&[
+        ("GATEHOUSE_LOCKOUT_MAX_FAILURES", "10000"),
+        ("GATEHOUSE_RATELIMIT_ADMIN_LOGIN", "off"),
+    ])
+    .await
+}
+
 /// Runs every case against `app` and fails once, listing each case that misbehaved.
 async fn run(app: &TestApp, cases: &Cases) {
     assert!(!cases.0.is_empty(), "a group without cases proves nothing");
@@ -452,7 +462,7 @@ impl Control {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_algorithms_are_refused() {
-    let app = helpers::spawn_app().await;
+    let app = spawn_app().await;
     let kit = Kit::new(&app).await;
     let control = Control::issue(&app);
     control.assert_accepted(&app).await;
@@ -577,7 +587,7 @@ async fn forged_algorithms_are_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn foreign_and_hostile_kids_are_refused() {
-    let app = helpers::spawn_app().await;
+    let app = spawn_app().await;
     let kit = Kit::new(&app).await;
     let control = Control::issue(&app);
     control.assert_accepted(&app).await;
@@ -633,7 +643,7 @@ async fn foreign_and_hostile_kids_are_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn claims_outside_policy_are_refused() {
-    let app = helpers::spawn_app().await;
+    let app = spawn_app().await;
     let kit = Kit::new(&app).await;
     let control = Control::issue(&app);
     control.assert_accepted(&app).await;
@@ -828,7 +838,7 @@ fn add_le(a: &[u8], b: &[u8; 32]) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tampered_tokens_are_refused() {
-    let app = helpers::spawn_app().await;
+    let app = spawn_app().await;
     let control = Control::issue(&app);
     control.assert_accepted(&app).await;
     // A second real token, verified once so that its signature sits in the cache.
@@ -988,7 +998,7 @@ async fn tampered_tokens_are_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_shapes_are_refused() {
-    let app = helpers::spawn_app().await;
+    let app = spawn_app().await;
     let kit = Kit::new(&app).await;
     let control = Control::issue(&app);
     control.assert_accepted(&app).await;
@@ -1201,7 +1211,7 @@ async fn malformed_shapes_are_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn header_parameters_beyond_ours_are_refused() {
-    let app = helpers::spawn_app().await;
+    let app = spawn_app().await;
     let kit = Kit::new(&app).await;
     let control = Control::issue(&app);
     control.assert_accepted(&app).await;
@@ -1316,7 +1326,7 @@ async fn header_parameters_beyond_ours_are_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_real_token_is_refused_once_exp_plus_leeway_has_passed() {
-    let app = helpers::spawn_app().await;
+    let app = spawn_app().await;
     let paired = app.pair_device().await;
     let tokens = &app.running.services.tokens;
     let verified = tokens.verify(&paired.access_token).expect("fresh token");
@@ -1347,7 +1357,7 @@ async fn a_real_token_is_refused_once_exp_plus_leeway_has_passed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_of_a_retired_key_are_refused() {
-    let app = helpers::spawn_app().await;
+    let app = spawn_app().await;
     let keys = &app.running.services.keys;
     let tokens = &app.running.services.tokens;
     let old_kid = kid_in_state(&app, KeyState::Active);
@@ -1363,9 +1373,15 @@ async fn tokens_of_a_retired_key_are_refused() {
         .verify(&seen)
         .expect("accepted while its key is active");
 
-    let first = keys.rotate(Rotation::Now).await.unwrap();
+    let first = keys
+        .rotate(Rotation::Now, &gatehouse::audit::Origin::operator())
+        .await
+        .unwrap();
     assert_eq!(first.retiring.as_deref(), Some(old_kid.as_str()));
-    let second = keys.rotate(Rotation::Now).await.unwrap();
+    let second = keys
+        .rotate(Rotation::Now, &gatehouse::audit::Origin::operator())
+        .await
+        .unwrap();
     assert_ne!(second.activated, old_kid);
     assert!(
         keys.list()
@@ -1396,7 +1412,10 @@ async fn tokens_of_a_retired_key_are_refused() {
     run(&app, &cases).await;
 
     // A third rotation deletes it for good: unknown, and gone from the JWKS.
-    let third = keys.rotate(Rotation::Now).await.unwrap();
+    let third = keys
+        .rotate(Rotation::Now, &gatehouse::audit::Origin::operator())
+        .await
+        .unwrap();
     assert!(keys.list().iter().all(|k| k.kid != old_kid), "{third:?}");
     assert!(published(&jwks(&app).await, &old_kid).is_none());
     let mut cases = Cases::default();
@@ -1408,7 +1427,7 @@ async fn tokens_of_a_retired_key_are_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_of_a_revoked_key_are_refused() {
-    let app = helpers::spawn_app().await;
+    let app = spawn_app().await;
     let keys = &app.running.services.keys;
     let tokens = &app.running.services.tokens;
     let kid = kid_in_state(&app, KeyState::Active);
@@ -1419,7 +1438,10 @@ async fn tokens_of_a_revoked_key_are_refused() {
         .expect("accepted before the revocation");
     assert!(published(&jwks(&app).await, &kid).is_some());
 
-    let info = keys.revoke(&kid).await.unwrap();
+    let info = keys
+        .revoke(&kid, &gatehouse::audit::Origin::operator())
+        .await
+        .unwrap();
     assert_eq!(info.state, KeyState::Revoked);
     assert!(published(&jwks(&app).await, &kid).is_none());
     assert_ne!(
@@ -1448,7 +1470,7 @@ async fn tokens_of_a_revoked_key_are_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_of_a_revoked_device_are_refused() {
-    let app = helpers::spawn_app().await;
+    let app = spawn_app().await;
     let tokens = &app.running.services.tokens;
     let by_http = app.pair_device().await;
     let by_service = app.pair_device().await;
@@ -1476,7 +1498,7 @@ async fn tokens_of_a_revoked_device_are_refused() {
     app.running
         .services
         .devices
-        .revoke(&service_device)
+        .revoke(&service_device, &gatehouse::audit::Origin::operator())
         .await
         .unwrap();
 
@@ -1543,8 +1565,13 @@ fn der_signature(fixed: &[u8]) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn es256_signature_forgeries_are_refused() {
-    let app = helpers::spawn_app_with(&[("GATEHOUSE_KEY_ALGORITHM", "ES256")]).await;
-    let eddsa_app = helpers::spawn_app().await;
+    let app = helpers::spawn_app_with(&[
+        ("GATEHOUSE_KEY_ALGORITHM", "ES256"),
+        ("GATEHOUSE_LOCKOUT_MAX_FAILURES", "10000"),
+        ("GATEHOUSE_RATELIMIT_ADMIN_LOGIN", "off"),
+    ])
+    .await;
+    let eddsa_app = spawn_app().await;
     let kit = Kit::new(&app).await;
     assert_eq!(kit.alg, "ES256");
     assert_eq!(kit.jwk["crv"], "P-256");

@@ -235,7 +235,10 @@ async fn format_v1_fixture_migrates_to_current() {
         FIXTURE_TOKEN_ID
     );
     // New code can write to a migrated file.
-    admin.revoke("8899aabbccddeeff").await.unwrap();
+    admin
+        .revoke("8899aabbccddeeff", &gatehouse::audit::Origin::operator())
+        .await
+        .unwrap();
     store.close();
     drop((store, admin));
 
@@ -591,7 +594,8 @@ async fn rekey_reseals_everything_and_the_old_key_stops_working() {
             .write(move |tx| tx.put_self_signed_cert(&stored))
             .await
             .unwrap();
-        assert_eq!(store.rekey(&new).await.unwrap(), 1);
+        // The certificate and the audit chain key.
+        assert_eq!(store.rekey(&new).await.unwrap(), 2);
         assert_eq!(store.master_key_fingerprint(), new.fingerprint());
         // The running store reads with the new key at once.
         assert_eq!(
@@ -789,7 +793,8 @@ async fn format_v2_fixture_migrates_to_current_with_empty_token_tables() {
         assert!(counts.contains(&(table, 0)), "{table} in {counts:?}");
     }
     assert!(counts.contains(&("admin_tokens.v1", 2)), "{counts:?}");
-    assert!(counts.contains(&("secrets.v1", 1)), "{counts:?}");
+    // The certificate, and the audit chain key made at the first open of this format.
+    assert!(counts.contains(&("secrets.v1", 2)), "{counts:?}");
     assert_eq!(counts.len(), tables::ALL_TABLES.len());
     store.close();
     drop((store, admin));
@@ -817,7 +822,7 @@ async fn a_server_on_the_format_v2_fixture_serves_its_certificate_and_pairs_a_de
         .running
         .services
         .admin_tokens
-        .create("after migration")
+        .create("after migration", &gatehouse::audit::Origin::operator())
         .await
         .unwrap()
         .token;

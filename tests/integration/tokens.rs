@@ -238,7 +238,7 @@ async fn opening_a_pairing_session_needs_an_admin_token() {
         .running
         .services
         .admin_tokens
-        .create("doomed")
+        .create("doomed", &gatehouse::audit::Origin::operator())
         .await
         .unwrap();
     // It works while it lives...
@@ -247,7 +247,7 @@ async fn opening_a_pairing_session_needs_an_admin_token() {
     app.running
         .services
         .admin_tokens
-        .revoke(&doomed.id)
+        .revoke(&doomed.id, &gatehouse::audit::Origin::operator())
         .await
         .unwrap();
     let sessions_before = table_count(&app, "pairing_sessions.v1");
@@ -794,7 +794,7 @@ async fn a_rotated_out_key_verifies_until_its_window_closes_then_is_retired() {
         .running
         .services
         .keys
-        .rotate(Rotation::Now)
+        .rotate(Rotation::Now, &gatehouse::audit::Origin::operator())
         .await
         .unwrap();
     assert_eq!(report.retiring.as_deref(), Some(old_kid.as_str()));
@@ -1231,7 +1231,7 @@ async fn revocations_and_the_key_ring_survive_a_restart() {
         .running
         .services
         .keys
-        .rotate(Rotation::Now)
+        .rotate(Rotation::Now, &gatehouse::audit::Origin::operator())
         .await
         .unwrap();
     assert_eq!(
@@ -1248,7 +1248,7 @@ async fn revocations_and_the_key_ring_survive_a_restart() {
         .running
         .services
         .admin_tokens
-        .create("after restart")
+        .create("after restart", &gatehouse::audit::Origin::operator())
         .await
         .unwrap()
         .token;
@@ -1316,12 +1316,18 @@ async fn revocations_and_the_key_ring_survive_a_restart() {
 async fn introspection_needs_an_admin_token_or_registered_client_credentials() {
     let app = helpers::spawn_app().await;
     let device = app.pair_device().await;
-    let client = app.running.services.clients.create("api").await.unwrap();
+    let client = app
+        .running
+        .services
+        .clients
+        .create("api", &gatehouse::audit::Origin::operator())
+        .await
+        .unwrap();
     let other = app
         .running
         .services
         .clients
-        .create("other api")
+        .create("other api", &gatehouse::audit::Origin::operator())
         .await
         .unwrap();
     let client_id = client.client_id.to_string();
@@ -1384,7 +1390,7 @@ async fn introspection_needs_an_admin_token_or_registered_client_credentials() {
     app.running
         .services
         .clients
-        .revoke(&client_id)
+        .revoke(&client_id, &gatehouse::audit::Origin::operator())
         .await
         .unwrap();
     let response = call(post().basic_auth(&client_id, Some(&client.client_secret))).await;

@@ -5,6 +5,8 @@
 //! run the same command in-process. Output for scripts goes to stdout (a created token is
 //! the only thing printed); logs and errors go to stderr.
 
+mod audit;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -67,6 +69,12 @@ enum Commands {
     /// Pair a device
     #[command(subcommand)]
     Pair(PairCommand),
+    /// Read and check the audit log
+    #[command(subcommand)]
+    Audit(AuditCommand),
+    /// List and lift lockout bans
+    #[command(subcommand)]
+    Bans(BansCommand),
     /// Re-seal every secret in the data file under a new master key
     Rekey {
         /// The new key file; created (mode 0600) with a fresh random key if it does not exist
@@ -145,6 +153,73 @@ enum DevicesCommand {
     Show { id: String },
     /// Revoke a device and every token it holds
     Revoke { id: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Show the newest events
+    Tail {
+        /// How many events
+        #[arg(short = 'n', long, default_value_t = 20)]
+        lines: usize,
+        /// Keep printing new events as they are written (needs a running server)
+        #[arg(short, long)]
+        follow: bool,
+        /// One JSON object per line instead of a table
+        #[arg(long)]
+        json: bool,
+    },
+    /// Find events by type and device, oldest first
+    Search {
+        /// An event type (device.revoked) or a family (device.*)
+        #[arg(long = "type", value_name = "TYPE")]
+        kind: Option<String>,
+        /// Only events concerning this device
+        #[arg(long)]
+        device: Option<String>,
+        /// Only events after this sequence number
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+        /// At most this many events (1 to 1000)
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// One JSON object per line instead of a table
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write events as JSON lines (to stdout, or to a file)
+    Export {
+        /// An event type (device.revoked) or a family (device.*)
+        #[arg(long = "type", value_name = "TYPE")]
+        kind: Option<String>,
+        /// Only events concerning this device
+        #[arg(long)]
+        device: Option<String>,
+        /// Only events after this sequence number
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+        /// The file to write (created; refused if it exists) [default: stdout]
+        #[arg(short, long, value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
+    /// Check every record's tag and link; fails naming the first bad sequence number
+    Verify {
+        /// Print the report as JSON
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum BansCommand {
+    /// List active bans and those still remembered
+    List {
+        /// Print JSON instead of a table
+        #[arg(long)]
+        json: bool,
+    },
+    /// Lift a ban now, by its key (ip:203.0.113.7, ip:2001:db8:1:2::/64)
+    Lift { key: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -242,6 +317,8 @@ async fn run(command: Commands, config: Config) -> anyhow::Result<()> {
         Commands::Keys(command) => keys(command, &config).await,
         Commands::Clients(command) => clients(command, &config).await,
         Commands::Devices(command) => devices(command, &config).await,
+        Commands::Audit(command) => audit::audit(command, &config).await,
+        Commands::Bans(command) => audit::bans(command, &config).await,
         Commands::Pair(PairCommand::New { name, ttl }) => {
             let command = Command::PairNew {
                 name,
@@ -481,12 +558,58 @@ async fn rekey(new_key_file: &std::path::Path, config: &Config) -> anyhow::Resul
 
 /// Runs `command` in the running server if there is one, else against the file directly.
 async fn run_command(command: Command, config: &Config) -> anyhow::Result<Outcome> {
-    if let Some(reply) = admin_socket::request(&config.admin_socket, &command).await? {
-        return match reply {
-            Reply::Ok(outcome) => Ok(outcome),
-            Reply::Error(err) => Err(err.into()),
-        };
+    let mut session = Session::new(config);
+    let result = session.run(command).await;
+    session.close().await?;
+    result
+}
+
+/// A series of management commands: through the admin socket while a server answers,
+/// else over the data file opened once for the whole series.
+pub(crate) struct Session<'c> {
+    config: &'c Config,
+    local: Option<(crate::store::Store, Services)>,
+}
+
+impl<'c> Session<'c> {
+    pub(crate) fn new(config: &'c Config) -> Self {
+        Self {
+            config,
+            local: None,
+        }
     }
+
+    /// True once the commands run over the data file (no server holds it).
+    pub(crate) fn is_local(&self) -> bool {
+        self.local.is_some()
+    }
+
+    pub(crate) async fn run(&mut self, command: Command) -> anyhow::Result<Outcome> {
+        if self.local.is_none() {
+            if let Some(reply) = admin_socket::request(&self.config.admin_socket, &command).await? {
+                return match reply {
+                    Reply::Ok(outcome) => Ok(outcome),
+                    Reply::Error(err) => Err(err.into()),
+                };
+            }
+            self.local = Some(open_local(self.config).await?);
+        }
+        let Some((_, services)) = &self.local else {
+            anyhow::bail!("the data file is not open");
+        };
+        Ok(manage::execute(command, services).await?)
+    }
+
+    pub(crate) async fn close(self) -> anyhow::Result<()> {
+        if let Some((store, services)) = self.local {
+            drop(services);
+            tokio::task::spawn_blocking(move || store.close()).await?;
+        }
+        Ok(())
+    }
+}
+
+async fn open_local(config: &Config) -> anyhow::Result<(crate::store::Store, Services)> {
     let clock: SharedClock = Arc::new(SystemClock);
     let store = crate::app::open_existing_store(config, clock.clone())
         .await
@@ -497,19 +620,22 @@ async fn run_command(command: Command, config: &Config) -> anyhow::Result<Outcom
             )
         })?;
     crate::jwt::install_provider();
-    let result = execute_offline(command, config, &store, clock).await;
-    let closing = store.clone();
-    tokio::task::spawn_blocking(move || closing.close()).await?;
-    Ok(result?)
+    match local_services(config, &store, clock).await {
+        Ok(services) => Ok((store, services)),
+        Err(err) => {
+            let closing = store.clone();
+            tokio::task::spawn_blocking(move || closing.close()).await?;
+            Err(err.into())
+        }
+    }
 }
 
-/// Runs `command` over a data file this process opened (no server is running).
-async fn execute_offline(
-    command: Command,
+/// The services over a data file this process opened (no server is running).
+async fn local_services(
     config: &Config,
     store: &crate::store::Store,
     clock: SharedClock,
-) -> Result<Outcome, manage::CommandError> {
+) -> Result<Services, manage::CommandError> {
     let internal =
         |err: &dyn std::fmt::Display| manage::CommandError::new("internal", err.to_string());
     // A pairing URI for a self-signed server must carry the pin of the stored certificate.
@@ -523,10 +649,9 @@ async fn execute_offline(
         url: crate::services::issuer(config, config.server.listen),
         pin,
     };
-    let services = Services::start(store.clone(), clock, config, server)
+    Services::start(store.clone(), clock, config, server)
         .await
-        .map_err(|e| internal(&e))?;
-    manage::execute(command, &services).await
+        .map_err(|e| internal(&e))
 }
 
 #[cfg(test)]

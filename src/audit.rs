@@ -1,0 +1,515 @@
+//! The audit log: event types, who caused them, appending, queries, chain checks and
+//! retention.
+//!
+//! Every security-relevant action appends an `Event` with its `Origin` (who, from
+//! where, which request). An action that writes to the data file appends its event in
+//! the same transaction (`append`), so the record is durable exactly when the action
+//! is, and before the action is acknowledged; an event that stands alone (a refused
+//! secret, a start or stop) goes through `AuditLog::record`, which shares the
+//! group-commit writer with everything else. The event catalogue is
+//! `schema/audit-events.md`; the storage and its tag chain are `store::audit_chain`.
+//!
+//! This module must not decide policy: it records what other modules report.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+use crate::clock::{SharedClock, format_rfc3339, millis};
+use crate::store::records::AuditEntry;
+use crate::store::{AuditPage, ChainReport, Store, StoreError, WriteTx};
+
+/// Records pruned per write transaction: small enough that other writes queued behind
+/// a chunk wait a few milliseconds at most.
+pub const PRUNE_CHUNK: u64 = 5_000;
+/// Largest page of `GET /v1/audit` and `audit search`.
+pub const MAX_PAGE: usize = 1_000;
+/// Rows a query looks at before answering with a cursor, whatever its filter.
+const MAX_SCAN: usize = 50_000;
+
+/// How much an event matters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Severity {
+    Info,
+    Notice,
+    Warning,
+    High,
+}
+
+impl Severity {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Info => "info",
+            Self::Notice => "notice",
+            Self::Warning => "warning",
+            Self::High => "high",
+        }
+    }
+}
+
+/// Whether the action happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Success,
+    Failure,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Success => "success",
+            Self::Failure => "failure",
+        }
+    }
+}
+
+/// Who caused an event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Actor {
+    /// An admin token, by its id.
+    Admin(String),
+    /// A command on the admin socket or run on the data file directly (the local
+    /// operator; the socket admits only the server's own user and root).
+    Operator,
+    Device(String),
+    Client(String),
+    /// gatehouse itself: start, stop, scheduled jobs, pruning.
+    System,
+    /// A caller not (yet) identified, e.g. a refused credential.
+    Anonymous,
+}
+
+impl Actor {
+    /// The stored text form: `admin:<id>`, `operator`, `device:<id>`, `client:<id>`,
+    /// `system`, `anonymous`.
+    pub fn to_text(&self) -> String {
+        match self {
+            Self::Admin(id) => format!("admin:{id}"),
+            Self::Operator => "operator".into(),
+            Self::Device(id) => format!("device:{id}"),
+            Self::Client(id) => format!("client:{id}"),
+            Self::System => "system".into(),
+            Self::Anonymous => "anonymous".into(),
+        }
+    }
+}
+
+/// Who caused an event, from where, in which request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    pub actor: Actor,
+    pub source: Option<IpAddr>,
+    pub request_id: Option<String>,
+}
+
+impl Origin {
+    pub fn system() -> Self {
+        Self {
+            actor: Actor::System,
+            source: None,
+            request_id: None,
+        }
+    }
+
+    pub fn operator() -> Self {
+        Self {
+            actor: Actor::Operator,
+            source: None,
+            request_id: None,
+        }
+    }
+
+    /// A request over the network, before anyone is identified.
+    pub fn request(source: IpAddr, request_id: Option<String>) -> Self {
+        Self {
+            actor: Actor::Anonymous,
+            source: Some(source),
+            request_id,
+        }
+    }
+
+    /// The same request, now known to come from `actor`.
+    #[must_use]
+    pub fn as_actor(&self, actor: Actor) -> Self {
+        Self {
+            actor,
+            ..self.clone()
+        }
+    }
+}
+
+/// One thing that happened, before it is stamped with a time and an origin.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    pub kind: &'static str,
+    pub severity: Severity,
+    pub outcome: Outcome,
+    pub device: Option<String>,
+    pub details: Map<String, Value>,
+}
+
+impl Event {
+    /// A successful event at `info`.
+    pub fn new(kind: &'static str) -> Self {
+        Self {
+            kind,
+            severity: Severity::Info,
+            outcome: Outcome::Success,
+            device: None,
+            details: Map::new(),
+        }
+    }
+
+    /// A failed attempt, at `warning` unless raised later.
+    pub fn failure(kind: &'static str) -> Self {
+        Self {
+            outcome: Outcome::Failure,
+            severity: Severity::Warning,
+            ..Self::new(kind)
+        }
+    }
+
+    #[must_use]
+    pub fn severity(mut self, severity: Severity) -> Self {
+        self.severity = severity;
+        self
+    }
+
+    /// The device this event concerns (found by the `device` filter).
+    #[must_use]
+    pub fn device(mut self, id: impl std::fmt::Display) -> Self {
+        self.device = Some(id.to_string());
+        self
+    }
+
+    #[must_use]
+    pub fn detail(mut self, key: &str, value: impl Into<Value>) -> Self {
+        self.details.insert(key.to_string(), value.into());
+        self
+    }
+
+    fn into_entry(self, origin: &Origin, time_ms: u64) -> AuditEntry {
+        AuditEntry {
+            time_ms,
+            kind: self.kind.to_string(),
+            severity: self.severity.as_str().to_string(),
+            actor: origin.actor.to_text(),
+            source: origin.source.map(|ip| ip.to_canonical().to_string()),
+            request_id: origin.request_id.clone(),
+            outcome: self.outcome.as_str().to_string(),
+            device: self.device,
+            details: Value::Object(self.details).to_string(),
+            prev: [0; 32],
+        }
+    }
+}
+
+/// Appends `event` inside a write transaction the caller is already running, so the
+/// record commits with the action it describes. The event may be appended again if
+/// the writer retries the job, which is why it is cloned rather than consumed.
+pub fn append(
+    tx: &WriteTx<'_>,
+    origin: &Origin,
+    event: &Event,
+    now_ms: u64,
+) -> Result<u64, StoreError> {
+    tx.append_audit(event.clone().into_entry(origin, now_ms))
+}
+
+/// One event as the API, the CLI and exports show it.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+pub struct EventView {
+    pub seq: u64,
+    pub time: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub severity: String,
+    pub actor: String,
+    pub source: Option<String>,
+    pub request_id: Option<String>,
+    pub outcome: String,
+    pub device: Option<String>,
+    pub details: Value,
+}
+
+impl EventView {
+    fn from_entry(seq: u64, entry: AuditEntry) -> Self {
+        let details = serde_json::from_str(&entry.details)
+            .unwrap_or_else(|_| Value::String(entry.details.clone()));
+        Self {
+            seq,
+            time: format_rfc3339(entry.time_ms),
+            kind: entry.kind,
+            severity: entry.severity,
+            actor: entry.actor,
+            source: entry.source,
+            request_id: entry.request_id,
+            outcome: entry.outcome,
+            device: entry.device,
+            details,
+        }
+    }
+}
+
+/// A query over the log.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Query {
+    /// Only events with a sequence number above this.
+    pub after: u64,
+    /// Only this event type (`device.revoked`) or type family (`device.` or `device.*`).
+    pub kind: Option<String>,
+    /// Only events concerning this device.
+    pub device: Option<String>,
+    pub limit: usize,
+}
+
+impl Query {
+    fn matches(&self, entry: &AuditEntry) -> bool {
+        let kind_ok = match self.kind.as_deref() {
+            None => true,
+            Some(kind) => match kind
+                .strip_suffix('*')
+                .or_else(|| kind.ends_with('.').then_some(kind))
+            {
+                Some(prefix) => entry.kind.starts_with(prefix),
+                None => entry.kind == kind,
+            },
+        };
+        kind_ok
+            && self
+                .device
+                .as_deref()
+                .is_none_or(|device| entry.device.as_deref() == Some(device))
+    }
+}
+
+/// A page of events and the cursor for the next one.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+pub struct EventPage {
+    pub events: Vec<EventView>,
+    /// Pass as `after` to continue; `null` when nothing more matched yet.
+    pub next: Option<u64>,
+}
+
+/// The result of `audit verify`, as the API and the CLI show it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct VerifyReport {
+    /// True when every record's tag and link checked out.
+    pub ok: bool,
+    pub records: u64,
+    pub first_seq: Option<u64>,
+    pub last_seq: Option<u64>,
+    /// The last record's tag (hex): keep it elsewhere to detect removal from the end.
+    pub head_tag: Option<String>,
+    /// Records pruned before the first one kept.
+    pub pruned: u64,
+    /// The first bad sequence number, when `ok` is false.
+    pub bad_seq: Option<u64>,
+    pub problem: Option<String>,
+}
+
+impl From<ChainReport> for VerifyReport {
+    fn from(report: ChainReport) -> Self {
+        Self {
+            ok: report.broken.is_none(),
+            records: report.records,
+            first_seq: report.first_seq,
+            last_seq: report.head.as_ref().map(|(seq, _)| *seq),
+            head_tag: report.head.map(|(_, tag)| tag),
+            pruned: report.checkpoint.map_or(0, |cp| cp.pruned),
+            bad_seq: report.broken.as_ref().map(|b| b.seq),
+            problem: report.broken.map(|b| b.reason),
+        }
+    }
+}
+
+/// What a retention run did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct PruneSummary {
+    pub removed: u64,
+    pub chunks: u64,
+}
+
+/// The audit log of one instance.
+#[derive(Debug, Clone)]
+pub struct AuditLog {
+    store: Store,
+    clock: SharedClock,
+    retention: Duration,
+}
+
+impl AuditLog {
+    pub fn new(store: Store, clock: SharedClock, retention: Duration) -> Self {
+        Self {
+            store,
+            clock,
+            retention,
+        }
+    }
+
+    pub fn retention(&self) -> Duration {
+        self.retention
+    }
+
+    /// Appends one event in a transaction of its own (batched with whatever else the
+    /// writer has waiting) and answers once it is durable.
+    pub async fn record(&self, origin: &Origin, event: Event) -> Result<u64, StoreError> {
+        let origin = origin.clone();
+        let clock = self.clock.clone();
+        self.store
+            .write(move |tx| append(tx, &origin, &event, clock.now_ms()))
+            .await
+    }
+
+    /// Appends several events in one transaction.
+    pub async fn record_many(&self, events: Vec<(Origin, Event)>) -> Result<(), StoreError> {
+        let clock = self.clock.clone();
+        self.store
+            .write(move |tx| {
+                let now = clock.now_ms();
+                for (origin, event) in &events {
+                    append(tx, origin, event, now)?;
+                }
+                Ok::<_, StoreError>(())
+            })
+            .await
+    }
+
+    /// Like `record`, for events whose loss must not fail the caller (a stop, a refused
+    /// request): a failure to write is logged instead.
+    pub async fn record_or_log(&self, origin: &Origin, event: Event) {
+        let kind = event.kind;
+        if let Err(err) = self.record(origin, event).await {
+            tracing::error!(error = %err, event = kind, "cannot write an audit record");
+        }
+    }
+
+    /// A page of matching events, oldest first.
+    pub fn query(&self, query: &Query) -> Result<EventPage, StoreError> {
+        let limit = query.limit.clamp(1, MAX_PAGE);
+        let AuditPage { entries, next } = self
+            .store
+            .read(|tx| tx.audit_page(query.after, limit, MAX_SCAN, &|e| query.matches(e)))?;
+        Ok(EventPage {
+            events: entries
+                .into_iter()
+                .map(|(seq, entry)| EventView::from_entry(seq, entry))
+                .collect(),
+            next,
+        })
+    }
+
+    /// The newest `count` events, oldest first.
+    pub fn tail(&self, count: usize) -> Result<Vec<EventView>, StoreError> {
+        let entries = self.store.read(|tx| tx.audit_last(count.min(MAX_PAGE)))?;
+        Ok(entries
+            .into_iter()
+            .map(|(seq, entry)| EventView::from_entry(seq, entry))
+            .collect())
+    }
+
+    /// Checks every tag and link of the log; blocking (call from `spawn_blocking`).
+    pub fn verify(&self, progress: &mut dyn FnMut(u64, u64)) -> Result<ChainReport, StoreError> {
+        self.store.read(|tx| tx.audit_verify(progress))
+    }
+
+    /// `verify`, as a report for the API and the CLI.
+    pub fn verify_report(
+        &self,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<VerifyReport, StoreError> {
+        self.verify(progress).map(VerifyReport::from)
+    }
+
+    /// Removes events older than the retention period, `PRUNE_CHUNK` per transaction,
+    /// yielding between chunks so requests keep flowing. The last chunk records an
+    /// `audit.pruned` event in the same transaction.
+    pub async fn prune(&self) -> Result<PruneSummary, StoreError> {
+        let cutoff = self.clock.now_ms().saturating_sub(millis(self.retention));
+        let mut summary = PruneSummary::default();
+        loop {
+            let clock = self.clock.clone();
+            let total_before = summary.removed;
+            let retention_days = self.retention.as_secs() / 86_400;
+            let pruned = self
+                .store
+                .write(move |tx| {
+                    let pruned = tx.prune_audit(cutoff, PRUNE_CHUNK)?;
+                    if !pruned.more && total_before + pruned.removed > 0 {
+                        let event = Event::new("audit.pruned")
+                            .detail("removed", total_before + pruned.removed)
+                            .detail("before", format_rfc3339(cutoff))
+                            .detail("retention_days", retention_days);
+                        append(tx, &Origin::system(), &event, clock.now_ms())?;
+                    }
+                    Ok::<_, StoreError>(pruned)
+                })
+                .await?;
+            summary.removed += pruned.removed;
+            summary.chunks += 1;
+            if !pruned.more {
+                return Ok(summary);
+            }
+            tokio::task::yield_now().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(kind: &str, device: Option<&str>) -> AuditEntry {
+        let mut e = Event::new("x").into_entry(&Origin::system(), 1);
+        e.kind = kind.into();
+        e.device = device.map(str::to_string);
+        e
+    }
+
+    #[test]
+    fn kind_filter_exact_and_family() {
+        let q = |kind: &str| Query {
+            kind: Some(kind.into()),
+            ..Query::default()
+        };
+        let revoked = entry("device.revoked", None);
+        assert!(q("device.revoked").matches(&revoked));
+        assert!(!q("device.renamed").matches(&revoked));
+        assert!(q("device.*").matches(&revoked));
+        assert!(q("device.").matches(&revoked));
+        assert!(!q("device").matches(&revoked));
+        assert!(!q("token.*").matches(&revoked));
+    }
+
+    #[test]
+    fn device_filter() {
+        let q = Query {
+            device: Some("dev_a".into()),
+            ..Query::default()
+        };
+        assert!(q.matches(&entry("x", Some("dev_a"))));
+        assert!(!q.matches(&entry("x", Some("dev_b"))));
+        assert!(!q.matches(&entry("x", None)));
+    }
+
+    #[test]
+    fn entries_carry_origin_and_details() {
+        let origin = Origin::request(
+            "::ffff:192.0.2.1".parse().unwrap_or(IpAddr::from([0; 4])),
+            Some("r1".into()),
+        )
+        .as_actor(Actor::Admin("adm_1".into()));
+        let e = Event::failure("login.failed")
+            .detail("method", "admin_token")
+            .into_entry(&origin, 7);
+        assert_eq!(e.actor, "admin:adm_1");
+        assert_eq!(e.source.as_deref(), Some("192.0.2.1"));
+        assert_eq!(e.outcome, "failure");
+        assert_eq!(e.severity, "warning");
+        assert_eq!(e.details, r#"{"method":"admin_token"}"#);
+    }
+}
