@@ -1,11 +1,12 @@
 //! The fixtures of formats 3 and later: data files as those gatehouse versions wrote them,
 //! with a signing key ring, a device, a token family, a refresh token, a revoked access
-//! token, an API client and an open pairing session (and, from format 4, a rate-limit
-//! window). A newer build must open them (migrating if needed) and keep every one of
+//! token, an API client and an open pairing session (from format 4, a rate-limit
+//! window; from format 5, an audit log with its chain key and a lockout ban). A newer build must open them (migrating if needed) and keep every one of
 //! them working. (Formats 1 and 2 are in `store.rs`.)
 
 use std::path::{Path, PathBuf};
 
+use gatehouse::audit::{Event, Origin};
 use gatehouse::clock::FixedClock;
 use gatehouse::store::Store;
 use gatehouse::store::records::{
@@ -82,12 +83,60 @@ fn write_format_v4_fixture() {
     write_fixture(4);
 }
 
-/// Tables each fixture format has.
+/// Builds `tests/fixtures/format-v5.redb`: the format-4 content, then opened by the
+/// format-5 store (which makes the audit chain key) and given three chained audit
+/// records and a ban of 192.0.2.7 through the store's own writer.
+#[test]
+#[ignore = "regenerates the committed fixture"]
+fn write_format_v5_fixture() {
+    write_fixture(5);
+    let path = fixtures().join("format-v5.redb");
+    let key = MasterKey::load(&fixtures().join("format-v5.key")).unwrap();
+    let (store, _) = Store::open(&path, &key, &FixedClock::new(TEST_NOW_MS)).unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        store
+            .write(|tx| {
+                let origin = Origin::operator();
+                for (kind, n) in [
+                    ("pairing.created", 1),
+                    ("device.renamed", 2),
+                    ("key.rotated", 3),
+                ] {
+                    let event = Event::new(kind).device(DEVICE).detail("n", n);
+                    gatehouse::audit::append(tx, &origin, &event, TEST_NOW_MS + n)?;
+                }
+                let ban = records::Ban {
+                    since_ms: TEST_NOW_MS,
+                    until_ms: TEST_NOW_MS + HOUR_MS,
+                    offences: 2,
+                    reason: "admin_token".into(),
+                    lifted_at_ms: None,
+                };
+                tx.put(&gatehouse::store::BANS, FIXTURE_BAN, &ban)
+            })
+            .await
+            .unwrap();
+    });
+    store.close();
+}
+
+/// The ban in the format-5 fixture (not the tests' own address).
+const FIXTURE_BAN: &str = "ip:192.0.2.7";
+
+/// Tables each fixture format has (the audit log, keyed by number, is made apart).
 fn tables_of(format: u32) -> impl Iterator<Item = &'static str> {
-    tables::ALL_TABLES
-        .iter()
-        .copied()
-        .filter(move |n| *n != "meta" && (format >= 4 || *n != "rate_windows.v1"))
+    tables::ALL_TABLES.iter().copied().filter(move |n| {
+        let since = match *n {
+            "meta" | "audit_events.v1" => u32::MAX,
+            "rate_windows.v1" => 4,
+            "audit_checkpoint.v1" | "bans.v1" => 5,
+            _ => 3,
+        };
+        format >= since
+    })
 }
 
 /// The stored key of 127.0.0.1's pairing window: policy 0, tag 1 (IPv4), the address.
@@ -113,6 +162,9 @@ fn write_fixture(format: u32) {
         helpers::write_fixture_base(&tx, &sealer, format, 0x44);
         for name in tables_of(format) {
             tx.open_table(raw(name)).unwrap();
+        }
+        if format >= 5 {
+            tx.open_table(tables::AUDIT_EVENTS).unwrap();
         }
         let mut secrets = tx.open_table(raw("secrets.v1")).unwrap();
 
@@ -415,5 +467,50 @@ async fn a_server_on_the_format_v4_fixture_keeps_its_rate_windows() {
     // The stored window leaves 127.0.0.1 one attempt of ten.
     assert_eq!(attempt().await, 401);
     assert_eq!(attempt().await, 429);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_server_on_the_format_v5_fixture_keeps_its_audit_log_and_bans() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = fixture_copy_of(5, dir.path());
+    {
+        let key = MasterKey::load(&dir.path().join("gatehouse.redb.key")).unwrap();
+        let (store, report) = Store::open(&path, &key, &FixedClock::new(TEST_NOW_MS)).unwrap();
+        match report.migrated {
+            None => assert_eq!(FORMAT_VERSION, 5),
+            Some(m) => assert_eq!((m.from, m.to), (5, FORMAT_VERSION)),
+        }
+        let counts = store.read(|tx| tx.table_counts()).unwrap();
+        assert!(counts.contains(&("audit_events.v1", 3)), "{counts:?}");
+        assert!(counts.contains(&("bans.v1", 1)), "{counts:?}");
+        store.close();
+    }
+    let app = helpers::spawn_app_in(dir, &[]).await;
+    let services = &app.running.services;
+    // The stored chain still verifies, with the records this start added after it.
+    let report = services.audit.verify_report(&mut |_, _| {}).unwrap();
+    assert!(report.ok, "{report:?}");
+    assert_eq!(report.first_seq, Some(1));
+    assert!(report.records > 3, "{report:?}");
+    let page = services
+        .audit
+        .query(&gatehouse::audit::Query {
+            device: Some(DEVICE.into()),
+            limit: 10,
+            ..Default::default()
+        })
+        .unwrap();
+    let kinds: Vec<&str> = page.events.iter().map(|e| e.kind.as_str()).collect();
+    assert_eq!(kinds, ["pairing.created", "device.renamed", "key.rotated"]);
+    // The ban is still in force for its address, and not for anyone else.
+    let bans = services.lockout.list();
+    assert_eq!(bans.len(), 1, "{bans:?}");
+    assert_eq!(
+        (bans[0].key.as_str(), bans[0].offences, bans[0].active),
+        (FIXTURE_BAN, 2, true)
+    );
+    assert!(services.lockout.banned([192, 0, 2, 7].into()).is_some());
+    assert!(services.lockout.banned([127, 0, 0, 1].into()).is_none());
     app.stop().await;
 }
