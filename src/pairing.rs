@@ -49,6 +49,10 @@ pub enum PairingError {
     Rejected,
     #[error("too many pairing attempts from this address")]
     RateLimited(Box<Limited>),
+    /// The caller's address is locked out (only reachable through a WebSocket opened
+    /// before the ban: HTTP requests are refused before routing).
+    #[error("this address is locked out")]
+    Banned(Duration),
     #[error("no such pairing session")]
     UnknownSession,
     #[error("the pairing session was already used or has expired")]
@@ -313,6 +317,9 @@ impl PairingSessions {
         origin: &Origin,
     ) -> Result<TokenPair, PairingError> {
         let peer = origin.source.unwrap_or(IpAddr::from([0, 0, 0, 0]));
+        if let Some(left) = self.lockout.banned(peer) {
+            return Err(PairingError::Banned(left));
+        }
         // Counted before anything is looked at, so that guessing costs budget.
         if let Err(limited) = self.limits.limit(PolicyId::Pairing, &Subject::ip(peer)) {
             tracing::debug!(%peer, "pairing refused: rate limited");

@@ -41,6 +41,11 @@ fn pairing_error(err: PairingError) -> ApiError {
         PairingError::Closed | PairingError::SecretUnavailable => {
             ApiError::new(StatusCode::GONE, "gone", err.to_string())
         }
+        PairingError::Banned(_) => ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "banned",
+            "this address is locked out after repeated failed credential checks",
+        ),
         other => ApiError::internal(&other),
     }
 }

@@ -355,6 +355,14 @@ impl Connection {
                     Err(PairingError::BadDevice(m) | PairingError::BadName(m)) => {
                         self.refuse(socket, "invalid_request", &m).await
                     }
+                    Err(PairingError::Banned(_)) => {
+                        self.refuse(
+                            socket,
+                            "banned",
+                            "this address is locked out after repeated failed credential checks",
+                        )
+                        .await
+                    }
                     Err(PairingError::RateLimited(_)) => {
                         self.refuse(
                             socket,

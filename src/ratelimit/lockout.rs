@@ -146,7 +146,8 @@ impl Lockout {
         &self.policy
     }
 
-    /// The time left on `ip`'s ban, if it is banned now.
+    /// The time left on `ip`'s ban, if it is banned now. Checked by every HTTP request
+    /// and by pairing (so a WebSocket opened before a ban cannot keep guessing).
     pub fn banned(&self, ip: IpAddr) -> Option<Duration> {
         if self.active.load(Ordering::Relaxed) == 0 {
             return None;
@@ -180,7 +181,14 @@ impl Lockout {
         let subject = Subject::ip(ip);
         let over = limits.charge_failure(&subject);
         let now = self.clock.now_ms();
-        let new_ban = over.then(|| self.next_ban(&subject, check, now));
+        // Decided and put in force under the map's write lock, before the durable write:
+        // of concurrent failures exactly one starts the ban, and a failure while a ban
+        // runs (a socket opened before it) neither replaces nor escalates it.
+        let new_ban = if over {
+            self.start_ban(&subject, check, now)
+        } else {
+            None
+        };
         let origin = origin.clone();
         let key = subject.to_string();
         let written = new_ban.clone();
@@ -206,19 +214,36 @@ impl Lockout {
             return Ok(None);
         };
         tracing::warn!(subject = %subject, until = %format_rfc3339(ban.until_ms), offences = ban.offences, "banned after repeated failed secret checks");
-        let shown = view(&subject, &ban, now);
-        self.bans
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(subject, ban);
-        self.recount(now);
-        Ok(Some(shown))
+        Ok(Some(view(&subject, &ban, now)))
     }
 
-    fn next_ban(&self, subject: &Subject, check: FailedCheck, now: u64) -> BanRecord {
-        let bans = self.bans.read().unwrap_or_else(|p| p.into_inner());
-        let max_ban = millis(self.policy.max_ban);
-        let offences = match bans.get(subject) {
+    /// Starts a ban on `subject` unless one is in force; returns the new ban.
+    fn start_ban(&self, subject: &Subject, check: FailedCheck, now: u64) -> Option<BanRecord> {
+        let mut bans = self.bans.write().unwrap_or_else(|p| p.into_inner());
+        if bans
+            .get(subject)
+            .is_some_and(|b| b.lifted_at_ms.is_none() && b.until_ms > now)
+        {
+            return None;
+        }
+        let ban = Self::next_ban(&self.policy, bans.get(subject), check, now);
+        bans.insert(*subject, ban.clone());
+        let active = bans
+            .values()
+            .filter(|b| b.lifted_at_ms.is_none() && b.until_ms > now)
+            .count();
+        self.active.store(active, Ordering::Relaxed);
+        Some(ban)
+    }
+
+    fn next_ban(
+        policy: &LockoutPolicy,
+        previous: Option<&BanRecord>,
+        check: FailedCheck,
+        now: u64,
+    ) -> BanRecord {
+        let max_ban = millis(policy.max_ban);
+        let offences = match previous {
             Some(previous)
                 if previous
                     .lifted_at_ms
@@ -231,7 +256,7 @@ impl Lockout {
             _ => 1,
         };
         let factor = 1u64 << (offences - 1).min(32);
-        let length = millis(self.policy.ban).saturating_mul(factor).min(max_ban);
+        let length = millis(policy.ban).saturating_mul(factor).min(max_ban);
         BanRecord {
             since_ms: now,
             until_ms: now.saturating_add(length),

@@ -6,6 +6,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod audit;
 mod binary;
 mod cli;
 mod devices;
@@ -14,6 +15,7 @@ mod helpers;
 mod http;
 mod interop;
 mod jwt_negative;
+mod lockout;
 mod ratelimit;
 mod store;
 mod tokens;
