@@ -228,7 +228,12 @@ pub async fn start(config: &Config, clock: SharedClock) -> Result<Running, AppEr
         config.server.clone(),
         until_stopped(stopped.clone()),
     ));
-    let maintenance_task = tokio::spawn(maintain(services.clone(), until_stopped(stopped.clone())));
+    let missed = services.jobs.start(&services).await?;
+    let maintenance_task = tokio::spawn(maintain(
+        services.clone(),
+        missed,
+        until_stopped(stopped.clone()),
+    ));
     let socket_task = tokio::spawn(socket.serve(services, until_stopped(stopped)));
     Ok(Running {
         local_addr,
@@ -290,8 +295,8 @@ async fn record_start(
     Ok(())
 }
 
-/// How often expired rows are pruned and retiring keys retired.
-const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(600);
+/// How often the scheduler looks for due jobs.
+const JOBS_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 /// How often devices' last-seen times are written.
 const LAST_SEEN_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 /// How often changed rate-limit windows are written.
@@ -300,14 +305,20 @@ const LIMITS_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 /// subject.
 const REFUSALS_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
-/// Housekeeping until the scheduler takes it over: writes changed rate-limit windows every
-/// second and devices' last-seen times every few seconds (both once more at stop); retires signing keys whose window has closed and
-/// prunes refresh tokens, revocations and pairing sessions that can no longer matter, at
-/// start and then every ten minutes.
-async fn maintain(services: Services, stopped: impl std::future::Future<Output = ()>) {
+/// Background work: writes changed rate-limit windows every second and devices'
+/// last-seen times every few seconds (both once more at stop), writes coalesced
+/// rate-limit refusals every minute, and runs the scheduled jobs (first those missed
+/// while stopped). Jobs run in their own tasks, so a long backup never delays a flush.
+async fn maintain(
+    services: Services,
+    missed: Vec<crate::schedule::JobName>,
+    stopped: impl std::future::Future<Output = ()>,
+) {
     tokio::pin!(stopped);
-    let mut prune = tokio::time::interval(PRUNE_EVERY);
-    prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut jobs = tokio::time::interval(JOBS_EVERY);
+    jobs.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut pending = Some(missed);
+    let mut running_jobs = tokio::task::JoinSet::new();
     let mut last_seen = tokio::time::interval(LAST_SEEN_EVERY);
     last_seen.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut limits = tokio::time::interval(LIMITS_EVERY);
@@ -319,6 +330,8 @@ async fn maintain(services: Services, stopped: impl std::future::Future<Output =
         tokio::select! {
             biased;
             () = &mut stopped => {
+                // A running job finishes (its write is durable) before the store closes.
+                while running_jobs.join_next().await.is_some() {}
                 flush_last_seen(&services).await;
                 flush_limits(&services).await;
                 audit_refusals(&services, refusals_since).await;
@@ -330,7 +343,14 @@ async fn maintain(services: Services, stopped: impl std::future::Future<Output =
                 refusals_since = services.clock.now_ms();
             }
             _ = last_seen.tick() => flush_last_seen(&services).await,
-            _ = prune.tick() => prune_expired(&services).await,
+            _ = jobs.tick() => {
+                while running_jobs.try_join_next().is_some() {}
+                let services = services.clone();
+                let missed = pending.take();
+                running_jobs.spawn(async move {
+                    run_jobs(&services, missed).await;
+                });
+            }
         }
     }
 }
@@ -357,34 +377,16 @@ async fn audit_refusals(services: &Services, since_ms: u64) {
     }
 }
 
-async fn prune_expired(services: &Services) {
-    if let Err(err) = services.lockout.prune().await {
-        tracing::warn!(error = %err, "pruning lapsed bans failed");
-    }
-    match services.audit.prune().await {
-        Ok(summary) if summary.removed > 0 => {
-            tracing::info!(
-                removed = summary.removed,
-                chunks = summary.chunks,
-                "pruned the audit log"
-            );
+/// Runs the jobs missed while stopped (once, at the first tick), then whatever is due.
+/// A job already running is skipped by the scheduler, never run twice at once.
+async fn run_jobs(services: &Services, missed: Option<Vec<crate::schedule::JobName>>) {
+    for job in missed.into_iter().flatten() {
+        if let Err(err) = services.jobs.run(services, job).await {
+            tracing::warn!(job = %job, error = %err, "a missed job could not run");
         }
-        Ok(_) => {}
-        Err(err) => tracing::warn!(error = %err, "pruning the audit log failed"),
     }
-    if let Err(err) = services.limits.prune().await {
-        tracing::warn!(error = %err, "pruning rate-limit windows failed");
-    }
-    if let Err(err) = services.keys.retire_expired().await {
-        tracing::warn!(error = %err, "retiring expired signing keys failed");
-    }
-    match services.tokens.prune_expired().await {
-        Ok(0) => {}
-        Ok(rows) => tracing::info!(rows, "pruned expired tokens and revocations"),
-        Err(err) => tracing::warn!(error = %err, "pruning expired tokens failed"),
-    }
-    if let Err(err) = services.pairing.prune_expired().await {
-        tracing::warn!(error = %err, "pruning expired pairing sessions failed");
+    if let Err(err) = services.jobs.tick(services).await {
+        tracing::warn!(error = %err, "the scheduler could not read its jobs");
     }
 }
 

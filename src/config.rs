@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use crate::keys::KeyAlgorithm;
+use crate::schedule::{CronSchedule, JobName, parse_timezone};
 
 /// Defaults, in one place so `schema/config.md` can be checked against them.
 pub mod defaults {
@@ -56,6 +57,7 @@ pub mod defaults {
     pub const LOCKOUT_BAN: Duration = Duration::from_secs(15 * 60);
     pub const LOCKOUT_MAX_BAN: Duration = Duration::from_secs(24 * 3600);
     pub const AUDIT_RETENTION: Duration = Duration::from_secs(90 * 24 * 3600);
+    pub const BACKUP_KEEP: u64 = 7;
 }
 
 /// A configuration error: which setting, from where, and what is allowed.
@@ -202,6 +204,15 @@ pub struct LockoutConfig {
     pub max_ban: Duration,
 }
 
+/// Backup settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackupConfig {
+    /// Where scheduled backups go.
+    pub dir: PathBuf,
+    /// How many scheduled backups are kept.
+    pub keep: usize,
+}
+
 /// Audit-log settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuditConfig {
@@ -231,6 +242,8 @@ pub struct Config {
     pub ratelimit: RateLimitConfig,
     pub lockout: LockoutConfig,
     pub audit: AuditConfig,
+    pub jobs: crate::schedule::JobsConfig,
+    pub backup: BackupConfig,
     /// Where settings came from, for the start-up log (`file /etc/...`, `env GATEHOUSE_...`).
     pub sources: Vec<String>,
 }
@@ -314,6 +327,11 @@ struct Raw {
     lockout_ban: Option<Duration>,
     lockout_max_ban: Option<Duration>,
     audit_retention: Option<Duration>,
+    job_schedules: BTreeMap<JobName, Option<CronSchedule>>,
+    jobs_catch_up: Option<Vec<JobName>>,
+    jobs_timezone: Option<chrono::FixedOffset>,
+    backup_dir: Option<PathBuf>,
+    backup_keep: Option<u64>,
 }
 
 type Apply = fn(&mut Raw, &str) -> Result<(), String>;
@@ -572,6 +590,43 @@ pub static SETTINGS: &[Setting] = &[
             Duration::from_secs(1),
             Duration::from_secs(365 * 24 * 3600)
         )?)),
+    setting!("jobs.rotate_keys", "GATEHOUSE_JOBS_ROTATE_KEYS", |r, v| {
+        r.job_schedules
+            .insert(JobName::RotateKeys, job_schedule(v)?)
+    }),
+    setting!("jobs.prune_audit", "GATEHOUSE_JOBS_PRUNE_AUDIT", |r, v| {
+        r.job_schedules
+            .insert(JobName::PruneAudit, job_schedule(v)?)
+    }),
+    setting!(
+        "jobs.prune_revocations",
+        "GATEHOUSE_JOBS_PRUNE_REVOCATIONS",
+        |r, v| r
+            .job_schedules
+            .insert(JobName::PruneRevocations, job_schedule(v)?)
+    ),
+    setting!(
+        "jobs.prune_expired",
+        "GATEHOUSE_JOBS_PRUNE_EXPIRED",
+        |r, v| {
+            r.job_schedules
+                .insert(JobName::PruneExpired, job_schedule(v)?)
+        }
+    ),
+    setting!("jobs.backup", "GATEHOUSE_JOBS_BACKUP", |r, v| {
+        r.job_schedules.insert(JobName::Backup, job_schedule(v)?)
+    }),
+    setting!("jobs.catch_up", "GATEHOUSE_JOBS_CATCH_UP", |r, v| r
+        .jobs_catch_up =
+        Some(job_list(v)?)),
+    setting!("jobs.timezone", "GATEHOUSE_JOBS_TIMEZONE", |r, v| r
+        .jobs_timezone =
+        Some(parse_timezone(v)?)),
+    setting!("backup.dir", "GATEHOUSE_BACKUP_DIR", |r, v| r.backup_dir =
+        Some(path(v)?)),
+    setting!("backup.keep", "GATEHOUSE_BACKUP_KEEP", |r, v| r
+        .backup_keep =
+        Some(integer(v, 1, 1000)?)),
     setting!("audit.retention", "GATEHOUSE_AUDIT_RETENTION", |r, v| r
         .audit_retention =
         Some(duration(
@@ -600,6 +655,23 @@ pub static SETTINGS: &[Setting] = &[
         |r, v| r.ws_messages_per_second = Some(integer(v, 1, 1000)?)
     ),
 ];
+
+/// A job's schedule: a cron expression, or `off`.
+fn job_schedule(v: &str) -> Result<Option<CronSchedule>, String> {
+    if v.trim() == "off" {
+        return Ok(None);
+    }
+    CronSchedule::parse(v).map(Some)
+}
+
+/// `all`, `none`, or job names separated by commas.
+fn job_list(v: &str) -> Result<Vec<JobName>, String> {
+    match v.trim() {
+        "all" => Ok(JobName::ALL.to_vec()),
+        "none" | "" => Ok(Vec::new()),
+        list => list.split(',').map(str::parse).collect(),
+    }
+}
 
 /// A rate as `N/DURATION`: at most N requests (1 to 1 000 000) per DURATION (1s to 24h);
 /// or `off`.
@@ -811,6 +883,14 @@ impl Config {
 
     fn from_raw(raw: Raw, env: &Env, sources: Vec<String>) -> Result<Self, ConfigError> {
         let data_path = raw.data.unwrap_or_else(|| default_data_path(env));
+        // Beside the data file by default: the state directory under systemd.
+        let backup_dir = raw.backup_dir.clone().unwrap_or_else(|| {
+            data_path
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or_else(|| Path::new("."))
+                .join("backups")
+        });
         let master_key = match raw.master_key_file {
             Some(path) => MasterKeySource {
                 path,
@@ -912,6 +992,23 @@ impl Config {
             },
             audit: AuditConfig {
                 retention: raw.audit_retention.unwrap_or(defaults::AUDIT_RETENTION),
+            },
+            jobs: {
+                let mut jobs = crate::schedule::JobsConfig::default();
+                for (job, schedule) in raw.job_schedules {
+                    jobs.schedules.insert(job, schedule);
+                }
+                if let Some(catch_up) = raw.jobs_catch_up {
+                    jobs.catch_up = catch_up;
+                }
+                if let Some(zone) = raw.jobs_timezone {
+                    jobs.timezone = zone;
+                }
+                jobs
+            },
+            backup: BackupConfig {
+                dir: backup_dir,
+                keep: to_usize(raw.backup_keep.unwrap_or(defaults::BACKUP_KEEP)),
             },
             ratelimit: RateLimitConfig {
                 pairing: raw
@@ -1021,6 +1118,15 @@ fn merge(high: Raw, low: Raw) -> Raw {
         lockout_ban: high.lockout_ban.or(low.lockout_ban),
         lockout_max_ban: high.lockout_max_ban.or(low.lockout_max_ban),
         audit_retention: high.audit_retention.or(low.audit_retention),
+        job_schedules: {
+            let mut merged = low.job_schedules;
+            merged.extend(high.job_schedules);
+            merged
+        },
+        jobs_catch_up: high.jobs_catch_up.or(low.jobs_catch_up),
+        jobs_timezone: high.jobs_timezone.or(low.jobs_timezone),
+        backup_dir: high.backup_dir.or(low.backup_dir),
+        backup_keep: high.backup_keep.or(low.backup_keep),
     }
 }
 

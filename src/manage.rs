@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::admin_tokens::{AdminTokenError, AdminTokenInfo, IssuedToken};
 use crate::audit::{Event, EventPage, Origin, Query, Severity, VerifyReport};
+use crate::backup::{BackupError, BackupReport};
 use crate::clients::{ClientError, ClientInfo, NewClient};
 use crate::config::KeyOrigin;
 use crate::devices::{DeviceError, DeviceView};
@@ -22,6 +23,7 @@ use crate::ids::DeviceId;
 use crate::keys::{KeyError, KeyInfo, Rotation, RotationReport};
 use crate::pairing::{NewSession, PairingError};
 use crate::ratelimit::{Ban, BanError};
+use crate::schedule::{JobError, JobName, JobView};
 pub use crate::services::Services;
 use crate::store::StoreError;
 use crate::store::seal::{MasterKey, sync_parent_dir};
@@ -90,6 +92,16 @@ pub enum Command {
     BansLift {
         key: String,
     },
+    /// A backup written by the process that holds the data file, to this absolute path.
+    Backup {
+        path: PathBuf,
+    },
+    JobsList,
+    JobsRun {
+        name: String,
+    },
+    /// Whether a server answers (the CLI asks before working on the file itself).
+    Ping,
 }
 
 /// What a command did.
@@ -131,6 +143,12 @@ pub enum Outcome {
         bans: Vec<Ban>,
     },
     BanLifted(Ban),
+    BackupWritten(BackupReport),
+    JobList {
+        jobs: Vec<JobView>,
+    },
+    JobRan(JobView),
+    Pong,
 }
 
 /// A refused or failed command: a stable code and a message for a person.
@@ -206,6 +224,29 @@ impl From<BanError> for CommandError {
             BanError::NotFound(_) => "not_found",
             BanError::BadKey(_) => "bad_request",
             BanError::Store(_) => "internal",
+        };
+        Self::new(code, err.to_string())
+    }
+}
+
+impl From<BackupError> for CommandError {
+    fn from(err: BackupError) -> Self {
+        let code = match &err {
+            BackupError::Io { .. } => "io",
+            BackupError::BadBackup { .. } => "bad_backup",
+            BackupError::InUse(_) => "in_use",
+            BackupError::Store(_) | BackupError::Task(_) => "internal",
+        };
+        Self::new(code, err.to_string())
+    }
+}
+
+impl From<JobError> for CommandError {
+    fn from(err: JobError) -> Self {
+        let code = match &err {
+            JobError::UnknownJob(_) => "not_found",
+            JobError::AlreadyRunning(_) => "conflict",
+            JobError::Store(_) => "internal",
         };
         Self::new(code, err.to_string())
     }
@@ -332,6 +373,25 @@ pub async fn execute(command: Command, services: &Services) -> Result<Outcome, C
         Command::BansLift { key } => Ok(Outcome::BanLifted(
             services.lockout.lift(&key, &operator).await?,
         )),
+        Command::Backup { path } => {
+            if !path.is_absolute() {
+                return Err(CommandError::new(
+                    "bad_request",
+                    "the backup path must be absolute",
+                ));
+            }
+            Ok(Outcome::BackupWritten(
+                crate::backup::create(services, &path, &operator, Box::new(|_, _| {})).await?,
+            ))
+        }
+        Command::Ping => Ok(Outcome::Pong),
+        Command::JobsList => Ok(Outcome::JobList {
+            jobs: services.jobs.list(services)?,
+        }),
+        Command::JobsRun { name } => {
+            let job: JobName = name.parse().map_err(JobError::UnknownJob)?;
+            Ok(Outcome::JobRan(services.jobs.run(services, job).await?))
+        }
     }
 }
 

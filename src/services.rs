@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use crate::admin_tokens::AdminTokens;
 use crate::audit::AuditLog;
+use crate::backup::BackupPolicy;
 use crate::clients::Clients;
 use crate::clock::SharedClock;
 use crate::config::Rate;
@@ -20,6 +21,7 @@ use crate::live::{Changes, LiveConnections};
 use crate::pairing::{PairingSessions, ServerIdentity};
 use crate::ratelimit::{Lockout, LockoutPolicy, Policies, Policy, RateLimits};
 use crate::revocation::RevocationList;
+use crate::schedule::Scheduler;
 use crate::store::{Store, StoreError};
 use crate::tokens::{TokenAuthority, TokenSettings};
 
@@ -55,6 +57,8 @@ pub struct Services {
     /// Failed secret checks and the bans they earn.
     pub lockout: Arc<Lockout>,
     pub audit: AuditLog,
+    /// The scheduled jobs (run by `app` every second; also on demand).
+    pub jobs: Arc<Scheduler>,
 }
 
 /// The issuer when none is configured: the listen address (fine on loopback; a server
@@ -154,10 +158,19 @@ impl Services {
             limits.clone(),
             lockout.clone(),
         ));
+        let jobs = Arc::new(Scheduler::new(
+            config.jobs.clone(),
+            BackupPolicy {
+                dir: config.backup.dir.clone(),
+                keep: config.backup.keep,
+            },
+            clock.clone(),
+        ));
         Ok(Self {
             limits,
             lockout,
             audit,
+            jobs,
             admin_tokens: AdminTokens::new(store.clone(), clock.clone()),
             devices: Devices::new(store.clone(), clock.clone(), revocations.clone()),
             clients: Clients::new(store.clone(), clock.clone()),

@@ -158,8 +158,21 @@ async fn run_audit(command: AuditCommand, session: &mut Session<'_>) -> anyhow::
             Ok(())
         }
         AuditCommand::Verify { json } => {
-            let Outcome::AuditVerified(report) = session.run(Command::AuditVerify).await? else {
-                anyhow::bail!("unexpected answer");
+            let report = if let Some(services) = session.local_services().await? {
+                // Over the file directly: a progress bar on a terminal.
+                let audit = services.audit.clone();
+                let bar = super::backup::progress_bar("verify");
+                let mut progress = super::backup::follow(&bar);
+                let report =
+                    tokio::task::spawn_blocking(move || audit.verify_report(&mut progress)).await?;
+                bar.finish_and_clear();
+                report?
+            } else {
+                let Outcome::AuditVerified(report) = session.run(Command::AuditVerify).await?
+                else {
+                    anyhow::bail!("unexpected answer");
+                };
+                report
             };
             if json {
                 print_json(&report)?;

@@ -6,6 +6,7 @@
 //! the only thing printed); logs and errors go to stderr.
 
 mod audit;
+mod backup;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -75,6 +76,23 @@ enum Commands {
     /// List and lift lockout bans
     #[command(subcommand)]
     Bans(BansCommand),
+    /// Write a consistent, checked backup of the data file (while the server runs, too)
+    Backup {
+        /// The backup file to create (refused if it exists)
+        file: PathBuf,
+    },
+    /// Replace the data file with a backup (the server must be stopped)
+    Restore {
+        /// The backup file
+        file: PathBuf,
+        /// The master key the backup was sealed under, when it is not the current one;
+        /// the restored file is re-sealed under the current key
+        #[arg(long, value_name = "FILE")]
+        backup_key_file: Option<PathBuf>,
+    },
+    /// List and run scheduled jobs
+    #[command(subcommand)]
+    Jobs(JobsCommand),
     /// Re-seal every secret in the data file under a new master key
     Rekey {
         /// The new key file; created (mode 0600) with a fresh random key if it does not exist
@@ -211,6 +229,18 @@ enum AuditCommand {
 }
 
 #[derive(Debug, Subcommand)]
+enum JobsCommand {
+    /// List jobs: schedule, last run, outcome, next run
+    List {
+        /// Print JSON instead of a table
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a job now (rotate_keys, prune_audit, prune_revocations, prune_expired, backup)
+    Run { name: String },
+}
+
+#[derive(Debug, Subcommand)]
 enum BansCommand {
     /// List active bans and those still remembered
     List {
@@ -319,6 +349,12 @@ async fn run(command: Commands, config: Config) -> anyhow::Result<()> {
         Commands::Devices(command) => devices(command, &config).await,
         Commands::Audit(command) => audit::audit(command, &config).await,
         Commands::Bans(command) => audit::bans(command, &config).await,
+        Commands::Backup { file } => backup::backup(&file, &config).await,
+        Commands::Restore {
+            file,
+            backup_key_file,
+        } => backup::restore(&file, backup_key_file.as_deref(), &config).await,
+        Commands::Jobs(command) => backup::jobs(command, &config).await,
         Commands::Pair(PairCommand::New { name, ttl }) => {
             let command = Command::PairNew {
                 name,
@@ -582,6 +618,21 @@ impl<'c> Session<'c> {
     /// True once the commands run over the data file (no server holds it).
     pub(crate) fn is_local(&self) -> bool {
         self.local.is_some()
+    }
+
+    /// The services over the data file when no server answers on the admin socket
+    /// (opening the file then); `None` while a server runs.
+    pub(crate) async fn local_services(&mut self) -> anyhow::Result<Option<&Services>> {
+        if self.local.is_none() {
+            if admin_socket::request(&self.config.admin_socket, &Command::Ping)
+                .await?
+                .is_some()
+            {
+                return Ok(None);
+            }
+            self.local = Some(open_local(self.config).await?);
+        }
+        Ok(self.local.as_ref().map(|(_, services)| services))
     }
 
     pub(crate) async fn run(&mut self, command: Command) -> anyhow::Result<Outcome> {

@@ -10,6 +10,7 @@ pub mod devices;
 pub mod error;
 pub mod extract;
 pub mod health;
+pub mod jobs;
 pub mod keys;
 pub mod limits;
 pub mod oauth;
@@ -95,6 +96,9 @@ pub fn router(state: AppState, limits: &ServerConfig) -> Router {
         .route("/v1/audit", get(audit::list))
         .route("/v1/ratelimit/bans", get(audit::bans))
         .route("/v1/ratelimit/bans/{key}", delete(audit::lift))
+        .route("/v1/jobs", get(jobs::list))
+        .route("/v1/jobs/{name}/run", post(jobs::run))
+        .route("/v1/backup", post(jobs::backup))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             limits::admit_address,

@@ -10,8 +10,8 @@ use redb::ReadableTable;
 use super::StoreError;
 use super::records::{self, AdminTokenRecord};
 use super::tables::{
-    ADMIN_TOKENS, AUDIT_CHECKPOINT, AUDIT_EVENTS, BANS, CLIENTS, DEVICES, FORMAT_VERSION, META,
-    META_FORMAT_VERSION, PAIRING_SESSIONS, RATE_WINDOWS, REFRESH_TOKENS, REVOKED_TOKENS,
+    ADMIN_TOKENS, AUDIT_CHECKPOINT, AUDIT_EVENTS, BANS, CLIENTS, DEVICES, FORMAT_VERSION, JOBS,
+    META, META_FORMAT_VERSION, PAIRING_SESSIONS, RATE_WINDOWS, REFRESH_TOKENS, REVOKED_TOKENS,
     SIGNING_KEYS, TOKEN_FAMILIES,
 };
 
@@ -39,6 +39,7 @@ const STEPS: &[(u32, &str, Step)] = &[
         "tables for the audit log, its pruning checkpoint and lockout bans",
         create_audit_tables,
     ),
+    (5, "a table for scheduled jobs", create_jobs_table),
 ];
 
 /// What a migration did, for the log and the audit trail.
@@ -125,6 +126,13 @@ fn create_audit_tables(tx: &redb::WriteTransaction) -> Result<(), StoreError> {
     tx.open_table(AUDIT_EVENTS)?;
     tx.open_table(AUDIT_CHECKPOINT)?;
     tx.open_table(BANS)?;
+    Ok(())
+}
+
+/// Format 5 → 6: the scheduled jobs' table, created empty (every job then counts as
+/// never run).
+fn create_jobs_table(tx: &redb::WriteTransaction) -> Result<(), StoreError> {
+    tx.open_table(JOBS)?;
     Ok(())
 }
 

@@ -13,6 +13,7 @@
 //! thread in a read transaction (`tx.rs`). `schema/data-file.md` documents the format.
 
 mod audit_chain;
+pub mod backup;
 pub mod migrate;
 pub mod records;
 pub mod seal;
@@ -40,8 +41,8 @@ use tables::{
     META_INSTANCE_ID, META_MASTER_KEY_CHECK, SECRETS,
 };
 pub use tx::{
-    BANS, CLIENTS, DEVICES, PAIRING_SESSIONS, RATE_WINDOWS, REFRESH_TOKENS, REVOKED_TOKENS, ReadTx,
-    Records, SIGNING_KEYS, TOKEN_FAMILIES, WriteTx,
+    BANS, CLIENTS, DEVICES, JOBS, PAIRING_SESSIONS, RATE_WINDOWS, REFRESH_TOKENS, REVOKED_TOKENS,
+    ReadTx, Records, SIGNING_KEYS, TOKEN_FAMILIES, WriteTx,
 };
 use writer::{Job, Pending, WriterContext};
 

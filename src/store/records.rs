@@ -363,6 +363,30 @@ pub enum BanRecord {
     V1(Ban),
 }
 
+// ---------------------------------------------------------------------------------------
+// Scheduled jobs (`jobs.v1`)
+
+/// What the scheduler remembers of one job.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct JobState {
+    /// When the last run started, and how long it took.
+    pub last_started_ms: Option<u64>,
+    pub last_duration_ms: Option<u64>,
+    /// `success` or `failure`.
+    pub last_outcome: Option<String>,
+    pub last_error: Option<String>,
+    pub last_success_ms: Option<u64>,
+    /// When the job is due next (a scheduled time, or a retry after a failure).
+    pub next_run_ms: Option<u64>,
+    /// Failed runs in a row (0 after a success); sets the retry backoff.
+    pub failures: u32,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum JobStateRecord {
+    V1(JobState),
+}
+
 /// Encoding and decoding of the single-version records above, one pair per record.
 macro_rules! single_version_codec {
     ($($encode:ident, $decode:ident, $record:ident, $current:ident;)*) => {$(
@@ -394,6 +418,7 @@ single_version_codec! {
     encode_audit_entry, decode_audit_entry, AuditEntryRecord, AuditEntry;
     encode_audit_checkpoint, decode_audit_checkpoint, AuditCheckpointRecord, AuditCheckpoint;
     encode_ban, decode_ban, BanRecord, Ban;
+    encode_job_state, decode_job_state, JobStateRecord, JobState;
 }
 
 #[cfg(test)]

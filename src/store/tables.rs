@@ -8,7 +8,7 @@
 use redb::TableDefinition;
 
 /// The format version this build writes. Files with a higher version are refused.
-pub const FORMAT_VERSION: u32 = 5;
+pub const FORMAT_VERSION: u32 = 6;
 
 /// Instance facts: format version, instance id, creation time, master-key check value.
 /// Keys are the `META_*` constants. `format_version` is 4 bytes little-endian so that it
@@ -74,6 +74,10 @@ pub const AUDIT_CHECKPOINT_KEY: &str = "checkpoint";
 /// (`ip:203.0.113.7`, `ip:2001:db8:1:2::/64`). Values: `BanRecord`.
 pub const BANS: TableDefinition<&str, &[u8]> = TableDefinition::new("bans.v1");
 
+/// Scheduled jobs: each job's last run, its outcome and its next run, keyed by the job's
+/// name (`rotate_keys`). Values: `JobStateRecord`.
+pub const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs.v1");
+
 /// Names of every table this format version has, for backups, counts and checks.
 pub const ALL_TABLES: &[&str] = &[
     "meta",
@@ -90,6 +94,7 @@ pub const ALL_TABLES: &[&str] = &[
     "audit_events.v1",
     "audit_checkpoint.v1",
     "bans.v1",
+    "jobs.v1",
 ];
 
 /// Creates every table of the format that `tx` does not have yet, each with its key

@@ -11,8 +11,8 @@ use redb::{ReadableTable, ReadableTableMetadata, TableDefinition, TableHandle as
 use super::StoreError;
 use super::audit_chain::{ChainKey, HeadCache};
 use super::records::{
-    self, AdminToken, Ban, Client, DecodeError, Device, PairingSession, RateWindow, RefreshToken,
-    RevokedToken, SelfSignedCert, SigningKey, SigningKeyPrivate, TokenFamily,
+    self, AdminToken, Ban, Client, DecodeError, Device, JobState, PairingSession, RateWindow,
+    RefreshToken, RevokedToken, SelfSignedCert, SigningKey, SigningKeyPrivate, TokenFamily,
 };
 use super::seal::Sealer;
 use super::tables::{self, SECRETS};
@@ -72,6 +72,10 @@ records_table!(
     /// Keyed by the subject's text form (`ip:203.0.113.7`).
     BANS: Ban = tables::BANS, "bans.v1",
     records::encode_ban, records::decode_ban);
+records_table!(
+    /// Keyed by the job's name.
+    JOBS: JobState = tables::JOBS, "jobs.v1",
+    records::encode_job_state, records::decode_job_state);
 
 /// A read-only view of the data file at one point in time.
 pub struct ReadTx<'a> {

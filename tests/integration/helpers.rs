@@ -127,6 +127,18 @@ pub fn test_config(dir: &Path, extra_env: &[(&str, &str)]) -> Config {
         .collect();
     env.entry("GATEHOUSE_LOG".into())
         .or_insert_with(|| "warn".into());
+    // Tests move the fixed clock by hours and days: scheduled jobs (a key rotation, a
+    // backup) must not fire behind their backs. Tests of the scheduler turn jobs on.
+    for job in [
+        "ROTATE_KEYS",
+        "PRUNE_AUDIT",
+        "PRUNE_REVOCATIONS",
+        "PRUNE_EXPIRED",
+        "BACKUP",
+    ] {
+        env.entry(format!("GATEHOUSE_JOBS_{job}"))
+            .or_insert_with(|| "off".into());
+    }
     let flags = Flags {
         data: Some(dir.join("gatehouse.redb")),
         listen: Some("127.0.0.1:0".into()),

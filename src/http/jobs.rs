@@ -1,0 +1,105 @@
+//! `GET /v1/jobs`, `POST /v1/jobs/{name}/run` and `POST /v1/backup` (admin).
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::response::{IntoResponse, Response};
+use http::{HeaderValue, StatusCode, header};
+use serde::Serialize;
+
+use super::AppState;
+use super::error::ApiError;
+use super::extract::Admin;
+use crate::backup::BackupError;
+use crate::schedule::{JobError, JobName, JobView};
+
+#[derive(Debug, Serialize)]
+pub struct JobList {
+    jobs: Vec<JobView>,
+}
+
+/// Every job with its schedule, last run and next run.
+pub async fn list(State(state): State<AppState>, _admin: Admin) -> Result<Json<JobList>, ApiError> {
+    let services = &state.services;
+    Ok(Json(JobList {
+        jobs: services
+            .jobs
+            .list(services)
+            .map_err(|e| ApiError::internal(&e))?,
+    }))
+}
+
+/// Runs a job now and answers when it has finished (200 whether it succeeded or
+/// failed: the outcome is in the body); 409 while it is already running.
+pub async fn run(
+    State(state): State<AppState>,
+    _admin: Admin,
+    Path(name): Path<String>,
+) -> Result<Json<JobView>, ApiError> {
+    let job: JobName = name
+        .parse()
+        .map_err(|m: String| ApiError::new(StatusCode::NOT_FOUND, "not_found", m))?;
+    let services = &state.services;
+    match services.jobs.run(services, job).await {
+        Ok(view) => Ok(Json(view)),
+        Err(err @ JobError::AlreadyRunning(_)) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            err.to_string(),
+        )),
+        Err(err @ JobError::UnknownJob(_)) => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            err.to_string(),
+        )),
+        Err(JobError::Store(e)) => Err(ApiError::internal(&e)),
+    }
+}
+
+/// Streams a fresh, checked backup (a redb data file, sealed under the server's master
+/// key). It is written to the backup directory first and removed once opened for
+/// streaming, so an interrupted download leaves nothing behind.
+pub async fn backup(State(state): State<AppState>, admin: Admin) -> Result<Response, ApiError> {
+    let services = &state.services;
+    let dir = services.jobs.backup_dir().to_path_buf();
+    let create_dir = dir.clone();
+    tokio::task::spawn_blocking(move || {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&create_dir)
+    })
+    .await
+    .map_err(|e| ApiError::internal(&e))?
+    .map_err(|e| ApiError::internal(&e))?;
+    let id: [u8; 12] = crate::ids::random_bytes().map_err(|e| ApiError::internal(&e))?;
+    let path = dir.join(format!(
+        ".download-{}.redb",
+        data_encoding::HEXLOWER.encode(&id)
+    ));
+    let report = crate::backup::create(services, &path, &admin.origin, Box::new(|_, _| {}))
+        .await
+        .map_err(|err: BackupError| {
+            let _ = std::fs::remove_file(&path);
+            ApiError::internal(&err)
+        })?;
+    let file = tokio::fs::File::open(&path).await;
+    // Unlinked at once: the open file stays readable until the stream ends.
+    let _ = tokio::fs::remove_file(&path).await;
+    let file = file.map_err(|e| ApiError::internal(&e))?;
+    let mut response = Body::from_stream(tokio_util::io::ReaderStream::new(file)).into_response();
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    if let Ok(value) = HeaderValue::from_str(&report.bytes.to_string()) {
+        headers.insert(header::CONTENT_LENGTH, value);
+    }
+    headers.insert(
+        header::CONTENT_DISPOSITION,
+        HeaderValue::from_static("attachment; filename=\"gatehouse-backup.redb\""),
+    );
+    Ok(response)
+}
