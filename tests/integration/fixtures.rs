@@ -123,6 +123,56 @@ fn write_format_v5_fixture() {
     store.close();
 }
 
+/// Builds `tests/fixtures/format-v6.redb`: the format-5 content (three audit records
+/// and a ban), plus the stored state of the `backup` job: one failure in a row, due
+/// again an hour after the fixture's time.
+#[test]
+#[ignore = "regenerates the committed fixture"]
+fn write_format_v6_fixture() {
+    write_fixture(6);
+    let path = fixtures().join("format-v6.redb");
+    let key = MasterKey::load(&fixtures().join("format-v6.key")).unwrap();
+    let (store, _) = Store::open(&path, &key, &FixedClock::new(TEST_NOW_MS)).unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        store
+            .write(|tx| {
+                let origin = Origin::operator();
+                for (kind, n) in [
+                    ("pairing.created", 1),
+                    ("device.renamed", 2),
+                    ("key.rotated", 3),
+                ] {
+                    let event = Event::new(kind).device(DEVICE).detail("n", n);
+                    gatehouse::audit::append(tx, &origin, &event, TEST_NOW_MS + n)?;
+                }
+                let ban = records::Ban {
+                    since_ms: TEST_NOW_MS,
+                    until_ms: TEST_NOW_MS + HOUR_MS,
+                    offences: 2,
+                    reason: "admin_token".into(),
+                    lifted_at_ms: None,
+                };
+                tx.put(&gatehouse::store::BANS, FIXTURE_BAN, &ban)?;
+                let job = records::JobState {
+                    last_started_ms: Some(TEST_NOW_MS - HOUR_MS),
+                    last_duration_ms: Some(12),
+                    last_outcome: Some("failure".into()),
+                    last_error: Some("disk full".into()),
+                    last_success_ms: None,
+                    next_run_ms: Some(TEST_NOW_MS + HOUR_MS),
+                    failures: 1,
+                };
+                tx.put(&gatehouse::store::JOBS, "backup", &job)
+            })
+            .await
+            .unwrap();
+    });
+    store.close();
+}
+
 /// The ban in the format-5 fixture (not the tests' own address).
 const FIXTURE_BAN: &str = "ip:192.0.2.7";
 
@@ -133,6 +183,7 @@ fn tables_of(format: u32) -> impl Iterator<Item = &'static str> {
             "meta" | "audit_events.v1" => u32::MAX,
             "rate_windows.v1" => 4,
             "audit_checkpoint.v1" | "bans.v1" => 5,
+            "jobs.v1" => 6,
             _ => 3,
         };
         format >= since
@@ -512,5 +563,26 @@ async fn a_server_on_the_format_v5_fixture_keeps_its_audit_log_and_bans() {
     );
     assert!(services.lockout.banned([192, 0, 2, 7].into()).is_some());
     assert!(services.lockout.banned([127, 0, 0, 1].into()).is_none());
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_server_on_the_format_v6_fixture_keeps_its_job_state() {
+    let dir = tempfile::tempdir().unwrap();
+    fixture_copy_of(6, dir.path());
+    let app = helpers::spawn_app_in(dir, &[("GATEHOUSE_JOBS_BACKUP", "0 0 4 * * *")]).await;
+    let services = &app.running.services;
+    let jobs = services.jobs.list(services).unwrap();
+    let backup = jobs.iter().find(|j| j.name == "backup").unwrap();
+    assert_eq!(backup.last_outcome.as_deref(), Some("failure"));
+    assert_eq!(backup.last_error.as_deref(), Some("disk full"));
+    assert_eq!(backup.failures, 1);
+    // Its retry time is still ahead, so the start did not move it.
+    assert_eq!(
+        backup.next_run.as_deref(),
+        Some(gatehouse::clock::format_rfc3339(TEST_NOW_MS + HOUR_MS).as_str())
+    );
+    let report = services.audit.verify_report(&mut |_, _| {}).unwrap();
+    assert!(report.ok, "{report:?}");
     app.stop().await;
 }
