@@ -97,28 +97,7 @@ fn write_format_v5_fixture() {
         .build()
         .unwrap();
     runtime.block_on(async {
-        store
-            .write(|tx| {
-                let origin = Origin::operator();
-                for (kind, n) in [
-                    ("pairing.created", 1),
-                    ("device.renamed", 2),
-                    ("key.rotated", 3),
-                ] {
-                    let event = Event::new(kind).device(DEVICE).detail("n", n);
-                    gatehouse::audit::append(tx, &origin, &event, TEST_NOW_MS + n)?;
-                }
-                let ban = records::Ban {
-                    since_ms: TEST_NOW_MS,
-                    until_ms: TEST_NOW_MS + HOUR_MS,
-                    offences: 2,
-                    reason: "admin_token".into(),
-                    lifted_at_ms: None,
-                };
-                tx.put(&gatehouse::store::BANS, FIXTURE_BAN, &ban)
-            })
-            .await
-            .unwrap();
+        store.write(|tx| format5_rows(tx)).await.unwrap();
     });
     store.close();
 }
@@ -139,23 +118,7 @@ fn write_format_v6_fixture() {
     runtime.block_on(async {
         store
             .write(|tx| {
-                let origin = Origin::operator();
-                for (kind, n) in [
-                    ("pairing.created", 1),
-                    ("device.renamed", 2),
-                    ("key.rotated", 3),
-                ] {
-                    let event = Event::new(kind).device(DEVICE).detail("n", n);
-                    gatehouse::audit::append(tx, &origin, &event, TEST_NOW_MS + n)?;
-                }
-                let ban = records::Ban {
-                    since_ms: TEST_NOW_MS,
-                    until_ms: TEST_NOW_MS + HOUR_MS,
-                    offences: 2,
-                    reason: "admin_token".into(),
-                    lifted_at_ms: None,
-                };
-                tx.put(&gatehouse::store::BANS, FIXTURE_BAN, &ban)?;
+                format5_rows(tx)?;
                 let job = records::JobState {
                     last_started_ms: Some(TEST_NOW_MS - HOUR_MS),
                     last_duration_ms: Some(12),
@@ -171,6 +134,27 @@ fn write_format_v6_fixture() {
             .unwrap();
     });
     store.close();
+}
+
+/// What format 5 added to the fixture: three chained audit records and a ban.
+fn format5_rows(tx: &gatehouse::store::WriteTx<'_>) -> Result<(), gatehouse::store::StoreError> {
+    let origin = Origin::operator();
+    for (kind, n) in [
+        ("pairing.created", 1),
+        ("device.renamed", 2),
+        ("key.rotated", 3),
+    ] {
+        let event = Event::new(kind).device(DEVICE).detail("n", n);
+        gatehouse::audit::append(tx, &origin, &event, TEST_NOW_MS + n)?;
+    }
+    let ban = records::Ban {
+        since_ms: TEST_NOW_MS,
+        until_ms: TEST_NOW_MS + HOUR_MS,
+        offences: 2,
+        reason: "admin_token".into(),
+        lifted_at_ms: None,
+    };
+    tx.put(&gatehouse::store::BANS, FIXTURE_BAN, &ban)
 }
 
 /// The ban in the format-5 fixture (not the tests' own address).
