@@ -97,7 +97,7 @@ fn write_format_v5_fixture() {
         .build()
         .unwrap();
     runtime.block_on(async {
-        store.write(|tx| format5_rows(tx)).await.unwrap();
+        store.write(format5_rows).await.unwrap();
     });
     store.close();
 }
