@@ -245,7 +245,7 @@ impl From<JobError> for CommandError {
     fn from(err: JobError) -> Self {
         let code = match &err {
             JobError::UnknownJob(_) => "not_found",
-            JobError::AlreadyRunning(_) => "conflict",
+            JobError::AlreadyRunning(_) | JobError::NotDue(_) => "conflict",
             JobError::Store(_) => "internal",
         };
         Self::new(code, err.to_string())

@@ -222,6 +222,8 @@ pub enum JobError {
     UnknownJob(String),
     #[error("job {0} is already running")]
     AlreadyRunning(JobName),
+    #[error("job {0} is not due")]
+    NotDue(JobName),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -358,7 +360,7 @@ impl Scheduler {
                 .get(&job)
                 .and_then(|s| s.next_run_ms)
                 .is_some_and(|due| due <= now);
-            if due && self.run(services, job).await.is_ok() {
+            if due && self.run_inner(services, job, true).await.is_ok() {
                 ran.push(job);
             }
         }
@@ -367,6 +369,15 @@ impl Scheduler {
 
     /// Runs `job` now (a manual run, or a due one). Refused while it runs already.
     pub async fn run(&self, services: &Services, job: JobName) -> Result<JobView, JobError> {
+        self.run_inner(services, job, false).await
+    }
+
+    async fn run_inner(
+        &self,
+        services: &Services,
+        job: JobName,
+        only_if_due: bool,
+    ) -> Result<JobView, JobError> {
         let flag = self
             .running
             .get(&job)
@@ -376,6 +387,17 @@ impl Scheduler {
             return Err(JobError::AlreadyRunning(job));
         }
         let _guard = RunGuard(flag);
+        if only_if_due {
+            // Read again under the flag: a run that finished since the caller looked has
+            // moved the job's next run, and the job must not run again back to back.
+            let state = Self::states(services)?.remove(&job).unwrap_or_default();
+            if state
+                .next_run_ms
+                .is_none_or(|due| due > self.clock.now_ms())
+            {
+                return Err(JobError::NotDue(job));
+            }
+        }
         let started_ms = self.clock.now_ms();
         let started = Instant::now();
         let outcome = self.execute(services, job).await;

@@ -42,7 +42,7 @@ pub async fn run(
     let services = &state.services;
     match services.jobs.run(services, job).await {
         Ok(view) => Ok(Json(view)),
-        Err(err @ JobError::AlreadyRunning(_)) => Err(ApiError::new(
+        Err(err @ (JobError::AlreadyRunning(_) | JobError::NotDue(_))) => Err(ApiError::new(
             StatusCode::CONFLICT,
             "conflict",
             err.to_string(),
