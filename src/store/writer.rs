@@ -14,6 +14,7 @@
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -24,6 +25,12 @@ use super::{StoreError, begin_durable_write, rekey_in};
 
 /// Jobs waiting beyond this many are taken in the next batch.
 const MAX_BATCH: usize = 512;
+/// The longest a batch gathers jobs before committing, and how long it waits for the
+/// next one: only when the previous batch held more than one job, so a lone writer
+/// never waits. Without it, 64 writers that loop split into two half-size batches that
+/// alternate; with it, one commit (about 300 µs with two-phase commit) serves them all.
+const GATHER: Duration = Duration::from_micros(300);
+const GATHER_IDLE: Duration = Duration::from_micros(60);
 /// Bound on queued jobs: callers wait (asynchronously) rather than grow memory.
 pub(super) const QUEUE_DEPTH: usize = 8192;
 
@@ -97,21 +104,40 @@ pub(super) struct WriterContext {
 
 pub(super) fn run(ctx: WriterContext, mut jobs: mpsc::Receiver<Job>) {
     let mut batch: Vec<Box<dyn PendingWrite>> = Vec::new();
+    // Whether the last batch held more than one job: under concurrent load the callers
+    // it answered come back at once, so the next batch gathers them before committing.
+    let mut concurrent = false;
     while let Some(first) = jobs.blocking_recv() {
         let mut next = Some(first);
-        while let Some(job) = next.take() {
-            match job {
-                Job::Write(write) => batch.push(write),
-                Job::Rekey { new_sealer, reply } => {
-                    // Everything queued before the rekey commits under the old key first.
-                    commit_batch(&ctx, std::mem::take(&mut batch));
-                    let _ = reply.send(run_rekey(&ctx, new_sealer));
+        let started = Instant::now();
+        let mut last_arrival = started;
+        loop {
+            while let Some(job) = next.take() {
+                last_arrival = Instant::now();
+                match job {
+                    Job::Write(write) => batch.push(write),
+                    Job::Rekey { new_sealer, reply } => {
+                        // Everything queued before the rekey commits under the old key first.
+                        commit_batch(&ctx, std::mem::take(&mut batch));
+                        let _ = reply.send(run_rekey(&ctx, new_sealer));
+                    }
+                }
+                if batch.len() < MAX_BATCH {
+                    next = jobs.try_recv().ok();
                 }
             }
-            if batch.len() < MAX_BATCH {
-                next = jobs.try_recv().ok();
+            let now = Instant::now();
+            let gathering = concurrent
+                && batch.len() < MAX_BATCH
+                && now.duration_since(started) < GATHER
+                && now.duration_since(last_arrival) < GATHER_IDLE;
+            if !gathering {
+                break;
             }
+            std::thread::yield_now();
+            next = jobs.try_recv().ok();
         }
+        concurrent = batch.len() > 1;
         commit_batch(&ctx, std::mem::take(&mut batch));
     }
 }
