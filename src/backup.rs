@@ -268,26 +268,32 @@ fn prepare(
         to.sync_all().map_err(io("cannot sync", staging))?;
     }
     let (store, _) = Store::open(staging, key, clock)?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .map_err(|e| BackupError::Task(e.to_string()))?;
     let resealed = key.fingerprint() != current.fingerprint();
-    let outcome = runtime.block_on(async {
-        if resealed {
-            store.rekey(current).await?;
-        }
-        let event = Event::new("backup.restored")
-            .severity(Severity::High)
-            .detail("from", backup.display().to_string())
-            .detail("rows", info.rows())
-            .detail("format_version", info.format_version)
-            .detail("resealed", resealed);
-        let now = clock.now_ms();
-        store
-            .write(move |tx| audit::append(tx, &Origin::operator(), &event, now))
-            .await?;
-        Ok::<_, StoreError>(())
-    });
+    // On a thread of its own, so that a restore called from async code (a test, a
+    // future caller) never blocks a runtime's thread with another runtime.
+    let run = || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .map_err(|e| StoreError::WriteFailed(format!("cannot start a runtime: {e}")))?;
+        runtime.block_on(async {
+            if resealed {
+                store.rekey(current).await?;
+            }
+            let event = Event::new("backup.restored")
+                .severity(Severity::High)
+                .detail("from", backup.display().to_string())
+                .detail("rows", info.rows())
+                .detail("format_version", info.format_version)
+                .detail("resealed", resealed);
+            let now = clock.now_ms();
+            store
+                .write(move |tx| audit::append(tx, &Origin::operator(), &event, now))
+                .await?;
+            Ok::<_, StoreError>(())
+        })
+    };
+    let outcome = std::thread::scope(|scope| scope.spawn(run).join())
+        .map_err(|_| BackupError::Task("the restore thread panicked".into()))?;
     store.close();
     drop(store);
     outcome?;

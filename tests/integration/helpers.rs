@@ -160,8 +160,18 @@ pub async fn spawn_app_with(extra_env: &[(&str, &str)]) -> TestApp {
 
 /// Starts a server on the data file inside `dir` (kept from an earlier run, or new).
 pub async fn spawn_app_in(dir: tempfile::TempDir, extra_env: &[(&str, &str)]) -> TestApp {
+    spawn_app_in_at(dir, extra_env, TEST_NOW_MS).await
+}
+
+/// Like `spawn_app_in`, with the fixed clock starting at `now_ms` (a restart after a
+/// while).
+pub async fn spawn_app_in_at(
+    dir: tempfile::TempDir,
+    extra_env: &[(&str, &str)],
+    now_ms: u64,
+) -> TestApp {
     let config = test_config(dir.path(), extra_env);
-    let clock = Arc::new(FixedClock::new(TEST_NOW_MS));
+    let clock = Arc::new(FixedClock::new(now_ms));
     let shared: SharedClock = clock.clone();
     let running = app::start(&config, shared).await.expect("server starts");
     let scheme = if running.tls.is_some() {

@@ -17,6 +17,8 @@ mod interop;
 mod jwt_negative;
 mod lockout;
 mod ratelimit;
+mod restore;
+mod schedule;
 mod store;
 mod tokens;
 mod ws;

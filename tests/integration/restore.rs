@@ -1,0 +1,264 @@
+//! Online backups and restores: a backup taken under a write load restores to a
+//! consistent state, and a restore refuses a backup it cannot trust with the data file
+//! left exactly as it was.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use gatehouse::audit::Origin;
+use gatehouse::backup::{self, BackupError};
+use gatehouse::clock::FixedClock;
+use gatehouse::store::seal::MasterKey;
+use gatehouse::store::{DEVICES, REFRESH_TOKENS, Store, TOKEN_FAMILIES};
+
+use crate::helpers::{self, TEST_NOW_MS};
+
+fn key_of(dir: &Path) -> MasterKey {
+    MasterKey::load(&dir.join("gatehouse.redb.key")).unwrap()
+}
+
+/// Every device has its family and refresh token, every family and refresh token its
+/// device, and every row of every table decodes.
+fn assert_consistent(store: &Store) -> usize {
+    let devices = store.read(|tx| tx.all(&DEVICES)).unwrap();
+    let families = store.read(|tx| tx.all(&TOKEN_FAMILIES)).unwrap();
+    let refresh = store.read(|tx| tx.all(&REFRESH_TOKENS)).unwrap();
+    for (id, _) in &devices {
+        assert!(
+            families.iter().any(|(_, f)| &f.device_id == id),
+            "device {id} has no token family"
+        );
+        assert!(
+            refresh.iter().any(|(_, r)| &r.device_id == id),
+            "device {id} has no refresh token"
+        );
+    }
+    for (id, family) in &families {
+        assert!(
+            devices.iter().any(|(d, _)| *d == family.device_id),
+            "family {id} names a missing device"
+        );
+    }
+    for (_, token) in &refresh {
+        assert!(families.iter().any(|(f, _)| *f == token.family_id));
+    }
+    devices.len()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_taken_under_a_write_load_restores_to_a_consistent_state() {
+    let app = helpers::spawn_app_with(&[("GATEHOUSE_RATELIMIT_PAIRING", "off")]).await;
+    for _ in 0..5 {
+        app.pair_device().await;
+    }
+    // Pairings (device, family and refresh token in one write each) go on throughout.
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut load = tokio::task::JoinSet::new();
+    for _ in 0..4 {
+        let services = app.running.services.clone();
+        let stop = stop.clone();
+        load.spawn(async move {
+            let mut paired = 0u32;
+            while !stop.load(Ordering::Relaxed) {
+                let session = services
+                    .pairing
+                    .create(None, None, &Origin::operator())
+                    .await
+                    .unwrap();
+                let device = serde_json::from_value(serde_json::json!({
+                    "name": "load", "platform": "ios", "app_version": "1"
+                }))
+                .unwrap();
+                let origin = Origin::request([127, 0, 0, 1].into(), None);
+                services
+                    .pairing
+                    .pair(
+                        &session.session_id.to_string(),
+                        &session.secret,
+                        &device,
+                        &origin,
+                    )
+                    .await
+                    .unwrap();
+                paired += 1;
+            }
+            paired
+        });
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+    let dest = app.data_path().with_file_name("backup.redb");
+    let report = backup::create(
+        &app.running.services,
+        &dest,
+        &Origin::operator(),
+        Box::new(|_, _| {}),
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    stop.store(true, Ordering::Relaxed);
+    let paired: u32 = load.join_all().await.into_iter().sum();
+    assert!(paired > 0, "the load ran");
+    assert!(report.rows > 0);
+    let live_devices = app
+        .running
+        .services
+        .store
+        .read(|tx| tx.all(&DEVICES))
+        .unwrap()
+        .len();
+    let key = key_of(app.data_path().parent().unwrap());
+    let _source_dir = app.stop().await;
+
+    // Restored onto a new host (no data file there yet) with the same key.
+    let target = tempfile::tempdir().unwrap();
+    let data = target.path().join("gatehouse.redb");
+    let clock = FixedClock::new(TEST_NOW_MS);
+    let restored = backup::restore(&data, &key, &dest, None, &clock, &mut |_, _| {}).unwrap();
+    assert_eq!(restored.replaced_kept_at, None);
+    let (store, _) = Store::open(&data, &key, &clock).unwrap();
+    let devices = assert_consistent(&store);
+    assert!(devices >= 5, "the devices before the backup are there");
+    assert!(
+        devices < live_devices,
+        "the snapshot predates later pairings ({devices} of {live_devices})"
+    );
+    let counts = store.read(|tx| tx.table_counts()).unwrap();
+    assert_eq!(counts.len(), gatehouse::store::tables::ALL_TABLES.len());
+    store.close();
+    drop(store);
+
+    // A server on the restored file: the chain verifies and the restore is recorded.
+    std::fs::copy(
+        target.path().join("gatehouse.redb"),
+        target.path().join("copy.redb"),
+    )
+    .unwrap();
+    std::fs::write(target.path().join("gatehouse.redb.key"), key.to_text()).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(
+        target.path().join("gatehouse.redb.key"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+    let app = helpers::spawn_app_in(target, &[]).await;
+    let services = &app.running.services;
+    let report = services.audit.verify_report(&mut |_, _| {}).unwrap();
+    assert!(report.ok, "{report:?}");
+    let restored_events = services
+        .audit
+        .query(&gatehouse::audit::Query {
+            kind: Some("backup.restored".into()),
+            limit: 10,
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(restored_events.events.len(), 1);
+    app.stop().await;
+}
+
+fn sha256_hex(path: &Path) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, &std::fs::read(path).unwrap());
+    data_encoding::HEXLOWER.encode(digest.as_ref())
+}
+
+/// The SHA-256 of the data file, and the names in its directory.
+fn snapshot(dir: &Path) -> (String, Vec<String>) {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    (sha256_hex(&dir.join("gatehouse.redb")), names)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_refuses_a_foreign_key_a_truncated_backup_and_a_held_file_changing_nothing() {
+    // A backup of one instance, sealed under its key.
+    let source = helpers::spawn_app().await;
+    source.pair_device().await;
+    let backups = tempfile::tempdir().unwrap();
+    let good = backups.path().join("good.redb");
+    backup::create(
+        &source.running.services,
+        &good,
+        &Origin::operator(),
+        Box::new(|_, _| {}),
+    )
+    .await
+    .unwrap();
+    let source_key = key_of(source.data_path().parent().unwrap());
+    source.stop().await;
+    let truncated = backups.path().join("truncated.redb");
+    let bytes = std::fs::read(&good).unwrap();
+    std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
+    let garbage = backups.path().join("garbage.redb");
+    std::fs::write(&garbage, b"not a data file at all").unwrap();
+
+    // Another instance, with its own key, stopped.
+    let target = helpers::spawn_app().await;
+    let dir = target.stop().await;
+    let data = dir.path().join("gatehouse.redb");
+    let key = key_of(dir.path());
+    let clock = FixedClock::new(TEST_NOW_MS);
+    let before = snapshot(dir.path());
+
+    let refused = [
+        (good.as_path(), None, "sealed under another key"),
+        (truncated.as_path(), Some(&source_key), "truncated"),
+        (garbage.as_path(), Some(&source_key), "not a data file"),
+    ];
+    for (file, backup_key, why) in refused {
+        let err =
+            backup::restore(&data, &key, file, backup_key, &clock, &mut |_, _| {}).expect_err(why);
+        assert!(matches!(err, BackupError::BadBackup { .. }), "{why}: {err}");
+        assert!(
+            err.to_string().contains("nothing was changed"),
+            "{why}: {err}"
+        );
+        assert_eq!(
+            snapshot(dir.path()),
+            before,
+            "{why}: the directory is untouched"
+        );
+    }
+
+    // While a process holds the data file, nothing happens either (the holder itself may
+    // write to it, so only the directory is compared).
+    {
+        let (held, _) = Store::open(&data, &key, &clock).unwrap();
+        let err = backup::restore(
+            &data,
+            &key,
+            &good,
+            Some(&source_key),
+            &clock,
+            &mut |_, _| {},
+        )
+        .expect_err("held");
+        assert!(matches!(err, BackupError::InUse(_)), "{err}");
+        assert_eq!(snapshot(dir.path()).1, before.1);
+        held.close();
+    }
+    let before = snapshot(dir.path());
+    assert_eq!(snapshot(dir.path()).0, before.0);
+
+    // With the backup's key it is restored, re-sealed under the current key.
+    let report = backup::restore(
+        &data,
+        &key,
+        &good,
+        Some(&source_key),
+        &clock,
+        &mut |_, _| {},
+    )
+    .unwrap();
+    assert!(report.resealed);
+    let kept = report.replaced_kept_at.expect("the old file is kept");
+    assert_eq!(sha256_hex(&kept), before.0);
+    let (store, _) = Store::open(&data, &key, &clock).unwrap();
+    assert_eq!(store.read(|tx| tx.all(&DEVICES)).unwrap().len(), 1);
+    store.close();
+    assert!(!dir.path().join("gatehouse.redb.restoring").exists());
+}
