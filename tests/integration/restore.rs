@@ -262,3 +262,100 @@ async fn restore_refuses_a_foreign_key_a_truncated_backup_and_a_held_file_changi
     store.close();
     assert!(!dir.path().join("gatehouse.redb.restoring").exists());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_downloaded_backup_opens_with_the_servers_key_and_leaves_nothing_behind() {
+    let app = helpers::spawn_app().await;
+    app.pair_device().await;
+    let response = app
+        .client()
+        .post(app.url("/v1/backup"))
+        .bearer_auth(app.admin_token())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/octet-stream"
+    );
+    let bytes = response.bytes().await.unwrap();
+    let unauthorized = app
+        .client()
+        .post(app.url("/v1/backup"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unauthorized.status(), 401);
+    let backups = app.data_path().with_file_name("backups");
+    assert_eq!(
+        std::fs::read_dir(&backups).unwrap().count(),
+        0,
+        "the streamed file is gone from the backup directory"
+    );
+    let key = key_of(app.data_path().parent().unwrap());
+    let downloaded = app.data_path().with_file_name("downloaded.redb");
+    std::fs::write(&downloaded, &bytes).unwrap();
+    let info = backup::check(&downloaded, &key).unwrap();
+    assert!(
+        info.counts.contains(&("devices.v1".to_string(), 1)),
+        "{info:?}"
+    );
+    let created = app
+        .running
+        .services
+        .audit
+        .query(&gatehouse::audit::Query {
+            kind: Some("backup.created".into()),
+            limit: 10,
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(created.events.len(), 1);
+    assert!(created.events[0].actor.starts_with("admin:"));
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backup_and_restore_through_the_cli() {
+    use crate::binary::{Server, gatehouse, run, run_ok, serve_cmd};
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("gatehouse.redb");
+    let backup_file = dir.path().join("nightly.redb");
+    // Online: the running server writes the backup.
+    let server = Server::start_ok(serve_cmd(&data));
+    let mut cmd = gatehouse(&data);
+    cmd.arg("backup").arg(&backup_file);
+    let done = run_ok(cmd);
+    assert!(done.stdout.contains("nightly.redb"), "{}", done.stdout);
+    // A restore is refused while the server runs, and changes nothing.
+    let mut cmd = gatehouse(&data);
+    cmd.arg("restore").arg(&backup_file);
+    let refused = run(cmd);
+    assert!(!refused.status.success());
+    assert!(
+        refused.stderr.contains("stop the service"),
+        "{}",
+        refused.stderr
+    );
+    server.stop_ok();
+    // Stopped: restored, the old file kept, and a second backup refuses to overwrite.
+    let mut cmd = gatehouse(&data);
+    cmd.arg("restore").arg(&backup_file);
+    let done = run_ok(cmd);
+    assert!(done.stdout.contains("kept at"), "{}", done.stdout);
+    let mut cmd = gatehouse(&data);
+    cmd.arg("backup").arg(&backup_file);
+    let again = run(cmd);
+    assert!(
+        !again.status.success(),
+        "an existing backup is never overwritten"
+    );
+    let mut cmd = gatehouse(&data);
+    cmd.args(["audit", "search", "--type", "backup.*", "--json"]);
+    let events = run_ok(cmd).stdout;
+    // The restored log is the snapshot's (taken before `backup.created` was written),
+    // then the restore's own record.
+    assert!(events.contains("backup.restored"), "{events}");
+    assert!(!events.contains("backup.created"), "{events}");
+}
