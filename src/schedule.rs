@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, FixedOffset, Offset as _, TimeZone as _};
@@ -264,6 +264,8 @@ pub struct Scheduler {
     config: JobsConfig,
     clock: SharedClock,
     running: BTreeMap<JobName, Arc<AtomicBool>>,
+    /// Runs since start, per job: (succeeded, failed), for `/metrics`.
+    runs: BTreeMap<JobName, (AtomicU64, AtomicU64)>,
     /// The backup directory and how many scheduled backups to keep.
     backups: crate::backup::BackupPolicy,
 }
@@ -289,6 +291,10 @@ impl Scheduler {
             running: JobName::ALL
                 .into_iter()
                 .map(|job| (job, Arc::new(AtomicBool::new(false))))
+                .collect(),
+            runs: JobName::ALL
+                .into_iter()
+                .map(|job| (job, (AtomicU64::new(0), AtomicU64::new(0))))
                 .collect(),
             backups,
         }
@@ -401,6 +407,12 @@ impl Scheduler {
         let started_ms = self.clock.now_ms();
         let started = Instant::now();
         let outcome = self.execute(services, job).await;
+        if let Some((succeeded, failed)) = self.runs.get(&job) {
+            match &outcome {
+                Ok(_) => succeeded.fetch_add(1, Ordering::Relaxed),
+                Err(_) => failed.fetch_add(1, Ordering::Relaxed),
+            };
+        }
         let duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         let finished_ms = self.clock.now_ms();
         let previous = Self::states(services)?.remove(&job).unwrap_or_default();
@@ -548,6 +560,13 @@ impl Scheduler {
                 .map(format_rfc3339),
             failures: state.failures,
         }
+    }
+
+    /// Runs since start of `job` that succeeded and that failed.
+    pub fn run_counts(&self, job: JobName) -> (u64, u64) {
+        self.runs.get(&job).map_or((0, 0), |(ok, failed)| {
+            (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed))
+        })
     }
 
     /// Where scheduled (and downloaded) backups are written.

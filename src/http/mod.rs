@@ -13,6 +13,7 @@ pub mod health;
 pub mod jobs;
 pub mod keys;
 pub mod limits;
+pub mod metrics;
 pub mod oauth;
 pub mod pairing;
 pub mod security;
@@ -70,6 +71,7 @@ pub fn router(state: AppState, limits: &ServerConfig) -> Router {
     Router::new()
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
+        .route("/metrics", get(metrics::metrics))
         .route("/.well-known/jwks.json", get(oauth::jwks))
         .route(
             "/.well-known/oauth-authorization-server",

@@ -142,6 +142,12 @@ impl Lockout {
         })
     }
 
+    /// Bans in force now, for metrics.
+    pub fn active(&self) -> usize {
+        self.recount(self.clock.now_ms());
+        self.active.load(Ordering::Relaxed)
+    }
+
     pub fn policy(&self) -> &LockoutPolicy {
         &self.policy
     }

@@ -299,6 +299,11 @@ impl RateLimits {
         }
     }
 
+    /// Subjects tracked in memory now, for metrics.
+    pub fn tracked(&self) -> usize {
+        self.table.len()
+    }
+
     /// Requests refused since start, for metrics.
     pub fn refused_total(&self) -> u64 {
         self.refused_total.load(Ordering::Relaxed)

@@ -232,3 +232,43 @@ async fn jobs_are_listed_and_run_over_http() {
     }
     app.stop().await;
 }
+
+#[tokio::test]
+async fn job_runs_and_failures_show_in_metrics() {
+    let app = helpers::spawn_app().await;
+    let services = app.running.services.clone();
+    services
+        .jobs
+        .run(&services, JobName::PruneExpired)
+        .await
+        .unwrap();
+    // A loopback scraper needs no token.
+    let response = app.client().get(app.url("/metrics")).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(
+        response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain; version=0.0.4")
+    );
+    let text = response.text().await.unwrap();
+    for line in [
+        "gatehouse_job_runs_total{job=\"prune_expired\",outcome=\"success\"} 1",
+        "gatehouse_job_runs_total{job=\"backup\",outcome=\"failure\"} 0",
+        "gatehouse_job_failures_in_a_row{job=\"prune_expired\"} 0",
+        "gatehouse_job_running{job=\"backup\"} 0",
+        "gatehouse_bans_active 0",
+        "# TYPE gatehouse_ratelimit_refused_total counter",
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "{line} missing from:\n{text}"
+        );
+    }
+    assert!(
+        text.lines().any(|l| l
+            .starts_with("gatehouse_job_last_success_timestamp_seconds{job=\"prune_expired\"} ")),
+        "{text}"
+    );
+    app.stop().await;
+}

@@ -1,0 +1,183 @@
+//! `GET /metrics`: Prometheus text, for a scraper on the same host (loopback) or with
+//! an admin token.
+//!
+//! Every value is read from state the services keep anyway (counters, in-memory tables,
+//! the jobs' stored state); answering costs one read transaction and no write.
+
+use std::fmt::Write as _;
+
+use axum::extract::{FromRequestParts, Request, State};
+use axum::response::{IntoResponse, Response};
+use http::{HeaderValue, StatusCode, header};
+
+use super::AppState;
+use super::error::ApiError;
+use super::extract::{Admin, Peer};
+use crate::schedule::JobName;
+
+const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Loopback callers need nothing more; others need an admin token.
+pub async fn metrics(State(state): State<AppState>, request: Request) -> Response {
+    let (mut parts, _) = request.into_parts();
+    let loopback = match Peer::from_request_parts(&mut parts, &state).await {
+        Ok(Peer(peer)) => peer.ip().to_canonical().is_loopback(),
+        Err(err) => return err.into_response(),
+    };
+    if !loopback && let Err(refusal) = Admin::from_request_parts(&mut parts, &state).await {
+        return refusal;
+    }
+    match render(&state) {
+        Ok(text) => {
+            let mut response = (StatusCode::OK, text).into_response();
+            response
+                .headers_mut()
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static(CONTENT_TYPE));
+            response
+        }
+        Err(err) => err.into_response(),
+    }
+}
+
+fn metric(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(String, f64)]) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+    for (labels, value) in samples {
+        let _ = writeln!(out, "{name}{labels} {value}");
+    }
+}
+
+fn job_label(job: JobName) -> String {
+    format!("{{job=\"{}\"}}", job.as_str())
+}
+
+fn render(state: &AppState) -> Result<String, ApiError> {
+    let services = &state.services;
+    let mut out = String::with_capacity(4096);
+    let single = |value: f64| vec![(String::new(), value)];
+    metric(
+        &mut out,
+        "gatehouse_build_info",
+        "gauge",
+        "Always 1; the version is a label.",
+        &[(
+            format!("{{version=\"{}\"}}", env!("CARGO_PKG_VERSION")),
+            1.0,
+        )],
+    );
+    metric(
+        &mut out,
+        "gatehouse_ratelimit_refused_total",
+        "counter",
+        "Requests refused by a rate limit since start.",
+        &single(services.limits.refused_total() as f64),
+    );
+    metric(
+        &mut out,
+        "gatehouse_ratelimit_tracked_subjects",
+        "gauge",
+        "Subjects whose rate-limit window is held in memory.",
+        &single(services.limits.tracked() as f64),
+    );
+    metric(
+        &mut out,
+        "gatehouse_bans_active",
+        "gauge",
+        "Addresses banned by lockout now.",
+        &single(services.lockout.active() as f64),
+    );
+    let (tokens, families, devices) = services.revocations.counts();
+    metric(
+        &mut out,
+        "gatehouse_revocations",
+        "gauge",
+        "Revocations held in memory, by kind.",
+        &[
+            ("{kind=\"token\"}".into(), tokens as f64),
+            ("{kind=\"family\"}".into(), families as f64),
+            ("{kind=\"device\"}".into(), devices as f64),
+        ],
+    );
+    let audit_records = services
+        .store
+        .read(|tx| tx.audit_len())
+        .map_err(|e| ApiError::internal(&e))?;
+    metric(
+        &mut out,
+        "gatehouse_audit_records",
+        "gauge",
+        "Records in the audit log.",
+        &single(audit_records as f64),
+    );
+    let jobs = services
+        .jobs
+        .list(services)
+        .map_err(|e| ApiError::internal(&e))?;
+    let mut runs = Vec::new();
+    let mut failures = Vec::new();
+    let mut running = Vec::new();
+    let mut last_success = Vec::new();
+    let mut duration = Vec::new();
+    for job in JobName::ALL {
+        let (ok, failed) = services.jobs.run_counts(job);
+        runs.push((
+            format!("{{job=\"{}\",outcome=\"success\"}}", job.as_str()),
+            ok as f64,
+        ));
+        runs.push((
+            format!("{{job=\"{}\",outcome=\"failure\"}}", job.as_str()),
+            failed as f64,
+        ));
+        if let Some(view) = jobs.iter().find(|v| v.name == job.as_str()) {
+            failures.push((job_label(job), f64::from(view.failures)));
+            running.push((job_label(job), if view.running { 1.0 } else { 0.0 }));
+            if let Some(ms) = view.last_duration_ms {
+                duration.push((job_label(job), ms as f64 / 1000.0));
+            }
+            if let Some(at) = view
+                .last_success
+                .as_deref()
+                .and_then(|t| humantime::parse_rfc3339(t).ok())
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            {
+                last_success.push((job_label(job), at.as_secs_f64()));
+            }
+        }
+    }
+    metric(
+        &mut out,
+        "gatehouse_job_runs_total",
+        "counter",
+        "Runs of each scheduled job since start, by outcome.",
+        &runs,
+    );
+    metric(
+        &mut out,
+        "gatehouse_job_failures_in_a_row",
+        "gauge",
+        "Failed runs in a row of each job (0 after a success).",
+        &failures,
+    );
+    metric(
+        &mut out,
+        "gatehouse_job_running",
+        "gauge",
+        "1 while the job runs.",
+        &running,
+    );
+    metric(
+        &mut out,
+        "gatehouse_job_last_duration_seconds",
+        "gauge",
+        "How long the job's last run took.",
+        &duration,
+    );
+    metric(
+        &mut out,
+        "gatehouse_job_last_success_timestamp_seconds",
+        "gauge",
+        "When the job last succeeded (Unix time).",
+        &last_success,
+    );
+    Ok(out)
+}
