@@ -236,7 +236,7 @@ fn main() {
     let clock: SharedClock = Arc::new(SystemClock);
     let running = server_rt.block_on(app::start(&config, clock)).unwrap();
     let base = format!("https://{}", running.local_addr);
-    let cert = running.tls.as_ref().unwrap().cert_der.clone();
+    let cert = running.tls.as_ref().unwrap().cert_der();
     // The clients' runtime, separate so that neither starves the other's scheduler.
     let client_rt = runtime("client");
 

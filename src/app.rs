@@ -24,7 +24,7 @@ use crate::pairing::ServerIdentity;
 use crate::services::{self, Services, ServicesError};
 use crate::store::seal::{MasterKey, SealError};
 use crate::store::{OpenReport, Store, StoreError};
-use crate::tls::{self, ServerTls, TlsError};
+use crate::tls::{self, Tls, TlsError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -166,13 +166,17 @@ pub struct Running {
     pub admin_socket: PathBuf,
     /// Set on the first start of an instance: shown once, never stored.
     pub bootstrap_token: Option<IssuedToken>,
-    pub tls: Option<ServerTls>,
+    pub tls: Option<Arc<Tls>>,
+    /// The plain-HTTP listener that redirects to HTTPS, if any.
+    pub http_addr: Option<SocketAddr>,
     pub store: Store,
     /// The domain services the server runs (tests sign, rotate and revoke through them).
     pub services: Services,
     state: AppState,
     stop: watch::Sender<bool>,
     http_task: JoinHandle<http::serve::Drained>,
+    redirect_task: Option<JoinHandle<http::serve::Drained>>,
+    tls_task: Option<JoinHandle<()>>,
     socket_task: JoinHandle<()>,
     maintenance_task: JoinHandle<()>,
 }
@@ -186,19 +190,22 @@ pub async fn start(config: &Config, clock: SharedClock) -> Result<Running, AppEr
         addr: config.server.listen,
         source,
     })?;
-    let (store, report) = open_store_with_report(config, clock.clone()).await?;
-    let server_tls = match config.tls_mode {
-        TlsMode::SelfSigned => Some(tls::self_signed(&store, clock.as_ref(), local_addr).await?),
-        TlsMode::Off => {
-            tracing::warn!(%local_addr, "TLS is off: plain HTTP on a loopback address");
-            None
-        }
+    let redirect_listener = match config.server.http_listen {
+        Some(addr) => Some(bind(addr)?),
+        None => None,
     };
+    let http_addr = match &redirect_listener {
+        Some(listener) => Some(listener.local_addr().map_err(|source| AppError::Bind {
+            addr: local_addr,
+            source,
+        })?),
+        None => None,
+    };
+    let (store, report) = open_store_with_report(config, clock.clone()).await?;
+    let (server_tls, acme_driver) = prepare_tls(config, &store, &clock, local_addr).await?;
     let server = ServerIdentity {
         url: services::issuer(config, local_addr),
-        pin: server_tls
-            .as_ref()
-            .map(|tls| format!("sha256/{}", tls.spki_sha256)),
+        pin: server_tls.as_ref().and_then(|tls| tls.pin.clone()),
     };
     if config.tokens.issuer.is_none() && local_addr.ip().is_unspecified() {
         tracing::warn!(
@@ -209,7 +216,8 @@ pub async fn start(config: &Config, clock: SharedClock) -> Result<Running, AppEr
             server.url
         );
     }
-    let services = Services::start(store.clone(), clock.clone(), config, server).await?;
+    let mut services = Services::start(store.clone(), clock.clone(), config, server).await?;
+    services.tls = server_tls.clone();
     record_start(&services, config, local_addr, &report).await?;
     let bootstrap_token = bootstrap(&services).await?;
     let socket = AdminSocket::bind(&config.admin_socket)?;
@@ -223,11 +231,29 @@ pub async fn start(config: &Config, clock: SharedClock) -> Result<Running, AppEr
     };
     let http_task = tokio::spawn(http::serve::serve(
         listener,
-        server_tls.as_ref().map(|t| t.config.clone()),
+        server_tls.as_ref().map(|t| t.acceptor()),
         router,
         config.server.clone(),
         until_stopped(stopped.clone()),
     ));
+    let redirect_task = redirect_listener.map(|listener| {
+        tokio::spawn(http::serve::serve(
+            listener,
+            None,
+            http::redirect::router(config, local_addr),
+            config.server.clone(),
+            until_stopped(stopped.clone()),
+        ))
+    });
+    let tls_task = match (acme_driver, &server_tls) {
+        (Some(driver), _) => Some(tokio::spawn(driver.run(until_stopped(stopped.clone())))),
+        (None, Some(tls)) if tls.files.is_some() => Some(tokio::spawn(reload_on_hangup(
+            tls.clone(),
+            services.clone(),
+            until_stopped(stopped.clone()),
+        ))),
+        _ => None,
+    };
     let missed = services.jobs.start(&services).await?;
     let maintenance_task = tokio::spawn(maintain(
         services.clone(),
@@ -240,14 +266,126 @@ pub async fn start(config: &Config, clock: SharedClock) -> Result<Running, AppEr
         admin_socket,
         bootstrap_token,
         tls: server_tls,
+        http_addr,
         store,
         services: Services::clone(&state.services),
         state,
         stop,
         http_task,
+        redirect_task,
+        tls_task,
         socket_task,
         maintenance_task,
     })
+}
+
+/// The certificate to serve, per mode, and in `acme` mode the driver that orders and
+/// renews it (started once the server accepts, since the CA connects back to validate).
+async fn prepare_tls(
+    config: &Config,
+    store: &Store,
+    clock: &SharedClock,
+    local_addr: SocketAddr,
+) -> Result<(Option<Arc<Tls>>, Option<tls::acme::AcmeDriver>), AppError> {
+    match config.tls_mode {
+        TlsMode::SelfSigned => {
+            let (cert, pin) = tls::self_signed(store, clock.as_ref(), local_addr).await?;
+            let mut tls = Tls::new(TlsMode::SelfSigned, cert)?;
+            tls.pin = Some(pin);
+            Ok((Some(Arc::new(tls)), None))
+        }
+        TlsMode::Files => {
+            let (Some(cert), Some(key)) = (&config.tls.cert_file, &config.tls.key_file) else {
+                return Err(AppError::Tls(TlsError::Certificate(
+                    "tls.mode \"files\" needs tls.cert_file and tls.key_file".into(),
+                )));
+            };
+            let files = tls::files::CertFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+            };
+            let mut tls = Tls::new(TlsMode::Files, files.load()?)?;
+            tls.files = Some(files);
+            Ok((Some(Arc::new(tls)), None))
+        }
+        TlsMode::Acme => {
+            let settings = tls::acme::AcmeSettings::from_config(config)?;
+            let stored = tls::acme::stored_certificate(store, &settings, clock.now_ms())?;
+            let issued = stored.is_some();
+            let cert = match stored {
+                Some(cert) => cert,
+                // Until the CA's certificate arrives the server is reachable (for
+                // diagnosis) with the self-signed one, and /readyz says it is not ready.
+                None => tls::self_signed(store, clock.as_ref(), local_addr).await?.0,
+            };
+            let mut tls = Tls::new(TlsMode::Acme, cert)?;
+            let status = Arc::new(tls::acme::AcmeStatus::new(&settings, issued));
+            tls.acme = Some(status.clone());
+            let tls = Arc::new(tls);
+            let driver = tls::acme::AcmeDriver::new(
+                settings,
+                status,
+                tls.slot.clone(),
+                store.clone(),
+                clock.clone(),
+            );
+            Ok((Some(tls), Some(driver)))
+        }
+        TlsMode::Off => {
+            tracing::warn!(%local_addr, "TLS is off: plain HTTP on a loopback address");
+            Ok((None, None))
+        }
+    }
+}
+
+/// `files` mode: SIGHUP reads the certificate and key again. A bad pair changes nothing
+/// (the old certificate stays) and is logged and audited; open connections are never
+/// touched either way.
+async fn reload_on_hangup(
+    tls: Arc<Tls>,
+    services: Services,
+    stopped: impl std::future::Future<Output = ()>,
+) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hangups = match signal(SignalKind::hangup()) {
+        Ok(hangups) => hangups,
+        Err(err) => {
+            tracing::error!(error = %err, "cannot listen for SIGHUP: certificate files will not be reloaded");
+            return;
+        }
+    };
+    tokio::pin!(stopped);
+    loop {
+        tokio::select! {
+            () = &mut stopped => return,
+            _ = hangups.recv() => {
+                tracing::info!("SIGHUP: reloading the certificate files");
+                reload_files(&tls, &services).await;
+            }
+        }
+    }
+}
+
+async fn reload_files(tls: &Tls, services: &Services) {
+    let Some(files) = &tls.files else { return };
+    let event = match files.load() {
+        Ok(cert) => {
+            let info = cert.info.clone();
+            tls.slot.replace(cert);
+            tracing::info!(names = ?info.names, not_after = %crate::clock::format_rfc3339(info.not_after_ms), "serving the reloaded certificate");
+            Event::new("tls.certificate_loaded")
+                .severity(Severity::Notice)
+                .detail("names", info.names)
+                .detail("issuer", info.issuer)
+                .detail("not_after", crate::clock::format_rfc3339(info.not_after_ms))
+                .detail("sha256", info.sha256)
+        }
+        Err(err) => {
+            tracing::error!(error = %err, "the certificate files were not reloaded; the previous certificate is still served");
+            Event::failure("tls.reload_failed").detail("error", err.to_string())
+        }
+    };
+    services.audit.record_or_log(&Origin::system(), event).await;
 }
 
 /// `service.started`, `config.loaded` and (after a migration or a repair) `store.migrated`
@@ -410,6 +548,12 @@ impl Running {
         self.services.live.close_all();
         let _ = self.stop.send(true);
         let drained = self.http_task.await?;
+        if let Some(task) = self.redirect_task {
+            task.await?;
+        }
+        if let Some(task) = self.tls_task {
+            task.await?;
+        }
         if drained.cut > 0 {
             tracing::warn!(
                 connections = drained.cut,
@@ -489,13 +633,29 @@ fn announce(running: &Running, config: &Config, clock: &dyn Clock) {
     }
     println!("gatehouse listening on {url}");
     println!("admin socket: {}", running.admin_socket.display());
+    if let Some(addr) = running.http_addr {
+        println!("redirecting http://{addr} to HTTPS");
+    }
     if let Some(tls) = &running.tls {
-        println!(
-            "TLS: self-signed certificate for {} (valid until {}); SPKI pin sha256/{}",
-            tls.names.join(", "),
-            crate::clock::format_rfc3339(tls.not_after_ms),
-            tls.spki_sha256
-        );
+        let cert = tls.slot.current().info.clone();
+        let until = crate::clock::format_rfc3339(cert.not_after_ms);
+        match (&tls.pin, &tls.acme) {
+            (Some(pin), _) => println!(
+                "TLS: self-signed certificate for {} (valid until {until}); SPKI pin {pin}",
+                cert.names.join(", ")
+            ),
+            (None, Some(acme)) if !acme.snapshot().issued => println!(
+                "TLS: ordering a certificate for {} from {}; a self-signed one is served until \
+                 it arrives",
+                config.tls.domains.join(", "),
+                config.tls.acme.directory
+            ),
+            _ => println!(
+                "TLS: certificate for {} from {} (valid until {until})",
+                cert.names.join(", "),
+                cert.issuer
+            ),
+        }
     }
     tracing::info!(
         %url,

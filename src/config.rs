@@ -19,6 +19,17 @@ use crate::schedule::{CronSchedule, JobName, parse_timezone};
 pub mod defaults {
     use std::time::Duration;
     pub const LISTEN: &str = "127.0.0.1:8443";
+    /// With a domain (ACME): HTTPS on 443 and the redirect on 80, every address (IPv6
+    /// sockets also take IPv4 unless the host turned that off).
+    pub const ACME_LISTEN: &str = "[::]:443";
+    pub const ACME_HTTP_LISTEN: &str = "[::]:80";
+    pub const ACME_DIRECTORY: &str = "https://acme-v02.api.letsencrypt.org/directory";
+    pub const ACME_STAGING_DIRECTORY: &str =
+        "https://acme-staging-v02.api.letsencrypt.org/directory";
+    /// The first retry after a failed order; it doubles up to `ACME_MAX_RETRY`. Five
+    /// minutes keeps a misconfigured host under Let's Encrypt's limit of five failed
+    /// validations per name and hour.
+    pub const ACME_RETRY: Duration = Duration::from_secs(5 * 60);
     pub const MAX_BODY_BYTES: u64 = 64 * 1024;
     pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
     pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -90,8 +101,14 @@ pub enum ConfigError {
 /// How the server gets its certificate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TlsMode {
-    /// A self-signed certificate kept (sealed) in the data file. The default.
+    /// A self-signed certificate kept (sealed) in the data file. The default without a
+    /// domain.
     SelfSigned,
+    /// Certificates from an ACME CA (TLS-ALPN-01), kept sealed in the data file. The
+    /// default with a domain.
+    Acme,
+    /// A PEM certificate chain and key from files, reloaded on SIGHUP.
+    Files,
     /// Plain HTTP; refused unless the listen address is loopback.
     Off,
 }
@@ -100,6 +117,8 @@ impl TlsMode {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::SelfSigned => "self-signed",
+            Self::Acme => "acme",
+            Self::Files => "files",
             Self::Off => "off",
         }
     }
@@ -134,6 +153,8 @@ pub struct MasterKeySource {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerConfig {
     pub listen: SocketAddr,
+    /// The plain-HTTP listener that redirects to HTTPS (port 80 with a domain), if any.
+    pub http_listen: Option<SocketAddr>,
     pub max_body_bytes: usize,
     pub header_read_timeout: Duration,
     pub request_timeout: Duration,
@@ -204,6 +225,31 @@ pub struct LockoutConfig {
     pub max_ban: Duration,
 }
 
+/// Where certificates come from, beside `Config::tls_mode`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TlsConfig {
+    /// The names HTTPS is served for (ACME orders them; the default issuer uses the first).
+    pub domains: Vec<String>,
+    pub acme: AcmeConfig,
+    /// `files` mode: the PEM certificate chain (leaf first) and its private key.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+}
+
+/// How certificates are ordered in `acme` mode.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct AcmeConfig {
+    /// The RFC 8555 directory URL.
+    pub directory: String,
+    /// Account contacts (`mailto:` URLs).
+    pub contact: Vec<String>,
+    /// PEM file of CA certificates trusted for the directory's own HTTPS, beside the
+    /// built-in Mozilla roots (a private CA, a test CA).
+    pub ca_root: Option<PathBuf>,
+    /// The first retry after a failed order (doubling up to 12 hours).
+    pub retry: Duration,
+}
+
 /// Backup settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackupConfig {
@@ -235,6 +281,7 @@ pub struct Config {
     pub admin_socket: PathBuf,
     pub server: ServerConfig,
     pub tls_mode: TlsMode,
+    pub tls: TlsConfig,
     pub log_format: LogFormat,
     pub log_filter: String,
     pub tokens: TokenConfig,
@@ -256,6 +303,13 @@ pub struct Flags {
     pub master_key_file: Option<PathBuf>,
     pub listen: Option<String>,
     pub tls: Option<String>,
+    /// `--domain`, repeatable; joined with commas.
+    pub domains: Vec<String>,
+    pub acme_directory: Option<String>,
+    pub acme_email: Option<String>,
+    pub acme_ca_root: Option<PathBuf>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
 }
 
 /// The process environment as the loader sees it (tests pass their own).
@@ -292,6 +346,8 @@ struct Raw {
     master_key_file: Option<PathBuf>,
     admin_socket: Option<PathBuf>,
     listen: Option<SocketAddr>,
+    /// `Some(None)`: turned off.
+    http_listen: Option<Option<SocketAddr>>,
     max_body_bytes: Option<u64>,
     header_read_timeout: Option<Duration>,
     request_timeout: Option<Duration>,
@@ -303,6 +359,13 @@ struct Raw {
     shutdown_grace: Option<Duration>,
     h2_max_concurrent_streams: Option<u64>,
     tls_mode: Option<TlsMode>,
+    domains: Option<Vec<String>>,
+    acme_directory: Option<String>,
+    acme_email: Option<String>,
+    acme_ca_root: Option<PathBuf>,
+    acme_retry: Option<Duration>,
+    tls_cert_file: Option<PathBuf>,
+    tls_key_file: Option<PathBuf>,
     log_format: Option<LogFormat>,
     log_level: Option<String>,
     issuer: Option<String>,
@@ -473,12 +536,49 @@ pub static SETTINGS: &[Setting] = &[
         "GATEHOUSE_H2_MAX_CONCURRENT_STREAMS",
         |r, v| r.h2_max_concurrent_streams = Some(integer(v, 1, 1000)?)
     ),
+    setting!("server.http_listen", "GATEHOUSE_HTTP_LISTEN", |r, v| r
+        .http_listen =
+        Some(match v.trim() {
+            "off" => None,
+            v => Some(
+                v.parse()
+                    .map_err(|_| { "expected IP:PORT, such as [::]:80, or \"off\"".to_string() })?
+            ),
+        })),
     setting!("tls.mode", "GATEHOUSE_TLS", |r, v| r.tls_mode =
         Some(match v.trim() {
             "self-signed" => TlsMode::SelfSigned,
+            "acme" => TlsMode::Acme,
+            "files" => TlsMode::Files,
             "off" => TlsMode::Off,
-            _ => return Err("allowed values: \"self-signed\", \"off\"".into()),
+            _ => {
+                return Err("allowed values: \"self-signed\", \"acme\", \"files\", \"off\"".into());
+            }
         })),
+    setting!("tls.domains", "GATEHOUSE_DOMAIN", |r, v| r.domains =
+        Some(domains(v)?)),
+    setting!("tls.acme_directory", "GATEHOUSE_ACME_DIRECTORY", |r, v| r
+        .acme_directory =
+        Some(acme_directory(v)?)),
+    setting!("tls.acme_email", "GATEHOUSE_ACME_EMAIL", |r, v| r
+        .acme_email =
+        Some(email(v)?)),
+    setting!("tls.acme_ca_root", "GATEHOUSE_ACME_CA_ROOT", |r, v| r
+        .acme_ca_root =
+        Some(path(v)?)),
+    setting!("tls.acme_retry", "GATEHOUSE_ACME_RETRY", |r, v| r
+        .acme_retry =
+        Some(duration(
+            v,
+            Duration::from_secs(1),
+            Duration::from_secs(3600)
+        )?)),
+    setting!("tls.cert_file", "GATEHOUSE_TLS_CERT_FILE", |r, v| r
+        .tls_cert_file =
+        Some(path(v)?)),
+    setting!("tls.key_file", "GATEHOUSE_TLS_KEY_FILE", |r, v| r
+        .tls_key_file =
+        Some(path(v)?)),
     setting!("log.format", "GATEHOUSE_LOG_FORMAT", |r, v| r.log_format =
         Some(match v.trim() {
             "auto" => LogFormat::Auto,
@@ -696,6 +796,87 @@ fn rate(v: &str) -> Result<Rate, String> {
     Ok(Some((n, window)))
 }
 
+/// A comma-separated list of DNS names to serve (and order certificates for): lower-case
+/// letters, digits and hyphens in dot-separated labels. No wildcards (TLS-ALPN-01 cannot
+/// prove them) and no IP addresses (public CAs do not issue for them).
+fn domains(v: &str) -> Result<Vec<String>, String> {
+    let mut names = Vec::new();
+    for name in v.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+        let name = name.trim_end_matches('.').to_ascii_lowercase();
+        let label_ok = |l: &str| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        };
+        let labels: Vec<&str> = name.split('.').collect();
+        let is_ip = name.parse::<std::net::IpAddr>().is_ok();
+        if name.len() > 253 || labels.len() < 2 || is_ip || !labels.iter().all(|l| label_ok(l)) {
+            return Err(format!(
+                "{name:?} is not a domain name: expected names such as \"auth.example.com\" \
+                 (letters, digits, hyphens; no wildcard, no IP address), separated by commas"
+            ));
+        }
+        if !names.contains(&name) {
+            names.push(name);
+        }
+    }
+    if names.is_empty() {
+        return Err("expected at least one domain name, such as \"auth.example.com\"".into());
+    }
+    if names.len() > 100 {
+        return Err("at most 100 names fit in one certificate".into());
+    }
+    Ok(names)
+}
+
+/// An ACME directory: an https URL, or `letsencrypt` / `letsencrypt-staging`.
+fn acme_directory(v: &str) -> Result<String, String> {
+    let v = v.trim();
+    match v {
+        "letsencrypt" => return Ok(defaults::ACME_DIRECTORY.into()),
+        "letsencrypt-staging" => return Ok(defaults::ACME_STAGING_DIRECTORY.into()),
+        _ => {}
+    }
+    let rest = v.strip_prefix("https://").unwrap_or_default();
+    if rest.is_empty()
+        || v.len() > 1024
+        || v.contains([' ', '#'])
+        || v.chars().any(char::is_control)
+    {
+        return Err("expected an https URL of an ACME directory, such as \
+             \"https://acme-v02.api.letsencrypt.org/directory\", or \"letsencrypt\" or \
+             \"letsencrypt-staging\""
+            .into());
+    }
+    Ok(v.to_string())
+}
+
+/// A contact address for the ACME account, as a `mailto:` URL.
+fn email(v: &str) -> Result<String, String> {
+    let v = v.trim();
+    let address = v.strip_prefix("mailto:").unwrap_or(v);
+    let ok = match address.split_once('@') {
+        Some((local, domain)) => {
+            !local.is_empty()
+                && domain.contains('.')
+                && !domain.starts_with('.')
+                && !domain.ends_with('.')
+                && address.len() <= 254
+                && !address
+                    .chars()
+                    .any(|c| c.is_whitespace() || c.is_control() || matches!(c, ',' | '<' | '>'))
+                && !domain.contains('@')
+        }
+        None => false,
+    };
+    if !ok {
+        return Err("expected an email address, such as \"ops@example.com\"".into());
+    }
+    Ok(format!("mailto:{address}"))
+}
+
 /// An issuer is an https URL without query or fragment (RFC 8414 section 2).
 fn issuer(v: &str) -> Result<String, String> {
     let v = v.trim();
@@ -790,12 +971,25 @@ fn apply_file(raw: &mut Raw, file: &Path, text: &str) -> Result<(), ConfigError>
         let text = match &value {
             toml::Value::String(s) => s.clone(),
             toml::Value::Integer(i) => i.to_string(),
+            // A list of names (`domains = ["a.example", "b.example"]`) is the same as
+            // the names separated by commas.
+            toml::Value::Array(items)
+                if items
+                    .iter()
+                    .all(|i| i.as_str().is_some_and(|s| !s.contains(','))) =>
+            {
+                items
+                    .iter()
+                    .filter_map(toml::Value::as_str)
+                    .collect::<Vec<_>>()
+                    .join(",")
+            }
             other => {
                 return Err(ConfigError::BadValue {
                     origin,
                     key: s.key,
                     value: format!("{other:?}"),
-                    allowed: "expected a string or a whole number".into(),
+                    allowed: "expected a string, a whole number or a list of strings".into(),
                 });
             }
         };
@@ -870,6 +1064,32 @@ impl Config {
             ),
             ("server.listen", "--listen", flags.listen.clone()),
             ("tls.mode", "--tls", flags.tls.clone()),
+            (
+                "tls.domains",
+                "--domain",
+                (!flags.domains.is_empty()).then(|| flags.domains.join(",")),
+            ),
+            (
+                "tls.acme_directory",
+                "--acme-directory",
+                flags.acme_directory.clone(),
+            ),
+            ("tls.acme_email", "--acme-email", flags.acme_email.clone()),
+            (
+                "tls.acme_ca_root",
+                "--acme-ca-root",
+                flags.acme_ca_root.as_ref().map(|p| p.display().to_string()),
+            ),
+            (
+                "tls.cert_file",
+                "--tls-cert",
+                flags.tls_cert.as_ref().map(|p| p.display().to_string()),
+            ),
+            (
+                "tls.key_file",
+                "--tls-key",
+                flags.tls_key.as_ref().map(|p| p.display().to_string()),
+            ),
         ];
         for (key, flag, value) in flag_values {
             if let (Some(value), Some(s)) = (value, setting(key)) {
@@ -918,19 +1138,83 @@ impl Config {
                 admin_socket.display()
             )));
         }
+        let domains = raw.domains.clone().unwrap_or_default();
+        // A domain means ACME unless a mode says otherwise.
+        let tls_mode = raw.tls_mode.unwrap_or(if domains.is_empty() {
+            TlsMode::SelfSigned
+        } else {
+            TlsMode::Acme
+        });
+        let built_in = |addr: &str| {
+            addr.parse::<SocketAddr>()
+                .map_err(|_| ConfigError::Invalid("bad built-in listen address".into()))
+        };
         let listen = match raw.listen {
             Some(addr) => addr,
-            None => defaults::LISTEN
-                .parse()
-                .map_err(|_| ConfigError::Invalid("bad built-in listen address".into()))?,
+            None if tls_mode == TlsMode::Acme => built_in(defaults::ACME_LISTEN)?,
+            None => built_in(defaults::LISTEN)?,
         };
-        let tls_mode = raw.tls_mode.unwrap_or(TlsMode::SelfSigned);
+        let http_listen = match raw.http_listen {
+            Some(choice) => choice,
+            // The redirect to HTTPS on port 80 comes with a public HTTPS port.
+            None if tls_mode == TlsMode::Acme && listen.port() == 443 => {
+                Some(built_in(defaults::ACME_HTTP_LISTEN)?)
+            }
+            None => None,
+        };
         if tls_mode == TlsMode::Off && !is_loopback(&listen) {
             return Err(ConfigError::Invalid(format!(
                 "tls.mode \"off\" is refused on {listen}: plain HTTP is allowed only on a \
                  loopback address (127.0.0.1 or [::1]), behind a proxy on the same host"
             )));
         }
+        if tls_mode == TlsMode::Off && http_listen.is_some() {
+            return Err(ConfigError::Invalid(
+                "server.http_listen redirects to HTTPS, but tls.mode is \"off\"".into(),
+            ));
+        }
+        if http_listen.is_some_and(|http| http.port() == listen.port() && http.ip() == listen.ip())
+        {
+            return Err(ConfigError::Invalid(format!(
+                "server.http_listen and server.listen are both {listen}"
+            )));
+        }
+        if tls_mode == TlsMode::Acme && domains.is_empty() {
+            return Err(ConfigError::Invalid(
+                "tls.mode \"acme\" needs a domain: set tls.domains (GATEHOUSE_DOMAIN, \
+                 --domain) to the names this server answers for"
+                    .into(),
+            ));
+        }
+        let (cert_file, key_file) = (raw.tls_cert_file.clone(), raw.tls_key_file.clone());
+        if tls_mode == TlsMode::Files && (cert_file.is_none() || key_file.is_none()) {
+            return Err(ConfigError::Invalid(
+                "tls.mode \"files\" needs tls.cert_file and tls.key_file (--tls-cert, \
+                 --tls-key): a PEM certificate chain and its private key"
+                    .into(),
+            ));
+        }
+        if tls_mode != TlsMode::Files && (cert_file.is_some() || key_file.is_some()) {
+            return Err(ConfigError::Invalid(format!(
+                "tls.cert_file and tls.key_file are used only with tls.mode \"files\" (the \
+                 mode is \"{}\")",
+                tls_mode.as_str()
+            )));
+        }
+        let tls = TlsConfig {
+            domains,
+            acme: AcmeConfig {
+                directory: raw
+                    .acme_directory
+                    .clone()
+                    .unwrap_or_else(|| defaults::ACME_DIRECTORY.into()),
+                contact: raw.acme_email.clone().into_iter().collect(),
+                ca_root: raw.acme_ca_root.clone(),
+                retry: raw.acme_retry.unwrap_or(defaults::ACME_RETRY),
+            },
+            cert_file,
+            key_file,
+        };
         let access_ttl = raw.access_ttl.unwrap_or(defaults::ACCESS_TTL);
         let refresh_ttl = raw.refresh_ttl.unwrap_or(defaults::REFRESH_TTL);
         if refresh_ttl < access_ttl {
@@ -944,6 +1228,7 @@ impl Config {
         let to_usize = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
         let server = ServerConfig {
             listen,
+            http_listen,
             max_body_bytes: to_usize(raw.max_body_bytes.unwrap_or(defaults::MAX_BODY_BYTES)),
             header_read_timeout: raw
                 .header_read_timeout
@@ -969,6 +1254,7 @@ impl Config {
             admin_socket,
             server,
             tls_mode,
+            tls,
             log_format: raw.log_format.unwrap_or(LogFormat::Auto),
             log_filter: raw.log_level.unwrap_or_else(|| "info".into()),
             tokens: TokenConfig {
@@ -1079,6 +1365,7 @@ fn merge(high: Raw, low: Raw) -> Raw {
         master_key_file: high.master_key_file.or(low.master_key_file),
         admin_socket: high.admin_socket.or(low.admin_socket),
         listen: high.listen.or(low.listen),
+        http_listen: high.http_listen.or(low.http_listen),
         max_body_bytes: high.max_body_bytes.or(low.max_body_bytes),
         header_read_timeout: high.header_read_timeout.or(low.header_read_timeout),
         request_timeout: high.request_timeout.or(low.request_timeout),
@@ -1092,6 +1379,13 @@ fn merge(high: Raw, low: Raw) -> Raw {
             .h2_max_concurrent_streams
             .or(low.h2_max_concurrent_streams),
         tls_mode: high.tls_mode.or(low.tls_mode),
+        domains: high.domains.or(low.domains),
+        acme_directory: high.acme_directory.or(low.acme_directory),
+        acme_email: high.acme_email.or(low.acme_email),
+        acme_ca_root: high.acme_ca_root.or(low.acme_ca_root),
+        acme_retry: high.acme_retry.or(low.acme_retry),
+        tls_cert_file: high.tls_cert_file.or(low.tls_cert_file),
+        tls_key_file: high.tls_key_file.or(low.tls_key_file),
         log_format: high.log_format.or(low.log_format),
         log_level: high.log_level.or(low.log_level),
         issuer: high.issuer.or(low.issuer),
@@ -1300,6 +1594,102 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("loopback"), "{err}");
+    }
+
+    #[test]
+    fn a_domain_means_acme_on_443_with_the_redirect_on_80() {
+        let c = Config::load(
+            &Flags::default(),
+            &env(&[("GATEHOUSE_DOMAIN", "Auth.Example.com., b.example.com")]),
+        )
+        .unwrap();
+        assert_eq!(c.tls_mode, TlsMode::Acme);
+        assert_eq!(c.tls.domains, ["auth.example.com", "b.example.com"]);
+        assert_eq!(c.server.listen, "[::]:443".parse().unwrap());
+        assert_eq!(c.server.http_listen, Some("[::]:80".parse().unwrap()));
+        assert_eq!(c.tls.acme.directory, defaults::ACME_DIRECTORY);
+        assert_eq!(
+            crate::services::issuer(&c, c.server.listen),
+            "https://auth.example.com"
+        );
+        // Another port: no redirect by default, and the issuer names the port.
+        let flags = Flags {
+            listen: Some("127.0.0.1:5001".into()),
+            domains: vec!["a.example".into()],
+            acme_email: Some("ops@example.com".into()),
+            acme_directory: Some("letsencrypt-staging".into()),
+            ..Flags::default()
+        };
+        let c = Config::load(&flags, &Env::default()).unwrap();
+        assert_eq!(c.server.http_listen, None);
+        assert_eq!(c.tls.acme.contact, ["mailto:ops@example.com"]);
+        assert_eq!(c.tls.acme.directory, defaults::ACME_STAGING_DIRECTORY);
+        assert_eq!(
+            crate::services::issuer(&c, c.server.listen),
+            "https://a.example:5001"
+        );
+        // A file may list the names.
+        let (_dir, flags) = with_file("[tls]\ndomains = [\"x.example\", \"y.example\"]\n");
+        let c = Config::load(&flags, &Env::default()).unwrap();
+        assert_eq!(c.tls.domains, ["x.example", "y.example"]);
+    }
+
+    #[test]
+    fn bad_tls_settings_are_refused_with_a_reason() {
+        let cases: &[(&[(&str, &str)], &str)] = &[
+            (
+                &[("GATEHOUSE_DOMAIN", "*.example.com")],
+                "not a domain name",
+            ),
+            (&[("GATEHOUSE_DOMAIN", "192.0.2.1")], "not a domain name"),
+            (&[("GATEHOUSE_DOMAIN", "localhost")], "not a domain name"),
+            (&[("GATEHOUSE_DOMAIN", "a..example")], "not a domain name"),
+            (&[("GATEHOUSE_DOMAIN", "-a.example")], "not a domain name"),
+            (&[("GATEHOUSE_DOMAIN", " , ")], "at least one domain"),
+            (&[("GATEHOUSE_TLS", "acme")], "needs a domain"),
+            (&[("GATEHOUSE_TLS", "files")], "needs tls.cert_file"),
+            (
+                &[
+                    ("GATEHOUSE_TLS", "files"),
+                    ("GATEHOUSE_TLS_CERT_FILE", "/x.pem"),
+                ],
+                "needs tls.cert_file",
+            ),
+            (
+                &[("GATEHOUSE_TLS_CERT_FILE", "/x.pem")],
+                "only with tls.mode",
+            ),
+            (
+                &[("GATEHOUSE_ACME_DIRECTORY", "http://ca.example/dir")],
+                "https URL",
+            ),
+            (&[("GATEHOUSE_ACME_EMAIL", "not-an-address")], "email"),
+            (&[("GATEHOUSE_ACME_EMAIL", "a@b")], "email"),
+            (&[("GATEHOUSE_ACME_RETRY", "0s")], "between"),
+            (&[("GATEHOUSE_HTTP_LISTEN", "port80")], "IP:PORT"),
+            (
+                &[
+                    ("GATEHOUSE_TLS", "off"),
+                    ("GATEHOUSE_HTTP_LISTEN", "127.0.0.1:8080"),
+                ],
+                "tls.mode is \"off\"",
+            ),
+            (&[("GATEHOUSE_HTTP_LISTEN", "127.0.0.1:8443")], "are both"),
+        ];
+        for (vars, expected) in cases {
+            let err = Config::load(&Flags::default(), &env(vars))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(expected), "{vars:?}: {err}");
+        }
+        let many: Vec<String> = (0..101).map(|i| format!("n{i}.example")).collect();
+        let err = Config::load(
+            &Flags::default(),
+            &env(&[("GATEHOUSE_DOMAIN", &many.join(","))]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("at most 100"), "{err}");
     }
 
     #[test]

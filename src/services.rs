@@ -59,17 +59,27 @@ pub struct Services {
     pub audit: AuditLog,
     /// The scheduled jobs (run by `app` every second; also on demand).
     pub jobs: Arc<Scheduler>,
+    /// What the server's listener serves (set by `app`; none for the offline CLI or with
+    /// TLS off).
+    pub tls: Option<Arc<crate::tls::Tls>>,
 }
 
-/// The issuer when none is configured: the listen address (fine on loopback; a server
-/// reachable under a name should set `tokens.issuer`).
+/// The issuer when none is configured: the first domain when there is one, else the
+/// listen address (fine on loopback; a server reachable under a name should set
+/// `tokens.issuer` or a domain).
 pub fn issuer(config: &Config, local_addr: SocketAddr) -> String {
     if let Some(issuer) = &config.tokens.issuer {
         return issuer.clone();
     }
+    if let (Some(domain), false) = (config.tls.domains.first(), config.tls_mode == TlsMode::Off) {
+        return match local_addr.port() {
+            443 => format!("https://{domain}"),
+            port => format!("https://{domain}:{port}"),
+        };
+    }
     let scheme = match config.tls_mode {
         TlsMode::Off => "http",
-        TlsMode::SelfSigned => "https",
+        TlsMode::SelfSigned | TlsMode::Acme | TlsMode::Files => "https",
     };
     format!("{scheme}://{local_addr}")
 }
@@ -171,6 +181,7 @@ impl Services {
             lockout,
             audit,
             jobs,
+            tls: None,
             admin_tokens: AdminTokens::new(store.clone(), clock.clone()),
             devices: Devices::new(store.clone(), clock.clone(), revocations.clone()),
             clients: Clients::new(store.clone(), clock.clone()),

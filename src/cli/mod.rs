@@ -44,17 +44,39 @@ pub struct Cli {
     command: Commands,
 }
 
+#[derive(Debug, Default, clap::Args)]
+struct ServeArgs {
+    /// Address to listen on [env: GATEHOUSE_LISTEN] [default: 127.0.0.1:8443, with a domain [::]:443]
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<String>,
+    /// TLS mode: self-signed, acme, files or off (off only on a loopback address) [env: GATEHOUSE_TLS] [default: acme with a domain, else self-signed]
+    #[arg(long, value_name = "MODE")]
+    tls: Option<String>,
+    /// A name to serve and order certificates for; repeat or separate with commas [env: GATEHOUSE_DOMAIN]
+    #[arg(long = "domain", value_name = "NAME")]
+    domains: Vec<String>,
+    /// The ACME directory URL, or letsencrypt / letsencrypt-staging [env: GATEHOUSE_ACME_DIRECTORY] [default: letsencrypt]
+    #[arg(long, value_name = "URL")]
+    acme_directory: Option<String>,
+    /// Contact address for the ACME account [env: GATEHOUSE_ACME_EMAIL]
+    #[arg(long, value_name = "ADDR")]
+    acme_email: Option<String>,
+    /// PEM file of CA certificates to trust for the ACME directory's HTTPS (a private CA) [env: GATEHOUSE_ACME_CA_ROOT]
+    #[arg(long, value_name = "FILE")]
+    acme_ca_root: Option<PathBuf>,
+    /// files mode: the PEM certificate chain, leaf first [env: GATEHOUSE_TLS_CERT_FILE]
+    #[arg(long, value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// files mode: the PEM private key [env: GATEHOUSE_TLS_KEY_FILE]
+    #[arg(long, value_name = "FILE")]
+    tls_key: Option<PathBuf>,
+}
+
 #[derive(Debug, Subcommand)]
 enum Commands {
-    /// Run the server (zero-config: HTTPS with a self-signed certificate on 127.0.0.1:8443)
-    Serve {
-        /// Address to listen on [env: GATEHOUSE_LISTEN] [default: 127.0.0.1:8443]
-        #[arg(long, value_name = "ADDR")]
-        listen: Option<String>,
-        /// TLS mode: self-signed or off (off only on a loopback address) [env: GATEHOUSE_TLS]
-        #[arg(long, value_name = "MODE")]
-        tls: Option<String>,
-    },
+    /// Run the server (zero-config: HTTPS with a self-signed certificate on 127.0.0.1:8443;
+    /// with --domain: ACME certificates on [::]:443 and a redirect on port 80)
+    Serve(ServeArgs),
     /// Manage admin tokens
     #[command(subcommand)]
     AdminToken(AdminTokenCommand),
@@ -272,18 +294,24 @@ fn parse_ttl(text: &str) -> Result<std::time::Duration, String> {
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    let serve = match &cli.command {
+        Commands::Serve(args) => Some(args),
+        _ => None,
+    };
+    let from_serve = |pick: fn(&ServeArgs) -> Option<String>| serve.and_then(pick);
+    let path_from_serve = |pick: fn(&ServeArgs) -> Option<PathBuf>| serve.and_then(pick);
     let flags = Flags {
         config: cli.config.clone(),
         data: cli.data.clone(),
         master_key_file: cli.master_key_file.clone(),
-        listen: match &cli.command {
-            Commands::Serve { listen, .. } => listen.clone(),
-            _ => None,
-        },
-        tls: match &cli.command {
-            Commands::Serve { tls, .. } => tls.clone(),
-            _ => None,
-        },
+        listen: from_serve(|a| a.listen.clone()),
+        tls: from_serve(|a| a.tls.clone()),
+        domains: serve.map(|a| a.domains.clone()).unwrap_or_default(),
+        acme_directory: from_serve(|a| a.acme_directory.clone()),
+        acme_email: from_serve(|a| a.acme_email.clone()),
+        acme_ca_root: path_from_serve(|a| a.acme_ca_root.clone()),
+        tls_cert: path_from_serve(|a| a.tls_cert.clone()),
+        tls_key: path_from_serve(|a| a.tls_key.clone()),
     };
     let config = match Config::load(&flags, &Env::from_process()) {
         Ok(config) => config,
@@ -314,7 +342,7 @@ pub fn main() -> ExitCode {
 
 async fn run(command: Commands, config: Config) -> anyhow::Result<()> {
     match command {
-        Commands::Serve { .. } => Ok(crate::app::serve(config).await?),
+        Commands::Serve(_) => Ok(crate::app::serve(config).await?),
         Commands::AdminToken(AdminTokenCommand::Create { name }) => {
             let outcome = run_command(Command::AdminTokenCreate { name }, &config).await?;
             if let Outcome::TokenCreated(issued) = outcome {
@@ -694,7 +722,9 @@ async fn local_services(
         crate::config::TlsMode::SelfSigned => {
             crate::tls::stored_pin(store).map_err(|e| internal(&e))?
         }
-        crate::config::TlsMode::Off => None,
+        crate::config::TlsMode::Acme
+        | crate::config::TlsMode::Files
+        | crate::config::TlsMode::Off => None,
     };
     let server = ServerIdentity {
         url: crate::services::issuer(config, config.server.listen),

@@ -25,6 +25,32 @@ pub struct Ready {
     status: &'static str,
     tls: &'static str,
     format_version: u32,
+    /// The served certificate (absent with TLS off).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    certificate: Option<CertificateView>,
+    /// `acme` mode: orders and renewals.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    acme: Option<AcmeView>,
+}
+
+#[derive(Debug, Serialize)]
+struct CertificateView {
+    names: Vec<String>,
+    issuer: String,
+    not_after: String,
+}
+
+#[derive(Debug, Serialize)]
+struct AcmeView {
+    state: crate::tls::acme::AcmePhase,
+    issued: bool,
+    failures_in_row: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    last_error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next_attempt: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    renew_at: Option<String>,
 }
 
 pub async fn readyz(State(state): State<AppState>) -> Result<Json<Ready>, ApiError> {
@@ -43,9 +69,33 @@ pub async fn readyz(State(state): State<AppState>) -> Result<Json<Ready>, ApiErr
         tracing::error!(error = %err, "readiness check: data file not readable");
         return Err(ApiError::unavailable("the data file cannot be read"));
     }
+    let tls = state.services.tls.as_ref().map(|tls| tls.status());
+    if let Some(reason) = tls
+        .as_ref()
+        .and_then(|tls| tls.unready_reason(state.services.clock.now_ms()))
+    {
+        return Err(ApiError::unavailable(reason));
+    }
+    let rfc3339 = crate::clock::format_rfc3339;
     Ok(Json(Ready {
         status: "ready",
         tls: state.tls_mode.as_str(),
         format_version: state.store.info().format_version,
+        certificate: tls
+            .as_ref()
+            .and_then(|tls| tls.certificate.as_ref())
+            .map(|cert| CertificateView {
+                names: cert.names.clone(),
+                issuer: cert.issuer.clone(),
+                not_after: rfc3339(cert.not_after_ms),
+            }),
+        acme: tls.and_then(|tls| tls.acme).map(|acme| AcmeView {
+            state: acme.phase,
+            issued: acme.issued,
+            failures_in_row: acme.failures_in_row,
+            last_error: acme.last_error,
+            next_attempt: acme.next_attempt_at_ms.map(rfc3339),
+            renew_at: acme.renew_at_ms.map(rfc3339),
+        }),
     }))
 }

@@ -179,5 +179,79 @@ fn render(state: &AppState) -> Result<String, ApiError> {
         "When the job last succeeded (Unix time).",
         &last_success,
     );
+    if let Some(tls) = &state.services.tls {
+        render_tls(&mut out, &tls.status());
+    }
     Ok(out)
+}
+
+fn render_tls(out: &mut String, status: &crate::tls::TlsStatus) {
+    let seconds = |ms: u64| ms as f64 / 1000.0;
+    if let Some(cert) = &status.certificate {
+        metric(
+            out,
+            "gatehouse_tls_certificate_expiry_timestamp_seconds",
+            "gauge",
+            "When the served certificate expires (Unix time).",
+            &[(
+                format!("{{mode=\"{}\"}}", status.mode),
+                seconds(cert.not_after_ms),
+            )],
+        );
+    }
+    let Some(acme) = &status.acme else { return };
+    let one = |v: f64| [(String::new(), v)];
+    metric(
+        out,
+        "gatehouse_acme_certificate_issued",
+        "gauge",
+        "1 once a certificate from the ACME CA is served (0: the self-signed stand-in).",
+        &one(f64::from(u8::from(acme.issued))),
+    );
+    metric(
+        out,
+        "gatehouse_acme_orders_total",
+        "counter",
+        "ACME orders started since start.",
+        &one(acme.orders_started as f64),
+    );
+    metric(
+        out,
+        "gatehouse_acme_certificates_issued_total",
+        "counter",
+        "Certificates obtained from the ACME CA since start.",
+        &one(acme.certificates_issued as f64),
+    );
+    metric(
+        out,
+        "gatehouse_acme_failures_total",
+        "counter",
+        "Failed ACME orders since start.",
+        &one(acme.failures_total as f64),
+    );
+    metric(
+        out,
+        "gatehouse_acme_failures_in_a_row",
+        "gauge",
+        "Failed ACME orders in a row (0 after a success).",
+        &one(f64::from(acme.failures_in_row)),
+    );
+    if let Some(at) = acme.next_attempt_at_ms {
+        metric(
+            out,
+            "gatehouse_acme_next_attempt_timestamp_seconds",
+            "gauge",
+            "When the next ACME order is due after a failure (Unix time).",
+            &one(seconds(at)),
+        );
+    }
+    if let Some(at) = acme.renew_at_ms {
+        metric(
+            out,
+            "gatehouse_acme_renewal_timestamp_seconds",
+            "gauge",
+            "When the served certificate is due for renewal (Unix time).",
+            &one(seconds(at)),
+        );
+    }
 }

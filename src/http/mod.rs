@@ -16,6 +16,7 @@ pub mod limits;
 pub mod metrics;
 pub mod oauth;
 pub mod pairing;
+pub mod redirect;
 pub mod security;
 pub mod serve;
 pub mod ws;

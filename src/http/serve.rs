@@ -30,7 +30,6 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
-use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
 
 use crate::config::ServerConfig;
@@ -71,7 +70,7 @@ fn connection_builder(limits: &ServerConfig) -> auto::Builder<TokioExecutor> {
 /// Accepts connections until `shutdown` resolves, then drains for `shutdown_grace`.
 pub async fn serve(
     listener: TcpListener,
-    tls: Option<Arc<rustls::ServerConfig>>,
+    tls: Option<crate::tls::Acceptor>,
     app: Router,
     limits: ServerConfig,
     shutdown: impl Future<Output = ()>,
@@ -79,7 +78,7 @@ pub async fn serve(
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let graceful = GracefulShutdown::new();
     let builder = Arc::new(connection_builder(&limits));
-    let acceptor = tls.map(TlsAcceptor::from);
+    let acceptor = tls;
     tokio::pin!(shutdown);
     loop {
         let permit = tokio::select! {
@@ -144,7 +143,7 @@ struct Connection {
 }
 
 impl Connection {
-    async fn run(self, stream: tokio::net::TcpStream, acceptor: Option<TlsAcceptor>) {
+    async fn run(self, stream: tokio::net::TcpStream, acceptor: Option<crate::tls::Acceptor>) {
         let activity = Arc::new(Activity::new());
         match acceptor {
             None => {
@@ -156,9 +155,12 @@ impl Connection {
                 let handshake =
                     tokio::time::timeout(self.limits.tls_handshake_timeout, acceptor.accept(io));
                 match handshake.await {
-                    Ok(Ok(tls)) => {
+                    Ok(Ok(Some(tls))) => {
                         let io = IdleIo::plaintext(tls, activity.clone());
                         self.serve_io(io, activity).await;
+                    }
+                    Ok(Ok(None)) => {
+                        tracing::debug!(peer = %self.peer, "answered an ACME TLS-ALPN-01 validation");
                     }
                     Ok(Err(err)) => {
                         tracing::debug!(peer = %self.peer, error = %err, "TLS handshake failed");

@@ -110,6 +110,39 @@ pub enum SelfSignedCertRecord {
     V1(SelfSignedCert),
 }
 
+/// An ACME account: its key, per directory (`acme/account/<id>` in `secrets.v1`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AcmeAccount {
+    pub directory: String,
+    pub contact: Vec<String>,
+    /// PKCS#8 DER of the account's ECDSA P-256 key.
+    pub key_pkcs8: Vec<u8>,
+    pub created_at_ms: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum AcmeAccountRecord {
+    V1(AcmeAccount),
+}
+
+/// A certificate an ACME CA issued (`acme/cert/<id>` in `secrets.v1`): kept so a restart
+/// or a restored backup serves it at once, with no new order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AcmeCertificate {
+    pub directory: String,
+    /// The names ordered, sorted.
+    pub domains: Vec<String>,
+    /// PEM: the private key, then the chain (leaf first).
+    pub pem: Vec<u8>,
+    pub issued_at_ms: u64,
+    pub not_after_ms: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum AcmeCertificateRecord {
+    V1(AcmeCertificate),
+}
+
 // ---------------------------------------------------------------------------------------
 // Signing keys (`signing_keys.v1`; private halves sealed in `secrets.v1`)
 
@@ -419,6 +452,8 @@ single_version_codec! {
     encode_audit_checkpoint, decode_audit_checkpoint, AuditCheckpointRecord, AuditCheckpoint;
     encode_ban, decode_ban, BanRecord, Ban;
     encode_job_state, decode_job_state, JobStateRecord, JobState;
+    encode_acme_account, decode_acme_account, AcmeAccountRecord, AcmeAccount;
+    encode_acme_certificate, decode_acme_certificate, AcmeCertificateRecord, AcmeCertificate;
 }
 
 #[cfg(test)]

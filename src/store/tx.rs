@@ -11,8 +11,9 @@ use redb::{ReadableTable, ReadableTableMetadata, TableDefinition, TableHandle as
 use super::StoreError;
 use super::audit_chain::{ChainKey, HeadCache};
 use super::records::{
-    self, AdminToken, Ban, Client, DecodeError, Device, JobState, PairingSession, RateWindow,
-    RefreshToken, RevokedToken, SelfSignedCert, SigningKey, SigningKeyPrivate, TokenFamily,
+    self, AcmeAccount, AcmeCertificate, AdminToken, Ban, Client, DecodeError, Device, JobState,
+    PairingSession, RateWindow, RefreshToken, RevokedToken, SelfSignedCert, SigningKey,
+    SigningKeyPrivate, TokenFamily,
 };
 use super::seal::Sealer;
 use super::tables::{self, SECRETS};
@@ -188,6 +189,32 @@ fn signing_key_secret(kid: &str) -> String {
     format!("signing-key/{kid}")
 }
 
+/// A short, stable id of a string (16 hex digits of its SHA-256) for secret names.
+fn short_id(text: &str) -> String {
+    let hash = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
+    data_encoding::HEXLOWER.encode(&hash.as_ref()[..8])
+}
+
+fn acme_account_secret(directory: &str) -> String {
+    format!("acme/account/{}", short_id(directory))
+}
+
+/// All certificates from one directory share the prefix, so storing a new one can drop
+/// those for other name sets.
+fn acme_cert_prefix(directory: &str) -> String {
+    format!("acme/cert/{}/", short_id(directory))
+}
+
+fn acme_cert_secret(directory: &str, domains: &[String]) -> String {
+    let mut sorted = domains.to_vec();
+    sorted.sort();
+    format!(
+        "{}{}",
+        acme_cert_prefix(directory),
+        short_id(&sorted.join(","))
+    )
+}
+
 impl ReadTx<'_> {
     fn table(
         &self,
@@ -223,6 +250,30 @@ impl ReadTx<'_> {
         let name = signing_key_secret(kid);
         let plain = open_secret(self.sealer, &self.table(SECRETS)?, &name)?;
         decode_secret(plain, &name, records::decode_signing_key_private)
+    }
+
+    /// The ACME account for `directory`, if one was created.
+    pub fn acme_account(&self, directory: &str) -> Result<Option<AcmeAccount>, StoreError> {
+        let name = acme_account_secret(directory);
+        let plain = open_secret(self.sealer, &self.table(SECRETS)?, &name)?;
+        Ok(decode_secret(plain, &name, records::decode_acme_account)?
+            .filter(|account| account.directory == directory))
+    }
+
+    /// The certificate from `directory` for exactly `domains` (in any order), if stored.
+    pub fn acme_certificate(
+        &self,
+        directory: &str,
+        domains: &[String],
+    ) -> Result<Option<AcmeCertificate>, StoreError> {
+        let name = acme_cert_secret(directory, domains);
+        let plain = open_secret(self.sealer, &self.table(SECRETS)?, &name)?;
+        let mut wanted = domains.to_vec();
+        wanted.sort();
+        Ok(
+            decode_secret(plain, &name, records::decode_acme_certificate)?
+                .filter(|cert| cert.directory == directory && cert.domains == wanted),
+        )
     }
 
     /// Row counts of every table, for backups, `doctor` and tests.
@@ -311,6 +362,65 @@ impl WriteTx<'_> {
         let name = signing_key_secret(kid);
         let plain = open_secret(self.sealer, &self.table(SECRETS)?, &name)?;
         decode_secret(plain, &name, records::decode_signing_key_private)
+    }
+
+    /// The ACME account for `directory`, if one was created.
+    pub fn acme_account(&self, directory: &str) -> Result<Option<AcmeAccount>, StoreError> {
+        let name = acme_account_secret(directory);
+        let plain = open_secret(self.sealer, &self.table(SECRETS)?, &name)?;
+        Ok(decode_secret(plain, &name, records::decode_acme_account)?
+            .filter(|account| account.directory == directory))
+    }
+
+    /// The certificate from `directory` for exactly `domains` (in any order), if stored.
+    pub fn acme_certificate(
+        &self,
+        directory: &str,
+        domains: &[String],
+    ) -> Result<Option<AcmeCertificate>, StoreError> {
+        let name = acme_cert_secret(directory, domains);
+        let plain = open_secret(self.sealer, &self.table(SECRETS)?, &name)?;
+        let mut wanted = domains.to_vec();
+        wanted.sort();
+        Ok(
+            decode_secret(plain, &name, records::decode_acme_certificate)?
+                .filter(|cert| cert.directory == directory && cert.domains == wanted),
+        )
+    }
+
+    pub fn put_acme_account(&self, account: &AcmeAccount) -> Result<(), StoreError> {
+        self.put_secret(
+            &acme_account_secret(&account.directory),
+            &records::encode_acme_account(account),
+        )
+    }
+
+    /// Stores a new certificate and drops any other from the same directory (kept for
+    /// a name set no longer configured).
+    pub fn put_acme_certificate(&self, cert: &AcmeCertificate) -> Result<(), StoreError> {
+        let name = acme_cert_secret(&cert.directory, &cert.domains);
+        let prefix = acme_cert_prefix(&cert.directory);
+        let stale: Vec<String> = {
+            let table = self.table(SECRETS)?;
+            let mut names = Vec::new();
+            for row in table.range(prefix.as_str()..)? {
+                let (key, _) = row?;
+                let key = key.value();
+                if !key.starts_with(&prefix) {
+                    break;
+                }
+                if key != name {
+                    names.push(key.to_string());
+                }
+            }
+            names
+        };
+        let mut table = self.table(SECRETS)?;
+        for key in stale {
+            table.remove(key.as_str())?;
+        }
+        drop(table);
+        self.put_secret(&name, &records::encode_acme_certificate(cert))
     }
 
     pub fn put_signing_key_private(

@@ -42,7 +42,7 @@ impl TestApp {
             .tls
             .as_ref()
             .expect("TLS is on")
-            .cert_der
+            .cert_der()
             .clone();
         client_trusting(&cert)
     }

@@ -22,7 +22,7 @@ fn cert_of(app: &TestApp) -> Vec<u8> {
         .tls
         .as_ref()
         .expect("TLS is on")
-        .cert_der
+        .cert_der()
         .clone()
 }
 

@@ -34,7 +34,7 @@ fn client_from(app: &TestApp, ip: [u8; 4]) -> reqwest::Client {
         .tls
         .as_ref()
         .expect("TLS is on")
-        .cert_der
+        .cert_der()
         .clone();
     let mut roots = rustls::RootCertStore::empty();
     roots
@@ -664,7 +664,7 @@ async fn ws_connect(
     app: &TestApp,
 ) -> tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
     gatehouse::tls::install_default_provider();
-    let cert = app.running.tls.as_ref().unwrap().cert_der.clone();
+    let cert = app.running.tls.as_ref().unwrap().cert_der();
     let mut roots = rustls::RootCertStore::empty();
     roots
         .add(rustls::pki_types::CertificateDer::from(cert))

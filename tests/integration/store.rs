@@ -282,7 +282,10 @@ async fn migrated_fixture_serves_its_stored_certificate() {
         app.running.bootstrap_token.is_none(),
         "the fixture has tokens"
     );
-    assert_eq!(app.running.tls.as_ref().unwrap().cert_der, stored.cert_der);
+    assert_eq!(
+        app.running.tls.as_ref().unwrap().cert_der(),
+        stored.cert_der
+    );
     let response = app
         .client()
         .get(format!("{}/healthz", app.base_url))
@@ -817,7 +820,7 @@ async fn a_server_on_the_format_v2_fixture_serves_its_certificate_and_pairs_a_de
         "the fixture has tokens"
     );
     assert_eq!(app.running.store.info().format_version, FORMAT_VERSION);
-    let served = app.running.tls.as_ref().unwrap().cert_der.clone();
+    let served = app.running.tls.as_ref().unwrap().cert_der();
     let admin = app
         .running
         .services

@@ -41,7 +41,7 @@ fn connector(app: &TestApp) -> TlsConnector {
         .tls
         .as_ref()
         .expect("TLS is on")
-        .cert_der
+        .cert_der()
         .clone();
     let mut roots = rustls::RootCertStore::empty();
     roots

@@ -1,13 +1,8 @@
-//! TLS for the listener: the rustls configuration and where its certificate comes from.
-//!
-//! Modes: `self-signed` (a certificate made with rcgen, kept sealed in the data file so
-//! it stays the same across restarts and backups) and `off` (loopback only, checked by
-//! `config`). ACME and certificate files come with their own work. The policy is the
-//! same in every mode: TLS 1.3 and 1.2 only, rustls' ring provider and its safe cipher
-//! suites in the server's order, ALPN h2 and http/1.1.
+//! The self-signed certificate: made with rcgen, kept sealed in the data file so it stays
+//! the same across restarts and backups (a pairing app pins its public key), and replaced
+//! a month before it expires or when the listen address needs a name it lacks.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use rcgen::{
@@ -16,65 +11,15 @@ use rcgen::{
 use ring::digest::{SHA256, digest};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
+use super::{ServedCert, TlsError};
 use crate::clock::Clock;
+use crate::store::Store;
 use crate::store::records::SelfSignedCert;
-use crate::store::{Store, StoreError};
 
 /// A self-signed certificate lives this long...
 const SELF_SIGNED_VALIDITY: Duration = Duration::from_secs(397 * 24 * 3600);
 /// ...and is replaced this long before it expires.
 const SELF_SIGNED_RENEW_BEFORE: Duration = Duration::from_secs(30 * 24 * 3600);
-
-#[derive(Debug, thiserror::Error)]
-pub enum TlsError {
-    #[error("cannot make a self-signed certificate: {0}")]
-    Generate(#[from] rcgen::Error),
-    #[error("the stored certificate or key is unusable: {0}")]
-    Rustls(#[from] rustls::Error),
-    #[error(transparent)]
-    Store(#[from] StoreError),
-}
-
-/// The ring crypto provider: the only one gatehouse uses.
-pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
-/// Makes ring the process-wide default provider (for any library that asks for the
-/// default rather than taking ours). Idempotent.
-pub fn install_default_provider() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-}
-
-/// A ready server configuration and facts worth printing.
-#[derive(Debug, Clone)]
-pub struct ServerTls {
-    pub config: Arc<rustls::ServerConfig>,
-    /// The served certificate (DER), for clients that trust it directly.
-    pub cert_der: Vec<u8>,
-    /// SHA-256 of the certificate's SubjectPublicKeyInfo, base64 (an HPKP-style pin a
-    /// pairing app can use to trust a self-signed server).
-    pub spki_sha256: String,
-    pub names: Vec<String>,
-    pub not_after_ms: u64,
-}
-
-/// Builds the rustls server configuration for one certificate and key.
-pub fn server_config(
-    cert_der: Vec<u8>,
-    key_der: Vec<u8>,
-) -> Result<Arc<rustls::ServerConfig>, TlsError> {
-    let mut config = rustls::ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
-        .with_no_client_auth()
-        .with_single_cert(
-            vec![CertificateDer::from(cert_der)],
-            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key_der)),
-        )?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    config.ignore_client_order = true;
-    Ok(Arc::new(config))
-}
 
 /// The names a self-signed certificate for `listen` must carry.
 pub fn self_signed_names(listen: SocketAddr) -> Vec<String> {
@@ -135,11 +80,12 @@ pub fn stored_pin(store: &Store) -> Result<Option<String>, TlsError> {
 
 /// The self-signed certificate for `listen`: the stored one while it is valid and
 /// covers the listen address, else a new one, stored (sealed) before it is served.
+/// Returns it with its pin (`sha256/<base64>` of the public key).
 pub async fn self_signed(
     store: &Store,
     clock: &dyn Clock,
     listen: SocketAddr,
-) -> Result<ServerTls, TlsError> {
+) -> Result<(ServedCert, String), TlsError> {
     let names = self_signed_names(listen);
     let now = clock.now_ms();
     let cert = match store.read(|tx| tx.self_signed_cert())? {
@@ -156,14 +102,12 @@ pub async fn self_signed(
             cert
         }
     };
-    let spki_sha256 = spki_pin(&cert.key_der)?;
-    Ok(ServerTls {
-        config: server_config(cert.cert_der.clone(), cert.key_der)?,
-        cert_der: cert.cert_der,
-        spki_sha256,
-        names: cert.names,
-        not_after_ms: cert.not_after_ms,
-    })
+    let pin = format!("sha256/{}", spki_pin(&cert.key_der)?);
+    let served = ServedCert::new(
+        vec![CertificateDer::from(cert.cert_der)],
+        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(cert.key_der)),
+    )?;
+    Ok((served, pin))
 }
 
 #[cfg(test)]
@@ -179,13 +123,12 @@ mod tests {
     }
 
     #[test]
-    fn generated_certificate_loads_into_rustls() {
+    fn the_pin_is_a_sha256_in_base64() {
         let cert = generate_self_signed(
             &self_signed_names("127.0.0.1:1".parse().unwrap()),
             1_700_000_000_000,
         )
         .unwrap();
-        server_config(cert.cert_der.clone(), cert.key_der.clone()).unwrap();
         assert_eq!(spki_pin(&cert.key_der).unwrap().len(), 44);
     }
 
