@@ -1173,8 +1173,10 @@ impl Config {
                 "server.http_listen redirects to HTTPS, but tls.mode is \"off\"".into(),
             ));
         }
-        if http_listen.is_some_and(|http| http.port() == listen.port() && http.ip() == listen.ip())
-        {
+        // Port 0 (any free port) twice is two different ports.
+        if http_listen.is_some_and(|http| {
+            http.port() != 0 && http.port() == listen.port() && http.ip() == listen.ip()
+        }) {
             return Err(ConfigError::Invalid(format!(
                 "server.http_listen and server.listen are both {listen}"
             )));

@@ -102,6 +102,8 @@ pub enum Command {
     },
     /// Whether a server answers (the CLI asks before working on the file itself).
     Ping,
+    /// What the running server's listener serves (`doctor`).
+    TlsStatus,
 }
 
 /// What a command did.
@@ -149,6 +151,10 @@ pub enum Outcome {
     },
     JobRan(JobView),
     Pong,
+    /// `None` when no server runs (the offline CLI has no listener).
+    Tls {
+        status: Option<Box<crate::tls::TlsStatus>>,
+    },
 }
 
 /// A refused or failed command: a stable code and a message for a person.
@@ -385,6 +391,9 @@ pub async fn execute(command: Command, services: &Services) -> Result<Outcome, C
             ))
         }
         Command::Ping => Ok(Outcome::Pong),
+        Command::TlsStatus => Ok(Outcome::Tls {
+            status: services.tls.as_ref().map(|tls| Box::new(tls.status())),
+        }),
         Command::JobsList => Ok(Outcome::JobList {
             jobs: services.jobs.list(services)?,
         }),

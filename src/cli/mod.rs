@@ -7,6 +7,7 @@
 
 mod audit;
 mod backup;
+mod doctor;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -115,6 +116,8 @@ enum Commands {
     /// List and run scheduled jobs
     #[command(subcommand)]
     Jobs(JobsCommand),
+    /// Check the master key, data file, clock, ports, TLS and DNS, and say what to fix
+    Doctor,
     /// Re-seal every secret in the data file under a new master key
     Rekey {
         /// The new key file; created (mode 0600) with a fresh random key if it does not exist
@@ -378,6 +381,7 @@ async fn run(command: Commands, config: Config) -> anyhow::Result<()> {
         Commands::Audit(command) => audit::audit(command, &config).await,
         Commands::Bans(command) => audit::bans(command, &config).await,
         Commands::Backup { file } => backup::backup(&file, &config).await,
+        Commands::Doctor => doctor::doctor(&config).await,
         Commands::Restore {
             file,
             backup_key_file,

@@ -23,7 +23,7 @@ use futures_util::StreamExt;
 use rustls::RootCertStore;
 use rustls::pki_types::{CertificateDer, pem::PemObject};
 use rustls_acme::{AccountCache, CertCache, EventOk};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::{CertSlot, ServedCert, TlsError, provider};
 use crate::audit::{self, Event, Origin, Severity};
@@ -111,7 +111,7 @@ pub fn stored_certificate(
 }
 
 /// Where the ACME work stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AcmePhase {
     /// A CA certificate is served and its renewal is not due.
@@ -123,7 +123,7 @@ pub enum AcmePhase {
 }
 
 /// A snapshot of the ACME state, for `/readyz`, metrics and `doctor`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AcmeSnapshot {
     pub directory: String,
     pub domains: Vec<String>,
@@ -353,9 +353,18 @@ impl AcmeDriver {
     /// serves what it gets.
     pub async fn run(self, stop: impl std::future::Future<Output = ()>) {
         tokio::pin!(stop);
+        // Retries wait in real time (the backoff is about the CA, not the certificate);
+        // only the renewal date is read from gatehouse's clock.
+        let mut retry_at: Option<tokio::time::Instant> = None;
         loop {
+            if let Some(at) = retry_at.take() {
+                tokio::select! {
+                    () = &mut stop => return,
+                    () = tokio::time::sleep_until(at) => {}
+                }
+            }
             let now = self.clock.now_ms();
-            if let Some(at) = self.next_order_at(now) {
+            if let Some(at) = self.renewal_not_due(now) {
                 let wait = Duration::from_millis(at - now).min(MAX_SLEEP);
                 tokio::select! {
                     () = &mut stop => return,
@@ -371,27 +380,26 @@ impl AcmeDriver {
                 () = &mut stop => return,
                 outcome = tokio::time::timeout(ORDER_TIMEOUT, self.order()) => outcome,
             };
-            match outcome {
-                Ok(Ok(cert)) => self.served(cert),
-                Ok(Err(err)) => self.failed(err).await,
-                Err(_) => {
-                    self.failed(format!(
-                        "the order did not finish within {}",
-                        humantime::format_duration(ORDER_TIMEOUT)
-                    ))
-                    .await;
+            let error = match outcome {
+                Ok(Ok(cert)) => {
+                    self.served(cert);
+                    continue;
                 }
-            }
+                Ok(Err(err)) => err,
+                Err(_) => format!(
+                    "the order did not finish within {}",
+                    humantime::format_duration(ORDER_TIMEOUT)
+                ),
+            };
+            let delay = self.failed(error).await;
+            retry_at = Some(tokio::time::Instant::now() + delay);
         }
     }
 
-    /// When the next order should start; `None` for now.
-    fn next_order_at(&self, now: u64) -> Option<u64> {
-        let snapshot = self.status.snapshot();
-        if let Some(at) = snapshot.next_attempt_at_ms.filter(|at| *at > now) {
-            return Some(at);
-        }
-        if !snapshot.issued {
+    /// When the served certificate is due for renewal, if that is still ahead; `None`:
+    /// order now (nothing from the CA is served yet, or the renewal is due).
+    fn renewal_not_due(&self, now: u64) -> Option<u64> {
+        if !self.status.snapshot().issued {
             return None;
         }
         let renew_at = self.slot.current().info.renew_at_ms();
@@ -454,7 +462,8 @@ impl AcmeDriver {
         });
     }
 
-    async fn failed(&self, error: String) {
+    /// Records a failed order; returns how long to wait before the next.
+    async fn failed(&self, error: String) -> Duration {
         let error: String = error.chars().take(MAX_ERROR_CHARS).collect();
         let now = self.clock.now_ms();
         let (attempt, delay) = self.status.with(|s| {
@@ -488,6 +497,7 @@ impl AcmeDriver {
         {
             tracing::error!(error = %err, "cannot audit the failed ACME order");
         }
+        delay
     }
 }
 

@@ -26,7 +26,7 @@ use ring::digest::{SHA256, digest};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio_rustls::server::TlsStream;
 
@@ -66,7 +66,7 @@ pub fn install_default_provider() {
 }
 
 /// Facts about a served certificate, for `/readyz`, metrics, `doctor` and the audit log.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CertInfo {
     /// DNS names and IP addresses of the subject alternative names.
     pub names: Vec<String>,
@@ -268,7 +268,7 @@ impl Tls {
     /// What is served and the state of renewals, for `/readyz`, metrics and `doctor`.
     pub fn status(&self) -> TlsStatus {
         TlsStatus {
-            mode: self.mode.as_str(),
+            mode: self.mode.as_str().to_string(),
             certificate: Some(self.slot.current().info.clone()),
             acme: self.acme.as_ref().map(|acme| acme.snapshot()),
         }
@@ -276,9 +276,9 @@ impl Tls {
 }
 
 /// A snapshot of the TLS state.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TlsStatus {
-    pub mode: &'static str,
+    pub mode: String,
     /// The certificate served now (none with TLS off).
     pub certificate: Option<CertInfo>,
     pub acme: Option<acme::AcmeSnapshot>,
@@ -287,7 +287,7 @@ pub struct TlsStatus {
 impl TlsStatus {
     pub fn off() -> Self {
         Self {
-            mode: TlsMode::Off.as_str(),
+            mode: TlsMode::Off.as_str().to_string(),
             certificate: None,
             acme: None,
         }

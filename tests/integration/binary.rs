@@ -195,10 +195,11 @@ impl Server {
         let mut seen = Vec::new();
         let mut listening: Option<String> = None;
         let mut pin = None;
+        let mut tls_line = false;
         let mut bootstrap_token = None;
         loop {
             let done = match &listening {
-                Some(url) => url.starts_with("http://") || pin.is_some(),
+                Some(url) => url.starts_with("http://") || tls_line,
                 None => false,
             };
             if done {
@@ -213,6 +214,7 @@ impl Server {
                     if let Some(rest) = line.split("SPKI pin sha256/").nth(1) {
                         pin = Some(rest.trim().to_string());
                     }
+                    tls_line |= line.starts_with("TLS: ");
                     if line.trim().starts_with("gha_") {
                         bootstrap_token = Some(line.trim().to_string());
                     }

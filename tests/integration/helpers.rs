@@ -139,9 +139,12 @@ pub fn test_config(dir: &Path, extra_env: &[(&str, &str)]) -> Config {
         env.entry(format!("GATEHOUSE_JOBS_{job}"))
             .or_insert_with(|| "off".into());
     }
+    // A test that needs a known port (an ACME CA connects back to it) sets
+    // GATEHOUSE_LISTEN; every other test gets a free port.
+    let listen = (!env.contains_key("GATEHOUSE_LISTEN")).then(|| "127.0.0.1:0".to_string());
     let flags = Flags {
         data: Some(dir.join("gatehouse.redb")),
-        listen: Some("127.0.0.1:0".into()),
+        listen,
         ..Flags::default()
     };
     Config::load(&flags, &Env(env)).expect("test config is valid")
@@ -253,4 +256,42 @@ pub fn write_fixture_base(
         .unwrap()
         .insert("tls/self-signed", sealed.as_slice())
         .unwrap();
+}
+
+/// Whether an external program runs (`program args`, any exit status). When it cannot,
+/// a CI run (`CI=true`) fails with `install`, and a local run skips with a printed reason.
+pub fn tool_available(test: &str, program: &str, args: &[&str], install: &str) -> bool {
+    match std::process::Command::new(program)
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+    {
+        Ok(_) => true,
+        Err(err) => {
+            if std::env::var("CI").as_deref() == Ok("true") {
+                panic!("{test}: {program} cannot run ({err}); CI must have it: {install}");
+            }
+            eprintln!("{test}: skipped, {program} cannot run ({err}); {install}");
+            false
+        }
+    }
+}
+
+/// A free TCP port on loopback (bound and released: a small window for a race, fine for
+/// a test that must name its port before the server starts).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// Milliseconds since the epoch, from the system clock (for tests whose certificates come
+/// from a real CA and must be valid now).
+pub fn system_now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }

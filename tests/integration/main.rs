@@ -6,6 +6,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod acme;
 mod audit;
 mod binary;
 mod cli;
@@ -20,5 +21,7 @@ mod ratelimit;
 mod restore;
 mod schedule;
 mod store;
+mod test_ca;
+mod tls;
 mod tokens;
 mod ws;
