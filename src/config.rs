@@ -248,6 +248,10 @@ pub struct AcmeConfig {
     pub ca_root: Option<PathBuf>,
     /// The first retry after a failed order (doubling up to 12 hours).
     pub retry: Duration,
+    /// External Account Binding, for CAs that demand it: the key id, and the file
+    /// holding the base64url MAC key.
+    pub eab_kid: Option<String>,
+    pub eab_key_file: Option<PathBuf>,
 }
 
 /// Backup settings.
@@ -364,6 +368,8 @@ struct Raw {
     acme_email: Option<String>,
     acme_ca_root: Option<PathBuf>,
     acme_retry: Option<Duration>,
+    acme_eab_kid: Option<String>,
+    acme_eab_key_file: Option<PathBuf>,
     tls_cert_file: Option<PathBuf>,
     tls_key_file: Option<PathBuf>,
     log_format: Option<LogFormat>,
@@ -573,6 +579,20 @@ pub static SETTINGS: &[Setting] = &[
             Duration::from_secs(1),
             Duration::from_secs(3600)
         )?)),
+    setting!("tls.acme_eab_kid", "GATEHOUSE_ACME_EAB_KID", |r, v| r
+        .acme_eab_kid =
+        Some({
+            let v = v.trim();
+            if v.is_empty() || v.len() > 256 || v.chars().any(char::is_control) {
+                return Err("expected the key id the CA gave, 1 to 256 characters".into());
+            }
+            v.to_string()
+        })),
+    setting!(
+        "tls.acme_eab_key_file",
+        "GATEHOUSE_ACME_EAB_KEY_FILE",
+        |r, v| r.acme_eab_key_file = Some(path(v)?)
+    ),
     setting!("tls.cert_file", "GATEHOUSE_TLS_CERT_FILE", |r, v| r
         .tls_cert_file =
         Some(path(v)?)),
@@ -1203,6 +1223,13 @@ impl Config {
                 tls_mode.as_str()
             )));
         }
+        if raw.acme_eab_kid.is_some() != raw.acme_eab_key_file.is_some() {
+            return Err(ConfigError::Invalid(
+                "External Account Binding needs both tls.acme_eab_kid and \
+                 tls.acme_eab_key_file (the key id and the file with the MAC key the CA gave)"
+                    .into(),
+            ));
+        }
         let tls = TlsConfig {
             domains,
             acme: AcmeConfig {
@@ -1213,6 +1240,8 @@ impl Config {
                 contact: raw.acme_email.clone().into_iter().collect(),
                 ca_root: raw.acme_ca_root.clone(),
                 retry: raw.acme_retry.unwrap_or(defaults::ACME_RETRY),
+                eab_kid: raw.acme_eab_kid.clone(),
+                eab_key_file: raw.acme_eab_key_file.clone(),
             },
             cert_file,
             key_file,
@@ -1386,6 +1415,8 @@ fn merge(high: Raw, low: Raw) -> Raw {
         acme_email: high.acme_email.or(low.acme_email),
         acme_ca_root: high.acme_ca_root.or(low.acme_ca_root),
         acme_retry: high.acme_retry.or(low.acme_retry),
+        acme_eab_kid: high.acme_eab_kid.or(low.acme_eab_kid),
+        acme_eab_key_file: high.acme_eab_key_file.or(low.acme_eab_key_file),
         tls_cert_file: high.tls_cert_file.or(low.tls_cert_file),
         tls_key_file: high.tls_key_file.or(low.tls_key_file),
         log_format: high.log_format.or(low.log_format),
@@ -1669,6 +1700,11 @@ mod tests {
             (&[("GATEHOUSE_ACME_EMAIL", "a@b")], "email"),
             (&[("GATEHOUSE_ACME_RETRY", "0s")], "between"),
             (&[("GATEHOUSE_HTTP_LISTEN", "port80")], "IP:PORT"),
+            (&[("GATEHOUSE_ACME_EAB_KID", "kid-1")], "needs both"),
+            (
+                &[("GATEHOUSE_ACME_EAB_KEY_FILE", "/etc/gatehouse/eab.key")],
+                "needs both",
+            ),
             (
                 &[
                     ("GATEHOUSE_TLS", "off"),

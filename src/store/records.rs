@@ -118,6 +118,8 @@ pub struct AcmeAccount {
     /// PKCS#8 DER of the account's ECDSA P-256 key.
     pub key_pkcs8: Vec<u8>,
     pub created_at_ms: u64,
+    /// The External Account Binding key id the account was registered with, if any.
+    pub eab_kid: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -49,6 +49,8 @@ pub struct AcmeSettings {
     pub domains: Vec<String>,
     pub contact: Vec<String>,
     pub retry: Duration,
+    /// External Account Binding, when the CA demands it.
+    pub eab: Option<super::eab::EabCredentials>,
     client: Arc<rustls::ClientConfig>,
 }
 
@@ -85,7 +87,25 @@ impl AcmeSettings {
             .with_no_client_auth();
         let mut domains = config.tls.domains.clone();
         domains.sort();
+        let eab = match (&config.tls.acme.eab_kid, &config.tls.acme.eab_key_file) {
+            (Some(kid), Some(path)) => {
+                let text = std::fs::read_to_string(path).map_err(|source| TlsError::ReadFile {
+                    path: path.clone(),
+                    source,
+                })?;
+                Some(
+                    super::eab::EabCredentials::new(kid, &text).map_err(|reason| {
+                        TlsError::BadFile {
+                            path: path.clone(),
+                            reason,
+                        }
+                    })?,
+                )
+            }
+            _ => None,
+        };
         Ok(Self {
+            eab,
             directory: config.tls.acme.directory.clone(),
             domains,
             contact: config.tls.acme.contact.clone(),
@@ -293,17 +313,34 @@ impl AccountCache for StoreCache {
         directory: &str,
         key: &[u8],
     ) -> Result<(), String> {
+        self.save_account(contact, directory, key, None).await
+    }
+}
+
+impl StoreCache {
+    /// Seals the account key with its audit record, in one durable write.
+    async fn save_account(
+        &self,
+        contact: &[String],
+        directory: &str,
+        key: &[u8],
+        eab_kid: Option<&str>,
+    ) -> Result<(), String> {
         let now = self.clock.now_ms();
         let account = AcmeAccount {
             directory: directory.to_string(),
             contact: contact.to_vec(),
             key_pkcs8: key.to_vec(),
             created_at_ms: now,
+            eab_kid: eab_kid.map(str::to_string),
         };
-        let event = Event::new("acme.account_created")
+        let mut event = Event::new("acme.account_created")
             .severity(Severity::Notice)
             .detail("directory", directory.to_string())
             .detail("contact", contact.to_vec());
+        if let Some(kid) = eab_kid {
+            event = event.detail("eab_kid", kid.to_string());
+        }
         self.store
             .write(move |tx| {
                 tx.put_acme_account(&account)?;
@@ -414,7 +451,35 @@ impl AcmeDriver {
         (renew_at > now).then_some(renew_at)
     }
 
+    /// With External Account Binding and no account bound with this key id yet, registers
+    /// one (the binding is needed once: later orders use the stored account). An account
+    /// key made without the binding (before it was configured) is replaced.
+    async fn bind_account(&self) -> Result<(), String> {
+        let Some(eab) = &self.settings.eab else {
+            return Ok(());
+        };
+        let directory = self.settings.directory.clone();
+        let known = self
+            .store
+            .read(|tx| tx.acme_account(&directory))
+            .map_err(|e| e.to_string())?;
+        if known.is_some_and(|account| account.eab_kid.as_deref() == Some(eab.kid.as_str())) {
+            return Ok(());
+        }
+        let key = super::eab::register(
+            &self.settings.client,
+            &self.settings.directory,
+            &self.settings.contact,
+            eab,
+        )
+        .await?;
+        self.cache
+            .save_account(&self.settings.contact, &directory, &key, Some(&eab.kid))
+            .await
+    }
+
     async fn order(&self) -> Result<ServedCert, String> {
+        self.bind_account().await?;
         let config = rustls_acme::AcmeConfig::new_with_client_config(
             &self.settings.domains,
             self.settings.client.clone(),

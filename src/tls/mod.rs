@@ -16,6 +16,7 @@
 //! stateless tickets and a session cache.
 
 pub mod acme;
+pub mod eab;
 pub mod files;
 mod self_signed;
 

@@ -26,7 +26,8 @@ struct Pebble {
 
 impl Pebble {
     /// pebble validating TLS-ALPN-01 on `tls_port`; `None` when pebble is missing outside CI.
-    fn start(test: &str, dir: &Path, tls_port: u16) -> Option<Self> {
+    /// With `eab`, new accounts need an External Account Binding to `(kid, key)`.
+    fn start(test: &str, dir: &Path, tls_port: u16, eab: Option<(&str, &str)>) -> Option<Self> {
         let install = "apt-get install pebble";
         if !tool_available(test, "pebble", &["-h"], install)
             || !tool_available(test, "pebble-challtestsrv", &["-h"], install)
@@ -47,7 +48,10 @@ impl Pebble {
                 "httpPort": free_port(),
                 "tlsPort": tls_port,
                 "ocspResponderURL": "",
-                "externalAccountBindingRequired": false,
+                "externalAccountBindingRequired": eab.is_some(),
+                "externalAccountMACKeys": eab
+                    .map(|(kid, key)| serde_json::json!({ kid: key }))
+                    .unwrap_or_else(|| serde_json::json!({})),
             }
         });
         std::fs::write(&config, json.to_string()).unwrap();
@@ -257,7 +261,7 @@ async fn a_certificate_from_pebble_is_served_kept_across_restarts_and_survives_a
     let dir = tempfile::tempdir().unwrap();
     let pebble_dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let Some(mut pebble) = Pebble::start(test, pebble_dir.path(), port) else {
+    let Some(mut pebble) = Pebble::start(test, pebble_dir.path(), port, None) else {
         return;
     };
     let mut env = pebble.env();
@@ -369,5 +373,73 @@ async fn a_certificate_from_pebble_is_served_kept_across_restarts_and_survives_a
         .unwrap();
     assert_eq!(ready.status(), 200);
     assert_eq!(acme(&app).failures_in_row, 0);
+    app.stop().await;
+}
+
+/// A CA that demands External Account Binding: without it the account is refused (and
+/// retried, audited); with a wrong MAC key too; with the right one a certificate is
+/// issued, and the account records the binding's key id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ca_that_demands_external_account_binding_issues_only_with_it() {
+    let test = "acme::eab";
+    const KID: &str = "kid-1";
+    const KEY: &str = "zWNDZM6eQGHWpSRTPal5eIUYFTu7EajVIoguysqZ9wG44nMEtx3MUAsUDkMTQ12W";
+    let pebble_dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let Some(pebble) = Pebble::start(test, pebble_dir.path(), port, Some((KID, KEY))) else {
+        return;
+    };
+    let mut env = pebble.env();
+    env.push(("GATEHOUSE_LISTEN", format!("127.0.0.1:{port}")));
+    let now = system_now_ms();
+
+    // No binding: the CA refuses the account; nothing is issued.
+    let dir = tempfile::tempdir().unwrap();
+    let app = start_app(dir, &env, now).await;
+    wait_for(&app, "a refused order", |s| s.failures_in_row >= 1).await;
+    let error = acme(&app).last_error.unwrap();
+    assert!(error.contains("externalAccountRequired"), "{error}");
+    assert!(!acme(&app).issued);
+    let dir = app.stop().await;
+
+    // A wrong MAC key: refused, naming the binding.
+    let wrong = pebble_dir.path().join("wrong.key");
+    std::fs::write(
+        &wrong,
+        "b10lLJs8l1GPIzsLP0s6pMt8O0XVGnfTaCeROxQM0BIt2XrJMDHJZBM5NuQmQJQH",
+    )
+    .unwrap();
+    let mut with_wrong = env.clone();
+    with_wrong.push(("GATEHOUSE_ACME_EAB_KID", KID.to_string()));
+    with_wrong.push(("GATEHOUSE_ACME_EAB_KEY_FILE", wrong.display().to_string()));
+    let app = start_app(dir, &with_wrong, now).await;
+    wait_for(&app, "a refused binding", |s| s.failures_in_row >= 1).await;
+    let error = acme(&app).last_error.unwrap();
+    assert!(
+        error.contains("refused the account with its external binding"),
+        "{error}"
+    );
+    let dir = app.stop().await;
+
+    // The right binding: the account is registered with it and the order goes through.
+    let right = pebble_dir.path().join("right.key");
+    std::fs::write(&right, format!("{KEY}\n")).unwrap();
+    let mut with_right = env.clone();
+    with_right.push(("GATEHOUSE_ACME_EAB_KID", KID.to_string()));
+    with_right.push(("GATEHOUSE_ACME_EAB_KEY_FILE", right.display().to_string()));
+    let app = start_app(dir, &with_right, now).await;
+    wait_for(&app, "a certificate", |s| s.issued).await;
+    let root = pebble.issuing_root().await;
+    let ready = client_for(&app, &root)
+        .get(url(&app, "/readyz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200);
+    let accounts = audit_kinds(&app, "acme.account_created").await;
+    assert!(
+        accounts.iter().any(|a| a["details"]["eab_kid"] == KID),
+        "{accounts:?}"
+    );
     app.stop().await;
 }
