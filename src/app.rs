@@ -292,6 +292,7 @@ async fn prepare_tls(
             let (cert, pin) = tls::self_signed(store, clock.as_ref(), local_addr).await?;
             let mut tls = Tls::new(TlsMode::SelfSigned, cert)?;
             tls.pin = Some(pin);
+            tls.self_signed_for = Some(local_addr);
             Ok((Some(Arc::new(tls)), None))
         }
         TlsMode::Files => {
@@ -482,6 +483,7 @@ async fn maintain(
             }
             _ = last_seen.tick() => flush_last_seen(&services).await,
             _ = jobs.tick() => {
+                renew_self_signed(&services).await;
                 while running_jobs.try_join_next().is_some() {}
                 let services = services.clone();
                 let missed = pending.take();
@@ -489,6 +491,33 @@ async fn maintain(
                     run_jobs(&services, missed).await;
                 });
             }
+        }
+    }
+}
+
+/// `self-signed` mode: a certificate a month from expiry is renewed while serving (same
+/// key, so the pin holds), stored, served to new connections, and audited.
+async fn renew_self_signed(services: &Services) {
+    let Some(tls) = &services.tls else { return };
+    match tls::renew_self_signed_if_due(tls, &services.store, services.clock.as_ref()).await {
+        Ok(None) => {}
+        Ok(Some(info)) => {
+            let until = crate::clock::format_rfc3339(info.not_after_ms);
+            tracing::info!(not_after = %until, "renewed the self-signed certificate");
+            services
+                .audit
+                .record_or_log(
+                    &Origin::system(),
+                    Event::new("tls.self_signed_renewed")
+                        .severity(Severity::Notice)
+                        .detail("names", info.names)
+                        .detail("not_after", until)
+                        .detail("sha256", info.sha256),
+                )
+                .await;
+        }
+        Err(err) => {
+            tracing::warn!(error = %err, "renewing the self-signed certificate failed; retrying in a second")
         }
     }
 }

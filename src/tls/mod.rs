@@ -36,6 +36,28 @@ use crate::store::StoreError;
 
 pub use self_signed::{generate_self_signed, self_signed, self_signed_names, stored_pin};
 
+/// `self-signed` mode: replaces the served certificate once it is due (a month before
+/// it expires), keeping its key so the pin apps hold stays valid. Called every second by
+/// the server's housekeeping; cheap when nothing is due. Returns the new certificate's
+/// facts when it renewed.
+pub async fn renew_self_signed_if_due(
+    tls: &Tls,
+    store: &crate::store::Store,
+    clock: &dyn crate::clock::Clock,
+) -> Result<Option<CertInfo>, TlsError> {
+    let Some(listen) = tls.self_signed_for else {
+        return Ok(None);
+    };
+    let current = tls.slot.current();
+    if clock.now_ms() < self_signed::renew_at_ms(current.info.not_after_ms) {
+        return Ok(None);
+    }
+    let (cert, _pin) = self_signed(store, clock, listen).await?;
+    let info = cert.info.clone();
+    tls.slot.replace(cert);
+    Ok(Some(info))
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     #[error("cannot make a self-signed certificate: {0}")]
@@ -233,6 +255,8 @@ pub struct Tls {
     pub files: Option<files::CertFiles>,
     /// `self-signed` mode: the pin (`sha256/<base64>` of the SPKI) a pairing URI carries.
     pub pin: Option<String>,
+    /// `self-signed` mode: the listen address the certificate must cover (for renewals).
+    pub self_signed_for: Option<std::net::SocketAddr>,
 }
 
 impl Tls {
@@ -245,6 +269,7 @@ impl Tls {
             acme: None,
             files: None,
             pin: None,
+            self_signed_for: None,
         })
     }
 

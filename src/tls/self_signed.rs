@@ -37,7 +37,16 @@ pub fn self_signed_names(listen: SocketAddr) -> Vec<String> {
 
 /// Makes a self-signed ECDSA P-256 certificate for `names`, valid from `now_ms`.
 pub fn generate_self_signed(names: &[String], now_ms: u64) -> Result<SelfSignedCert, TlsError> {
-    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+    certify(
+        &KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?,
+        names,
+        now_ms,
+    )
+}
+
+/// A self-signed certificate for `names` over an existing key: a renewal keeps the key,
+/// so the SPKI pin that apps hold stays valid.
+fn certify(key: &KeyPair, names: &[String], now_ms: u64) -> Result<SelfSignedCert, TlsError> {
     let mut params = CertificateParams::new(names.to_vec())?;
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, "gatehouse self-signed");
@@ -46,7 +55,7 @@ pub fn generate_self_signed(names: &[String], now_ms: u64) -> Result<SelfSignedC
     // Backdated an hour so a client whose clock runs a little behind still accepts it.
     params.not_before = now - Duration::from_secs(3600);
     params.not_after = now + SELF_SIGNED_VALIDITY;
-    let cert = params.self_signed(&key)?;
+    let cert = params.self_signed(key)?;
     Ok(SelfSignedCert {
         cert_der: cert.der().to_vec(),
         key_der: key.serialize_der(),
@@ -56,11 +65,13 @@ pub fn generate_self_signed(names: &[String], now_ms: u64) -> Result<SelfSignedC
     })
 }
 
+/// When a self-signed certificate expiring at `not_after_ms` is renewed.
+pub fn renew_at_ms(not_after_ms: u64) -> u64 {
+    not_after_ms.saturating_sub(SELF_SIGNED_RENEW_BEFORE.as_millis() as u64)
+}
+
 fn needs_new(cert: &SelfSignedCert, names: &[String], now_ms: u64) -> bool {
-    let renew_at = cert
-        .not_after_ms
-        .saturating_sub(SELF_SIGNED_RENEW_BEFORE.as_millis() as u64);
-    now_ms >= renew_at || names.iter().any(|n| !cert.names.contains(n))
+    now_ms >= renew_at_ms(cert.not_after_ms) || names.iter().any(|n| !cert.names.contains(n))
 }
 
 fn spki_pin(key_der: &[u8]) -> Result<String, TlsError> {
@@ -91,10 +102,17 @@ pub async fn self_signed(
     let cert = match store.read(|tx| tx.self_signed_cert())? {
         Some(cert) if !needs_new(&cert, &names, now) => cert,
         previous => {
-            if previous.is_some() {
-                tracing::info!("replacing the self-signed certificate (expiring, or new names)");
-            }
-            let cert = generate_self_signed(&names, now)?;
+            // A renewal keeps the key: the pin apps hold stays valid.
+            let cert = match previous.and_then(|p| KeyPair::try_from(p.key_der.as_slice()).ok()) {
+                Some(key) => {
+                    tracing::info!(
+                        "renewing the self-signed certificate (expiring, or new names); the \
+                         key and its pin stay the same"
+                    );
+                    certify(&key, &names, now)?
+                }
+                None => generate_self_signed(&names, now)?,
+            };
             let stored = cert.clone();
             store
                 .write(move |tx| tx.put_self_signed_cert(&stored))
@@ -130,6 +148,19 @@ mod tests {
         )
         .unwrap();
         assert_eq!(spki_pin(&cert.key_der).unwrap().len(), 44);
+    }
+
+    #[test]
+    fn a_renewal_keeps_the_key_and_so_the_pin() {
+        let names = self_signed_names("127.0.0.1:1".parse().unwrap());
+        let first = generate_self_signed(&names, 0).unwrap();
+        let key = KeyPair::try_from(first.key_der.as_slice()).unwrap();
+        let renewed = certify(&key, &names, 1_000_000).unwrap();
+        assert_ne!(renewed.cert_der, first.cert_der);
+        assert_eq!(
+            spki_pin(&renewed.key_der).unwrap(),
+            spki_pin(&first.key_der).unwrap()
+        );
     }
 
     #[test]

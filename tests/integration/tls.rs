@@ -511,3 +511,55 @@ fn testssl_finds_nothing_of_severity_low_or_above() {
         assert!(text.contains(id), "no {id} in the scan");
     }
 }
+
+/// A self-signed certificate a month from expiry is renewed while the server runs, with
+/// the same key: the pin apps hold stays valid, and new handshakes get the new one (the
+/// slot every handshake reads). A client cannot check it here: the clock was moved
+/// ahead, so the new certificate is not valid yet in real time.
+#[tokio::test]
+async fn the_self_signed_certificate_is_renewed_while_serving_with_the_same_pin() {
+    let app = helpers::spawn_app().await;
+    let tls = app.running.tls.clone().unwrap();
+    let before = tls.slot.current().info.clone();
+    let pin = tls.pin.clone().unwrap();
+    let spki = |der: &[u8]| {
+        use x509_parser::prelude::FromDer;
+        let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der).unwrap();
+        cert.public_key().raw.to_vec()
+    };
+    let old_der = tls.cert_der();
+    app.clock.set(before.not_after_ms - 29 * 24 * 3600 * 1000);
+    let mut renewed = None;
+    for _ in 0..100 {
+        let now = tls.slot.current().info.clone();
+        if now.not_after_ms > before.not_after_ms {
+            renewed = Some(now);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let renewed = renewed.expect("renewed within seconds of becoming due");
+    let new_der = tls.cert_der();
+    assert_eq!(spki(&new_der), spki(&old_der), "same key");
+    assert_eq!(tls.pin.clone().unwrap(), pin);
+    let stored = app
+        .running
+        .store
+        .read(|tx| tx.self_signed_cert())
+        .unwrap()
+        .unwrap();
+    assert_eq!(stored.cert_der, new_der, "stored before it is served");
+    let events = app
+        .running
+        .services
+        .audit
+        .query(&gatehouse::audit::Query {
+            kind: Some("tls.self_signed_renewed".into()),
+            limit: 10,
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(events.events.len(), 1);
+    assert!(renewed.not_after_ms > before.not_after_ms);
+    app.stop().await;
+}
