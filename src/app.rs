@@ -369,7 +369,10 @@ async fn reload_on_hangup(
 
 async fn reload_files(tls: &Tls, services: &Services) {
     let Some(files) = &tls.files else { return };
-    let event = match files.load() {
+    crate::systemd::reloading();
+    let loaded = files.load();
+    crate::systemd::reloaded();
+    let event = match loaded {
         Ok(cert) => {
             let info = cert.info.clone();
             tls.slot.replace(cert);
@@ -639,7 +642,13 @@ pub async fn serve(config: Config) -> Result<(), AppError> {
     let signals = StopSignals::install().map_err(AppError::Signals)?;
     let running = start(&config, clock.clone()).await?;
     announce(&running, &config, clock.as_ref());
+    crate::systemd::ready(&format!("serving on {}", running.local_addr));
+    let watchdog = crate::systemd::watchdog(running.store.clone());
     signals.wait().await;
+    crate::systemd::stopping();
+    if let Some(watchdog) = watchdog {
+        watchdog.abort();
+    }
     running.stop().await?;
     tracing::info!("stopped");
     Ok(())

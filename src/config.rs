@@ -19,6 +19,10 @@ use crate::schedule::{CronSchedule, JobName, parse_timezone};
 pub mod defaults {
     use std::time::Duration;
     pub const LISTEN: &str = "127.0.0.1:8443";
+    /// Read when no `--config` or `GATEHOUSE_CONFIG` is given and it exists: the file
+    /// the package installs, so the service and the commands an administrator types
+    /// share one configuration.
+    pub const CONFIG_FILE: &str = "/etc/gatehouse/gatehouse.toml";
     /// With a domain (ACME): HTTPS on 443 and the redirect on 80, every address (IPv6
     /// sockets also take IPv4 unless the host turned that off).
     pub const ACME_LISTEN: &str = "[::]:443";
@@ -1043,7 +1047,11 @@ impl Config {
         let config_path = flags
             .config
             .clone()
-            .or_else(|| env.get("GATEHOUSE_CONFIG").map(PathBuf::from));
+            .or_else(|| env.get("GATEHOUSE_CONFIG").map(PathBuf::from))
+            .or_else(|| {
+                let packaged = Path::new(defaults::CONFIG_FILE);
+                packaged.is_file().then(|| packaged.to_path_buf())
+            });
         if let Some(file) = &config_path {
             let text =
                 std::fs::read_to_string(file).map_err(|source| ConfigError::FileUnreadable {
@@ -1117,11 +1125,20 @@ impl Config {
             }
         }
 
+        let file_key = file_raw.master_key_file.take();
         let raw = merge(flag_raw, merge(env_raw, file_raw));
-        Self::from_raw(raw, env, sources)
+        // A key file named in the configuration file ranks below a systemd credential
+        // (so one file serves both the service and an administrator's commands); named
+        // by flag or environment it ranks above.
+        Self::from_raw(raw, env, sources, file_key)
     }
 
-    fn from_raw(raw: Raw, env: &Env, sources: Vec<String>) -> Result<Self, ConfigError> {
+    fn from_raw(
+        raw: Raw,
+        env: &Env,
+        sources: Vec<String>,
+        file_key: Option<PathBuf>,
+    ) -> Result<Self, ConfigError> {
         let data_path = raw.data.unwrap_or_else(|| default_data_path(env));
         // Beside the data file by default: the state directory under systemd.
         let backup_dir = raw.backup_dir.clone().unwrap_or_else(|| {
@@ -1136,12 +1153,16 @@ impl Config {
                 path,
                 origin: KeyOrigin::Configured,
             },
-            None => match env.get("CREDENTIALS_DIRECTORY") {
-                Some(dir) => MasterKeySource {
+            None => match (env.get("CREDENTIALS_DIRECTORY"), file_key) {
+                (Some(dir), _) => MasterKeySource {
                     path: Path::new(dir).join("master-key"),
                     origin: KeyOrigin::SystemdCredential,
                 },
-                None => MasterKeySource {
+                (None, Some(path)) => MasterKeySource {
+                    path,
+                    origin: KeyOrigin::Configured,
+                },
+                (None, None) => MasterKeySource {
                     path: sibling(&data_path, ".key"),
                     origin: KeyOrigin::BesideDataFile,
                 },
@@ -1728,6 +1749,57 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("at most 100"), "{err}");
+    }
+
+    #[test]
+    fn the_packaged_file_loads_and_shows_every_setting_in_its_section() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/gatehouse.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let flags = Flags {
+            config: Some(path),
+            ..Flags::default()
+        };
+        let c = Config::load(&flags, &Env::default()).unwrap();
+        assert_eq!(c.data_path, Path::new("/var/lib/gatehouse/gatehouse.redb"));
+        assert_eq!(c.admin_socket, Path::new("/run/gatehouse/admin.sock"));
+        let mut section = String::new();
+        let mut shown = std::collections::BTreeSet::new();
+        for line in text.lines() {
+            let line = line.trim();
+            if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+                section = format!("{name}.");
+            } else if let Some((key, _)) = line.trim_start_matches('#').split_once(" = ") {
+                shown.insert(format!("{section}{key}"));
+            }
+        }
+        for s in SETTINGS {
+            assert!(
+                shown.contains(s.key),
+                "{} is not in packaging/gatehouse.toml",
+                s.key
+            );
+        }
+    }
+
+    #[test]
+    fn a_systemd_credential_outranks_a_key_file_named_in_the_file_only() {
+        let (_dir, flags) = with_file("master_key_file = \"/etc/gatehouse/master-key\"\n");
+        let c = Config::load(&flags, &env(&[("CREDENTIALS_DIRECTORY", "/run/creds")])).unwrap();
+        assert_eq!(c.master_key.path, Path::new("/run/creds/master-key"));
+        assert_eq!(c.master_key.origin, KeyOrigin::SystemdCredential);
+        let c = Config::load(&flags, &Env::default()).unwrap();
+        assert_eq!(c.master_key.path, Path::new("/etc/gatehouse/master-key"));
+        assert_eq!(c.master_key.origin, KeyOrigin::Configured);
+        // Named in the environment, it outranks the credential.
+        let c = Config::load(
+            &flags,
+            &env(&[
+                ("CREDENTIALS_DIRECTORY", "/run/creds"),
+                ("GATEHOUSE_MASTER_KEY_FILE", "/k"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.master_key.path, Path::new("/k"));
     }
 
     #[test]

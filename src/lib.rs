@@ -30,6 +30,7 @@ pub mod revocation;
 pub mod schedule;
 pub mod services;
 pub mod store;
+pub mod systemd;
 pub mod telemetry;
 pub mod tls;
 pub mod tokens;

@@ -21,6 +21,7 @@ mod ratelimit;
 mod restore;
 mod schedule;
 mod store;
+mod systemd;
 mod test_ca;
 mod tls;
 mod tokens;
