@@ -1126,6 +1126,15 @@ impl Config {
         }
 
         let file_key = file_raw.master_key_file.take();
+        // A data file named by flag or environment brings its own admin socket
+        // (`<data>.sock`) unless the socket is named there too: the file's socket
+        // belongs to the file's data path, and a command must never reach a server that
+        // holds another data file than the one it was pointed at.
+        let data_above_file = flag_raw.data.is_some() || env_raw.data.is_some();
+        let socket_above_file = flag_raw.admin_socket.is_some() || env_raw.admin_socket.is_some();
+        if data_above_file && !socket_above_file {
+            file_raw.admin_socket = None;
+        }
         let raw = merge(flag_raw, merge(env_raw, file_raw));
         // A key file named in the configuration file ranks below a systemd credential
         // (so one file serves both the service and an administrator's commands); named
@@ -1779,6 +1788,24 @@ mod tests {
                 s.key
             );
         }
+    }
+
+    #[test]
+    fn a_data_path_named_above_the_file_brings_its_own_socket() {
+        let (_dir, mut flags) = with_file(
+            "data = \"/var/lib/gatehouse/gatehouse.redb\"\n[admin]\nsocket = \"/run/g.sock\"\n",
+        );
+        let c = Config::load(&flags, &Env::default()).unwrap();
+        assert_eq!(c.admin_socket, Path::new("/run/g.sock"));
+        flags.data = Some(PathBuf::from("/tmp/drill/x.redb"));
+        let c = Config::load(&flags, &Env::default()).unwrap();
+        assert_eq!(c.admin_socket, Path::new("/tmp/drill/x.redb.sock"));
+        let c = Config::load(
+            &flags,
+            &env(&[("GATEHOUSE_ADMIN_SOCKET", "/run/other.sock")]),
+        )
+        .unwrap();
+        assert_eq!(c.admin_socket, Path::new("/run/other.sock"));
     }
 
     #[test]
