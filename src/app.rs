@@ -224,7 +224,7 @@ pub async fn start(config: &Config, clock: SharedClock) -> Result<Running, AppEr
     let admin_socket = socket.path().to_path_buf();
 
     let state = AppState::new(services.clone(), config.tls_mode);
-    let router = http::router(state.clone(), &config.server);
+    let router = http::router(state.clone(), &config.server, &config.cors);
     let (stop, stopped) = watch::channel(false);
     let until_stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;

@@ -19,6 +19,10 @@ use crate::schedule::{CronSchedule, JobName, parse_timezone};
 pub mod defaults {
     use std::time::Duration;
     pub const LISTEN: &str = "127.0.0.1:8443";
+    /// An admin UI session ends after this long unused...
+    pub const SESSION_IDLE: Duration = Duration::from_secs(30 * 60);
+    /// ...and this long after sign-in in any case.
+    pub const SESSION_MAX: Duration = Duration::from_secs(12 * 3600);
     /// Read when no `--config` or `GATEHOUSE_CONFIG` is given and it exists: the file
     /// the package installs, so the service and the commands an administrator types
     /// share one configuration.
@@ -258,6 +262,23 @@ pub struct AcmeConfig {
     pub eab_key_file: Option<PathBuf>,
 }
 
+/// Admin UI sessions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionConfig {
+    pub idle: Duration,
+    pub max: Duration,
+}
+
+/// Cross-origin access to the API from browsers.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct CorsConfig {
+    /// Origins (`https://app.example.com`) allowed to call the API; `*` for any (only
+    /// without credentials). Empty: no CORS headers at all.
+    pub allowed_origins: Vec<String>,
+    /// Whether browsers may send cookies and `Authorization` cross-origin.
+    pub allow_credentials: bool,
+}
+
 /// Backup settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackupConfig {
@@ -290,6 +311,8 @@ pub struct Config {
     pub server: ServerConfig,
     pub tls_mode: TlsMode,
     pub tls: TlsConfig,
+    pub sessions: SessionConfig,
+    pub cors: CorsConfig,
     pub log_format: LogFormat,
     pub log_filter: String,
     pub tokens: TokenConfig,
@@ -353,6 +376,10 @@ struct Raw {
     data: Option<PathBuf>,
     master_key_file: Option<PathBuf>,
     admin_socket: Option<PathBuf>,
+    session_idle: Option<Duration>,
+    session_max: Option<Duration>,
+    cors_origins: Option<Vec<String>>,
+    cors_credentials: Option<bool>,
     listen: Option<SocketAddr>,
     /// `Some(None)`: turned off.
     http_listen: Option<Option<SocketAddr>>,
@@ -476,6 +503,34 @@ pub static SETTINGS: &[Setting] = &[
     setting!("admin.socket", "GATEHOUSE_ADMIN_SOCKET", |r, v| r
         .admin_socket =
         Some(path(v)?)),
+    setting!("admin.session_idle", "GATEHOUSE_SESSION_IDLE", |r, v| r
+        .session_idle =
+        Some(duration(
+            v,
+            Duration::from_secs(60),
+            Duration::from_secs(24 * 3600)
+        )?)),
+    setting!("admin.session_max", "GATEHOUSE_SESSION_MAX", |r, v| r
+        .session_max =
+        Some(duration(
+            v,
+            Duration::from_secs(5 * 60),
+            Duration::from_secs(7 * 24 * 3600)
+        )?)),
+    setting!(
+        "cors.allowed_origins",
+        "GATEHOUSE_CORS_ALLOWED_ORIGINS",
+        |r, v| r.cors_origins = Some(origins(v)?)
+    ),
+    setting!(
+        "cors.allow_credentials",
+        "GATEHOUSE_CORS_ALLOW_CREDENTIALS",
+        |r, v| r.cors_credentials = Some(match v.trim() {
+            "true" => true,
+            "false" => false,
+            _ => return Err("allowed values: \"true\", \"false\"".into()),
+        })
+    ),
     setting!("server.listen", "GATEHOUSE_LISTEN", |r, v| r.listen =
         Some(v.trim().parse().map_err(|_| {
             "expected IP:PORT, such as 127.0.0.1:8443 or [::1]:8443".to_string()
@@ -818,6 +873,36 @@ fn rate(v: &str) -> Result<Rate, String> {
         return Err(allowed.into());
     }
     Ok(Some((n, window)))
+}
+
+/// Origins allowed to call the API from a browser: `scheme://host[:port]` each (no path),
+/// separated by commas, or `*`. An empty string allows none.
+fn origins(v: &str) -> Result<Vec<String>, String> {
+    let mut list = Vec::new();
+    for origin in v.split(',').map(str::trim).filter(|o| !o.is_empty()) {
+        if origin == "*" {
+            list.push(origin.to_string());
+            continue;
+        }
+        let rest = origin
+            .strip_prefix("https://")
+            .or_else(|| origin.strip_prefix("http://"));
+        let ok = rest.is_some_and(|host| {
+            !host.is_empty()
+                && host.len() <= 253
+                && host.bytes().all(|b| {
+                    b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']')
+                })
+        });
+        if !ok {
+            return Err(format!(
+                "{origin:?} is not an origin: expected scheme://host[:port] such as \
+                 \"https://app.example.com\" (no path, no trailing slash), or \"*\""
+            ));
+        }
+        list.push(origin.to_ascii_lowercase());
+    }
+    Ok(list)
 }
 
 /// A comma-separated list of DNS names to serve (and order certificates for): lower-case
@@ -1260,6 +1345,21 @@ impl Config {
                     .into(),
             ));
         }
+        let cors = CorsConfig {
+            allowed_origins: raw.cors_origins.clone().unwrap_or_default(),
+            allow_credentials: raw.cors_credentials.unwrap_or(false),
+        };
+        if cors.allow_credentials && cors.allowed_origins.iter().any(|o| o == "*") {
+            return Err(ConfigError::Invalid(
+                "cors.allowed_origins \"*\" is refused with cors.allow_credentials = true: \
+                 any site could then act with a signed-in admin's cookies; list the origins"
+                    .into(),
+            ));
+        }
+        let sessions = SessionConfig {
+            idle: raw.session_idle.unwrap_or(defaults::SESSION_IDLE),
+            max: raw.session_max.unwrap_or(defaults::SESSION_MAX),
+        };
         let tls = TlsConfig {
             domains,
             acme: AcmeConfig {
@@ -1316,6 +1416,8 @@ impl Config {
             server,
             tls_mode,
             tls,
+            sessions,
+            cors,
             log_format: raw.log_format.unwrap_or(LogFormat::Auto),
             log_filter: raw.log_level.unwrap_or_else(|| "info".into()),
             tokens: TokenConfig {
@@ -1425,6 +1527,10 @@ fn merge(high: Raw, low: Raw) -> Raw {
         data: high.data.or(low.data),
         master_key_file: high.master_key_file.or(low.master_key_file),
         admin_socket: high.admin_socket.or(low.admin_socket),
+        session_idle: high.session_idle.or(low.session_idle),
+        session_max: high.session_max.or(low.session_max),
+        cors_origins: high.cors_origins.or(low.cors_origins),
+        cors_credentials: high.cors_credentials.or(low.cors_credentials),
         listen: high.listen.or(low.listen),
         http_listen: high.http_listen.or(low.http_listen),
         max_body_bytes: high.max_body_bytes.or(low.max_body_bytes),
@@ -1730,6 +1836,26 @@ mod tests {
             (&[("GATEHOUSE_ACME_EMAIL", "a@b")], "email"),
             (&[("GATEHOUSE_ACME_RETRY", "0s")], "between"),
             (&[("GATEHOUSE_HTTP_LISTEN", "port80")], "IP:PORT"),
+            (
+                &[
+                    ("GATEHOUSE_CORS_ALLOWED_ORIGINS", "*"),
+                    ("GATEHOUSE_CORS_ALLOW_CREDENTIALS", "true"),
+                ],
+                "refused with cors.allow_credentials",
+            ),
+            (
+                &[("GATEHOUSE_CORS_ALLOWED_ORIGINS", "https://app.example.com/")],
+                "not an origin",
+            ),
+            (
+                &[("GATEHOUSE_CORS_ALLOWED_ORIGINS", "app.example.com")],
+                "not an origin",
+            ),
+            (
+                &[("GATEHOUSE_CORS_ALLOW_CREDENTIALS", "yes")],
+                "allowed values",
+            ),
+            (&[("GATEHOUSE_SESSION_IDLE", "10s")], "between"),
             (&[("GATEHOUSE_ACME_EAB_KID", "kid-1")], "needs both"),
             (
                 &[("GATEHOUSE_ACME_EAB_KEY_FILE", "/etc/gatehouse/eab.key")],

@@ -7,8 +7,10 @@
 //! `admin_tokens`, `ratelimit`, `audit`), which call `store`, the only module that touches redb.
 //! `app` builds the long-lived parts from a validated `config::Config` and runs them.
 
+pub mod admin_sessions;
 pub mod admin_socket;
 pub mod admin_tokens;
+pub mod admin_users;
 pub mod app;
 pub mod audit;
 pub mod backup;

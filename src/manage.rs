@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::admin_tokens::{AdminTokenError, AdminTokenInfo, IssuedToken};
+use crate::admin_users::{AdminUserError, AdminUserInfo};
 use crate::audit::{Event, EventPage, Origin, Query, Severity, VerifyReport};
 use crate::backup::{BackupError, BackupReport};
 use crate::clients::{ClientError, ClientInfo, NewClient};
@@ -50,6 +51,18 @@ pub enum Command {
     AdminTokenRevoke {
         id: String,
     },
+    AdminUserAdd {
+        name: String,
+        password: KeyText,
+    },
+    AdminUserPasswd {
+        name: String,
+        password: KeyText,
+    },
+    AdminUserRemove {
+        name: String,
+    },
+    AdminUserList,
     Rekey {
         new_key: KeyText,
     },
@@ -115,6 +128,13 @@ pub enum Outcome {
         tokens: Vec<AdminTokenInfo>,
     },
     TokenRevoked(AdminTokenInfo),
+    AdminUser(AdminUserInfo),
+    AdminUserRemoved {
+        name: String,
+    },
+    AdminUserList {
+        users: Vec<AdminUserInfo>,
+    },
     Rekeyed {
         secrets: u64,
         fingerprint: String,
@@ -182,6 +202,19 @@ impl From<AdminTokenError> for CommandError {
             AdminTokenError::BadName(_) => "bad_name",
             AdminTokenError::Invalid => "invalid",
             AdminTokenError::Random | AdminTokenError::Store(_) => "internal",
+        };
+        Self::new(code, err.to_string())
+    }
+}
+
+impl From<AdminUserError> for CommandError {
+    fn from(err: AdminUserError) -> Self {
+        let code = match &err {
+            AdminUserError::BadName | AdminUserError::BadPassword => "bad_request",
+            AdminUserError::Exists(_) => "conflict",
+            AdminUserError::NotFound(_) => "not_found",
+            AdminUserError::Refused => "invalid",
+            AdminUserError::Hash(_) | AdminUserError::Store(_) => "internal",
         };
         Self::new(code, err.to_string())
     }
@@ -296,6 +329,25 @@ pub async fn execute(command: Command, services: &Services) -> Result<Outcome, C
         Command::AdminTokenRevoke { id } => Ok(Outcome::TokenRevoked(
             services.admin_tokens.revoke(&id, &operator).await?,
         )),
+        Command::AdminUserAdd { name, password } => Ok(Outcome::AdminUser(
+            services
+                .admin_users
+                .add(&name, &password.0, &operator)
+                .await?,
+        )),
+        Command::AdminUserPasswd { name, password } => Ok(Outcome::AdminUser(
+            services
+                .admin_users
+                .set_password(&name, &password.0, &operator)
+                .await?,
+        )),
+        Command::AdminUserRemove { name } => {
+            services.admin_users.remove(&name, &operator).await?;
+            Ok(Outcome::AdminUserRemoved { name })
+        }
+        Command::AdminUserList => Ok(Outcome::AdminUserList {
+            users: services.admin_users.list()?,
+        }),
         Command::Rekey { new_key } => rekey(&new_key, services).await,
         Command::KeysList => Ok(Outcome::KeyList {
             keys: services.keys.list(),

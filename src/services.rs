@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use crate::admin_tokens::AdminTokens;
+use crate::admin_users::AdminUsers;
 use crate::audit::AuditLog;
 use crate::backup::BackupPolicy;
 use crate::clients::Clients;
@@ -42,6 +43,9 @@ pub struct Services {
     pub clock: SharedClock,
     pub master_key: MasterKeySource,
     pub admin_tokens: AdminTokens,
+    pub admin_users: AdminUsers,
+    /// Admin UI sessions (in memory only).
+    pub admin_sessions: Arc<crate::admin_sessions::AdminSessions>,
     pub keys: Arc<KeyRing>,
     pub revocations: Arc<RevocationList>,
     pub tokens: Arc<TokenAuthority>,
@@ -183,6 +187,13 @@ impl Services {
             jobs,
             tls: None,
             admin_tokens: AdminTokens::new(store.clone(), clock.clone()),
+            admin_users: AdminUsers::new(store.clone(), clock.clone()),
+            admin_sessions: Arc::new(crate::admin_sessions::AdminSessions::new(
+                store.clone(),
+                clock.clone(),
+                config.sessions.idle,
+                config.sessions.max,
+            )),
             devices: Devices::new(store.clone(), clock.clone(), revocations.clone()),
             clients: Clients::new(store.clone(), clock.clone()),
             master_key: config.master_key.clone(),

@@ -81,6 +81,9 @@ enum Commands {
     /// Manage admin tokens
     #[command(subcommand)]
     AdminToken(AdminTokenCommand),
+    /// Manage admin users (name and password, for signing in to the admin UI)
+    #[command(subcommand)]
+    AdminUser(AdminUserCommand),
     /// Manage the signing keys (JWKS)
     #[command(subcommand)]
     Keys(KeysCommand),
@@ -142,6 +145,23 @@ enum AdminTokenCommand {
     },
     /// Revoke a token by its id
     Revoke { id: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum AdminUserCommand {
+    /// Add a user; the password is asked for at the terminal (twice, not echoed), or read
+    /// as one line from standard input when that is not a terminal
+    Add { name: String },
+    /// Set a user's password (asked for the same way)
+    Passwd { name: String },
+    /// Remove a user
+    Remove { name: String },
+    /// List users (never their passwords or hashes)
+    List {
+        /// Print JSON instead of a table
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -374,6 +394,7 @@ async fn run(command: Commands, config: Config) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Commands::AdminUser(command) => admin_user(command, &config).await,
         Commands::Rekey { new_key_file } => rekey(&new_key_file, &config).await,
         Commands::Keys(command) => keys(command, &config).await,
         Commands::Clients(command) => clients(command, &config).await,
@@ -619,6 +640,70 @@ async fn rekey(new_key_file: &std::path::Path, config: &Config) -> anyhow::Resul
                 path.display(),
                 new_key_file.display()
             );
+        }
+    }
+    Ok(())
+}
+
+/// A new password: asked twice without echo at a terminal, else one line of stdin.
+fn read_password(name: &str) -> anyhow::Result<manage::KeyText> {
+    use std::io::IsTerminal;
+    let password = if std::io::stdin().is_terminal() {
+        let first = rpassword::prompt_password(format!("password for {name}: "))?;
+        let again = rpassword::prompt_password("again: ")?;
+        if first != again {
+            anyhow::bail!("the two passwords differ; nothing changed");
+        }
+        first
+    } else {
+        let mut line = String::new();
+        std::io::stdin().read_line(&mut line)?;
+        line.trim_end_matches(['\n', '\r']).to_string()
+    };
+    Ok(manage::KeyText(password))
+}
+
+async fn admin_user(command: AdminUserCommand, config: &Config) -> anyhow::Result<()> {
+    match command {
+        AdminUserCommand::Add { name } => {
+            let password = read_password(&name)?;
+            if let Outcome::AdminUser(user) =
+                run_command(Command::AdminUserAdd { name, password }, config).await?
+            {
+                println!("added admin user {}", user.name);
+            }
+        }
+        AdminUserCommand::Passwd { name } => {
+            let password = read_password(&name)?;
+            if let Outcome::AdminUser(user) =
+                run_command(Command::AdminUserPasswd { name, password }, config).await?
+            {
+                println!("changed the password of {}", user.name);
+            }
+        }
+        AdminUserCommand::Remove { name } => {
+            if let Outcome::AdminUserRemoved { name } =
+                run_command(Command::AdminUserRemove { name }, config).await?
+            {
+                println!("removed admin user {name}");
+            }
+        }
+        AdminUserCommand::List { json } => {
+            if let Outcome::AdminUserList { users } =
+                run_command(Command::AdminUserList, config).await?
+            {
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&users)?);
+                } else {
+                    println!("{:<24}  {:<20}  PASSWORD CHANGED", "NAME", "CREATED");
+                    for u in users {
+                        println!(
+                            "{:<24}  {:<20}  {}",
+                            u.name, u.created_at, u.password_changed_at
+                        );
+                    }
+                }
+            }
         }
     }
     Ok(())

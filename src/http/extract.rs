@@ -1,8 +1,11 @@
 //! Extractors: request bodies with clear errors, and who is calling.
 //!
 //! `ApiJson` and `ApiForm` wrap axum's extractors so a bad body is a 400 (or 415) with a
-//! message that says what is wrong, in our error shape. `Admin` accepts only
-//! `Authorization: Bearer <admin token>`. `Introspector` accepts an admin token or a
+//! message that says what is wrong, in our error shape. `Admin` accepts
+//! `Authorization: Bearer <admin token>`, or the admin UI's session cookie; with the
+//! cookie, a request that changes anything must also come from our own origin
+//! (`Sec-Fetch-Site`, `Origin`) and carry the session's CSRF token in `X-CSRF-Token`,
+//! else it is refused with 403 and audited. `Introspector` accepts an admin token or a
 //! registered client's HTTP Basic credentials. Every failed credential check is the same
 //! 401, with `WWW-Authenticate`, whatever the reason.
 
@@ -170,8 +173,8 @@ fn authorization(parts: &Parts) -> Option<(&str, &str)> {
     Some((scheme, credentials.trim()))
 }
 
-/// An admin caller: the id of the admin token presented, and the request's origin
-/// with that admin as its actor.
+/// An admin caller: the id of the admin token presented (or `user:<name>` for a session
+/// opened with a password), and the request's origin with that admin as its actor.
 #[derive(Debug, Clone)]
 pub struct Admin {
     pub token_id: String,
@@ -180,7 +183,7 @@ pub struct Admin {
 
 /// A failed credential check: counted toward the `admin_login` policy and lockout,
 /// and recorded as `login.failed`, before the 401 is sent.
-async fn credential_refused(
+pub(super) async fn credential_refused(
     state: &AppState,
     origin: &Origin,
     check: FailedCheck,
@@ -207,13 +210,98 @@ async fn credential_refused(
     Unauthorized::new(message, challenge).into_response()
 }
 
+/// The header a page sends its session's CSRF token in.
+pub const CSRF_HEADER: &str = "x-csrf-token";
+
+/// Whether a browser request comes from our own origin: `Sec-Fetch-Site` (when the
+/// browser sends it) must be `same-origin` or `none`, and `Origin` (when sent) must name
+/// this server's host. Non-browser clients send neither and pass; they cannot carry the
+/// session cookie by accident either.
+pub(super) fn same_origin(headers: &http::HeaderMap, uri: &http::Uri) -> Result<(), &'static str> {
+    if let Some(site) = headers.get("sec-fetch-site")
+        && !matches!(site.to_str(), Ok("same-origin" | "none"))
+    {
+        return Err("the request comes from another site (Sec-Fetch-Site)");
+    }
+    if let Some(origin) = headers.get(header::ORIGIN) {
+        let host = headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| uri.authority().map(|a| a.as_str()));
+        let origin_host = origin.to_str().ok().and_then(|o| {
+            o.strip_prefix("https://")
+                .or_else(|| o.strip_prefix("http://"))
+        });
+        match (origin_host, host) {
+            (Some(o), Some(h)) if o.eq_ignore_ascii_case(h) => {}
+            _ => return Err("the request's Origin is not this server"),
+        }
+    }
+    Ok(())
+}
+
+/// A cross-site or token-less change with the session cookie: 403, audited.
+async fn csrf_refused(state: &AppState, origin: &Origin, reason: &'static str) -> Response {
+    state
+        .services
+        .audit
+        .record_or_log(
+            origin,
+            Event::failure("csrf.refused").detail("reason", reason),
+        )
+        .await;
+    ApiError::new(StatusCode::FORBIDDEN, "csrf", reason).into_response()
+}
+
+/// The admin behind the session cookie, if the request carries a live one.
+async fn admin_from_session(parts: &Parts, state: &AppState) -> Result<Option<Admin>, Response> {
+    let Some(cookie) = parts
+        .headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find_map(crate::admin_sessions::cookie_value)
+    else {
+        return Ok(None);
+    };
+    let Some(session) = state.services.admin_sessions.check(cookie) else {
+        return Ok(None);
+    };
+    let identity = session.who.identity();
+    let origin = origin_of(parts)
+        .map_err(IntoResponse::into_response)?
+        .as_actor(Actor::Admin(identity.clone()));
+    if !parts.method.is_safe() {
+        if let Err(reason) = same_origin(&parts.headers, &parts.uri) {
+            return Err(csrf_refused(state, &origin, reason).await);
+        }
+        let presented = parts
+            .headers
+            .get(CSRF_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        if !crate::admin_sessions::same_secret(presented, &session.csrf) {
+            return Err(csrf_refused(
+                state,
+                &origin,
+                "the CSRF token is missing or wrong (send it in X-CSRF-Token)",
+            )
+            .await);
+        }
+    }
+    Ok(Some(Admin {
+        token_id: identity,
+        origin,
+    }))
+}
+
 async fn admin_from(
     parts: &Parts,
     state: &AppState,
     challenge: &'static str,
 ) -> Result<Option<Admin>, Response> {
     let Some((scheme, credentials)) = authorization(parts) else {
-        return Ok(None);
+        return admin_from_session(parts, state).await;
     };
     if !scheme.eq_ignore_ascii_case("bearer") {
         return Ok(None);

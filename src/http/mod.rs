@@ -19,6 +19,7 @@ pub mod pairing;
 pub mod redirect;
 pub mod security;
 pub mod serve;
+pub mod session;
 pub mod ws;
 
 use std::sync::Arc;
@@ -27,11 +28,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{delete, get, post};
-use http::StatusCode;
+use http::{HeaderName, HeaderValue, StatusCode};
 use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::timeout::TimeoutLayer;
 
-use crate::config::{ServerConfig, TlsMode};
+use crate::config::{CorsConfig, ServerConfig, TlsMode};
 use crate::services::Services;
 use crate::store::Store;
 
@@ -67,7 +68,7 @@ impl AppState {
 }
 
 /// Every route with its middleware.
-pub fn router(state: AppState, limits: &ServerConfig) -> Router {
+pub fn router(state: AppState, limits: &ServerConfig, cors_config: &CorsConfig) -> Router {
     let hsts = security::Hsts(state.tls_mode != TlsMode::Off);
     Router::new()
         .route("/healthz", get(health::healthz))
@@ -102,6 +103,12 @@ pub fn router(state: AppState, limits: &ServerConfig) -> Router {
         .route("/v1/jobs", get(jobs::list))
         .route("/v1/jobs/{name}/run", post(jobs::run))
         .route("/v1/backup", post(jobs::backup))
+        .route(
+            "/v1/session",
+            post(session::sign_in)
+                .get(session::current)
+                .delete(session::sign_out),
+        )
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             limits::admit_address,
@@ -114,8 +121,41 @@ pub fn router(state: AppState, limits: &ServerConfig) -> Router {
             limits.request_timeout,
         ))
         .layer(axum::middleware::from_fn(error::render_errors))
+        .layer(cors(cors_config))
         .layer(axum::middleware::from_fn_with_state(
             hsts,
             security::secure_headers,
         ))
+}
+
+/// CORS from `cors.allowed_origins`: an origin on the list gets the headers (and a
+/// preflight its answer); any other gets none, so the browser keeps the response from
+/// the page. An empty list (the default) adds nothing to any response.
+fn cors(config: &crate::config::CorsConfig) -> tower_http::cors::CorsLayer {
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    let origins: Vec<HeaderValue> = config
+        .allowed_origins
+        .iter()
+        .filter_map(|o| HeaderValue::from_str(o).ok())
+        .collect();
+    let allow = if config.allowed_origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins)
+    };
+    CorsLayer::new()
+        .allow_origin(allow)
+        .allow_methods([
+            http::Method::GET,
+            http::Method::POST,
+            http::Method::PATCH,
+            http::Method::DELETE,
+        ])
+        .allow_headers([
+            http::header::AUTHORIZATION,
+            http::header::CONTENT_TYPE,
+            HeaderName::from_static(extract::CSRF_HEADER),
+        ])
+        .allow_credentials(config.allow_credentials)
+        .max_age(std::time::Duration::from_secs(600))
 }

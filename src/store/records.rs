@@ -110,6 +110,22 @@ pub enum SelfSignedCertRecord {
     V1(SelfSignedCert),
 }
 
+/// An admin user of the web UI (`admin-user/<name>` in `secrets.v1`): sealed, so a
+/// stolen data file gives no password hash to guess at.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdminUser {
+    pub name: String,
+    /// argon2id, PHC string form.
+    pub password_hash: String,
+    pub created_at_ms: u64,
+    pub password_changed_at_ms: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum AdminUserRecord {
+    V1(AdminUser),
+}
+
 /// An ACME account: its key, per directory (`acme/account/<id>` in `secrets.v1`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AcmeAccount {
@@ -454,6 +470,7 @@ single_version_codec! {
     encode_audit_checkpoint, decode_audit_checkpoint, AuditCheckpointRecord, AuditCheckpoint;
     encode_ban, decode_ban, BanRecord, Ban;
     encode_job_state, decode_job_state, JobStateRecord, JobState;
+    encode_admin_user, decode_admin_user, AdminUserRecord, AdminUser;
     encode_acme_account, decode_acme_account, AcmeAccountRecord, AcmeAccount;
     encode_acme_certificate, decode_acme_certificate, AcmeCertificateRecord, AcmeCertificate;
 }

@@ -11,8 +11,8 @@ use redb::{ReadableTable, ReadableTableMetadata, TableDefinition, TableHandle as
 use super::StoreError;
 use super::audit_chain::{ChainKey, HeadCache};
 use super::records::{
-    self, AcmeAccount, AcmeCertificate, AdminToken, Ban, Client, DecodeError, Device, JobState,
-    PairingSession, RateWindow, RefreshToken, RevokedToken, SelfSignedCert, SigningKey,
+    self, AcmeAccount, AcmeCertificate, AdminToken, AdminUser, Ban, Client, DecodeError, Device,
+    JobState, PairingSession, RateWindow, RefreshToken, RevokedToken, SelfSignedCert, SigningKey,
     SigningKeyPrivate, TokenFamily,
 };
 use super::seal::Sealer;
@@ -195,6 +195,36 @@ fn short_id(text: &str) -> String {
     data_encoding::HEXLOWER.encode(&hash.as_ref()[..8])
 }
 
+const ADMIN_USER_PREFIX: &str = "admin-user/";
+
+fn admin_user_secret(name: &str) -> String {
+    format!("{ADMIN_USER_PREFIX}{name}")
+}
+
+/// Every sealed admin user, by name.
+fn admin_users_in(
+    sealer: &Sealer,
+    table: &impl ReadableTable<&'static str, &'static [u8]>,
+) -> Result<Vec<AdminUser>, StoreError> {
+    let mut names = Vec::new();
+    for row in table.range(ADMIN_USER_PREFIX..)? {
+        let (key, _) = row?;
+        let key = key.value();
+        if !key.starts_with(ADMIN_USER_PREFIX) {
+            break;
+        }
+        names.push(key.to_string());
+    }
+    let mut users = Vec::new();
+    for name in names {
+        let plain = open_secret(sealer, table, &name)?;
+        if let Some(user) = decode_secret(plain, &name, records::decode_admin_user)? {
+            users.push(user);
+        }
+    }
+    Ok(users)
+}
+
 fn acme_account_secret(directory: &str) -> String {
     format!("acme/account/{}", short_id(directory))
 }
@@ -250,6 +280,18 @@ impl ReadTx<'_> {
         let name = signing_key_secret(kid);
         let plain = open_secret(self.sealer, &self.table(SECRETS)?, &name)?;
         decode_secret(plain, &name, records::decode_signing_key_private)
+    }
+
+    /// The admin user `name`, if there is one.
+    pub fn admin_user(&self, name: &str) -> Result<Option<AdminUser>, StoreError> {
+        let key = admin_user_secret(name);
+        let plain = open_secret(self.sealer, &self.table(SECRETS)?, &key)?;
+        decode_secret(plain, &key, records::decode_admin_user)
+    }
+
+    /// Every admin user, by name.
+    pub fn admin_users(&self) -> Result<Vec<AdminUser>, StoreError> {
+        admin_users_in(self.sealer, &self.table(SECRETS)?)
     }
 
     /// The ACME account for `directory`, if one was created.
@@ -362,6 +404,31 @@ impl WriteTx<'_> {
         let name = signing_key_secret(kid);
         let plain = open_secret(self.sealer, &self.table(SECRETS)?, &name)?;
         decode_secret(plain, &name, records::decode_signing_key_private)
+    }
+
+    /// The admin user `name`, if there is one.
+    pub fn admin_user(&self, name: &str) -> Result<Option<AdminUser>, StoreError> {
+        let key = admin_user_secret(name);
+        let plain = open_secret(self.sealer, &self.table(SECRETS)?, &key)?;
+        decode_secret(plain, &key, records::decode_admin_user)
+    }
+
+    /// Every admin user, by name.
+    pub fn admin_users(&self) -> Result<Vec<AdminUser>, StoreError> {
+        admin_users_in(self.sealer, &self.table(SECRETS)?)
+    }
+
+    pub fn put_admin_user(&self, user: &AdminUser) -> Result<(), StoreError> {
+        self.put_secret(
+            &admin_user_secret(&user.name),
+            &records::encode_admin_user(user),
+        )
+    }
+
+    /// Removes the admin user `name`; false if there was none.
+    pub fn delete_admin_user(&self, name: &str) -> Result<bool, StoreError> {
+        let key = admin_user_secret(name);
+        Ok(self.table(SECRETS)?.remove(key.as_str())?.is_some())
     }
 
     /// The ACME account for `directory`, if one was created.

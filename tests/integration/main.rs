@@ -20,6 +20,7 @@ mod lockout;
 mod ratelimit;
 mod restore;
 mod schedule;
+mod sessions;
 mod store;
 mod systemd;
 mod test_ca;

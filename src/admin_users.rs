@@ -1,0 +1,270 @@
+//! Admin users: a name and a password, for people who sign in to the admin UI.
+//!
+//! Passwords are hashed with argon2id (19 MiB, 2 passes, 1 lane: OWASP's recommended
+//! minimum) and the hash is kept sealed under the master key in `secrets.v1`
+//! (`admin-user/<name>`), so a stolen data file does not even give an attacker hashes
+//! to guess at. Checking a password for an unknown name does the same work as for a
+//! known one, so timing does not tell which names exist. Failed checks feed the
+//! `admin_login` rate limit and lockout like any other secret check (in `http`).
+
+use std::sync::OnceLock;
+
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use ring::rand::{SecureRandom, SystemRandom};
+use serde::{Deserialize, Serialize};
+
+use crate::audit::{self, Event, Origin, Severity};
+use crate::clock::{SharedClock, format_rfc3339};
+use crate::store::records::AdminUser;
+use crate::store::{Store, StoreError};
+
+/// Shortest password accepted: long enough that online guessing under the lockout is
+/// hopeless, short enough for a passphrase of three words.
+pub const MIN_PASSWORD_CHARS: usize = 12;
+/// Longest password accepted (argon2 takes any length; this bounds the work per try).
+pub const MAX_PASSWORD_BYTES: usize = 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminUserError {
+    #[error("a user name is 1 to 64 characters: lower-case letters, digits, '.', '_', '-' or '@'")]
+    BadName,
+    #[error(
+        "a password is at least {MIN_PASSWORD_CHARS} characters and at most {MAX_PASSWORD_BYTES} bytes"
+    )]
+    BadPassword,
+    #[error("there is already an admin user named {0}")]
+    Exists(String),
+    #[error("no admin user is named {0}")]
+    NotFound(String),
+    #[error("the user name or password is wrong")]
+    Refused,
+    #[error("cannot hash the password: {0}")]
+    Hash(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// What may be shown about a user (never the hash).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdminUserInfo {
+    pub name: String,
+    pub created_at: String,
+    pub password_changed_at: String,
+}
+
+impl From<&AdminUser> for AdminUserInfo {
+    fn from(user: &AdminUser) -> Self {
+        Self {
+            name: user.name.clone(),
+            created_at: format_rfc3339(user.created_at_ms),
+            password_changed_at: format_rfc3339(user.password_changed_at_ms),
+        }
+    }
+}
+
+pub fn validate_name(name: &str) -> Result<String, AdminUserError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-' | b'@')
+        });
+    ok.then(|| name.to_string()).ok_or(AdminUserError::BadName)
+}
+
+fn validate_password(password: &str) -> Result<(), AdminUserError> {
+    let ok = password.chars().count() >= MIN_PASSWORD_CHARS
+        && password.len() <= MAX_PASSWORD_BYTES
+        && !password.chars().any(char::is_control);
+    ok.then_some(()).ok_or(AdminUserError::BadPassword)
+}
+
+fn hasher() -> argon2::Argon2<'static> {
+    // argon2id v19 with the crate's defaults: m = 19456 KiB, t = 2, p = 1.
+    argon2::Argon2::default()
+}
+
+/// An argon2id hash of `password` in PHC form, with a fresh 16-byte salt.
+pub fn hash_password(password: &str) -> Result<String, AdminUserError> {
+    let mut salt = [0u8; 16];
+    SystemRandom::new()
+        .fill(&mut salt)
+        .map_err(|_| AdminUserError::Hash("no randomness".into()))?;
+    let salt = SaltString::encode_b64(&salt).map_err(|e| AdminUserError::Hash(e.to_string()))?;
+    hasher()
+        .hash_password(password.as_bytes(), &salt)
+        .map(|hash| hash.to_string())
+        .map_err(|e| AdminUserError::Hash(e.to_string()))
+}
+
+/// Whether `password` matches the PHC `hash` (false for a malformed hash).
+pub fn password_matches(hash: &str, password: &str) -> bool {
+    PasswordHash::new(hash).is_ok_and(|parsed| {
+        hasher()
+            .verify_password(password.as_bytes(), &parsed)
+            .is_ok()
+    })
+}
+
+/// A hash to check against when the name is unknown, so both paths cost the same.
+fn dummy_hash() -> &'static str {
+    static DUMMY: OnceLock<String> = OnceLock::new();
+    DUMMY.get_or_init(|| hash_password("not a password of anyone").unwrap_or_default())
+}
+
+#[derive(Debug, Clone)]
+pub struct AdminUsers {
+    store: Store,
+    clock: SharedClock,
+}
+
+impl AdminUsers {
+    pub fn new(store: Store, clock: SharedClock) -> Self {
+        Self { store, clock }
+    }
+
+    pub fn list(&self) -> Result<Vec<AdminUserInfo>, AdminUserError> {
+        let users = self.store.read(|tx| tx.admin_users())?;
+        Ok(users.iter().map(AdminUserInfo::from).collect())
+    }
+
+    /// Creates a user; refused if the name is taken.
+    pub async fn add(
+        &self,
+        name: &str,
+        password: &str,
+        origin: &Origin,
+    ) -> Result<AdminUserInfo, AdminUserError> {
+        let name = validate_name(name)?;
+        validate_password(password)?;
+        let hash = hash_off_thread(password).await?;
+        let now = self.clock.now_ms();
+        let user = AdminUser {
+            name: name.clone(),
+            password_hash: hash,
+            created_at_ms: now,
+            password_changed_at_ms: now,
+        };
+        let info = AdminUserInfo::from(&user);
+        let event = Event::new("admin_user.created")
+            .severity(Severity::Notice)
+            .detail("name", name.clone());
+        let origin = origin.clone();
+        self.store
+            .write(move |tx| -> Result<(), AdminUserError> {
+                if tx.admin_user(&user.name)?.is_some() {
+                    return Err(AdminUserError::Exists(user.name.clone()));
+                }
+                tx.put_admin_user(&user)?;
+                audit::append(tx, &origin, &event, now)?;
+                Ok(())
+            })
+            .await?;
+        Ok(info)
+    }
+
+    /// Sets a new password.
+    pub async fn set_password(
+        &self,
+        name: &str,
+        password: &str,
+        origin: &Origin,
+    ) -> Result<AdminUserInfo, AdminUserError> {
+        let name = validate_name(name)?;
+        validate_password(password)?;
+        let hash = hash_off_thread(password).await?;
+        let now = self.clock.now_ms();
+        let event = Event::new("admin_user.password_changed")
+            .severity(Severity::Notice)
+            .detail("name", name.clone());
+        let origin = origin.clone();
+        self.store
+            .write(move |tx| -> Result<AdminUserInfo, AdminUserError> {
+                let mut user = tx
+                    .admin_user(&name)?
+                    .ok_or_else(|| AdminUserError::NotFound(name.clone()))?;
+                user.password_hash = hash.clone();
+                user.password_changed_at_ms = now;
+                tx.put_admin_user(&user)?;
+                audit::append(tx, &origin, &event, now)?;
+                Ok(AdminUserInfo::from(&user))
+            })
+            .await
+    }
+
+    pub async fn remove(&self, name: &str, origin: &Origin) -> Result<(), AdminUserError> {
+        let name = validate_name(name)?;
+        let now = self.clock.now_ms();
+        let event = Event::new("admin_user.removed")
+            .severity(Severity::Notice)
+            .detail("name", name.clone());
+        let origin = origin.clone();
+        self.store
+            .write(move |tx| -> Result<(), AdminUserError> {
+                if !tx.delete_admin_user(&name)? {
+                    return Err(AdminUserError::NotFound(name.clone()));
+                }
+                audit::append(tx, &origin, &event, now)?;
+                Ok(())
+            })
+            .await
+    }
+
+    /// Checks a name and password; `Refused` for an unknown name or a wrong password
+    /// alike, after the same amount of work.
+    pub async fn verify(&self, name: &str, password: &str) -> Result<String, AdminUserError> {
+        let user = match validate_name(name) {
+            Ok(name) => self.store.read(|tx| tx.admin_user(&name))?,
+            Err(_) => None,
+        };
+        let hash = user
+            .as_ref()
+            .map_or_else(|| dummy_hash().to_string(), |u| u.password_hash.clone());
+        let password = password.to_string();
+        let matches = password.len() <= MAX_PASSWORD_BYTES
+            && tokio::task::spawn_blocking(move || password_matches(&hash, &password))
+                .await
+                .unwrap_or(false);
+        match (user, matches) {
+            (Some(user), true) => Ok(user.name),
+            _ => Err(AdminUserError::Refused),
+        }
+    }
+}
+
+async fn hash_off_thread(password: &str) -> Result<String, AdminUserError> {
+    let password = password.to_string();
+    tokio::task::spawn_blocking(move || hash_password(&password))
+        .await
+        .map_err(|e| AdminUserError::Hash(e.to_string()))?
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn hashes_are_argon2id_salted_and_verify() {
+        let a = hash_password("correct horse battery").unwrap();
+        let b = hash_password("correct horse battery").unwrap();
+        assert!(a.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{a}");
+        assert_ne!(a, b, "a fresh salt each time");
+        assert!(password_matches(&a, "correct horse battery"));
+        assert!(!password_matches(&a, "correct horse battery "));
+        assert!(!password_matches("not a hash", "x"));
+    }
+
+    #[test]
+    fn names_and_passwords_are_checked() {
+        for good in ["alice", "ops.team", "a@b", "x-1_2"] {
+            assert!(validate_name(good).is_ok(), "{good}");
+        }
+        for bad in ["", "Alice", "a b", "é", &"a".repeat(65), "a/b"] {
+            assert!(validate_name(bad).is_err(), "{bad}");
+        }
+        assert!(validate_password("short").is_err());
+        assert!(validate_password("twelve chars").is_ok());
+        assert!(validate_password("with\nnewline!!").is_err());
+        assert!(validate_password(&"x".repeat(1025)).is_err());
+    }
+}
