@@ -34,10 +34,19 @@ impl<T: DeserializeOwned> FromRequest<AppState> for ApiJson<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
-        match axum::Json::<T>::from_request(req, state).await {
-            Ok(axum::Json(value)) => Ok(Self(value)),
-            Err(rejection) => Err(json_rejection(&rejection)),
-        }
+        // Every body of the API is a JSON object: read it as one first, since serde would
+        // also fill a struct from an array (`["name", 300]`).
+        let object = match axum::Json::<serde_json::Map<String, serde_json::Value>>::from_request(
+            req, state,
+        )
+        .await
+        {
+            Ok(axum::Json(object)) => object,
+            Err(rejection) => return Err(json_rejection(&rejection)),
+        };
+        serde_json::from_value(serde_json::Value::Object(object))
+            .map(Self)
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", e.to_string()))
     }
 }
 

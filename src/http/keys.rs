@@ -52,13 +52,16 @@ pub async fn rotate(
     let request: RotateRequest = if body.is_empty() {
         RotateRequest::default()
     } else {
-        serde_json::from_slice(&body).map_err(|e| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_request",
-                format!("the body must be empty or {{\"now\": true|false}}: {e}"),
-            )
-        })?
+        // An object only: serde would also fill the struct from a JSON array.
+        serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(&body)
+            .and_then(|object| serde_json::from_value(object.into()))
+            .map_err(|e| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request",
+                    format!("the body must be empty or {{\"now\": true|false}}: {e}"),
+                )
+            })?
     };
     let mode = if request.now {
         Rotation::Now

@@ -593,3 +593,28 @@ async fn stop_closes_idle_connections_promptly_and_stops_accepting() {
     assert!(again.running.bootstrap_token.is_none());
     again.stop().await;
 }
+
+/// Every JSON body is an object: an array that serde could map onto the same fields is
+/// refused, not taken as positional fields.
+#[tokio::test]
+async fn a_json_array_in_place_of_an_object_is_refused() {
+    let app = crate::helpers::spawn_app().await;
+    for (path, body) in [
+        ("/v1/pairing/sessions", r#"["phone", 300]"#),
+        ("/v1/pair", r#"["ps_00000000000000000000000000000000", "x", {}]"#),
+    ] {
+        let response = app
+            .client()
+            .post(app.url(path))
+            .bearer_auth(app.admin_token())
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 400, "{path}");
+        let error: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(error["error"], "invalid_request", "{path}");
+    }
+    app.stop().await;
+}

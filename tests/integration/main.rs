@@ -10,6 +10,7 @@ mod acme;
 mod audit;
 mod binary;
 mod cli;
+mod contract;
 mod devices;
 mod fixtures;
 mod helpers;
