@@ -601,7 +601,10 @@ async fn a_json_array_in_place_of_an_object_is_refused() {
     let app = crate::helpers::spawn_app().await;
     for (path, body) in [
         ("/v1/pairing/sessions", r#"["phone", 300]"#),
-        ("/v1/pair", r#"["ps_00000000000000000000000000000000", "x", {}]"#),
+        (
+            "/v1/pair",
+            r#"["ps_00000000000000000000000000000000", "x", {}]"#,
+        ),
     ] {
         let response = app
             .client()
