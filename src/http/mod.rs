@@ -20,6 +20,7 @@ pub mod redirect;
 pub mod security;
 pub mod serve;
 pub mod session;
+pub mod ui;
 pub mod ws;
 
 use std::sync::Arc;
@@ -71,6 +72,10 @@ impl AppState {
 pub fn router(state: AppState, limits: &ServerConfig, cors_config: &CorsConfig) -> Router {
     let hsts = security::Hsts(state.tls_mode != TlsMode::Off);
     Router::new()
+        .route("/admin", get(ui::redirect))
+        .route("/admin/", get(ui::index))
+        .route("/admin/app.js", get(ui::script))
+        .route("/admin/app.css", get(ui::style))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(metrics::metrics))

@@ -7,6 +7,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod acme;
+mod admin_ui;
 mod audit;
 mod binary;
 mod cli;

@@ -1,0 +1,57 @@
+//! The admin web UI under `/admin/`: three static files compiled into the binary
+//! (`ui/index.html`, `ui/app.js`, `ui/app.css`), served as they are.
+//!
+//! The page holds no secret and no data: it signs in with `/v1/session` and then calls
+//! the same JSON API as any admin client, with the session cookie and the CSRF token.
+//! These responses carry their own Content-Security-Policy (scripts, styles and
+//! connections to this origin only; no inline code, no eval), which the security-headers
+//! middleware keeps. This module must not read state or serve anything but these files.
+
+use axum::response::{IntoResponse, Redirect, Response};
+use http::header::{self, HeaderValue};
+
+/// The page's policy: only our own script, style and API; images may be `data:` URIs.
+pub const UI_CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; \
+     img-src 'self' data:; connect-src 'self'; form-action 'self'; \
+     frame-ancestors 'none'; base-uri 'none'";
+
+const INDEX_HTML: &str = include_str!("ui/index.html");
+const APP_JS: &str = include_str!("ui/app.js");
+const APP_CSS: &str = include_str!("ui/app.css");
+
+/// One embedded file with its type, revalidated on every load (`no-cache`) so an
+/// upgraded binary serves its new UI at once.
+fn asset(content_type: &'static str, body: &'static str) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, HeaderValue::from_static(content_type)),
+            (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                HeaderValue::from_static(UI_CSP),
+            ),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+/// `GET /admin`: the UI lives under `/admin/`, so relative links resolve there.
+pub async fn redirect() -> Redirect {
+    Redirect::permanent("/admin/")
+}
+
+/// `GET /admin/`: the page.
+pub async fn index() -> Response {
+    asset("text/html; charset=utf-8", INDEX_HTML)
+}
+
+/// `GET /admin/app.js`: the page's one ES module.
+pub async fn script() -> Response {
+    asset("text/javascript; charset=utf-8", APP_JS)
+}
+
+/// `GET /admin/app.css`: the page's one style sheet.
+pub async fn style() -> Response {
+    asset("text/css; charset=utf-8", APP_CSS)
+}

@@ -1,0 +1,648 @@
+// The gatehouse admin UI: one ES module, no dependencies.
+//
+// It talks only to the JSON API of the server that served it, with the session cookie
+// (same-origin fetch) and, on every change, the session's CSRF token in X-CSRF-Token.
+// Data from the server reaches the page only as text (textContent, attributes set one
+// by one): never as HTML.
+
+const POLL_MS = 2000;
+const AUDIT_ROWS = 100;
+
+const session = { csrf: null, admin: null };
+// Cleanups of the page on screen (timers), run when another page is shown.
+let cleanups = [];
+
+// ---------------------------------------------------------------- small helpers
+
+const $ = (id) => document.getElementById(id);
+
+/** An element with attributes and children; strings become text nodes. */
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [name, value] of Object.entries(attrs)) {
+    if (value === undefined || value === null || value === false) continue;
+    if (name === 'onclick') node.addEventListener('click', value);
+    else if (name === 'className') node.className = value;
+    else node.setAttribute(name, value === true ? '' : String(value));
+  }
+  for (const child of children) {
+    if (child === undefined || child === null) continue;
+    node.append(child instanceof Node ? child : document.createTextNode(String(child)));
+  }
+  return node;
+}
+
+/** A timestamp as a <time>, shown in UTC without the noise. */
+function time(value) {
+  if (!value) return el('span', { className: 'muted' }, '—');
+  const shown = String(value).replace('T', ' ').replace(/(\.\d+)?Z$/, ' UTC');
+  return el('time', { datetime: value }, shown);
+}
+
+function fillRows(tbody, rows, columns, empty) {
+  tbody.replaceChildren();
+  if (rows.length === 0) {
+    tbody.append(el('tr', {}, el('td', { colspan: columns, className: 'muted' }, empty)));
+    return;
+  }
+  for (const row of rows) tbody.append(row);
+}
+
+function cell(...children) {
+  return el('td', {}, ...children);
+}
+
+let statusTimer = null;
+/** A message in the polite live region; errors stay until the next message. */
+function say(message, kind = 'info') {
+  const box = $('status');
+  clearTimeout(statusTimer);
+  box.className = `status ${kind}`;
+  box.textContent = message;
+  if (kind === 'info') statusTimer = setTimeout(() => { box.textContent = ''; box.className = 'status'; }, 6000);
+}
+
+// ---------------------------------------------------------------- the API
+
+class ApiError extends Error {
+  constructor(status, code, message) {
+    super(message);
+    this.status = status;
+    this.code = code;
+  }
+}
+
+/**
+ * Calls the API. 401 signs the page out (except for the sign-in itself, whose 401
+ * means wrong credentials); 429 becomes "too many attempts, wait N s".
+ */
+async function api(method, path, body, { signingIn = false } = {}) {
+  const headers = { Accept: 'application/json' };
+  if (method !== 'GET' && session.csrf) headers['X-CSRF-Token'] = session.csrf;
+  if (body !== undefined) headers['Content-Type'] = 'application/json';
+  let response;
+  try {
+    response = await fetch(path, {
+      method,
+      headers,
+      body: body === undefined ? undefined : JSON.stringify(body),
+      credentials: 'same-origin',
+      cache: 'no-store',
+      redirect: 'error',
+    });
+  } catch {
+    throw new ApiError(0, 'network', 'the server cannot be reached');
+  }
+  if (response.status === 204) return null;
+  let data = null;
+  const type = response.headers.get('content-type') || '';
+  if (type.includes('application/json')) {
+    try { data = await response.json(); } catch { data = null; }
+  }
+  if (response.ok) return data;
+  const code = data && data.error ? String(data.error) : 'error';
+  let message = data && data.message ? String(data.message) : `the request failed (${response.status})`;
+  if (response.status === 429) {
+    const wait = response.headers.get('retry-after');
+    message = wait ? `Too many attempts, wait ${wait} s.` : 'Too many attempts, wait a moment.';
+  }
+  if (response.status === 401 && !signingIn && path !== '/v1/session') {
+    signedOut('Your session has ended: sign in again.');
+  }
+  throw new ApiError(response.status, code, message);
+}
+
+/** Runs `work`, and shows its failure (other than a 401, which shows the sign-in). */
+async function guarded(work) {
+  try {
+    return await work();
+  } catch (err) {
+    if (err instanceof ApiError && err.status === 401) return undefined;
+    say(err.message || String(err), 'error');
+    return undefined;
+  }
+}
+
+/** Every device, following `next` page by page. */
+async function allDevices() {
+  const devices = [];
+  let after = null;
+  for (let i = 0; i < 500; i += 1) {
+    const query = new URLSearchParams({ limit: '200' });
+    if (after) query.set('after', after);
+    const page = await api('GET', `/v1/devices?${query}`);
+    devices.push(...page.devices);
+    if (!page.next) break;
+    after = page.next;
+  }
+  return devices;
+}
+
+/** The highest audit sequence number (0 for an empty log), by bisection. */
+async function auditHead() {
+  const exists = async (after) => {
+    const page = await api('GET', `/v1/audit?after=${after}&limit=1`);
+    return page.events.length > 0 ? page.events[0].seq : null;
+  };
+  const first = await exists(0);
+  if (first === null) return 0;
+  let lo = first; // an event with this seq exists
+  let hi = lo;
+  for (;;) {
+    hi = Math.max(lo * 2, lo + 1024);
+    const seen = await exists(hi);
+    if (seen === null) break;
+    lo = seen;
+  }
+  // lo exists; nothing above hi.
+  while (hi - lo > 1) {
+    const mid = Math.floor((lo + hi) / 2);
+    const seen = await exists(mid);
+    if (seen === null) hi = mid;
+    else lo = seen;
+  }
+  return lo;
+}
+
+/**
+ * Audit events matching `type` after `after`, following `next` to the end of the log;
+ * keeps the newest `keep`. Returns the events and the sequence number to poll after.
+ */
+async function auditTail(after, type, keep) {
+  let events = [];
+  let cursor = after;
+  for (let i = 0; i < 200; i += 1) {
+    const query = new URLSearchParams({ after: String(cursor), limit: '1000' });
+    if (type) query.set('type', type);
+    const page = await api('GET', `/v1/audit?${query}`);
+    events.push(...page.events);
+    if (events.length > keep) events = events.slice(events.length - keep);
+    if (page.events.length > 0) cursor = Math.max(cursor, page.events[page.events.length - 1].seq);
+    if (page.next === null || page.next === undefined) break;
+    cursor = Math.max(cursor, page.next);
+  }
+  return { events, cursor };
+}
+
+// ---------------------------------------------------------------- sign-in and routing
+
+function showPage(name) {
+  for (const page of document.querySelectorAll('.page')) page.hidden = page.id !== `page-${name}`;
+  for (const link of document.querySelectorAll('#nav a')) {
+    if (link.dataset.page === name) link.setAttribute('aria-current', 'page');
+    else link.removeAttribute('aria-current');
+  }
+}
+
+function signedOut(message) {
+  session.csrf = null;
+  session.admin = null;
+  stopPage();
+  $('nav').hidden = true;
+  $('who').hidden = true;
+  showPage('signin');
+  document.title = 'Sign in – gatehouse admin';
+  if (message) say(message, 'error');
+  $('signin-username').focus();
+}
+
+function signedIn(body) {
+  session.csrf = body.csrf_token;
+  session.admin = body.admin;
+  const who = body.admin.method === 'password'
+    ? `Signed in as ${body.admin.user}`
+    : `Signed in with admin token ${body.admin.id}`;
+  $('who-name').textContent = who;
+  $('nav').hidden = false;
+  $('who').hidden = false;
+  route();
+}
+
+function stopPage() {
+  for (const cleanup of cleanups) cleanup();
+  cleanups = [];
+}
+
+function every(ms, work) {
+  let stopped = false;
+  let timer = null;
+  const tick = async () => {
+    if (stopped) return;
+    try { await work(); } catch (err) {
+      if (!(err instanceof ApiError && err.status === 401)) say(err.message || String(err), 'error');
+    }
+    if (!stopped) timer = setTimeout(tick, ms);
+  };
+  timer = setTimeout(tick, ms);
+  cleanups.push(() => { stopped = true; clearTimeout(timer); });
+}
+
+const PAGES = {
+  overview: { title: 'Overview', load: loadOverview },
+  pairing: { title: 'Pairing', load: loadPairing },
+  devices: { title: 'Devices', load: loadDevices },
+  audit: { title: 'Audit log', load: loadAudit },
+  bans: { title: 'Bans', load: loadBans },
+  keys: { title: 'Keys', load: loadKeys },
+};
+
+function route() {
+  if (!session.csrf) return;
+  stopPage();
+  const name = location.hash.replace(/^#/, '');
+  const page = Object.hasOwn(PAGES, name) ? name : 'overview';
+  showPage(page);
+  document.title = `${PAGES[page].title} – gatehouse admin`;
+  const heading = document.querySelector(`#page-${page} h1`);
+  if (heading && document.activeElement && document.activeElement.closest('#nav')) {
+    heading.setAttribute('tabindex', '-1');
+    heading.focus();
+  }
+  PAGES[page].load();
+}
+
+async function signIn(body, form) {
+  const button = form.querySelector('button[type=submit]');
+  button.disabled = true;
+  try {
+    const answer = await api('POST', '/v1/session', body, { signingIn: true });
+    form.reset();
+    say('Signed in.');
+    signedIn(answer);
+  } catch (err) {
+    const message = err.status === 401
+      ? 'Sign-in refused: the credentials are wrong, or the token is revoked.'
+      : err.message;
+    say(message, 'error');
+  } finally {
+    button.disabled = false;
+  }
+}
+
+async function signOut() {
+  try {
+    await api('DELETE', '/v1/session');
+  } catch (err) {
+    if (err.status !== 401) { say(err.message, 'error'); return; }
+  }
+  signedOut();
+  say('Signed out.');
+}
+
+// ---------------------------------------------------------------- overview
+
+function definition(list, term, ...value) {
+  list.append(el('dt', {}, term), el('dd', {}, ...value));
+}
+
+async function loadOverview() {
+  const warnings = [];
+  const tls = $('ov-tls');
+  const devicesBox = $('ov-devices');
+  tls.replaceChildren();
+  devicesBox.replaceChildren();
+
+  let ready = null;
+  try {
+    ready = await fetch('/readyz', { credentials: 'same-origin', cache: 'no-store' })
+      .then(async (r) => ({ ok: r.ok, body: await r.json().catch(() => null) }));
+  } catch {
+    ready = { ok: false, body: null };
+  }
+  if (ready.ok && ready.body) {
+    const r = ready.body;
+    definition(tls, 'Readiness', 'ready');
+    definition(tls, 'TLS mode', r.tls);
+    definition(tls, 'Data-file format', String(r.format_version));
+    if (r.tls === 'off') warnings.push('TLS is off: the listener speaks plain HTTP.');
+    if (r.certificate) {
+      definition(tls, 'Certificate names', r.certificate.names.join(', '));
+      definition(tls, 'Issuer', r.certificate.issuer);
+      definition(tls, 'Expires', time(r.certificate.not_after));
+      const left = Date.parse(r.certificate.not_after) - Date.now();
+      if (Number.isFinite(left) && left < 14 * 86400 * 1000) {
+        warnings.push(`The certificate expires soon (${r.certificate.not_after}).`);
+      }
+    }
+    if (r.acme) {
+      definition(tls, 'ACME state', r.acme.state);
+      definition(tls, 'ACME failures in a row', String(r.acme.failures_in_row));
+      if (r.acme.renew_at) definition(tls, 'Renewal due', time(r.acme.renew_at));
+      if (r.acme.next_attempt) definition(tls, 'Next attempt', time(r.acme.next_attempt));
+      if (r.acme.last_error) definition(tls, 'Last ACME error', r.acme.last_error);
+      if (r.acme.state === 'retrying') {
+        warnings.push(`Certificate renewal is failing: ${r.acme.last_error || 'see the server log'}.`);
+      }
+    }
+  } else {
+    const why = ready.body && ready.body.message ? ready.body.message : 'no answer';
+    definition(tls, 'Readiness', `not ready: ${why}`);
+    warnings.push(`The server is not ready: ${why}.`);
+  }
+
+  await guarded(async () => {
+    const devices = await allDevices();
+    const active = devices.filter((d) => d.status === 'active').length;
+    definition(devicesBox, 'Active', String(active));
+    definition(devicesBox, 'Revoked', String(devices.length - active));
+  });
+
+  await guarded(async () => {
+    const { keys } = await api('GET', '/v1/keys');
+    if (!keys.some((k) => k.state === 'active')) warnings.push('No signing key is active.');
+    fillRows($('ov-keys').tBodies[0], keys.map((k) => el('tr', {},
+      cell(el('code', {}, k.kid)), cell(k.alg), cell(k.state), cell(time(k.created_at)))), 4, 'No keys.');
+  });
+
+  await guarded(async () => {
+    const { jobs } = await api('GET', '/v1/jobs');
+    for (const job of jobs) {
+      if (job.last_outcome === 'failure') {
+        warnings.push(`Job ${job.name} failed${job.failures > 1 ? ` ${job.failures} times in a row` : ''}: ${job.last_error || 'see the server log'}.`);
+      }
+    }
+    fillRows($('ov-jobs').tBodies[0], jobs.map((job) => el('tr', {},
+      cell(job.name),
+      cell(el('code', {}, job.schedule)),
+      cell(time(job.last_run)),
+      cell(job.running ? 'running' : (job.last_outcome || '—'), job.last_error ? el('span', { className: 'help' }, ` ${job.last_error}`) : null),
+      cell(time(job.next_run)))), 5, 'No jobs.');
+  });
+
+  const box = $('overview-warnings');
+  const list = $('overview-warning-list');
+  list.replaceChildren(...warnings.map((w) => el('li', {}, w)));
+  box.hidden = warnings.length === 0;
+}
+
+// ---------------------------------------------------------------- pairing
+
+function loadPairing() {
+  // A session shown earlier is not resumed: its QR code is still valid, but its
+  // countdown and watch stopped when the page was left.
+  $('pairing-session').hidden = true;
+}
+
+async function openPairing(event) {
+  event.preventDefault();
+  stopPage();
+  const name = $('pairing-name').value.trim();
+  const ttl = Number($('pairing-ttl').value);
+  const body = { ttl_seconds: ttl };
+  if (name) body.name = name;
+  const button = event.target.querySelector('button[type=submit]');
+  button.disabled = true;
+  try {
+    // Claims are watched from the log's end as it was before the session existed.
+    const head = await auditHead();
+    const openedAt = Date.now();
+    const created = await api('POST', '/v1/pairing/sessions', body);
+    showPairing(created, openedAt + ttl * 1000, head);
+    say('Pairing session opened.');
+  } catch (err) {
+    if (err.status !== 401) say(err.message, 'error');
+  } finally {
+    button.disabled = false;
+  }
+}
+
+function showPairing(created, deadline, head) {
+  const box = $('pairing-session');
+  box.hidden = false;
+  const qr = $('pairing-qr');
+  qr.src = `/v1/pairing/sessions/${encodeURIComponent(created.session_id)}/qr.svg`;
+  qr.hidden = false;
+  $('pairing-uri').value = created.pairing_uri;
+  const result = $('pairing-result');
+  result.textContent = 'Waiting for the app to claim it…';
+  result.className = 'result';
+  const countdown = $('pairing-countdown');
+
+  let done = false;
+  const tick = () => {
+    const left = Math.max(0, Math.round((deadline - Date.now()) / 1000));
+    const minutes = Math.floor(left / 60);
+    const seconds = String(left % 60).padStart(2, '0');
+    countdown.replaceChildren(`Expires in ${minutes}:${seconds} (at `, time(created.expires_at), ')');
+    if (left === 0 && !done) {
+      done = true;
+      countdown.textContent = 'This pairing session has expired.';
+      qr.hidden = true;
+      result.textContent = 'Not claimed.';
+      say('The pairing session expired.', 'error');
+      stopPage();
+    }
+  };
+  tick();
+  const timer = setInterval(tick, 1000);
+  cleanups.push(() => clearInterval(timer));
+
+  let cursor = head;
+  every(POLL_MS, async () => {
+    if (done) return;
+    const page = await api('GET', `/v1/audit?type=pairing.claimed&after=${cursor}`);
+    for (const ev of page.events) {
+      cursor = Math.max(cursor, ev.seq);
+      if (ev.details && ev.details.session_id === created.session_id) {
+        done = true;
+        const d = ev.details;
+        const who = `${d.name || 'a device'}${d.platform ? ` (${d.platform})` : ''}`;
+        result.replaceChildren('Claimed by ', el('strong', {}, who),
+          ev.device ? ' — device ' : '', ev.device ? el('code', {}, ev.device) : '');
+        result.className = 'result ok';
+        countdown.textContent = 'Paired.';
+        qr.hidden = true;
+        say(`Pairing session claimed by ${who}.`);
+        stopPage();
+        return;
+      }
+    }
+    if (page.next !== null && page.next !== undefined) cursor = Math.max(cursor, page.next);
+  });
+}
+
+async function copyUri() {
+  const input = $('pairing-uri');
+  try {
+    await navigator.clipboard.writeText(input.value);
+    say('Pairing URI copied.');
+  } catch {
+    input.select();
+    say('Select the pairing URI and copy it.', 'error');
+  }
+}
+
+// ---------------------------------------------------------------- devices
+
+let deviceList = [];
+
+async function loadDevices() {
+  await guarded(async () => {
+    deviceList = await allDevices();
+    renderDevices();
+  });
+}
+
+function renderDevices() {
+  const needle = $('devices-search').value.trim().toLowerCase();
+  const shown = needle
+    ? deviceList.filter((d) => [d.name, d.platform, d.id, d.app_version, d.status]
+      .some((v) => String(v).toLowerCase().includes(needle)))
+    : deviceList;
+  $('devices-count').textContent = `${shown.length} of ${deviceList.length} devices`;
+  fillRows($('devices-table').tBodies[0], shown.map((d) => el('tr', {},
+    cell(d.name),
+    cell(d.platform),
+    cell(d.app_version),
+    cell(el('span', { className: `badge ${d.status}` }, d.status), d.revoked_at ? el('span', { className: 'help' }, ' ', time(d.revoked_at)) : null),
+    cell(time(d.created_at)),
+    cell(time(d.last_seen)),
+    cell(el('code', {}, d.id)),
+    cell(d.status === 'active'
+      ? el('button', { type: 'button', className: 'danger', 'aria-label': `Revoke ${d.name}`, onclick: () => revokeDevice(d) }, 'Revoke')
+      : null))), 8, needle ? 'No device matches.' : 'No device has paired yet.');
+}
+
+async function revokeDevice(device) {
+  if (!window.confirm(`Revoke “${device.name}” (${device.id})? Its tokens stop working at once.`)) return;
+  await guarded(async () => {
+    await api('DELETE', `/v1/devices/${encodeURIComponent(device.id)}`);
+    say(`Device ${device.name} revoked.`);
+    await loadDevices();
+    $('devices-search').focus();
+  });
+}
+
+// ---------------------------------------------------------------- audit
+
+async function loadAudit() {
+  const tbody = $('audit-table').tBodies[0];
+  const type = $('audit-type').value.trim();
+  tbody.replaceChildren();
+  await guarded(async () => {
+    const head = await auditHead();
+    // Recent events: the newest matching ones among the last few thousand.
+    const start = Math.max(0, head - (type ? 20000 : AUDIT_ROWS));
+    const { events, cursor } = await auditTail(start, type, AUDIT_ROWS);
+    let rows = events.slice().reverse();
+    fillRows(tbody, rows.map(auditRow), 9, 'No events.');
+    let after = Math.max(cursor, head);
+    if (!$('audit-live').checked) return;
+    every(POLL_MS, async () => {
+      const query = new URLSearchParams({ after: String(after), limit: '1000' });
+      if (type) query.set('type', type);
+      const page = await api('GET', `/v1/audit?${query}`);
+      if (page.events.length > 0) after = Math.max(after, page.events[page.events.length - 1].seq);
+      if (page.next !== null && page.next !== undefined) after = Math.max(after, page.next);
+      if (page.events.length === 0) return;
+      if (rows.length === 0) tbody.replaceChildren();
+      for (const ev of page.events) tbody.prepend(auditRow(ev));
+      rows = page.events.slice().reverse().concat(rows);
+      while (tbody.rows.length > AUDIT_ROWS) tbody.deleteRow(-1);
+      rows = rows.slice(0, AUDIT_ROWS);
+    });
+  });
+}
+
+function auditRow(ev) {
+  const details = Object.entries(ev.details || {})
+    .map(([k, v]) => `${k}=${typeof v === 'string' ? v : JSON.stringify(v)}`).join(' ');
+  return el('tr', { className: `sev-${ev.severity}` },
+    cell(String(ev.seq)),
+    cell(time(ev.time)),
+    cell(el('code', {}, ev.type)),
+    cell(ev.severity),
+    cell(ev.outcome),
+    cell(ev.actor),
+    cell(ev.source || '—'),
+    cell(ev.device ? el('code', {}, ev.device) : '—'),
+    cell(el('span', { className: 'details' }, details)));
+}
+
+// ---------------------------------------------------------------- bans
+
+async function loadBans() {
+  await guarded(async () => {
+    const { bans } = await api('GET', '/v1/ratelimit/bans');
+    fillRows($('bans-table').tBodies[0], bans.map((b) => el('tr', {},
+      cell(el('code', {}, b.key)),
+      cell(b.reason),
+      cell(time(b.since)),
+      cell(time(b.until), b.active ? ` (${b.remaining_seconds} s left)` : ''),
+      cell(String(b.offences)),
+      cell(b.active ? 'yes' : 'no'),
+      cell(b.active
+        ? el('button', { type: 'button', 'aria-label': `Lift the ban on ${b.key}`, onclick: () => liftBan(b.key) }, 'Unban')
+        : null))), 7, 'No bans.');
+  });
+}
+
+async function liftBan(key) {
+  await guarded(async () => {
+    await api('DELETE', `/v1/ratelimit/bans/${encodeURIComponent(key)}`);
+    say(`Ban on ${key} lifted.`);
+    await loadBans();
+    $('bans-refresh').focus();
+  });
+}
+
+// ---------------------------------------------------------------- keys
+
+async function loadKeys() {
+  await guarded(async () => {
+    const { keys } = await api('GET', '/v1/keys');
+    fillRows($('keys-table').tBodies[0], keys.map((k) => el('tr', {},
+      cell(el('code', {}, k.kid)),
+      cell(k.alg),
+      cell(el('span', { className: `badge ${k.state}` }, k.state)),
+      cell(time(k.created_at)),
+      cell(time(k.activated_at)),
+      cell(time(k.retiring_at)),
+      cell(time(k.revoked_at)),
+      cell(time(k.verify_until)))), 8, 'No keys.');
+  });
+}
+
+async function rotateKeys() {
+  if (!window.confirm('Rotate the signing keys now? The next key becomes active at once.')) return;
+  await guarded(async () => {
+    const report = await api('POST', '/v1/keys/rotate', { now: true });
+    say(`Rotated: ${report.activated} is active${report.retiring ? `, ${report.retiring} is retiring` : ''}; the new next key is ${report.next}.`);
+    await loadKeys();
+  });
+}
+
+// ---------------------------------------------------------------- start
+
+function wire() {
+  $('signin-password').addEventListener('submit', (event) => {
+    event.preventDefault();
+    signIn({ username: $('signin-username').value, password: $('signin-pass').value }, event.target);
+  });
+  $('signin-token').addEventListener('submit', (event) => {
+    event.preventDefault();
+    signIn({ token: $('signin-token-value').value.trim() }, event.target);
+  });
+  $('sign-out').addEventListener('click', signOut);
+  $('overview-refresh').addEventListener('click', () => { loadOverview(); say('Refreshed.'); });
+  $('pairing-form').addEventListener('submit', openPairing);
+  $('pairing-copy').addEventListener('click', copyUri);
+  $('devices-search').addEventListener('input', renderDevices);
+  $('audit-form').addEventListener('submit', (event) => { event.preventDefault(); stopPage(); loadAudit(); });
+  $('audit-live').addEventListener('change', () => { stopPage(); loadAudit(); });
+  $('bans-refresh').addEventListener('click', loadBans);
+  $('keys-rotate').addEventListener('click', rotateKeys);
+  window.addEventListener('hashchange', route);
+}
+
+async function start() {
+  wire();
+  try {
+    const current = await api('GET', '/v1/session');
+    signedIn(current);
+  } catch (err) {
+    signedOut(err.status === 401 ? null : err.message);
+  }
+}
+
+start();
