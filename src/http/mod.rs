@@ -20,6 +20,7 @@ pub mod redirect;
 pub mod security;
 pub mod serve;
 pub mod session;
+pub mod status;
 pub mod ui;
 pub mod ws;
 
@@ -108,6 +109,7 @@ pub fn router(state: AppState, limits: &ServerConfig, cors_config: &CorsConfig) 
         .route("/v1/jobs", get(jobs::list))
         .route("/v1/jobs/{name}/run", post(jobs::run))
         .route("/v1/backup", post(jobs::backup))
+        .route("/v1/status", get(status::status))
         .route(
             "/v1/session",
             post(session::sign_in)

@@ -97,6 +97,10 @@ async function main() {
     await page.locator('#ov-tls dd').getByText('self-signed', { exact: true }).waitFor();
     await page.locator('#ov-keys tbody tr', { hasText: 'active' }).first().waitFor();
     await page.locator('#ov-jobs tbody tr').first().waitFor();
+    // This test server keeps its key beside the data file and its bootstrap token: the
+    // overview says both.
+    await page.locator('#overview-warning-list li', { hasText: 'sits beside the data file' }).waitFor();
+    await page.locator('#overview-warning-list li', { hasText: 'bootstrap admin token' }).waitFor();
     await shot(page, 'overview');
 
     // Pairing: a QR code, the URI and a countdown; a claim shows who claimed it.

@@ -299,7 +299,7 @@ async fn probes_and_discovery_answer_as_documented() {
     expect("GET /metrics", 405, api.anyone(Method::POST, "/metrics")).await;
     // Every other path is a 404 with the error body.
     expect_unlisted_path(404, api.anyone(Method::GET, "/v1/nothing-here")).await;
-    expect_unlisted_path(404, api.admin(Method::GET, "/admin")).await;
+    expect_unlisted_path(404, api.admin(Method::GET, "/admin/nothing-here")).await;
     app.stop().await;
 }
 
@@ -861,6 +861,11 @@ async fn administration_answers_as_documented() {
     .await;
 
     // Jobs and backups.
+    let op = "GET /v1/status";
+    expect(op, 200, api.admin(Method::GET, "/v1/status")).await;
+    expect(op, 401, api.anyone(Method::GET, "/v1/status")).await;
+    expect(op, 405, api.admin(Method::POST, "/v1/status")).await;
+
     let op = "GET /v1/jobs";
     expect(op, 200, api.admin(Method::GET, "/v1/jobs")).await;
     expect(op, 401, api.anyone(Method::GET, "/v1/jobs")).await;

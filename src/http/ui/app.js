@@ -369,6 +369,14 @@ async function loadOverview() {
       cell(time(job.next_run)))), 5, 'No jobs.');
   });
 
+  // The server's own findings (the master key's place, the bootstrap token, backups);
+  // the ones this page already works out above are not repeated.
+  await guarded(async () => {
+    const shownAbove = new Set(['tls_off', 'certificate_expiring', 'acme_failing', 'job_failing']);
+    const { warnings: found } = await api('GET', '/v1/status');
+    for (const w of found) if (!shownAbove.has(w.code)) warnings.push(w.message);
+  });
+
   const box = $('overview-warnings');
   const list = $('overview-warning-list');
   list.replaceChildren(...warnings.map((w) => el('li', {}, w)));
