@@ -13,7 +13,10 @@ import { mkdtempSync, mkdirSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import assert from 'node:assert/strict';
+import { createRequire } from 'node:module';
 import { chromium } from 'playwright-core';
+
+const axeScript = createRequire(import.meta.url).resolve('axe-core/axe.min.js');
 
 const bin = resolve(process.env.GATEHOUSE_BIN || 'target/debug/gatehouse');
 const executablePath = process.env.CHROMIUM || '/usr/bin/chromium';
@@ -207,6 +210,42 @@ async function main() {
     await page.keyboard.press('Tab');
     const focused = await page.evaluate(() => document.activeElement && document.activeElement.tagName);
     assert.ok(focused, 'something takes focus');
+
+    // Accessibility: axe-core's WCAG 2.1 A and AA rules (labels, names, contrast, roles,
+    // landmarks) on every page, in a second context of the same browser that may inject
+    // the checker (the UI's own CSP forbids it, rightly, in the main run).
+    {
+      const cookies = await context.cookies();
+      const audit = await browser.newContext({ ignoreHTTPSErrors: true, bypassCSP: true });
+      await audit.addCookies(cookies);
+      const a11y = await audit.newPage();
+      const pages = ['overview', 'pairing', 'devices', 'audit', 'bans', 'keys'];
+      for (const name of pages) {
+        await a11y.goto(`${server.url}/admin/#${name}`);
+        await a11y.locator('main h1:visible', { hasNotText: 'Loading' }).first().waitFor();
+        await a11y.waitForLoadState('networkidle');
+        await a11y.addScriptTag({ path: axeScript });
+        const violations = await a11y.evaluate(async () => {
+          const result = await window.axe.run(document, {
+            runOnly: { type: 'tag', values: ['wcag2a', 'wcag2aa', 'wcag21a', 'wcag21aa'] },
+          });
+          return result.violations.map((v) => `${v.id} (${v.impact}): ${v.nodes.length} node(s), e.g. ${v.nodes[0].target}`);
+        });
+        assert.deepEqual(violations, [], `accessibility of the ${name} page`);
+      }
+      // And the sign-in page, signed out.
+      const anonymous = await browser.newContext({ ignoreHTTPSErrors: true, bypassCSP: true });
+      const signIn = await anonymous.newPage();
+      await signIn.goto(`${server.url}/admin/`);
+      await signIn.getByRole('heading', { name: 'Sign in', level: 1 }).waitFor();
+      await signIn.addScriptTag({ path: axeScript });
+      const violations = await signIn.evaluate(async () => (await window.axe.run(document, {
+        runOnly: { type: 'tag', values: ['wcag2a', 'wcag2aa', 'wcag21a', 'wcag21aa'] },
+      })).violations.map((v) => `${v.id} (${v.impact}): ${v.nodes[0].target}`));
+      assert.deepEqual(violations, [], 'accessibility of the sign-in page');
+      await audit.close();
+      await anonymous.close();
+    }
 
     // Reloading keeps the session; signing out shows the sign-in form again.
     await page.reload();
