@@ -192,7 +192,9 @@ impl Event {
         self
     }
 
-    fn into_entry(self, origin: &Origin, time_ms: u64) -> AuditEntry {
+    /// The stored form of this event, stamped with `origin` and `time_ms`; the store
+    /// sets `prev` when it appends.
+    fn to_entry(&self, origin: &Origin, time_ms: u64) -> AuditEntry {
         AuditEntry {
             time_ms,
             kind: self.kind.to_string(),
@@ -201,23 +203,25 @@ impl Event {
             source: origin.source.map(|ip| ip.to_canonical().to_string()),
             request_id: origin.request_id.clone(),
             outcome: self.outcome.as_str().to_string(),
-            device: self.device,
-            details: Value::Object(self.details).to_string(),
+            device: self.device.clone(),
+            // A map of strings to JSON values always serialises; the compact form is the
+            // same as `Value::Object(..).to_string()`.
+            details: serde_json::to_string(&self.details).unwrap_or_default(),
             prev: [0; 32],
         }
     }
 }
 
 /// Appends `event` inside a write transaction the caller is already running, so the
-/// record commits with the action it describes. The event may be appended again if
-/// the writer retries the job, which is why it is cloned rather than consumed.
+/// record commits with the action it describes. The event is borrowed because the
+/// writer may run the job again if it retries it.
 pub fn append(
     tx: &WriteTx<'_>,
     origin: &Origin,
     event: &Event,
     now_ms: u64,
 ) -> Result<u64, StoreError> {
-    tx.append_audit(event.clone().into_entry(origin, now_ms))
+    tx.append_audit(&mut event.to_entry(origin, now_ms))
 }
 
 /// One event as the API, the CLI and exports show it.
@@ -358,10 +362,16 @@ impl AuditLog {
     /// Appends one event in a transaction of its own (batched with whatever else the
     /// writer has waiting) and answers once it is durable.
     pub async fn record(&self, origin: &Origin, event: Event) -> Result<u64, StoreError> {
-        let origin = origin.clone();
+        // Built here, on the caller's task, so the writer only stamps the time, links
+        // and tags the record; the time is read when the job runs, so times follow the
+        // order of the log.
+        let mut entry = event.to_entry(origin, 0);
         let clock = self.clock.clone();
         self.store
-            .write(move |tx| append(tx, &origin, &event, clock.now_ms()))
+            .write(move |tx| {
+                entry.time_ms = clock.now_ms();
+                tx.append_audit(&mut entry)
+            })
             .await
     }
 
@@ -464,7 +474,7 @@ mod tests {
     use super::*;
 
     fn entry(kind: &str, device: Option<&str>) -> AuditEntry {
-        let mut e = Event::new("x").into_entry(&Origin::system(), 1);
+        let mut e = Event::new("x").to_entry(&Origin::system(), 1);
         e.kind = kind.into();
         e.device = device.map(str::to_string);
         e
@@ -505,7 +515,7 @@ mod tests {
         .as_actor(Actor::Admin("adm_1".into()));
         let e = Event::failure("login.failed")
             .detail("method", "admin_token")
-            .into_entry(&origin, 7);
+            .to_entry(&origin, 7);
         assert_eq!(e.actor, "admin:adm_1");
         assert_eq!(e.source.as_deref(), Some("192.0.2.1"));
         assert_eq!(e.outcome, "failure");

@@ -223,10 +223,10 @@ impl WriteTx<'_> {
 
     /// Appends one event to the audit log; sets its `prev` and returns its sequence
     /// number. Durable when the transaction commits.
-    pub fn append_audit(&self, mut entry: AuditEntry) -> Result<u64, StoreError> {
+    pub fn append_audit(&self, entry: &mut AuditEntry) -> Result<u64, StoreError> {
         let head = self.audit_head()?;
         entry.prev = head.prev;
-        let record = records::encode_audit_entry(&entry);
+        let record = records::encode_audit_entry(entry);
         let tag = self.chain.record_tag(head.next_seq, &record);
         let mut row = Vec::with_capacity(TAG_LEN + record.len());
         row.extend_from_slice(&tag);
