@@ -72,6 +72,23 @@ async fn get_healthz(stream: &mut TlsStream<TcpStream>) -> u16 {
     status.split(' ').nth(1).unwrap().parse().unwrap()
 }
 
+/// `gatehouse serve` in `files` mode on a free loopback port.
+fn serve_files(data: &Path, cert: &Path, key: &Path) -> Command {
+    let mut cmd = gatehouse(data);
+    cmd.args([
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--tls",
+        "files",
+        "--tls-cert",
+    ])
+    .arg(cert)
+    .arg("--tls-key")
+    .arg(key);
+    cmd
+}
+
 /// Replaces `dst`'s files with `src`'s the way deployment tools do: write, then rename.
 fn install(src: &Leaf, dst: &Leaf) {
     for (from, to) in [(&src.key, &dst.key), (&src.cert, &dst.cert)] {
@@ -129,18 +146,7 @@ async fn files_mode_reloads_on_sighup_without_dropping_connections() {
     let next = ca.issue(dir.path(), "next", &[NAME, "127.0.0.1"], 60);
     let other = ca.issue(dir.path(), "other", &[NAME], 60);
     let data = dir.path().join("gatehouse.redb");
-    let mut cmd = gatehouse(&data);
-    cmd.args([
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--tls",
-        "files",
-        "--tls-cert",
-    ])
-    .arg(&served.cert)
-    .arg("--tls-key")
-    .arg(&served.key);
+    let cmd = serve_files(&data, &served.cert, &served.key);
     let server = Server::start_ok(cmd);
     assert!(
         server
@@ -216,18 +222,7 @@ fn files_mode_refuses_to_start_with_a_bad_pair_and_names_the_file() {
     let a = ca.issue(dir.path(), "a", &[NAME], 30);
     let b = ca.issue(dir.path(), "b", &[NAME], 30);
     let data = dir.path().join("gatehouse.redb");
-    let mut cmd = gatehouse(&data);
-    cmd.args([
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--tls",
-        "files",
-        "--tls-cert",
-    ])
-    .arg(&a.cert)
-    .arg("--tls-key")
-    .arg(&b.key);
+    let cmd = serve_files(&data, &a.cert, &b.key);
     let Err(done) = Server::start(cmd) else {
         panic!("a key of another certificate must be refused");
     };
@@ -458,18 +453,7 @@ fn testssl_finds_nothing_of_severity_low_or_above() {
     let root = ca.write_root(&dir.path().join("ca.pem"));
     let leaf = ca.issue(dir.path(), "leaf", &["localhost", "127.0.0.1"], 90);
     let data = dir.path().join("gatehouse.redb");
-    let mut cmd = gatehouse(&data);
-    cmd.args([
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--tls",
-        "files",
-        "--tls-cert",
-    ])
-    .arg(&leaf.cert)
-    .arg("--tls-key")
-    .arg(&leaf.key);
+    let cmd = serve_files(&data, &leaf.cert, &leaf.key);
     let server = Server::start_ok(cmd);
     let json = dir.path().join("testssl.json");
     let output = Command::new("testssl")
