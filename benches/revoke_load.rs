@@ -12,13 +12,16 @@
 //! 3. `CLIENTS` reqwest clients, one keep-alive HTTP/1.1 connection each that trusts
 //!    exactly the server's certificate (as the integration tests do), already connected,
 //!    take distinct refresh tokens from a shared list and `POST /v1/revoke` them as fast
-//!    as the answers come. Each revocation revokes the token's family durably and writes
-//!    a `token.revoked` audit record in the same transaction before the 200 is sent.
+//!    as the answers come. Each revocation appends the token's family to the revocation
+//!    journal and writes a `token.revoked` audit record in the same durable transaction
+//!    before the 200 is sent.
 //!
 //! It reports revocations per second and the latency of each request (p50, p99, max), and
-//! then checks that every answer was 200, that every family is revoked in the data file,
-//! that the log gained exactly one audit record per revocation, and that a revoked
-//! refresh token no longer refreshes. Clients and server share the machine's two cores.
+//! then checks that every answer was 200, that every revocation is in the revocation
+//! journal, that the log gained exactly one audit record per revocation, and that a
+//! revoked refresh token no longer refreshes; then it folds the journal into the families'
+//! rows as the server would later (timed, with the bytes written) and checks that every
+//! family's row says revoked and that another revoked refresh token is still refused. Clients and server share the machine's two cores.
 //! Run: `cargo bench --bench revoke_load` (`REVOKE_TOKENS=N` for another count; 200 000 by
 //! default; `REVOKE_CLIENTS=N` for another number of clients). Under `cargo test` it
 //! revokes 300 tokens.
@@ -36,7 +39,7 @@ use gatehouse::clock::{SharedClock, SystemClock};
 use gatehouse::config::{Config, Env, Flags};
 use gatehouse::ids::DeviceId;
 use gatehouse::store::records::Device;
-use gatehouse::store::{DEVICES, StoreError, TOKEN_FAMILIES};
+use gatehouse::store::{DEVICES, FAMILY_REVOCATIONS, StoreError, TOKEN_FAMILIES};
 use gatehouse::tokens::NewFamily;
 
 /// Concurrent clients, each with its own connection (`REVOKE_CLIENTS` overrides).
@@ -321,12 +324,53 @@ fn main() {
     latencies.sort_unstable();
     let rate = total as f64 / elapsed.as_secs_f64();
 
-    // Checks: every answer 200, every family revoked durably, one audit record each.
+    // Checks: every answer 200, every family revoked durably (in the journal), one audit
+    // record each.
     assert_eq!(
         statuses.get(&200).copied(),
         Some(total as u64),
         "{statuses:?}"
     );
+    let journaled = running
+        .services
+        .store
+        .read(|tx| tx.all(&FAMILY_REVOCATIONS))
+        .unwrap()
+        .len();
+    assert_eq!(journaled, total, "journaled revocations");
+    let audit_after = audit_len(&running);
+    assert_eq!(
+        audit_after - audit_before,
+        total as u64,
+        "token.revoked records"
+    );
+    client_rt.block_on(async {
+        let r = clients[0]
+            .post(format!("{base}/v1/token"))
+            .form(&[
+                ("grant_type", "refresh_token"),
+                ("refresh_token", tokens[1].as_str()),
+            ])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            r.status(),
+            400,
+            "a journaled family's refresh token is refused"
+        );
+    });
+
+    // Then the fold that the server would run later: every revocation moved into its
+    // family's row, timed, with the bytes it wrote.
+    let fold_written_before = written_bytes();
+    let fold_started = Instant::now();
+    let folded = server_rt
+        .block_on(running.services.revocations.fold_journal())
+        .unwrap();
+    let fold_elapsed = fold_started.elapsed();
+    let fold_written = written_bytes() - fold_written_before;
+    assert_eq!(folded.entries, total as u64, "{folded:?}");
     let (families, revoked) = running
         .services
         .store
@@ -340,12 +384,6 @@ fn main() {
         })
         .unwrap();
     assert_eq!((families, revoked), (total, total), "families, revoked");
-    let audit_after = audit_len(&running);
-    assert_eq!(
-        audit_after - audit_before,
-        total as u64,
-        "token.revoked records"
-    );
     client_rt.block_on(async {
         let r = clients[0]
             .post(format!("{base}/v1/token"))
@@ -356,7 +394,11 @@ fn main() {
             .send()
             .await
             .unwrap();
-        assert_eq!(r.status(), 400, "a revoked refresh token is refused");
+        assert_eq!(
+            r.status(),
+            400,
+            "a folded family's refresh token is refused"
+        );
     });
     let size = size(&config.data_path);
     drop(clients);
@@ -384,8 +426,15 @@ fn main() {
         written as f64 / 1024.0 / total as f64
     );
     println!(
-        "  checked: {total} answers 200, {revoked} of {families} families revoked in the data \
-         file, {} token.revoked records, a revoked refresh token refused",
+        "  then folding the {total} journaled revocations into their families' rows: {:.2} s, \
+         {:.1} MiB written ({:.1} KiB per revocation)",
+        fold_elapsed.as_secs_f64(),
+        fold_written as f64 / 1024.0 / 1024.0,
+        fold_written as f64 / 1024.0 / total as f64,
+    );
+    println!(
+        "  checked: {total} answers 200, {total} journaled, then {revoked} of {families} families \
+         revoked in their rows, {} token.revoked records, revoked refresh tokens refused before and after the fold",
         audit_after - audit_before,
     );
 }

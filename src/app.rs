@@ -449,8 +449,9 @@ const REFUSALS_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Background work: writes changed rate-limit windows every second and devices'
 /// last-seen times every few seconds (both once more at stop), writes coalesced
-/// rate-limit refusals every minute, and runs the scheduled jobs (first those missed
-/// while stopped). Jobs run in their own tasks, so a long backup never delays a flush.
+/// rate-limit refusals every minute, folds the revocation journal when it is due, and
+/// runs the scheduled jobs (first those missed while stopped). Jobs and folds run in
+/// their own tasks, so a long backup never delays a flush.
 async fn maintain(
     services: Services,
     missed: Vec<crate::schedule::JobName>,
@@ -490,9 +491,11 @@ async fn maintain(
                 while running_jobs.try_join_next().is_some() {}
                 let services = services.clone();
                 let missed = pending.take();
+                let folding = services.clone();
                 running_jobs.spawn(async move {
                     run_jobs(&services, missed).await;
                 });
+                running_jobs.spawn(async move { fold_revocations(&folding).await });
             }
         }
     }
@@ -521,6 +524,22 @@ async fn renew_self_signed(services: &Services) {
         }
         Err(err) => {
             tracing::warn!(error = %err, "renewing the self-signed certificate failed; retrying in a second")
+        }
+    }
+}
+
+/// Folds the revocation journal into the families' rows when it is due (see
+/// `revocation`); a fold already running makes this a no-op.
+async fn fold_revocations(services: &Services) {
+    match services.revocations.fold_journal_if_due().await {
+        Ok(None) => {}
+        Ok(Some(folded)) => tracing::debug!(
+            entries = folded.entries,
+            families_marked = folded.families_marked,
+            "folded the revocation journal"
+        ),
+        Err(err) => {
+            tracing::warn!(error = %err, "folding the revocation journal failed; retrying in a second")
         }
     }
 }

@@ -7,17 +7,93 @@
 //! updated first, so a failed write errs on the side of refusing. The mirror is rebuilt
 //! from the data file at start. Entries are pruned once the tokens they name could no
 //! longer verify anyway (expired plus leeway). Signing-key revocation lives in `keys`.
+//!
+//! A family revoked through `POST /v1/revoke` is not marked in its row at once: the
+//! revocation is appended to the revocation journal (`family_revocations.v1`, in time
+//! order), whose rows share the table's last page, where rewriting a family row copies a
+//! page of a large table keyed at random for every revocation. Until the journal is
+//! folded into the rows (`fold_journal`: sorted by family, in bounded transactions, when
+//! it holds `FOLD_AT` entries, `FOLD_EVERY` after the last fold, and before the daily
+//! prune), a family is revoked if its row says so *or* it is in `JournaledFamilies`, the
+//! in-memory set the refresh and introspection paths ask. The set is rebuilt from the
+//! journal at start; it costs about 20 bytes per journaled family.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use crate::audit::{self, Event, Origin, Severity};
 use crate::clock::{SharedClock, millis};
 use crate::ids::{DeviceId, FamilyId, TokenId};
 use crate::live::Changes;
-use crate::store::records::{RevokedToken, TokenFamily};
-use crate::store::{DEVICES, REVOKED_TOKENS, Store, StoreError, TOKEN_FAMILIES, WriteTx};
+use crate::store::records::{FamilyRevocation, RevokedToken, TokenFamily};
+use crate::store::{
+    DEVICES, FAMILY_REVOCATIONS, REVOKED_TOKENS, Store, StoreError, TOKEN_FAMILIES, WriteTx,
+};
+
+/// The journal is folded once it holds this many families (the in-memory set is then
+/// about 9 MiB: 16 bytes a family in a hash set at most seven-eighths full)...
+pub const FOLD_AT: usize = 262_144;
+/// ...or when this long has passed since the last fold and it holds any.
+pub const FOLD_EVERY: Duration = Duration::from_secs(60);
+/// A fold reads the journal in rounds of this many entries (oldest first), so that the
+/// memory it takes stays bounded (about 200 bytes an entry while a round runs)...
+const FOLD_ROUND: usize = 65_536;
+/// ...and writes each round in transactions of this many entries: first the families'
+/// rows, sorted by family id, so that a transaction touches a run of neighbouring rows;
+/// then the journal rows, in key order. Small enough that other writes wait milliseconds.
+const FOLD_CHUNK: usize = 1024;
+
+/// The journal key of a revocation: time first (fixed-width hex), so that appends land
+/// on the table's last page and a fold reads the oldest first.
+pub fn journal_key(revoked_at_ms: u64, family: &FamilyId) -> String {
+    format!("{revoked_at_ms:016x}/{family}")
+}
+
+/// Families revoked in the journal and not yet folded into their rows. Cheap to clone:
+/// write jobs take a handle to ask it inside their transaction.
+#[derive(Debug, Clone, Default)]
+pub struct JournaledFamilies(Arc<RwLock<HashSet<FamilyId>>>);
+
+impl JournaledFamilies {
+    pub fn contains(&self, family: &FamilyId) -> bool {
+        self.0
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(family)
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn insert(&self, family: FamilyId) {
+        self.0
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(family);
+    }
+
+    fn remove_all(&self, families: &[FamilyId]) {
+        let mut set = self.0.write().unwrap_or_else(|p| p.into_inner());
+        for family in families {
+            set.remove(family);
+        }
+    }
+}
+
+/// What one fold of the journal did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Folded {
+    /// Journal entries read and removed.
+    pub entries: u64,
+    /// Family rows newly marked revoked (the others were already, or are gone).
+    pub families_marked: u64,
+}
 
 #[derive(Debug, Default)]
 struct Revoked {
@@ -38,6 +114,10 @@ pub struct RevocationList {
     /// access tokens could still be presented.
     access_window: Duration,
     revoked: RwLock<Revoked>,
+    journaled: JournaledFamilies,
+    /// When the journal was last folded (ms), for `FOLD_EVERY`; held by the fold that
+    /// runs, so that there is one at a time.
+    last_fold_ms: tokio::sync::Mutex<u64>,
     /// Bumped after every revocation, so live connections re-check their tokens.
     changes: Changes,
 }
@@ -53,6 +133,7 @@ impl RevocationList {
         let now = clock.now_ms();
         let window = millis(access_window);
         let mut revoked = Revoked::default();
+        let journaled = JournaledFamilies::default();
         store.read(|tx| {
             for (jti, row) in tx.all(&REVOKED_TOKENS)? {
                 if let Some(jti) = TokenId::parse(&jti) {
@@ -64,6 +145,16 @@ impl RevocationList {
                     let forget_at = at.saturating_add(window);
                     if forget_at > now {
                         revoked.families.insert(id, forget_at);
+                    }
+                }
+            }
+            for (_, entry) in tx.all(&FAMILY_REVOCATIONS)? {
+                if let Some(id) = FamilyId::parse(&entry.family_id) {
+                    journaled.insert(id);
+                    let forget_at = entry.revoked_at_ms.saturating_add(window);
+                    if forget_at > now {
+                        let known = revoked.families.entry(id).or_insert(forget_at);
+                        *known = (*known).max(forget_at);
                     }
                 }
             }
@@ -79,6 +170,8 @@ impl RevocationList {
             clock,
             access_window,
             revoked: RwLock::new(revoked),
+            journaled,
+            last_fold_ms: tokio::sync::Mutex::new(now),
             changes,
         })
     }
@@ -102,6 +195,12 @@ impl RevocationList {
 
     pub fn is_device_revoked(&self, device: &DeviceId) -> bool {
         self.read().devices.contains(device)
+    }
+
+    /// The families revoked in the journal: a refresh or an introspection asks it beside
+    /// the family row's own `revoked_at_ms`.
+    pub fn journaled(&self) -> JournaledFamilies {
+        self.journaled.clone()
     }
 
     /// Revokes one access token; durable when this returns.
@@ -163,7 +262,9 @@ impl RevocationList {
     }
 
     /// Revokes a whole family (its refresh token and every access token); durable when
-    /// this returns. Unknown families are ignored: there is nothing to revoke.
+    /// this returns. Unknown families are ignored: there is nothing to revoke. The
+    /// revocation goes to the journal (see the module docs); a failed write leaves the
+    /// family refused in memory until the next start.
     pub async fn revoke_family(
         &self,
         family_id: FamilyId,
@@ -171,6 +272,7 @@ impl RevocationList {
         origin: &Origin,
     ) -> Result<bool, StoreError> {
         self.remember_family(family_id);
+        self.journaled.insert(family_id);
         let now = self.clock.now_ms();
         let reason = reason.to_string();
         let key = family_id.to_string();
@@ -178,10 +280,17 @@ impl RevocationList {
         let known = self
             .store
             .write(move |tx| {
-                let Some(mut family) = tx.get(&TOKEN_FAMILIES, &key)? else {
+                let Some(family) = tx.get(&TOKEN_FAMILIES, &key)? else {
                     return Ok::<_, StoreError>(false);
                 };
-                Self::revoke_family_in(tx, &family_id, &mut family, &reason, now)?;
+                if family.revoked_at_ms.is_none() {
+                    let entry = FamilyRevocation {
+                        family_id: key.clone(),
+                        revoked_at_ms: now,
+                        reason: reason.clone(),
+                    };
+                    tx.put(&FAMILY_REVOCATIONS, &journal_key(now, &family_id), &entry)?;
+                }
                 let event = Event::new("token.revoked")
                     .device(&family.device_id)
                     .detail("family", key.clone())
@@ -192,9 +301,96 @@ impl RevocationList {
             })
             .await?;
         if !known {
+            // No row, so nothing to refuse: a family id is never reused.
             self.write().families.remove(&family_id);
+            self.journaled.remove_all(&[family_id]);
         }
         Ok(known)
+    }
+
+    /// Folds the journal when it is due: it holds `FOLD_AT` families, or `FOLD_EVERY` has
+    /// passed since the last fold and it holds any. `None` when not due (or when another
+    /// fold is running).
+    pub async fn fold_journal_if_due(&self) -> Result<Option<Folded>, StoreError> {
+        let Ok(mut last) = self.last_fold_ms.try_lock() else {
+            return Ok(None);
+        };
+        let pending = self.journaled.len();
+        let waited = self.clock.now_ms().saturating_sub(*last);
+        if pending < FOLD_AT && (pending == 0 || waited < millis(FOLD_EVERY)) {
+            return Ok(None);
+        }
+        let folded = self.fold_entries().await?;
+        *last = self.clock.now_ms();
+        Ok(Some(folded))
+    }
+
+    /// Marks every journaled family revoked in its row and empties the journal (see
+    /// `FOLD_ROUND` and `FOLD_CHUNK`). A crash between the two steps of a round leaves
+    /// journal rows whose families are already marked; the next fold removes them.
+    pub async fn fold_journal(&self) -> Result<Folded, StoreError> {
+        let mut last = self.last_fold_ms.lock().await;
+        let folded = self.fold_entries().await?;
+        *last = self.clock.now_ms();
+        Ok(folded)
+    }
+
+    async fn fold_entries(&self) -> Result<Folded, StoreError> {
+        let mut folded = Folded::default();
+        loop {
+            let round = self
+                .store
+                .read(|tx| tx.first(&FAMILY_REVOCATIONS, FOLD_ROUND))?;
+            let last_round = round.len() < FOLD_ROUND;
+            let (keys, mut entries): (Vec<String>, Vec<FamilyRevocation>) =
+                round.into_iter().unzip();
+            // By family, then by time: the earliest revocation is the one a row keeps.
+            entries.sort_by(|a, b| {
+                (a.family_id.as_str(), a.revoked_at_ms)
+                    .cmp(&(b.family_id.as_str(), b.revoked_at_ms))
+            });
+            for chunk in entries.chunks(FOLD_CHUNK) {
+                let chunk = chunk.to_vec();
+                let (marked, settled) = self
+                    .store
+                    .write(move |tx| {
+                        let mut marked = 0u64;
+                        let mut settled = Vec::with_capacity(chunk.len());
+                        for entry in &chunk {
+                            if let Some(mut family) = tx.get(&TOKEN_FAMILIES, &entry.family_id)?
+                                && family.revoked_at_ms.is_none()
+                            {
+                                family.revoked_at_ms = Some(entry.revoked_at_ms);
+                                family.revoke_reason = Some(entry.reason.clone());
+                                tx.put(&TOKEN_FAMILIES, &entry.family_id, &family)?;
+                                marked += 1;
+                            }
+                            settled.extend(FamilyId::parse(&entry.family_id));
+                        }
+                        Ok::<_, StoreError>((marked, settled))
+                    })
+                    .await?;
+                // Each of these rows now says revoked, or is gone: the set need not.
+                self.journaled.remove_all(&settled);
+                folded.families_marked += marked;
+            }
+            for chunk in keys.chunks(FOLD_CHUNK) {
+                let count = chunk.len() as u64;
+                let chunk = chunk.to_vec();
+                self.store
+                    .write(move |tx| {
+                        for key in &chunk {
+                            tx.delete(&FAMILY_REVOCATIONS, key)?;
+                        }
+                        Ok::<_, StoreError>(())
+                    })
+                    .await?;
+                folded.entries += count;
+            }
+            if last_round {
+                return Ok(folded);
+            }
+        }
     }
 
     /// Revokes a device and every family it holds; durable when this returns. `Ok(false)`
@@ -209,6 +405,7 @@ impl RevocationList {
         let now = self.clock.now_ms();
         let key = device.to_string();
         let origin = origin.clone();
+        let journaled = self.journaled.clone();
         let outcome = self
             .store
             .write(move |tx| {
@@ -225,6 +422,9 @@ impl RevocationList {
                         continue;
                     }
                     if let Some(family_id) = FamilyId::parse(&id) {
+                        if journaled.contains(&family_id) {
+                            continue;
+                        }
                         Self::revoke_family_in(tx, &family_id, &mut family, "device revoked", now)?;
                         families.push(family_id);
                     }
@@ -271,5 +471,35 @@ impl RevocationList {
     pub fn counts(&self) -> (usize, usize, usize) {
         let r = self.read();
         (r.tokens.len(), r.families.len(), r.devices.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn journal_keys_sort_by_time_then_family() {
+        let a = FamilyId::from_bytes([0xaa; 16]);
+        let b = FamilyId::from_bytes([0x0b; 16]);
+        // In time order, and within one millisecond in family order.
+        let keys = [
+            journal_key(0xfff, &a),
+            journal_key(0x1000, &b),
+            journal_key(0x1000, &a),
+            journal_key(1_795_392_000_000, &a),
+            journal_key(u64::MAX, &b),
+        ];
+        let mut sorted = keys.clone();
+        sorted.reverse();
+        sorted.sort();
+        assert_eq!(
+            sorted, keys,
+            "fixed-width time first: byte order is time order"
+        );
+        assert_eq!(
+            journal_key(0x1000, &a),
+            format!("0000000000001000/fam_{}", "aa".repeat(16))
+        );
     }
 }

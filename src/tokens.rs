@@ -382,6 +382,7 @@ impl TokenAuthority {
         let stored_refresh = next_refresh.clone();
         let now = self.clock.now_ms();
         let refresh_ttl = millis(self.settings.refresh_ttl);
+        let journaled = self.revocations.journaled();
         let outcome = self
             .store
             .write(move |tx| -> Result<RefreshOutcome, StoreError> {
@@ -418,7 +419,7 @@ impl TokenAuthority {
                         family: family_id,
                     });
                 }
-                if family.revoked_at_ms.is_some() {
+                if family.revoked_at_ms.is_some() || journaled.contains(&family_id) {
                     return refused("family revoked", Some(&device_text));
                 }
                 if now >= token.expires_at_ms {
@@ -604,6 +605,8 @@ impl TokenAuthority {
             Ok(Some((token, Some(family))))
                 if token.spent_at_ms.is_none()
                     && family.revoked_at_ms.is_none()
+                    && FamilyId::parse(&token.family_id)
+                        .is_some_and(|f| !self.revocations.journaled().contains(&f))
                     && now < token.expires_at_ms
                     && DeviceId::parse(&token.device_id)
                         .is_some_and(|d| !self.revocations.is_device_revoked(&d)) =>
@@ -671,6 +674,9 @@ impl TokenAuthority {
     /// Deletes refresh tokens and families that can no longer be used, and revocation
     /// entries whose tokens have expired. For the scheduler.
     pub async fn prune_expired(&self) -> Result<u64, TokenError> {
+        // Journaled revocations first, so that their families' rows say when they were
+        // revoked and go once their window has passed.
+        self.revocations.fold_journal().await?;
         let now = self.clock.now_ms();
         let window = millis(self.settings.access_window());
         let refresh = self

@@ -98,6 +98,13 @@ fn render(state: &AppState) -> Result<String, ApiError> {
             ("{kind=\"device\"}".into(), devices as f64),
         ],
     );
+    metric(
+        &mut out,
+        "gatehouse_revocation_journal_families",
+        "gauge",
+        "Families revoked in the revocation journal and not yet folded into their rows.",
+        &single(services.revocations.journaled().len() as f64),
+    );
     let audit_records = services
         .store
         .read(|tx| tx.audit_len())

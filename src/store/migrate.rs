@@ -10,9 +10,9 @@ use redb::ReadableTable;
 use super::StoreError;
 use super::records::{self, AdminTokenRecord};
 use super::tables::{
-    ADMIN_TOKENS, AUDIT_CHECKPOINT, AUDIT_EVENTS, BANS, CLIENTS, DEVICES, FORMAT_VERSION, JOBS,
-    META, META_FORMAT_VERSION, PAIRING_SESSIONS, RATE_WINDOWS, REFRESH_TOKENS, REVOKED_TOKENS,
-    SIGNING_KEYS, TOKEN_FAMILIES,
+    ADMIN_TOKENS, AUDIT_CHECKPOINT, AUDIT_EVENTS, BANS, CLIENTS, DEVICES, FAMILY_REVOCATIONS,
+    FORMAT_VERSION, JOBS, META, META_FORMAT_VERSION, PAIRING_SESSIONS, RATE_WINDOWS,
+    REFRESH_TOKENS, REVOKED_TOKENS, SIGNING_KEYS, TOKEN_FAMILIES,
 };
 
 type Step = fn(&redb::WriteTransaction) -> Result<(), StoreError>;
@@ -40,6 +40,11 @@ const STEPS: &[(u32, &str, Step)] = &[
         create_audit_tables,
     ),
     (5, "a table for scheduled jobs", create_jobs_table),
+    (
+        6,
+        "a journal of refresh-token family revocations",
+        create_revocation_journal,
+    ),
 ];
 
 /// What a migration did, for the log and the audit trail.
@@ -133,6 +138,13 @@ fn create_audit_tables(tx: &redb::WriteTransaction) -> Result<(), StoreError> {
 /// never run).
 fn create_jobs_table(tx: &redb::WriteTransaction) -> Result<(), StoreError> {
     tx.open_table(JOBS)?;
+    Ok(())
+}
+
+/// Format 6 → 7: the revocation journal, created empty (every revoked family of a format-6
+/// file is already marked in its row).
+fn create_revocation_journal(tx: &redb::WriteTransaction) -> Result<(), StoreError> {
+    tx.open_table(FAMILY_REVOCATIONS)?;
     Ok(())
 }
 

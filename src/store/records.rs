@@ -296,6 +296,23 @@ pub enum RefreshTokenRecord {
 }
 
 // ---------------------------------------------------------------------------------------
+// The revocation journal (`family_revocations.v1`)
+
+/// A family revoked and not yet folded into its `TokenFamily` row.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FamilyRevocation {
+    pub family_id: String,
+    pub revoked_at_ms: u64,
+    /// As `TokenFamily::revoke_reason`.
+    pub reason: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum FamilyRevocationRecord {
+    V1(FamilyRevocation),
+}
+
+// ---------------------------------------------------------------------------------------
 // Revoked access tokens (`revoked_tokens.v1`)
 
 /// An access token revoked by its `jti`; the row goes once the token has expired.
@@ -463,6 +480,7 @@ single_version_codec! {
     encode_token_family, decode_token_family, TokenFamilyRecord, TokenFamily;
     encode_refresh_token, decode_refresh_token, RefreshTokenRecord, RefreshToken;
     encode_revoked_token, decode_revoked_token, RevokedTokenRecord, RevokedToken;
+    encode_family_revocation, decode_family_revocation, FamilyRevocationRecord, FamilyRevocation;
     encode_client, decode_client, ClientRecord, Client;
     encode_rate_window, decode_rate_window, RateWindowRecord, RateWindow;
     encode_self_signed, decode_self_signed, SelfSignedCertRecord, SelfSignedCert;

@@ -8,7 +8,7 @@
 use redb::TableDefinition;
 
 /// The format version this build writes. Files with a higher version are refused.
-pub const FORMAT_VERSION: u32 = 6;
+pub const FORMAT_VERSION: u32 = 7;
 
 /// Instance facts: format version, instance id, creation time, master-key check value.
 /// Keys are the `META_*` constants. `format_version` is 4 bytes little-endian so that it
@@ -46,6 +46,14 @@ pub const TOKEN_FAMILIES: TableDefinition<&str, &[u8]> = TableDefinition::new("t
 /// Refresh tokens by the lowercase hex SHA-256 of the token text. Values:
 /// `RefreshTokenRecord`.
 pub const REFRESH_TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("refresh_tokens.v1");
+
+/// The revocation journal: refresh-token families revoked through `POST /v1/revoke`,
+/// appended in time order and folded into their `TOKEN_FAMILIES` rows later, in batches
+/// sorted by family. Keyed by the revocation time (16 lowercase hex digits of the
+/// milliseconds), `/`, and the family id, so that appends land on the table's last page.
+/// Values: `FamilyRevocationRecord`.
+pub const FAMILY_REVOCATIONS: TableDefinition<&str, &[u8]> =
+    TableDefinition::new("family_revocations.v1");
 
 /// Access tokens revoked one by one, by `jti`. Values: `RevokedTokenRecord`.
 pub const REVOKED_TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("revoked_tokens.v1");
@@ -95,6 +103,7 @@ pub const ALL_TABLES: &[&str] = &[
     "audit_checkpoint.v1",
     "bans.v1",
     "jobs.v1",
+    "family_revocations.v1",
 ];
 
 /// Creates every table of the format that `tx` does not have yet, each with its key

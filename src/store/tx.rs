@@ -12,8 +12,8 @@ use super::StoreError;
 use super::audit_chain::{ChainKey, HeadCache};
 use super::records::{
     self, AcmeAccount, AcmeCertificate, AdminToken, AdminUser, Ban, Client, DecodeError, Device,
-    JobState, PairingSession, RateWindow, RefreshToken, RevokedToken, SelfSignedCert, SigningKey,
-    SigningKeyPrivate, TokenFamily,
+    FamilyRevocation, JobState, PairingSession, RateWindow, RefreshToken, RevokedToken,
+    SelfSignedCert, SigningKey, SigningKeyPrivate, TokenFamily,
 };
 use super::seal::Sealer;
 use super::tables::{self, SECRETS};
@@ -63,6 +63,10 @@ records_table!(
     /// Keyed by the lowercase hex SHA-256 of the token text.
     REFRESH_TOKENS: RefreshToken = tables::REFRESH_TOKENS, "refresh_tokens.v1",
     records::encode_refresh_token, records::decode_refresh_token);
+records_table!(
+    /// Keyed by `family_revocation_key`: time order, so appends share the last page.
+    FAMILY_REVOCATIONS: FamilyRevocation = tables::FAMILY_REVOCATIONS, "family_revocations.v1",
+    records::encode_family_revocation, records::decode_family_revocation);
 records_table!(REVOKED_TOKENS: RevokedToken = tables::REVOKED_TOKENS, "revoked_tokens.v1",
     records::encode_revoked_token, records::decode_revoked_token);
 records_table!(CLIENTS: Client = tables::CLIENTS, "clients.v1",
@@ -145,8 +149,16 @@ fn all_from<T>(
     records: &Records<T>,
     table: &impl ReadableTable<&'static str, &'static [u8]>,
 ) -> Result<Vec<(String, T)>, StoreError> {
+    first_from(records, table, usize::MAX)
+}
+
+fn first_from<T>(
+    records: &Records<T>,
+    table: &impl ReadableTable<&'static str, &'static [u8]>,
+    max: usize,
+) -> Result<Vec<(String, T)>, StoreError> {
     let mut out = Vec::new();
-    for row in table.iter()? {
+    for row in table.iter()?.take(max) {
         let (key, value) = row?;
         let key = key.value().to_string();
         let record =
@@ -261,6 +273,15 @@ impl ReadTx<'_> {
     /// Every record of a table, in key order.
     pub fn all<T>(&self, records: &Records<T>) -> Result<Vec<(String, T)>, StoreError> {
         all_from(records, &self.table(records.table)?)
+    }
+
+    /// The first `max` records of a table, in key order.
+    pub fn first<T>(
+        &self,
+        records: &Records<T>,
+        max: usize,
+    ) -> Result<Vec<(String, T)>, StoreError> {
+        first_from(records, &self.table(records.table)?, max)
     }
 
     pub fn admin_token(&self, id: &str) -> Result<Option<AdminToken>, StoreError> {

@@ -1119,6 +1119,39 @@ async fn revoked_access_token_stays_revoked_after_sigkill() {
     stop_after_recovery(server);
 }
 
+/// A refresh token sent to `/v1/revoke` revokes its family through the revocation journal,
+/// durable when the answer arrives: after SIGKILL and a restart (no fold ran) the family's
+/// tokens are refused, another device's are not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoked_family_stays_revoked_after_sigkill() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("gatehouse.redb");
+    let (server, api, target, bystander) = instance_with_two_devices(&data).await;
+
+    let response = api
+        .client
+        .post(format!("{}/v1/revoke", api.url))
+        .form(&[("token", target.refresh_token.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let addr = server.addr;
+    server.kill();
+
+    let (server, api) = restart_after_kill(&data, addr, &api.admin);
+    for token in [&target.access_token, &target.refresh_token] {
+        assert_eq!(
+            api.introspect(token).await,
+            serde_json::json!({"active": false})
+        );
+    }
+    let (status, body) = api.refresh(&target.refresh_token).await;
+    assert_eq!((status, &body["error"]), (400, &"invalid_grant".into()));
+    assert!(api.active(&bystander.refresh_token).await);
+    stop_after_recovery(server);
+}
+
 /// `DELETE /v1/devices/{id}` is durable when its answer arrives: after SIGKILL and a
 /// restart the device's tokens are refused, another device's are not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

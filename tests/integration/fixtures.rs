@@ -1,7 +1,9 @@
 //! The fixtures of formats 3 and later: data files as those gatehouse versions wrote them,
 //! with a signing key ring, a device, a token family, a refresh token, a revoked access
 //! token, an API client and an open pairing session (from format 4, a rate-limit
-//! window; from format 5, an audit log with its chain key and a lockout ban). A newer build must open them (migrating if needed) and keep every one of
+//! window; from format 5, an audit log with its chain key and a lockout ban; from format 6, a
+//! job's state; from format 7, a family revocation in the journal). A newer build must open
+//! them (migrating if needed) and keep every one of
 //! them working. (Formats 1 and 2 are in `store.rs`.)
 
 use std::path::{Path, PathBuf};
@@ -116,24 +118,55 @@ fn write_format_v6_fixture() {
         .build()
         .unwrap();
     runtime.block_on(async {
+        store.write(format6_rows).await.unwrap();
+    });
+    store.close();
+}
+
+/// Builds `tests/fixtures/format-v7.redb`: the format-6 content, plus the revocation of
+/// the fixture's token family in the revocation journal (not yet folded into its row).
+#[test]
+#[ignore = "regenerates the committed fixture"]
+fn write_format_v7_fixture() {
+    write_fixture(7);
+    let path = fixtures().join("format-v7.redb");
+    let key = MasterKey::load(&fixtures().join("format-v7.key")).unwrap();
+    let (store, _) = Store::open(&path, &key, &FixedClock::new(TEST_NOW_MS)).unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
         store
             .write(|tx| {
-                format5_rows(tx)?;
-                let job = records::JobState {
-                    last_started_ms: Some(TEST_NOW_MS - HOUR_MS),
-                    last_duration_ms: Some(12),
-                    last_outcome: Some("failure".into()),
-                    last_error: Some("disk full".into()),
-                    last_success_ms: None,
-                    next_run_ms: Some(TEST_NOW_MS + HOUR_MS),
-                    failures: 1,
+                format6_rows(tx)?;
+                let entry = records::FamilyRevocation {
+                    family_id: FAMILY.into(),
+                    revoked_at_ms: TEST_NOW_MS - 1000,
+                    reason: "revoked".into(),
                 };
-                tx.put(&gatehouse::store::JOBS, "backup", &job)
+                let family = gatehouse::ids::FamilyId::parse(FAMILY).unwrap();
+                let key = gatehouse::revocation::journal_key(entry.revoked_at_ms, &family);
+                tx.put(&gatehouse::store::FAMILY_REVOCATIONS, &key, &entry)
             })
             .await
             .unwrap();
     });
     store.close();
+}
+
+/// What format 6 added: the stored state of the `backup` job.
+fn format6_rows(tx: &gatehouse::store::WriteTx<'_>) -> Result<(), gatehouse::store::StoreError> {
+    format5_rows(tx)?;
+    let job = records::JobState {
+        last_started_ms: Some(TEST_NOW_MS - HOUR_MS),
+        last_duration_ms: Some(12),
+        last_outcome: Some("failure".into()),
+        last_error: Some("disk full".into()),
+        last_success_ms: None,
+        next_run_ms: Some(TEST_NOW_MS + HOUR_MS),
+        failures: 1,
+    };
+    tx.put(&gatehouse::store::JOBS, "backup", &job)
 }
 
 /// What format 5 added to the fixture: three chained audit records and a ban.
@@ -168,6 +201,7 @@ fn tables_of(format: u32) -> impl Iterator<Item = &'static str> {
             "rate_windows.v1" => 4,
             "audit_checkpoint.v1" | "bans.v1" => 5,
             "jobs.v1" => 6,
+            "family_revocations.v1" => 7,
             _ => 3,
         };
         format >= since
@@ -566,6 +600,46 @@ async fn a_server_on_the_format_v6_fixture_keeps_its_job_state() {
         backup.next_run.as_deref(),
         Some(gatehouse::clock::format_rfc3339(TEST_NOW_MS + HOUR_MS).as_str())
     );
+    let report = services.audit.verify_report(&mut |_, _| {}).unwrap();
+    assert!(report.ok, "{report:?}");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_server_on_the_format_v7_fixture_refuses_the_journaled_family_and_folds_it() {
+    let dir = tempfile::tempdir().unwrap();
+    fixture_copy_of(7, dir.path());
+    let app = helpers::spawn_app_in(dir, &[]).await;
+    let services = &app.running.services;
+    let family = gatehouse::ids::FamilyId::parse(FAMILY).unwrap();
+    assert!(services.revocations.journaled().contains(&family));
+
+    let refused = || async {
+        let response = app
+            .client()
+            .post(app.url("/v1/token"))
+            .form(&[
+                ("grant_type", "refresh_token"),
+                ("refresh_token", refresh_token().as_str()),
+            ])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 400, "the journaled family is refused");
+    };
+    refused().await;
+
+    let folded = services.revocations.fold_journal().await.unwrap();
+    assert_eq!((folded.entries, folded.families_marked), (1, 1));
+    let row = services
+        .store
+        .read(|tx| tx.get(&gatehouse::store::TOKEN_FAMILIES, FAMILY))
+        .unwrap()
+        .unwrap();
+    assert_eq!(row.revoked_at_ms, Some(TEST_NOW_MS - 1000));
+    assert_eq!(row.revoke_reason.as_deref(), Some("revoked"));
+    assert!(services.revocations.journaled().is_empty());
+    refused().await;
     let report = services.audit.verify_report(&mut |_, _| {}).unwrap();
     assert!(report.ok, "{report:?}");
     app.stop().await;

@@ -13,6 +13,11 @@ use reqwest::{Response, StatusCode};
 use serde_json::{Value, json};
 
 use crate::helpers::{self, PairedDevice, TEST_NOW_MS, TestApp};
+use gatehouse::clock::Clock as _;
+use gatehouse::ids::FamilyId;
+use gatehouse::revocation::Folded;
+use gatehouse::store::records::{FamilyRevocation, TokenFamily};
+use gatehouse::store::{FAMILY_REVOCATIONS, TOKEN_FAMILIES};
 
 const MINUTE_MS: u64 = 60 * 1000;
 /// Access-token lifetime plus leeway (15 min + 30 s): how long a retiring key verifies.
@@ -1255,6 +1260,8 @@ async fn revocations_and_the_key_ring_survive_a_restart() {
 
     assert_eq!(app.running.services.keys.list(), keys_before);
     assert_eq!(jwks_kids(&app).await, jwks_before);
+    // The revoked family is still only in the journal: the set is rebuilt from it.
+    assert_eq!(app.running.services.revocations.journaled().len(), 1);
     let answer = introspect_as(&app, &admin, &untouched.access_token).await;
     assert_eq!(answer["active"], true, "keys and issuer survived: {answer}");
     assert_eq!(answer["iss"], "https://auth.example.test");
@@ -1558,5 +1565,227 @@ async fn prune_expired_removes_dead_rows_and_the_tokens_stay_refused() {
         assert!(!active(&app, token).await);
     }
     assert_eq!(tokens.prune_expired().await.unwrap(), 0, "nothing left");
+    app.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// The revocation journal
+
+/// The family (`sid`) behind a device's tokens, read from an introspection.
+async fn family_of(app: &TestApp, device: &PairedDevice) -> String {
+    let answer = app.introspect(&device.access_token).await;
+    answer["sid"].as_str().expect("sid").to_string()
+}
+
+/// The device's refresh token does not refresh, and neither token introspects as active.
+async fn assert_refused(app: &TestApp, device: &PairedDevice) {
+    let (status, body) = error_of(refresh(app, &device.refresh_token).await).await;
+    assert_eq!(
+        (status.as_u16(), body["error"].as_str()),
+        (400, Some("invalid_grant"))
+    );
+    assert!(!active(app, &device.refresh_token).await);
+    assert!(!active(app, &device.access_token).await);
+}
+
+/// The value of `gatehouse_revocation_journal_families` in `/metrics`.
+async fn journal_metric(app: &TestApp) -> String {
+    let text = app
+        .client()
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let line = text
+        .lines()
+        .find_map(|l| l.strip_prefix("gatehouse_revocation_journal_families "))
+        .unwrap_or_else(|| panic!("no journal gauge in:\n{text}"));
+    line.to_string()
+}
+
+fn journal(app: &TestApp) -> Vec<(String, FamilyRevocation)> {
+    app.running
+        .services
+        .store
+        .read(|tx| tx.all(&FAMILY_REVOCATIONS))
+        .unwrap()
+}
+
+fn family_row(app: &TestApp, family: &str) -> Option<TokenFamily> {
+    app.running
+        .services
+        .store
+        .read(|tx| tx.get(&TOKEN_FAMILIES, family))
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_family_revocation_is_journaled_then_folded_into_its_row_and_stays_refused() {
+    let app = helpers::spawn_app().await;
+    let device = app.pair_device().await;
+    let other = app.pair_device().await;
+    let family = family_of(&app, &device).await;
+    let revocations = &app.running.services.revocations;
+
+    let revoked_at = app.clock.now_ms();
+    assert_eq!(revoke(&app, &device.refresh_token).await.status(), 200);
+
+    // Durable in the journal, in time order; the family's row is not rewritten yet.
+    let entries = journal(&app);
+    let key = gatehouse::revocation::journal_key(revoked_at, &FamilyId::parse(&family).unwrap());
+    assert_eq!(
+        entries,
+        vec![(
+            key,
+            FamilyRevocation {
+                family_id: family.clone(),
+                revoked_at_ms: revoked_at,
+                reason: "revoked".into(),
+            }
+        )]
+    );
+    assert_eq!(family_row(&app, &family).unwrap().revoked_at_ms, None);
+    assert_eq!(revocations.journaled().len(), 1);
+    assert_eq!(journal_metric(&app).await, "1");
+
+    // Refused all the same: refresh, and both tokens by introspection.
+    assert_refused(&app, &device).await;
+
+    // Not due yet: one entry, and no minute since the server started.
+    assert_eq!(revocations.fold_journal_if_due().await.unwrap(), None);
+    assert_eq!(journal(&app).len(), 1);
+
+    // A minute later the server folds it by itself (its maintenance task asks every
+    // second).
+    app.clock
+        .advance_ms(gatehouse::revocation::FOLD_EVERY.as_millis() as u64);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !journal(&app).is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the journal was not folded"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(journal(&app).is_empty());
+    assert!(revocations.journaled().is_empty());
+    let row = family_row(&app, &family).unwrap();
+    assert_eq!(row.revoked_at_ms, Some(revoked_at));
+    assert_eq!(row.revoke_reason.as_deref(), Some("revoked"));
+    assert_eq!(
+        revocations.fold_journal_if_due().await.unwrap(),
+        None,
+        "empty"
+    );
+    assert_eq!(journal_metric(&app).await, "0");
+    assert_refused(&app, &device).await;
+
+    // Revoking it again journals nothing (the row says revoked); the other family lives.
+    assert_eq!(revoke(&app, &device.refresh_token).await.status(), 200);
+    assert!(journal(&app).is_empty());
+    assert_eq!(refresh(&app, &other.refresh_token).await.status(), 200);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_fold_keeps_the_first_revocation_and_skips_rows_revoked_or_gone() {
+    let app = helpers::spawn_app().await;
+    let twice = app.pair_device().await;
+    let already = app.pair_device().await;
+    let twice_family = family_of(&app, &twice).await;
+    let already_family = family_of(&app, &already).await;
+    let gone_family = "fam_0123456789abcdef0123456789abcdef".to_string();
+    let services = &app.running.services;
+
+    // A family revoked twice; a family whose row already says revoked (as after a crash
+    // between a fold's two steps); and one whose row has been pruned.
+    let at = app.clock.now_ms();
+    assert_eq!(revoke(&app, &twice.refresh_token).await.status(), 200);
+    app.clock.advance_ms(1);
+    let entry = |family: &str, at: u64, reason: &str| {
+        (
+            gatehouse::revocation::journal_key(at, &FamilyId::parse(family).unwrap()),
+            FamilyRevocation {
+                family_id: family.to_string(),
+                revoked_at_ms: at,
+                reason: reason.into(),
+            },
+        )
+    };
+    let extra = [
+        entry(&twice_family, at + 1, "later"),
+        entry(&already_family, at + 1, "revoked"),
+        entry(&gone_family, at + 1, "revoked"),
+    ];
+    let rows = extra.clone();
+    let already_id = already_family.clone();
+    services
+        .store
+        .write(move |tx| {
+            for (key, value) in &rows {
+                tx.put(&FAMILY_REVOCATIONS, key, value)?;
+            }
+            let mut row = tx.get(&TOKEN_FAMILIES, &already_id)?.unwrap();
+            row.revoked_at_ms = Some(at - 1);
+            row.revoke_reason = Some("device revoked".into());
+            tx.put(&TOKEN_FAMILIES, &already_id, &row)
+        })
+        .await
+        .unwrap();
+    assert_eq!(journal(&app).len(), 4);
+
+    // The daily prune folds first.
+    services.tokens.prune_expired().await.unwrap();
+    assert!(journal(&app).is_empty());
+    let row = family_row(&app, &twice_family).unwrap();
+    assert_eq!(
+        (row.revoked_at_ms, row.revoke_reason.as_deref()),
+        (Some(at), Some("revoked")),
+        "the first revocation is kept"
+    );
+    let row = family_row(&app, &already_family).unwrap();
+    assert_eq!(
+        (row.revoked_at_ms, row.revoke_reason.as_deref()),
+        (Some(at - 1), Some("device revoked")),
+        "a row that says revoked is left alone"
+    );
+    assert!(family_row(&app, &gone_family).is_none());
+    assert_eq!(
+        services.revocations.fold_journal().await.unwrap(),
+        Folded::default()
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn revoking_a_device_does_not_count_a_family_already_journaled() {
+    let app = helpers::spawn_app().await;
+    let admin = app.admin_token();
+    let device = app.pair_device().await;
+    assert_eq!(revoke(&app, &device.refresh_token).await.status(), 200);
+    let response = app
+        .client()
+        .delete(app.url(&format!("/v1/devices/{}", device.device_id)))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let page: Value = app
+        .client()
+        .get(app.url("/v1/audit?type=device.revoked"))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let events = page["events"].as_array().expect("events");
+    assert_eq!(events.len(), 1, "{page}");
+    assert_eq!(events[0]["details"]["families_revoked"], 0, "{page}");
     app.stop().await;
 }
