@@ -188,19 +188,37 @@ pub struct ChainBreak {
     pub reason: String,
 }
 
-impl WriteTx<'_> {
+impl<'a> WriteTx<'a> {
+    /// Runs `f` on the audit table, opened once per transaction (see `WriteTx`).
+    fn with_audit_events<R>(
+        &self,
+        f: impl FnOnce(&mut redb::Table<'a, u64, &'static [u8]>) -> Result<R, StoreError>,
+    ) -> Result<R, StoreError> {
+        let mut slot = self.audit_events.borrow_mut();
+        let table = match &mut *slot {
+            Some(table) => table,
+            None => slot.insert(self.tx.open_table(AUDIT_EVENTS)?),
+        };
+        f(table)
+    }
+
     fn audit_head(&self) -> Result<Head, StoreError> {
         if let Some(head) = *self.audit_head.borrow() {
             return Ok(head);
         }
-        let events = self.tx.open_table(AUDIT_EVENTS)?;
-        let head = if let Some((seq, value)) = events.last()? {
+        let last = self.with_audit_events(|events| {
+            let Some((seq, value)) = events.last()? else {
+                return Ok(None);
+            };
             let seq = seq.value();
             let (tag, _) = split_row(seq, value.value())?;
-            Head {
+            Ok(Some(Head {
                 next_seq: seq + 1,
                 prev: tag,
-            }
+            }))
+        })?;
+        let head = if let Some(head) = last {
+            head
         } else {
             let checkpoint = self.tx.open_table(AUDIT_CHECKPOINT)?;
             match checkpoint.get(AUDIT_CHECKPOINT_KEY)? {
@@ -231,9 +249,10 @@ impl WriteTx<'_> {
         let mut row = Vec::with_capacity(TAG_LEN + record.len());
         row.extend_from_slice(&tag);
         row.extend_from_slice(&record);
-        self.tx
-            .open_table(AUDIT_EVENTS)?
-            .insert(head.next_seq, row.as_slice())?;
+        self.with_audit_events(|events| {
+            events.insert(head.next_seq, row.as_slice())?;
+            Ok(())
+        })?;
         *self.audit_head.borrow_mut() = Some(Head {
             next_seq: head.next_seq + 1,
             prev: tag,
@@ -244,29 +263,33 @@ impl WriteTx<'_> {
     /// Removes up to `max` of the oldest records whose time is before `before_ms`, and
     /// moves the checkpoint past them. Stops at the first record that is recent enough.
     pub fn prune_audit(&self, before_ms: u64, max: u64) -> Result<Pruned, StoreError> {
-        let mut events = self.tx.open_table(AUDIT_EVENTS)?;
-        let mut last: Option<(u64, [u8; TAG_LEN], u64)> = None;
-        let mut removed = 0u64;
-        let mut more = false;
-        for row in events.iter()? {
-            let (seq, value) = row?;
-            let seq = seq.value();
-            let (tag, record) = split_row(seq, value.value())?;
-            let entry = decode_entry(seq, record)?;
-            if entry.time_ms >= before_ms {
-                break;
+        let (last, removed, more) = self.with_audit_events(|events| {
+            let mut last: Option<(u64, [u8; TAG_LEN], u64)> = None;
+            let mut removed = 0u64;
+            let mut more = false;
+            for row in events.iter()? {
+                let (seq, value) = row?;
+                let seq = seq.value();
+                let (tag, record) = split_row(seq, value.value())?;
+                let entry = decode_entry(seq, record)?;
+                if entry.time_ms >= before_ms {
+                    break;
+                }
+                if removed == max {
+                    more = true;
+                    break;
+                }
+                last = Some((seq, tag, entry.time_ms));
+                removed += 1;
             }
-            if removed == max {
-                more = true;
-                break;
+            if let Some((last_seq, _, _)) = last {
+                events.retain_in(..=last_seq, |_, _| false)?;
             }
-            last = Some((seq, tag, entry.time_ms));
-            removed += 1;
-        }
+            Ok((last, removed, more))
+        })?;
         let Some((last_seq, last_tag, last_time)) = last else {
             return Ok(Pruned { removed: 0, more });
         };
-        events.retain_in(..=last_seq, |_, _| false)?;
         let mut checkpoints = self.tx.open_table(AUDIT_CHECKPOINT)?;
         let pruned_before = match checkpoints.get(AUDIT_CHECKPOINT_KEY)? {
             Some(value) => decode_checkpoint(value.value())?.pruned,

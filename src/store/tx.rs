@@ -95,6 +95,10 @@ pub struct WriteTx<'a> {
     pub(super) sealer: &'a Sealer,
     pub(super) chain: &'a ChainKey,
     pub(super) audit_head: HeadCache,
+    /// The audit table, opened at the first append and kept open for the rest of the
+    /// transaction: a batch of the group-commit writer appends dozens of events, and
+    /// opening a table looks it up and closing it writes its root back, each time.
+    pub(super) audit_events: std::cell::RefCell<Option<redb::Table<'a, u64, &'static [u8]>>>,
 }
 
 impl<'a> WriteTx<'a> {
@@ -108,6 +112,7 @@ impl<'a> WriteTx<'a> {
             sealer,
             chain,
             audit_head: HeadCache::default(),
+            audit_events: std::cell::RefCell::new(None),
         }
     }
 }
