@@ -763,37 +763,45 @@ fn group_readable_key_file_is_refused_with_the_fix() {
 fn configuration_errors_exit_2_and_name_the_problem() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("gatehouse.redb");
-
     let config = dir.path().join("gatehouse.toml");
     std::fs::write(&config, "[server]\nlisen = \"127.0.0.1:0\"\n").unwrap();
-    let mut cmd = gatehouse(&data);
-    cmd.arg("--config").arg(&config).arg("serve");
-    let done = run(cmd);
-    assert_eq!(done.status.code(), Some(2), "{done:?}");
-    assert!(done.stderr.contains("server.lisen"), "{}", done.stderr);
 
-    let mut cmd = serve_cmd(&data);
-    cmd.env("GATEHOUSE_LISTN", "127.0.0.1:0");
-    let done = run(cmd);
-    assert_eq!(done.status.code(), Some(2), "{done:?}");
-    assert!(done.stderr.contains("GATEHOUSE_LISTN"), "{}", done.stderr);
-
-    let mut cmd = gatehouse(&data);
-    cmd.args(["serve", "--tls", "off", "--listen", "0.0.0.0:0"]);
-    let done = run(cmd);
-    assert_eq!(done.status.code(), Some(2), "{done:?}");
-    assert!(done.stderr.contains("loopback"), "{}", done.stderr);
-
-    let mut cmd = serve_cmd(&data);
-    cmd.env("GATEHOUSE_HEADER_READ_TIMEOUT", "forever");
-    let done = run(cmd);
-    assert_eq!(done.status.code(), Some(2), "{done:?}");
-    assert!(
-        done.stderr.contains("GATEHOUSE_HEADER_READ_TIMEOUT"),
-        "{}",
-        done.stderr
-    );
-
+    let in_file = {
+        let mut cmd = gatehouse(&data);
+        cmd.arg("--config").arg(&config).arg("serve");
+        cmd
+    };
+    let in_env = {
+        let mut cmd = serve_cmd(&data);
+        cmd.env("GATEHOUSE_LISTN", "127.0.0.1:0");
+        cmd
+    };
+    let plain_http = {
+        let mut cmd = gatehouse(&data);
+        cmd.args(["serve", "--tls", "off", "--listen", "0.0.0.0:0"]);
+        cmd
+    };
+    let bad_duration = {
+        let mut cmd = serve_cmd(&data);
+        cmd.env("GATEHOUSE_HEADER_READ_TIMEOUT", "forever");
+        cmd
+    };
+    // (what is wrong, the command, what the error must name)
+    let cases = [
+        ("a misspelt key in the file", in_file, "server.lisen"),
+        ("a misspelt environment variable", in_env, "GATEHOUSE_LISTN"),
+        ("plain HTTP beyond loopback", plain_http, "loopback"),
+        (
+            "a duration that is not one",
+            bad_duration,
+            "GATEHOUSE_HEADER_READ_TIMEOUT",
+        ),
+    ];
+    for (what, command, named) in cases {
+        let done = run(command);
+        assert_eq!(done.status.code(), Some(2), "{what}: {done:?}");
+        assert!(done.stderr.contains(named), "{what}: {}", done.stderr);
+    }
     assert_eq!(
         names_in(dir.path()),
         vec!["gatehouse.toml".to_string()],

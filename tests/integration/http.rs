@@ -321,29 +321,52 @@ async fn half_sent_headers_are_cut_off_after_the_header_read_timeout() {
     app.stop().await;
 }
 
+/// How a test connection gets to the state in which it then stays silent.
+enum Opening {
+    /// A TCP connection that sends these bytes (maybe none) and no TLS handshake.
+    Tcp(&'static [u8]),
+    /// A completed TLS handshake (ALPN http/1.1), then nothing.
+    Tls,
+}
+
+/// Starts a server with the timeout `setting` at 1 s, opens a connection as `opening`
+/// says, and asserts that the server closes it: within `BOUND`, and not before half a
+/// second. Returns what the server sent before closing.
+async fn assert_silent_connection_closed(setting: &str, opening: Opening) -> Vec<u8> {
+    let app = helpers::spawn_app_with(&[(setting, "1s")]).await;
+    let (closed, received) = match opening {
+        Opening::Tcp(bytes) => {
+            let mut tcp = TcpStream::connect(app.running.local_addr).await.unwrap();
+            tcp.write_all(bytes).await.unwrap();
+            closed_within(&mut tcp, BOUND).await
+        }
+        Opening::Tls => {
+            let mut conn = tls_connect(&app, &[b"http/1.1"]).await;
+            closed_within(&mut conn, BOUND).await
+        }
+    };
+    let elapsed = closed.unwrap_or_else(|| panic!("still open after {BOUND:?} ({setting} 1 s)"));
+    assert!(
+        elapsed >= Duration::from_millis(500),
+        "closed after {elapsed:?}: too early for {setting} 1 s"
+    );
+    app.stop().await;
+    received
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_that_never_starts_tls_is_closed_after_the_handshake_timeout() {
-    let app = helpers::spawn_app_with(&[("GATEHOUSE_TLS_HANDSHAKE_TIMEOUT", "1s")]).await;
-    let mut tcp = TcpStream::connect(app.running.local_addr).await.unwrap();
-    let (closed, received) = closed_within(&mut tcp, BOUND).await;
-    let elapsed = closed.expect("a silent TCP connection was still open after 5 s");
-    assert!(elapsed >= Duration::from_millis(500), "{elapsed:?}");
+    let received =
+        assert_silent_connection_closed("GATEHOUSE_TLS_HANDSHAKE_TIMEOUT", Opening::Tcp(b"")).await;
     assert!(received.is_empty(), "{received:?}");
-    app.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_half_sent_tls_handshake_is_closed_after_the_handshake_timeout() {
-    let app = helpers::spawn_app_with(&[("GATEHOUSE_TLS_HANDSHAKE_TIMEOUT", "1s")]).await;
-    let mut tcp = TcpStream::connect(app.running.local_addr).await.unwrap();
     // The first five bytes of a TLS record header (handshake, TLS 1.0, 512 bytes), then
     // nothing: the server waits for the rest of the ClientHello.
-    tcp.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00])
-        .await
-        .unwrap();
-    let (closed, _) = closed_within(&mut tcp, BOUND).await;
-    closed.expect("a stalled handshake was still open after 5 s");
-    app.stop().await;
+    let header = Opening::Tcp(&[0x16, 0x03, 0x01, 0x02, 0x00]);
+    assert_silent_connection_closed("GATEHOUSE_TLS_HANDSHAKE_TIMEOUT", header).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -395,11 +418,7 @@ async fn an_idle_kept_alive_connection_is_closed_by_the_idle_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_tls_connection_is_closed_by_the_idle_timeout() {
-    let app = helpers::spawn_app_with(&[("GATEHOUSE_IDLE_TIMEOUT", "1s")]).await;
-    let mut conn = tls_connect(&app, &[b"http/1.1"]).await;
-    let (closed, _) = closed_within(&mut conn, BOUND).await;
-    closed.expect("a silent TLS connection was still open after 5 s");
-    app.stop().await;
+    assert_silent_connection_closed("GATEHOUSE_IDLE_TIMEOUT", Opening::Tls).await;
 }
 
 /// hyper-util's `auto` builder first reads up to 24 bytes to tell HTTP/1 from the HTTP/2
@@ -408,11 +427,7 @@ async fn a_silent_tls_connection_is_closed_by_the_idle_timeout() {
 /// and then sends nothing is closed after the header-read timeout, not the idle timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_tls_connection_is_closed_by_the_header_read_timeout() {
-    let app = helpers::spawn_app_with(&[("GATEHOUSE_HEADER_READ_TIMEOUT", "1s")]).await;
-    let mut conn = tls_connect(&app, &[b"http/1.1"]).await;
-    let (closed, _) = closed_within(&mut conn, BOUND).await;
-    closed.expect("a silent TLS connection was still open after 5 s (header_read_timeout 1 s)");
-    app.stop().await;
+    assert_silent_connection_closed("GATEHOUSE_HEADER_READ_TIMEOUT", Opening::Tls).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
