@@ -1083,6 +1083,26 @@ fn restart_after_kill(data: &Path, addr: SocketAddr, admin: &str) -> (Server, Ap
     (server, api)
 }
 
+/// `POST /v1/revoke` with `token` (answered 200), SIGKILL at once, restart.
+async fn revoke_then_kill_and_restart(
+    server: Server,
+    api: Api,
+    token: &str,
+    data: &Path,
+) -> (Server, Api) {
+    let response = api
+        .client
+        .post(format!("{}/v1/revoke", api.url))
+        .form(&[("token", token)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let addr = server.addr;
+    server.kill();
+    restart_after_kill(data, addr, &api.admin)
+}
+
 /// Stops the restarted server and checks that it had found the file not closed cleanly,
 /// so the kill really happened before any orderly close.
 fn stop_after_recovery(server: Server) {
@@ -1102,18 +1122,8 @@ async fn revoked_access_token_stays_revoked_after_sigkill() {
     let data = dir.path().join("gatehouse.redb");
     let (server, api, target, bystander) = instance_with_two_devices(&data).await;
 
-    let response = api
-        .client
-        .post(format!("{}/v1/revoke", api.url))
-        .form(&[("token", target.access_token.as_str())])
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    let addr = server.addr;
-    server.kill();
-
-    let (server, api) = restart_after_kill(&data, addr, &api.admin);
+    let (server, api) =
+        revoke_then_kill_and_restart(server, api, &target.access_token, &data).await;
     assert_eq!(
         api.introspect(&target.access_token).await,
         serde_json::json!({"active": false})
@@ -1136,18 +1146,8 @@ async fn revoked_family_stays_revoked_after_sigkill() {
     let data = dir.path().join("gatehouse.redb");
     let (server, api, target, bystander) = instance_with_two_devices(&data).await;
 
-    let response = api
-        .client
-        .post(format!("{}/v1/revoke", api.url))
-        .form(&[("token", target.refresh_token.as_str())])
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    let addr = server.addr;
-    server.kill();
-
-    let (server, api) = restart_after_kill(&data, addr, &api.admin);
+    let (server, api) =
+        revoke_then_kill_and_restart(server, api, &target.refresh_token, &data).await;
     for token in [&target.access_token, &target.refresh_token] {
         assert_eq!(
             api.introspect(token).await,
