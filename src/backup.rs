@@ -124,9 +124,12 @@ pub async fn create(
 /// The prefix and suffix of scheduled backups' names; only such files are ever removed.
 const SCHEDULED_PREFIX: &str = "gatehouse-";
 const SCHEDULED_SUFFIX: &str = ".redb";
+/// Backups made in one second at the most; one more is refused as the file exists.
+const MAX_SAME_SECOND: u32 = 100;
 
-/// A scheduled backup: `backup.dir/gatehouse-<UTC time>.redb`, then the oldest
-/// scheduled backups beyond `backup.keep` are removed.
+/// A scheduled backup: `backup.dir/gatehouse-<UTC time>.redb` (`-2`, `-3`, … added when a
+/// backup of the same second exists, as when a run is asked for twice in a second), then
+/// the oldest scheduled backups beyond `backup.keep` are removed.
 pub async fn scheduled(
     services: &Services,
     policy: &BackupPolicy,
@@ -137,23 +140,48 @@ pub async fn scheduled(
         .create(&policy.dir)
         .map_err(io("cannot create the backup directory", &policy.dir))?;
     let stamp = format_rfc3339(services.clock.now_ms()).replace([':', '-'], "");
-    let dest = policy
-        .dir
-        .join(format!("{SCHEDULED_PREFIX}{stamp}{SCHEDULED_SUFFIX}"));
+    let dest = (1..=MAX_SAME_SECOND)
+        .map(|n| {
+            let count = if n == 1 {
+                String::new()
+            } else {
+                format!("-{n}")
+            };
+            let name = format!("{SCHEDULED_PREFIX}{stamp}{count}{SCHEDULED_SUFFIX}");
+            policy.dir.join(name)
+        })
+        .find(|path| !path.exists())
+        .unwrap_or_else(|| {
+            policy
+                .dir
+                .join(format!("{SCHEDULED_PREFIX}{stamp}{SCHEDULED_SUFFIX}"))
+        });
     let mut done = create(services, &dest, &Origin::system(), Box::new(|_, _| {})).await?;
     done.removed_old = prune_old(&policy.dir, policy.keep)?;
     Ok(done)
 }
 
-/// Removes the oldest scheduled backups so that `keep` remain; names sort by time.
+/// Where a scheduled backup's name sorts: its time, then its count within that second
+/// (`-2` after none). `None` for any other name.
+fn scheduled_order(name: &str) -> Option<(&str, u32)> {
+    let middle = name
+        .strip_prefix(SCHEDULED_PREFIX)?
+        .strip_suffix(SCHEDULED_SUFFIX)?;
+    match middle.split_once("Z-") {
+        Some((stamp, count)) => Some((stamp, count.parse().ok()?)),
+        None => Some((middle.strip_suffix('Z')?, 1)),
+    }
+}
+
+/// Removes the oldest scheduled backups so that `keep` remain, by time and count.
 fn prune_old(dir: &Path, keep: usize) -> Result<u64, BackupError> {
     let mut names: Vec<String> = fs::read_dir(dir)
         .map_err(io("cannot list", dir))?
         .filter_map(Result::ok)
         .filter_map(|e| e.file_name().into_string().ok())
-        .filter(|n| n.starts_with(SCHEDULED_PREFIX) && n.ends_with(SCHEDULED_SUFFIX))
+        .filter(|n| scheduled_order(n).is_some())
         .collect();
-    names.sort();
+    names.sort_by(|a, b| scheduled_order(a).cmp(&scheduled_order(b)));
     let excess = names.len().saturating_sub(keep);
     let mut removed = 0;
     for name in names.into_iter().take(excess) {
@@ -310,14 +338,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         for name in [
             "gatehouse-20261101T040000Z.redb",
+            "gatehouse-20261101T040000Z-2.redb",
             "gatehouse-20261102T040000Z.redb",
             "gatehouse-20261103T040000Z.redb",
             "manual.redb",
             "gatehouse-20261101T040000Z.redb.partial",
+            "gatehouse-20261101T040000Z-x.redb",
         ] {
             fs::write(dir.path().join(name), b"x").unwrap();
         }
-        assert_eq!(prune_old(dir.path(), 2).unwrap(), 1);
+        assert_eq!(prune_old(dir.path(), 2).unwrap(), 2);
         let mut left: Vec<String> = fs::read_dir(dir.path())
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
@@ -326,11 +356,39 @@ mod tests {
         assert_eq!(
             left,
             [
+                "gatehouse-20261101T040000Z-x.redb",
                 "gatehouse-20261101T040000Z.redb.partial",
                 "gatehouse-20261102T040000Z.redb",
                 "gatehouse-20261103T040000Z.redb",
                 "manual.redb"
             ]
         );
+    }
+
+    #[test]
+    fn backups_of_one_second_sort_by_their_count() {
+        let mut names = [
+            "gatehouse-20261101T040000Z-10.redb",
+            "gatehouse-20261101T040001Z.redb",
+            "gatehouse-20261101T040000Z-2.redb",
+            "gatehouse-20261101T040000Z.redb",
+        ];
+        names.sort_by(|a, b| scheduled_order(a).cmp(&scheduled_order(b)));
+        assert_eq!(
+            names,
+            [
+                "gatehouse-20261101T040000Z.redb",
+                "gatehouse-20261101T040000Z-2.redb",
+                "gatehouse-20261101T040000Z-10.redb",
+                "gatehouse-20261101T040001Z.redb",
+            ]
+        );
+        for other in [
+            "manual.redb",
+            "gatehouse-x.redb.partial",
+            "gatehouse-1Z-.redb",
+        ] {
+            assert_eq!(scheduled_order(other), None, "{other}");
+        }
     }
 }

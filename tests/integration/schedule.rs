@@ -119,12 +119,49 @@ async fn a_job_never_runs_twice_at_once() {
     let written = std::fs::read_dir(app.data_path().with_file_name("own-backups"))
         .unwrap()
         .count();
-    assert!(written <= ran, "{written} backups for {ran} runs");
+    assert_eq!(written, ran, "{written} backups for {ran} runs");
     assert_eq!(events(&app, "job.succeeded").len(), ran);
     assert!(
         refused >= 1,
         "eight concurrent runs of one job overlapped: {outcomes:?}"
     );
+    app.stop().await;
+}
+
+/// Two backups asked for in the same second (the clock stands still) both succeed: the
+/// second is named `-2`, and pruning counts it as the newer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_backups_in_one_second_are_both_kept() {
+    let app = helpers::spawn_app().await;
+    let services = app.running.services.clone();
+    let dir = app.data_path().with_file_name("own-backups");
+    let scheduler = Scheduler::new(
+        JobsConfig::default(),
+        BackupPolicy {
+            dir: dir.clone(),
+            keep: 2,
+        },
+        app.clock.clone(),
+    );
+    for _ in 0..3 {
+        let view = scheduler.run(&services, JobName::Backup).await.unwrap();
+        assert_eq!(view.last_outcome.as_deref(), Some("success"), "{view:?}");
+    }
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    let stamp = gatehouse::clock::format_rfc3339(TEST_NOW_MS).replace([':', '-'], "");
+    assert_eq!(
+        names,
+        [
+            format!("gatehouse-{stamp}-2.redb"),
+            format!("gatehouse-{stamp}-3.redb")
+        ],
+        "the first of the three is the oldest, so it went"
+    );
+    assert_eq!(events(&app, "job.succeeded").len(), 3);
     app.stop().await;
 }
 
