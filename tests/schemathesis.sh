@@ -120,6 +120,13 @@ root=$(pwd)
   --no-color) || status=$?
 echo "schemathesis finished in $(($(date +%s) - started)) s with status $status"
 
+# A panic is a finding even when the request that caused it was retried or answered:
+# the server's log must have none.
+if grep -n "panicked" "$work/stderr" >&2; then
+  echo "the server panicked during the run (above)" >&2
+  status=1
+fi
+
 # A 5xx must leave its cause in the server's log; show it with the finding.
 if [ "$status" != 0 ]; then
   echo "== server log" >&2
