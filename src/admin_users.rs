@@ -114,11 +114,36 @@ fn dummy_hash() -> &'static str {
     DUMMY.get_or_init(|| hash_password("not a password of anyone").unwrap_or_default())
 }
 
+/// Runs argon2 computations on blocking threads, a bounded number at once; the others
+/// wait their turn (asynchronously, holding no thread).
+#[derive(Debug, Clone)]
+struct HashLimiter(std::sync::Arc<tokio::sync::Semaphore>);
+
+impl HashLimiter {
+    fn new(at_once: usize) -> Self {
+        Self(std::sync::Arc::new(tokio::sync::Semaphore::new(at_once)))
+    }
+
+    async fn run<R: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> R + Send + 'static,
+    ) -> Result<R, AdminUserError> {
+        let _permit = self
+            .0
+            .acquire()
+            .await
+            .map_err(|e| AdminUserError::Hash(e.to_string()))?;
+        tokio::task::spawn_blocking(work)
+            .await
+            .map_err(|e| AdminUserError::Hash(e.to_string()))
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct AdminUsers {
     store: Store,
     clock: SharedClock,
-    hashing: std::sync::Arc<tokio::sync::Semaphore>,
+    hashing: HashLimiter,
 }
 
 impl AdminUsers {
@@ -126,7 +151,7 @@ impl AdminUsers {
         Self {
             store,
             clock,
-            hashing: std::sync::Arc::new(tokio::sync::Semaphore::new(CONCURRENT_HASHES)),
+            hashing: HashLimiter::new(CONCURRENT_HASHES),
         }
     }
 
@@ -136,14 +161,7 @@ impl AdminUsers {
         &self,
         work: impl FnOnce() -> R + Send + 'static,
     ) -> Result<R, AdminUserError> {
-        let _permit = self
-            .hashing
-            .acquire()
-            .await
-            .map_err(|e| AdminUserError::Hash(e.to_string()))?;
-        tokio::task::spawn_blocking(work)
-            .await
-            .map_err(|e| AdminUserError::Hash(e.to_string()))
+        self.hashing.run(work).await
     }
 
     pub fn list(&self) -> Result<Vec<AdminUserInfo>, AdminUserError> {
@@ -288,5 +306,36 @@ mod tests {
         assert!(validate_password("twelve chars").is_ok());
         assert!(validate_password("with\nnewline!!").is_err());
         assert!(validate_password(&"x".repeat(1025)).is_err());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn no_more_than_the_limit_of_hashes_run_at_once() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let limiter = HashLimiter::new(CONCURRENT_HASHES);
+        let running = Arc::new(AtomicUsize::new(0));
+        let most = Arc::new(AtomicUsize::new(0));
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..4 * CONCURRENT_HASHES {
+            let (limiter, running, most) = (limiter.clone(), running.clone(), most.clone());
+            tasks.spawn(async move {
+                limiter
+                    .run(move || {
+                        let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                        most.fetch_max(now, Ordering::SeqCst);
+                        // Long enough that every task has asked for its turn meanwhile.
+                        std::thread::sleep(std::time::Duration::from_millis(50));
+                        running.fetch_sub(1, Ordering::SeqCst);
+                    })
+                    .await
+            });
+        }
+        let outcomes = tasks.join_all().await;
+        assert!(
+            outcomes.iter().all(Result::is_ok),
+            "every one ran in its turn"
+        );
+        assert_eq!(outcomes.len(), 4 * CONCURRENT_HASHES);
+        assert_eq!(most.load(Ordering::SeqCst), CONCURRENT_HASHES);
     }
 }
