@@ -2,9 +2,14 @@
 //! an admin token.
 //!
 //! Every value is read from state the services keep anyway (counters, in-memory tables,
-//! the jobs' stored state); answering costs one read transaction and no write.
+//! the jobs' stored state); answering costs one read transaction and no write. The HTTP
+//! responses and their durations are counted here (`HttpCounters`, the outermost
+//! middleware), with atomics only: counting adds no lock to any request.
 
 use std::fmt::Write as _;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 
 use axum::extract::{FromRequestParts, Request, State};
 use axum::response::{IntoResponse, Response};
@@ -16,6 +21,86 @@ use super::extract::{Admin, Peer};
 use crate::schedule::JobName;
 
 const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Upper bounds (seconds) of the request-duration histogram's buckets; `+Inf` follows.
+const DURATION_BUCKETS: [f64; 12] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+];
+
+/// Responses by status class, and how long requests took until their response.
+#[derive(Debug, Default)]
+pub struct HttpCounters {
+    /// 1xx to 5xx.
+    by_class: [AtomicU64; 5],
+    /// Requests per duration bucket (not cumulative; the last is beyond every bound).
+    buckets: [AtomicU64; DURATION_BUCKETS.len() + 1],
+    duration_micros: AtomicU64,
+}
+
+impl HttpCounters {
+    fn record(&self, status: StatusCode, seconds: f64) {
+        let class = usize::from(status.as_u16() / 100).clamp(1, 5) - 1;
+        self.by_class[class].fetch_add(1, Ordering::Relaxed);
+        let bucket = DURATION_BUCKETS
+            .iter()
+            .position(|bound| seconds <= *bound)
+            .unwrap_or(DURATION_BUCKETS.len());
+        self.buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        self.duration_micros
+            .fetch_add((seconds * 1e6) as u64, Ordering::Relaxed);
+    }
+
+    fn render(&self, out: &mut String) {
+        let classes: Vec<(String, f64)> = self
+            .by_class
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                let count = n.load(Ordering::Relaxed) as f64;
+                (format!("{{class=\"{}xx\"}}", i + 1), count)
+            })
+            .collect();
+        metric(
+            out,
+            "gatehouse_http_responses_total",
+            "counter",
+            "HTTP responses since start, by status class.",
+            &classes,
+        );
+        let mut samples = Vec::with_capacity(DURATION_BUCKETS.len() + 3);
+        let mut cumulative = 0u64;
+        for (i, n) in self.buckets.iter().enumerate() {
+            cumulative += n.load(Ordering::Relaxed);
+            let bound = DURATION_BUCKETS
+                .get(i)
+                .map_or_else(|| "+Inf".to_string(), |b| b.to_string());
+            samples.push((format!("_bucket{{le=\"{bound}\"}}"), cumulative as f64));
+        }
+        let sum = self.duration_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        samples.push(("_sum".to_string(), sum));
+        samples.push(("_count".to_string(), cumulative as f64));
+        metric(
+            out,
+            "gatehouse_http_request_duration_seconds",
+            "histogram",
+            "Time from a request's arrival to its response head, since start.",
+            &samples,
+        );
+    }
+}
+
+/// The outermost middleware: counts every response, those of other middleware included
+/// (timeouts, body limits, bans, CORS preflights).
+pub async fn count_responses(
+    State(counters): State<Arc<HttpCounters>>,
+    request: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let started = Instant::now();
+    let response = next.run(request).await;
+    counters.record(response.status(), started.elapsed().as_secs_f64());
+    response
+}
 
 /// Loopback callers need nothing more; others need an admin token.
 pub async fn metrics(State(state): State<AppState>, request: Request) -> Response {
@@ -54,6 +139,7 @@ fn job_label(job: JobName) -> String {
 fn render(state: &AppState) -> Result<String, ApiError> {
     let services = &state.services;
     let mut out = String::with_capacity(4096);
+    state.http_counters.render(&mut out);
     let single = |value: f64| vec![(String::new(), value)];
     metric(
         &mut out,

@@ -1,6 +1,7 @@
 //! The HTTP layer: thin. Parse, call the domain, map errors. No redb type appears here.
 //!
-//! Middleware order, outermost first: security headers and request id, error rendering,
+//! Middleware order, outermost first: response counting (for `/metrics`), security headers
+//! and request id, error rendering,
 //! request timeout, body limit, the ban and per-address limit, then the routes. `serve.rs` owns the connections:
 //! TLS handshake, header-read and idle timeouts, header caps, the connection cap and
 //! graceful shutdown.
@@ -46,6 +47,7 @@ pub struct AppState {
     pub services: Arc<Services>,
     pub store: Store,
     pub tls_mode: TlsMode,
+    pub http_counters: Arc<metrics::HttpCounters>,
     draining: Arc<AtomicBool>,
 }
 
@@ -55,6 +57,7 @@ impl AppState {
             store: services.store.clone(),
             services: Arc::new(services),
             tls_mode,
+            http_counters: Arc::default(),
             draining: Arc::new(AtomicBool::new(false)),
         }
     }
@@ -72,6 +75,7 @@ impl AppState {
 /// Every route with its middleware.
 pub fn router(state: AppState, limits: &ServerConfig, cors_config: &CorsConfig) -> Router {
     let hsts = security::Hsts(state.tls_mode != TlsMode::Off);
+    let counters = state.http_counters.clone();
     Router::new()
         .route("/admin", get(ui::redirect))
         .route("/admin/", get(ui::index))
@@ -132,6 +136,10 @@ pub fn router(state: AppState, limits: &ServerConfig, cors_config: &CorsConfig) 
         .layer(axum::middleware::from_fn_with_state(
             hsts,
             security::secure_headers,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            counters,
+            metrics::count_responses,
         ))
 }
 

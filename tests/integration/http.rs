@@ -636,3 +636,49 @@ async fn a_json_array_in_place_of_an_object_is_refused() {
     }
     app.stop().await;
 }
+
+#[tokio::test]
+async fn responses_are_counted_by_class_and_timed_in_metrics() {
+    let app = helpers::spawn_app().await;
+    let client = app.client();
+    for (path, status) in [
+        ("/healthz", 200),
+        ("/healthz", 200),
+        ("/v1/devices", 401),
+        ("/no/such/path", 404),
+    ] {
+        let response = client.get(app.url(path)).send().await.unwrap();
+        assert_eq!(response.status(), status, "{path}");
+    }
+    let text = client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    // The scrape itself is counted once its answer is out, so not in this text.
+    for line in [
+        "gatehouse_http_responses_total{class=\"2xx\"} 2",
+        "gatehouse_http_responses_total{class=\"4xx\"} 2",
+        "gatehouse_http_responses_total{class=\"5xx\"} 0",
+        "gatehouse_http_request_duration_seconds_bucket{le=\"+Inf\"} 4",
+        "gatehouse_http_request_duration_seconds_count 4",
+        "# TYPE gatehouse_http_request_duration_seconds histogram",
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "{line} missing from:\n{text}"
+        );
+    }
+    // Buckets are cumulative: never fewer requests under a higher bound.
+    let buckets: Vec<f64> = text
+        .lines()
+        .filter(|l| l.starts_with("gatehouse_http_request_duration_seconds_bucket"))
+        .map(|l| l.rsplit(' ').next().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(buckets.len(), 13);
+    assert!(buckets.windows(2).all(|w| w[0] <= w[1]), "{buckets:?}");
+    app.stop().await;
+}
