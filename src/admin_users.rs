@@ -164,6 +164,19 @@ impl AdminUsers {
         self.hashing.run(work).await
     }
 
+    /// The name and password checked, and the password's argon2id hash.
+    async fn checked_and_hashed(
+        &self,
+        name: &str,
+        password: &str,
+    ) -> Result<(String, String), AdminUserError> {
+        let name = validate_name(name)?;
+        validate_password(password)?;
+        let owned = password.to_string();
+        let hash = self.hash_limited(move || hash_password(&owned)).await??;
+        Ok((name, hash))
+    }
+
     pub fn list(&self) -> Result<Vec<AdminUserInfo>, AdminUserError> {
         let users = self.store.read(|tx| tx.admin_users())?;
         Ok(users.iter().map(AdminUserInfo::from).collect())
@@ -176,10 +189,7 @@ impl AdminUsers {
         password: &str,
         origin: &Origin,
     ) -> Result<AdminUserInfo, AdminUserError> {
-        let name = validate_name(name)?;
-        validate_password(password)?;
-        let owned = password.to_string();
-        let hash = self.hash_limited(move || hash_password(&owned)).await??;
+        let (name, hash) = self.checked_and_hashed(name, password).await?;
         let now = self.clock.now_ms();
         let user = AdminUser {
             name: name.clone(),
@@ -212,10 +222,7 @@ impl AdminUsers {
         password: &str,
         origin: &Origin,
     ) -> Result<AdminUserInfo, AdminUserError> {
-        let name = validate_name(name)?;
-        validate_password(password)?;
-        let owned = password.to_string();
-        let hash = self.hash_limited(move || hash_password(&owned)).await??;
+        let (name, hash) = self.checked_and_hashed(name, password).await?;
         let now = self.clock.now_ms();
         let event = Event::new("admin_user.password_changed")
             .severity(Severity::Notice)

@@ -219,6 +219,33 @@ fn admin_user_secret(name: &str) -> String {
 }
 
 /// Every sealed admin user, by name.
+fn acme_account_in(
+    sealer: &Sealer,
+    table: &impl ReadableTable<&'static str, &'static [u8]>,
+    directory: &str,
+) -> Result<Option<AcmeAccount>, StoreError> {
+    let name = acme_account_secret(directory);
+    let plain = open_secret(sealer, table, &name)?;
+    Ok(decode_secret(plain, &name, records::decode_acme_account)?
+        .filter(|account| account.directory == directory))
+}
+
+fn acme_certificate_in(
+    sealer: &Sealer,
+    table: &impl ReadableTable<&'static str, &'static [u8]>,
+    directory: &str,
+    domains: &[String],
+) -> Result<Option<AcmeCertificate>, StoreError> {
+    let name = acme_cert_secret(directory, domains);
+    let plain = open_secret(sealer, table, &name)?;
+    let mut wanted = domains.to_vec();
+    wanted.sort();
+    Ok(
+        decode_secret(plain, &name, records::decode_acme_certificate)?
+            .filter(|cert| cert.directory == directory && cert.domains == wanted),
+    )
+}
+
 fn admin_users_in(
     sealer: &Sealer,
     table: &impl ReadableTable<&'static str, &'static [u8]>,
@@ -322,10 +349,7 @@ impl ReadTx<'_> {
 
     /// The ACME account for `directory`, if one was created.
     pub fn acme_account(&self, directory: &str) -> Result<Option<AcmeAccount>, StoreError> {
-        let name = acme_account_secret(directory);
-        let plain = open_secret(self.sealer, &self.table(SECRETS)?, &name)?;
-        Ok(decode_secret(plain, &name, records::decode_acme_account)?
-            .filter(|account| account.directory == directory))
+        acme_account_in(self.sealer, &self.table(SECRETS)?, directory)
     }
 
     /// The certificate from `directory` for exactly `domains` (in any order), if stored.
@@ -334,14 +358,7 @@ impl ReadTx<'_> {
         directory: &str,
         domains: &[String],
     ) -> Result<Option<AcmeCertificate>, StoreError> {
-        let name = acme_cert_secret(directory, domains);
-        let plain = open_secret(self.sealer, &self.table(SECRETS)?, &name)?;
-        let mut wanted = domains.to_vec();
-        wanted.sort();
-        Ok(
-            decode_secret(plain, &name, records::decode_acme_certificate)?
-                .filter(|cert| cert.directory == directory && cert.domains == wanted),
-        )
+        acme_certificate_in(self.sealer, &self.table(SECRETS)?, directory, domains)
     }
 
     /// Row counts of every table, for backups, `doctor` and tests.
@@ -459,10 +476,7 @@ impl WriteTx<'_> {
 
     /// The ACME account for `directory`, if one was created.
     pub fn acme_account(&self, directory: &str) -> Result<Option<AcmeAccount>, StoreError> {
-        let name = acme_account_secret(directory);
-        let plain = open_secret(self.sealer, &self.table(SECRETS)?, &name)?;
-        Ok(decode_secret(plain, &name, records::decode_acme_account)?
-            .filter(|account| account.directory == directory))
+        acme_account_in(self.sealer, &self.table(SECRETS)?, directory)
     }
 
     /// The certificate from `directory` for exactly `domains` (in any order), if stored.
@@ -471,14 +485,7 @@ impl WriteTx<'_> {
         directory: &str,
         domains: &[String],
     ) -> Result<Option<AcmeCertificate>, StoreError> {
-        let name = acme_cert_secret(directory, domains);
-        let plain = open_secret(self.sealer, &self.table(SECRETS)?, &name)?;
-        let mut wanted = domains.to_vec();
-        wanted.sort();
-        Ok(
-            decode_secret(plain, &name, records::decode_acme_certificate)?
-                .filter(|cert| cert.directory == directory && cert.domains == wanted),
-        )
+        acme_certificate_in(self.sealer, &self.table(SECRETS)?, directory, domains)
     }
 
     pub fn put_acme_account(&self, account: &AcmeAccount) -> Result<(), StoreError> {
