@@ -113,6 +113,18 @@ impl TestApp {
         serde_json::from_str(&body).expect("json")
     }
 
+    /// `GET /metrics` from loopback (no token needed): the Prometheus text.
+    pub async fn metrics(&self) -> String {
+        let response = self
+            .client()
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(response.status(), 200, "/metrics answers 200");
+        response.text().await.expect("body")
+    }
+
     pub async fn stop(self) -> tempfile::TempDir {
         self.running.stop().await.expect("clean stop");
         self.dir

@@ -650,14 +650,7 @@ async fn responses_are_counted_by_class_and_timed_in_metrics() {
         let response = client.get(app.url(path)).send().await.unwrap();
         assert_eq!(response.status(), status, "{path}");
     }
-    let text = client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = app.metrics().await;
     // The scrape itself is counted once its answer is out, so not in this text.
     for line in [
         "gatehouse_http_responses_total{class=\"2xx\"} 2",

@@ -1590,15 +1590,7 @@ async fn assert_refused(app: &TestApp, device: &PairedDevice) {
 
 /// The value of `gatehouse_revocation_journal_families` in `/metrics`.
 async fn journal_metric(app: &TestApp) -> String {
-    let text = app
-        .client()
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = app.metrics().await;
     let line = text
         .lines()
         .find_map(|l| l.strip_prefix("gatehouse_revocation_journal_families "))
