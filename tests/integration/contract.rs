@@ -262,6 +262,25 @@ fn pair_body(session_id: &str, secret: &str) -> Value {
 }
 
 /// A body one byte over the default limit (64 KiB), sent with its `Content-Length`.
+/// What every body-taking POST answers alike: 405 to a GET, and 413 to a body of
+/// `content_type` over the limit. `call` builds a request as the operation's caller.
+async fn expect_405_and_413(
+    op: &str,
+    path: &str,
+    content_type: &str,
+    call: impl Fn(Method, &str) -> RequestBuilder,
+) {
+    expect(op, 405, call(Method::GET, path)).await;
+    expect(
+        op,
+        413,
+        call(Method::POST, path)
+            .header("content-type", content_type)
+            .body(oversized()),
+    )
+    .await;
+}
+
 fn oversized() -> Vec<u8> {
     vec![b'a'; 65_537]
 }
@@ -369,15 +388,7 @@ async fn pairing_and_tokens_answer_as_documented() {
             .body("{}"),
     )
     .await;
-    expect(op, 405, api.admin(Method::GET, path)).await;
-    expect(
-        op,
-        413,
-        api.admin(Method::POST, path)
-            .header("content-type", "application/json")
-            .body(oversized()),
-    )
-    .await;
+    expect_405_and_413(op, path, "application/json", |m, p| api.admin(m, p)).await;
 
     // The QR codes of the open session, and of unknown ones.
     for (op, suffix) in [
@@ -419,15 +430,7 @@ async fn pairing_and_tokens_answer_as_documented() {
             .form(&[("session_id", session_id.as_str())]),
     )
     .await;
-    expect(op, 405, api.anyone(Method::GET, path)).await;
-    expect(
-        op,
-        413,
-        api.anyone(Method::POST, path)
-            .header("content-type", "application/json")
-            .body(oversized()),
-    )
-    .await;
+    expect_405_and_413(op, path, "application/json", |m, p| api.anyone(m, p)).await;
     let pair = expect(
         op,
         200,
@@ -487,14 +490,9 @@ async fn pairing_and_tokens_answer_as_documented() {
             .json(&json!({"grant_type": "refresh_token"})),
     )
     .await;
-    expect(op, 405, api.anyone(Method::GET, path)).await;
-    expect(
-        op,
-        413,
-        api.anyone(Method::POST, path)
-            .header("content-type", "application/x-www-form-urlencoded")
-            .body(oversized()),
-    )
+    expect_405_and_413(op, path, "application/x-www-form-urlencoded", |m, p| {
+        api.anyone(m, p)
+    })
     .await;
 
     // Introspection: an admin, a registered client, and refusals.
@@ -554,14 +552,9 @@ async fn pairing_and_tokens_answer_as_documented() {
             .json(&json!({"token": access})),
     )
     .await;
-    expect(op, 405, api.admin(Method::GET, path)).await;
-    expect(
-        op,
-        413,
-        api.admin(Method::POST, path)
-            .header("content-type", "application/x-www-form-urlencoded")
-            .body(oversized()),
-    )
+    expect_405_and_413(op, path, "application/x-www-form-urlencoded", |m, p| {
+        api.admin(m, p)
+    })
     .await;
 
     // Revocation.
@@ -589,14 +582,9 @@ async fn pairing_and_tokens_answer_as_documented() {
             .json(&json!({"token": access})),
     )
     .await;
-    expect(op, 405, api.anyone(Method::GET, path)).await;
-    expect(
-        op,
-        413,
-        api.anyone(Method::POST, path)
-            .header("content-type", "application/x-www-form-urlencoded")
-            .body(oversized()),
-    )
+    expect_405_and_413(op, path, "application/x-www-form-urlencoded", |m, p| {
+        api.anyone(m, p)
+    })
     .await;
     // The revoked tokens are inactive now.
     let inactive = expect(
@@ -752,15 +740,7 @@ async fn administration_answers_as_documented() {
     .await
     .json();
     expect(op, 401, api.anyone(Method::POST, path)).await;
-    expect(op, 405, api.admin(Method::GET, path)).await;
-    expect(
-        op,
-        413,
-        api.admin(Method::POST, path)
-            .header("content-type", "application/json")
-            .body(oversized()),
-    )
-    .await;
+    expect_405_and_413(op, path, "application/json", |m, p| api.admin(m, p)).await;
 
     let op = "POST /v1/keys/{kid}/revoke";
     let retiring = rotation["retiring"].as_str().unwrap();
