@@ -604,7 +604,6 @@ fn report(results: &[Paired]) {
 }
 
 fn main() {
-    gatehouse::jwt::install_provider();
     let mut c = Criterion::default().configure_from_args();
 
     let ed25519 = Instance::start(&[]);

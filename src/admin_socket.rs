@@ -156,7 +156,7 @@ async fn answer(stream: UnixStream, services: &Services) -> io::Result<()> {
         Err(_) => return Ok(()),
         Ok(Err(err)) => return Err(err),
         Ok(Ok(_)) if !line.ends_with('\n') => Reply::Error(CommandError::new(
-            "bad_request",
+            crate::error_kind::ErrorKind::Invalid,
             "the request is not one line of at most 64 KiB",
         )),
         Ok(Ok(_)) => match serde_json::from_str::<Command>(&line) {
@@ -165,7 +165,7 @@ async fn answer(stream: UnixStream, services: &Services) -> io::Result<()> {
                 Err(err) => Reply::Error(err),
             },
             Err(err) => Reply::Error(CommandError::new(
-                "bad_request",
+                crate::error_kind::ErrorKind::Invalid,
                 format!("the request is not a known command: {err}"),
             )),
         },

@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
+use crate::error_kind::{Classify, ErrorKind};
 use crate::ids::{hash_matches, random_bytes, secret_hash};
 use serde::Serialize;
 
@@ -41,6 +42,18 @@ pub enum AdminTokenError {
     Random,
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+impl Classify for AdminTokenError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            Self::Invalid => ErrorKind::Unauthenticated,
+            Self::NotFound(_) => ErrorKind::NotFound,
+            Self::AlreadyRevoked(_) => ErrorKind::Conflict,
+            Self::BadName(_) => ErrorKind::Invalid,
+            Self::Random | Self::Store(_) => ErrorKind::Internal,
+        }
+    }
 }
 
 /// A token just created: the only moment its secret exists outside the caller.

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::audit::{self, Event, Origin, Severity};
 use crate::clock::{SharedClock, format_rfc3339};
+use crate::error_kind::{Classify, ErrorKind};
 use crate::store::records::AdminUser;
 use crate::store::{Store, StoreError};
 
@@ -45,6 +46,18 @@ pub enum AdminUserError {
     Hash(String),
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+impl Classify for AdminUserError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            Self::BadName | Self::BadPassword => ErrorKind::Invalid,
+            Self::Exists(_) => ErrorKind::Conflict,
+            Self::NotFound(_) => ErrorKind::NotFound,
+            Self::Refused => ErrorKind::Unauthenticated,
+            Self::Hash(_) | Self::Store(_) => ErrorKind::Internal,
+        }
+    }
 }
 
 /// What may be shown about a user (never the hash).

@@ -184,7 +184,6 @@ pub struct Running {
 /// Starts the server described by `config`.
 pub async fn start(config: &Config, clock: SharedClock) -> Result<Running, AppError> {
     tls::install_default_provider();
-    crate::jwt::install_provider();
     let listener = bind(config.server.listen)?;
     let local_addr = listener.local_addr().map_err(|source| AppError::Bind {
         addr: config.server.listen,

@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::audit::{self, Event, Origin, Severity};
 use crate::clock::{Clock, format_rfc3339};
+use crate::error_kind::{Classify, ErrorKind};
 use crate::services::Services;
 use crate::store::backup::{BackupInfo, inspect};
 use crate::store::seal::{MasterKey, Sealer, sync_parent_dir};
@@ -71,6 +72,16 @@ pub enum BackupError {
     BadBackup { path: PathBuf, reason: String },
     #[error("the background task failed: {0}")]
     Task(String),
+}
+
+impl Classify for BackupError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            Self::BadBackup { .. } => ErrorKind::Invalid,
+            Self::InUse(_) => ErrorKind::Conflict,
+            Self::Store(_) | Self::Io { .. } | Self::Task(_) => ErrorKind::Internal,
+        }
+    }
 }
 
 fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> BackupError {

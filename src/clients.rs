@@ -6,6 +6,7 @@
 //! unknown id as for a known one. This module must not know HTTP.
 
 use crate::audit::{self, Event, Origin, Severity};
+use crate::error_kind::{Classify, ErrorKind};
 use serde::Serialize;
 
 use crate::clock::{SharedClock, format_rfc3339};
@@ -34,6 +35,18 @@ pub enum ClientError {
     Random(#[from] RandomError),
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+impl Classify for ClientError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            Self::Invalid => ErrorKind::Unauthenticated,
+            Self::NotFound(_) => ErrorKind::NotFound,
+            Self::AlreadyRevoked(_) => ErrorKind::Conflict,
+            Self::BadName(_) => ErrorKind::Invalid,
+            Self::Random(_) | Self::Store(_) => ErrorKind::Internal,
+        }
+    }
 }
 
 /// A client just registered: the only moment its secret exists outside the caller.

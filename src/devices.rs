@@ -14,6 +14,7 @@ use serde::Serialize;
 
 use crate::audit::{self, Event, Origin};
 use crate::clock::{SharedClock, format_rfc3339};
+use crate::error_kind::{Classify, ErrorKind};
 use crate::ids::DeviceId;
 use crate::revocation::RevocationList;
 use crate::store::records::Device;
@@ -34,6 +35,16 @@ pub enum DeviceError {
     BadFilter(String),
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+impl Classify for DeviceError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            Self::NotFound(_) => ErrorKind::NotFound,
+            Self::BadName(_) | Self::BadFilter(_) => ErrorKind::Invalid,
+            Self::Store(_) => ErrorKind::Internal,
+        }
+    }
 }
 
 /// A device as the API and the CLI show it.

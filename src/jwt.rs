@@ -3,9 +3,11 @@
 //!
 //! jsonwebtoken 11 does no cryptography itself; `RING_PROVIDER` gives it ring for EdDSA
 //! (Ed25519), ES256 and HS256 and refuses every other algorithm, so no second crypto
-//! library enters the process. `install_provider` installs it once, at start.
+//! library enters the process. It is called directly (`verify_signature`), never through
+//! jsonwebtoken's process-wide default, so there is nothing to install and no panic when
+//! nothing was.
 //!
-//! Signature checks go through `jsonwebtoken::crypto::verify` with that provider. The
+//! The
 //! rest of RFC 8725 is done here, not by `jsonwebtoken::decode`, on purpose: `decode`
 //! reads the system clock for `exp`/`nbf` (ours is injected), ignores header parameters it
 //! does not know (`crit` must never be ignored), accepts arrays for `iss`, and parses each
@@ -54,14 +56,21 @@ pub static RING_PROVIDER: CryptoProvider = CryptoProvider {
     },
 };
 
-/// Installs `RING_PROVIDER` as jsonwebtoken's process-wide provider. Idempotent: the
-/// provider can be installed once per process and every caller wants the same one.
-pub fn install_provider() {
-    if let Err(other) = RING_PROVIDER.install_default()
-        && !std::ptr::eq(other, &RING_PROVIDER)
-    {
-        tracing::error!("another jsonwebtoken crypto provider is installed; ours was not");
-    }
+/// Checks a JWS signature (base64url) over `message` with `key` and `algorithm`, through
+/// `RING_PROVIDER` itself. jsonwebtoken's own `crypto::verify` looks up a process-wide
+/// provider and panics when none was installed; going to ours directly leaves no such
+/// state to forget.
+pub fn verify_signature(
+    signature: &str,
+    message: &[u8],
+    key: &DecodingKey,
+    algorithm: Algorithm,
+) -> bool {
+    let Ok(signature) = data_encoding::BASE64URL_NOPAD.decode(signature.as_bytes()) else {
+        return false;
+    };
+    (RING_PROVIDER.verifier_factory)(&algorithm, key)
+        .is_ok_and(|verifier| verifier.verify(message, &signature).is_ok())
 }
 
 enum RingSigner {

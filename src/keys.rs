@@ -24,6 +24,7 @@ use serde::Serialize;
 
 use crate::audit::{self, Event, Origin, Severity};
 use crate::clock::{SharedClock, format_rfc3339, millis};
+use crate::error_kind::{Classify, ErrorKind};
 use crate::jwt::{self, AccessClaims};
 use crate::live::Changes;
 use crate::store::records::{SigningKey, SigningKeyPrivate, StoredKeyAlgorithm, StoredKeyState};
@@ -131,6 +132,18 @@ pub enum KeyError {
     Store(#[from] StoreError),
 }
 
+impl Classify for KeyError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            Self::UnknownKey(_) => ErrorKind::NotFound,
+            Self::AlreadyRevoked(_) | Self::NextKeyTooNew { .. } => ErrorKind::Conflict,
+            Self::NoActiveKey | Self::Random | Self::BadKey { .. } | Self::Store(_) => {
+                ErrorKind::Internal
+            }
+        }
+    }
+}
+
 enum KeySigner {
     Ed25519(sig::Ed25519KeyPair),
     EcdsaP256(sig::EcdsaKeyPair),
@@ -171,13 +184,12 @@ impl LoadedKey {
     /// Checks `signature` (base64url) over `signing_input` through jsonwebtoken's crypto
     /// provider, with this key's algorithm pinned: the token's own `alg` plays no part.
     pub fn verify_signature(&self, signing_input: &str, signature: &str) -> bool {
-        jsonwebtoken::crypto::verify(
+        crate::jwt::verify_signature(
             signature,
             signing_input.as_bytes(),
             &self.decoding,
             self.algorithm.jsonwebtoken(),
         )
-        .unwrap_or(false)
     }
 
     /// The public key as a JWK (RFC 7517), for the JWKS.
@@ -808,7 +820,8 @@ mod tests {
 
     #[test]
     fn generated_keys_load_and_sign_verifiably() {
-        crate::jwt::install_provider();
+        // No process-wide jsonwebtoken provider is installed here: verification must not
+        // need one.
         for algorithm in [KeyAlgorithm::Ed25519, KeyAlgorithm::EcdsaP256] {
             let new = generate(algorithm, 1).unwrap();
             let mut record = new.record.clone();

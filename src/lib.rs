@@ -19,6 +19,7 @@ pub mod clients;
 pub mod clock;
 pub mod config;
 pub mod devices;
+pub mod error_kind;
 pub mod http;
 pub mod ids;
 pub mod jwt;

@@ -13,20 +13,20 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::admin_tokens::{AdminTokenError, AdminTokenInfo, IssuedToken};
-use crate::admin_users::{AdminUserError, AdminUserInfo};
+use crate::admin_tokens::{AdminTokenInfo, IssuedToken};
+use crate::admin_users::AdminUserInfo;
 use crate::audit::{Event, EventPage, Origin, Query, Severity, VerifyReport};
-use crate::backup::{BackupError, BackupReport};
-use crate::clients::{ClientError, ClientInfo, NewClient};
+use crate::backup::BackupReport;
+use crate::clients::{ClientInfo, NewClient};
 use crate::config::KeyOrigin;
 use crate::devices::{DeviceError, DeviceView};
+use crate::error_kind::{Classify, ErrorKind};
 use crate::ids::DeviceId;
-use crate::keys::{KeyError, KeyInfo, Rotation, RotationReport};
-use crate::pairing::{NewSession, PairingError};
-use crate::ratelimit::{Ban, BanError};
+use crate::keys::{KeyInfo, Rotation, RotationReport};
+use crate::pairing::NewSession;
+use crate::ratelimit::Ban;
 use crate::schedule::{JobError, JobName, JobView};
 pub use crate::services::Services;
-use crate::store::StoreError;
 use crate::store::seal::{MasterKey, sync_parent_dir};
 
 /// The master key text, kept out of `Debug` output and logs.
@@ -186,7 +186,11 @@ pub struct CommandError {
 }
 
 impl CommandError {
-    pub fn new(code: &str, message: impl Into<String>) -> Self {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self::with_code(kind.code(), message)
+    }
+
+    fn with_code(code: &str, message: impl Into<String>) -> Self {
         Self {
             code: code.into(),
             message: message.into(),
@@ -194,117 +198,10 @@ impl CommandError {
     }
 }
 
-impl From<AdminTokenError> for CommandError {
-    fn from(err: AdminTokenError) -> Self {
-        let code = match &err {
-            AdminTokenError::NotFound(_) => "not_found",
-            AdminTokenError::AlreadyRevoked(_) => "already_revoked",
-            AdminTokenError::BadName(_) => "bad_name",
-            AdminTokenError::Invalid => "invalid",
-            AdminTokenError::Random | AdminTokenError::Store(_) => "internal",
-        };
-        Self::new(code, err.to_string())
-    }
-}
-
-impl From<AdminUserError> for CommandError {
-    fn from(err: AdminUserError) -> Self {
-        let code = match &err {
-            AdminUserError::BadName | AdminUserError::BadPassword => "bad_request",
-            AdminUserError::Exists(_) => "conflict",
-            AdminUserError::NotFound(_) => "not_found",
-            AdminUserError::Refused => "invalid",
-            AdminUserError::Hash(_) | AdminUserError::Store(_) => "internal",
-        };
-        Self::new(code, err.to_string())
-    }
-}
-
-impl From<KeyError> for CommandError {
-    fn from(err: KeyError) -> Self {
-        let code = match &err {
-            KeyError::UnknownKey(_) => "not_found",
-            KeyError::AlreadyRevoked(_) => "already_revoked",
-            KeyError::NextKeyTooNew { .. } => "too_soon",
-            _ => "internal",
-        };
-        Self::new(code, err.to_string())
-    }
-}
-
-impl From<ClientError> for CommandError {
-    fn from(err: ClientError) -> Self {
-        let code = match &err {
-            ClientError::NotFound(_) => "not_found",
-            ClientError::AlreadyRevoked(_) => "already_revoked",
-            ClientError::BadName(_) => "bad_name",
-            ClientError::Invalid => "invalid",
-            ClientError::Random(_) | ClientError::Store(_) => "internal",
-        };
-        Self::new(code, err.to_string())
-    }
-}
-
-impl From<DeviceError> for CommandError {
-    fn from(err: DeviceError) -> Self {
-        let code = match &err {
-            DeviceError::NotFound(_) => "not_found",
-            DeviceError::BadName(_) => "bad_name",
-            DeviceError::BadFilter(_) => "bad_request",
-            DeviceError::Store(_) => "internal",
-        };
-        Self::new(code, err.to_string())
-    }
-}
-
-impl From<BanError> for CommandError {
-    fn from(err: BanError) -> Self {
-        let code = match &err {
-            BanError::NotFound(_) => "not_found",
-            BanError::BadKey(_) => "bad_request",
-            BanError::Store(_) => "internal",
-        };
-        Self::new(code, err.to_string())
-    }
-}
-
-impl From<BackupError> for CommandError {
-    fn from(err: BackupError) -> Self {
-        let code = match &err {
-            BackupError::Io { .. } => "io",
-            BackupError::BadBackup { .. } => "bad_backup",
-            BackupError::InUse(_) => "in_use",
-            BackupError::Store(_) | BackupError::Task(_) => "internal",
-        };
-        Self::new(code, err.to_string())
-    }
-}
-
-impl From<JobError> for CommandError {
-    fn from(err: JobError) -> Self {
-        let code = match &err {
-            JobError::UnknownJob(_) => "not_found",
-            JobError::AlreadyRunning(_) | JobError::NotDue(_) => "conflict",
-            JobError::Store(_) => "internal",
-        };
-        Self::new(code, err.to_string())
-    }
-}
-
-impl From<StoreError> for CommandError {
-    fn from(err: StoreError) -> Self {
-        Self::new("internal", err.to_string())
-    }
-}
-
-impl From<PairingError> for CommandError {
-    fn from(err: PairingError) -> Self {
-        let code = match &err {
-            PairingError::BadTtl(_) => "bad_ttl",
-            PairingError::BadName(_) => "bad_name",
-            _ => "internal",
-        };
-        Self::new(code, err.to_string())
+/// Every domain error becomes a command error by its kind, with the code HTTP gives it.
+impl<E: Classify> From<E> for CommandError {
+    fn from(err: E) -> Self {
+        Self::with_code(err.code(), err.to_string())
     }
 }
 
@@ -422,7 +319,7 @@ pub async fn execute(command: Command, services: &Services) -> Result<Outcome, C
             let audit = services.audit.clone();
             let report = tokio::task::spawn_blocking(move || audit.verify_report(&mut |_, _| {}))
                 .await
-                .map_err(|err| CommandError::new("internal", err.to_string()))??;
+                .map_err(|err| CommandError::new(ErrorKind::Internal, err.to_string()))??;
             Ok(Outcome::AuditVerified(report))
         }
         Command::BansList => Ok(Outcome::BanList {
@@ -434,7 +331,7 @@ pub async fn execute(command: Command, services: &Services) -> Result<Outcome, C
         Command::Backup { path } => {
             if !path.is_absolute() {
                 return Err(CommandError::new(
-                    "bad_request",
+                    ErrorKind::Invalid,
                     "the backup path must be absolute",
                 ));
             }
@@ -459,13 +356,13 @@ pub async fn execute(command: Command, services: &Services) -> Result<Outcome, C
 async fn rekey(new_key: &KeyText, services: &Services) -> Result<Outcome, CommandError> {
     let new = MasterKey::from_text(&new_key.0).map_err(|reason| {
         CommandError::new(
-            "bad_key",
+            ErrorKind::Invalid,
             format!("the new key is not a gatehouse master key: {reason}"),
         )
     })?;
     if new.fingerprint() == services.store.master_key_fingerprint() {
         return Err(CommandError::new(
-            "same_key",
+            ErrorKind::Conflict,
             "the new key is the key already in use",
         ));
     }
@@ -483,7 +380,7 @@ async fn rekey(new_key: &KeyText, services: &Services) -> Result<Outcome, Comman
                 let _ = fs::remove_file(staged);
             }
             return Err(CommandError::new(
-                "internal",
+                ErrorKind::Internal,
                 format!("rekey failed, nothing changed: {err}"),
             ));
         }
@@ -504,7 +401,7 @@ async fn rekey(new_key: &KeyText, services: &Services) -> Result<Outcome, Comman
             .and_then(|()| sync_parent_dir(&source.path))
             .map_err(|err| {
                 CommandError::new(
-                    "key_file",
+                    ErrorKind::Internal,
                     format!(
                         "the data file is now sealed with the new key, but {} could not be \
                          replaced ({err}); the new key is in {}: move it there by hand",
@@ -541,7 +438,7 @@ fn stage_key_file(path: &Path, key: &MasterKey) -> Result<PathBuf, CommandError>
     };
     write().map_err(|err| {
         CommandError::new(
-            "key_file",
+            ErrorKind::Internal,
             format!("cannot write {}: {err}; nothing changed", staged.display()),
         )
     })?;

@@ -22,6 +22,7 @@ use serde::Serialize;
 use crate::audit::{self, Actor, Event, Origin};
 use crate::clock::{SharedClock, format_rfc3339, millis};
 use crate::config::defaults::PAIRING_MAX_TTL;
+use crate::error_kind::{Classify, ErrorKind};
 use crate::ids::{DeviceId, RandomError, Secret, SessionId, hash_matches, secret_hash};
 use crate::ratelimit::{FailedCheck, Limited, Lockout, PolicyId, RateLimits, Subject};
 use crate::store::records::{Device, PairingSession};
@@ -44,7 +45,8 @@ const KEEP_EXPIRED: Duration = Duration::from_secs(24 * 3600);
 pub enum PairingError {
     /// Wrong secret, unknown, expired or used session: deliberately one variant.
     #[error(
-        "the pairing session does not exist, has expired or was already used, or the secret is wrong"
+        "pairing failed: the session does not exist, has expired or was already used, or the \
+         secret is wrong"
     )]
     Rejected,
     #[error("too many pairing attempts from this address")]
@@ -74,6 +76,30 @@ pub enum PairingError {
     Token(#[from] TokenError),
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+impl Classify for PairingError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            Self::Rejected => ErrorKind::Unauthenticated,
+            Self::RateLimited(_) => ErrorKind::RateLimited,
+            Self::Banned(_) => ErrorKind::Banned,
+            Self::UnknownSession => ErrorKind::NotFound,
+            Self::Closed | Self::SecretUnavailable => ErrorKind::Gone,
+            Self::BadTtl(_) | Self::BadName(_) | Self::BadDevice(_) => ErrorKind::Invalid,
+            Self::Token(err) => err.kind(),
+            Self::Random(_) | Self::Store(_) => ErrorKind::Internal,
+        }
+    }
+
+    fn code(&self) -> &'static str {
+        match self {
+            // The documented code of every failed claim (schema/openapi.yaml).
+            Self::Rejected => "pairing_failed",
+            Self::Token(err) => err.code(),
+            other => other.kind().code(),
+        }
+    }
 }
 
 /// Where apps reach this server, for the pairing URI.

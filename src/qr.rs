@@ -5,6 +5,7 @@
 //! The terminal rendering draws two rows per line with half blocks in explicit black on
 //! white, so it scans the same on a dark and on a light terminal theme.
 
+use crate::error_kind::{Classify, ErrorKind};
 use qrcode::{Color, EcLevel, QrCode};
 
 /// Quiet zone around the code, in modules (the standard asks for 4).
@@ -18,6 +19,14 @@ pub enum QrError {
     TooLong(String),
     #[error("PNG encoding failed: {0}")]
     Png(String),
+}
+
+impl Classify for QrError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            Self::TooLong(_) | Self::Png(_) => ErrorKind::Internal,
+        }
+    }
 }
 
 fn encode(text: &str) -> Result<QrCode, QrError> {

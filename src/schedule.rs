@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::audit::{Event, Origin, Severity};
 use crate::clock::{SharedClock, format_rfc3339};
+use crate::error_kind::{Classify, ErrorKind};
 use crate::keys::Rotation;
 use crate::services::Services;
 use crate::store::records::JobState;
@@ -226,6 +227,16 @@ pub enum JobError {
     NotDue(JobName),
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+impl Classify for JobError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            Self::UnknownJob(_) => ErrorKind::NotFound,
+            Self::AlreadyRunning(_) | Self::NotDue(_) => ErrorKind::Conflict,
+            Self::Store(_) => ErrorKind::Internal,
+        }
+    }
 }
 
 /// First retry after a failure; doubles per failure in a row.

@@ -25,6 +25,7 @@ use serde::Serialize;
 
 use crate::audit::{self, Actor, Event, Origin, Severity};
 use crate::clock::{SharedClock, millis};
+use crate::error_kind::{Classify, ErrorKind};
 use crate::ids::{DeviceId, FamilyId, RandomError, Secret, TokenId};
 use crate::jwt::{self, ACCESS_TOKEN_TYP, AccessClaims, Malformed};
 use crate::keys::{KeyError, KeyRing};
@@ -104,6 +105,25 @@ pub enum TokenError {
     Random(#[from] RandomError),
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+impl Classify for TokenError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            Self::InvalidGrant => ErrorKind::Invalid,
+            Self::RateLimited(_) => ErrorKind::RateLimited,
+            Self::Key(err) => err.kind(),
+            Self::Random(_) | Self::Store(_) => ErrorKind::Internal,
+        }
+    }
+
+    fn code(&self) -> &'static str {
+        match self {
+            // RFC 6749 section 5.2 names this code.
+            Self::InvalidGrant => "invalid_grant",
+            other => other.kind().code(),
+        }
+    }
 }
 
 /// A verified access token.

@@ -787,7 +787,6 @@ async fn open_local(config: &Config) -> anyhow::Result<(crate::store::Store, Ser
                 config.admin_socket.display()
             )
         })?;
-    crate::jwt::install_provider();
     match local_services(config, &store, clock).await {
         Ok(services) => Ok((store, services)),
         Err(err) => {
@@ -804,8 +803,9 @@ async fn local_services(
     store: &crate::store::Store,
     clock: SharedClock,
 ) -> Result<Services, manage::CommandError> {
-    let internal =
-        |err: &dyn std::fmt::Display| manage::CommandError::new("internal", err.to_string());
+    let internal = |err: &dyn std::fmt::Display| {
+        manage::CommandError::new(crate::error_kind::ErrorKind::Internal, err.to_string())
+    };
     // A pairing URI for a self-signed server must carry the pin of the stored certificate.
     let pin = match config.tls_mode {
         crate::config::TlsMode::SelfSigned => {

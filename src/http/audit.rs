@@ -10,7 +10,7 @@ use super::AppState;
 use super::error::ApiError;
 use super::extract::Admin;
 use crate::audit::{self, EventPage};
-use crate::ratelimit::{Ban, BanError};
+use crate::ratelimit::Ban;
 
 /// Events per page when `limit` is not given.
 const DEFAULT_PAGE: usize = 100;
@@ -61,16 +61,12 @@ pub async fn list(
             "`device` must be a device id (dev_ and 32 hex characters)",
         ));
     }
-    let page = state
-        .services
-        .audit
-        .query(&audit::Query {
-            after: query.after.unwrap_or(0),
-            kind: query.kind,
-            device: query.device,
-            limit,
-        })
-        .map_err(|e| ApiError::internal(&e))?;
+    let page = state.services.audit.query(&audit::Query {
+        after: query.after.unwrap_or(0),
+        kind: query.kind,
+        device: query.device,
+        limit,
+    })?;
     Ok(Json(page))
 }
 
@@ -93,18 +89,7 @@ pub async fn lift(
     admin: Admin,
     Path(key): Path<String>,
 ) -> Result<Json<Ban>, ApiError> {
-    match state.services.lockout.lift(&key, &admin.origin).await {
-        Ok(ban) => Ok(Json(ban)),
-        Err(err @ BanError::NotFound(_)) => Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            err.to_string(),
-        )),
-        Err(err @ BanError::BadKey(_)) => Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_request",
-            err.to_string(),
-        )),
-        Err(BanError::Store(e)) => Err(ApiError::internal(&e)),
-    }
+    Ok(Json(
+        state.services.lockout.lift(&key, &admin.origin).await?,
+    ))
 }

@@ -12,18 +12,6 @@ use super::extract::{Admin, ApiJson};
 use crate::devices::{DeviceError, DeviceFilter, DevicePage, DeviceView};
 use crate::ids::DeviceId;
 
-fn device_error(err: DeviceError) -> ApiError {
-    match err {
-        DeviceError::NotFound(_) => {
-            ApiError::new(StatusCode::NOT_FOUND, "not_found", err.to_string())
-        }
-        DeviceError::BadName(_) | DeviceError::BadFilter(_) => {
-            ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", err.to_string())
-        }
-        DeviceError::Store(e) => ApiError::internal(&e),
-    }
-}
-
 fn device_id(text: &str) -> Result<DeviceId, ApiError> {
     DeviceId::parse(text).ok_or_else(|| {
         ApiError::new(
@@ -53,7 +41,7 @@ pub async fn list(
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", e.body_text()))?;
     let after = match query.after.as_deref() {
         Some(text) => Some(DeviceId::parse(text).ok_or_else(|| {
-            device_error(DeviceError::BadFilter(
+            ApiError::from(DeviceError::BadFilter(
                 "`after` must be a device id from a previous page's `next`".into(),
             ))
         })?),
@@ -65,9 +53,7 @@ pub async fn list(
         after,
         limit: query.limit,
     };
-    Ok(Json(
-        state.services.devices.page(&filter).map_err(device_error)?,
-    ))
+    Ok(Json(state.services.devices.page(&filter)?))
 }
 
 pub async fn show(
@@ -79,10 +65,9 @@ pub async fn show(
     state
         .services
         .devices
-        .get(&id)
-        .map_err(device_error)?
+        .get(&id)?
         .map(Json)
-        .ok_or_else(|| device_error(DeviceError::NotFound(id.to_string())))
+        .ok_or_else(|| DeviceError::NotFound(id.to_string()).into())
 }
 
 #[derive(Debug, Deserialize)]
@@ -104,8 +89,7 @@ pub async fn rename(
             .services
             .devices
             .rename(&id, &body.name, &admin.origin)
-            .await
-            .map_err(device_error)?,
+            .await?,
     ))
 }
 
@@ -117,11 +101,6 @@ pub async fn revoke(
 ) -> Result<Json<DeviceView>, ApiError> {
     let id = device_id(&id)?;
     Ok(Json(
-        state
-            .services
-            .devices
-            .revoke(&id, &admin.origin)
-            .await
-            .map_err(device_error)?,
+        state.services.devices.revoke(&id, &admin.origin).await?,
     ))
 }

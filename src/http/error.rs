@@ -12,6 +12,7 @@ use axum::response::{IntoResponse, Response};
 use http::{HeaderValue, StatusCode, header};
 
 use super::security::RequestId;
+use crate::error_kind::{Classify, ErrorKind};
 
 /// An error on its way to a client. `message` must never carry internals (paths,
 /// database details): 5xx messages are fixed text, details go to the log.
@@ -43,6 +44,23 @@ impl ApiError {
 
     pub fn unavailable(message: impl Into<String>) -> Self {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
+    }
+}
+
+/// The one mapping from a domain error to an answer: its kind gives the status, its code
+/// the `error` field. An internal failure is logged and answered with fixed text.
+impl<E: Classify> From<E> for ApiError {
+    fn from(err: E) -> Self {
+        let status = match err.kind() {
+            ErrorKind::Invalid => StatusCode::BAD_REQUEST,
+            ErrorKind::Unauthenticated => StatusCode::UNAUTHORIZED,
+            ErrorKind::NotFound => StatusCode::NOT_FOUND,
+            ErrorKind::Conflict => StatusCode::CONFLICT,
+            ErrorKind::Gone => StatusCode::GONE,
+            ErrorKind::Banned | ErrorKind::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            ErrorKind::Internal => return Self::internal(&err),
+        };
+        Self::new(status, err.code(), err.to_string())
     }
 }
 

@@ -11,7 +11,7 @@ use super::AppState;
 use super::error::ApiError;
 use super::extract::Admin;
 use crate::backup::BackupError;
-use crate::schedule::{JobError, JobName, JobView};
+use crate::schedule::{JobName, JobView};
 
 #[derive(Debug, Serialize)]
 pub struct JobList {
@@ -22,10 +22,7 @@ pub struct JobList {
 pub async fn list(State(state): State<AppState>, _admin: Admin) -> Result<Json<JobList>, ApiError> {
     let services = &state.services;
     Ok(Json(JobList {
-        jobs: services
-            .jobs
-            .list(services)
-            .map_err(|e| ApiError::internal(&e))?,
+        jobs: services.jobs.list(services)?,
     }))
 }
 
@@ -40,20 +37,7 @@ pub async fn run(
         .parse()
         .map_err(|m: String| ApiError::new(StatusCode::NOT_FOUND, "not_found", m))?;
     let services = &state.services;
-    match services.jobs.run(services, job).await {
-        Ok(view) => Ok(Json(view)),
-        Err(err @ (JobError::AlreadyRunning(_) | JobError::NotDue(_))) => Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "conflict",
-            err.to_string(),
-        )),
-        Err(err @ JobError::UnknownJob(_)) => Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            err.to_string(),
-        )),
-        Err(JobError::Store(e)) => Err(ApiError::internal(&e)),
-    }
+    Ok(Json(services.jobs.run(services, job).await?))
 }
 
 /// Streams a fresh, checked backup (a redb data file, sealed under the server's master

@@ -9,19 +9,7 @@ use serde::{Deserialize, Serialize};
 use super::AppState;
 use super::error::ApiError;
 use super::extract::Admin;
-use crate::keys::{KeyError, KeyInfo, Rotation, RotationReport};
-
-fn key_error(err: KeyError) -> ApiError {
-    match err {
-        KeyError::UnknownKey(_) => {
-            ApiError::new(StatusCode::NOT_FOUND, "not_found", err.to_string())
-        }
-        KeyError::AlreadyRevoked(_) | KeyError::NextKeyTooNew { .. } => {
-            ApiError::new(StatusCode::CONFLICT, "conflict", err.to_string())
-        }
-        other => ApiError::internal(&other),
-    }
-}
+use crate::keys::{KeyInfo, Rotation, RotationReport};
 
 #[derive(Debug, Serialize)]
 pub struct KeyList {
@@ -68,14 +56,7 @@ pub async fn rotate(
     } else {
         Rotation::Scheduled
     };
-    Ok(Json(
-        state
-            .services
-            .keys
-            .rotate(mode, &admin.origin)
-            .await
-            .map_err(key_error)?,
-    ))
+    Ok(Json(state.services.keys.rotate(mode, &admin.origin).await?))
 }
 
 pub async fn revoke(
@@ -83,12 +64,5 @@ pub async fn revoke(
     admin: Admin,
     Path(kid): Path<String>,
 ) -> Result<Json<KeyInfo>, ApiError> {
-    Ok(Json(
-        state
-            .services
-            .keys
-            .revoke(&kid, &admin.origin)
-            .await
-            .map_err(key_error)?,
-    ))
+    Ok(Json(state.services.keys.revoke(&kid, &admin.origin).await?))
 }

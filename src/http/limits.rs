@@ -18,18 +18,21 @@ fn ceil_secs(d: std::time::Duration) -> u64 {
 }
 
 /// Refuses a banned address (429 `banned` with `Retry-After`) and spends one request
-/// of the `per_ip` policy, before any route runs.
+/// of the `per_ip` policy, before any route runs. Fails closed: a request whose peer
+/// address is unknown is refused.
 pub async fn admit_address(
     State(state): State<AppState>,
     request: Request,
     next: Next,
 ) -> Response {
+    // Every connection `serve` accepts carries its peer address. A request without one
+    // would skip the ban and the per-address limit, so it is refused instead.
     let Some(ConnectInfo(peer)) = request
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .copied()
     else {
-        return next.run(request).await;
+        return ApiError::internal(&"no peer address on the request").into_response();
     };
     let ip = peer.ip();
     if let Some(left) = state.services.lockout.banned(ip) {

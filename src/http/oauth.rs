@@ -16,17 +16,6 @@ use crate::tokens::{Introspection, TokenError, TokenPair};
 /// The longest `token` parameter read; longer ones cannot be ours.
 const MAX_TOKEN_PARAM: usize = crate::jwt::MAX_TOKEN_BYTES;
 
-fn token_error(err: TokenError) -> ApiError {
-    match err {
-        TokenError::InvalidGrant => ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_grant",
-            "the refresh token is invalid, expired or revoked",
-        ),
-        other => ApiError::internal(&other),
-    }
-}
-
 /// Unknown parameters are ignored (RFC 6749 section 3.2); repeated ones are refused.
 #[derive(Debug, Deserialize)]
 pub struct TokenRequest {
@@ -63,7 +52,7 @@ pub async fn token(
         Err(TokenError::RateLimited(limited)) => {
             Ok(super::limits::too_many(&limited.decision, &limited.policy))
         }
-        Err(err) => Err(token_error(err)),
+        Err(err) => Err(err.into()),
     }
 }
 
@@ -89,12 +78,7 @@ pub async fn revoke(
     ApiForm(request): ApiForm<TokenParam>,
 ) -> Result<StatusCode, ApiError> {
     if let Some(token) = bounded(&request.token) {
-        state
-            .services
-            .tokens
-            .revoke(token, &origin)
-            .await
-            .map_err(token_error)?;
+        state.services.tokens.revoke(token, &origin).await?;
     }
     Ok(StatusCode::OK)
 }

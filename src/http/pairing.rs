@@ -17,39 +17,6 @@ use crate::ids::SessionId;
 use crate::pairing::{DeviceInfo, PairingError};
 use crate::tokens::TokenPair;
 
-fn pairing_error(err: PairingError) -> ApiError {
-    match &err {
-        PairingError::Rejected => ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "pairing_failed",
-            "pairing failed: the session does not exist, has expired or was already used, \
-             or the secret is wrong",
-        ),
-        PairingError::BadTtl(m) => ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_request",
-            format!("ttl_seconds {m}"),
-        ),
-        PairingError::BadName(m) | PairingError::BadDevice(m) => {
-            ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", m)
-        }
-        PairingError::UnknownSession => ApiError::new(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            "no such pairing session",
-        ),
-        PairingError::Closed | PairingError::SecretUnavailable => {
-            ApiError::new(StatusCode::GONE, "gone", err.to_string())
-        }
-        PairingError::Banned(_) => ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "banned",
-            "this address is locked out after repeated failed credential checks",
-        ),
-        other => ApiError::internal(&other),
-    }
-}
-
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CreateSession {
@@ -79,8 +46,7 @@ pub async fn create_session(
             request.ttl_seconds.map(Duration::from_secs),
             &admin.origin,
         )
-        .await
-        .map_err(pairing_error)?;
+        .await?;
     Ok((
         StatusCode::CREATED,
         Json(CreatedSession {
@@ -121,7 +87,7 @@ pub async fn pair(
         Err(PairingError::RateLimited(limited)) => {
             super::limits::too_many(&limited.decision, &limited.policy)
         }
-        Err(err) => pairing_error(err).into_response(),
+        Err(err) => ApiError::from(err).into_response(),
     }
 }
 
@@ -133,25 +99,21 @@ pub enum QrFormat {
 }
 
 fn session_id(text: &str) -> Result<SessionId, ApiError> {
-    SessionId::parse(text).ok_or_else(|| pairing_error(PairingError::UnknownSession))
+    SessionId::parse(text).ok_or_else(|| PairingError::UnknownSession.into())
 }
 
 /// The QR code of an open session's pairing URI (admin): 404 for an unknown session,
 /// 410 once it is used or expired, or when the secret is no longer held.
 pub async fn qr(state: &AppState, id: &str, format: QrFormat) -> Result<Response, ApiError> {
     let id = session_id(id)?;
-    let uri = state
-        .services
-        .pairing
-        .open_uri(&id)
-        .map_err(pairing_error)?;
+    let uri = state.services.pairing.open_uri(&id)?;
     let response = match format {
         QrFormat::Svg => {
-            let svg = crate::qr::svg(&uri).map_err(|e| ApiError::internal(&e))?;
+            let svg = crate::qr::svg(&uri)?;
             ([(header::CONTENT_TYPE, "image/svg+xml")], svg).into_response()
         }
         QrFormat::Png => {
-            let png = crate::qr::png(&uri).map_err(|e| ApiError::internal(&e))?;
+            let png = crate::qr::png(&uri)?;
             ([(header::CONTENT_TYPE, "image/png")], png).into_response()
         }
     };

@@ -25,11 +25,12 @@ use super::AppState;
 use super::error::ApiError;
 use super::extract::Peer;
 use crate::audit::{Actor, Origin};
+use crate::error_kind::{Classify, ErrorKind};
 use crate::ids::DeviceId;
 use crate::live::{MessageBudget, Refused, Slot};
-use crate::pairing::{DeviceInfo, PairingError};
+use crate::pairing::DeviceInfo;
 use crate::ratelimit::{PolicyId, Subject};
-use crate::tokens::{Rejection, TokenError, TokenPair, Verified};
+use crate::tokens::{Rejection, TokenPair, Verified};
 
 /// Time a new connection has to authenticate.
 pub const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
@@ -352,34 +353,7 @@ impl Connection {
                     .await;
                 match paired {
                     Ok(pair) => self.accept_pair(socket, pair).await,
-                    Err(PairingError::BadDevice(m) | PairingError::BadName(m)) => {
-                        self.refuse(socket, "invalid_request", &m).await
-                    }
-                    Err(PairingError::Banned(_)) => {
-                        self.refuse(
-                            socket,
-                            "banned",
-                            "this address is locked out after repeated failed credential checks",
-                        )
-                        .await
-                    }
-                    Err(PairingError::RateLimited(_)) => {
-                        self.refuse(
-                            socket,
-                            "rate_limited",
-                            "too many pairing attempts from this address",
-                        )
-                        .await
-                    }
-                    Err(PairingError::Rejected) => {
-                        self.refuse(
-                            socket,
-                            "pairing_failed",
-                            "the session does not exist, has expired or was already used, or the secret is wrong",
-                        )
-                        .await
-                    }
-                    Err(err) => self.internal(socket, err.to_string()).await,
+                    Err(err) => self.refuse_for(socket, &err).await,
                 }
             }
             ClientMessage::Refresh { refresh_token } => {
@@ -402,23 +376,7 @@ impl Connection {
                     .await
                 {
                     Ok(pair) => self.accept_pair(socket, pair).await,
-                    Err(TokenError::RateLimited(_)) => {
-                        self.refuse(
-                            socket,
-                            "rate_limited",
-                            "too many refreshes for this device; try again later",
-                        )
-                        .await
-                    }
-                    Err(TokenError::InvalidGrant) => {
-                        self.refuse(
-                            socket,
-                            "invalid_grant",
-                            "the refresh token is invalid, expired or revoked",
-                        )
-                        .await
-                    }
-                    Err(err) => self.internal(socket, err.to_string()).await,
+                    Err(err) => self.refuse_for(socket, &err).await,
                 }
             }
         }
@@ -442,6 +400,20 @@ impl Connection {
             "this socket speaks for another device",
         )
         .await
+    }
+
+    /// A domain error, answered with the code its kind gives (the same as over HTTP).
+    async fn refuse_for<E: Classify>(&mut self, socket: &mut WebSocket, err: &E) -> Next {
+        match err.kind() {
+            ErrorKind::Internal => self.internal(socket, err.to_string()).await,
+            ErrorKind::Invalid
+            | ErrorKind::Unauthenticated
+            | ErrorKind::NotFound
+            | ErrorKind::Conflict
+            | ErrorKind::Gone
+            | ErrorKind::Banned
+            | ErrorKind::RateLimited => self.refuse(socket, err.code(), &err.to_string()).await,
+        }
     }
 
     async fn internal(&mut self, socket: &mut WebSocket, err: String) -> Next {

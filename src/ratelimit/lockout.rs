@@ -21,6 +21,7 @@ use serde::Serialize;
 use super::{RateLimits, Subject};
 use crate::audit::{self, Event, Origin, Severity};
 use crate::clock::{SharedClock, format_rfc3339, millis};
+use crate::error_kind::{Classify, ErrorKind};
 use crate::store::records::Ban as BanRecord;
 use crate::store::{BANS, Store, StoreError};
 
@@ -81,6 +82,16 @@ pub enum BanError {
     BadKey(String),
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+impl Classify for BanError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            Self::NotFound(_) => ErrorKind::NotFound,
+            Self::BadKey(_) => ErrorKind::Invalid,
+            Self::Store(_) => ErrorKind::Internal,
+        }
+    }
 }
 
 fn view(subject: &Subject, ban: &BanRecord, now_ms: u64) -> Ban {

@@ -198,6 +198,14 @@ fn window_key(policy_id: u8, subject: &[u8; 17]) -> String {
     data_encoding::HEXLOWER.encode(&bytes)
 }
 
+/// The policy id and subject of a stored window's key (see `window_key`), or `None` for a
+/// key this build never writes.
+fn parse_window_key(key: &str) -> Option<(u8, [u8; 17])> {
+    let bytes = data_encoding::HEXLOWER.decode(key.as_bytes()).ok()?;
+    let (&policy_id, subject) = bytes.split_first()?;
+    Some((policy_id, <[u8; 17]>::try_from(subject).ok()?))
+}
+
 impl RateLimits {
     /// Loads the windows that are still running from the data file.
     pub fn load(
@@ -209,12 +217,8 @@ impl RateLimits {
         let table = RateTable::new(max_keys);
         let now_us = clock.now_ms().saturating_mul(1000);
         for (key, window) in store.read(|tx| tx.all(&RATE_WINDOWS))? {
-            let Ok(bytes) = data_encoding::HEXLOWER.decode(key.as_bytes()) else {
-                continue;
-            };
-            let (Some(&policy_id), Ok(subject)) =
-                (bytes.first(), <[u8; 17]>::try_from(&bytes[1..]))
-            else {
+            // A damaged row is skipped: a window is only a count, and start must not fail.
+            let Some((policy_id, subject)) = parse_window_key(&key) else {
                 continue;
             };
             if window.tat_us > now_us {
@@ -415,5 +419,17 @@ mod tests {
         assert_ne!(a, c);
         let mapped = Subject::ip("::ffff:10.0.0.1".parse().unwrap_or(IpAddr::from([0; 4])));
         assert_eq!(mapped, Subject::ip(IpAddr::from([10, 0, 0, 1])));
+    }
+
+    #[test]
+    fn a_window_key_round_trips_and_damaged_keys_are_refused() {
+        let subject = [7u8; 17];
+        assert_eq!(
+            parse_window_key(&window_key(3, &subject)),
+            Some((3, subject))
+        );
+        for damaged in ["", "zz", "03", &"00".repeat(17), &"00".repeat(19)] {
+            assert_eq!(parse_window_key(damaged), None, "{damaged:?}");
+        }
     }
 }

@@ -32,6 +32,7 @@ use redb::{ReadableDatabase, ReadableTable, TableHandle};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::clock::Clock;
+use crate::error_kind::{Classify, ErrorKind};
 use audit_chain::ChainKey;
 pub use audit_chain::{AuditFilter, AuditPage, ChainBreak, ChainReport, Pruned};
 pub use migrate::Migrated;
@@ -108,6 +109,13 @@ pub enum StoreError {
     JobPanicked,
     #[error("the write was not committed: {0}")]
     WriteFailed(String),
+}
+
+impl Classify for StoreError {
+    /// A store failure is never the caller's fault: the caller only sees "internal".
+    fn kind(&self) -> ErrorKind {
+        ErrorKind::Internal
+    }
 }
 
 macro_rules! from_redb {

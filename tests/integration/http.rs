@@ -675,3 +675,27 @@ async fn responses_are_counted_by_class_and_timed_in_metrics() {
     assert!(buckets.windows(2).all(|w| w[0] <= w[1]), "{buckets:?}");
     app.stop().await;
 }
+
+/// The router refuses a request that carries no peer address (the ban check and the
+/// per-address limit need it) instead of letting it skip them.
+#[tokio::test]
+async fn a_request_without_a_peer_address_is_refused_not_waved_through() {
+    use tower::ServiceExt;
+    let app = helpers::spawn_app().await;
+    let state = gatehouse::http::AppState::new(
+        app.running.services.clone(),
+        gatehouse::config::TlsMode::SelfSigned,
+    );
+    let router = gatehouse::http::router(state, &app.config.server, &app.config.cors);
+    let request = http::Request::get("/healthz")
+        .body(axum::body::Body::empty())
+        .unwrap();
+    let response = router.oneshot(request).await.unwrap();
+    assert_eq!(response.status(), 500);
+    let body = axum::body::to_bytes(response.into_body(), 4096)
+        .await
+        .unwrap();
+    let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(body["error"], "internal_error");
+    app.stop().await;
+}

@@ -70,3 +70,43 @@ async fn the_pairing_limit_is_configurable_and_per_address() {
     );
     app.stop().await;
 }
+
+/// A damaged `rate_windows.v1` row (an empty key, a key of the wrong length, a key that is
+/// not hex) is skipped at start; the good window beside it still counts.
+#[tokio::test]
+async fn damaged_rate_window_rows_are_skipped_at_start() {
+    use redb::ReadableTable;
+    let app = helpers::spawn_app().await;
+    for i in 0..8 {
+        assert_eq!(attempt(&app).await.status(), 401, "attempt {i}");
+    }
+    let data = app.data_path().to_path_buf();
+    let dir = app.stop().await;
+    {
+        let db = redb::Database::open(&data).unwrap();
+        let tx = db.begin_write().unwrap();
+        {
+            let mut table = tx
+                .open_table(redb::TableDefinition::<&str, &[u8]>::new("rate_windows.v1"))
+                .unwrap();
+            let value = table
+                .iter()
+                .unwrap()
+                .next()
+                .expect("the pairing window was written at stop")
+                .unwrap()
+                .1
+                .value()
+                .to_vec();
+            for key in ["", "00", "not hex", "0011"] {
+                table.insert(key, value.as_slice()).unwrap();
+            }
+        }
+        tx.commit().unwrap();
+    }
+    let app = helpers::spawn_app_in(dir, &[]).await;
+    assert_eq!(attempt(&app).await.status(), 401, "9th");
+    assert_eq!(attempt(&app).await.status(), 401, "10th");
+    assert_eq!(attempt(&app).await.status(), 429, "11th");
+    app.stop().await;
+}
