@@ -18,12 +18,14 @@ use crate::error_kind::{Classify, ErrorKind};
 use crate::ids::DeviceId;
 use crate::revocation::RevocationList;
 use crate::store::records::Device;
-use crate::store::{DEVICES, Store, StoreError};
+use crate::store::{DEVICES, DEVICES_BY_AGE, Store, StoreError, device_age_key};
 
 /// Longest page of `list`.
 pub const MAX_PAGE: usize = 200;
 /// Page size when none is asked for.
 pub const DEFAULT_PAGE: usize = 50;
+/// Index keys read at a time while a filtered page is gathered.
+const INDEX_CHUNK: usize = 256;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
@@ -220,30 +222,58 @@ impl Devices {
             }
         };
         let needle = filter.name.as_ref().map(|n| n.to_lowercase());
-        let rows = self.oldest_first()?;
-        let start = match &filter.after {
-            Some(after) => match rows.iter().position(|(id, _)| id == after) {
-                Some(i) => i + 1,
-                None => {
-                    return Err(DeviceError::BadFilter(
-                        "the `after` cursor names no device".into(),
-                    ));
-                }
-            },
-            None => 0,
-        };
-        let mut matching = rows[start..].iter().filter(|(_, d)| {
+        let matches = |d: &Device| {
             revoked.is_none_or(|r| d.revoked_at_ms.is_some() == r)
                 && needle
                     .as_ref()
                     .is_none_or(|n| d.name.to_lowercase().contains(n.as_str()))
-        });
-        let devices: Vec<DeviceView> = matching
-            .by_ref()
-            .take(limit)
+        };
+        let after = filter.after.map(|id| id.to_string());
+        // One read, walking the pairing-time index from the cursor until one more match
+        // than the page holds (which says whether there is a next page).
+        let rows = self.store.read(|tx| {
+            let mut cursor = match &after {
+                Some(id) => match tx.get(&DEVICES, id)? {
+                    Some(device) => Some(device_age_key(device.created_at_ms, id)),
+                    None => return Ok(None),
+                },
+                None => None,
+            };
+            let mut rows = Vec::new();
+            loop {
+                let keys = tx.index_keys(&DEVICES_BY_AGE, "", cursor.as_deref(), INDEX_CHUNK)?;
+                for key in &keys {
+                    let Some(id) = key.split_once('/').and_then(|(_, id)| DeviceId::parse(id))
+                    else {
+                        continue;
+                    };
+                    if let Some(device) = tx.get(&DEVICES, &id.to_string())?
+                        && matches(&device)
+                    {
+                        rows.push((id, device));
+                        if rows.len() > limit {
+                            return Ok(Some(rows));
+                        }
+                    }
+                }
+                match keys.last() {
+                    Some(last) if keys.len() == INDEX_CHUNK => cursor = Some(last.clone()),
+                    _ => return Ok(Some(rows)),
+                }
+            }
+        })?;
+        let Some(mut rows) = rows else {
+            return Err(DeviceError::BadFilter(
+                "the `after` cursor names no device".into(),
+            ));
+        };
+        let more = rows.len() > limit;
+        rows.truncate(limit);
+        let devices: Vec<DeviceView> = rows
+            .iter()
             .map(|(id, d)| self.with_unwritten(DeviceView::new(*id, d.clone()), d))
             .collect();
-        let next = if matching.next().is_some() {
+        let next = if more {
             devices.last().map(|d| d.id)
         } else {
             None

@@ -26,7 +26,7 @@ use crate::error_kind::{Classify, ErrorKind};
 use crate::ids::{DeviceId, RandomError, Secret, SessionId, hash_matches, secret_hash};
 use crate::ratelimit::{FailedCheck, Limited, Lockout, PolicyId, RateLimits, Subject};
 use crate::store::records::{Device, PairingSession};
-use crate::store::{DEVICES, PAIRING_SESSIONS, Store, StoreError};
+use crate::store::{DEVICES, DEVICES_BY_AGE, PAIRING_SESSIONS, Store, StoreError, device_age_key};
 use crate::tokens::{NewFamily, TokenAuthority, TokenError, TokenPair};
 
 /// The shortest session an operator may open.
@@ -428,6 +428,10 @@ impl PairingSessions {
                 session.device_id = Some(device_id.to_string());
                 tx.put(&PAIRING_SESSIONS, &key, &session)?;
                 tx.put(&DEVICES, &device_id.to_string(), &record)?;
+                tx.index_insert(
+                    &DEVICES_BY_AGE,
+                    &device_age_key(record.created_at_ms, &device_id.to_string()),
+                )?;
                 tokens.write_family_in(tx, &stored_family, &device_id, now)?;
                 audit::append(tx, &device_origin, &claimed, now)?;
                 audit::append(tx, &device_origin, &issued, now)?;

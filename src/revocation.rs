@@ -28,7 +28,8 @@ use crate::ids::{DeviceId, FamilyId, TokenId};
 use crate::live::Changes;
 use crate::store::records::{FamilyRevocation, RevokedToken, TokenFamily};
 use crate::store::{
-    DEVICES, FAMILY_REVOCATIONS, REVOKED_TOKENS, Store, StoreError, TOKEN_FAMILIES, WriteTx,
+    DEVICE_FAMILIES, DEVICES, FAMILY_REVOCATIONS, REVOKED_TOKENS, Store, StoreError,
+    TOKEN_FAMILIES, WriteTx, device_family_key,
 };
 
 /// The journal is folded once it holds this many families (the in-memory set is then
@@ -416,12 +417,19 @@ impl RevocationList {
                     record.revoked_at_ms = Some(now);
                     tx.put(&DEVICES, &key, &record)?;
                 }
+                // Only this device's families, through the index: the writer's
+                // transaction must not read every family of every device.
                 let mut families = Vec::new();
-                for (id, mut family) in tx.all(&TOKEN_FAMILIES)? {
+                let prefix = device_family_key(&key, "");
+                for index_key in tx.index_keys(&DEVICE_FAMILIES, &prefix, None, usize::MAX)? {
+                    let id = &index_key[prefix.len()..];
+                    let Some(mut family) = tx.get(&TOKEN_FAMILIES, id)? else {
+                        continue;
+                    };
                     if family.device_id != key || family.revoked_at_ms.is_some() {
                         continue;
                     }
-                    if let Some(family_id) = FamilyId::parse(&id) {
+                    if let Some(family_id) = FamilyId::parse(id) {
                         if journaled.contains(&family_id) {
                             continue;
                         }

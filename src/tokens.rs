@@ -32,7 +32,10 @@ use crate::keys::{KeyError, KeyRing};
 use crate::ratelimit::{Limited, PolicyId, RateLimits, Subject};
 use crate::revocation::RevocationList;
 use crate::store::records::{RefreshToken, TokenFamily};
-use crate::store::{DEVICES, REFRESH_TOKENS, Store, StoreError, TOKEN_FAMILIES, WriteTx};
+use crate::store::{
+    DEVICE_FAMILIES, DEVICES, REFRESH_TOKENS, Store, StoreError, TOKEN_FAMILIES, WriteTx,
+    device_family_key,
+};
 
 /// Refresh tokens read `ghr_<43 base64url characters>`.
 pub const REFRESH_PREFIX: &str = "ghr_";
@@ -336,6 +339,10 @@ impl TokenAuthority {
         now_ms: u64,
     ) -> Result<(), StoreError> {
         let expires = now_ms.saturating_add(millis(self.settings.refresh_ttl));
+        tx.index_insert(
+            &DEVICE_FAMILIES,
+            &device_family_key(&device.to_string(), &new.family.to_string()),
+        )?;
         tx.put(
             &TOKEN_FAMILIES,
             &new.family.to_string(),
@@ -705,11 +712,19 @@ impl TokenAuthority {
                 let tokens = tx.retain(&REFRESH_TOKENS, |_, t| t.expires_at_ms > now)?;
                 // A family is kept while its refresh token lives, and while an access
                 // token it issued could still be presented.
-                let families = tx.retain(&TOKEN_FAMILIES, |_, f| {
-                    f.refresh_expires_at_ms.saturating_add(window) > now
+                let mut gone = Vec::new();
+                let families = tx.retain(&TOKEN_FAMILIES, |id, f| {
+                    let keep = f.refresh_expires_at_ms.saturating_add(window) > now
                         && f.revoked_at_ms
-                            .is_none_or(|at| at.saturating_add(window) > now)
+                            .is_none_or(|at| at.saturating_add(window) > now);
+                    if !keep {
+                        gone.push(device_family_key(&f.device_id, id));
+                    }
+                    keep
                 })?;
+                for key in &gone {
+                    tx.index_remove(&DEVICE_FAMILIES, key)?;
+                }
                 Ok(tokens + families)
             })
             .await?;

@@ -10,10 +10,11 @@ use redb::ReadableTable;
 use super::StoreError;
 use super::records::{self, AdminTokenRecord};
 use super::tables::{
-    ADMIN_TOKENS, AUDIT_CHECKPOINT, AUDIT_EVENTS, BANS, CLIENTS, DEVICES, FAMILY_REVOCATIONS,
-    FORMAT_VERSION, JOBS, META, META_FORMAT_VERSION, PAIRING_SESSIONS, RATE_WINDOWS,
-    REFRESH_TOKENS, REVOKED_TOKENS, SIGNING_KEYS, TOKEN_FAMILIES,
+    ADMIN_TOKENS, AUDIT_CHECKPOINT, AUDIT_EVENTS, BANS, CLIENTS, DEVICE_FAMILIES, DEVICES,
+    DEVICES_BY_AGE, FAMILY_REVOCATIONS, FORMAT_VERSION, JOBS, META, META_FORMAT_VERSION,
+    PAIRING_SESSIONS, RATE_WINDOWS, REFRESH_TOKENS, REVOKED_TOKENS, SIGNING_KEYS, TOKEN_FAMILIES,
 };
+use super::tx::{device_age_key, device_family_key};
 
 type Step = fn(&redb::WriteTransaction) -> Result<(), StoreError>;
 
@@ -44,6 +45,11 @@ const STEPS: &[(u32, &str, Step)] = &[
         6,
         "a journal of refresh-token family revocations",
         create_revocation_journal,
+    ),
+    (
+        7,
+        "indexes of each device's token families and of devices by pairing time",
+        create_device_indexes,
     ),
 ];
 
@@ -145,6 +151,39 @@ fn create_jobs_table(tx: &redb::WriteTransaction) -> Result<(), StoreError> {
 /// file is already marked in its row).
 fn create_revocation_journal(tx: &redb::WriteTransaction) -> Result<(), StoreError> {
     tx.open_table(FAMILY_REVOCATIONS)?;
+    Ok(())
+}
+
+/// Format 7 → 8: the two indexes, filled from every device and family row, in one pass
+/// each.
+fn create_device_indexes(tx: &redb::WriteTransaction) -> Result<(), StoreError> {
+    let mut by_age = tx.open_table(DEVICES_BY_AGE)?;
+    for row in tx.open_table(DEVICES)?.iter()? {
+        let (key, value) = row?;
+        let device = records::decode_device(value.value()).map_err(|e| StoreError::Decode {
+            table: "devices.v1",
+            key: key.value().to_string(),
+            reason: e.to_string(),
+        })?;
+        by_age.insert(
+            device_age_key(device.created_at_ms, key.value()).as_str(),
+            [].as_slice(),
+        )?;
+    }
+    let mut device_families = tx.open_table(DEVICE_FAMILIES)?;
+    for row in tx.open_table(TOKEN_FAMILIES)?.iter()? {
+        let (key, value) = row?;
+        let family =
+            records::decode_token_family(value.value()).map_err(|e| StoreError::Decode {
+                table: "token_families.v1",
+                key: key.value().to_string(),
+                reason: e.to_string(),
+            })?;
+        device_families.insert(
+            device_family_key(&family.device_id, key.value()).as_str(),
+            [].as_slice(),
+        )?;
+    }
     Ok(())
 }
 

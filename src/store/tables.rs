@@ -8,7 +8,7 @@
 use redb::TableDefinition;
 
 /// The format version this build writes. Files with a higher version are refused.
-pub const FORMAT_VERSION: u32 = 7;
+pub const FORMAT_VERSION: u32 = 8;
 
 /// Instance facts: format version, instance id, creation time, master-key check value.
 /// Keys are the `META_*` constants. `format_version` is 4 bytes little-endian so that it
@@ -86,6 +86,17 @@ pub const BANS: TableDefinition<&str, &[u8]> = TableDefinition::new("bans.v1");
 /// name (`rotate_keys`). Values: `JobStateRecord`.
 pub const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs.v1");
 
+/// Index: which token families a device holds, so revoking a device reads its own
+/// families and no others. Keys: the device id, `/`, the family id (`dev_…/fam_…`).
+/// Values: empty.
+pub const DEVICE_FAMILIES: TableDefinition<&str, &[u8]> =
+    TableDefinition::new("device_families.v1");
+
+/// Index: devices in listing order, so a page of `/v1/devices` reads only that page.
+/// Keys: the pairing time (16 lowercase hex digits of the milliseconds), `/`, the device
+/// id. Values: empty.
+pub const DEVICES_BY_AGE: TableDefinition<&str, &[u8]> = TableDefinition::new("devices_by_age.v1");
+
 /// Names of every table this format version has, for backups, counts and checks.
 pub const ALL_TABLES: &[&str] = &[
     "meta",
@@ -104,6 +115,8 @@ pub const ALL_TABLES: &[&str] = &[
     "bans.v1",
     "jobs.v1",
     "family_revocations.v1",
+    "device_families.v1",
+    "devices_by_age.v1",
 ];
 
 /// Creates every table of the format that `tx` does not have yet, each with its key

@@ -82,6 +82,68 @@ records_table!(
     JOBS: JobState = tables::JOBS, "jobs.v1",
     records::encode_job_state, records::decode_job_state);
 
+/// A set of keys without values: a secondary index kept beside its records, written in
+/// the same transaction as the records it indexes. Keys are `/`-joined parts chosen so
+/// that key order is the order the index is read in.
+pub struct Index {
+    table: Def,
+    name: &'static str,
+}
+
+impl std::fmt::Debug for Index {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Index({})", self.name)
+    }
+}
+
+/// Each device's token families: keys from `device_family_key`.
+pub static DEVICE_FAMILIES: Index = Index {
+    table: tables::DEVICE_FAMILIES,
+    name: "device_families.v1",
+};
+
+/// Devices by pairing time: keys from `device_age_key`.
+pub static DEVICES_BY_AGE: Index = Index {
+    table: tables::DEVICES_BY_AGE,
+    name: "devices_by_age.v1",
+};
+
+/// The `DEVICE_FAMILIES` key of one family of one device.
+pub fn device_family_key(device: &str, family: &str) -> String {
+    format!("{device}/{family}")
+}
+
+/// The `DEVICES_BY_AGE` key of a device paired at `created_at_ms`: fixed-width hex, so
+/// that key order is time order (then id order).
+pub fn device_age_key(created_at_ms: u64, device: &str) -> String {
+    format!("{created_at_ms:016x}/{device}")
+}
+
+/// The keys of `index` that start with `prefix` and sort after `after` (every one when
+/// `after` is `None`), at most `max`, in key order.
+fn index_keys(
+    table: &impl ReadableTable<&'static str, &'static [u8]>,
+    prefix: &str,
+    after: Option<&str>,
+    max: usize,
+) -> Result<Vec<String>, StoreError> {
+    use std::ops::Bound;
+    let start = match after {
+        Some(after) if after >= prefix => Bound::Excluded(after),
+        _ => Bound::Included(prefix),
+    };
+    let mut out = Vec::new();
+    for row in table.range::<&str>((start, Bound::Unbounded))? {
+        let (key, _) = row?;
+        let key = key.value();
+        if !key.starts_with(prefix) || out.len() == max {
+            break;
+        }
+        out.push(key.to_string());
+    }
+    Ok(out)
+}
+
 /// A read-only view of the data file at one point in time.
 pub struct ReadTx<'a> {
     pub(super) tx: &'a redb::ReadTransaction,
@@ -316,6 +378,17 @@ impl ReadTx<'_> {
         first_from(records, &self.table(records.table)?, max)
     }
 
+    /// Keys of an index that start with `prefix`, after `after`, at most `max`.
+    pub fn index_keys(
+        &self,
+        index: &Index,
+        prefix: &str,
+        after: Option<&str>,
+        max: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        index_keys(&self.table(index.table)?, prefix, after, max)
+    }
+
     pub fn admin_token(&self, id: &str) -> Result<Option<AdminToken>, StoreError> {
         self.get(&ADMIN_TOKENS, id)
     }
@@ -420,6 +493,29 @@ impl WriteTx<'_> {
             table.remove(key.as_str())?;
         }
         Ok(doomed.len() as u64)
+    }
+
+    /// Keys of an index that start with `prefix`, after `after`, at most `max`, as this
+    /// transaction sees them.
+    pub fn index_keys(
+        &self,
+        index: &Index,
+        prefix: &str,
+        after: Option<&str>,
+        max: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        index_keys(&self.table(index.table)?, prefix, after, max)
+    }
+
+    /// Adds a key to an index (a no-op when it is there).
+    pub fn index_insert(&self, index: &Index, key: &str) -> Result<(), StoreError> {
+        self.table(index.table)?.insert(key, [].as_slice())?;
+        Ok(())
+    }
+
+    /// Removes a key from an index; whether it was there.
+    pub fn index_remove(&self, index: &Index, key: &str) -> Result<bool, StoreError> {
+        Ok(self.table(index.table)?.remove(key)?.is_some())
     }
 
     pub fn admin_token(&self, id: &str) -> Result<Option<AdminToken>, StoreError> {

@@ -136,22 +136,41 @@ fn write_format_v7_fixture() {
         .build()
         .unwrap();
     runtime.block_on(async {
-        store
-            .write(|tx| {
-                format6_rows(tx)?;
-                let entry = records::FamilyRevocation {
-                    family_id: FAMILY.into(),
-                    revoked_at_ms: TEST_NOW_MS - 1000,
-                    reason: "revoked".into(),
-                };
-                let family = gatehouse::ids::FamilyId::parse(FAMILY).unwrap();
-                let key = gatehouse::revocation::journal_key(entry.revoked_at_ms, &family);
-                tx.put(&gatehouse::store::FAMILY_REVOCATIONS, &key, &entry)
-            })
-            .await
-            .unwrap();
+        store.write(format7_rows).await.unwrap();
     });
     store.close();
+}
+
+/// Builds `tests/fixtures/format-v8.redb`: the format-7 content, with the fixture's
+/// device in the pairing-time index and its token family in the device's family index.
+#[test]
+#[ignore = "regenerates the committed fixture"]
+fn write_format_v8_fixture() {
+    write_fixture(8);
+    let path = fixtures().join("format-v8.redb");
+    let key = MasterKey::load(&fixtures().join("format-v8.key")).unwrap();
+    let (store, _) = Store::open(&path, &key, &FixedClock::new(TEST_NOW_MS)).unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        store.write(format7_rows).await.unwrap();
+    });
+    store.close();
+}
+
+/// What format 7 added: the revocation of the fixture's token family in the revocation
+/// journal (not yet folded into its row).
+fn format7_rows(tx: &gatehouse::store::WriteTx<'_>) -> Result<(), gatehouse::store::StoreError> {
+    format6_rows(tx)?;
+    let entry = records::FamilyRevocation {
+        family_id: FAMILY.into(),
+        revoked_at_ms: TEST_NOW_MS - 1000,
+        reason: "revoked".into(),
+    };
+    let family = gatehouse::ids::FamilyId::parse(FAMILY).unwrap();
+    let key = gatehouse::revocation::journal_key(entry.revoked_at_ms, &family);
+    tx.put(&gatehouse::store::FAMILY_REVOCATIONS, &key, &entry)
 }
 
 /// What format 6 added: the stored state of the `backup` job.
@@ -202,6 +221,7 @@ fn tables_of(format: u32) -> impl Iterator<Item = &'static str> {
             "audit_checkpoint.v1" | "bans.v1" => 5,
             "jobs.v1" => 6,
             "family_revocations.v1" => 7,
+            "device_families.v1" | "devices_by_age.v1" => 8,
             _ => 3,
         };
         format >= since
@@ -346,6 +366,19 @@ fn write_fixture(format: u32) {
             .unwrap()
             .insert(SESSION, records::encode(&session).as_slice())
             .unwrap();
+        if format >= 8 {
+            tx.open_table(raw("device_families.v1"))
+                .unwrap()
+                .insert(format!("{DEVICE}/{FAMILY}").as_str(), [].as_slice())
+                .unwrap();
+            tx.open_table(raw("devices_by_age.v1"))
+                .unwrap()
+                .insert(
+                    format!("{TEST_NOW_MS:016x}/{DEVICE}").as_str(),
+                    [].as_slice(),
+                )
+                .unwrap();
+        }
         if format >= 4 {
             // Nine of ten attempts spent: the TAT runs 54 s ahead of now.
             let window = records::RateWindowRecord::V1(records::RateWindow {
@@ -642,5 +675,73 @@ async fn a_server_on_the_format_v7_fixture_refuses_the_journaled_family_and_fold
     refused().await;
     let report = services.audit.verify_report(&mut |_, _| {}).unwrap();
     assert!(report.ok, "{report:?}");
+    app.stop().await;
+}
+
+#[test]
+fn format_v8_fixture_opens_at_the_current_format_with_its_indexes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = fixture_copy_of(8, dir.path());
+    let key = MasterKey::load(&dir.path().join("gatehouse.redb.key")).unwrap();
+    let (store, report) = Store::open(&path, &key, &FixedClock::new(TEST_NOW_MS)).unwrap();
+    match report.migrated {
+        None => assert_eq!(FORMAT_VERSION, 8),
+        Some(m) => assert_eq!((m.from, m.to), (8, FORMAT_VERSION)),
+    }
+    let counts = store.read(|tx| tx.table_counts()).unwrap();
+    for (table, rows) in [
+        ("devices.v1", 1),
+        ("token_families.v1", 1),
+        ("device_families.v1", 1),
+        ("devices_by_age.v1", 1),
+        ("family_revocations.v1", 1),
+    ] {
+        assert!(counts.contains(&(table, rows)), "{table}: {counts:?}");
+    }
+    store.close();
+}
+
+/// The format 7 → 8 step fills both indexes from the rows a format-6 file holds: the
+/// device is listed, and revoking it revokes its family, found through the new index.
+#[tokio::test]
+async fn a_migrated_format_v6_fixture_lists_its_device_and_revokes_its_family() {
+    let dir = tempfile::tempdir().unwrap();
+    fixture_copy_of(6, dir.path());
+    let app = helpers::spawn_app_in(dir, &[]).await;
+    let admin = app
+        .running
+        .services
+        .admin_tokens
+        .create("test", &gatehouse::audit::Origin::operator())
+        .await
+        .unwrap()
+        .token;
+    let listed: serde_json::Value = app
+        .client()
+        .get(app.url("/v1/devices"))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed["devices"][0]["id"], DEVICE, "{listed}");
+    let response = app
+        .client()
+        .delete(app.url(&format!("/v1/devices/{DEVICE}")))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let row = app
+        .running
+        .services
+        .store
+        .read(|tx| tx.get(&gatehouse::store::TOKEN_FAMILIES, FAMILY))
+        .unwrap()
+        .unwrap();
+    assert_eq!(row.revoke_reason.as_deref(), Some("device revoked"));
     app.stop().await;
 }
