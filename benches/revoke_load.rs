@@ -63,11 +63,9 @@ fn config(dir: &std::path::Path) -> Config {
     .into_iter()
     .map(|(k, v)| (k.to_string(), v.to_string()))
     .collect();
-    let flags = Flags {
-        data: Some(dir.join("gatehouse.redb")),
-        listen: Some("127.0.0.1:0".into()),
-        ..Flags::default()
-    };
+    let flags = Flags::default()
+        .with("--data", dir.join("gatehouse.redb").display().to_string())
+        .with("--listen", "127.0.0.1:0");
     Config::load(&flags, &Env(env)).unwrap()
 }
 

@@ -125,10 +125,7 @@ impl Instance {
             .iter()
             .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
             .collect());
-        let flags = Flags {
-            data: Some(path),
-            ..Flags::default()
-        };
+        let flags = Flags::default().with("--data", path.display().to_string());
         let config = Config::load(&flags, &env).unwrap();
         let runtime = tokio::runtime::Runtime::new().unwrap();
         let clock: SharedClock = clock;

@@ -453,7 +453,7 @@ const REFUSALS_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 /// their own tasks, so a long backup never delays a flush.
 async fn maintain(
     services: Services,
-    missed: Vec<crate::schedule::JobName>,
+    missed: Vec<crate::config::JobName>,
     stopped: impl std::future::Future<Output = ()>,
 ) {
     tokio::pin!(stopped);
@@ -567,7 +567,7 @@ async fn audit_refusals(services: &Services, since_ms: u64) {
 
 /// Runs the jobs missed while stopped (once, at the first tick), then whatever is due.
 /// A job already running is skipped by the scheduler, never run twice at once.
-async fn run_jobs(services: &Services, missed: Option<Vec<crate::schedule::JobName>>) {
+async fn run_jobs(services: &Services, missed: Option<Vec<crate::config::JobName>>) {
     for job in missed.into_iter().flatten() {
         if let Err(err) = services.jobs.run(services, job).await {
             tracing::warn!(job = %job, error = %err, "a missed job could not run");

@@ -24,6 +24,7 @@ use serde::Serialize;
 
 use crate::audit::{self, Event, Origin, Severity};
 use crate::clock::{SharedClock, format_rfc3339, millis};
+pub use crate::config::KeyAlgorithm;
 use crate::error_kind::{Classify, ErrorKind};
 use crate::jwt::{self, AccessClaims};
 use crate::live::Changes;
@@ -37,24 +38,8 @@ pub const NEXT_KEY_MIN_PUBLISHED: Duration = Duration::from_secs(2 * JWKS_MAX_AG
 /// The JWKS response's `Cache-Control: max-age`.
 pub const JWKS_MAX_AGE_SECS: u64 = 300;
 
-/// The algorithm of a signing key.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum KeyAlgorithm {
-    /// EdDSA over Ed25519 (RFC 8037). The default.
-    Ed25519,
-    /// ECDSA over P-256 with SHA-256 (ES256).
-    EcdsaP256,
-}
-
+/// How a key algorithm meets jsonwebtoken and the data file.
 impl KeyAlgorithm {
-    /// The JWS `alg` value.
-    pub fn jws_alg(self) -> &'static str {
-        match self {
-            Self::Ed25519 => "EdDSA",
-            Self::EcdsaP256 => "ES256",
-        }
-    }
-
     fn jsonwebtoken(self) -> Algorithm {
         match self {
             Self::Ed25519 => Algorithm::EdDSA,

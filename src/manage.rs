@@ -18,6 +18,7 @@ use crate::admin_users::AdminUserInfo;
 use crate::audit::{Event, EventPage, Origin, Query, Severity, VerifyReport};
 use crate::backup::BackupReport;
 use crate::clients::{ClientInfo, NewClient};
+use crate::config::JobName;
 use crate::config::KeyOrigin;
 use crate::devices::{DeviceError, DeviceView};
 use crate::error_kind::{Classify, ErrorKind};
@@ -25,7 +26,7 @@ use crate::ids::DeviceId;
 use crate::keys::{KeyInfo, Rotation, RotationReport};
 use crate::pairing::NewSession;
 use crate::ratelimit::Ban;
-use crate::schedule::{JobError, JobName, JobView};
+use crate::schedule::{JobError, JobView};
 pub use crate::services::Services;
 use crate::store::seal::{MasterKey, sync_parent_dir};
 

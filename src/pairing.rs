@@ -21,7 +21,7 @@ use serde::Serialize;
 
 use crate::audit::{self, Actor, Event, Origin};
 use crate::clock::{SharedClock, format_rfc3339, millis};
-use crate::config::defaults::PAIRING_MAX_TTL;
+use crate::config::PAIRING_MAX_TTL;
 use crate::error_kind::{Classify, ErrorKind};
 use crate::ids::{DeviceId, RandomError, Secret, SessionId, hash_matches, secret_hash};
 use crate::ratelimit::{FailedCheck, Limited, Lockout, PolicyId, RateLimits, Subject};

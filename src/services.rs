@@ -125,7 +125,10 @@ impl Services {
             settings.access_window(),
             changes.clone(),
         )?);
-        let policy = |name: &str, rate: Rate| rate.map(|(n, window)| Policy::new(name, n, window));
+        let policy = |name: &str, rate: Rate| match rate {
+            Rate::Off => None,
+            Rate::Limit { requests, window } => Some(Policy::new(name, requests, window)),
+        };
         let limits = Arc::new(RateLimits::load(
             store.clone(),
             clock.clone(),

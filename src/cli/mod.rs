@@ -321,21 +321,24 @@ pub fn main() -> ExitCode {
         Commands::Serve(args) => Some(args),
         _ => None,
     };
-    let from_serve = |pick: fn(&ServeArgs) -> Option<String>| serve.and_then(pick);
-    let path_from_serve = |pick: fn(&ServeArgs) -> Option<PathBuf>| serve.and_then(pick);
-    let flags = Flags {
-        config: cli.config.clone(),
-        data: cli.data.clone(),
-        master_key_file: cli.master_key_file.clone(),
-        listen: from_serve(|a| a.listen.clone()),
-        tls: from_serve(|a| a.tls.clone()),
-        domains: serve.map(|a| a.domains.clone()).unwrap_or_default(),
-        acme_directory: from_serve(|a| a.acme_directory.clone()),
-        acme_email: from_serve(|a| a.acme_email.clone()),
-        acme_ca_root: path_from_serve(|a| a.acme_ca_root.clone()),
-        tls_cert: path_from_serve(|a| a.tls_cert.clone()),
-        tls_key: path_from_serve(|a| a.tls_key.clone()),
-    };
+    let path = |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string());
+    let mut flags = Flags::new(cli.config.clone())
+        .with_some("--data", path(&cli.data))
+        .with_some("--master-key-file", path(&cli.master_key_file));
+    if let Some(a) = serve {
+        flags = flags
+            .with_some("--listen", a.listen.clone())
+            .with_some("--tls", a.tls.clone())
+            .with_some(
+                "--domain",
+                (!a.domains.is_empty()).then(|| a.domains.join(",")),
+            )
+            .with_some("--acme-directory", a.acme_directory.clone())
+            .with_some("--acme-email", a.acme_email.clone())
+            .with_some("--acme-ca-root", path(&a.acme_ca_root))
+            .with_some("--tls-cert", path(&a.tls_cert))
+            .with_some("--tls-key", path(&a.tls_key));
+    }
     let config = match Config::load(&flags, &Env::from_process()) {
         Ok(config) => config,
         Err(err) => {

@@ -11,7 +11,8 @@ use super::AppState;
 use super::error::ApiError;
 use super::extract::Admin;
 use crate::backup::BackupError;
-use crate::schedule::{JobName, JobView};
+use crate::config::JobName;
+use crate::schedule::JobView;
 
 #[derive(Debug, Serialize)]
 pub struct JobList {

@@ -18,7 +18,7 @@ use http::{HeaderValue, StatusCode, header};
 use super::AppState;
 use super::error::ApiError;
 use super::extract::{Admin, Peer};
-use crate::schedule::JobName;
+use crate::config::JobName;
 
 const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 

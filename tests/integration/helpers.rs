@@ -154,11 +154,9 @@ pub fn test_config(dir: &Path, extra_env: &[(&str, &str)]) -> Config {
     // A test that needs a known port (an ACME CA connects back to it) sets
     // GATEHOUSE_LISTEN; every other test gets a free port.
     let listen = (!env.contains_key("GATEHOUSE_LISTEN")).then(|| "127.0.0.1:0".to_string());
-    let flags = Flags {
-        data: Some(dir.join("gatehouse.redb")),
-        listen,
-        ..Flags::default()
-    };
+    let flags = Flags::default()
+        .with("--data", dir.join("gatehouse.redb").display().to_string())
+        .with_some("--listen", listen);
     Config::load(&flags, &Env(env)).expect("test config is valid")
 }
 

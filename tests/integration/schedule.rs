@@ -5,7 +5,8 @@
 use std::sync::Arc;
 
 use gatehouse::backup::BackupPolicy;
-use gatehouse::schedule::{JobError, JobName, JobsConfig, Scheduler};
+use gatehouse::config::{JobName, JobsConfig};
+use gatehouse::schedule::{JobError, Scheduler};
 use gatehouse::store::JOBS;
 
 use crate::helpers::{self, TEST_NOW_MS, TestApp};
