@@ -21,6 +21,7 @@ use crate::clock::{Clock, SharedClock};
 use crate::config::{Config, KeyOrigin, MasterKeySource, TlsMode};
 use crate::http::{self, AppState};
 use crate::pairing::ServerIdentity;
+use crate::schedule::Background;
 use crate::services::{self, Services, ServicesError};
 use crate::store::seal::{MasterKey, SealError};
 use crate::store::{OpenReport, Store, StoreError};
@@ -253,9 +254,18 @@ pub async fn start(config: &Config, clock: SharedClock) -> Result<Running, AppEr
         ))),
         _ => None,
     };
-    let missed = services.jobs.start(&services).await?;
-    let maintenance_task = tokio::spawn(maintain(
-        services.clone(),
+    let missed = services.jobs.start().await?;
+    let maintenance_task = tokio::spawn(crate::schedule::run_background(
+        Background {
+            jobs: services.jobs.clone(),
+            devices: services.devices.clone(),
+            limits: services.limits.clone(),
+            audit: services.audit.clone(),
+            revocations: services.revocations.clone(),
+            store: services.store.clone(),
+            clock: services.clock.clone(),
+            tls: services.tls.clone(),
+        },
         missed,
         until_stopped(stopped.clone()),
     ));
@@ -434,148 +444,6 @@ async fn record_start(
     }
     services.audit.record_many(events).await?;
     Ok(())
-}
-
-/// How often the scheduler looks for due jobs.
-const JOBS_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
-/// How often devices' last-seen times are written.
-const LAST_SEEN_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
-/// How often changed rate-limit windows are written.
-const LIMITS_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
-/// How often refused requests are written to the audit log, one record per policy and
-/// subject.
-const REFUSALS_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
-
-/// Background work: writes changed rate-limit windows every second and devices'
-/// last-seen times every few seconds (both once more at stop), writes coalesced
-/// rate-limit refusals every minute, folds the revocation journal when it is due, and
-/// runs the scheduled jobs (first those missed while stopped). Jobs and folds run in
-/// their own tasks, so a long backup never delays a flush.
-async fn maintain(
-    services: Services,
-    missed: Vec<crate::config::JobName>,
-    stopped: impl std::future::Future<Output = ()>,
-) {
-    tokio::pin!(stopped);
-    let mut jobs = tokio::time::interval(JOBS_EVERY);
-    jobs.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut pending = Some(missed);
-    let mut running_jobs = tokio::task::JoinSet::new();
-    let mut last_seen = tokio::time::interval(LAST_SEEN_EVERY);
-    last_seen.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut limits = tokio::time::interval(LIMITS_EVERY);
-    limits.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut refusals = tokio::time::interval(REFUSALS_EVERY);
-    refusals.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut refusals_since = services.clock.now_ms();
-    loop {
-        tokio::select! {
-            biased;
-            () = &mut stopped => {
-                // A running job finishes (its write is durable) before the store closes.
-                while running_jobs.join_next().await.is_some() {}
-                flush_last_seen(&services).await;
-                flush_limits(&services).await;
-                audit_refusals(&services, refusals_since).await;
-                return;
-            }
-            _ = limits.tick() => flush_limits(&services).await,
-            _ = refusals.tick() => {
-                audit_refusals(&services, refusals_since).await;
-                refusals_since = services.clock.now_ms();
-            }
-            _ = last_seen.tick() => flush_last_seen(&services).await,
-            _ = jobs.tick() => {
-                renew_self_signed(&services).await;
-                while running_jobs.try_join_next().is_some() {}
-                let services = services.clone();
-                let missed = pending.take();
-                let folding = services.clone();
-                running_jobs.spawn(async move {
-                    run_jobs(&services, missed).await;
-                });
-                running_jobs.spawn(async move { fold_revocations(&folding).await });
-            }
-        }
-    }
-}
-
-/// `self-signed` mode: a certificate a month from expiry is renewed while serving (same
-/// key, so the pin holds), stored, served to new connections, and audited.
-async fn renew_self_signed(services: &Services) {
-    let Some(tls) = &services.tls else { return };
-    match tls::renew_self_signed_if_due(tls, &services.store, services.clock.as_ref()).await {
-        Ok(None) => {}
-        Ok(Some(info)) => {
-            let until = crate::clock::format_rfc3339(info.not_after_ms);
-            tracing::info!(not_after = %until, "renewed the self-signed certificate");
-            services
-                .audit
-                .record_or_log(
-                    &Origin::system(),
-                    Event::new("tls.self_signed_renewed")
-                        .severity(Severity::Notice)
-                        .detail("names", info.names)
-                        .detail("not_after", until)
-                        .detail("sha256", info.sha256),
-                )
-                .await;
-        }
-        Err(err) => {
-            tracing::warn!(error = %err, "renewing the self-signed certificate failed; retrying in a second")
-        }
-    }
-}
-
-/// Folds the revocation journal into the families' rows when it is due (see
-/// `revocation`); a fold already running makes this a no-op.
-async fn fold_revocations(services: &Services) {
-    match services.revocations.fold_journal_if_due().await {
-        Ok(None) => {}
-        Ok(Some(folded)) => tracing::debug!(
-            entries = folded.entries,
-            families_marked = folded.families_marked,
-            "folded the revocation journal"
-        ),
-        Err(err) => {
-            tracing::warn!(error = %err, "folding the revocation journal failed; retrying in a second")
-        }
-    }
-}
-
-async fn flush_last_seen(services: &Services) {
-    if let Err(err) = services.devices.flush_last_seen().await {
-        tracing::warn!(error = %err, "writing devices' last-seen times failed");
-    }
-}
-
-async fn flush_limits(services: &Services) {
-    if let Err(err) = services.limits.flush().await {
-        tracing::warn!(error = %err, "writing rate-limit windows failed");
-    }
-}
-
-async fn audit_refusals(services: &Services, since_ms: u64) {
-    if let Err(err) = services
-        .limits
-        .audit_refusals(&services.audit, since_ms)
-        .await
-    {
-        tracing::warn!(error = %err, "writing rate-limit refusals to the audit log failed");
-    }
-}
-
-/// Runs the jobs missed while stopped (once, at the first tick), then whatever is due.
-/// A job already running is skipped by the scheduler, never run twice at once.
-async fn run_jobs(services: &Services, missed: Option<Vec<crate::config::JobName>>) {
-    for job in missed.into_iter().flatten() {
-        if let Err(err) = services.jobs.run(services, job).await {
-            tracing::warn!(job = %job, error = %err, "a missed job could not run");
-        }
-    }
-    if let Err(err) = services.jobs.tick(services).await {
-        tracing::warn!(error = %err, "the scheduler could not read its jobs");
-    }
 }
 
 /// A fresh instance (no admin token was ever made) gets one, shown once.

@@ -16,10 +16,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::audit::{self, Event, Origin, Severity};
-use crate::clock::{Clock, format_rfc3339};
+use crate::audit::{self, AuditLog, Event, Origin, Severity};
+use crate::clock::{Clock, SharedClock, format_rfc3339};
 use crate::error_kind::{Classify, ErrorKind};
-use crate::services::Services;
 use crate::store::backup::{BackupInfo, inspect};
 use crate::store::seal::{MasterKey, Sealer, sync_parent_dir};
 use crate::store::{Store, StoreError};
@@ -103,33 +102,145 @@ fn report(info: &BackupInfo, removed_old: u64) -> BackupReport {
     }
 }
 
-/// Writes a checked backup of the running instance to `dest` (which must not exist)
-/// and records `backup.created`. `progress` gets rows copied and the total.
-pub async fn create(
-    services: &Services,
-    dest: &Path,
-    origin: &Origin,
-    progress: Box<dyn FnMut(u64, u64) + Send>,
-) -> Result<BackupReport, BackupError> {
-    let store = services.store.clone();
-    let target = dest.to_path_buf();
-    let mut progress = progress;
-    let info = tokio::task::spawn_blocking(move || store.backup_to(&target, &mut *progress))
+/// Online backups of one instance: on demand (`gatehouse backup`), as a download
+/// (`POST /v1/backup`) and scheduled (the `backup` job).
+#[derive(Debug, Clone)]
+pub struct Backups {
+    store: Store,
+    audit: AuditLog,
+    clock: SharedClock,
+    policy: BackupPolicy,
+}
+
+/// A backup ready to stream: the open file (already unlinked, so an interrupted
+/// download leaves nothing behind) and its length.
+#[derive(Debug)]
+pub struct Download {
+    pub file: fs::File,
+    pub bytes: u64,
+}
+
+impl Backups {
+    pub fn new(store: Store, audit: AuditLog, clock: SharedClock, policy: BackupPolicy) -> Self {
+        Self {
+            store,
+            audit,
+            clock,
+            policy,
+        }
+    }
+
+    /// Where scheduled and downloaded backups are written, and how many are kept.
+    pub fn policy(&self) -> &BackupPolicy {
+        &self.policy
+    }
+
+    /// The same backups with another policy (a scheduler of a test's own).
+    #[must_use]
+    pub fn with_policy(&self, policy: BackupPolicy) -> Self {
+        Self {
+            policy,
+            ..self.clone()
+        }
+    }
+
+    /// Writes a checked backup of the running instance to `dest` (which must not
+    /// exist) and records `backup.created`. `progress` gets rows copied and the total.
+    pub async fn create(
+        &self,
+        dest: &Path,
+        origin: &Origin,
+        progress: Box<dyn FnMut(u64, u64) + Send>,
+    ) -> Result<BackupReport, BackupError> {
+        let store = self.store.clone();
+        let target = dest.to_path_buf();
+        let mut progress = progress;
+        let info = tokio::task::spawn_blocking(move || store.backup_to(&target, &mut *progress))
+            .await
+            .map_err(|e| BackupError::Task(e.to_string()))??;
+        let done = report(&info, 0);
+        self.audit
+            .record(
+                origin,
+                Event::new("backup.created")
+                    .severity(Severity::Notice)
+                    .detail("file", info.path.display().to_string())
+                    .detail("bytes", info.bytes)
+                    .detail("rows", info.rows()),
+            )
+            .await?;
+        Ok(done)
+    }
+
+    /// A fresh, checked backup to stream to a client: written under a random name in
+    /// the backup directory, opened, and unlinked before it is returned.
+    pub async fn download(&self, origin: &Origin) -> Result<Download, BackupError> {
+        let dir = self.policy.dir.clone();
+        let create_dir = dir.clone();
+        tokio::task::spawn_blocking(move || {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&create_dir)
+        })
         .await
-        .map_err(|e| BackupError::Task(e.to_string()))??;
-    let done = report(&info, 0);
-    services
-        .audit
-        .record(
-            origin,
-            Event::new("backup.created")
-                .severity(Severity::Notice)
-                .detail("file", info.path.display().to_string())
-                .detail("bytes", info.bytes)
-                .detail("rows", info.rows()),
-        )
-        .await?;
-    Ok(done)
+        .map_err(|e| BackupError::Task(e.to_string()))?
+        .map_err(io("cannot create the backup directory", &dir))?;
+        let id: [u8; 12] =
+            crate::ids::random_bytes().map_err(|e| BackupError::Task(e.to_string()))?;
+        let path = dir.join(format!(
+            ".download-{}.redb",
+            data_encoding::HEXLOWER.encode(&id)
+        ));
+        let report = match self.create(&path, origin, Box::new(|_, _| {})).await {
+            Ok(report) => report,
+            Err(err) => {
+                let _ = fs::remove_file(&path);
+                return Err(err);
+            }
+        };
+        let file = fs::File::open(&path);
+        // Unlinked at once: the open file stays readable until the stream ends.
+        let _ = fs::remove_file(&path);
+        Ok(Download {
+            file: file.map_err(io("cannot open the backup", &path))?,
+            bytes: report.bytes,
+        })
+    }
+
+    /// A scheduled backup: `backup.dir/gatehouse-<UTC time>.redb` (`-2`, `-3`, … added
+    /// when a backup of the same second exists, as when a run is asked for twice in a
+    /// second), then the oldest scheduled backups beyond `backup.keep` are removed.
+    pub async fn scheduled(&self) -> Result<BackupReport, BackupError> {
+        let policy = &self.policy;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&policy.dir)
+            .map_err(io("cannot create the backup directory", &policy.dir))?;
+        let stamp = format_rfc3339(self.clock.now_ms()).replace([':', '-'], "");
+        let dest = (1..=MAX_SAME_SECOND)
+            .map(|n| {
+                let count = if n == 1 {
+                    String::new()
+                } else {
+                    format!("-{n}")
+                };
+                let name = format!("{SCHEDULED_PREFIX}{stamp}{count}{SCHEDULED_SUFFIX}");
+                policy.dir.join(name)
+            })
+            .find(|path| !path.exists())
+            .unwrap_or_else(|| {
+                policy
+                    .dir
+                    .join(format!("{SCHEDULED_PREFIX}{stamp}{SCHEDULED_SUFFIX}"))
+            });
+        let mut done = self
+            .create(&dest, &Origin::system(), Box::new(|_, _| {}))
+            .await?;
+        done.removed_old = prune_old(&policy.dir, policy.keep)?;
+        Ok(done)
+    }
 }
 
 /// The prefix and suffix of scheduled backups' names; only such files are ever removed.
@@ -137,40 +248,6 @@ const SCHEDULED_PREFIX: &str = "gatehouse-";
 const SCHEDULED_SUFFIX: &str = ".redb";
 /// Backups made in one second at the most; one more is refused as the file exists.
 const MAX_SAME_SECOND: u32 = 100;
-
-/// A scheduled backup: `backup.dir/gatehouse-<UTC time>.redb` (`-2`, `-3`, … added when a
-/// backup of the same second exists, as when a run is asked for twice in a second), then
-/// the oldest scheduled backups beyond `backup.keep` are removed.
-pub async fn scheduled(
-    services: &Services,
-    policy: &BackupPolicy,
-) -> Result<BackupReport, BackupError> {
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&policy.dir)
-        .map_err(io("cannot create the backup directory", &policy.dir))?;
-    let stamp = format_rfc3339(services.clock.now_ms()).replace([':', '-'], "");
-    let dest = (1..=MAX_SAME_SECOND)
-        .map(|n| {
-            let count = if n == 1 {
-                String::new()
-            } else {
-                format!("-{n}")
-            };
-            let name = format!("{SCHEDULED_PREFIX}{stamp}{count}{SCHEDULED_SUFFIX}");
-            policy.dir.join(name)
-        })
-        .find(|path| !path.exists())
-        .unwrap_or_else(|| {
-            policy
-                .dir
-                .join(format!("{SCHEDULED_PREFIX}{stamp}{SCHEDULED_SUFFIX}"))
-        });
-    let mut done = create(services, &dest, &Origin::system(), Box::new(|_, _| {})).await?;
-    done.removed_old = prune_old(&policy.dir, policy.keep)?;
-    Ok(done)
-}
 
 /// Where a scheduled backup's name sorts: its time, then its count within that second
 /// (`-2` after none). `None` for any other name.

@@ -337,7 +337,10 @@ pub async fn execute(command: Command, services: &Services) -> Result<Outcome, C
                 ));
             }
             Ok(Outcome::BackupWritten(
-                crate::backup::create(services, &path, &operator, Box::new(|_, _| {})).await?,
+                services
+                    .backups
+                    .create(&path, &operator, Box::new(|_, _| {}))
+                    .await?,
             ))
         }
         Command::Ping => Ok(Outcome::Pong),
@@ -345,11 +348,11 @@ pub async fn execute(command: Command, services: &Services) -> Result<Outcome, C
             status: services.tls.as_ref().map(|tls| Box::new(tls.status())),
         }),
         Command::JobsList => Ok(Outcome::JobList {
-            jobs: services.jobs.list(services)?,
+            jobs: services.jobs.list()?,
         }),
         Command::JobsRun { name } => {
             let job: JobName = name.parse().map_err(JobError::UnknownJob)?;
-            Ok(Outcome::JobRan(services.jobs.run(services, job).await?))
+            Ok(Outcome::JobRan(services.jobs.run(job).await?))
         }
     }
 }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use crate::admin_tokens::AdminTokens;
 use crate::admin_users::AdminUsers;
 use crate::audit::AuditLog;
-use crate::backup::BackupPolicy;
+use crate::backup::{BackupPolicy, Backups};
 use crate::clients::Clients;
 use crate::clock::SharedClock;
 use crate::config::Rate;
@@ -22,7 +22,7 @@ use crate::live::{Changes, LiveConnections};
 use crate::pairing::{PairingSessions, ServerIdentity};
 use crate::ratelimit::{Lockout, LockoutPolicy, Policies, Policy, RateLimits};
 use crate::revocation::RevocationList;
-use crate::schedule::Scheduler;
+use crate::schedule::{JobContext, Scheduler};
 use crate::store::{Store, StoreError};
 use crate::tokens::{TokenAuthority, TokenSettings};
 
@@ -61,8 +61,10 @@ pub struct Services {
     /// Failed secret checks and the bans they earn.
     pub lockout: Arc<Lockout>,
     pub audit: AuditLog,
-    /// The scheduled jobs (run by `app` every second; also on demand).
+    /// The scheduled jobs (run by the background loop every second; also on demand).
     pub jobs: Arc<Scheduler>,
+    /// Online backups: on demand, downloaded and scheduled.
+    pub backups: Backups,
     /// What the server's listener serves (set by `app`; none for the offline CLI or with
     /// TLS off).
     pub tls: Option<Arc<crate::tls::Tls>>,
@@ -175,11 +177,26 @@ impl Services {
             limits.clone(),
             lockout.clone(),
         ));
-        let jobs = Arc::new(Scheduler::new(
-            config.jobs.clone(),
+        let backups = Backups::new(
+            store.clone(),
+            audit.clone(),
+            clock.clone(),
             BackupPolicy {
                 dir: config.backup.dir.clone(),
                 keep: config.backup.keep,
+            },
+        );
+        let jobs = Arc::new(Scheduler::new(
+            config.jobs.clone(),
+            JobContext {
+                store: store.clone(),
+                keys: keys.clone(),
+                audit: audit.clone(),
+                tokens: tokens.clone(),
+                pairing: pairing.clone(),
+                limits: limits.clone(),
+                lockout: lockout.clone(),
+                backups: backups.clone(),
             },
             clock.clone(),
         ));
@@ -188,6 +205,7 @@ impl Services {
             lockout,
             audit,
             jobs,
+            backups,
             tls: None,
             admin_tokens: AdminTokens::new(store.clone(), clock.clone()),
             admin_users: AdminUsers::new(store.clone(), clock.clone()),

@@ -53,9 +53,10 @@ pub(super) async fn backup(file: &Path, config: &Config) -> anyhow::Result<()> {
     let result = async {
         if let Some(services) = session.local_services().await? {
             let bar = progress_bar("backup");
-            let report =
-                crate::backup::create(services, &path, &Origin::operator(), Box::new(follow(&bar)))
-                    .await;
+            let report = services
+                .backups
+                .create(&path, &Origin::operator(), Box::new(follow(&bar)))
+                .await;
             bar.finish_and_clear();
             print_backup(&report?);
             return Ok(());

@@ -10,7 +10,6 @@ use serde::Serialize;
 use super::AppState;
 use super::error::ApiError;
 use super::extract::Admin;
-use crate::backup::BackupError;
 use crate::config::JobName;
 use crate::schedule::JobView;
 
@@ -23,7 +22,7 @@ pub struct JobList {
 pub async fn list(State(state): State<AppState>, _admin: Admin) -> Result<Json<JobList>, ApiError> {
     let services = &state.services;
     Ok(Json(JobList {
-        jobs: services.jobs.list(services)?,
+        jobs: services.jobs.list()?,
     }))
 }
 
@@ -38,48 +37,21 @@ pub async fn run(
         .parse()
         .map_err(|m: String| ApiError::new(StatusCode::NOT_FOUND, "not_found", m))?;
     let services = &state.services;
-    Ok(Json(services.jobs.run(services, job).await?))
+    Ok(Json(services.jobs.run(job).await?))
 }
 
 /// Streams a fresh, checked backup (a redb data file, sealed under the server's master
-/// key). It is written to the backup directory first and removed once opened for
-/// streaming, so an interrupted download leaves nothing behind.
+/// key); see `Backups::download`.
 pub async fn backup(State(state): State<AppState>, admin: Admin) -> Result<Response, ApiError> {
-    let services = &state.services;
-    let dir = services.jobs.backup_dir().to_path_buf();
-    let create_dir = dir.clone();
-    tokio::task::spawn_blocking(move || {
-        use std::os::unix::fs::DirBuilderExt;
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&create_dir)
-    })
-    .await
-    .map_err(|e| ApiError::internal(&e))?
-    .map_err(|e| ApiError::internal(&e))?;
-    let id: [u8; 12] = crate::ids::random_bytes().map_err(|e| ApiError::internal(&e))?;
-    let path = dir.join(format!(
-        ".download-{}.redb",
-        data_encoding::HEXLOWER.encode(&id)
-    ));
-    let report = crate::backup::create(services, &path, &admin.origin, Box::new(|_, _| {}))
-        .await
-        .map_err(|err: BackupError| {
-            let _ = std::fs::remove_file(&path);
-            ApiError::internal(&err)
-        })?;
-    let file = tokio::fs::File::open(&path).await;
-    // Unlinked at once: the open file stays readable until the stream ends.
-    let _ = tokio::fs::remove_file(&path).await;
-    let file = file.map_err(|e| ApiError::internal(&e))?;
+    let download = state.services.backups.download(&admin.origin).await?;
+    let file = tokio::fs::File::from_std(download.file);
     let mut response = Body::from_stream(tokio_util::io::ReaderStream::new(file)).into_response();
     let headers = response.headers_mut();
     headers.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/octet-stream"),
     );
-    if let Ok(value) = HeaderValue::from_str(&report.bytes.to_string()) {
+    if let Ok(value) = HeaderValue::from_str(&download.bytes.to_string()) {
         headers.insert(header::CONTENT_LENGTH, value);
     }
     headers.insert(

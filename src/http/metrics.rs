@@ -202,10 +202,7 @@ fn render(state: &AppState) -> Result<String, ApiError> {
         "Records in the audit log.",
         &single(audit_records as f64),
     );
-    let jobs = services
-        .jobs
-        .list(services)
-        .map_err(|e| ApiError::internal(&e))?;
+    let jobs = services.jobs.list()?;
     let mut runs = Vec::new();
     let mut failures = Vec::new();
     let mut running = Vec::new();

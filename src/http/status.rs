@@ -89,10 +89,7 @@ pub async fn status(
             }
         }
     }
-    let jobs = services
-        .jobs
-        .list(services)
-        .map_err(|e| ApiError::internal(&e))?;
+    let jobs = services.jobs.list()?;
     for job in jobs {
         if job.name == "backup" && job.schedule == "off" {
             warn(

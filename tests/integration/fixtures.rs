@@ -623,7 +623,7 @@ async fn a_server_on_the_format_v6_fixture_keeps_its_job_state() {
     fixture_copy_of(6, dir.path());
     let app = helpers::spawn_app_in(dir, &[("GATEHOUSE_JOBS_BACKUP", "0 0 4 * * *")]).await;
     let services = &app.running.services;
-    let jobs = services.jobs.list(services).unwrap();
+    let jobs = services.jobs.list().unwrap();
     let backup = jobs.iter().find(|j| j.name == "backup").unwrap();
     assert_eq!(backup.last_outcome.as_deref(), Some("failure"));
     assert_eq!(backup.last_error.as_deref(), Some("disk full"));

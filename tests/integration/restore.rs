@@ -88,14 +88,13 @@ async fn a_backup_taken_under_a_write_load_restores_to_a_consistent_state() {
     }
     tokio::time::sleep(std::time::Duration::from_millis(150)).await;
     let dest = app.data_path().with_file_name("backup.redb");
-    let report = backup::create(
-        &app.running.services,
-        &dest,
-        &Origin::operator(),
-        Box::new(|_, _| {}),
-    )
-    .await
-    .unwrap();
+    let report = app
+        .running
+        .services
+        .backups
+        .create(&dest, &Origin::operator(), Box::new(|_, _| {}))
+        .await
+        .unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     stop.store(true, Ordering::Relaxed);
     let paired: u32 = load.join_all().await.into_iter().sum();
@@ -180,14 +179,13 @@ async fn restore_refuses_a_foreign_key_a_truncated_backup_and_a_held_file_changi
     source.pair_device().await;
     let backups = tempfile::tempdir().unwrap();
     let good = backups.path().join("good.redb");
-    backup::create(
-        &source.running.services,
-        &good,
-        &Origin::operator(),
-        Box::new(|_, _| {}),
-    )
-    .await
-    .unwrap();
+    source
+        .running
+        .services
+        .backups
+        .create(&good, &Origin::operator(), Box::new(|_, _| {}))
+        .await
+        .unwrap();
     let source_key = key_of(source.data_path().parent().unwrap());
     source.stop().await;
     let truncated = backups.path().join("truncated.redb");

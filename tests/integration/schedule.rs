@@ -86,16 +86,15 @@ async fn a_job_missed_while_stopped_runs_once_at_the_next_start() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_never_runs_twice_at_once() {
     let app = helpers::spawn_app_with(&[("GATEHOUSE_RATELIMIT_PAIRING", "off")]).await;
-    let services = Arc::new(app.running.services.clone());
     // A scheduler of our own over the app's services, so the background loop (whose
     // jobs are off) cannot interfere.
-    let scheduler = Arc::new(Scheduler::new(
+    let scheduler = Arc::new(own_scheduler(
+        &app,
         JobsConfig::default(),
         BackupPolicy {
             dir: app.data_path().with_file_name("own-backups"),
             keep: 7,
         },
-        app.clock.clone(),
     ));
     // Enough rows that a backup takes a moment.
     for _ in 0..20 {
@@ -104,8 +103,7 @@ async fn a_job_never_runs_twice_at_once() {
     let mut runs = tokio::task::JoinSet::new();
     for _ in 0..8 {
         let scheduler = scheduler.clone();
-        let services = services.clone();
-        runs.spawn(async move { scheduler.run(&services, JobName::Backup).await });
+        runs.spawn(async move { scheduler.run(JobName::Backup).await });
     }
     let outcomes = runs.join_all().await;
     let ran = outcomes.iter().filter(|o| o.is_ok()).count();
@@ -134,18 +132,17 @@ async fn a_job_never_runs_twice_at_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_backups_in_one_second_are_both_kept() {
     let app = helpers::spawn_app().await;
-    let services = app.running.services.clone();
     let dir = app.data_path().with_file_name("own-backups");
-    let scheduler = Scheduler::new(
+    let scheduler = own_scheduler(
+        &app,
         JobsConfig::default(),
         BackupPolicy {
             dir: dir.clone(),
             keep: 2,
         },
-        app.clock.clone(),
     );
     for _ in 0..3 {
-        let view = scheduler.run(&services, JobName::Backup).await.unwrap();
+        let view = scheduler.run(JobName::Backup).await.unwrap();
         assert_eq!(view.last_outcome.as_deref(), Some("success"), "{view:?}");
     }
     let mut names: Vec<String> = std::fs::read_dir(&dir)
@@ -169,7 +166,6 @@ async fn two_backups_in_one_second_are_both_kept() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_job_is_retried_with_backoff_and_audited() {
     let app = helpers::spawn_app().await;
-    let services = app.running.services.clone();
     // The backup directory cannot be made: a regular file stands in its way.
     let blocker = app.data_path().with_file_name("blocker");
     std::fs::write(&blocker, b"x").unwrap();
@@ -181,26 +177,23 @@ async fn a_failing_job_is_retried_with_backoff_and_audited() {
             *schedule = None;
         }
     }
-    let scheduler = Scheduler::new(
+    let scheduler = own_scheduler(
+        &app,
         config,
         BackupPolicy {
             dir: blocker.join("backups"),
             keep: 7,
         },
-        app.clock.clone(),
     );
-    scheduler.start(&services).await.unwrap();
-    let first = scheduler.run(&services, JobName::Backup).await.unwrap();
+    scheduler.start().await.unwrap();
+    let first = scheduler.run(JobName::Backup).await.unwrap();
     assert_eq!(first.last_outcome.as_deref(), Some("failure"));
     assert_eq!(first.failures, 1);
     // Retried in a minute, then two, not at 04:00.
     let retry = state(&app, JobName::Backup).next_run_ms.unwrap();
     assert_eq!(retry, TEST_NOW_MS + 60_000);
     app.clock.set(retry);
-    assert_eq!(
-        scheduler.tick(&services).await.unwrap(),
-        vec![JobName::Backup]
-    );
+    assert_eq!(scheduler.tick().await.unwrap(), vec![JobName::Backup]);
     let second = state(&app, JobName::Backup);
     assert_eq!(second.failures, 2);
     assert_eq!(second.next_run_ms, Some(retry + 120_000));
@@ -210,15 +203,12 @@ async fn a_failing_job_is_retried_with_backoff_and_audited() {
     assert_eq!(failed[1].details["failures_in_a_row"], 2);
     // Nothing is due in between.
     app.clock.set(retry + 60_000);
-    assert!(scheduler.tick(&services).await.unwrap().is_empty());
+    assert!(scheduler.tick().await.unwrap().is_empty());
 
     // Once the way is clear, the retry succeeds and the count resets.
     std::fs::remove_file(&blocker).unwrap();
     app.clock.set(retry + 120_000);
-    assert_eq!(
-        scheduler.tick(&services).await.unwrap(),
-        vec![JobName::Backup]
-    );
+    assert_eq!(scheduler.tick().await.unwrap(), vec![JobName::Backup]);
     let fixed = state(&app, JobName::Backup);
     assert_eq!(fixed.failures, 0);
     assert_eq!(fixed.last_outcome.as_deref(), Some("success"));
@@ -275,11 +265,7 @@ async fn jobs_are_listed_and_run_over_http() {
 async fn job_runs_and_failures_show_in_metrics() {
     let app = helpers::spawn_app().await;
     let services = app.running.services.clone();
-    services
-        .jobs
-        .run(&services, JobName::PruneExpired)
-        .await
-        .unwrap();
+    services.jobs.run(JobName::PruneExpired).await.unwrap();
     // A loopback scraper needs no token.
     let response = app.client().get(app.url("/metrics")).send().await.unwrap();
     assert_eq!(response.status(), 200);
@@ -309,4 +295,13 @@ async fn job_runs_and_failures_show_in_metrics() {
         "{text}"
     );
     app.stop().await;
+}
+
+/// A scheduler of a test's own over the app's services, with its own jobs and backup
+/// directory.
+fn own_scheduler(app: &helpers::TestApp, config: JobsConfig, policy: BackupPolicy) -> Scheduler {
+    let services = &app.running.services;
+    let mut work = services.jobs.context().clone();
+    work.backups = services.backups.with_policy(policy);
+    Scheduler::new(config, work, app.clock.clone())
 }

@@ -21,14 +21,36 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use crate::audit::AuditLog;
 use crate::audit::{Event, Origin, Severity};
+use crate::backup::Backups;
 use crate::clock::{SharedClock, format_rfc3339};
 use crate::config::{CronSchedule, JobName, JobsConfig};
 use crate::error_kind::{Classify, ErrorKind};
-use crate::keys::Rotation;
-use crate::services::Services;
+use crate::keys::{KeyRing, Rotation};
+use crate::pairing::PairingSessions;
+use crate::ratelimit::{Lockout, RateLimits};
 use crate::store::records::JobState;
-use crate::store::{JOBS, StoreError};
+use crate::store::{JOBS, Store, StoreError};
+use crate::tokens::TokenAuthority;
+
+mod background;
+
+pub use background::{Background, run_background};
+
+/// What the jobs act on: the domain services they call, and nothing more.
+#[derive(Debug, Clone)]
+pub struct JobContext {
+    /// Where each job's state is kept (`jobs.v1`).
+    pub store: Store,
+    pub keys: Arc<KeyRing>,
+    pub audit: AuditLog,
+    pub tokens: Arc<TokenAuthority>,
+    pub pairing: Arc<PairingSessions>,
+    pub limits: Arc<RateLimits>,
+    pub lockout: Arc<Lockout>,
+    pub backups: Backups,
+}
 
 /// A job as `GET /v1/jobs` and `gatehouse jobs list` show it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -97,17 +119,15 @@ impl RunReport {
     }
 }
 
-/// The scheduler of one instance. It holds no services of its own: each call is given
-/// the instance's `Services` (which hold the scheduler).
+/// The scheduler of one instance, over the services its jobs call.
 #[derive(Debug)]
 pub struct Scheduler {
     config: JobsConfig,
     clock: SharedClock,
+    work: JobContext,
     running: BTreeMap<JobName, Arc<AtomicBool>>,
     /// Runs since start, per job: (succeeded, failed), for `/metrics`.
     runs: BTreeMap<JobName, (AtomicU64, AtomicU64)>,
-    /// The backup directory and how many scheduled backups to keep.
-    backups: crate::backup::BackupPolicy,
 }
 
 /// Clears a job's running flag when its run ends, however it ends.
@@ -120,14 +140,11 @@ impl Drop for RunGuard {
 }
 
 impl Scheduler {
-    pub fn new(
-        config: JobsConfig,
-        backups: crate::backup::BackupPolicy,
-        clock: SharedClock,
-    ) -> Self {
+    pub fn new(config: JobsConfig, work: JobContext, clock: SharedClock) -> Self {
         Self {
             config,
             clock,
+            work,
             running: JobName::ALL
                 .into_iter()
                 .map(|job| (job, Arc::new(AtomicBool::new(false))))
@@ -136,16 +153,20 @@ impl Scheduler {
                 .into_iter()
                 .map(|job| (job, (AtomicU64::new(0), AtomicU64::new(0))))
                 .collect(),
-            backups,
         }
+    }
+
+    /// What the jobs act on.
+    pub fn context(&self) -> &JobContext {
+        &self.work
     }
 
     fn schedule_of(&self, job: JobName) -> Option<&CronSchedule> {
         self.config.schedules.get(&job).and_then(Option::as_ref)
     }
 
-    fn states(services: &Services) -> Result<BTreeMap<JobName, JobState>, StoreError> {
-        let rows = services.store.read(|tx| tx.all(&JOBS))?;
+    fn states(&self) -> Result<BTreeMap<JobName, JobState>, StoreError> {
+        let rows = self.work.store.read(|tx| tx.all(&JOBS))?;
         Ok(rows
             .into_iter()
             .filter_map(|(name, state)| name.parse().ok().map(|job| (job, state)))
@@ -155,9 +176,9 @@ impl Scheduler {
     /// Prepares the stored state at start: a job never seen gets its first scheduled
     /// time; a job whose scheduled time passed while stopped is due now if it catches
     /// up, else moves to its next scheduled time. Returns the jobs due now.
-    pub async fn start(&self, services: &Services) -> Result<Vec<JobName>, StoreError> {
+    pub async fn start(&self) -> Result<Vec<JobName>, StoreError> {
         let now = self.clock.now_ms();
-        let states = Self::states(services)?;
+        let states = self.states()?;
         let mut writes = Vec::new();
         let mut missed = Vec::new();
         for job in JobName::ALL {
@@ -177,7 +198,7 @@ impl Scheduler {
             writes.push((job, state));
         }
         if !writes.is_empty() {
-            services
+            self.work
                 .store
                 .write(move |tx| {
                     for (job, state) in &writes {
@@ -194,9 +215,9 @@ impl Scheduler {
     }
 
     /// Runs every job that is due now and not running; returns the jobs it ran.
-    pub async fn tick(&self, services: &Services) -> Result<Vec<JobName>, StoreError> {
+    pub async fn tick(&self) -> Result<Vec<JobName>, StoreError> {
         let now = self.clock.now_ms();
-        let states = Self::states(services)?;
+        let states = self.states()?;
         let mut ran = Vec::new();
         for job in JobName::ALL {
             if self.schedule_of(job).is_none() {
@@ -206,7 +227,7 @@ impl Scheduler {
                 .get(&job)
                 .and_then(|s| s.next_run_ms)
                 .is_some_and(|due| due <= now);
-            if due && self.run_inner(services, job, true).await.is_ok() {
+            if due && self.run_inner(job, true).await.is_ok() {
                 ran.push(job);
             }
         }
@@ -214,16 +235,11 @@ impl Scheduler {
     }
 
     /// Runs `job` now (a manual run, or a due one). Refused while it runs already.
-    pub async fn run(&self, services: &Services, job: JobName) -> Result<JobView, JobError> {
-        self.run_inner(services, job, false).await
+    pub async fn run(&self, job: JobName) -> Result<JobView, JobError> {
+        self.run_inner(job, false).await
     }
 
-    async fn run_inner(
-        &self,
-        services: &Services,
-        job: JobName,
-        only_if_due: bool,
-    ) -> Result<JobView, JobError> {
+    async fn run_inner(&self, job: JobName, only_if_due: bool) -> Result<JobView, JobError> {
         let flag = self
             .running
             .get(&job)
@@ -236,7 +252,7 @@ impl Scheduler {
         if only_if_due {
             // Read again under the flag: a run that finished since the caller looked has
             // moved the job's next run, and the job must not run again back to back.
-            let state = Self::states(services)?.remove(&job).unwrap_or_default();
+            let state = self.states()?.remove(&job).unwrap_or_default();
             if state
                 .next_run_ms
                 .is_none_or(|due| due > self.clock.now_ms())
@@ -246,7 +262,7 @@ impl Scheduler {
         }
         let started_ms = self.clock.now_ms();
         let started = Instant::now();
-        let outcome = self.execute(services, job).await;
+        let outcome = self.execute(job).await;
         if let Some((succeeded, failed)) = self.runs.get(&job) {
             match &outcome {
                 Ok(_) => succeeded.fetch_add(1, Ordering::Relaxed),
@@ -255,7 +271,7 @@ impl Scheduler {
         }
         let duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         let finished_ms = self.clock.now_ms();
-        let previous = Self::states(services)?.remove(&job).unwrap_or_default();
+        let previous = self.states()?.remove(&job).unwrap_or_default();
         let scheduled_next = self
             .schedule_of(job)
             .and_then(|s| s.next_after(finished_ms, self.config.timezone));
@@ -303,7 +319,7 @@ impl Scheduler {
             }
         };
         let stored = state.clone();
-        services
+        self.work
             .store
             .write(move |tx| {
                 tx.put(&JOBS, job.as_str(), &stored)?;
@@ -316,11 +332,12 @@ impl Scheduler {
         Ok(self.view(job, &state))
     }
 
-    async fn execute(&self, services: &Services, job: JobName) -> Result<RunReport, String> {
+    async fn execute(&self, job: JobName) -> Result<RunReport, String> {
         let text = |e: &dyn fmt::Display| e.to_string();
+        let work = &self.work;
         match job {
             JobName::RotateKeys => {
-                let report = services
+                let report = work
                     .keys
                     .rotate(Rotation::Scheduled, &Origin::system())
                     .await
@@ -334,37 +351,27 @@ impl Scheduler {
                 Ok(run)
             }
             JobName::PruneAudit => {
-                let summary = services.audit.prune().await.map_err(|e| text(&e))?;
+                let summary = work.audit.prune().await.map_err(|e| text(&e))?;
                 Ok(RunReport::default().count("removed", summary.removed))
             }
             JobName::PruneRevocations => {
-                let rows = services
-                    .tokens
-                    .prune_expired()
-                    .await
-                    .map_err(|e| text(&e))?;
-                let retired = services.keys.retire_expired().await.map_err(|e| text(&e))?;
+                let rows = work.tokens.prune_expired().await.map_err(|e| text(&e))?;
+                let retired = work.keys.retire_expired().await.map_err(|e| text(&e))?;
                 Ok(RunReport::default()
                     .count("rows_removed", rows)
                     .count("keys_retired", retired.len() as u64))
             }
             JobName::PruneExpired => {
-                let sessions = services
-                    .pairing
-                    .prune_expired()
-                    .await
-                    .map_err(|e| text(&e))?;
-                let windows = services.limits.prune().await.map_err(|e| text(&e))?;
-                let bans = services.lockout.prune().await.map_err(|e| text(&e))?;
+                let sessions = work.pairing.prune_expired().await.map_err(|e| text(&e))?;
+                let windows = work.limits.prune().await.map_err(|e| text(&e))?;
+                let bans = work.lockout.prune().await.map_err(|e| text(&e))?;
                 Ok(RunReport::default()
                     .count("pairing_sessions", sessions)
                     .count("rate_windows", windows)
                     .count("bans", bans))
             }
             JobName::Backup => {
-                let report = crate::backup::scheduled(services, &self.backups)
-                    .await
-                    .map_err(|e| text(&e))?;
+                let report = work.backups.scheduled().await.map_err(|e| text(&e))?;
                 let mut run = RunReport {
                     changed: true,
                     ..RunReport::default()
@@ -409,14 +416,9 @@ impl Scheduler {
         })
     }
 
-    /// Where scheduled (and downloaded) backups are written.
-    pub fn backup_dir(&self) -> &std::path::Path {
-        &self.backups.dir
-    }
-
     /// Every job, in a fixed order.
-    pub fn list(&self, services: &Services) -> Result<Vec<JobView>, StoreError> {
-        let states = Self::states(services)?;
+    pub fn list(&self) -> Result<Vec<JobView>, StoreError> {
+        let states = self.states()?;
         Ok(JobName::ALL
             .into_iter()
             .map(|job| self.view(job, &states.get(&job).cloned().unwrap_or_default()))
