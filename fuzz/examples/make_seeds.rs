@@ -10,11 +10,14 @@ use std::path::{Path, PathBuf};
 use gatehouse::ids::{ClientId, DeviceId, FamilyId, SessionId, TokenId};
 use gatehouse::jwt::{self, AccessClaims};
 use gatehouse::store::records::{
-    self, AdminToken, AdminTokenRecord, AdminTokenV1, Client, ClientRecord, Device, DeviceRecord,
-    PairingSession, PairingSessionRecord, RefreshToken, RefreshTokenRecord, RevokedToken,
-    RevokedTokenRecord, SelfSignedCert, SelfSignedCertRecord, SigningKey, SigningKeyPrivate,
-    SigningKeyPrivateRecord, SigningKeyRecord, StoredKeyAlgorithm, StoredKeyState, TokenFamily,
-    TokenFamilyRecord,
+    self, AcmeAccount, AcmeAccountRecord, AcmeCertificate, AcmeCertificateRecord, AdminToken,
+    AdminTokenRecord, AdminTokenV1, AdminUser, AdminUserRecord, AuditCheckpoint,
+    AuditCheckpointRecord, AuditEntry, AuditEntryRecord, Ban, BanRecord, Client, ClientRecord,
+    Device, DeviceRecord, FamilyRevocation, FamilyRevocationRecord, JobState, JobStateRecord,
+    PairingSession, PairingSessionRecord, RateWindow, RateWindowRecord, RefreshToken,
+    RefreshTokenRecord, RevokedToken, RevokedTokenRecord, SelfSignedCert, SelfSignedCertRecord,
+    SigningKey, SigningKeyPrivate, SigningKeyPrivateRecord, SigningKeyRecord, StoredKeyAlgorithm,
+    StoredKeyState, TokenFamily, TokenFamilyRecord,
 };
 
 /// A fixed, made-up 64-byte signature: `parse` only checks its length and encoding.
@@ -182,6 +185,66 @@ fn record_seeds() -> Vec<(&'static str, Vec<u8>)> {
         created_at_ms: 70,
         revoked_at_ms: None,
     };
+    let admin_user = AdminUser {
+        name: "ada".into(),
+        password_hash: "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHRzYWx0$TmqXQ5gbAw1jbD3vZGrGvX8bXaOpHrj6o9qKfzoK3bA".into(),
+        created_at_ms: 1_795_000_000_000,
+        password_changed_at_ms: 1_795_000_500_000,
+    };
+    let acme_account = AcmeAccount {
+        directory: "https://acme-v02.api.letsencrypt.org/directory".into(),
+        contact: vec!["mailto:ops@example.com".into()],
+        key_pkcs8: vec![0x30, 0x81, 0x87, 0x02, 0x01, 0x00],
+        created_at_ms: 1_795_000_000_000,
+        eab_kid: Some("kid-1".into()),
+    };
+    let acme_cert = AcmeCertificate {
+        directory: "https://acme-v02.api.letsencrypt.org/directory".into(),
+        domains: vec!["api.example.com".into(), "auth.example.com".into()],
+        pem: b"-----BEGIN PRIVATE KEY-----\nMC4CAQA=\n-----END PRIVATE KEY-----\n".to_vec(),
+        issued_at_ms: 1_795_000_000_000,
+        not_after_ms: 1_802_776_000_000,
+    };
+    let family_revocation = FamilyRevocation {
+        family_id: FamilyId::from_bytes([0x17; 16]).to_string(),
+        revoked_at_ms: 40,
+        reason: "device revoked".into(),
+    };
+    let audit = AuditEntry {
+        time_ms: 1_795_000_102_000,
+        kind: "device.revoked".into(),
+        severity: "notice".into(),
+        actor: "admin:3f0c9a1b2d4e5f60".into(),
+        source: Some("203.0.113.7".into()),
+        request_id: Some("18a29c0d".into()),
+        outcome: "success".into(),
+        device: Some(DeviceId::from_bytes([0x4a; 16]).to_string()),
+        details: r#"{"name":"Anna's phone","families_revoked":1}"#.into(),
+        prev: [0x5d; 32],
+    };
+    let checkpoint = AuditCheckpoint {
+        next_seq: 1_001,
+        prev: [0x5d; 32],
+        pruned: 1_000,
+        pruned_through_ms: 1_795_000_000_000,
+        tag: [0xc4; 32],
+    };
+    let ban = Ban {
+        since_ms: 1_795_000_000_000,
+        until_ms: 1_795_000_900_000,
+        offences: 2,
+        reason: "admin_token".into(),
+        lifted_at_ms: Some(1_795_000_300_000),
+    };
+    let job = JobState {
+        last_started_ms: Some(1_795_000_000_000),
+        last_duration_ms: Some(1_250),
+        last_outcome: Some("failure".into()),
+        last_error: Some("disk full".into()),
+        last_success_ms: Some(1_794_913_600_000),
+        next_run_ms: Some(1_795_000_060_000),
+        failures: 1,
+    };
     vec![
         ("admin_v2", records::encode(&AdminTokenRecord::V2(admin))),
         ("admin_v1", records::encode(&AdminTokenRecord::V1(admin_v1))),
@@ -214,6 +277,35 @@ fn record_seeds() -> Vec<(&'static str, Vec<u8>)> {
             records::encode(&RevokedTokenRecord::V1(revoked)),
         ),
         ("client", records::encode(&ClientRecord::V1(client))),
+        (
+            "admin_user",
+            records::encode(&AdminUserRecord::V1(admin_user)),
+        ),
+        (
+            "acme_account",
+            records::encode(&AcmeAccountRecord::V1(acme_account)),
+        ),
+        (
+            "acme_certificate",
+            records::encode(&AcmeCertificateRecord::V1(acme_cert)),
+        ),
+        (
+            "family_revocation",
+            records::encode(&FamilyRevocationRecord::V1(family_revocation)),
+        ),
+        (
+            "rate_window",
+            records::encode(&RateWindowRecord::V1(RateWindow {
+                tat_us: 1_795_000_000_250_000,
+            })),
+        ),
+        ("audit_entry", records::encode(&AuditEntryRecord::V1(audit))),
+        (
+            "audit_checkpoint",
+            records::encode(&AuditCheckpointRecord::V1(checkpoint)),
+        ),
+        ("ban", records::encode(&BanRecord::V1(ban))),
+        ("job_state", records::encode(&JobStateRecord::V1(job))),
     ]
 }
 
