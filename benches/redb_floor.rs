@@ -4,7 +4,7 @@
 //! Each case runs `COMMITS` write transactions on a temporary file and reports the time
 //! per commit and the bytes written to the disk per commit (`/proc/self/io`), with
 //! gatehouse's settings (`Durability::Immediate`, two-phase commit, quick repair: see
-//! `begin_durable_write` in `src/store/mod.rs`) and with plain durable commits (one phase,
+//! `begin_durable_write` in `crates/store/src/lib.rs`) and with plain durable commits (one phase,
 //! no quick repair) for comparison. Rows are 230 bytes, about an audit event.
 //!
 //! - `append/N`: N rows appended under increasing `u64` keys, as the audit log does;
@@ -50,7 +50,7 @@ struct Floor {
 impl Floor {
     fn new(path: &std::path::Path, families: u64) -> Self {
         let mut builder = redb::Builder::new();
-        // gatehouse's cache size (src/store/mod.rs).
+        // gatehouse's cache size (crates/store/src/lib.rs).
         builder.set_cache_size(128 * 1024 * 1024);
         let db = builder.create(path).unwrap();
         let tx = db.begin_write().unwrap();

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The fuzz smoke run of CI (see fuzz/README.md): checks that the `records` target names
-# every record enum of src/store/records.rs, builds every fuzz target with cargo-fuzz, and
+# every record enum of crates/store/src/records.rs, builds every fuzz target with cargo-fuzz, and
 # runs each one for a short, bounded time from its seeds. A crash (panic, sanitizer error,
 # leak, timeout) fails the script and prints where the input that caused it was saved.
 #
@@ -27,14 +27,14 @@ esac
 missing=()
 while read -r name; do
   if ! grep -qw "$name" fuzz/fuzz_targets/records.rs; then missing+=("$name"); fi
-done < <(grep -oP '^\s*pub enum \K\w+Record\b' src/store/records.rs | sort -u)
+done < <(grep -oP '^\s*pub enum \K\w+Record\b' crates/store/src/records.rs | sort -u)
 if [ "${#missing[@]}" -gt 0 ]; then
-  echo "fuzz/fuzz_targets/records.rs does not decode these record enums of src/store/records.rs:" >&2
+  echo "fuzz/fuzz_targets/records.rs does not decode these record enums of crates/store/src/records.rs:" >&2
   printf '  %s\n' "${missing[@]}" >&2
   echo "add a round_trip::<...>() line for each (and a seed in fuzz/examples/make_seeds.rs)" >&2
   exit 1
 fi
-echo "records target: covers all $(grep -cP '^\s*pub enum \w+Record\b' src/store/records.rs) record enums"
+echo "records target: covers all $(grep -cP '^\s*pub enum \w+Record\b' crates/store/src/records.rs) record enums"
 
 # 2. The fuzz crate's own Cargo.lock is up to date (cargo fuzz has no --locked of its own).
 if ! cargo metadata --locked --format-version 1 --manifest-path fuzz/Cargo.toml >/dev/null; then

@@ -4,8 +4,8 @@
 //! exhaustive `match` next to its declaration, so a new variant does not compile until
 //! someone decides whose fault it is. The HTTP layer (status and code), the WebSocket
 //! channel (code) and the CLI (the code a management command fails with) all map from
-//! that one answer, so one mistake has one code everywhere. This module is a leaf: it
-//! names no other part of gatehouse.
+//! that one answer, so one mistake has one code everywhere. This module names no other
+//! part of gatehouse but the store's error.
 
 /// Whose fault a failure is and what the caller can do about it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,6 +55,15 @@ pub trait Classify: std::error::Error {
     /// fixes the code (OAuth's `invalid_grant`) or a refusal has its own documented one.
     fn code(&self) -> &'static str {
         self.kind().code()
+    }
+}
+
+/// A store failure is never the caller's fault: the caller only sees "internal". (The
+/// store is a crate of its own that knows nothing of HTTP or the CLI, so its error is
+/// classified here.)
+impl Classify for gatehouse_store::StoreError {
+    fn kind(&self) -> ErrorKind {
+        ErrorKind::Internal
     }
 }
 

@@ -16,7 +16,6 @@ pub mod audit;
 pub mod backup;
 pub mod cli;
 pub mod clients;
-pub mod clock;
 pub mod config;
 pub mod devices;
 pub mod error_kind;
@@ -32,8 +31,12 @@ pub mod ratelimit;
 pub mod revocation;
 pub mod schedule;
 pub mod services;
-pub mod store;
 pub mod systemd;
 pub mod telemetry;
 pub mod tls;
 pub mod tokens;
+
+/// The injected clock (`crates/clock`).
+pub use gatehouse_clock as clock;
+/// The data file (`crates/store`): the only code that names redb.
+pub use gatehouse_store as store;

@@ -9,7 +9,8 @@
 use redb::{ReadableTable, ReadableTableMetadata, TableDefinition, TableHandle as _};
 
 use super::StoreError;
-use super::audit_chain::{ChainKey, HeadCache};
+use super::audit_chain::{self, AuditFilter, AuditPage, ChainKey, ChainReport, HeadCache, Pruned};
+use super::records::AuditEntry;
 use super::records::{
     self, AcmeAccount, AcmeCertificate, AdminToken, AdminUser, Ban, Client, DecodeError, Device,
     FamilyRevocation, JobState, PairingSession, RateWindow, RefreshToken, RevokedToken,
@@ -647,5 +648,78 @@ impl WriteTx<'_> {
             })?;
         self.table(SECRETS)?.insert(name, sealed.as_slice())?;
         Ok(())
+    }
+}
+
+/// The audit log, through the chain's own functions (`audit_chain.rs`).
+impl<'a> WriteTx<'a> {
+    /// Runs `f` on the audit table, opened once per transaction (see `WriteTx`).
+    fn with_audit_events<R>(
+        &self,
+        f: impl FnOnce(&mut redb::Table<'a, u64, &'static [u8]>) -> Result<R, StoreError>,
+    ) -> Result<R, StoreError> {
+        let mut slot = self.audit_events.borrow_mut();
+        let table = match &mut *slot {
+            Some(table) => table,
+            None => slot.insert(self.tx.open_table(tables::AUDIT_EVENTS)?),
+        };
+        f(table)
+    }
+
+    /// Appends one event to the audit log; sets its `prev` and returns its sequence
+    /// number. Durable when the transaction commits.
+    pub fn append_audit(&self, entry: &mut AuditEntry) -> Result<u64, StoreError> {
+        let cached = *self.audit_head.borrow();
+        let (seq, next) = self.with_audit_events(|events| {
+            let head = match cached {
+                Some(head) => head,
+                None => audit_chain::head(self.tx, events)?,
+            };
+            audit_chain::append(self.chain, events, head, entry)
+        })?;
+        *self.audit_head.borrow_mut() = Some(next);
+        Ok(seq)
+    }
+
+    /// Removes up to `max` of the oldest records from before `before_ms` and moves the
+    /// pruning checkpoint past them.
+    pub fn prune_audit(&self, before_ms: u64, max: u64) -> Result<Pruned, StoreError> {
+        // Pruning leaves the head where it is; only an emptied log reads it from the new
+        // checkpoint, which says the same.
+        self.with_audit_events(|events| {
+            audit_chain::prune(self.tx, self.chain, events, before_ms, max)
+        })
+    }
+}
+
+impl ReadTx<'_> {
+    /// Up to `limit` entries after `after` that pass `filter`, looking at no more than
+    /// `scan` rows; the caller continues from `next`.
+    pub fn audit_page(
+        &self,
+        after: u64,
+        limit: usize,
+        scan: usize,
+        filter: AuditFilter<'_>,
+    ) -> Result<AuditPage, StoreError> {
+        audit_chain::page(self.tx, after, limit, scan, filter)
+    }
+
+    /// The newest `count` entries, oldest first (for `audit tail`).
+    pub fn audit_last(&self, count: usize) -> Result<Vec<(u64, AuditEntry)>, StoreError> {
+        audit_chain::last(self.tx, count)
+    }
+
+    /// How many records the log holds now.
+    pub fn audit_len(&self) -> Result<u64, StoreError> {
+        audit_chain::len(self.tx)
+    }
+
+    /// Walks the whole log and checks every tag and link.
+    pub fn audit_verify(
+        &self,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<ChainReport, StoreError> {
+        audit_chain::verify(self.tx, self.chain, progress)
     }
 }

@@ -1,5 +1,7 @@
-//! The one data file: the only module that opens redb, defines tables and runs
-//! transactions.
+//! gatehouse's storage: the only crate that names redb, defines tables and runs
+//! transactions. The rest of gatehouse reaches the data file through `Store`,
+//! `ReadTx`, `WriteTx` and the typed records; `docs/ARCHITECTURE.md` says what a second
+//! backend must provide.
 //!
 //! Opening is careful about never changing a file it should refuse. An existing file is
 //! first inspected through redb's read-only mode, which never writes: format version,
@@ -31,10 +33,9 @@ use std::thread::JoinHandle;
 use redb::{ReadableDatabase, ReadableTable, TableHandle};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::clock::Clock;
-use crate::error_kind::{Classify, ErrorKind};
 use audit_chain::ChainKey;
 pub use audit_chain::{AuditFilter, AuditPage, ChainBreak, ChainReport, Pruned};
+use gatehouse_clock::Clock;
 pub use migrate::Migrated;
 use seal::{MasterKey, SealError, Sealer, sync_parent_dir};
 use tables::{
@@ -110,13 +111,6 @@ pub enum StoreError {
     JobPanicked,
     #[error("the write was not committed: {0}")]
     WriteFailed(String),
-}
-
-impl Classify for StoreError {
-    /// A store failure is never the caller's fault: the caller only sees "internal".
-    fn kind(&self) -> ErrorKind {
-        ErrorKind::Internal
-    }
 }
 
 macro_rules! from_redb {

@@ -180,7 +180,7 @@ impl MasterKey {
 }
 
 /// Fsyncs the directory holding `path`, so a created or renamed entry survives a crash.
-pub(crate) fn sync_parent_dir(path: &Path) -> std::io::Result<()> {
+pub fn sync_parent_dir(path: &Path) -> std::io::Result<()> {
     let parent = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
