@@ -18,6 +18,7 @@ mod helpers;
 mod http;
 mod interop;
 mod jwt_negative;
+mod layers;
 mod lockout;
 mod ratelimit;
 mod restore;
