@@ -12,6 +12,8 @@
 //! and 1 000 devices and short probes, as a smoke test.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+// A bench reads its sizes from the environment and may time against the real clock.
+#![allow(clippy::disallowed_methods)]
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

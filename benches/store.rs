@@ -6,6 +6,8 @@
 //! before its caller is answered. Run: `cargo bench --bench store`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+// A bench reads its sizes from the environment and may time against the real clock.
+#![allow(clippy::disallowed_methods)]
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

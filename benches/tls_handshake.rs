@@ -29,6 +29,8 @@
 //! `CI=true`, where a missing caddy fails the run.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+// A bench reads its sizes from the environment and may time against the real clock.
+#![allow(clippy::disallowed_methods)]
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;

@@ -36,6 +36,8 @@
 //! small pools.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+// A bench reads its sizes from the environment and may time against the real clock.
+#![allow(clippy::disallowed_methods)]
 
 use std::collections::BTreeMap;
 use std::hint::black_box;

@@ -317,6 +317,8 @@ impl Flags {
 pub struct Env(pub BTreeMap<String, String>);
 
 impl Env {
+    // The one reader of the process environment (clippy.toml disallows it elsewhere).
+    #[allow(clippy::disallowed_methods)]
     pub fn from_process() -> Self {
         // Names and values are converted lossily: a non-UTF-8 GATEHOUSE_ variable then
         // fails as an unknown setting or a bad value instead of being silently ignored.
