@@ -20,8 +20,8 @@ use crate::clock::{SharedClock, millis};
 use crate::store::Store;
 
 /// Sessions kept at most (about 300 bytes each).
-pub const MAX_SESSIONS: usize = 1024;
-pub const COOKIE: &str = "__Host-gatehouse_session";
+pub(crate) const MAX_SESSIONS: usize = 1024;
+pub(crate) const COOKIE: &str = "__Host-gatehouse_session";
 
 /// Who signed in, and how.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -213,13 +213,13 @@ impl AdminSessions {
 }
 
 /// Whether two secrets are equal, in time that does not depend on where they differ.
-pub fn same_secret(a: &str, b: &str) -> bool {
+pub(crate) fn same_secret(a: &str, b: &str) -> bool {
     use subtle::ConstantTimeEq;
     a.len() == b.len() && bool::from(a.as_bytes().ct_eq(b.as_bytes()))
 }
 
 /// `Set-Cookie` for a new session: the browser keeps it at most `max`.
-pub fn set_cookie(cookie: &str, max: Duration) -> String {
+pub(crate) fn set_cookie(cookie: &str, max: Duration) -> String {
     format!(
         "{COOKIE}={cookie}; Path=/; Secure; HttpOnly; SameSite=Strict; Max-Age={}",
         max.as_secs()
@@ -227,12 +227,12 @@ pub fn set_cookie(cookie: &str, max: Duration) -> String {
 }
 
 /// `Set-Cookie` that makes the browser drop the session cookie.
-pub fn clear_cookie() -> String {
+pub(crate) fn clear_cookie() -> String {
     format!("{COOKIE}=; Path=/; Secure; HttpOnly; SameSite=Strict; Max-Age=0")
 }
 
 /// The session cookie's value in a `Cookie` header, if present.
-pub fn cookie_value(header: &str) -> Option<&str> {
+pub(crate) fn cookie_value(header: &str) -> Option<&str> {
     header
         .split(';')
         .map(str::trim)

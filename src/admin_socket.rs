@@ -30,7 +30,7 @@ const REPLY_TIMEOUT: Duration = Duration::from_secs(300);
 /// The answer to one command.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum Reply {
+pub(crate) enum Reply {
     Ok(Outcome),
     Error(CommandError),
 }
@@ -52,7 +52,7 @@ pub enum SocketError {
 
 /// A bound admin socket, removed from the file system when dropped.
 #[derive(Debug)]
-pub struct AdminSocket {
+pub(crate) struct AdminSocket {
     listener: UnixListener,
     path: PathBuf,
     /// The server's own uid: the owner of the socket file it just created.
@@ -68,7 +68,7 @@ impl Drop for AdminSocket {
 impl AdminSocket {
     /// Binds the socket with mode 0600. The caller holds the data file's lock, so a
     /// socket already at `path` belongs to a server that is gone and is replaced.
-    pub fn bind(path: &Path) -> Result<Self, SocketError> {
+    pub(crate) fn bind(path: &Path) -> Result<Self, SocketError> {
         let io_err = |source| SocketError::Io {
             path: path.to_path_buf(),
             source,
@@ -109,12 +109,16 @@ impl AdminSocket {
         }
     }
 
-    pub fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.path
     }
 
     /// Answers commands until `shutdown` resolves. Each connection runs on its own task.
-    pub async fn serve(self, services: Services, shutdown: impl std::future::Future<Output = ()>) {
+    pub(crate) async fn serve(
+        self,
+        services: Services,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) {
         tokio::pin!(shutdown);
         loop {
             let stream = tokio::select! {
@@ -178,7 +182,7 @@ async fn answer(stream: UnixStream, services: &Services) -> io::Result<()> {
 
 /// Sends `command` to the server listening at `path`. `Ok(None)` means no server is
 /// listening there (no socket, or a stale one), so the caller may open the file itself.
-pub async fn request(path: &Path, command: &Command) -> Result<Option<Reply>, SocketError> {
+pub(crate) async fn request(path: &Path, command: &Command) -> Result<Option<Reply>, SocketError> {
     let io_err = |source| SocketError::Io {
         path: path.to_path_buf(),
         source,

@@ -21,9 +21,9 @@ use crate::store::{Store, StoreError};
 
 /// Shortest password accepted: long enough that online guessing under the lockout is
 /// hopeless, short enough for a passphrase of three words.
-pub const MIN_PASSWORD_CHARS: usize = 12;
+pub(crate) const MIN_PASSWORD_CHARS: usize = 12;
 /// Longest password accepted (argon2 takes any length; this bounds the work per try).
-pub const MAX_PASSWORD_BYTES: usize = 1024;
+pub(crate) const MAX_PASSWORD_BYTES: usize = 1024;
 /// Password hashes computed at once. Each takes 19 MiB for about 30 ms: a burst of
 /// sign-ins waits its turn instead of taking memory without bound.
 const CONCURRENT_HASHES: usize = 4;
@@ -78,7 +78,7 @@ impl From<&AdminUser> for AdminUserInfo {
     }
 }
 
-pub fn validate_name(name: &str) -> Result<String, AdminUserError> {
+pub(crate) fn validate_name(name: &str) -> Result<String, AdminUserError> {
     let ok = !name.is_empty()
         && name.len() <= 64
         && name.bytes().all(|b| {
@@ -100,7 +100,7 @@ fn hasher() -> argon2::Argon2<'static> {
 }
 
 /// An argon2id hash of `password` in PHC form, with a fresh 16-byte salt.
-pub fn hash_password(password: &str) -> Result<String, AdminUserError> {
+pub(crate) fn hash_password(password: &str) -> Result<String, AdminUserError> {
     let mut salt = [0u8; 16];
     SystemRandom::new()
         .fill(&mut salt)
@@ -113,7 +113,7 @@ pub fn hash_password(password: &str) -> Result<String, AdminUserError> {
 }
 
 /// Whether `password` matches the PHC `hash` (false for a malformed hash).
-pub fn password_matches(hash: &str, password: &str) -> bool {
+pub(crate) fn password_matches(hash: &str, password: &str) -> bool {
     PasswordHash::new(hash).is_ok_and(|parsed| {
         hasher()
             .verify_password(password.as_bytes(), &parsed)

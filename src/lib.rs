@@ -7,10 +7,10 @@
 //! `admin_tokens`, `ratelimit`, `audit`), which call `store`, the only module that touches redb.
 //! `app` builds the long-lived parts from a validated `config::Config` and runs them.
 
-pub mod admin_sessions;
-pub mod admin_socket;
+mod admin_sessions;
+mod admin_socket;
 pub mod admin_tokens;
-pub mod admin_users;
+mod admin_users;
 pub mod app;
 pub mod audit;
 pub mod backup;
@@ -18,21 +18,21 @@ pub mod cli;
 pub mod clients;
 pub mod config;
 pub mod devices;
-pub mod error_kind;
+mod error_kind;
 pub mod http;
 pub mod ids;
 pub mod jwt;
 pub mod keys;
 pub mod live;
-pub mod manage;
+mod manage;
 pub mod pairing;
-pub mod qr;
+mod qr;
 pub mod ratelimit;
 pub mod revocation;
 pub mod schedule;
 pub mod services;
-pub mod systemd;
-pub mod telemetry;
+mod systemd;
+mod telemetry;
 pub mod tls;
 pub mod tokens;
 

@@ -27,13 +27,13 @@ use crate::keys::{KeyInfo, Rotation, RotationReport};
 use crate::pairing::NewSession;
 use crate::ratelimit::Ban;
 use crate::schedule::{JobError, JobView};
-pub use crate::services::Services;
+pub(crate) use crate::services::Services;
 use crate::store::seal::{MasterKey, sync_parent_dir};
 
 /// The master key text, kept out of `Debug` output and logs.
 #[derive(Clone, Serialize, Deserialize)]
 #[serde(transparent)]
-pub struct KeyText(pub String);
+pub(crate) struct KeyText(pub String);
 
 impl fmt::Debug for KeyText {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -44,7 +44,7 @@ impl fmt::Debug for KeyText {
 /// A management request.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "command", rename_all = "kebab-case")]
-pub enum Command {
+pub(crate) enum Command {
     AdminTokenCreate {
         name: Option<String>,
     },
@@ -123,7 +123,7 @@ pub enum Command {
 /// What a command did.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "outcome", rename_all = "kebab-case")]
-pub enum Outcome {
+pub(crate) enum Outcome {
     TokenCreated(IssuedToken),
     TokenList {
         tokens: Vec<AdminTokenInfo>,
@@ -181,13 +181,13 @@ pub enum Outcome {
 /// A refused or failed command: a stable code and a message for a person.
 #[derive(Debug, Clone, Serialize, Deserialize, thiserror::Error)]
 #[error("{message}")]
-pub struct CommandError {
+pub(crate) struct CommandError {
     pub code: String,
     pub message: String,
 }
 
 impl CommandError {
-    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+    pub(crate) fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
         Self::with_code(kind.code(), message)
     }
 
@@ -207,7 +207,10 @@ impl<E: Classify> From<E> for CommandError {
 }
 
 /// Runs one command.
-pub async fn execute(command: Command, services: &Services) -> Result<Outcome, CommandError> {
+pub(crate) async fn execute(
+    command: Command,
+    services: &Services,
+) -> Result<Outcome, CommandError> {
     let operator = Origin::operator();
     match command {
         Command::AdminTokenCreate { name } => {

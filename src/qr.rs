@@ -14,7 +14,7 @@ const QUIET: usize = 4;
 const PNG_SCALE: usize = 8;
 
 #[derive(Debug, thiserror::Error)]
-pub enum QrError {
+pub(crate) enum QrError {
     #[error("the text does not fit in a QR code: {0}")]
     TooLong(String),
     #[error("PNG encoding failed: {0}")]
@@ -49,7 +49,7 @@ fn modules(code: &QrCode) -> (usize, Vec<bool>) {
 }
 
 /// An SVG document of the code.
-pub fn svg(text: &str) -> Result<String, QrError> {
+pub(crate) fn svg(text: &str) -> Result<String, QrError> {
     let code = encode(text)?;
     Ok(code
         .render::<qrcode::render::svg::Color<'_>>()
@@ -61,7 +61,7 @@ pub fn svg(text: &str) -> Result<String, QrError> {
 }
 
 /// A PNG image of the code (8-bit greyscale, 8 pixels per module).
-pub fn png(text: &str) -> Result<Vec<u8>, QrError> {
+pub(crate) fn png(text: &str) -> Result<Vec<u8>, QrError> {
     let code = encode(text)?;
     let (size, dark) = modules(&code);
     let pixels = size * PNG_SCALE;
@@ -91,7 +91,7 @@ pub fn png(text: &str) -> Result<Vec<u8>, QrError> {
 
 /// The code as terminal text: each line holds two module rows drawn with `▀`, `▄`, `█`
 /// and spaces in black on a white background (ANSI colours), whatever the theme.
-pub fn terminal(text: &str) -> Result<String, QrError> {
+pub(crate) fn terminal(text: &str) -> Result<String, QrError> {
     let code = encode(text)?;
     let (size, dark) = modules(&code);
     let at = |x: usize, y: usize| y < size && dark[y * size + x];

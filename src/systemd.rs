@@ -18,28 +18,28 @@ fn send(states: &[NotifyState<'_>]) {
 }
 
 /// The server accepts connections; `status` is shown by `systemctl status`.
-pub fn ready(status: &str) {
+pub(crate) fn ready(status: &str) {
     send(&[NotifyState::Ready, NotifyState::Status(status)]);
 }
 
 /// A reload (of certificate files) begins; `reloaded` ends it.
-pub fn reloading() {
+pub(crate) fn reloading() {
     send(&[NotifyState::Reloading]);
 }
 
-pub fn reloaded() {
+pub(crate) fn reloaded() {
     send(&[NotifyState::Ready]);
 }
 
 /// The server drains and stops.
-pub fn stopping() {
+pub(crate) fn stopping() {
     send(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
 }
 
 /// With `WatchdogSec=` set, pings systemd at half the interval for as long as the data
 /// file's writer is healthy. A wedged runtime or a failed writer stops the pings, and
 /// systemd restarts the service. Returns `None` without a watchdog.
-pub fn watchdog(store: Store) -> Option<tokio::task::JoinHandle<()>> {
+pub(crate) fn watchdog(store: Store) -> Option<tokio::task::JoinHandle<()>> {
     let mut usec = 0;
     if !sd_notify::watchdog_enabled(false, &mut usec) || usec == 0 {
         return None;

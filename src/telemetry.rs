@@ -9,7 +9,7 @@ use crate::config::LogFormat;
 
 /// Installs the global subscriber. Logs go to stderr; stdout is kept for command output
 /// (a token printed by `admin-token create` must be the only thing on stdout).
-pub fn init(format: LogFormat, filter: &str) {
+pub(crate) fn init(format: LogFormat, filter: &str) {
     let filter = EnvFilter::builder()
         .parse(filter)
         .unwrap_or_else(|_| EnvFilter::new("info"));

@@ -66,7 +66,7 @@ fn certify(key: &KeyPair, names: &[String], now_ms: u64) -> Result<SelfSignedCer
 }
 
 /// When a self-signed certificate expiring at `not_after_ms` is renewed.
-pub fn renew_at_ms(not_after_ms: u64) -> u64 {
+pub(super) fn renew_at_ms(not_after_ms: u64) -> u64 {
     not_after_ms.saturating_sub(SELF_SIGNED_RENEW_BEFORE.as_millis() as u64)
 }
 

@@ -8,6 +8,8 @@
 // A test harness reads `CI`, a tool's path and the real time (certificates from a real
 // CA); clippy.toml keeps those reads out of gatehouse itself.
 #![allow(clippy::disallowed_methods)]
+// Helpers are `pub` for the other test modules; the test binary exports nothing.
+#![allow(unreachable_pub)]
 
 mod acme;
 mod admin_ui;

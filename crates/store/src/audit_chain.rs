@@ -27,14 +27,14 @@ use super::seal::{SealError, Sealer};
 use super::tables::{AUDIT_CHECKPOINT, AUDIT_CHECKPOINT_KEY, AUDIT_EVENTS, SECRETS};
 
 /// The name of the chain key in the secrets table.
-pub const SECRET_AUDIT_CHAIN_KEY: &str = "audit/chain-key";
+pub(crate) const SECRET_AUDIT_CHAIN_KEY: &str = "audit/chain-key";
 
 const RECORD_LABEL: &[u8] = b"gatehouse audit record v1";
 const CHECKPOINT_LABEL: &[u8] = b"gatehouse audit checkpoint v1";
 const TAG_LEN: usize = 32;
 
 /// The HMAC key that tags audit records and checkpoints.
-pub struct ChainKey(hmac::Key);
+pub(crate) struct ChainKey(hmac::Key);
 
 impl std::fmt::Debug for ChainKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -20,7 +20,7 @@ use super::seal::Sealer;
 use super::tables::{self, SECRETS};
 
 /// The name of the self-signed certificate in the secrets table.
-pub const SECRET_SELF_SIGNED: &str = "tls/self-signed";
+pub(crate) const SECRET_SELF_SIGNED: &str = "tls/self-signed";
 
 type Def = TableDefinition<'static, &'static str, &'static [u8]>;
 
@@ -39,9 +39,9 @@ impl<T> std::fmt::Debug for Records<T> {
 }
 
 macro_rules! records_table {
-    ($(#[$doc:meta])* $const:ident: $ty:ty = $table:path, $name:literal, $enc:path, $dec:path) => {
+    ($(#[$doc:meta])* $vis:vis $const:ident: $ty:ty = $table:path, $name:literal, $enc:path, $dec:path) => {
         $(#[$doc])*
-        pub static $const: Records<$ty> = Records {
+        $vis static $const: Records<$ty> = Records {
             table: $table,
             name: $name,
             encode: $enc,
@@ -50,37 +50,37 @@ macro_rules! records_table {
     };
 }
 
-records_table!(ADMIN_TOKENS: AdminToken = tables::ADMIN_TOKENS, "admin_tokens.v1",
+records_table!(pub(crate) ADMIN_TOKENS: AdminToken = tables::ADMIN_TOKENS, "admin_tokens.v1",
     records::encode_admin_token, records::decode_admin_token);
-records_table!(SIGNING_KEYS: SigningKey = tables::SIGNING_KEYS, "signing_keys.v1",
+records_table!(pub SIGNING_KEYS: SigningKey = tables::SIGNING_KEYS, "signing_keys.v1",
     records::encode_signing_key, records::decode_signing_key);
-records_table!(PAIRING_SESSIONS: PairingSession = tables::PAIRING_SESSIONS, "pairing_sessions.v1",
+records_table!(pub PAIRING_SESSIONS: PairingSession = tables::PAIRING_SESSIONS, "pairing_sessions.v1",
     records::encode_pairing_session, records::decode_pairing_session);
-records_table!(DEVICES: Device = tables::DEVICES, "devices.v1",
+records_table!(pub DEVICES: Device = tables::DEVICES, "devices.v1",
     records::encode_device, records::decode_device);
-records_table!(TOKEN_FAMILIES: TokenFamily = tables::TOKEN_FAMILIES, "token_families.v1",
+records_table!(pub TOKEN_FAMILIES: TokenFamily = tables::TOKEN_FAMILIES, "token_families.v1",
     records::encode_token_family, records::decode_token_family);
 records_table!(
     /// Keyed by the lowercase hex SHA-256 of the token text.
-    REFRESH_TOKENS: RefreshToken = tables::REFRESH_TOKENS, "refresh_tokens.v1",
+    pub REFRESH_TOKENS: RefreshToken = tables::REFRESH_TOKENS, "refresh_tokens.v1",
     records::encode_refresh_token, records::decode_refresh_token);
 records_table!(
     /// Keyed by `family_revocation_key`: time order, so appends share the last page.
-    FAMILY_REVOCATIONS: FamilyRevocation = tables::FAMILY_REVOCATIONS, "family_revocations.v1",
+    pub FAMILY_REVOCATIONS: FamilyRevocation = tables::FAMILY_REVOCATIONS, "family_revocations.v1",
     records::encode_family_revocation, records::decode_family_revocation);
-records_table!(REVOKED_TOKENS: RevokedToken = tables::REVOKED_TOKENS, "revoked_tokens.v1",
+records_table!(pub REVOKED_TOKENS: RevokedToken = tables::REVOKED_TOKENS, "revoked_tokens.v1",
     records::encode_revoked_token, records::decode_revoked_token);
-records_table!(CLIENTS: Client = tables::CLIENTS, "clients.v1",
+records_table!(pub CLIENTS: Client = tables::CLIENTS, "clients.v1",
     records::encode_client, records::decode_client);
-records_table!(RATE_WINDOWS: RateWindow = tables::RATE_WINDOWS, "rate_windows.v1",
+records_table!(pub RATE_WINDOWS: RateWindow = tables::RATE_WINDOWS, "rate_windows.v1",
     records::encode_rate_window, records::decode_rate_window);
 records_table!(
     /// Keyed by the subject's text form (`ip:203.0.113.7`).
-    BANS: Ban = tables::BANS, "bans.v1",
+    pub BANS: Ban = tables::BANS, "bans.v1",
     records::encode_ban, records::decode_ban);
 records_table!(
     /// Keyed by the job's name.
-    JOBS: JobState = tables::JOBS, "jobs.v1",
+    pub JOBS: JobState = tables::JOBS, "jobs.v1",
     records::encode_job_state, records::decode_job_state);
 
 /// A set of keys without values: a secondary index kept beside its records, written in
