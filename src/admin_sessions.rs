@@ -26,7 +26,7 @@ pub(crate) const COOKIE: &str = "__Host-gatehouse_session";
 /// Who signed in, and how.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "method", rename_all = "snake_case")]
-pub enum SignedIn {
+pub(crate) enum SignedIn {
     /// With an admin token, by its id.
     AdminToken { id: String },
     /// With a user name and password.
@@ -35,7 +35,7 @@ pub enum SignedIn {
 
 impl SignedIn {
     /// The admin's identity in audit records (`admin:<this>`).
-    pub fn identity(&self) -> String {
+    pub(crate) fn identity(&self) -> String {
         match self {
             Self::AdminToken { id } => id.clone(),
             Self::Password { user } => format!("user:{user}"),
@@ -56,21 +56,21 @@ struct Session {
 
 /// A live session, as a request sees it.
 #[derive(Debug, Clone)]
-pub struct SessionView {
-    pub who: SignedIn,
-    pub csrf: String,
-    pub expires_at_ms: u64,
+pub(crate) struct SessionView {
+    pub(crate) who: SignedIn,
+    pub(crate) csrf: String,
+    pub(crate) expires_at_ms: u64,
 }
 
 /// A session just made: the cookie value (never stored) and its CSRF token.
 #[derive(Debug, Clone)]
-pub struct NewSession {
-    pub cookie: String,
-    pub view: SessionView,
+pub(crate) struct NewSession {
+    pub(crate) cookie: String,
+    pub(crate) view: SessionView,
 }
 
 #[derive(Debug)]
-pub struct AdminSessions {
+pub(crate) struct AdminSessions {
     /// Keyed by SHA-256 of the cookie value: the map never holds a usable cookie.
     sessions: Mutex<HashMap<[u8; 32], Session>>,
     clock: SharedClock,
@@ -92,7 +92,7 @@ fn key_of(cookie: &str) -> [u8; 32] {
 }
 
 impl AdminSessions {
-    pub fn new(store: Store, clock: SharedClock, idle: Duration, max: Duration) -> Self {
+    pub(crate) fn new(store: Store, clock: SharedClock, idle: Duration, max: Duration) -> Self {
         Self {
             sessions: Mutex::new(HashMap::new()),
             clock,
@@ -102,11 +102,11 @@ impl AdminSessions {
         }
     }
 
-    pub fn idle(&self) -> Duration {
+    pub(crate) fn idle(&self) -> Duration {
         self.idle
     }
 
-    pub fn max(&self) -> Duration {
+    pub(crate) fn max(&self) -> Duration {
         self.max
     }
 
@@ -115,7 +115,7 @@ impl AdminSessions {
     }
 
     /// Starts a session for `who`; `None` only if the system has no randomness.
-    pub fn start(&self, who: SignedIn) -> Option<NewSession> {
+    pub(crate) fn start(&self, who: SignedIn) -> Option<NewSession> {
         let cookie = random_text()?;
         let csrf = random_text()?;
         let now = self.clock.now_ms();
@@ -170,7 +170,7 @@ impl AdminSessions {
 
     /// The live session for `cookie`, its idle timer restarted; `None` if unknown,
     /// expired, or its credential is gone.
-    pub fn check(&self, cookie: &str) -> Option<SessionView> {
+    pub(crate) fn check(&self, cookie: &str) -> Option<SessionView> {
         let key = key_of(cookie);
         let now = self.clock.now_ms();
         let session = self.lock().get(&key).cloned()?;
@@ -203,12 +203,8 @@ impl AdminSessions {
     }
 
     /// Ends the session for `cookie`; true if there was one.
-    pub fn end(&self, cookie: &str) -> bool {
+    pub(crate) fn end(&self, cookie: &str) -> bool {
         self.lock().remove(&key_of(cookie)).is_some()
-    }
-
-    pub fn count(&self) -> usize {
-        self.lock().len()
     }
 }
 

@@ -22,8 +22,6 @@ use crate::store::{Store, StoreError};
 const PREFIX: &str = "gha_";
 const ID_BYTES: usize = 8;
 const SECRET_BYTES: usize = 32;
-/// Longest accepted token name, in characters.
-pub const MAX_NAME_CHARS: usize = crate::ids::MAX_CREDENTIAL_NAME;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AdminTokenError {
@@ -60,7 +58,7 @@ impl Classify for AdminTokenError {
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct IssuedToken {
     pub id: String,
-    pub name: String,
+    pub(crate) name: String,
     pub token: String,
 }
 
@@ -70,7 +68,7 @@ pub struct AdminTokenInfo {
     pub id: String,
     pub name: String,
     pub created_at_ms: u64,
-    pub last_used_at_ms: Option<u64>,
+    pub(crate) last_used_at_ms: Option<u64>,
     pub revoked_at_ms: Option<u64>,
 }
 
@@ -129,7 +127,7 @@ impl AdminTokens {
     /// `login.succeeded` audit record, written in the background at most once a minute
     /// per token and address. Losing one such write to a crash loses a minute of
     /// precision.
-    pub fn note_used(&self, id: &str, origin: &Origin) {
+    pub(crate) fn note_used(&self, id: &str, origin: &Origin) {
         let now = self.clock.now_ms();
         {
             let mut written = self.last_written.lock().unwrap_or_else(|p| p.into_inner());
@@ -208,7 +206,7 @@ impl AdminTokens {
     }
 
     /// Every token, revoked ones included, oldest first.
-    pub fn list(&self) -> Result<Vec<AdminTokenInfo>, AdminTokenError> {
+    pub(crate) fn list(&self) -> Result<Vec<AdminTokenInfo>, AdminTokenError> {
         let mut tokens: Vec<AdminTokenInfo> = self
             .store
             .read(|tx| tx.admin_tokens())?
@@ -223,11 +221,6 @@ impl AdminTokens {
             .collect();
         tokens.sort_by(|a, b| (a.created_at_ms, &a.id).cmp(&(b.created_at_ms, &b.id)));
         Ok(tokens)
-    }
-
-    /// Whether any token that still works exists.
-    pub fn any_active(&self) -> Result<bool, AdminTokenError> {
-        Ok(self.list()?.iter().any(|t| t.revoked_at_ms.is_none()))
     }
 
     /// Revokes a token by id; durable before this returns.

@@ -63,9 +63,9 @@ impl Classify for AdminUserError {
 /// What may be shown about a user (never the hash).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AdminUserInfo {
-    pub name: String,
-    pub created_at: String,
-    pub password_changed_at: String,
+    pub(crate) name: String,
+    pub(crate) created_at: String,
+    pub(crate) password_changed_at: String,
 }
 
 impl From<&AdminUser> for AdminUserInfo {
@@ -160,7 +160,7 @@ pub struct AdminUsers {
 }
 
 impl AdminUsers {
-    pub fn new(store: Store, clock: SharedClock) -> Self {
+    pub(crate) fn new(store: Store, clock: SharedClock) -> Self {
         Self {
             store,
             clock,
@@ -190,7 +190,7 @@ impl AdminUsers {
         Ok((name, hash))
     }
 
-    pub fn list(&self) -> Result<Vec<AdminUserInfo>, AdminUserError> {
+    pub(crate) fn list(&self) -> Result<Vec<AdminUserInfo>, AdminUserError> {
         let users = self.store.read(|tx| tx.admin_users())?;
         Ok(users.iter().map(AdminUserInfo::from).collect())
     }
@@ -275,7 +275,11 @@ impl AdminUsers {
 
     /// Checks a name and password; `Refused` for an unknown name or a wrong password
     /// alike, after the same amount of work.
-    pub async fn verify(&self, name: &str, password: &str) -> Result<String, AdminUserError> {
+    pub(crate) async fn verify(
+        &self,
+        name: &str,
+        password: &str,
+    ) -> Result<String, AdminUserError> {
         let user = match validate_name(name) {
             Ok(name) => self.store.read(|tx| tx.admin_user(&name))?,
             Err(_) => None,

@@ -68,7 +68,10 @@ pub enum AppError {
 }
 
 /// Loads the master key; creates `<data>.key` only for a brand-new instance.
-pub fn load_master_key(source: &MasterKeySource, data: &Path) -> Result<MasterKey, AppError> {
+pub(crate) fn load_master_key(
+    source: &MasterKeySource,
+    data: &Path,
+) -> Result<MasterKey, AppError> {
     match MasterKey::load(&source.path) {
         Ok(key) => Ok(key),
         Err(SealError::KeyFileMissing { .. }) if source.origin == KeyOrigin::BesideDataFile => {
@@ -93,7 +96,7 @@ pub fn load_master_key(source: &MasterKeySource, data: &Path) -> Result<MasterKe
 }
 
 /// Opens (or creates) the data file for `config`, logging what happened.
-pub async fn open_store(config: &Config, clock: SharedClock) -> Result<Store, AppError> {
+pub(crate) async fn open_store(config: &Config, clock: SharedClock) -> Result<Store, AppError> {
     open_store_with_report(config, clock)
         .await
         .map(|(store, _)| store)
@@ -118,7 +121,10 @@ async fn open_store_with_report(
 }
 
 /// Opens an existing data file (management commands never create one).
-pub async fn open_existing_store(config: &Config, clock: SharedClock) -> Result<Store, AppError> {
+pub(crate) async fn open_existing_store(
+    config: &Config,
+    clock: SharedClock,
+) -> Result<Store, AppError> {
     if !config.data_path.exists() {
         return Err(AppError::NoDataFile(config.data_path.clone()));
     }
@@ -164,7 +170,7 @@ fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, AppError> {
 #[derive(Debug)]
 pub struct Running {
     pub local_addr: SocketAddr,
-    pub admin_socket: PathBuf,
+    pub(crate) admin_socket: PathBuf,
     /// Set on the first start of an instance: shown once, never stored.
     pub bootstrap_token: Option<IssuedToken>,
     pub tls: Option<Arc<Tls>>,
@@ -496,13 +502,13 @@ impl Running {
 /// SIGTERM and SIGINT handlers, installed before anything is announced: a signal that
 /// arrives at any point after the "listening" line is a clean stop, never a kill.
 #[derive(Debug)]
-pub struct StopSignals {
+pub(crate) struct StopSignals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
 }
 
 impl StopSignals {
-    pub fn install() -> std::io::Result<Self> {
+    pub(crate) fn install() -> std::io::Result<Self> {
         use tokio::signal::unix::{SignalKind, signal};
         Ok(Self {
             term: signal(SignalKind::terminate())?,
@@ -511,7 +517,7 @@ impl StopSignals {
     }
 
     /// Waits for SIGTERM or SIGINT.
-    pub async fn wait(mut self) {
+    pub(crate) async fn wait(mut self) {
         tokio::select! {
             _ = self.term.recv() => tracing::info!("SIGTERM: shutting down"),
             _ = self.int.recv() => tracing::info!("SIGINT: shutting down"),
@@ -520,7 +526,7 @@ impl StopSignals {
 }
 
 /// `gatehouse serve`: start, announce, run until a signal, stop.
-pub async fn serve(config: Config) -> Result<(), AppError> {
+pub(crate) async fn serve(config: Config) -> Result<(), AppError> {
     let clock: SharedClock = Arc::new(crate::clock::SystemClock);
     for source in &config.sources {
         tracing::info!(%source, "configuration loaded");

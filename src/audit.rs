@@ -32,7 +32,7 @@ const MAX_SCAN: usize = 50_000;
 /// How much an event matters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "snake_case")]
-pub enum Severity {
+pub(crate) enum Severity {
     Info,
     Notice,
     Warning,
@@ -40,7 +40,7 @@ pub enum Severity {
 }
 
 impl Severity {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::Info => "info",
             Self::Notice => "notice",
@@ -53,13 +53,13 @@ impl Severity {
 /// Whether the action happened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
-pub enum Outcome {
+pub(crate) enum Outcome {
     Success,
     Failure,
 }
 
 impl Outcome {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::Success => "success",
             Self::Failure => "failure",
@@ -86,7 +86,7 @@ pub enum Actor {
 impl Actor {
     /// The stored text form: `admin:<id>`, `operator`, `device:<id>`, `client:<id>`,
     /// `system`, `anonymous`.
-    pub fn to_text(&self) -> String {
+    pub(crate) fn to_text(&self) -> String {
         match self {
             Self::Admin(id) => format!("admin:{id}"),
             Self::Operator => "operator".into(),
@@ -101,9 +101,9 @@ impl Actor {
 /// Who caused an event, from where, in which request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Origin {
-    pub actor: Actor,
-    pub source: Option<IpAddr>,
-    pub request_id: Option<String>,
+    pub(crate) actor: Actor,
+    pub(crate) source: Option<IpAddr>,
+    pub(crate) request_id: Option<String>,
 }
 
 impl Origin {
@@ -145,11 +145,11 @@ impl Origin {
 /// One thing that happened, before it is stamped with a time and an origin.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Event {
-    pub kind: &'static str,
-    pub severity: Severity,
-    pub outcome: Outcome,
-    pub device: Option<String>,
-    pub details: Map<String, Value>,
+    pub(crate) kind: &'static str,
+    pub(crate) severity: Severity,
+    pub(crate) outcome: Outcome,
+    pub(crate) device: Option<String>,
+    pub(crate) details: Map<String, Value>,
 }
 
 impl Event {
@@ -165,7 +165,7 @@ impl Event {
     }
 
     /// A failed attempt, at `warning` unless raised later.
-    pub fn failure(kind: &'static str) -> Self {
+    pub(crate) fn failure(kind: &'static str) -> Self {
         Self {
             outcome: Outcome::Failure,
             severity: Severity::Warning,
@@ -174,7 +174,7 @@ impl Event {
     }
 
     #[must_use]
-    pub fn severity(mut self, severity: Severity) -> Self {
+    pub(crate) fn severity(mut self, severity: Severity) -> Self {
         self.severity = severity;
         self
     }
@@ -234,7 +234,7 @@ pub struct EventView {
     pub severity: String,
     pub actor: String,
     pub source: Option<String>,
-    pub request_id: Option<String>,
+    pub(crate) request_id: Option<String>,
     pub outcome: String,
     pub device: Option<String>,
     pub details: Value,
@@ -355,10 +355,6 @@ impl AuditLog {
         }
     }
 
-    pub fn retention(&self) -> Duration {
-        self.retention
-    }
-
     /// Appends one event in a transaction of its own (batched with whatever else the
     /// writer has waiting) and answers once it is durable.
     pub async fn record(&self, origin: &Origin, event: Event) -> Result<u64, StoreError> {
@@ -391,7 +387,7 @@ impl AuditLog {
 
     /// Like `record`, for events whose loss must not fail the caller (a stop, a refused
     /// request): a failure to write is logged instead.
-    pub async fn record_or_log(&self, origin: &Origin, event: Event) {
+    pub(crate) async fn record_or_log(&self, origin: &Origin, event: Event) {
         let kind = event.kind;
         if let Err(err) = self.record(origin, event).await {
             tracing::error!(error = %err, event = kind, "cannot write an audit record");
@@ -414,7 +410,7 @@ impl AuditLog {
     }
 
     /// The newest `count` events, oldest first.
-    pub fn tail(&self, count: usize) -> Result<Vec<EventView>, StoreError> {
+    pub(crate) fn tail(&self, count: usize) -> Result<Vec<EventView>, StoreError> {
         let entries = self.store.read(|tx| tx.audit_last(count.min(MAX_PAGE)))?;
         Ok(entries
             .into_iter()

@@ -33,20 +33,20 @@ pub struct BackupPolicy {
 /// What a backup wrote.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BackupReport {
-    pub path: PathBuf,
-    pub bytes: u64,
+    pub(crate) path: PathBuf,
+    pub(crate) bytes: u64,
     pub rows: u64,
-    pub format_version: u32,
+    pub(crate) format_version: u32,
     /// Old scheduled backups removed to keep `backup.keep`.
-    pub removed_old: u64,
+    pub(crate) removed_old: u64,
 }
 
 /// What a restore did.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RestoreReport {
-    pub restored_from: PathBuf,
-    pub rows: u64,
-    pub format_version: u32,
+    pub(crate) restored_from: PathBuf,
+    pub(crate) rows: u64,
+    pub(crate) format_version: u32,
     /// Where the replaced data file was kept (none when there was no data file).
     pub replaced_kept_at: Option<PathBuf>,
     /// True when the backup was sealed under another key and is now under the current.
@@ -115,24 +115,24 @@ pub struct Backups {
 /// A backup ready to stream: the open file (already unlinked, so an interrupted
 /// download leaves nothing behind) and its length.
 #[derive(Debug)]
-pub struct Download {
-    pub file: fs::File,
-    pub bytes: u64,
+pub(crate) struct Download {
+    pub(crate) file: fs::File,
+    pub(crate) bytes: u64,
 }
 
 impl Backups {
-    pub fn new(store: Store, audit: AuditLog, clock: SharedClock, policy: BackupPolicy) -> Self {
+    pub(crate) fn new(
+        store: Store,
+        audit: AuditLog,
+        clock: SharedClock,
+        policy: BackupPolicy,
+    ) -> Self {
         Self {
             store,
             audit,
             clock,
             policy,
         }
-    }
-
-    /// Where scheduled and downloaded backups are written, and how many are kept.
-    pub fn policy(&self) -> &BackupPolicy {
-        &self.policy
     }
 
     /// The same backups with another policy (a scheduler of a test's own).
@@ -174,7 +174,7 @@ impl Backups {
 
     /// A fresh, checked backup to stream to a client: written under a random name in
     /// the backup directory, opened, and unlinked before it is returned.
-    pub async fn download(&self, origin: &Origin) -> Result<Download, BackupError> {
+    pub(crate) async fn download(&self, origin: &Origin) -> Result<Download, BackupError> {
         let dir = self.policy.dir.clone();
         let create_dir = dir.clone();
         tokio::task::spawn_blocking(move || {
@@ -211,7 +211,7 @@ impl Backups {
     /// A scheduled backup: `backup.dir/gatehouse-<UTC time>.redb` (`-2`, `-3`, … added
     /// when a backup of the same second exists, as when a run is asked for twice in a
     /// second), then the oldest scheduled backups beyond `backup.keep` are removed.
-    pub async fn scheduled(&self) -> Result<BackupReport, BackupError> {
+    pub(crate) async fn scheduled(&self) -> Result<BackupReport, BackupError> {
         let policy = &self.policy;
         fs::DirBuilder::new()
             .recursive(true)

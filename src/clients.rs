@@ -15,8 +15,6 @@ use crate::store::records::Client;
 use crate::store::{CLIENTS, Store, StoreError};
 
 const SECRET_PREFIX: &str = "ghc_";
-/// Longest accepted client name, in characters.
-pub const MAX_NAME_CHARS: usize = crate::ids::MAX_CREDENTIAL_NAME;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -54,7 +52,7 @@ impl Classify for ClientError {
 pub struct NewClient {
     pub client_id: ClientId,
     pub client_secret: String,
-    pub name: String,
+    pub(crate) name: String,
 }
 
 /// A client as listed (never its secret or hash).
@@ -62,7 +60,7 @@ pub struct NewClient {
 pub struct ClientInfo {
     pub client_id: ClientId,
     pub name: String,
-    pub created_at: String,
+    pub(crate) created_at: String,
     pub revoked_at: Option<String>,
 }
 
@@ -82,7 +80,7 @@ pub struct Clients {
 }
 
 impl Clients {
-    pub fn new(store: Store, clock: SharedClock) -> Self {
+    pub(crate) fn new(store: Store, clock: SharedClock) -> Self {
         Self { store, clock }
     }
 
@@ -117,7 +115,7 @@ impl Clients {
         })
     }
 
-    pub fn list(&self) -> Result<Vec<ClientInfo>, ClientError> {
+    pub(crate) fn list(&self) -> Result<Vec<ClientInfo>, ClientError> {
         let rows = self.store.read(|tx| tx.all(&CLIENTS))?;
         let mut out: Vec<ClientInfo> = rows
             .iter()
@@ -157,7 +155,7 @@ impl Clients {
     }
 
     /// Checks a client id and secret; `Ok(id)` only for a registered, unrevoked client.
-    pub fn verify(&self, client_id: &str, secret: &str) -> Result<ClientId, ClientError> {
+    pub(crate) fn verify(&self, client_id: &str, secret: &str) -> Result<ClientId, ClientError> {
         let id = ClientId::parse(client_id);
         let record = match id {
             Some(id) => self.store.read(|tx| tx.get(&CLIENTS, &id.to_string()))?,

@@ -21,9 +21,9 @@ use crate::store::records::Device;
 use crate::store::{DEVICES, DEVICES_BY_AGE, Store, StoreError, device_age_key};
 
 /// Longest page of `list`.
-pub const MAX_PAGE: usize = 200;
+pub(crate) const MAX_PAGE: usize = 200;
 /// Page size when none is asked for.
-pub const DEFAULT_PAGE: usize = 50;
+pub(crate) const DEFAULT_PAGE: usize = 50;
 /// Index keys read at a time while a filtered page is gathered.
 const INDEX_CHUNK: usize = 256;
 
@@ -55,12 +55,12 @@ pub struct DeviceView {
     pub id: DeviceId,
     pub name: String,
     pub platform: String,
-    pub app_version: String,
+    pub(crate) app_version: String,
     /// `"active"` or `"revoked"`.
     pub status: String,
-    pub created_at: String,
-    pub last_seen: String,
-    pub paired_from: String,
+    pub(crate) created_at: String,
+    pub(crate) last_seen: String,
+    pub(crate) paired_from: String,
     pub revoked_at: Option<String>,
 }
 
@@ -101,7 +101,7 @@ pub struct DeviceFilter {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct DevicePage {
     pub devices: Vec<DeviceView>,
-    pub next: Option<DeviceId>,
+    pub(crate) next: Option<DeviceId>,
 }
 
 #[derive(Debug, Clone)]
@@ -124,7 +124,7 @@ impl Devices {
     }
 
     /// Notes that a device was just seen (a verified token, a message on its socket).
-    pub fn seen(&self, id: DeviceId) {
+    pub(crate) fn seen(&self, id: DeviceId) {
         let now = self.clock.now_ms();
         self.unwritten_seen
             .lock()
@@ -176,7 +176,7 @@ impl Devices {
         view
     }
 
-    pub fn get(&self, id: &DeviceId) -> Result<Option<DeviceView>, DeviceError> {
+    pub(crate) fn get(&self, id: &DeviceId) -> Result<Option<DeviceView>, DeviceError> {
         let record = self.store.read(|tx| tx.get(&DEVICES, &id.to_string()))?;
         Ok(record.map(|d| self.with_unwritten(DeviceView::new(*id, d.clone()), &d)))
     }

@@ -9,7 +9,7 @@
 
 /// Whose fault a failure is and what the caller can do about it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorKind {
+pub(crate) enum ErrorKind {
     /// The request itself is malformed or out of range; repeating it will not help.
     Invalid,
     /// A secret was not accepted. One answer for every reason, so nothing leaks.
@@ -32,7 +32,7 @@ pub enum ErrorKind {
 
 impl ErrorKind {
     /// The code a client or script sees when the error names no more precise one.
-    pub fn code(self) -> &'static str {
+    pub(crate) fn code(self) -> &'static str {
         match self {
             Self::Invalid => "invalid_request",
             Self::Unauthenticated => "unauthorized",
@@ -47,7 +47,7 @@ impl ErrorKind {
 }
 
 /// A domain error that knows its kind.
-pub trait Classify: std::error::Error {
+pub(crate) trait Classify: std::error::Error {
     /// The kind, from one exhaustive match beside the error enum.
     fn kind(&self) -> ErrorKind;
 

@@ -18,7 +18,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 pub struct RandomError;
 
 /// Fills an array with random bytes from the operating system.
-pub fn random_bytes<const N: usize>() -> Result<[u8; N], RandomError> {
+pub(crate) fn random_bytes<const N: usize>() -> Result<[u8; N], RandomError> {
     let mut out = [0u8; N];
     SystemRandom::new()
         .fill(&mut out)
@@ -27,11 +27,11 @@ pub fn random_bytes<const N: usize>() -> Result<[u8; N], RandomError> {
 }
 
 /// Longest name of a credential (admin token, API client), in characters.
-pub const MAX_CREDENTIAL_NAME: usize = 64;
+pub(crate) const MAX_CREDENTIAL_NAME: usize = 64;
 
 /// A credential's name, trimmed, if it follows the rule: 1 to 64 characters; letters,
 /// digits, spaces and `. _ - @ : /` only (no markup, no control characters).
-pub fn credential_name(name: &str) -> Option<String> {
+pub(crate) fn credential_name(name: &str) -> Option<String> {
     let name = name.trim();
     let ok_char = |c: char| c.is_alphanumeric() || " ._-@:/".contains(c);
     (!name.is_empty() && name.chars().count() <= MAX_CREDENTIAL_NAME && name.chars().all(ok_char))
@@ -41,7 +41,7 @@ pub fn credential_name(name: &str) -> Option<String> {
 /// Compares a presented secret's hash with the stored one in constant time. With no
 /// stored hash (unknown id) it compares against a fixed dummy, so that both paths do the
 /// same work, and answers false.
-pub fn hash_matches(stored: Option<&[u8; 32]>, presented: &[u8; 32]) -> bool {
+pub(crate) fn hash_matches(stored: Option<&[u8; 32]>, presented: &[u8; 32]) -> bool {
     use subtle::ConstantTimeEq;
     const DUMMY: [u8; 32] = [0xA5; 32];
     let equal: bool = stored.unwrap_or(&DUMMY).ct_eq(presented).into();
@@ -49,7 +49,7 @@ pub fn hash_matches(stored: Option<&[u8; 32]>, presented: &[u8; 32]) -> bool {
 }
 
 /// SHA-256 of a secret's bytes, as stored.
-pub fn secret_hash(secret: &[u8]) -> [u8; 32] {
+pub(crate) fn secret_hash(secret: &[u8]) -> [u8; 32] {
     let mut out = [0u8; 32];
     out.copy_from_slice(digest(&SHA256, secret).as_ref());
     out
@@ -134,8 +134,8 @@ macro_rules! define_id {
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("not a valid {kind}: expected {expected} followed by 32 lowercase hex characters")]
 pub struct BadId {
-    pub kind: &'static str,
-    pub expected: &'static str,
+    pub(crate) kind: &'static str,
+    pub(crate) expected: &'static str,
 }
 
 define_id!(
@@ -169,10 +169,10 @@ define_id!(
 pub struct Secret(String);
 
 impl Secret {
-    pub const BYTES: usize = 32;
+    pub(crate) const BYTES: usize = 32;
     const B64_LEN: usize = 43;
 
-    pub fn generate(prefix: &str) -> Result<Self, RandomError> {
+    pub(crate) fn generate(prefix: &str) -> Result<Self, RandomError> {
         let bytes: [u8; Self::BYTES] = random_bytes()?;
         Ok(Self(format!(
             "{prefix}{}",
@@ -184,12 +184,12 @@ impl Secret {
         &self.0
     }
 
-    pub fn into_string(self) -> String {
+    pub(crate) fn into_string(self) -> String {
         self.0
     }
 
     /// The stored form of this secret.
-    pub fn hash(&self) -> [u8; 32] {
+    pub(crate) fn hash(&self) -> [u8; 32] {
         secret_hash(self.0.as_bytes())
     }
 

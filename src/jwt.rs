@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use crate::ids::{DeviceId, FamilyId, TokenId};
 
 /// The longest token accepted anywhere; longer input is refused before it is decoded.
-pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
+pub(crate) const MAX_TOKEN_BYTES: usize = 8 * 1024;
 /// Our header is about 120 base64url characters; this leaves room and bounds the work.
 const MAX_HEADER_B64: usize = 512;
 /// Our claims are about 400 base64url characters.
@@ -44,7 +44,7 @@ pub const ACCESS_TOKEN_TYP: &str = "at+jwt";
 // The provider
 
 /// jsonwebtoken's cryptography, backed by ring: EdDSA, ES256 and HS256 only.
-pub static RING_PROVIDER: CryptoProvider = CryptoProvider {
+pub(crate) static RING_PROVIDER: CryptoProvider = CryptoProvider {
     signer_factory: new_signer,
     verifier_factory: new_verifier,
     key_utils: KeyUtils {
@@ -60,7 +60,7 @@ pub static RING_PROVIDER: CryptoProvider = CryptoProvider {
 /// `RING_PROVIDER` itself. jsonwebtoken's own `crypto::verify` looks up a process-wide
 /// provider and panics when none was installed; going to ours directly leaves no such
 /// state to forget.
-pub fn verify_signature(
+pub(crate) fn verify_signature(
     signature: &str,
     message: &[u8],
     key: &DecodingKey,

@@ -24,7 +24,7 @@ use serde::Serialize;
 
 use crate::audit::{self, Event, Origin, Severity};
 use crate::clock::{SharedClock, format_rfc3339, millis};
-pub use crate::config::KeyAlgorithm;
+pub(crate) use crate::config::KeyAlgorithm;
 use crate::error_kind::{Classify, ErrorKind};
 use crate::jwt::{self, AccessClaims};
 use crate::live::Changes;
@@ -33,10 +33,10 @@ use crate::store::{SIGNING_KEYS, Store, StoreError};
 
 /// How long a next key must have been published before an ordinary rotation may make it
 /// active: twice the JWKS `max-age`, so every cache that honours it has refetched.
-pub const NEXT_KEY_MIN_PUBLISHED: Duration = Duration::from_secs(2 * JWKS_MAX_AGE_SECS);
+pub(crate) const NEXT_KEY_MIN_PUBLISHED: Duration = Duration::from_secs(2 * JWKS_MAX_AGE_SECS);
 
 /// The JWKS response's `Cache-Control: max-age`.
-pub const JWKS_MAX_AGE_SECS: u64 = 300;
+pub(crate) const JWKS_MAX_AGE_SECS: u64 = 300;
 
 /// How a key algorithm meets jsonwebtoken and the data file.
 impl KeyAlgorithm {
@@ -73,7 +73,7 @@ pub enum KeyState {
 }
 
 impl KeyState {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::Next => "next",
             Self::Active => "active",
@@ -143,22 +143,22 @@ impl std::fmt::Debug for KeySigner {
 /// One key as held in memory: its record, its parsed verifier and, for next and active
 /// keys, its parsed private key.
 #[derive(Debug)]
-pub struct LoadedKey {
-    pub kid: String,
-    pub algorithm: KeyAlgorithm,
-    pub record: SigningKey,
+pub(crate) struct LoadedKey {
+    pub(crate) kid: String,
+    pub(crate) algorithm: KeyAlgorithm,
+    pub(crate) record: SigningKey,
     decoding: DecodingKey,
     signer: Option<KeySigner>,
     encoded_header: String,
 }
 
 impl LoadedKey {
-    pub fn state(&self) -> KeyState {
+    pub(crate) fn state(&self) -> KeyState {
         self.record.state.into()
     }
 
     /// Whether a token signed by this key may be accepted at `now_ms`.
-    pub fn verifies_at(&self, now_ms: u64) -> bool {
+    pub(crate) fn verifies_at(&self, now_ms: u64) -> bool {
         match self.record.state {
             StoredKeyState::Active => true,
             StoredKeyState::Retiring => self.record.verify_until_ms.is_some_and(|t| now_ms < t),
@@ -168,7 +168,7 @@ impl LoadedKey {
 
     /// Checks `signature` (base64url) over `signing_input` through jsonwebtoken's crypto
     /// provider, with this key's algorithm pinned: the token's own `alg` plays no part.
-    pub fn verify_signature(&self, signing_input: &str, signature: &str) -> bool {
+    pub(crate) fn verify_signature(&self, signing_input: &str, signature: &str) -> bool {
         crate::jwt::verify_signature(
             signature,
             signing_input.as_bytes(),
@@ -243,16 +243,16 @@ pub struct KeyInfo {
     pub kid: String,
     pub alg: String,
     pub state: KeyState,
-    pub created_at: String,
-    pub activated_at: Option<String>,
-    pub retiring_at: Option<String>,
+    pub(crate) created_at: String,
+    pub(crate) activated_at: Option<String>,
+    pub(crate) retiring_at: Option<String>,
     pub revoked_at: Option<String>,
     pub verify_until: Option<String>,
 }
 
 /// An immutable view of the ring, swapped whole after each change.
 #[derive(Debug)]
-pub struct KeySet {
+pub(crate) struct KeySet {
     keys: HashMap<String, Arc<LoadedKey>>,
     active: Option<Arc<LoadedKey>>,
     jwks: Arc<str>,
@@ -261,12 +261,12 @@ pub struct KeySet {
 impl KeySet {
     /// The key named by a token's `kid`; `None` for any name we do not hold (the lookup is
     /// an exact map lookup, so a `kid` is never interpreted as a path or query).
-    pub fn get(&self, kid: &str) -> Option<&Arc<LoadedKey>> {
+    pub(crate) fn get(&self, kid: &str) -> Option<&Arc<LoadedKey>> {
         self.keys.get(kid)
     }
 
     /// The JWKS document (RFC 7517 section 5), rendered once per change.
-    pub fn jwks(&self) -> Arc<str> {
+    pub(crate) fn jwks(&self) -> Arc<str> {
         self.jwks.clone()
     }
 }
@@ -435,7 +435,7 @@ pub struct KeyRing {
 
 impl KeyRing {
     /// Loads the ring, making sure there is an active and a next key.
-    pub async fn open(
+    pub(crate) async fn open(
         store: Store,
         clock: SharedClock,
         algorithm: KeyAlgorithm,
@@ -460,7 +460,7 @@ impl KeyRing {
     }
 
     /// The current snapshot.
-    pub fn snapshot(&self) -> Arc<KeySet> {
+    pub(crate) fn snapshot(&self) -> Arc<KeySet> {
         match self.current.read() {
             Ok(set) => set.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),

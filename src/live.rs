@@ -36,14 +36,14 @@ impl Changes {
         self.sender.send_modify(|n| *n = n.wrapping_add(1));
     }
 
-    pub fn subscribe(&self) -> watch::Receiver<u64> {
+    pub(crate) fn subscribe(&self) -> watch::Receiver<u64> {
         self.sender.subscribe()
     }
 }
 
 /// Why a connection was refused before it was upgraded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum Refused {
+pub(crate) enum Refused {
     #[error("the server holds its maximum number of live connections")]
     Full,
     #[error("this address holds its maximum number of live connections")]
@@ -70,7 +70,7 @@ pub struct LiveConnections {
 
 /// One open connection's place; dropping it frees the place.
 #[derive(Debug)]
-pub struct Slot {
+pub(crate) struct Slot {
     live: Arc<LiveConnections>,
     ip: IpAddr,
 }
@@ -89,7 +89,7 @@ impl Drop for Slot {
 }
 
 impl LiveConnections {
-    pub fn new(max_total: usize, max_per_ip: usize, messages_per_second: u32) -> Arc<Self> {
+    pub(crate) fn new(max_total: usize, max_per_ip: usize, messages_per_second: u32) -> Arc<Self> {
         Arc::new(Self {
             max_total,
             max_per_ip,
@@ -101,16 +101,16 @@ impl LiveConnections {
     }
 
     /// Tells every live connection to close (the server is stopping).
-    pub fn close_all(&self) {
+    pub(crate) fn close_all(&self) {
         self.closing.send_replace(true);
     }
 
-    pub fn closing(&self) -> watch::Receiver<bool> {
+    pub(crate) fn closing(&self) -> watch::Receiver<bool> {
         self.closing.subscribe()
     }
 
     /// Takes a place for a connection from `ip`, or says why there is none.
-    pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Slot, Refused> {
+    pub(crate) fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Slot, Refused> {
         let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
         if counts.total >= self.max_total {
             return Err(Refused::Full);
@@ -134,7 +134,7 @@ impl LiveConnections {
     }
 
     /// The message budget of a device, shared by all its connections.
-    pub fn budget(&self, device: DeviceId) -> Arc<Mutex<MessageBudget>> {
+    pub(crate) fn budget(&self, device: DeviceId) -> Arc<Mutex<MessageBudget>> {
         let mut budgets = self.budgets.lock().unwrap_or_else(|p| p.into_inner());
         // Budgets of devices with no connection left are dropped as the map grows.
         if budgets.len() > 4 * self.max_total.max(1) {
@@ -146,14 +146,14 @@ impl LiveConnections {
             .clone()
     }
 
-    pub fn messages_per_second(&self) -> u32 {
+    pub(crate) fn messages_per_second(&self) -> u32 {
         self.messages_per_second
     }
 }
 
 /// A token bucket: `rate` messages a second, bursts up to twice that.
 #[derive(Debug, Clone)]
-pub struct MessageBudget {
+pub(crate) struct MessageBudget {
     rate: f64,
     burst: f64,
     tokens: f64,
@@ -161,7 +161,7 @@ pub struct MessageBudget {
 }
 
 impl MessageBudget {
-    pub fn new(per_second: u32) -> Self {
+    pub(crate) fn new(per_second: u32) -> Self {
         let rate = f64::from(per_second.max(1));
         Self {
             rate,
@@ -172,7 +172,7 @@ impl MessageBudget {
     }
 
     /// Spends one message at `now`; `false` when the budget is exhausted.
-    pub fn spend(&mut self, now: std::time::Instant) -> bool {
+    pub(crate) fn spend(&mut self, now: std::time::Instant) -> bool {
         if let Some(last) = self.last {
             let elapsed = now.saturating_duration_since(last).as_secs_f64();
             self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);

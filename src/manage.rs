@@ -182,8 +182,8 @@ pub(crate) enum Outcome {
 #[derive(Debug, Clone, Serialize, Deserialize, thiserror::Error)]
 #[error("{message}")]
 pub(crate) struct CommandError {
-    pub code: String,
-    pub message: String,
+    pub(crate) code: String,
+    pub(crate) message: String,
 }
 
 impl CommandError {

@@ -30,11 +30,11 @@ use crate::store::{DEVICES, DEVICES_BY_AGE, PAIRING_SESSIONS, Store, StoreError,
 use crate::tokens::{NewFamily, TokenAuthority, TokenError, TokenPair};
 
 /// The shortest session an operator may open.
-pub const MIN_TTL: Duration = Duration::from_secs(30);
+pub(crate) const MIN_TTL: Duration = Duration::from_secs(30);
 /// Longest accepted lengths of the device fields, in characters.
-pub const MAX_DEVICE_NAME: usize = 64;
-pub const MAX_PLATFORM: usize = 32;
-pub const MAX_APP_VERSION: usize = 32;
+pub(crate) const MAX_DEVICE_NAME: usize = 64;
+pub(crate) const MAX_PLATFORM: usize = 32;
+pub(crate) const MAX_APP_VERSION: usize = 32;
 /// A presented secret longer than this is wrong without being hashed.
 const MAX_SECRET_LEN: usize = 128;
 /// Expired sessions are kept this long (for `pair` to say "used" or "expired" in the
@@ -117,9 +117,9 @@ pub struct ServerIdentity {
 pub struct NewSession {
     pub session_id: SessionId,
     pub secret: String,
-    pub pairing_uri: String,
-    pub expires_at_ms: u64,
-    pub name: Option<String>,
+    pub(crate) pairing_uri: String,
+    pub(crate) expires_at_ms: u64,
+    pub(crate) name: Option<String>,
 }
 
 /// What an app says about itself when pairing.
@@ -133,7 +133,7 @@ pub struct DeviceInfo {
 
 /// A device's (or pairing session's) name, trimmed, if it is 1 to 64 characters without
 /// control characters; the rule `DeviceInfo` and device renames share.
-pub fn device_name(name: &str) -> Option<String> {
+pub(crate) fn device_name(name: &str) -> Option<String> {
     check_text("name", name, MAX_DEVICE_NAME).ok()
 }
 
@@ -221,7 +221,7 @@ pub struct PairingSessions {
 }
 
 impl PairingSessions {
-    pub fn new(
+    pub(crate) fn new(
         store: Store,
         clock: SharedClock,
         tokens: Arc<TokenAuthority>,
@@ -308,14 +308,14 @@ impl PairingSessions {
     }
 
     /// A session's record, for the admin UI.
-    pub fn get(&self, id: &SessionId) -> Result<Option<PairingSession>, PairingError> {
+    pub(crate) fn get(&self, id: &SessionId) -> Result<Option<PairingSession>, PairingError> {
         Ok(self
             .store
             .read(|tx| tx.get(&PAIRING_SESSIONS, &id.to_string()))?)
     }
 
     /// The pairing URI of a session that is still open, for its QR code.
-    pub fn open_uri(&self, id: &SessionId) -> Result<String, PairingError> {
+    pub(crate) fn open_uri(&self, id: &SessionId) -> Result<String, PairingError> {
         let session = self.get(id)?.ok_or(PairingError::UnknownSession)?;
         let now = self.clock.now_ms();
         if session.claimed_at_ms.is_some() || now >= session.expires_at_ms {
@@ -485,7 +485,7 @@ impl PairingSessions {
     }
 
     /// Deletes sessions that expired more than a day ago. For the scheduler.
-    pub async fn prune_expired(&self) -> Result<u64, PairingError> {
+    pub(crate) async fn prune_expired(&self) -> Result<u64, PairingError> {
         let cutoff = self.clock.now_ms().saturating_sub(millis(KEEP_EXPIRED));
         Ok(self
             .store

@@ -34,7 +34,7 @@ use crate::store::{
 
 /// The journal is folded once it holds this many families (the in-memory set is then
 /// about 9 MiB: 16 bytes a family in a hash set at most seven-eighths full)...
-pub const FOLD_AT: usize = 262_144;
+pub(crate) const FOLD_AT: usize = 262_144;
 /// ...or when this long has passed since the last fold and it holds any.
 pub const FOLD_EVERY: Duration = Duration::from_secs(60);
 /// A fold reads the journal in rounds of this many entries (oldest first), so that the
@@ -194,7 +194,7 @@ impl RevocationList {
             || revoked.devices.contains(device)
     }
 
-    pub fn is_device_revoked(&self, device: &DeviceId) -> bool {
+    pub(crate) fn is_device_revoked(&self, device: &DeviceId) -> bool {
         self.read().devices.contains(device)
     }
 
@@ -237,7 +237,7 @@ impl RevocationList {
 
     /// Marks a family revoked inside a caller's transaction (refresh-token reuse is
     /// detected inside the refresh transaction). Call `remember_family` once committed.
-    pub fn revoke_family_in(
+    pub(crate) fn revoke_family_in(
         tx: &WriteTx<'_>,
         family_id: &FamilyId,
         family: &mut TokenFamily,
@@ -253,7 +253,7 @@ impl RevocationList {
     }
 
     /// Mirrors a family revocation committed by `revoke_family_in`.
-    pub fn remember_family(&self, family: FamilyId) {
+    pub(crate) fn remember_family(&self, family: FamilyId) {
         let forget_at = self
             .clock
             .now_ms()
@@ -266,7 +266,7 @@ impl RevocationList {
     /// this returns. Unknown families are ignored: there is nothing to revoke. The
     /// revocation goes to the journal (see the module docs); a failed write leaves the
     /// family refused in memory until the next start.
-    pub async fn revoke_family(
+    pub(crate) async fn revoke_family(
         &self,
         family_id: FamilyId,
         reason: &str,
@@ -462,7 +462,7 @@ impl RevocationList {
 
     /// Forgets entries whose tokens can no longer verify: rows of revoked access tokens
     /// past their expiry plus `leeway`, and in-memory family entries past their window.
-    pub async fn prune(&self, leeway: Duration) -> Result<u64, StoreError> {
+    pub(crate) async fn prune(&self, leeway: Duration) -> Result<u64, StoreError> {
         let cutoff = self.clock.now_ms().saturating_sub(millis(leeway));
         let now = self.clock.now_ms();
         let removed = self

@@ -41,11 +41,11 @@ pub enum ServicesError {
 pub struct Services {
     pub store: Store,
     pub clock: SharedClock,
-    pub master_key: MasterKeySource,
+    pub(crate) master_key: MasterKeySource,
     pub admin_tokens: AdminTokens,
     pub admin_users: AdminUsers,
     /// Admin UI sessions (in memory only).
-    pub admin_sessions: Arc<crate::admin_sessions::AdminSessions>,
+    pub(crate) admin_sessions: Arc<crate::admin_sessions::AdminSessions>,
     pub keys: Arc<KeyRing>,
     pub revocations: Arc<RevocationList>,
     pub tokens: Arc<TokenAuthority>,
@@ -67,13 +67,13 @@ pub struct Services {
     pub backups: Backups,
     /// What the server's listener serves (set by `app`; none for the offline CLI or with
     /// TLS off).
-    pub tls: Option<Arc<crate::tls::Tls>>,
+    pub(crate) tls: Option<Arc<crate::tls::Tls>>,
 }
 
 /// The issuer when none is configured: the first domain when there is one, else the
 /// listen address (fine on loopback; a server reachable under a name should set
 /// `tokens.issuer` or a domain).
-pub fn issuer(config: &Config, local_addr: SocketAddr) -> String {
+pub(crate) fn issuer(config: &Config, local_addr: SocketAddr) -> String {
     if let Some(issuer) = &config.tokens.issuer {
         return issuer.clone();
     }

@@ -38,7 +38,7 @@ use crate::store::{
 };
 
 /// Refresh tokens read `ghr_<43 base64url characters>`.
-pub const REFRESH_PREFIX: &str = "ghr_";
+pub(crate) const REFRESH_PREFIX: &str = "ghr_";
 
 /// Fixed settings of the authority.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,7 +46,7 @@ pub struct TokenSettings {
     pub issuer: String,
     pub audience: String,
     pub access_ttl: Duration,
-    pub refresh_ttl: Duration,
+    pub(crate) refresh_ttl: Duration,
     pub leeway: Duration,
 }
 
@@ -77,7 +77,7 @@ pub enum Rejection {
 
 impl Rejection {
     /// A short stable name for logs and metrics.
-    pub fn code(&self) -> &'static str {
+    pub(crate) fn code(&self) -> &'static str {
         match self {
             Self::Malformed(_) => "malformed",
             Self::WrongType => "wrong_typ",
@@ -139,37 +139,37 @@ pub struct Verified {
 /// What `/v1/pair` and `/v1/token` answer.
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct TokenPair {
-    pub device_id: DeviceId,
-    pub access_token: String,
-    pub refresh_token: String,
-    pub token_type: String,
-    pub expires_in: u64,
+    pub(crate) device_id: DeviceId,
+    pub(crate) access_token: String,
+    pub(crate) refresh_token: String,
+    pub(crate) token_type: String,
+    pub(crate) expires_in: u64,
 }
 
 /// An RFC 7662 introspection answer. Inactive answers carry `active: false` only.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
-pub struct Introspection {
-    pub active: bool,
+pub(crate) struct Introspection {
+    pub(crate) active: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub token_type: Option<String>,
+    pub(crate) token_type: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub iss: Option<String>,
+    pub(crate) iss: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub aud: Option<String>,
+    pub(crate) aud: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub sub: Option<String>,
+    pub(crate) sub: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub exp: Option<u64>,
+    pub(crate) exp: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub nbf: Option<u64>,
+    pub(crate) nbf: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub iat: Option<u64>,
+    pub(crate) iat: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub jti: Option<String>,
+    pub(crate) jti: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub sid: Option<String>,
+    pub(crate) sid: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub scope: Option<String>,
+    pub(crate) scope: Option<String>,
 }
 
 /// A new refresh-token family, generated outside the write transaction that stores it
@@ -289,7 +289,7 @@ pub struct TokenAuthority {
 }
 
 impl TokenAuthority {
-    pub fn new(
+    pub(crate) fn new(
         store: Store,
         clock: SharedClock,
         keys: Arc<KeyRing>,
@@ -369,7 +369,7 @@ impl TokenAuthority {
     }
 
     /// The pair answered to a device: a fresh access token and the given refresh token.
-    pub fn pair_for(
+    pub(crate) fn pair_for(
         &self,
         device: DeviceId,
         family: FamilyId,
@@ -386,7 +386,11 @@ impl TokenAuthority {
 
     /// The refresh grant: spends `presented` and returns a new pair. A spent token
     /// revokes its family (durably) and is refused like any invalid one.
-    pub async fn refresh(&self, presented: &str, origin: &Origin) -> Result<TokenPair, TokenError> {
+    pub(crate) async fn refresh(
+        &self,
+        presented: &str,
+        origin: &Origin,
+    ) -> Result<TokenPair, TokenError> {
         if !Secret::well_formed(presented, REFRESH_PREFIX) {
             tracing::debug!(reason = "malformed", "refresh refused");
             self.audit_refused(origin, "malformed").await?;
@@ -590,7 +594,7 @@ impl TokenAuthority {
 
     /// RFC 7662: what the caller may know about `token`. Anything not valid now is
     /// `{"active": false}` and nothing more.
-    pub fn introspect(&self, token: &str) -> Introspection {
+    pub(crate) fn introspect(&self, token: &str) -> Introspection {
         if token.starts_with(REFRESH_PREFIX) {
             return self.introspect_refresh(token);
         }
@@ -661,7 +665,7 @@ impl TokenAuthority {
     /// (and so every access token from it) with it; an access token is revoked alone.
     /// Unknown, invalid or expired tokens are not an error: there is nothing to revoke.
     /// Durable when this returns.
-    pub async fn revoke(&self, token: &str, origin: &Origin) -> Result<bool, TokenError> {
+    pub(crate) async fn revoke(&self, token: &str, origin: &Origin) -> Result<bool, TokenError> {
         if token.starts_with(REFRESH_PREFIX) {
             if !Secret::well_formed(token, REFRESH_PREFIX) {
                 return Ok(false);

@@ -31,7 +31,7 @@ use crate::store::seal::MasterKey;
     about = "Device pairing, tokens, rate limits, audit and TLS for a small app, in one binary",
     long_about = None
 )]
-pub struct Cli {
+pub(crate) struct Cli {
     /// The data file [env: GATEHOUSE_DATA] [default: $STATE_DIRECTORY/gatehouse.redb, else ./gatehouse.redb]
     #[arg(long, global = true, value_name = "PATH")]
     data: Option<PathBuf>,

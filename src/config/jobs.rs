@@ -27,7 +27,7 @@ pub enum JobName {
 }
 
 impl JobName {
-    pub const ALL: [Self; 5] = [
+    pub(crate) const ALL: [Self; 5] = [
         Self::RotateKeys,
         Self::PruneAudit,
         Self::PruneRevocations,
@@ -46,7 +46,7 @@ impl JobName {
     }
 
     /// The default schedule (six fields: seconds first).
-    pub const fn default_schedule(self) -> &'static str {
+    pub(crate) const fn default_schedule(self) -> &'static str {
         match self {
             Self::RotateKeys => "0 0 3 1 * *",
             Self::PruneAudit => "0 30 3 * * *",
@@ -94,7 +94,7 @@ pub struct CronSchedule {
 
 impl CronSchedule {
     /// Parses five fields (minute first) or six or seven (second first, optional year).
-    pub fn parse(text: &str) -> Result<Self, String> {
+    pub(crate) fn parse(text: &str) -> Result<Self, String> {
         let text = text.split_whitespace().collect::<Vec<_>>().join(" ");
         let fields = text.split(' ').count();
         let full = match fields {
@@ -119,12 +119,12 @@ impl CronSchedule {
         Ok(Self { text, schedule })
     }
 
-    pub fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         &self.text
     }
 
     /// The first time strictly after `after_ms`, in `zone`.
-    pub fn next_after(&self, after_ms: u64, zone: FixedOffset) -> Option<u64> {
+    pub(crate) fn next_after(&self, after_ms: u64, zone: FixedOffset) -> Option<u64> {
         let after = zone
             .timestamp_millis_opt(i64::try_from(after_ms).ok()?)
             .single()?;
@@ -163,7 +163,7 @@ pub struct JobsConfig {
     pub schedules: BTreeMap<JobName, Option<CronSchedule>>,
     /// Jobs that run once at start when a scheduled run was missed while stopped.
     pub catch_up: Vec<JobName>,
-    pub timezone: FixedOffset,
+    pub(crate) timezone: FixedOffset,
 }
 
 impl Default for JobsConfig {

@@ -29,7 +29,7 @@ pub use settings::{Builtin, SETTINGS, Setting};
 pub use values::{KeyAlgorithm, KeyOrigin, LogFormat, MasterKeySource, Rate, TlsMode};
 
 /// The longest a pairing session may stay open, by setting or by request.
-pub const PAIRING_MAX_TTL: Duration = Duration::from_secs(3600);
+pub(crate) const PAIRING_MAX_TTL: Duration = Duration::from_secs(3600);
 
 /// The file read when neither `--config` nor `GATEHOUSE_CONFIG` names one.
 const PACKAGED_CONFIG_FILE: &str = "/etc/gatehouse/gatehouse.toml";
@@ -84,19 +84,19 @@ pub enum ConfigError {
 /// Limits and timeouts of the HTTPS listener.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerConfig {
-    pub listen: SocketAddr,
+    pub(crate) listen: SocketAddr,
     /// The plain-HTTP listener that redirects to HTTPS (`None`: off).
-    pub http_listen: Option<SocketAddr>,
-    pub max_body_bytes: usize,
-    pub header_read_timeout: Duration,
-    pub request_timeout: Duration,
-    pub tls_handshake_timeout: Duration,
-    pub idle_timeout: Duration,
-    pub max_connections: usize,
-    pub max_header_bytes: usize,
-    pub max_headers: usize,
-    pub shutdown_grace: Duration,
-    pub h2_max_concurrent_streams: u32,
+    pub(crate) http_listen: Option<SocketAddr>,
+    pub(crate) max_body_bytes: usize,
+    pub(crate) header_read_timeout: Duration,
+    pub(crate) request_timeout: Duration,
+    pub(crate) tls_handshake_timeout: Duration,
+    pub(crate) idle_timeout: Duration,
+    pub(crate) max_connections: usize,
+    pub(crate) max_header_bytes: usize,
+    pub(crate) max_headers: usize,
+    pub(crate) shutdown_grace: Duration,
+    pub(crate) h2_max_concurrent_streams: u32,
 }
 
 /// Placeholders only: every field is set by its setting's default, or worked out from
@@ -122,75 +122,75 @@ impl Default for ServerConfig {
 
 /// The token authority's settings.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct TokenConfig {
+pub(crate) struct TokenConfig {
     /// `iss` of issued tokens; `None`: derived from the domain or listen address at
     /// start.
-    pub issuer: Option<String>,
+    pub(crate) issuer: Option<String>,
     /// `aud` of issued tokens; `None`: the issuer.
-    pub audience: Option<String>,
-    pub access_ttl: Duration,
-    pub refresh_ttl: Duration,
+    pub(crate) audience: Option<String>,
+    pub(crate) access_ttl: Duration,
+    pub(crate) refresh_ttl: Duration,
     /// Clock skew allowed when checking `exp` and `nbf`.
-    pub leeway: Duration,
-    pub key_algorithm: KeyAlgorithm,
+    pub(crate) leeway: Duration,
+    pub(crate) key_algorithm: KeyAlgorithm,
     /// How long a pairing session stays open when its creator names no TTL.
-    pub pairing_ttl: Duration,
+    pub(crate) pairing_ttl: Duration,
 }
 
 /// Every rate-limit policy's rate, and the bound on the subjects tracked.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct RateLimitConfig {
-    pub pairing: Rate,
-    pub refresh: Rate,
-    pub introspection: Rate,
-    pub admin_login: Rate,
-    pub ws_messages: Rate,
-    pub per_ip: Rate,
+pub(crate) struct RateLimitConfig {
+    pub(crate) pairing: Rate,
+    pub(crate) refresh: Rate,
+    pub(crate) introspection: Rate,
+    pub(crate) admin_login: Rate,
+    pub(crate) ws_messages: Rate,
+    pub(crate) per_ip: Rate,
     /// Windows held in memory at most (oldest forgotten first).
-    pub max_keys: usize,
+    pub(crate) max_keys: usize,
 }
 
 /// Brute-force lockout.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct LockoutConfig {
-    pub max_failures: u32,
-    pub window: Duration,
-    pub ban: Duration,
-    pub max_ban: Duration,
+pub(crate) struct LockoutConfig {
+    pub(crate) max_failures: u32,
+    pub(crate) window: Duration,
+    pub(crate) ban: Duration,
+    pub(crate) max_ban: Duration,
 }
 
 /// Where certificates come from.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct TlsConfig {
+pub(crate) struct TlsConfig {
     /// DNS names served (and ordered from the ACME CA).
-    pub domains: Vec<String>,
-    pub acme: AcmeConfig,
+    pub(crate) domains: Vec<String>,
+    pub(crate) acme: AcmeConfig,
     /// `files` mode: the PEM chain and key.
-    pub cert_file: Option<PathBuf>,
-    pub key_file: Option<PathBuf>,
+    pub(crate) cert_file: Option<PathBuf>,
+    pub(crate) key_file: Option<PathBuf>,
 }
 
 /// The ACME CA and account.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct AcmeConfig {
+pub(crate) struct AcmeConfig {
     /// The directory URL.
-    pub directory: String,
+    pub(crate) directory: String,
     /// `mailto:` contacts of the account.
-    pub contact: Vec<String>,
+    pub(crate) contact: Vec<String>,
     /// Extra roots to trust for the directory's HTTPS (a private CA, or a test CA).
-    pub ca_root: Option<PathBuf>,
+    pub(crate) ca_root: Option<PathBuf>,
     /// First wait after a failed order; doubles up to a day.
-    pub retry: Duration,
+    pub(crate) retry: Duration,
     /// External Account Binding: the key id and the file with the MAC key.
-    pub eab_kid: Option<String>,
-    pub eab_key_file: Option<PathBuf>,
+    pub(crate) eab_kid: Option<String>,
+    pub(crate) eab_key_file: Option<PathBuf>,
 }
 
 /// Admin UI sessions.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct SessionConfig {
-    pub idle: Duration,
-    pub max: Duration,
+pub(crate) struct SessionConfig {
+    pub(crate) idle: Duration,
+    pub(crate) max: Duration,
 }
 
 /// Cross-origin access to the API from browsers.
@@ -198,32 +198,32 @@ pub struct SessionConfig {
 pub struct CorsConfig {
     /// Origins (`https://app.example.com`) allowed to call the API; `*` for any (only
     /// without credentials). Empty: no CORS headers at all.
-    pub allowed_origins: Vec<String>,
+    pub(crate) allowed_origins: Vec<String>,
     /// Whether browsers may send cookies and `Authorization` cross-origin.
-    pub allow_credentials: bool,
+    pub(crate) allow_credentials: bool,
 }
 
 /// Backup settings.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct BackupConfig {
+pub(crate) struct BackupConfig {
     /// Where scheduled backups go.
-    pub dir: PathBuf,
+    pub(crate) dir: PathBuf,
     /// How many scheduled backups are kept.
-    pub keep: usize,
+    pub(crate) keep: usize,
 }
 
 /// Audit-log settings.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct AuditConfig {
-    pub retention: Duration,
+pub(crate) struct AuditConfig {
+    pub(crate) retention: Duration,
 }
 
 /// The WebSocket channel's limits.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct WsConfig {
-    pub max_connections: usize,
-    pub max_connections_per_ip: usize,
-    pub messages_per_second: u32,
+pub(crate) struct WsConfig {
+    pub(crate) max_connections: usize,
+    pub(crate) max_connections_per_ip: usize,
+    pub(crate) messages_per_second: u32,
 }
 
 /// The validated configuration.
@@ -231,23 +231,23 @@ pub struct WsConfig {
 pub struct Config {
     pub data_path: PathBuf,
     pub master_key: MasterKeySource,
-    pub admin_socket: PathBuf,
+    pub(crate) admin_socket: PathBuf,
     pub server: ServerConfig,
-    pub tls_mode: TlsMode,
-    pub tls: TlsConfig,
-    pub sessions: SessionConfig,
+    pub(crate) tls_mode: TlsMode,
+    pub(crate) tls: TlsConfig,
+    pub(crate) sessions: SessionConfig,
     pub cors: CorsConfig,
-    pub log_format: LogFormat,
-    pub log_filter: String,
-    pub tokens: TokenConfig,
-    pub ws: WsConfig,
-    pub ratelimit: RateLimitConfig,
-    pub lockout: LockoutConfig,
-    pub audit: AuditConfig,
-    pub jobs: JobsConfig,
-    pub backup: BackupConfig,
+    pub(crate) log_format: LogFormat,
+    pub(crate) log_filter: String,
+    pub(crate) tokens: TokenConfig,
+    pub(crate) ws: WsConfig,
+    pub(crate) ratelimit: RateLimitConfig,
+    pub(crate) lockout: LockoutConfig,
+    pub(crate) audit: AuditConfig,
+    pub(crate) jobs: JobsConfig,
+    pub(crate) backup: BackupConfig,
     /// Where settings came from, for the start-up log (`file /etc/...`, `env GATEHOUSE_...`).
-    pub sources: Vec<String>,
+    pub(crate) sources: Vec<String>,
     /// Where each setting's value came from, by key; a key not here has its built-in
     /// default.
     origins: BTreeMap<&'static str, Layer>,
@@ -255,7 +255,7 @@ pub struct Config {
 
 /// A layer a setting's value can come from, lowest first.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Layer {
+pub(crate) enum Layer {
     /// The built-in default (or one worked out from other settings).
     Default,
     /// The config file.
@@ -281,14 +281,14 @@ impl std::fmt::Display for Layer {
 #[derive(Debug, Clone, Default)]
 pub struct Flags {
     /// `--config FILE`.
-    pub config: Option<PathBuf>,
+    pub(crate) config: Option<PathBuf>,
     /// Settings given as flags: the flag (`--listen`) and its text, in order.
     values: Vec<(String, String)>,
 }
 
 impl Flags {
     /// Flags with `--config FILE` (when given) and no setting yet.
-    pub fn new(config: Option<PathBuf>) -> Self {
+    pub(crate) fn new(config: Option<PathBuf>) -> Self {
         Self {
             config,
             values: Vec::new(),
@@ -319,7 +319,7 @@ pub struct Env(pub BTreeMap<String, String>);
 impl Env {
     // The one reader of the process environment (clippy.toml disallows it elsewhere).
     #[allow(clippy::disallowed_methods)]
-    pub fn from_process() -> Self {
+    pub(crate) fn from_process() -> Self {
         // Names and values are converted lossily: a non-UTF-8 GATEHOUSE_ variable then
         // fails as an unknown setting or a bad value instead of being silently ignored.
         Self(
@@ -398,7 +398,7 @@ impl Config {
     }
 
     /// Where the value of the setting `key` came from.
-    pub fn origin_of(&self, key: &str) -> &Layer {
+    pub(crate) fn origin_of(&self, key: &str) -> &Layer {
         self.origins.get(key).unwrap_or(&Layer::Default)
     }
 

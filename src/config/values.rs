@@ -26,7 +26,7 @@ pub enum TlsMode {
 }
 
 impl TlsMode {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::SelfSigned => "self-signed",
             Self::Acme => "acme",
@@ -57,7 +57,7 @@ pub enum KeyAlgorithm {
 
 impl KeyAlgorithm {
     /// The JWS `alg` value.
-    pub fn jws_alg(self) -> &'static str {
+    pub(crate) fn jws_alg(self) -> &'static str {
         match self {
             Self::Ed25519 => "EdDSA",
             Self::EcdsaP256 => "ES256",
@@ -80,7 +80,7 @@ pub enum KeyOrigin {
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct MasterKeySource {
     pub path: PathBuf,
-    pub origin: KeyOrigin,
+    pub(crate) origin: KeyOrigin,
 }
 
 /// A rate-limit policy's setting: a budget of requests per window, or no limit at all.

@@ -17,7 +17,7 @@ const DEFAULT_PAGE: usize = 100;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct AuditQuery {
+pub(crate) struct AuditQuery {
     after: Option<u64>,
     #[serde(rename = "type")]
     kind: Option<String>,
@@ -27,7 +27,7 @@ pub struct AuditQuery {
 
 /// `GET /v1/audit?after=SEQ&type=T&device=ID&limit=N`, oldest first. `type` is an
 /// event type (`device.revoked`) or a family (`device.*`).
-pub async fn list(
+pub(crate) async fn list(
     State(state): State<AppState>,
     _admin: Admin,
     query: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
@@ -71,12 +71,12 @@ pub async fn list(
 }
 
 #[derive(Debug, Serialize)]
-pub struct BanList {
+pub(crate) struct BanList {
     bans: Vec<Ban>,
 }
 
 /// `GET /v1/ratelimit/bans`: active bans and those still remembered, newest first.
-pub async fn bans(State(state): State<AppState>, _admin: Admin) -> Json<BanList> {
+pub(crate) async fn bans(State(state): State<AppState>, _admin: Admin) -> Json<BanList> {
     Json(BanList {
         bans: state.services.lockout.list(),
     })
@@ -84,7 +84,7 @@ pub async fn bans(State(state): State<AppState>, _admin: Admin) -> Json<BanList>
 
 /// `DELETE /v1/ratelimit/bans/{key}`: lifts a ban now (written with its audit record
 /// before the answer).
-pub async fn lift(
+pub(crate) async fn lift(
     State(state): State<AppState>,
     admin: Admin,
     Path(key): Path<String>,

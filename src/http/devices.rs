@@ -24,7 +24,7 @@ fn device_id(text: &str) -> Result<DeviceId, ApiError> {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ListQuery {
+pub(crate) struct ListQuery {
     status: Option<String>,
     name: Option<String>,
     after: Option<String>,
@@ -32,7 +32,7 @@ pub struct ListQuery {
 }
 
 /// `GET /v1/devices?status=active|revoked&name=TEXT&after=ID&limit=N`, oldest first.
-pub async fn list(
+pub(crate) async fn list(
     State(state): State<AppState>,
     _admin: Admin,
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
@@ -56,7 +56,7 @@ pub async fn list(
     Ok(Json(state.services.devices.page(&filter)?))
 }
 
-pub async fn show(
+pub(crate) async fn show(
     State(state): State<AppState>,
     _admin: Admin,
     Path(id): Path<String>,
@@ -72,12 +72,12 @@ pub async fn show(
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Rename {
+pub(crate) struct Rename {
     name: String,
 }
 
 /// `PATCH /v1/devices/{id}` with `{"name": …}`.
-pub async fn rename(
+pub(crate) async fn rename(
     State(state): State<AppState>,
     admin: Admin,
     Path(id): Path<String>,
@@ -94,7 +94,7 @@ pub async fn rename(
 }
 
 /// Revokes the device and every token it holds, durably, before answering.
-pub async fn revoke(
+pub(crate) async fn revoke(
     State(state): State<AppState>,
     admin: Admin,
     Path(id): Path<String>,

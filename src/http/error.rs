@@ -17,14 +17,14 @@ use crate::error_kind::{Classify, ErrorKind};
 /// An error on its way to a client. `message` must never carry internals (paths,
 /// database details): 5xx messages are fixed text, details go to the log.
 #[derive(Debug, Clone)]
-pub struct ApiError {
-    pub status: StatusCode,
-    pub code: &'static str,
-    pub message: String,
+pub(crate) struct ApiError {
+    pub(crate) status: StatusCode,
+    pub(crate) code: &'static str,
+    pub(crate) message: String,
 }
 
 impl ApiError {
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    pub(crate) fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
         Self {
             status,
             code,
@@ -33,7 +33,7 @@ impl ApiError {
     }
 
     /// A 500 whose cause is logged, not shown.
-    pub fn internal(cause: &dyn std::fmt::Display) -> Self {
+    pub(crate) fn internal(cause: &dyn std::fmt::Display) -> Self {
         tracing::error!(error = %cause, "internal error");
         Self::new(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -42,7 +42,7 @@ impl ApiError {
         )
     }
 
-    pub fn unavailable(message: impl Into<String>) -> Self {
+    pub(crate) fn unavailable(message: impl Into<String>) -> Self {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
     }
 }
@@ -102,7 +102,7 @@ struct ErrorBody<'a> {
 }
 
 /// Renders every 4xx/5xx response as the JSON error body.
-pub async fn render_errors(request: Request, next: Next) -> Response {
+pub(crate) async fn render_errors(request: Request, next: Next) -> Response {
     let http1 = request.version() < http::Version::HTTP_2;
     let request_id = request
         .extensions()

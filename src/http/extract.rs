@@ -23,12 +23,11 @@ use super::error::ApiError;
 use super::limits::too_many;
 use super::security::RequestId;
 use crate::audit::{Actor, Event, Origin};
-use crate::ids::ClientId;
 use crate::ratelimit::{FailedCheck, PolicyId, Subject};
 
 /// A JSON body; a bad one is a 400 that says why.
 #[derive(Debug)]
-pub struct ApiJson<T>(pub T);
+pub(crate) struct ApiJson<T>(pub T);
 
 impl<T: DeserializeOwned> FromRequest<AppState> for ApiJson<T> {
     type Rejection = ApiError;
@@ -78,7 +77,7 @@ fn passthrough(status: StatusCode, text: String) -> ApiError {
 
 /// An `application/x-www-form-urlencoded` body (the OAuth endpoints).
 #[derive(Debug)]
-pub struct ApiForm<T>(pub T);
+pub(crate) struct ApiForm<T>(pub T);
 
 impl<T: DeserializeOwned> FromRequest<AppState> for ApiForm<T> {
     type Rejection = ApiError;
@@ -110,7 +109,7 @@ impl<T: DeserializeOwned> FromRequest<AppState> for ApiForm<T> {
 /// Who is calling (not yet identified), from where, in which request: the start of
 /// every audit record a request writes.
 #[derive(Debug, Clone)]
-pub struct RequestOrigin(pub Origin);
+pub(crate) struct RequestOrigin(pub Origin);
 
 fn origin_of(parts: &Parts) -> Result<Origin, ApiError> {
     let peer = parts
@@ -132,7 +131,7 @@ impl FromRequestParts<AppState> for RequestOrigin {
 
 /// The client's address as the TCP connection shows it.
 #[derive(Debug, Clone, Copy)]
-pub struct Peer(pub SocketAddr);
+pub(crate) struct Peer(pub SocketAddr);
 
 impl FromRequestParts<AppState> for Peer {
     type Rejection = ApiError;
@@ -148,7 +147,7 @@ impl FromRequestParts<AppState> for Peer {
 
 /// A 401 that tells the client which schemes we take.
 #[derive(Debug)]
-pub struct Unauthorized {
+pub(crate) struct Unauthorized {
     error: ApiError,
     challenge: &'static str,
 }
@@ -182,12 +181,11 @@ fn authorization(parts: &Parts) -> Option<(&str, &str)> {
     Some((scheme, credentials.trim()))
 }
 
-/// An admin caller: the id of the admin token presented (or `user:<name>` for a session
-/// opened with a password), and the request's origin with that admin as its actor.
+/// An admin caller: the request's origin with that admin as its actor (the admin token's
+/// id, or `user:<name>` for a session opened with a password).
 #[derive(Debug, Clone)]
-pub struct Admin {
-    pub token_id: String,
-    pub origin: Origin,
+pub(crate) struct Admin {
+    pub(crate) origin: Origin,
 }
 
 /// A failed credential check: counted toward the `admin_login` policy and lockout,
@@ -220,7 +218,7 @@ pub(super) async fn credential_refused(
 }
 
 /// The header a page sends its session's CSRF token in.
-pub const CSRF_HEADER: &str = "x-csrf-token";
+pub(crate) const CSRF_HEADER: &str = "x-csrf-token";
 
 /// Whether a browser request comes from our own origin: `Sec-Fetch-Site` (when the
 /// browser sends it) must be `same-origin` or `none`, and `Origin` (when sent) must name
@@ -298,10 +296,7 @@ async fn admin_from_session(parts: &Parts, state: &AppState) -> Result<Option<Ad
             .await);
         }
     }
-    Ok(Some(Admin {
-        token_id: identity,
-        origin,
-    }))
+    Ok(Some(Admin { origin }))
 }
 
 async fn admin_from(
@@ -328,7 +323,7 @@ async fn admin_from(
         Ok(token_id) => {
             let origin = origin.as_actor(Actor::Admin(token_id.clone()));
             state.services.admin_tokens.note_used(&token_id, &origin);
-            Ok(Some(Admin { token_id, origin }))
+            Ok(Some(Admin { origin }))
         }
         Err(err) => {
             tracing::debug!(error = %err, "admin token refused");
@@ -363,9 +358,9 @@ impl FromRequestParts<AppState> for Admin {
 /// A caller allowed to introspect: an admin, or a registered client. Its
 /// `introspection` budget (per client; per address for an admin) is spent here.
 #[derive(Debug, Clone)]
-pub enum Introspector {
-    Admin(Admin),
-    Client(ClientId),
+pub(crate) enum Introspector {
+    Admin,
+    Client,
 }
 
 const INTROSPECT_REFUSED: &str =
@@ -387,7 +382,7 @@ impl FromRequestParts<AppState> for Introspector {
             if let Some(refusal) = admin.origin.source.and_then(|ip| spend(Subject::ip(ip))) {
                 return Err(refusal);
             }
-            return Ok(Self::Admin(admin));
+            return Ok(Self::Admin);
         }
         let refused =
             || Unauthorized::new(INTROSPECT_REFUSED, INTROSPECT_CHALLENGE).into_response();
@@ -406,7 +401,7 @@ impl FromRequestParts<AppState> for Introspector {
         match verified {
             Some(Ok(id)) => match spend(Subject::Client(id)) {
                 Some(refusal) => Err(refusal),
-                None => Ok(Self::Client(id)),
+                None => Ok(Self::Client),
             },
             failed => {
                 if let Some(Err(err)) = failed {

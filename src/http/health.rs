@@ -12,16 +12,16 @@ use super::AppState;
 use super::error::ApiError;
 
 #[derive(Debug, Serialize)]
-pub struct Health {
+pub(crate) struct Health {
     status: &'static str,
 }
 
-pub async fn healthz() -> Json<Health> {
+pub(crate) async fn healthz() -> Json<Health> {
     Json(Health { status: "ok" })
 }
 
 #[derive(Debug, Serialize)]
-pub struct Ready {
+pub(crate) struct Ready {
     status: &'static str,
     tls: &'static str,
     format_version: u32,
@@ -53,7 +53,7 @@ struct AcmeView {
     renew_at: Option<String>,
 }
 
-pub async fn readyz(State(state): State<AppState>) -> Result<Json<Ready>, ApiError> {
+pub(crate) async fn readyz(State(state): State<AppState>) -> Result<Json<Ready>, ApiError> {
     if state.draining() {
         return Err(ApiError::unavailable("the server is shutting down"));
     }

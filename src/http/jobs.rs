@@ -14,12 +14,15 @@ use crate::config::JobName;
 use crate::schedule::JobView;
 
 #[derive(Debug, Serialize)]
-pub struct JobList {
+pub(crate) struct JobList {
     jobs: Vec<JobView>,
 }
 
 /// Every job with its schedule, last run and next run.
-pub async fn list(State(state): State<AppState>, _admin: Admin) -> Result<Json<JobList>, ApiError> {
+pub(crate) async fn list(
+    State(state): State<AppState>,
+    _admin: Admin,
+) -> Result<Json<JobList>, ApiError> {
     let services = &state.services;
     Ok(Json(JobList {
         jobs: services.jobs.list()?,
@@ -28,7 +31,7 @@ pub async fn list(State(state): State<AppState>, _admin: Admin) -> Result<Json<J
 
 /// Runs a job now and answers when it has finished (200 whether it succeeded or
 /// failed: the outcome is in the body); 409 while it is already running.
-pub async fn run(
+pub(crate) async fn run(
     State(state): State<AppState>,
     _admin: Admin,
     Path(name): Path<String>,
@@ -42,7 +45,10 @@ pub async fn run(
 
 /// Streams a fresh, checked backup (a redb data file, sealed under the server's master
 /// key); see `Backups::download`.
-pub async fn backup(State(state): State<AppState>, admin: Admin) -> Result<Response, ApiError> {
+pub(crate) async fn backup(
+    State(state): State<AppState>,
+    admin: Admin,
+) -> Result<Response, ApiError> {
     let download = state.services.backups.download(&admin.origin).await?;
     let file = tokio::fs::File::from_std(download.file);
     let mut response = Body::from_stream(tokio_util::io::ReaderStream::new(file)).into_response();

@@ -12,11 +12,11 @@ use super::extract::Admin;
 use crate::keys::{KeyInfo, Rotation, RotationReport};
 
 #[derive(Debug, Serialize)]
-pub struct KeyList {
+pub(crate) struct KeyList {
     keys: Vec<KeyInfo>,
 }
 
-pub async fn list(State(state): State<AppState>, _admin: Admin) -> Json<KeyList> {
+pub(crate) async fn list(State(state): State<AppState>, _admin: Admin) -> Json<KeyList> {
     Json(KeyList {
         keys: state.services.keys.list(),
     })
@@ -24,7 +24,7 @@ pub async fn list(State(state): State<AppState>, _admin: Admin) -> Json<KeyList>
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RotateRequest {
+pub(crate) struct RotateRequest {
     /// Rotate even if the next key was published only moments ago.
     #[serde(default)]
     now: bool,
@@ -32,7 +32,7 @@ pub struct RotateRequest {
 
 /// The body is optional: none (or `{}`) is an ordinary rotation, `{"now": true}` an
 /// emergency one.
-pub async fn rotate(
+pub(crate) async fn rotate(
     State(state): State<AppState>,
     admin: Admin,
     body: Bytes,
@@ -59,7 +59,7 @@ pub async fn rotate(
     Ok(Json(state.services.keys.rotate(mode, &admin.origin).await?))
 }
 
-pub async fn revoke(
+pub(crate) async fn revoke(
     State(state): State<AppState>,
     admin: Admin,
     Path(kid): Path<String>,

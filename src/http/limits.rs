@@ -20,7 +20,7 @@ fn ceil_secs(d: std::time::Duration) -> u64 {
 /// Refuses a banned address (429 `banned` with `Retry-After`) and spends one request
 /// of the `per_ip` policy, before any route runs. Fails closed: a request whose peer
 /// address is unknown is refused.
-pub async fn admit_address(
+pub(crate) async fn admit_address(
     State(state): State<AppState>,
     request: Request,
     next: Next,
@@ -62,7 +62,7 @@ pub async fn admit_address(
 }
 
 /// The 429 for a refused decision.
-pub fn too_many(decision: &Decision, policy: &Policy) -> Response {
+pub(crate) fn too_many(decision: &Decision, policy: &Policy) -> Response {
     let retry = ceil_secs(decision.retry_after).max(1);
     let mut response = ApiError::new(
         StatusCode::TOO_MANY_REQUESTS,

@@ -29,7 +29,7 @@ const DURATION_BUCKETS: [f64; 12] = [
 
 /// Responses by status class, and how long requests took until their response.
 #[derive(Debug, Default)]
-pub struct HttpCounters {
+pub(crate) struct HttpCounters {
     /// 1xx to 5xx.
     by_class: [AtomicU64; 5],
     /// Requests per duration bucket (not cumulative; the last is beyond every bound).
@@ -91,7 +91,7 @@ impl HttpCounters {
 
 /// The outermost middleware: counts every response, those of other middleware included
 /// (timeouts, body limits, bans, CORS preflights).
-pub async fn count_responses(
+pub(crate) async fn count_responses(
     State(counters): State<Arc<HttpCounters>>,
     request: Request,
     next: axum::middleware::Next,
@@ -103,7 +103,7 @@ pub async fn count_responses(
 }
 
 /// Loopback callers need nothing more; others need an admin token.
-pub async fn metrics(State(state): State<AppState>, request: Request) -> Response {
+pub(crate) async fn metrics(State(state): State<AppState>, request: Request) -> Response {
     let (mut parts, _) = request.into_parts();
     let loopback = match Peer::from_request_parts(&mut parts, &state).await {
         Ok(Peer(peer)) => peer.ip().to_canonical().is_loopback(),

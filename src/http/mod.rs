@@ -6,24 +6,24 @@
 //! TLS handshake, header-read and idle timeouts, header caps, the connection cap and
 //! graceful shutdown.
 
-pub mod audit;
-pub mod devices;
-pub mod error;
-pub mod extract;
-pub mod health;
-pub mod jobs;
-pub mod keys;
-pub mod limits;
-pub mod metrics;
-pub mod oauth;
-pub mod pairing;
-pub mod redirect;
+pub(crate) mod audit;
+pub(crate) mod devices;
+pub(crate) mod error;
+pub(crate) mod extract;
+pub(crate) mod health;
+pub(crate) mod jobs;
+pub(crate) mod keys;
+pub(crate) mod limits;
+pub(crate) mod metrics;
+pub(crate) mod oauth;
+pub(crate) mod pairing;
+pub(crate) mod redirect;
 pub mod security;
-pub mod serve;
-pub mod session;
-pub mod status;
-pub mod ui;
-pub mod ws;
+pub(crate) mod serve;
+pub(crate) mod session;
+pub(crate) mod status;
+pub(crate) mod ui;
+pub(crate) mod ws;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -44,10 +44,10 @@ use crate::store::Store;
 pub struct AppState {
     /// Behind an `Arc`: axum clones the state for every request, and one reference
     /// count is cheaper than the dozen inside `Services`.
-    pub services: Arc<Services>,
-    pub store: Store,
-    pub tls_mode: TlsMode,
-    pub http_counters: Arc<metrics::HttpCounters>,
+    pub(crate) services: Arc<Services>,
+    pub(crate) store: Store,
+    pub(crate) tls_mode: TlsMode,
+    pub(crate) http_counters: Arc<metrics::HttpCounters>,
     draining: Arc<AtomicBool>,
 }
 
@@ -63,11 +63,11 @@ impl AppState {
     }
 
     /// From now on `/readyz` answers 503.
-    pub fn start_draining(&self) {
+    pub(crate) fn start_draining(&self) {
         self.draining.store(true, Ordering::SeqCst);
     }
 
-    pub fn draining(&self) -> bool {
+    pub(crate) fn draining(&self) -> bool {
         self.draining.load(Ordering::SeqCst)
     }
 }

@@ -18,7 +18,7 @@ const MAX_TOKEN_PARAM: usize = crate::jwt::MAX_TOKEN_BYTES;
 
 /// Unknown parameters are ignored (RFC 6749 section 3.2); repeated ones are refused.
 #[derive(Debug, Deserialize)]
-pub struct TokenRequest {
+pub(crate) struct TokenRequest {
     grant_type: String,
     refresh_token: Option<String>,
     /// Public clients may send it; it is not checked (devices are not OAuth clients).
@@ -28,7 +28,7 @@ pub struct TokenRequest {
 }
 
 /// `POST /v1/token`: the refresh grant (RFC 6749 section 6).
-pub async fn token(
+pub(crate) async fn token(
     State(state): State<AppState>,
     RequestOrigin(origin): RequestOrigin,
     ApiForm(request): ApiForm<TokenRequest>,
@@ -58,7 +58,7 @@ pub async fn token(
 
 /// Unknown parameters (such as `client_id`) are ignored; repeated ones are refused.
 #[derive(Debug, Deserialize)]
-pub struct TokenParam {
+pub(crate) struct TokenParam {
     token: String,
     /// A hint only (RFC 7009 section 2.1); the token's own shape decides.
     #[serde(default)]
@@ -72,7 +72,7 @@ fn bounded(token: &str) -> Option<&str> {
 
 /// `POST /v1/revoke`: RFC 7009. Holding a token is the right to revoke it; unknown or
 /// invalid tokens get the same 200, so nothing is learnt by trying.
-pub async fn revoke(
+pub(crate) async fn revoke(
     State(state): State<AppState>,
     RequestOrigin(origin): RequestOrigin,
     ApiForm(request): ApiForm<TokenParam>,
@@ -84,7 +84,7 @@ pub async fn revoke(
 }
 
 /// `POST /v1/introspect`: RFC 7662, for admins and registered clients.
-pub async fn introspect(
+pub(crate) async fn introspect(
     State(state): State<AppState>,
     _caller: Introspector,
     ApiForm(request): ApiForm<TokenParam>,
@@ -107,7 +107,7 @@ pub async fn introspect(
 
 /// `GET /.well-known/jwks.json`: the public keys, cacheable for a few minutes (the key
 /// ring publishes a next key well before it signs, see `keys`).
-pub async fn jwks(State(state): State<AppState>) -> Response {
+pub(crate) async fn jwks(State(state): State<AppState>) -> Response {
     let body = state.services.keys.snapshot().jwks();
     let mut response = (
         [(
@@ -126,7 +126,7 @@ pub async fn jwks(State(state): State<AppState>) -> Response {
 }
 
 /// `GET /.well-known/oauth-authorization-server`: RFC 8414 metadata.
-pub async fn metadata(State(state): State<AppState>) -> Response {
+pub(crate) async fn metadata(State(state): State<AppState>) -> Response {
     let issuer = &state.services.tokens.settings().issuer;
     let document = serde_json::json!({
         "issuer": issuer,

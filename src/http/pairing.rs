@@ -19,13 +19,13 @@ use crate::tokens::TokenPair;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct CreateSession {
+pub(crate) struct CreateSession {
     name: Option<String>,
     ttl_seconds: Option<u64>,
 }
 
 #[derive(Debug, Serialize)]
-pub struct CreatedSession {
+pub(crate) struct CreatedSession {
     session_id: SessionId,
     pairing_uri: String,
     secret: String,
@@ -33,7 +33,7 @@ pub struct CreatedSession {
 }
 
 /// Opens a pairing session. The secret is in this answer and nowhere else.
-pub async fn create_session(
+pub(crate) async fn create_session(
     State(state): State<AppState>,
     admin: Admin,
     ApiJson(request): ApiJson<CreateSession>,
@@ -60,14 +60,14 @@ pub async fn create_session(
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct PairRequest {
+pub(crate) struct PairRequest {
     session_id: String,
     secret: String,
     device: DeviceInfo,
 }
 
 /// Claims a pairing session: the device and its first token pair.
-pub async fn pair(
+pub(crate) async fn pair(
     State(state): State<AppState>,
     RequestOrigin(origin): RequestOrigin,
     ApiJson(request): ApiJson<PairRequest>,
@@ -93,7 +93,7 @@ pub async fn pair(
 
 /// Which picture of the pairing URI to render.
 #[derive(Debug, Clone, Copy)]
-pub enum QrFormat {
+pub(crate) enum QrFormat {
     Svg,
     Png,
 }
@@ -104,7 +104,7 @@ fn session_id(text: &str) -> Result<SessionId, ApiError> {
 
 /// The QR code of an open session's pairing URI (admin): 404 for an unknown session,
 /// 410 once it is used or expired, or when the secret is no longer held.
-pub async fn qr(state: &AppState, id: &str, format: QrFormat) -> Result<Response, ApiError> {
+pub(crate) async fn qr(state: &AppState, id: &str, format: QrFormat) -> Result<Response, ApiError> {
     let id = session_id(id)?;
     let uri = state.services.pairing.open_uri(&id)?;
     let response = match format {
@@ -120,7 +120,7 @@ pub async fn qr(state: &AppState, id: &str, format: QrFormat) -> Result<Response
     Ok(response)
 }
 
-pub async fn qr_svg(
+pub(crate) async fn qr_svg(
     State(state): State<AppState>,
     _admin: Admin,
     Path(id): Path<String>,
@@ -128,7 +128,7 @@ pub async fn qr_svg(
     qr(&state, &id, QrFormat::Svg).await
 }
 
-pub async fn qr_png(
+pub(crate) async fn qr_png(
     State(state): State<AppState>,
     _admin: Admin,
     Path(id): Path<String>,

@@ -25,7 +25,7 @@ struct Target {
 }
 
 /// The redirecting router for `config`, whose HTTPS listener is `https_addr`.
-pub fn router(config: &Config, https_addr: SocketAddr) -> Router {
+pub(crate) fn router(config: &Config, https_addr: SocketAddr) -> Router {
     let target = Arc::new(Target {
         domains: config.tls.domains.clone(),
         port_suffix: match https_addr.port() {

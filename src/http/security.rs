@@ -11,15 +11,15 @@ use ring::rand::{SecureRandom, SystemRandom};
 
 /// The id of one request: in logs, in `x-request-id`, in every error body.
 #[derive(Debug, Clone)]
-pub struct RequestId(pub String);
+pub(crate) struct RequestId(pub String);
 
-pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub(crate) const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Two years, as HSTS preload lists ask.
-pub const HSTS: &str = "max-age=63072000; includeSubDomains";
+pub(crate) const HSTS: &str = "max-age=63072000; includeSubDomains";
 pub const API_CSP: &str =
     "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'";
-pub const PERMISSIONS_POLICY: &str = "accelerometer=(), camera=(), geolocation=(), gyroscope=(), \
+pub(crate) const PERMISSIONS_POLICY: &str = "accelerometer=(), camera=(), geolocation=(), gyroscope=(), \
      magnetometer=(), microphone=(), payment=(), usb=(), interest-cohort=()";
 
 fn new_request_id() -> String {
@@ -31,10 +31,10 @@ fn new_request_id() -> String {
 
 /// Whether HSTS is sent (the listener speaks TLS).
 #[derive(Debug, Clone, Copy)]
-pub struct Hsts(pub bool);
+pub(crate) struct Hsts(pub bool);
 
 /// Assigns the request id and sets the security headers on the way out.
-pub async fn secure_headers(
+pub(crate) async fn secure_headers(
     State(hsts): State<Hsts>,
     mut request: Request,
     next: Next,

@@ -39,9 +39,9 @@ const HYPER_MIN_BUF: usize = 8192;
 
 /// How the accept loop ended.
 #[derive(Debug, Default)]
-pub struct Drained {
+pub(crate) struct Drained {
     /// Connections still open when the grace period ran out (closed by force).
-    pub cut: usize,
+    pub(crate) cut: usize,
 }
 
 fn connection_builder(limits: &ServerConfig) -> auto::Builder<TokioExecutor> {
@@ -68,7 +68,7 @@ fn connection_builder(limits: &ServerConfig) -> auto::Builder<TokioExecutor> {
 }
 
 /// Accepts connections until `shutdown` resolves, then drains for `shutdown_grace`.
-pub async fn serve(
+pub(crate) async fn serve(
     listener: TcpListener,
     tls: Option<crate::tls::Acceptor>,
     app: Router,

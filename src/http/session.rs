@@ -24,14 +24,14 @@ const CHALLENGE: &str = r#"Bearer realm="gatehouse admin""#;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct SignIn {
+pub(crate) struct SignIn {
     token: Option<String>,
     username: Option<String>,
     password: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
-pub struct SessionBody {
+pub(crate) struct SessionBody {
     admin: SignedIn,
     csrf_token: String,
     expires_at: String,
@@ -53,7 +53,7 @@ fn no_store(response: &mut Response) {
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
 }
 
-pub async fn sign_in(
+pub(crate) async fn sign_in(
     State(state): State<AppState>,
     RequestOrigin(origin): RequestOrigin,
     headers: HeaderMap,
@@ -150,7 +150,7 @@ fn session_cookie(headers: &HeaderMap) -> Option<&str> {
         .find_map(cookie_value)
 }
 
-pub async fn current(State(state): State<AppState>, headers: HeaderMap) -> Response {
+pub(crate) async fn current(State(state): State<AppState>, headers: HeaderMap) -> Response {
     let session = session_cookie(&headers).and_then(|c| state.services.admin_sessions.check(c));
     match session {
         Some(view) => {
@@ -168,7 +168,11 @@ pub async fn current(State(state): State<AppState>, headers: HeaderMap) -> Respo
 }
 
 /// Ends the session (the extractor has checked its CSRF token and origin).
-pub async fn sign_out(State(state): State<AppState>, admin: Admin, headers: HeaderMap) -> Response {
+pub(crate) async fn sign_out(
+    State(state): State<AppState>,
+    admin: Admin,
+    headers: HeaderMap,
+) -> Response {
     if let Some(cookie) = session_cookie(&headers)
         && state.services.admin_sessions.end(cookie)
     {

@@ -14,17 +14,17 @@ use crate::config::KeyOrigin;
 const EXPIRY_WARNING_MS: u64 = 14 * 24 * 3600 * 1000;
 
 #[derive(Debug, Serialize)]
-pub struct Warning {
+pub(crate) struct Warning {
     code: &'static str,
     message: String,
 }
 
 #[derive(Debug, Serialize)]
-pub struct Status {
+pub(crate) struct Status {
     warnings: Vec<Warning>,
 }
 
-pub async fn status(
+pub(crate) async fn status(
     State(state): State<AppState>,
     _admin: Admin,
 ) -> Result<Json<Status>, ApiError> {

@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Redirect, Response};
 use http::header::{self, HeaderValue};
 
 /// The page's policy: only our own script, style and API; images may be `data:` URIs.
-pub const UI_CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; \
+pub(crate) const UI_CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; \
      img-src 'self' data:; connect-src 'self'; form-action 'self'; \
      frame-ancestors 'none'; base-uri 'none'";
 
@@ -37,21 +37,21 @@ fn asset(content_type: &'static str, body: &'static str) -> Response {
 }
 
 /// `GET /admin`: the UI lives under `/admin/`, so relative links resolve there.
-pub async fn redirect() -> Redirect {
+pub(crate) async fn redirect() -> Redirect {
     Redirect::permanent("/admin/")
 }
 
 /// `GET /admin/`: the page.
-pub async fn index() -> Response {
+pub(crate) async fn index() -> Response {
     asset("text/html; charset=utf-8", INDEX_HTML)
 }
 
 /// `GET /admin/app.js`: the page's one ES module.
-pub async fn script() -> Response {
+pub(crate) async fn script() -> Response {
     asset("text/javascript; charset=utf-8", APP_JS)
 }
 
 /// `GET /admin/app.css`: the page's one style sheet.
-pub async fn style() -> Response {
+pub(crate) async fn style() -> Response {
     asset("text/css; charset=utf-8", APP_CSS)
 }

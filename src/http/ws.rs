@@ -33,13 +33,13 @@ use crate::ratelimit::{PolicyId, Subject};
 use crate::tokens::{Rejection, TokenPair, Verified};
 
 /// Time a new connection has to authenticate.
-pub const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
 /// Interval of the server's pings; a peer that misses one is dropped at the next.
-pub const PING_EVERY: Duration = Duration::from_secs(30);
+pub(crate) const PING_EVERY: Duration = Duration::from_secs(30);
 /// Largest message (and frame) accepted.
-pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
+pub(crate) const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 /// Bad messages tolerated before the socket is closed.
-pub const MAX_STRIKES: u32 = 5;
+pub(crate) const MAX_STRIKES: u32 = 5;
 /// Initial read buffer: small, so an idle connection costs little; it grows for large
 /// messages.
 const READ_BUFFER_BYTES: usize = 1024;
@@ -91,7 +91,7 @@ enum ServerMessage<'a> {
 }
 
 /// `GET /v1/ws`: admits the connection within the caps, then upgrades it.
-pub async fn upgrade(
+pub(crate) async fn upgrade(
     State(state): State<AppState>,
     Peer(peer): Peer,
     upgrade: WebSocketUpgrade,

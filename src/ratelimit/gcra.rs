@@ -5,9 +5,9 @@ use std::time::Duration;
 /// `limit` requests per `window`, under a name that appears in `RateLimit-Policy`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Policy {
-    pub name: String,
-    pub limit: u32,
-    pub window: Duration,
+    pub(crate) name: String,
+    pub(crate) limit: u32,
+    pub(crate) window: Duration,
 }
 
 impl Policy {
@@ -35,13 +35,13 @@ impl Policy {
 /// The answer for one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Decision {
-    pub allowed: bool,
+    pub(crate) allowed: bool,
     /// Requests still allowed right now after this one.
-    pub remaining: u32,
+    pub(crate) remaining: u32,
     /// When a refused request may be retried.
-    pub retry_after: Duration,
+    pub(crate) retry_after: Duration,
     /// When the budget is whole again.
-    pub reset: Duration,
+    pub(crate) reset: Duration,
 }
 
 /// One GCRA step: the new TAT (if admitted) and the decision. Pure arithmetic on

@@ -29,12 +29,12 @@ use crate::store::{BANS, Store, StoreError};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LockoutPolicy {
     /// Failures allowed per `window` before a ban.
-    pub max_failures: u32,
-    pub window: Duration,
+    pub(crate) max_failures: u32,
+    pub(crate) window: Duration,
     /// The first ban's length.
-    pub ban: Duration,
+    pub(crate) ban: Duration,
     /// The longest ban, and how long a past ban counts toward the next one.
-    pub max_ban: Duration,
+    pub(crate) max_ban: Duration,
 }
 
 /// Which secret check failed.
@@ -47,7 +47,7 @@ pub enum FailedCheck {
 }
 
 impl FailedCheck {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::PairingSecret => "pairing_secret",
             Self::AdminToken => "admin_token",
@@ -125,7 +125,7 @@ pub struct Lockout {
 
 impl Lockout {
     /// Loads the bans from the data file.
-    pub fn load(
+    pub(crate) fn load(
         store: Store,
         clock: SharedClock,
         policy: LockoutPolicy,
@@ -154,13 +154,9 @@ impl Lockout {
     }
 
     /// Bans in force now, for metrics.
-    pub fn active(&self) -> usize {
+    pub(crate) fn active(&self) -> usize {
         self.recount(self.clock.now_ms());
         self.active.load(Ordering::Relaxed)
-    }
-
-    pub fn policy(&self) -> &LockoutPolicy {
-        &self.policy
     }
 
     /// The time left on `ip`'s ban, if it is banned now. Checked by every HTTP request
@@ -179,7 +175,7 @@ impl Lockout {
     /// Records a failed secret check: `event` (the failure's own audit record) is
     /// written, the failure is charged to the caller's address, and when that goes over
     /// the limit a ban is written in the same transaction. Returns the new ban, if any.
-    pub async fn record_failure(
+    pub(crate) async fn record_failure(
         &self,
         limits: &RateLimits,
         origin: &Origin,
@@ -307,7 +303,7 @@ impl Lockout {
 
     /// Lifts the ban on `key` now (its memory stays, so a repeat still escalates), and
     /// writes `ban.lifted` in the same transaction.
-    pub async fn lift(&self, key: &str, origin: &Origin) -> Result<Ban, BanError> {
+    pub(crate) async fn lift(&self, key: &str, origin: &Origin) -> Result<Ban, BanError> {
         let subject = Subject::parse(key).ok_or_else(|| BanError::BadKey(key.to_string()))?;
         let mut ban = self
             .bans

@@ -85,7 +85,7 @@ impl Subject {
 
     /// Reads the text form back (`ip:…`, `device:…`, `client:…`); an address is
     /// normalised as `Subject::ip` does, so `ip:2001:db8:1:2::5` names its /64.
-    pub fn parse(text: &str) -> Option<Self> {
+    pub(crate) fn parse(text: &str) -> Option<Self> {
         let (kind, rest) = text.split_once(':')?;
         match kind {
             "ip" => {
@@ -120,7 +120,7 @@ impl fmt::Display for Subject {
 /// The policies gatehouse applies, by number (the number is stored: append only).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u8)]
-pub enum PolicyId {
+pub(crate) enum PolicyId {
     /// `POST /v1/pair` and WebSocket `pair`, per client address.
     Pairing = 0,
     /// Refresh-token grants (REST and WebSocket), per device.
@@ -146,7 +146,7 @@ pub struct Policies {
     pub admin_login: Option<Policy>,
     pub ws_messages: Option<Policy>,
     pub per_ip: Option<Policy>,
-    pub failures: Policy,
+    pub(crate) failures: Policy,
 }
 
 impl Policies {
@@ -166,8 +166,8 @@ impl Policies {
 /// A refused request: the decision and the policy that refused it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limited {
-    pub decision: Decision,
-    pub policy: Policy,
+    pub(crate) decision: Decision,
+    pub(crate) policy: Policy,
 }
 
 /// Refusals are audited coalesced: one record per policy and subject per interval.
@@ -208,7 +208,7 @@ fn parse_window_key(key: &str) -> Option<(u8, [u8; 17])> {
 
 impl RateLimits {
     /// Loads the windows that are still running from the data file.
-    pub fn load(
+    pub(crate) fn load(
         store: Store,
         clock: SharedClock,
         policies: Policies,
@@ -250,7 +250,7 @@ impl RateLimits {
     /// Spends one request of `subject` under policy `id`; `Err` when it is refused (the
     /// refusal is counted for the coalesced audit record). A policy that is off admits
     /// everything.
-    pub fn limit(&self, id: PolicyId, subject: &Subject) -> Result<(), Box<Limited>> {
+    pub(crate) fn limit(&self, id: PolicyId, subject: &Subject) -> Result<(), Box<Limited>> {
         let Some(policy) = self.policies.get(id) else {
             return Ok(());
         };
@@ -266,7 +266,7 @@ impl RateLimits {
     }
 
     /// Whether `subject` has budget left under `id`, without spending any.
-    pub fn has_budget(&self, id: PolicyId, subject: &Subject) -> Result<(), Box<Limited>> {
+    pub(crate) fn has_budget(&self, id: PolicyId, subject: &Subject) -> Result<(), Box<Limited>> {
         let Some(policy) = self.policies.get(id) else {
             return Ok(());
         };
@@ -304,7 +304,7 @@ impl RateLimits {
     }
 
     /// Subjects tracked in memory now, for metrics.
-    pub fn tracked(&self) -> usize {
+    pub(crate) fn tracked(&self) -> usize {
         self.table.len()
     }
 
@@ -365,7 +365,7 @@ impl RateLimits {
 
     /// Writes the windows changed since the last flush. Called about once a second and
     /// at stop; a crash loses at most the last second of counting.
-    pub async fn flush(&self) -> Result<usize, StoreError> {
+    pub(crate) async fn flush(&self) -> Result<usize, StoreError> {
         let changed = self.table.take_changed(self.now_us());
         let count = changed.len();
         if count == 0 {
@@ -390,7 +390,7 @@ impl RateLimits {
 
     /// Deletes stored windows whose budget is whole again (a missing window means the
     /// same). For the periodic housekeeping, not the per-second flush.
-    pub async fn prune(&self) -> Result<u64, StoreError> {
+    pub(crate) async fn prune(&self) -> Result<u64, StoreError> {
         let now_us = self.now_us();
         self.store
             .write(move |tx| tx.retain(&RATE_WINDOWS, |_, w| w.tat_us > now_us))

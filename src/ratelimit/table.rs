@@ -54,9 +54,9 @@ struct Shard {
 /// One subject's window as it is persisted: policy number, subject key bytes and TAT.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Window {
-    pub policy_id: u8,
-    pub subject: [u8; 17],
-    pub tat_us: u64,
+    pub(crate) policy_id: u8,
+    pub(crate) subject: [u8; 17],
+    pub(crate) tat_us: u64,
 }
 
 /// The in-memory table of every subject's TAT under every policy.
@@ -125,7 +125,13 @@ impl RateTable {
     }
 
     /// What `check` would decide, without spending anything.
-    pub fn peek(&self, policy_id: u8, policy: &Policy, subject: &Subject, now_us: u64) -> Decision {
+    pub(crate) fn peek(
+        &self,
+        policy_id: u8,
+        policy: &Policy,
+        subject: &Subject,
+        now_us: u64,
+    ) -> Decision {
         let key = (policy_id, subject.key_bytes());
         let hash = self.hasher.hash_one(key);
         let tat = self
@@ -154,7 +160,7 @@ impl RateTable {
 
     /// Entries changed since the last call, for the write-behind flush; entries whose
     /// budget is whole again are left out (a missing entry means the same).
-    pub fn take_changed(&self, now_us: u64) -> Vec<Window> {
+    pub(crate) fn take_changed(&self, now_us: u64) -> Vec<Window> {
         let mut out = Vec::new();
         for shard in &self.shards {
             let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
@@ -173,7 +179,7 @@ impl RateTable {
     }
 
     /// Puts back a window loaded from the data file at start (not marked changed).
-    pub fn restore(&self, window: &Window) {
+    pub(crate) fn restore(&self, window: &Window) {
         let key = (window.policy_id, window.subject);
         let hash = self.hasher.hash_one(key);
         let mut shard = self.shard(hash);
@@ -190,15 +196,11 @@ impl RateTable {
     }
 
     /// Subjects tracked now.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.shards
             .iter()
             .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).entries.len())
             .sum()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 

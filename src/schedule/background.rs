@@ -18,16 +18,16 @@ use super::Scheduler;
 
 /// What the background loop works on.
 #[derive(Debug, Clone)]
-pub struct Background {
-    pub jobs: Arc<Scheduler>,
-    pub devices: Devices,
-    pub limits: Arc<RateLimits>,
-    pub audit: AuditLog,
-    pub revocations: Arc<RevocationList>,
-    pub store: Store,
-    pub clock: SharedClock,
+pub(crate) struct Background {
+    pub(crate) jobs: Arc<Scheduler>,
+    pub(crate) devices: Devices,
+    pub(crate) limits: Arc<RateLimits>,
+    pub(crate) audit: AuditLog,
+    pub(crate) revocations: Arc<RevocationList>,
+    pub(crate) store: Store,
+    pub(crate) clock: SharedClock,
     /// What the listener serves (none with TLS off).
-    pub tls: Option<Arc<Tls>>,
+    pub(crate) tls: Option<Arc<Tls>>,
 }
 
 /// How often the scheduler looks for due jobs.
@@ -45,7 +45,7 @@ const REFUSALS_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 /// rate-limit refusals every minute, folds the revocation journal when it is due, and
 /// runs the scheduled jobs (first those missed while stopped). Jobs and folds run in
 /// their own tasks, so a long backup never delays a flush.
-pub async fn run_background(
+pub(crate) async fn run_background(
     work: Background,
     missed: Vec<JobName>,
     stopped: impl std::future::Future<Output = ()>,

@@ -36,19 +36,19 @@ use crate::tokens::TokenAuthority;
 
 mod background;
 
-pub use background::{Background, run_background};
+pub(crate) use background::{Background, run_background};
 
 /// What the jobs act on: the domain services they call, and nothing more.
 #[derive(Debug, Clone)]
 pub struct JobContext {
     /// Where each job's state is kept (`jobs.v1`).
-    pub store: Store,
-    pub keys: Arc<KeyRing>,
-    pub audit: AuditLog,
-    pub tokens: Arc<TokenAuthority>,
-    pub pairing: Arc<PairingSessions>,
-    pub limits: Arc<RateLimits>,
-    pub lockout: Arc<Lockout>,
+    pub(crate) store: Store,
+    pub(crate) keys: Arc<KeyRing>,
+    pub(crate) audit: AuditLog,
+    pub(crate) tokens: Arc<TokenAuthority>,
+    pub(crate) pairing: Arc<PairingSessions>,
+    pub(crate) limits: Arc<RateLimits>,
+    pub(crate) lockout: Arc<Lockout>,
     pub backups: Backups,
 }
 
@@ -57,13 +57,13 @@ pub struct JobContext {
 pub struct JobView {
     pub name: String,
     /// The cron expression, or `off`.
-    pub schedule: String,
-    pub running: bool,
-    pub last_run: Option<String>,
-    pub last_duration_ms: Option<u64>,
+    pub(crate) schedule: String,
+    pub(crate) running: bool,
+    pub(crate) last_run: Option<String>,
+    pub(crate) last_duration_ms: Option<u64>,
     pub last_outcome: Option<String>,
     pub last_error: Option<String>,
-    pub last_success: Option<String>,
+    pub(crate) last_success: Option<String>,
     pub next_run: Option<String>,
     pub failures: u32,
 }
@@ -410,7 +410,7 @@ impl Scheduler {
     }
 
     /// Runs since start of `job` that succeeded and that failed.
-    pub fn run_counts(&self, job: JobName) -> (u64, u64) {
+    pub(crate) fn run_counts(&self, job: JobName) -> (u64, u64) {
         self.runs.get(&job).map_or((0, 0), |(ok, failed)| {
             (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed))
         })

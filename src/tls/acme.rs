@@ -44,20 +44,20 @@ const MAX_ERROR_CHARS: usize = 400;
 
 /// What to order, from whom, and how to reach the CA.
 #[derive(Debug, Clone)]
-pub struct AcmeSettings {
-    pub directory: String,
-    pub domains: Vec<String>,
-    pub contact: Vec<String>,
-    pub retry: Duration,
+pub(crate) struct AcmeSettings {
+    pub(crate) directory: String,
+    pub(crate) domains: Vec<String>,
+    pub(crate) contact: Vec<String>,
+    pub(crate) retry: Duration,
     /// External Account Binding, when the CA demands it.
-    pub eab: Option<super::eab::EabCredentials>,
+    pub(crate) eab: Option<super::eab::EabCredentials>,
     client: Arc<rustls::ClientConfig>,
 }
 
 impl AcmeSettings {
     /// Reads `tls.acme_ca_root` if set: its certificates are trusted for the directory
     /// beside Mozilla's roots.
-    pub fn from_config(config: &Config) -> Result<Self, TlsError> {
+    pub(crate) fn from_config(config: &Config) -> Result<Self, TlsError> {
         let mut roots = RootCertStore::empty();
         roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
         if let Some(path) = &config.tls.acme.ca_root {
@@ -116,7 +116,7 @@ impl AcmeSettings {
 }
 
 /// The stored certificate for these settings, if there is one and it has not expired.
-pub fn stored_certificate(
+pub(crate) fn stored_certificate(
     store: &Store,
     settings: &AcmeSettings,
     now_ms: u64,
@@ -145,18 +145,18 @@ pub enum AcmePhase {
 /// A snapshot of the ACME state, for `/readyz`, metrics and `doctor`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AcmeSnapshot {
-    pub directory: String,
-    pub domains: Vec<String>,
+    pub(crate) directory: String,
+    pub(crate) domains: Vec<String>,
     pub phase: AcmePhase,
     /// A certificate from the CA is served (not the self-signed stand-in).
     pub issued: bool,
     pub orders_started: u64,
     pub certificates_issued: u64,
-    pub failures_total: u64,
+    pub(crate) failures_total: u64,
     pub failures_in_row: u32,
     pub last_error: Option<String>,
-    pub last_failure_at_ms: Option<u64>,
-    pub next_attempt_at_ms: Option<u64>,
+    pub(crate) last_failure_at_ms: Option<u64>,
+    pub(crate) next_attempt_at_ms: Option<u64>,
     pub renew_at_ms: Option<u64>,
 }
 
@@ -168,7 +168,7 @@ pub struct AcmeStatus {
 }
 
 impl AcmeStatus {
-    pub fn new(settings: &AcmeSettings, issued: bool) -> Self {
+    pub(crate) fn new(settings: &AcmeSettings, issued: bool) -> Self {
         Self {
             snapshot: Mutex::new(AcmeSnapshot {
                 directory: settings.directory.clone(),
@@ -204,7 +204,7 @@ impl AcmeStatus {
     }
 
     /// The rustls configuration answering TLS-ALPN-01 validations, while an order runs.
-    pub fn challenge_config(&self) -> Option<Arc<rustls::ServerConfig>> {
+    pub(crate) fn challenge_config(&self) -> Option<Arc<rustls::ServerConfig>> {
         match self.challenge.read() {
             Ok(guard) => guard.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),
@@ -354,7 +354,7 @@ impl StoreCache {
 
 /// Orders and renews for the life of the server.
 #[derive(Debug)]
-pub struct AcmeDriver {
+pub(crate) struct AcmeDriver {
     settings: AcmeSettings,
     status: Arc<AcmeStatus>,
     slot: Arc<CertSlot>,
@@ -364,7 +364,7 @@ pub struct AcmeDriver {
 }
 
 impl AcmeDriver {
-    pub fn new(
+    pub(crate) fn new(
         settings: AcmeSettings,
         status: Arc<AcmeStatus>,
         slot: Arc<CertSlot>,
@@ -388,7 +388,7 @@ impl AcmeDriver {
 
     /// Runs until `stop` resolves: sleeps until a renewal or a retry is due, orders,
     /// serves what it gets.
-    pub async fn run(self, stop: impl std::future::Future<Output = ()>) {
+    pub(crate) async fn run(self, stop: impl std::future::Future<Output = ()>) {
         tokio::pin!(stop);
         // Retries wait in real time (the backoff is about the CA, not the certificate);
         // only the renewal date is read from gatehouse's clock.

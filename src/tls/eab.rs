@@ -18,9 +18,9 @@ use rustls_acme::acme::{Account, Directory};
 
 /// The binding a CA handed out. The MAC key never appears in `Debug` output.
 #[derive(Clone)]
-pub struct EabCredentials {
-    pub kid: String,
-    pub hmac_key: Vec<u8>,
+pub(crate) struct EabCredentials {
+    pub(crate) kid: String,
+    pub(crate) hmac_key: Vec<u8>,
 }
 
 impl std::fmt::Debug for EabCredentials {
@@ -33,7 +33,7 @@ impl std::fmt::Debug for EabCredentials {
 
 impl EabCredentials {
     /// `key_text` as CAs give it: base64url (padding and surrounding space allowed).
-    pub fn new(kid: &str, key_text: &str) -> Result<Self, String> {
+    pub(crate) fn new(kid: &str, key_text: &str) -> Result<Self, String> {
         let cleaned: String = key_text
             .trim()
             .trim_end_matches('=')
@@ -124,7 +124,7 @@ fn new_account_body(
 }
 
 /// Registers a new account at `directory` bound to `eab`; returns its key (PKCS#8).
-pub async fn register(
+pub(crate) async fn register(
     client: &Arc<rustls::ClientConfig>,
     directory: &str,
     contact: &[String],

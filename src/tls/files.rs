@@ -16,15 +16,15 @@ const MAX_PEM_BYTES: u64 = 1024 * 1024;
 
 /// Where the certificate and key live.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CertFiles {
-    pub cert: PathBuf,
-    pub key: PathBuf,
+pub(crate) struct CertFiles {
+    pub(crate) cert: PathBuf,
+    pub(crate) key: PathBuf,
 }
 
 impl CertFiles {
     /// Reads and checks both files: the chain (leaf first), the key (PKCS#8, SEC1 or
     /// PKCS#1), and that the key is the leaf's.
-    pub fn load(&self) -> Result<ServedCert, TlsError> {
+    pub(crate) fn load(&self) -> Result<ServedCert, TlsError> {
         let cert_pem = read_limited(&self.cert)?;
         let key_pem = read_limited(&self.key)?;
         let bad = |path: &Path, reason: String| TlsError::BadFile {

@@ -16,8 +16,8 @@
 //! stateless tickets and a session cache.
 
 pub mod acme;
-pub mod eab;
-pub mod files;
+pub(crate) mod eab;
+pub(crate) mod files;
 mod self_signed;
 
 use std::path::PathBuf;
@@ -40,7 +40,7 @@ pub use self_signed::{generate_self_signed, self_signed, self_signed_names, stor
 /// it expires), keeping its key so the pin apps hold stays valid. Called every second by
 /// the server's housekeeping; cheap when nothing is due. Returns the new certificate's
 /// facts when it renewed.
-pub async fn renew_self_signed_if_due(
+pub(crate) async fn renew_self_signed_if_due(
     tls: &Tls,
     store: &crate::store::Store,
     clock: &dyn crate::clock::Clock,
@@ -92,18 +92,18 @@ pub fn install_default_provider() {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CertInfo {
     /// DNS names and IP addresses of the subject alternative names.
-    pub names: Vec<String>,
-    pub subject: String,
-    pub issuer: String,
-    pub not_before_ms: u64,
+    pub(crate) names: Vec<String>,
+    pub(crate) subject: String,
+    pub(crate) issuer: String,
+    pub(crate) not_before_ms: u64,
     pub not_after_ms: u64,
     /// SHA-256 of the leaf certificate (DER), lower-case hex.
-    pub sha256: String,
+    pub(crate) sha256: String,
 }
 
 impl CertInfo {
     /// Reads the facts out of a DER certificate.
-    pub fn parse(der: &[u8]) -> Result<Self, TlsError> {
+    pub(crate) fn parse(der: &[u8]) -> Result<Self, TlsError> {
         use x509_parser::extensions::GeneralName;
         use x509_parser::prelude::{FromDer, X509Certificate};
         let (_, cert) =
@@ -138,7 +138,7 @@ impl CertInfo {
 
     /// When a renewal is due: a third of the lifetime before expiry, at most 30 days
     /// (Let's Encrypt's 90-day certificates renew with 30 days left, 6-day ones with 2).
-    pub fn renew_at_ms(&self) -> u64 {
+    pub(crate) fn renew_at_ms(&self) -> u64 {
         let lifetime = self.not_after_ms.saturating_sub(self.not_before_ms);
         let before = (lifetime / 3).min(30 * 24 * 3600 * 1000);
         self.not_after_ms.saturating_sub(before)
@@ -152,13 +152,13 @@ impl CertInfo {
 /// A certificate chain and key, ready to serve.
 #[derive(Debug)]
 pub struct ServedCert {
-    pub key: Arc<CertifiedKey>,
+    pub(crate) key: Arc<CertifiedKey>,
     pub info: CertInfo,
 }
 
 impl ServedCert {
     /// Checks that the key belongs to the leaf and that the provider can sign with it.
-    pub fn new(
+    pub(crate) fn new(
         chain: Vec<CertificateDer<'static>>,
         key: PrivateKeyDer<'static>,
     ) -> Result<Self, TlsError> {
@@ -176,7 +176,7 @@ impl ServedCert {
 
     /// From one PEM buffer holding the private key and the chain (leaf first), as ACME
     /// stores them.
-    pub fn from_pem(pem: &[u8]) -> Result<Self, TlsError> {
+    pub(crate) fn from_pem(pem: &[u8]) -> Result<Self, TlsError> {
         let chain = CertificateDer::pem_slice_iter(pem)
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| TlsError::Certificate(format!("bad PEM certificate: {e}")))?;
@@ -194,7 +194,7 @@ pub struct CertSlot {
 }
 
 impl CertSlot {
-    pub fn new(cert: ServedCert) -> Self {
+    pub(crate) fn new(cert: ServedCert) -> Self {
         Self {
             current: RwLock::new(Arc::new(cert)),
         }
@@ -207,7 +207,7 @@ impl CertSlot {
         }
     }
 
-    pub fn replace(&self, cert: ServedCert) {
+    pub(crate) fn replace(&self, cert: ServedCert) {
         let cert = Arc::new(cert);
         match self.current.write() {
             Ok(mut guard) => *guard = cert,
@@ -229,7 +229,7 @@ const SESSION_CACHE: usize = 4096;
 /// The rustls server configuration: TLS 1.3 and 1.2 only, the ring provider's cipher
 /// suites (all AEAD, forward-secret) in the server's order, ALPN h2 then http/1.1, and
 /// resumption by tickets (ring's ticketer: AEAD-sealed, keys rotated every 6 hours).
-pub fn server_config(
+pub(crate) fn server_config(
     resolver: Arc<dyn ResolvesServerCert>,
 ) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let mut config = rustls::ServerConfig::builder_with_provider(provider())
@@ -246,21 +246,21 @@ pub fn server_config(
 /// The TLS side of a running server: what is served and how it is kept fresh.
 #[derive(Debug)]
 pub struct Tls {
-    pub mode: TlsMode,
+    pub(crate) mode: TlsMode,
     pub slot: Arc<CertSlot>,
-    pub config: Arc<rustls::ServerConfig>,
+    pub(crate) config: Arc<rustls::ServerConfig>,
     /// `acme` mode: orders, failures and the challenge responder.
     pub acme: Option<Arc<acme::AcmeStatus>>,
     /// `files` mode: where to reload from.
-    pub files: Option<files::CertFiles>,
+    pub(crate) files: Option<files::CertFiles>,
     /// `self-signed` mode: the pin (`sha256/<base64>` of the SPKI) a pairing URI carries.
     pub pin: Option<String>,
     /// `self-signed` mode: the listen address the certificate must cover (for renewals).
-    pub self_signed_for: Option<std::net::SocketAddr>,
+    pub(crate) self_signed_for: Option<std::net::SocketAddr>,
 }
 
 impl Tls {
-    pub fn new(mode: TlsMode, cert: ServedCert) -> Result<Self, TlsError> {
+    pub(crate) fn new(mode: TlsMode, cert: ServedCert) -> Result<Self, TlsError> {
         let slot = Arc::new(CertSlot::new(cert));
         Ok(Self {
             mode,
@@ -284,7 +284,7 @@ impl Tls {
             .unwrap_or_default()
     }
 
-    pub fn acceptor(&self) -> Acceptor {
+    pub(crate) fn acceptor(&self) -> Acceptor {
         Acceptor {
             config: self.config.clone(),
             acme: self.acme.clone(),
@@ -292,7 +292,7 @@ impl Tls {
     }
 
     /// What is served and the state of renewals, for `/readyz`, metrics and `doctor`.
-    pub fn status(&self) -> TlsStatus {
+    pub(crate) fn status(&self) -> TlsStatus {
         TlsStatus {
             mode: self.mode.as_str().to_string(),
             certificate: Some(self.slot.current().info.clone()),
@@ -303,15 +303,15 @@ impl Tls {
 
 /// A snapshot of the TLS state.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct TlsStatus {
-    pub mode: String,
+pub(crate) struct TlsStatus {
+    pub(crate) mode: String,
     /// The certificate served now (none with TLS off).
-    pub certificate: Option<CertInfo>,
-    pub acme: Option<acme::AcmeSnapshot>,
+    pub(crate) certificate: Option<CertInfo>,
+    pub(crate) acme: Option<acme::AcmeSnapshot>,
 }
 
 impl TlsStatus {
-    pub fn off() -> Self {
+    pub(crate) fn off() -> Self {
         Self {
             mode: TlsMode::Off.as_str().to_string(),
             certificate: None,
@@ -321,7 +321,7 @@ impl TlsStatus {
 
     /// Why the server should not take traffic, if it should not: an expired
     /// certificate, or in `acme` mode none issued yet.
-    pub fn unready_reason(&self, now_ms: u64) -> Option<String> {
+    pub(crate) fn unready_reason(&self, now_ms: u64) -> Option<String> {
         if let Some(cert) = &self.certificate
             && cert.not_after_ms <= now_ms
         {
@@ -341,14 +341,14 @@ impl TlsStatus {
 /// ClientHello: a TLS-ALPN-01 validation (ALPN `acme-tls/1`) is answered with the
 /// challenge certificate of the order in progress and closed, never reaching HTTP.
 #[derive(Debug, Clone)]
-pub struct Acceptor {
+pub(crate) struct Acceptor {
     config: Arc<rustls::ServerConfig>,
     acme: Option<Arc<acme::AcmeStatus>>,
 }
 
 impl Acceptor {
     /// `Ok(None)`: the connection was an ACME validation and is done.
-    pub async fn accept<IO>(&self, io: IO) -> std::io::Result<Option<TlsStream<IO>>>
+    pub(crate) async fn accept<IO>(&self, io: IO) -> std::io::Result<Option<TlsStream<IO>>>
     where
         IO: AsyncRead + AsyncWrite + Unpin,
     {
