@@ -18,6 +18,7 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 use crate::clock::{SharedClock, format_rfc3339, millis};
+use crate::error_kind::{Classify, ErrorKind};
 use crate::store::records::AuditEntry;
 use crate::store::{AuditPage, ChainReport, Store, StoreError, WriteTx};
 
@@ -271,7 +272,64 @@ pub struct Query {
     pub limit: usize,
 }
 
+/// A query the caller got wrong: which parameter, and what it must be.
+#[derive(Debug, thiserror::Error)]
+pub enum QueryError {
+    #[error("`limit` must be between 1 and {MAX_PAGE}")]
+    Limit,
+    #[error("`type` is an event type such as device.revoked, or a family such as device.*")]
+    Kind,
+    #[error("`device` must be a device id (dev_ and 32 hex characters)")]
+    Device,
+}
+
+impl Classify for QueryError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            Self::Limit | Self::Kind | Self::Device => ErrorKind::Invalid,
+        }
+    }
+}
+
+/// Events per page when a query names no limit.
+pub(crate) const DEFAULT_PAGE: usize = 100;
+
 impl Query {
+    /// A query from what a caller sent (the API's parameters, the CLI's flags): `kind`
+    /// is an event type or a family (`device.*`), `device` a device id.
+    pub(crate) fn parse(
+        after: Option<u64>,
+        kind: Option<String>,
+        device: Option<String>,
+        limit: Option<usize>,
+    ) -> Result<Self, QueryError> {
+        let limit = limit.unwrap_or(DEFAULT_PAGE);
+        if !(1..=MAX_PAGE).contains(&limit) {
+            return Err(QueryError::Limit);
+        }
+        if let Some(kind) = &kind
+            && (kind.is_empty()
+                || kind.len() > 64
+                || !kind
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b"._*".contains(&b)))
+        {
+            return Err(QueryError::Kind);
+        }
+        if device
+            .as_deref()
+            .is_some_and(|d| crate::ids::DeviceId::parse(d).is_none())
+        {
+            return Err(QueryError::Device);
+        }
+        Ok(Self {
+            after: after.unwrap_or(0),
+            kind,
+            device,
+            limit,
+        })
+    }
+
     fn matches(&self, entry: &AuditEntry) -> bool {
         let kind_ok = match self.kind.as_deref() {
             None => true,

@@ -30,6 +30,7 @@ mod telemetry;
 // The wiring: the services of one instance, and the scheduled and background work.
 pub mod schedule;
 pub mod services;
+mod status;
 
 // The domain.
 mod admin_sessions;

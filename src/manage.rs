@@ -118,6 +118,10 @@ pub(crate) enum Command {
     Ping,
     /// What the running server's listener serves (`doctor`).
     TlsStatus,
+    /// What an operator should fix (`doctor`); `tls_off` as configured.
+    Status {
+        tls_off: bool,
+    },
 }
 
 /// What a command did.
@@ -172,6 +176,9 @@ pub(crate) enum Outcome {
     },
     JobRan(JobView),
     Pong,
+    Warnings {
+        warnings: Vec<crate::status::Warning>,
+    },
     /// `None` when no server runs (the offline CLI has no listener).
     Tls {
         status: Option<Box<crate::tls::TlsStatus>>,
@@ -309,12 +316,10 @@ pub(crate) async fn execute(
             kind,
             device,
             limit,
-        } => Ok(Outcome::AuditPage(services.audit.query(&Query {
-            after,
-            kind,
-            device,
-            limit,
-        })?)),
+        } => {
+            let query = Query::parse(Some(after), kind, device, Some(limit))?;
+            Ok(Outcome::AuditPage(services.audit.query(&query)?))
+        }
         Command::AuditTail { count } => Ok(Outcome::AuditPage(EventPage {
             events: services.audit.tail(count)?,
             next: None,
@@ -347,6 +352,9 @@ pub(crate) async fn execute(
             ))
         }
         Command::Ping => Ok(Outcome::Pong),
+        Command::Status { tls_off } => Ok(Outcome::Warnings {
+            warnings: crate::status::warnings(services, tls_off)?,
+        }),
         Command::TlsStatus => Ok(Outcome::Tls {
             status: services.tls.as_ref().map(|tls| Box::new(tls.status())),
         }),

@@ -97,6 +97,23 @@ pub(super) async fn doctor(config: &Config) -> anyhow::Result<()> {
         ports(&mut report, config);
         offline_tls(&mut report, &mut session, config, now).await
     };
+    // What the admin UI's overview warns about; nothing to read before the first start.
+    if running || config.data_path.exists() {
+        let tls_off = config.tls_mode == crate::config::TlsMode::Off;
+        match session.run(Command::Status { tls_off }).await {
+            Ok(Outcome::Warnings { warnings }) => {
+                // The key's place is checked above, with the files.
+                for warning in warnings
+                    .iter()
+                    .filter(|w| w.code != "master_key_beside_data")
+                {
+                    report.line(Level::Warn, &warning.code, &warning.message);
+                }
+            }
+            Ok(other) => anyhow::bail!("unexpected answer {other:?}"),
+            Err(err) => report.line(Level::Warn, "status", format!("cannot read: {err}")),
+        }
+    }
     session.close().await?;
     tls(&mut report, config, status.as_ref(), now);
     dns(&mut report, config).await;

@@ -2,7 +2,9 @@
 //! (admin).
 
 use axum::Json;
+use axum::Router;
 use axum::extract::{Path, Query, State};
+use axum::routing::get;
 use http::StatusCode;
 use serde::Deserialize;
 
@@ -11,6 +13,13 @@ use super::error::ApiError;
 use super::extract::{Admin, ApiJson};
 use crate::devices::{DeviceError, DeviceFilter, DevicePage, DeviceView};
 use crate::ids::DeviceId;
+
+/// This resource's routes.
+pub(super) fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/v1/devices", get(list))
+        .route("/v1/devices/{id}", get(show).patch(rename).delete(revoke))
+}
 
 fn device_id(text: &str) -> Result<DeviceId, ApiError> {
     DeviceId::parse(text).ok_or_else(|| {
@@ -32,7 +41,7 @@ pub(crate) struct ListQuery {
 }
 
 /// `GET /v1/devices?status=active|revoked&name=TEXT&after=ID&limit=N`, oldest first.
-pub(crate) async fn list(
+async fn list(
     State(state): State<AppState>,
     _admin: Admin,
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
@@ -56,7 +65,7 @@ pub(crate) async fn list(
     Ok(Json(state.services.devices.page(&filter)?))
 }
 
-pub(crate) async fn show(
+async fn show(
     State(state): State<AppState>,
     _admin: Admin,
     Path(id): Path<String>,
@@ -77,7 +86,7 @@ pub(crate) struct Rename {
 }
 
 /// `PATCH /v1/devices/{id}` with `{"name": …}`.
-pub(crate) async fn rename(
+async fn rename(
     State(state): State<AppState>,
     admin: Admin,
     Path(id): Path<String>,
@@ -94,7 +103,7 @@ pub(crate) async fn rename(
 }
 
 /// Revokes the device and every token it holds, durably, before answering.
-pub(crate) async fn revoke(
+async fn revoke(
     State(state): State<AppState>,
     admin: Admin,
     Path(id): Path<String>,

@@ -5,18 +5,27 @@
 //! for shutdown, so a load balancer stops sending traffic before the process stops.
 
 use axum::Json;
+use axum::Router;
 use axum::extract::State;
+use axum::routing::get;
 use serde::Serialize;
 
 use super::AppState;
 use super::error::ApiError;
+
+/// This resource's routes.
+pub(super) fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+}
 
 #[derive(Debug, Serialize)]
 pub(crate) struct Health {
     status: &'static str,
 }
 
-pub(crate) async fn healthz() -> Json<Health> {
+async fn healthz() -> Json<Health> {
     Json(Health { status: "ok" })
 }
 
@@ -53,7 +62,7 @@ struct AcmeView {
     renew_at: Option<String>,
 }
 
-pub(crate) async fn readyz(State(state): State<AppState>) -> Result<Json<Ready>, ApiError> {
+async fn readyz(State(state): State<AppState>) -> Result<Json<Ready>, ApiError> {
     if state.draining() {
         return Err(ApiError::unavailable("the server is shutting down"));
     }

@@ -1,9 +1,11 @@
 //! `GET /v1/jobs`, `POST /v1/jobs/{name}/run` and `POST /v1/backup` (admin).
 
 use axum::Json;
+use axum::Router;
 use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
 use http::{HeaderValue, StatusCode, header};
 use serde::Serialize;
 
@@ -13,16 +15,21 @@ use super::extract::Admin;
 use crate::config::JobName;
 use crate::schedule::JobView;
 
+/// This resource's routes.
+pub(super) fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/v1/jobs", get(list))
+        .route("/v1/jobs/{name}/run", post(run))
+        .route("/v1/backup", post(backup))
+}
+
 #[derive(Debug, Serialize)]
 pub(crate) struct JobList {
     jobs: Vec<JobView>,
 }
 
 /// Every job with its schedule, last run and next run.
-pub(crate) async fn list(
-    State(state): State<AppState>,
-    _admin: Admin,
-) -> Result<Json<JobList>, ApiError> {
+async fn list(State(state): State<AppState>, _admin: Admin) -> Result<Json<JobList>, ApiError> {
     let services = &state.services;
     Ok(Json(JobList {
         jobs: services.jobs.list()?,
@@ -31,7 +38,7 @@ pub(crate) async fn list(
 
 /// Runs a job now and answers when it has finished (200 whether it succeeded or
 /// failed: the outcome is in the body); 409 while it is already running.
-pub(crate) async fn run(
+async fn run(
     State(state): State<AppState>,
     _admin: Admin,
     Path(name): Path<String>,
@@ -45,10 +52,7 @@ pub(crate) async fn run(
 
 /// Streams a fresh, checked backup (a redb data file, sealed under the server's master
 /// key); see `Backups::download`.
-pub(crate) async fn backup(
-    State(state): State<AppState>,
-    admin: Admin,
-) -> Result<Response, ApiError> {
+async fn backup(State(state): State<AppState>, admin: Admin) -> Result<Response, ApiError> {
     let download = state.services.backups.download(&admin.origin).await?;
     let file = tokio::fs::File::from_std(download.file);
     let mut response = Body::from_stream(tokio_util::io::ReaderStream::new(file)).into_response();

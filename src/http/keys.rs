@@ -1,8 +1,10 @@
 //! `GET /v1/keys`, `POST /v1/keys/rotate` and `POST /v1/keys/{kid}/revoke` (admin).
 
 use axum::Json;
+use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
+use axum::routing::{get, post};
 use http::StatusCode;
 use serde::{Deserialize, Serialize};
 
@@ -11,12 +13,20 @@ use super::error::ApiError;
 use super::extract::Admin;
 use crate::keys::{KeyInfo, Rotation, RotationReport};
 
+/// This resource's routes.
+pub(super) fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/v1/keys", get(list))
+        .route("/v1/keys/rotate", post(rotate))
+        .route("/v1/keys/{kid}/revoke", post(revoke))
+}
+
 #[derive(Debug, Serialize)]
 pub(crate) struct KeyList {
     keys: Vec<KeyInfo>,
 }
 
-pub(crate) async fn list(State(state): State<AppState>, _admin: Admin) -> Json<KeyList> {
+async fn list(State(state): State<AppState>, _admin: Admin) -> Json<KeyList> {
     Json(KeyList {
         keys: state.services.keys.list(),
     })
@@ -32,7 +42,7 @@ pub(crate) struct RotateRequest {
 
 /// The body is optional: none (or `{}`) is an ordinary rotation, `{"now": true}` an
 /// emergency one.
-pub(crate) async fn rotate(
+async fn rotate(
     State(state): State<AppState>,
     admin: Admin,
     body: Bytes,
@@ -59,7 +69,7 @@ pub(crate) async fn rotate(
     Ok(Json(state.services.keys.rotate(mode, &admin.origin).await?))
 }
 
-pub(crate) async fn revoke(
+async fn revoke(
     State(state): State<AppState>,
     admin: Admin,
     Path(kid): Path<String>,

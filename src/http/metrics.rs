@@ -6,6 +6,8 @@
 //! responses and their durations are counted here (`HttpCounters`, the outermost
 //! middleware), with atomics only: counting adds no lock to any request.
 
+use axum::Router;
+use axum::routing::get;
 use std::fmt::Write as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,6 +21,11 @@ use super::AppState;
 use super::error::ApiError;
 use super::extract::{Admin, Peer};
 use crate::config::JobName;
+
+/// This resource's routes.
+pub(super) fn routes() -> Router<AppState> {
+    Router::new().route("/metrics", get(metrics))
+}
 
 const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
@@ -103,7 +110,7 @@ pub(crate) async fn count_responses(
 }
 
 /// Loopback callers need nothing more; others need an admin token.
-pub(crate) async fn metrics(State(state): State<AppState>, request: Request) -> Response {
+async fn metrics(State(state): State<AppState>, request: Request) -> Response {
     let (mut parts, _) = request.into_parts();
     let loopback = match Peer::from_request_parts(&mut parts, &state).await {
         Ok(Peer(peer)) => peer.ip().to_canonical().is_loopback(),

@@ -6,31 +6,31 @@
 //! TLS handshake, header-read and idle timeouts, header caps, the connection cap and
 //! graceful shutdown.
 
-pub(crate) mod audit;
-pub(crate) mod devices;
+mod audit;
+mod bans;
+mod devices;
 pub(crate) mod error;
 pub(crate) mod extract;
-pub(crate) mod health;
-pub(crate) mod jobs;
-pub(crate) mod keys;
+mod health;
+mod jobs;
+mod keys;
 pub(crate) mod limits;
 pub(crate) mod metrics;
-pub(crate) mod oauth;
-pub(crate) mod pairing;
+mod oauth;
+mod pairing;
 pub(crate) mod redirect;
 pub mod security;
 pub(crate) mod serve;
-pub(crate) mod session;
-pub(crate) mod status;
-pub(crate) mod ui;
-pub(crate) mod ws;
+mod session;
+mod status;
+mod ui;
+mod ws;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{delete, get, post};
 use http::{HeaderName, HeaderValue, StatusCode};
 use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::timeout::TimeoutLayer;
@@ -77,49 +77,19 @@ pub fn router(state: AppState, limits: &ServerConfig, cors_config: &CorsConfig) 
     let hsts = security::Hsts(state.tls_mode != TlsMode::Off);
     let counters = state.http_counters.clone();
     Router::new()
-        .route("/admin", get(ui::redirect))
-        .route("/admin/", get(ui::index))
-        .route("/admin/app.js", get(ui::script))
-        .route("/admin/app.css", get(ui::style))
-        .route("/healthz", get(health::healthz))
-        .route("/readyz", get(health::readyz))
-        .route("/metrics", get(metrics::metrics))
-        .route("/.well-known/jwks.json", get(oauth::jwks))
-        .route(
-            "/.well-known/oauth-authorization-server",
-            get(oauth::metadata),
-        )
-        .route("/v1/token", post(oauth::token))
-        .route("/v1/revoke", post(oauth::revoke))
-        .route("/v1/introspect", post(oauth::introspect))
-        .route("/v1/pairing/sessions", post(pairing::create_session))
-        .route("/v1/pairing/sessions/{id}/qr.svg", get(pairing::qr_svg))
-        .route("/v1/pairing/sessions/{id}/qr.png", get(pairing::qr_png))
-        .route("/v1/pair", post(pairing::pair))
-        .route("/v1/keys", get(keys::list))
-        .route("/v1/keys/rotate", post(keys::rotate))
-        .route("/v1/keys/{kid}/revoke", post(keys::revoke))
-        .route("/v1/ws", get(ws::upgrade))
-        .route("/v1/devices", get(devices::list))
-        .route(
-            "/v1/devices/{id}",
-            get(devices::show)
-                .patch(devices::rename)
-                .delete(devices::revoke),
-        )
-        .route("/v1/audit", get(audit::list))
-        .route("/v1/ratelimit/bans", get(audit::bans))
-        .route("/v1/ratelimit/bans/{key}", delete(audit::lift))
-        .route("/v1/jobs", get(jobs::list))
-        .route("/v1/jobs/{name}/run", post(jobs::run))
-        .route("/v1/backup", post(jobs::backup))
-        .route("/v1/status", get(status::status))
-        .route(
-            "/v1/session",
-            post(session::sign_in)
-                .get(session::current)
-                .delete(session::sign_out),
-        )
+        .merge(ui::routes())
+        .merge(health::routes())
+        .merge(metrics::routes())
+        .merge(oauth::routes())
+        .merge(pairing::routes())
+        .merge(keys::routes())
+        .merge(ws::routes())
+        .merge(devices::routes())
+        .merge(audit::routes())
+        .merge(bans::routes())
+        .merge(jobs::routes())
+        .merge(status::routes())
+        .merge(session::routes())
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             limits::admit_address,

@@ -2,8 +2,10 @@
 //! `/v1/introspect` (RFC 7662), the JWKS and the RFC 8414 metadata document.
 
 use axum::Json;
+use axum::Router;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
 use http::{HeaderValue, StatusCode, header};
 use serde::Deserialize;
 
@@ -12,6 +14,16 @@ use super::error::ApiError;
 use super::extract::{ApiForm, Introspector, RequestOrigin};
 use crate::keys::JWKS_MAX_AGE_SECS;
 use crate::tokens::{Introspection, TokenError, TokenPair};
+
+/// This resource's routes.
+pub(super) fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/.well-known/jwks.json", get(jwks))
+        .route("/.well-known/oauth-authorization-server", get(metadata))
+        .route("/v1/token", post(token))
+        .route("/v1/revoke", post(revoke))
+        .route("/v1/introspect", post(introspect))
+}
 
 /// The longest `token` parameter read; longer ones cannot be ours.
 const MAX_TOKEN_PARAM: usize = crate::jwt::MAX_TOKEN_BYTES;
@@ -28,7 +40,7 @@ pub(crate) struct TokenRequest {
 }
 
 /// `POST /v1/token`: the refresh grant (RFC 6749 section 6).
-pub(crate) async fn token(
+async fn token(
     State(state): State<AppState>,
     RequestOrigin(origin): RequestOrigin,
     ApiForm(request): ApiForm<TokenRequest>,
@@ -72,7 +84,7 @@ fn bounded(token: &str) -> Option<&str> {
 
 /// `POST /v1/revoke`: RFC 7009. Holding a token is the right to revoke it; unknown or
 /// invalid tokens get the same 200, so nothing is learnt by trying.
-pub(crate) async fn revoke(
+async fn revoke(
     State(state): State<AppState>,
     RequestOrigin(origin): RequestOrigin,
     ApiForm(request): ApiForm<TokenParam>,
@@ -84,7 +96,7 @@ pub(crate) async fn revoke(
 }
 
 /// `POST /v1/introspect`: RFC 7662, for admins and registered clients.
-pub(crate) async fn introspect(
+async fn introspect(
     State(state): State<AppState>,
     _caller: Introspector,
     ApiForm(request): ApiForm<TokenParam>,
@@ -107,7 +119,7 @@ pub(crate) async fn introspect(
 
 /// `GET /.well-known/jwks.json`: the public keys, cacheable for a few minutes (the key
 /// ring publishes a next key well before it signs, see `keys`).
-pub(crate) async fn jwks(State(state): State<AppState>) -> Response {
+async fn jwks(State(state): State<AppState>) -> Response {
     let body = state.services.keys.snapshot().jwks();
     let mut response = (
         [(
@@ -126,7 +138,7 @@ pub(crate) async fn jwks(State(state): State<AppState>) -> Response {
 }
 
 /// `GET /.well-known/oauth-authorization-server`: RFC 8414 metadata.
-pub(crate) async fn metadata(State(state): State<AppState>) -> Response {
+async fn metadata(State(state): State<AppState>) -> Response {
     let issuer = &state.services.tokens.settings().issuer;
     let document = serde_json::json!({
         "issuer": issuer,

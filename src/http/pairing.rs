@@ -1,6 +1,8 @@
 //! `POST /v1/pairing/sessions` and the session's QR code (admin), and `POST /v1/pair`
 //! (the app).
 
+use axum::Router;
+use axum::routing::{get, post};
 use std::time::Duration;
 
 use axum::Json;
@@ -16,6 +18,15 @@ use crate::clock::format_rfc3339;
 use crate::ids::SessionId;
 use crate::pairing::{DeviceInfo, PairingError};
 use crate::tokens::TokenPair;
+
+/// This resource's routes.
+pub(super) fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/v1/pairing/sessions", post(create_session))
+        .route("/v1/pairing/sessions/{id}/qr.svg", get(qr_svg))
+        .route("/v1/pairing/sessions/{id}/qr.png", get(qr_png))
+        .route("/v1/pair", post(pair))
+}
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -33,7 +44,7 @@ pub(crate) struct CreatedSession {
 }
 
 /// Opens a pairing session. The secret is in this answer and nowhere else.
-pub(crate) async fn create_session(
+async fn create_session(
     State(state): State<AppState>,
     admin: Admin,
     ApiJson(request): ApiJson<CreateSession>,
@@ -67,7 +78,7 @@ pub(crate) struct PairRequest {
 }
 
 /// Claims a pairing session: the device and its first token pair.
-pub(crate) async fn pair(
+async fn pair(
     State(state): State<AppState>,
     RequestOrigin(origin): RequestOrigin,
     ApiJson(request): ApiJson<PairRequest>,
@@ -120,7 +131,7 @@ pub(crate) async fn qr(state: &AppState, id: &str, format: QrFormat) -> Result<R
     Ok(response)
 }
 
-pub(crate) async fn qr_svg(
+async fn qr_svg(
     State(state): State<AppState>,
     _admin: Admin,
     Path(id): Path<String>,
@@ -128,7 +139,7 @@ pub(crate) async fn qr_svg(
     qr(&state, &id, QrFormat::Svg).await
 }
 
-pub(crate) async fn qr_png(
+async fn qr_png(
     State(state): State<AppState>,
     _admin: Admin,
     Path(id): Path<String>,

@@ -6,8 +6,10 @@
 //! wrong password is the same. A sign-in from another site is refused (login CSRF).
 
 use axum::Json;
+use axum::Router;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
+use axum::routing::post;
 use http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use serde::{Deserialize, Serialize};
 
@@ -19,6 +21,11 @@ use crate::admin_sessions::{SessionView, SignedIn, clear_cookie, cookie_value, s
 use crate::audit::{Actor, Event};
 use crate::clock::format_rfc3339;
 use crate::ratelimit::{FailedCheck, PolicyId, Subject};
+
+/// This resource's routes.
+pub(super) fn routes() -> Router<AppState> {
+    Router::new().route("/v1/session", post(sign_in).get(current).delete(sign_out))
+}
 
 const CHALLENGE: &str = r#"Bearer realm="gatehouse admin""#;
 
@@ -53,7 +60,7 @@ fn no_store(response: &mut Response) {
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
 }
 
-pub(crate) async fn sign_in(
+async fn sign_in(
     State(state): State<AppState>,
     RequestOrigin(origin): RequestOrigin,
     headers: HeaderMap,
@@ -150,7 +157,7 @@ fn session_cookie(headers: &HeaderMap) -> Option<&str> {
         .find_map(cookie_value)
 }
 
-pub(crate) async fn current(State(state): State<AppState>, headers: HeaderMap) -> Response {
+async fn current(State(state): State<AppState>, headers: HeaderMap) -> Response {
     let session = session_cookie(&headers).and_then(|c| state.services.admin_sessions.check(c));
     match session {
         Some(view) => {
@@ -168,11 +175,7 @@ pub(crate) async fn current(State(state): State<AppState>, headers: HeaderMap) -
 }
 
 /// Ends the session (the extractor has checked its CSRF token and origin).
-pub(crate) async fn sign_out(
-    State(state): State<AppState>,
-    admin: Admin,
-    headers: HeaderMap,
-) -> Response {
+async fn sign_out(State(state): State<AppState>, admin: Admin, headers: HeaderMap) -> Response {
     if let Some(cookie) = session_cookie(&headers)
         && state.services.admin_sessions.end(cookie)
     {

@@ -7,8 +7,21 @@
 //! connections to this origin only; no inline code, no eval), which the security-headers
 //! middleware keeps. This module must not read state or serve anything but these files.
 
+use axum::Router;
+
+use super::AppState;
 use axum::response::{IntoResponse, Redirect, Response};
+use axum::routing::get;
 use http::header::{self, HeaderValue};
+
+/// This resource's routes.
+pub(super) fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/admin", get(redirect))
+        .route("/admin/", get(index))
+        .route("/admin/app.js", get(script))
+        .route("/admin/app.css", get(style))
+}
 
 /// The page's policy: only our own script, style and API; images may be `data:` URIs.
 pub(crate) const UI_CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; \
@@ -37,21 +50,21 @@ fn asset(content_type: &'static str, body: &'static str) -> Response {
 }
 
 /// `GET /admin`: the UI lives under `/admin/`, so relative links resolve there.
-pub(crate) async fn redirect() -> Redirect {
+async fn redirect() -> Redirect {
     Redirect::permanent("/admin/")
 }
 
 /// `GET /admin/`: the page.
-pub(crate) async fn index() -> Response {
+async fn index() -> Response {
     asset("text/html; charset=utf-8", INDEX_HTML)
 }
 
 /// `GET /admin/app.js`: the page's one ES module.
-pub(crate) async fn script() -> Response {
+async fn script() -> Response {
     asset("text/javascript; charset=utf-8", APP_JS)
 }
 
 /// `GET /admin/app.css`: the page's one style sheet.
-pub(crate) async fn style() -> Response {
+async fn style() -> Response {
     asset("text/css; charset=utf-8", APP_CSS)
 }

@@ -10,6 +10,8 @@
 //! is revoked or a key changes, every authenticated socket re-verifies its token, so a
 //! revoked device or token, or an expired one, is closed at once with 1008.
 
+use axum::Router;
+use axum::routing::get;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -31,6 +33,11 @@ use crate::live::{MessageBudget, Refused, Slot};
 use crate::pairing::DeviceInfo;
 use crate::ratelimit::{PolicyId, Subject};
 use crate::tokens::{Rejection, TokenPair, Verified};
+
+/// This resource's routes.
+pub(super) fn routes() -> Router<AppState> {
+    Router::new().route("/v1/ws", get(upgrade))
+}
 
 /// Time a new connection has to authenticate.
 pub(crate) const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
@@ -91,7 +98,7 @@ enum ServerMessage<'a> {
 }
 
 /// `GET /v1/ws`: admits the connection within the caps, then upgrades it.
-pub(crate) async fn upgrade(
+async fn upgrade(
     State(state): State<AppState>,
     Peer(peer): Peer,
     upgrade: WebSocketUpgrade,

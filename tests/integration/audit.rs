@@ -776,6 +776,15 @@ async fn audit_export_round_trips_every_event_as_json_lines() {
     );
     let bad = run_cli(&data, &["audit", "search", "--limit", "0"]).await;
     assert!(!bad.status.success());
+    // The same grammar as GET /v1/audit: an event type or a family, a device id.
+    for (flag, value, named) in [
+        ("--type", "Device.Revoked!", "`type`"),
+        ("--device", "not-a-device", "`device`"),
+    ] {
+        let bad = run_cli(&data, &["audit", "search", flag, value]).await;
+        assert!(!bad.status.success(), "{flag} {value}");
+        assert!(bad.stderr.contains(named), "{flag} {value}: {}", bad.stderr);
+    }
     let done = run_cli_ok(&data, &["audit", "tail", "-n", "3", "--json"]).await;
     let tail: Vec<EventView> = done
         .stdout

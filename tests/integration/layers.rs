@@ -39,7 +39,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "tls",
         ],
     ),
-    ("wiring", &["services", "schedule"]),
+    ("wiring", &["services", "schedule", "status"]),
     (
         "edges",
         &[

@@ -397,6 +397,11 @@ fn doctor_reports_mode_issuer_names_and_expiry_online_and_offline() {
         has(out, "warn  master key", "beside the data file"),
         "{out}"
     );
+    // What the admin UI's overview warns about, read from the running server.
+    assert!(
+        has(out, "warn  bootstrap_token_active", "bootstrap admin token"),
+        "{out}"
+    );
     let port = server.addr;
     server.stop_ok();
 
