@@ -198,6 +198,13 @@ fn render(state: &AppState) -> Result<String, ApiError> {
         "Families revoked in the revocation journal and not yet folded into their rows.",
         &single(services.revocations.journaled().len() as f64),
     );
+    metric(
+        &mut out,
+        "gatehouse_store_commits_total",
+        "counter",
+        "Write transactions committed to the data file since start.",
+        &single(services.store.commits() as f64),
+    );
     let audit_records = services
         .store
         .read(|tx| tx.audit_len())

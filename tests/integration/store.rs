@@ -93,6 +93,38 @@ async fn records_round_trip_across_reopen() {
     assert!(!bytes.windows(16).any(|w| w == &cert.key_der[..16]));
 }
 
+/// The change counter counts committed write transactions: a write that fails and rolls
+/// back leaves it where it was.
+#[tokio::test]
+async fn the_change_counter_counts_commits_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, key) = new_instance(dir.path());
+    let (store, _) = Store::open(&path, &key, clock().as_ref()).unwrap();
+    let before = store.commits();
+    store
+        .write(|tx| tx.put_admin_token("00000000000000bb", &token("b")))
+        .await
+        .unwrap();
+    assert_eq!(store.commits(), before + 1);
+    let refused = store
+        .write(|tx| -> Result<(), StoreError> {
+            tx.put_admin_token("00000000000000cc", &token("c"))?;
+            Err(StoreError::WriteFailed("refused by the test".into()))
+        })
+        .await;
+    assert!(refused.is_err());
+    assert_eq!(
+        store.commits(),
+        before + 1,
+        "a rolled-back write is no change"
+    );
+    assert_eq!(
+        store.read(|tx| tx.admin_token("00000000000000cc")).unwrap(),
+        None
+    );
+    store.close();
+}
+
 // ---------------------------------------------------------------------------------------
 // The format-1 fixture
 

@@ -26,7 +26,7 @@ mod writer;
 use std::fs;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 
@@ -103,8 +103,10 @@ pub enum StoreError {
         key: String,
         source: SealError,
     },
+    /// The storage engine failed. Its own error is kept as text, so that no engine's type
+    /// reaches the rest of gatehouse.
     #[error("database error: {0}")]
-    Database(#[from] redb::Error),
+    Database(String),
     #[error("the data-file writer has stopped")]
     WriterStopped,
     #[error("a write job panicked; its transaction was rolled back")]
@@ -117,12 +119,13 @@ macro_rules! from_redb {
     ($($t:ty),*) => {$(
         impl From<$t> for StoreError {
             fn from(err: $t) -> Self {
-                Self::Database(err.into())
+                Self::Database(err.to_string())
             }
         }
     )*};
 }
 from_redb!(
+    redb::Error,
     redb::TransactionError,
     redb::TableError,
     redb::StorageError,
@@ -166,6 +169,7 @@ struct Shared {
     healthy: Arc<AtomicBool>,
     chain: Arc<ChainKey>,
     info: InstanceInfo,
+    commits: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for Job {
@@ -241,12 +245,14 @@ impl Store {
         let db = Arc::new(db);
         let sealer = Arc::new(RwLock::new(Arc::new(sealer)));
         let healthy = Arc::new(AtomicBool::new(true));
+        let commits = Arc::new(AtomicU64::new(0));
         let (sender, receiver) = mpsc::channel(writer::QUEUE_DEPTH);
         let ctx = WriterContext {
             db: db.clone(),
             sealer: sealer.clone(),
             healthy: healthy.clone(),
             chain: chain.clone(),
+            commits: commits.clone(),
         };
         let handle = std::thread::Builder::new()
             .name("gatehouse-writer".into())
@@ -266,6 +272,7 @@ impl Store {
                 healthy,
                 chain,
                 info,
+                commits,
             }),
         })
     }
@@ -281,6 +288,12 @@ impl Store {
     /// The fingerprint of the master key in use.
     pub fn master_key_fingerprint(&self) -> String {
         self.with_sealer(|s| s.fingerprint().to_string())
+    }
+
+    /// The change counter: write transactions committed since the store opened. A
+    /// reader that saw `n` has seen every write up to the n-th; it only grows.
+    pub fn commits(&self) -> u64 {
+        self.shared.commits.load(Ordering::SeqCst)
     }
 
     /// False once a commit has failed (redb refuses writes after an I/O error) or the

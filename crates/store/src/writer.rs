@@ -19,7 +19,7 @@
 //! old key or the reverse.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
@@ -109,6 +109,8 @@ pub(super) struct WriterContext {
     /// `/readyz` must say so.
     pub healthy: Arc<AtomicBool>,
     pub chain: Arc<ChainKey>,
+    /// Write transactions committed since the store opened (`Store::commits`).
+    pub commits: Arc<AtomicU64>,
 }
 
 pub(super) fn run(ctx: WriterContext, mut jobs: mpsc::Receiver<Job>) {
@@ -248,7 +250,10 @@ fn finish_batch(
     attempt: Result<bool, StoreError>,
 ) {
     match attempt {
-        Ok(true) => batch.into_iter().for_each(|job| job.finish(None)),
+        Ok(true) => {
+            ctx.commits.fetch_add(1, Ordering::SeqCst);
+            batch.into_iter().for_each(|job| job.finish(None));
+        }
         Ok(false) if batch.len() == 1 => batch.into_iter().for_each(|job| job.finish(None)),
         Ok(false) => {
             for job in batch {
@@ -285,6 +290,7 @@ fn run_rekey(ctx: &WriterContext, new_sealer: Arc<Sealer>) -> Result<u64, StoreE
         Err(poisoned) => poisoned.into_inner(),
     };
     tx.commit()?;
+    ctx.commits.fetch_add(1, Ordering::SeqCst);
     *guard = new_sealer;
     Ok(count)
 }
