@@ -19,8 +19,8 @@ use serde::{Deserialize, Serialize};
 use crate::audit::{self, AuditLog, Event, Origin, Severity};
 use crate::clock::{Clock, SharedClock, format_rfc3339};
 use crate::error_kind::{Classify, ErrorKind};
-use crate::store::backup::{BackupInfo, inspect};
 use crate::store::seal::{MasterKey, Sealer, sync_parent_dir};
+use crate::store::{BackupInfo, inspect};
 use crate::store::{Store, StoreError};
 
 /// Where scheduled backups go and how many are kept.
@@ -294,7 +294,7 @@ pub fn check(path: &Path, key: &MasterKey) -> Result<BackupInfo, BackupError> {
 
 /// True when another process holds the data file (a running server).
 fn held_by_another_process(data: &Path) -> Result<bool, BackupError> {
-    Ok(crate::store::backup::in_use(data)?)
+    Ok(crate::store::in_use(data)?)
 }
 
 fn sibling(path: &Path, suffix: &str) -> PathBuf {

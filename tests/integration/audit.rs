@@ -21,7 +21,13 @@ use gatehouse::audit::{
 use gatehouse::clock::{FixedClock, SharedClock};
 use gatehouse::store::Store;
 use gatehouse::store::seal::MasterKey;
-use gatehouse::store::tables::{AUDIT_CHECKPOINT, AUDIT_CHECKPOINT_KEY, AUDIT_EVENTS};
+// The audit tables as the data file lays them out (schema/data-file.md), for tests that
+// damage the file on purpose.
+const AUDIT_EVENTS: redb::TableDefinition<u64, &[u8]> =
+    redb::TableDefinition::new("audit_events.v1");
+const AUDIT_CHECKPOINT: redb::TableDefinition<&str, &[u8]> =
+    redb::TableDefinition::new("audit_checkpoint.v1");
+const AUDIT_CHECKPOINT_KEY: &str = "checkpoint";
 use redb::ReadableTable;
 use serde_json::{Value, json};
 

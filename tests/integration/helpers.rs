@@ -249,7 +249,7 @@ pub fn write_fixture_base(
         .seal(
             "meta",
             b"master_key_check",
-            gatehouse::store::tables::MASTER_KEY_CHECK_PLAINTEXT,
+            gatehouse::store::MASTER_KEY_CHECK_PLAINTEXT,
         )
         .unwrap();
     meta.insert("master_key_check", check.as_slice()).unwrap();

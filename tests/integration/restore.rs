@@ -124,7 +124,7 @@ async fn a_backup_taken_under_a_write_load_restores_to_a_consistent_state() {
         "the snapshot predates later pairings ({devices} of {live_devices})"
     );
     let counts = store.read(|tx| tx.table_counts()).unwrap();
-    assert_eq!(counts.len(), gatehouse::store::tables::ALL_TABLES.len());
+    assert_eq!(counts.len(), gatehouse::store::ALL_TABLES.len());
     store.close();
     drop(store);
 

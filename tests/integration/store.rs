@@ -9,7 +9,7 @@ use gatehouse::admin_tokens::AdminTokens;
 use gatehouse::clock::{FixedClock, SharedClock};
 use gatehouse::store::records::{self, AdminToken, AdminTokenRecord, AdminTokenV1};
 use gatehouse::store::seal::{MasterKey, Sealer};
-use gatehouse::store::tables::{self, FORMAT_VERSION};
+use gatehouse::store::{ALL_TABLES, FORMAT_VERSION};
 use gatehouse::store::{Store, StoreError};
 use redb::{ReadableTable, TableDefinition};
 
@@ -830,7 +830,7 @@ async fn format_v2_fixture_migrates_to_current_with_empty_token_tables() {
     assert!(counts.contains(&("admin_tokens.v1", 2)), "{counts:?}");
     // The certificate, and the audit chain key made at the first open of this format.
     assert!(counts.contains(&("secrets.v1", 2)), "{counts:?}");
-    assert_eq!(counts.len(), tables::ALL_TABLES.len());
+    assert_eq!(counts.len(), ALL_TABLES.len());
     store.close();
     drop((store, admin));
 

@@ -15,11 +15,11 @@
 //! thread in a read transaction (`tx.rs`). `schema/data-file.md` documents the format.
 
 mod audit_chain;
-pub mod backup;
-pub mod migrate;
+mod backup;
+mod migrate;
 pub mod records;
 pub mod seal;
-pub mod tables;
+mod tables;
 mod tx;
 mod writer;
 
@@ -35,12 +35,13 @@ use tokio::sync::{mpsc, oneshot};
 
 use audit_chain::ChainKey;
 pub use audit_chain::{AuditFilter, AuditPage, ChainBreak, ChainReport, Pruned};
+pub use backup::{BackupInfo, in_use, inspect};
 use gatehouse_clock::Clock;
 pub use migrate::Migrated;
 use seal::{MasterKey, SealError, Sealer, sync_parent_dir};
+pub use tables::{ALL_TABLES, FORMAT_VERSION, MASTER_KEY_CHECK_PLAINTEXT};
 use tables::{
-    FORMAT_VERSION, MASTER_KEY_CHECK_PLAINTEXT, META, META_CREATED_AT, META_FORMAT_VERSION,
-    META_INSTANCE_ID, META_MASTER_KEY_CHECK, SECRETS,
+    META, META_CREATED_AT, META_FORMAT_VERSION, META_INSTANCE_ID, META_MASTER_KEY_CHECK, SECRETS,
 };
 pub use tx::{
     BANS, CLIENTS, DEVICE_FAMILIES, DEVICES, DEVICES_BY_AGE, FAMILY_REVOCATIONS, Index, JOBS,

@@ -13,89 +13,97 @@ pub const FORMAT_VERSION: u32 = 8;
 /// Instance facts: format version, instance id, creation time, master-key check value.
 /// Keys are the `META_*` constants. `format_version` is 4 bytes little-endian so that it
 /// can be read by any future build without knowing postcard; other values are postcard.
-pub const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 
-pub const META_FORMAT_VERSION: &str = "format_version";
-pub const META_INSTANCE_ID: &str = "instance_id";
-pub const META_CREATED_AT: &str = "created_at_ms";
+pub(crate) const META_FORMAT_VERSION: &str = "format_version";
+pub(crate) const META_INSTANCE_ID: &str = "instance_id";
+pub(crate) const META_CREATED_AT: &str = "created_at_ms";
 /// A constant sealed under the master key: opens only with the right key.
-pub const META_MASTER_KEY_CHECK: &str = "master_key_check";
+pub(crate) const META_MASTER_KEY_CHECK: &str = "master_key_check";
 
 /// Every sealed secret of the instance, keyed by a namespaced name (`"tls/self-signed"`).
 /// Values are sealed (AAD = table name + key). Keeping every sealed value in this one
 /// table is what lets `rekey` re-seal everything in one pass.
-pub const SECRETS: TableDefinition<&str, &[u8]> = TableDefinition::new("secrets.v1");
+pub(crate) const SECRETS: TableDefinition<&str, &[u8]> = TableDefinition::new("secrets.v1");
 
 /// Admin tokens, keyed by token id (16 lowercase hex characters). Values: `AdminTokenRecord`.
-pub const ADMIN_TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("admin_tokens.v1");
+pub(crate) const ADMIN_TOKENS: TableDefinition<&str, &[u8]> =
+    TableDefinition::new("admin_tokens.v1");
 
 /// Signing keys by `kid` (RFC 7638 thumbprint): public half and life. Values:
 /// `SigningKeyRecord`. The private half is sealed in `SECRETS` as `signing-key/<kid>`.
-pub const SIGNING_KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("signing_keys.v1");
+pub(crate) const SIGNING_KEYS: TableDefinition<&str, &[u8]> =
+    TableDefinition::new("signing_keys.v1");
 
 /// Pairing sessions by session id (`ps_…`). Values: `PairingSessionRecord`.
-pub const PAIRING_SESSIONS: TableDefinition<&str, &[u8]> =
+pub(crate) const PAIRING_SESSIONS: TableDefinition<&str, &[u8]> =
     TableDefinition::new("pairing_sessions.v1");
 
 /// Paired devices by device id (`dev_…`). Values: `DeviceRecord`.
-pub const DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("devices.v1");
+pub(crate) const DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("devices.v1");
 
 /// Refresh-token families by family id (`fam_…`). Values: `TokenFamilyRecord`.
-pub const TOKEN_FAMILIES: TableDefinition<&str, &[u8]> = TableDefinition::new("token_families.v1");
+pub(crate) const TOKEN_FAMILIES: TableDefinition<&str, &[u8]> =
+    TableDefinition::new("token_families.v1");
 
 /// Refresh tokens by the lowercase hex SHA-256 of the token text. Values:
 /// `RefreshTokenRecord`.
-pub const REFRESH_TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("refresh_tokens.v1");
+pub(crate) const REFRESH_TOKENS: TableDefinition<&str, &[u8]> =
+    TableDefinition::new("refresh_tokens.v1");
 
 /// The revocation journal: refresh-token families revoked through `POST /v1/revoke`,
 /// appended in time order and folded into their `TOKEN_FAMILIES` rows later, in batches
 /// sorted by family. Keyed by the revocation time (16 lowercase hex digits of the
 /// milliseconds), `/`, and the family id, so that appends land on the table's last page.
 /// Values: `FamilyRevocationRecord`.
-pub const FAMILY_REVOCATIONS: TableDefinition<&str, &[u8]> =
+pub(crate) const FAMILY_REVOCATIONS: TableDefinition<&str, &[u8]> =
     TableDefinition::new("family_revocations.v1");
 
 /// Access tokens revoked one by one, by `jti`. Values: `RevokedTokenRecord`.
-pub const REVOKED_TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("revoked_tokens.v1");
+pub(crate) const REVOKED_TOKENS: TableDefinition<&str, &[u8]> =
+    TableDefinition::new("revoked_tokens.v1");
 
 /// Registered API clients by client id (`cli_…`). Values: `ClientRecord`.
-pub const CLIENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("clients.v1");
+pub(crate) const CLIENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("clients.v1");
 
 /// Rate-limit windows, written behind (about once a second and at stop) so that a
 /// restart does not reset anyone's budget. Keyed by 36 lowercase hex characters: the
 /// policy number and the 17-byte subject key. Values: `RateWindowRecord`.
-pub const RATE_WINDOWS: TableDefinition<&str, &[u8]> = TableDefinition::new("rate_windows.v1");
+pub(crate) const RATE_WINDOWS: TableDefinition<&str, &[u8]> =
+    TableDefinition::new("rate_windows.v1");
 
 /// The audit log: one row per event, keyed by its sequence number (1, 2, …; never
 /// reused). Values: a 32-byte HMAC-SHA256 tag followed by an `AuditEntryRecord`; the
 /// chain and its key are described in `schema/data-file.md`.
-pub const AUDIT_EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("audit_events.v1");
+pub(crate) const AUDIT_EVENTS: TableDefinition<u64, &[u8]> =
+    TableDefinition::new("audit_events.v1");
 
 /// The audit log's pruning checkpoint (one row, key `AUDIT_CHECKPOINT_KEY`): where the
 /// remaining log starts and the tag of the last record pruned. Values:
 /// `AuditCheckpointRecord`.
-pub const AUDIT_CHECKPOINT: TableDefinition<&str, &[u8]> =
+pub(crate) const AUDIT_CHECKPOINT: TableDefinition<&str, &[u8]> =
     TableDefinition::new("audit_checkpoint.v1");
-pub const AUDIT_CHECKPOINT_KEY: &str = "checkpoint";
+pub(crate) const AUDIT_CHECKPOINT_KEY: &str = "checkpoint";
 
 /// Bans from brute-force lockout, written through. Keyed by the subject's text form
 /// (`ip:203.0.113.7`, `ip:2001:db8:1:2::/64`). Values: `BanRecord`.
-pub const BANS: TableDefinition<&str, &[u8]> = TableDefinition::new("bans.v1");
+pub(crate) const BANS: TableDefinition<&str, &[u8]> = TableDefinition::new("bans.v1");
 
 /// Scheduled jobs: each job's last run, its outcome and its next run, keyed by the job's
 /// name (`rotate_keys`). Values: `JobStateRecord`.
-pub const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs.v1");
+pub(crate) const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs.v1");
 
 /// Index: which token families a device holds, so revoking a device reads its own
 /// families and no others. Keys: the device id, `/`, the family id (`dev_…/fam_…`).
 /// Values: empty.
-pub const DEVICE_FAMILIES: TableDefinition<&str, &[u8]> =
+pub(crate) const DEVICE_FAMILIES: TableDefinition<&str, &[u8]> =
     TableDefinition::new("device_families.v1");
 
 /// Index: devices in listing order, so a page of `/v1/devices` reads only that page.
 /// Keys: the pairing time (16 lowercase hex digits of the milliseconds), `/`, the device
 /// id. Values: empty.
-pub const DEVICES_BY_AGE: TableDefinition<&str, &[u8]> = TableDefinition::new("devices_by_age.v1");
+pub(crate) const DEVICES_BY_AGE: TableDefinition<&str, &[u8]> =
+    TableDefinition::new("devices_by_age.v1");
 
 /// Names of every table this format version has, for backups, counts and checks.
 pub const ALL_TABLES: &[&str] = &[
@@ -121,7 +129,7 @@ pub const ALL_TABLES: &[&str] = &[
 
 /// Creates every table of the format that `tx` does not have yet, each with its key
 /// type (all are `&str`-keyed except the audit log).
-pub fn create_missing(tx: &redb::WriteTransaction) -> Result<(), redb::TableError> {
+pub(crate) fn create_missing(tx: &redb::WriteTransaction) -> Result<(), redb::TableError> {
     for name in ALL_TABLES {
         if *name == "audit_events.v1" {
             tx.open_table(AUDIT_EVENTS)?;
