@@ -91,17 +91,7 @@ fn write_format_v4_fixture() {
 #[test]
 #[ignore = "regenerates the committed fixture"]
 fn write_format_v5_fixture() {
-    write_fixture(5);
-    let path = fixtures().join("format-v5.redb");
-    let key = MasterKey::load(&fixtures().join("format-v5.key")).unwrap();
-    let (store, _) = Store::open(&path, &key, &FixedClock::new(TEST_NOW_MS)).unwrap();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
-        store.write(format5_rows).await.unwrap();
-    });
-    store.close();
+    write_fixture_with_rows(5, format5_rows);
 }
 
 /// Builds `tests/fixtures/format-v6.redb`: the format-5 content (three audit records
@@ -110,17 +100,7 @@ fn write_format_v5_fixture() {
 #[test]
 #[ignore = "regenerates the committed fixture"]
 fn write_format_v6_fixture() {
-    write_fixture(6);
-    let path = fixtures().join("format-v6.redb");
-    let key = MasterKey::load(&fixtures().join("format-v6.key")).unwrap();
-    let (store, _) = Store::open(&path, &key, &FixedClock::new(TEST_NOW_MS)).unwrap();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
-        store.write(format6_rows).await.unwrap();
-    });
-    store.close();
+    write_fixture_with_rows(6, format6_rows);
 }
 
 /// Builds `tests/fixtures/format-v7.redb`: the format-6 content, plus the revocation of
@@ -128,17 +108,7 @@ fn write_format_v6_fixture() {
 #[test]
 #[ignore = "regenerates the committed fixture"]
 fn write_format_v7_fixture() {
-    write_fixture(7);
-    let path = fixtures().join("format-v7.redb");
-    let key = MasterKey::load(&fixtures().join("format-v7.key")).unwrap();
-    let (store, _) = Store::open(&path, &key, &FixedClock::new(TEST_NOW_MS)).unwrap();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
-        store.write(format7_rows).await.unwrap();
-    });
-    store.close();
+    write_fixture_with_rows(7, format7_rows);
 }
 
 /// Builds `tests/fixtures/format-v8.redb`: the format-7 content, with the fixture's
@@ -146,15 +116,24 @@ fn write_format_v7_fixture() {
 #[test]
 #[ignore = "regenerates the committed fixture"]
 fn write_format_v8_fixture() {
-    write_fixture(8);
-    let path = fixtures().join("format-v8.redb");
-    let key = MasterKey::load(&fixtures().join("format-v8.key")).unwrap();
+    write_fixture_with_rows(8, format7_rows);
+}
+
+/// `write_fixture(format)`, then the rows `rows` writes through the store's own writer
+/// (the formats whose rows need the store: the audit chain, the job state, the journal).
+fn write_fixture_with_rows(
+    format: u32,
+    rows: fn(&gatehouse::store::WriteTx<'_>) -> Result<(), gatehouse::store::StoreError>,
+) {
+    write_fixture(format);
+    let path = fixtures().join(format!("format-v{format}.redb"));
+    let key = MasterKey::load(&fixtures().join(format!("format-v{format}.key"))).unwrap();
     let (store, _) = Store::open(&path, &key, &FixedClock::new(TEST_NOW_MS)).unwrap();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .build()
         .unwrap();
     runtime.block_on(async {
-        store.write(format7_rows).await.unwrap();
+        store.write(rows).await.unwrap();
     });
     store.close();
 }
