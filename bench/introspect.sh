@@ -58,6 +58,8 @@ free_port() {
 field() { python3 -c 'import json, sys; print(json.load(sys.stdin)[sys.argv[1]])' "$1"; }
 
 requests_per_sec() { awk '/^Requests\/sec:/ { print $2 }'; }
+# User + system CPU time of a process so far, in clock ticks (/proc/PID/stat fields 14, 15).
+cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
 
 # Waits (at most 90 s) for the 1-minute load average to fall below 1, so that the build
 # or the previous run does not weigh on the next one; then reports the load.
@@ -78,7 +80,7 @@ url=https://127.0.0.1:$port
 # wrk sends everything from one address and one client: the per-address and
 # per-client limits (6000 a minute each by default) would measure the limiter instead.
 GATEHOUSE_RATELIMIT_PER_IP=off GATEHOUSE_RATELIMIT_INTROSPECTION=off \
-  "$bin" serve --data "$data" --listen "127.0.0.1:$port" >"$tmp/serve.out" 2>"$tmp/serve.err" &
+  env -u GATEHOUSE_BIN "$bin" serve --data "$data" --listen "127.0.0.1:$port" >"$tmp/serve.out" 2>"$tmp/serve.err" &
 server_pid=$!
 for _ in $(seq 1 100); do
   grep -q '^gatehouse listening on' "$tmp/serve.out" 2>/dev/null && break
@@ -90,7 +92,7 @@ admin=$(awk '$1 ~ /^gha_/ { print $1; exit }' "$tmp/serve.out")
 [ -n "$admin" ] || die "no bootstrap admin token on stdout"
 
 # Through the admin socket, since the server holds the data file.
-"$bin" clients create --name bench --data "$data" >"$tmp/client.out" 2>/dev/null ||
+env -u GATEHOUSE_BIN "$bin" clients create --name bench --data "$data" >"$tmp/client.out" 2>/dev/null ||
   die "clients create failed"
 client_id=$(sed -n 's/^client_id=//p' "$tmp/client.out")
 client_secret=$(sed -n 's/^client_secret=//p' "$tmp/client.out")
@@ -118,9 +120,16 @@ introspect() {
 
 settle gatehouse
 say "gatehouse: wrk -t2 -c64 -d${seconds}s against $url/v1/introspect"
+cpu_before=$(cpu_ticks "$server_pid")
 wrk -t2 -c64 -d"${seconds}s" -s "$root/bench/introspect.lua" "$url/v1/introspect" \
   >"$tmp/wrk-gatehouse.txt" || die "wrk failed"
+cpu_after=$(cpu_ticks "$server_pid")
 cat "$tmp/wrk-gatehouse.txt"
+# The server's CPU time per request (user + system, from /proc): unlike the rate, it
+# does not depend on how the two cores were shared with wrk.
+requests=$(awk '/requests in/ { print $1; exit }' "$tmp/wrk-gatehouse.txt")
+awk -v t="$((cpu_after - cpu_before))" -v hz="$(getconf CLK_TCK)" -v n="$requests" \
+  'BEGIN { if (n > 0) printf "gatehouse server CPU per request: %.1f us\n", t * 1e6 / hz / n }' >&2
 if grep -q 'Non-2xx' "$tmp/wrk-gatehouse.txt"; then
   die "gatehouse answered some requests with an error status (see above)"
 fi
