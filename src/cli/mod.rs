@@ -74,10 +74,24 @@ struct ServeArgs {
 }
 
 #[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Validate the configuration (file, environment, flags) and print every setting's
+    /// effective value and where it came from; exits 2 when it is invalid
+    Check {
+        /// One JSON object per line: key, value, source
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum Commands {
     /// Run the server (zero-config: HTTPS with a self-signed certificate on 127.0.0.1:8443;
     /// with --domain: ACME certificates on [::]:443 and a redirect on port 80)
     Serve(ServeArgs),
+    /// Check the configuration without starting anything
+    #[command(subcommand)]
+    Config(ConfigCommand),
     /// Manage admin tokens
     #[command(subcommand)]
     AdminToken(AdminTokenCommand),
@@ -406,6 +420,10 @@ async fn run(command: Commands, config: Config) -> anyhow::Result<()> {
         Commands::Bans(command) => audit::bans(command, &config).await,
         Commands::Backup { file } => backup::backup(&file, &config).await,
         Commands::Doctor => doctor::doctor(&config).await,
+        Commands::Config(ConfigCommand::Check { json }) => {
+            config_check(&config, json);
+            Ok(())
+        }
         Commands::Restore {
             file,
             backup_key_file,
@@ -825,6 +843,37 @@ async fn local_services(
     Services::start(store.clone(), clock, config, server)
         .await
         .map_err(|e| internal(&e))
+}
+
+/// `gatehouse config check`: the configuration loaded (an invalid one never gets here:
+/// loading it failed with exit code 2), every setting's effective value and its source.
+fn config_check(config: &Config, json: bool) {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    for (setting, value, layer) in config.effective() {
+        let source = match &layer {
+            crate::config::Layer::Default => "default".to_string(),
+            other => other.to_string(),
+        };
+        let written = if json {
+            let line = serde_json::json!({
+                "key": setting.key,
+                "value": value,
+                "source": source,
+            });
+            writeln!(out, "{line}")
+        } else {
+            let value = value.unwrap_or_else(|| "(not set)".into());
+            writeln!(out, "{:<36} {value:<40} {source}", setting.key)
+        };
+        // A reader that stopped early (`| head`) is no error of the configuration.
+        if written.is_err() {
+            return;
+        }
+    }
+    if !json {
+        eprintln!("configuration is valid");
+    }
 }
 
 #[cfg(test)]

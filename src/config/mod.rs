@@ -64,10 +64,12 @@ pub enum ConfigError {
     },
     #[error("config file {path}: {message}")]
     FileSyntax { path: PathBuf, message: String },
-    #[error("{origin}: unknown setting `{key}`; known settings: {known}")]
+    #[error("{origin}: unknown setting `{key}`{}; known settings: {known}", did_you_mean(.nearest))]
     UnknownKey {
         origin: String,
         key: String,
+        /// The known name closest to `key`, when one is close enough to be a typo.
+        nearest: Option<&'static str>,
         known: String,
     },
     #[error("{origin}: bad value {value:?} for `{key}`: {allowed}")]
@@ -250,7 +252,7 @@ pub struct Config {
     pub(crate) sources: Vec<String>,
     /// Where each setting's value came from, by key; a key not here has its built-in
     /// default.
-    origins: BTreeMap<&'static str, Layer>,
+    origins: BTreeMap<&'static str, (Layer, String)>,
 }
 
 /// A layer a setting's value can come from, lowest first.
@@ -399,7 +401,60 @@ impl Config {
 
     /// Where the value of the setting `key` came from.
     pub(crate) fn origin_of(&self, key: &str) -> &Layer {
-        self.origins.get(key).unwrap_or(&Layer::Default)
+        self.origins
+            .get(key)
+            .map_or(&Layer::Default, |(layer, _)| layer)
+    }
+
+    /// The effective value of every setting, as text, with where it came from: what
+    /// `gatehouse config check` prints. `None` for a setting left unset.
+    pub(crate) fn effective(&self) -> Vec<(&'static Setting, Option<String>, Layer)> {
+        SETTINGS
+            .iter()
+            .map(|s| {
+                if let Some((layer, text)) = self.origins.get(s.key) {
+                    let text = match (s.key, &self.master_key.origin) {
+                        // A systemd credential outranks a key file named in the file.
+                        ("master_key_file", KeyOrigin::SystemdCredential) => {
+                            return (
+                                s,
+                                Some(self.master_key.path.display().to_string()),
+                                Layer::Default,
+                            );
+                        }
+                        _ => text.clone(),
+                    };
+                    return (s, Some(text), layer.clone());
+                }
+                let value = match s.default {
+                    Builtin::Value(text) => Some(text.to_string()),
+                    Builtin::Unset => None,
+                    Builtin::Derived(_) => self.derived(s.key),
+                };
+                (s, value, Layer::Default)
+            })
+            .collect()
+    }
+
+    /// The value worked out for a `Derived` setting that no layer set.
+    fn derived(&self, key: &str) -> Option<String> {
+        let path = |p: &Path| Some(p.display().to_string());
+        match key {
+            "data" => path(&self.data_path),
+            "master_key_file" => path(&self.master_key.path),
+            "admin.socket" => path(&self.admin_socket),
+            "backup.dir" => path(&self.backup.dir),
+            "server.listen" => Some(self.server.listen.to_string()),
+            "server.http_listen" => Some(
+                self.server
+                    .http_listen
+                    .map_or_else(|| "off".into(), |a| a.to_string()),
+            ),
+            "tls.mode" => Some(self.tls_mode.as_str().into()),
+            // Worked out at start, from the domain or the address the listener got.
+            "tokens.issuer" | "tokens.audience" => None,
+            _ => None,
+        }
     }
 
     fn given(&self, key: &str) -> bool {
@@ -414,7 +469,7 @@ impl Config {
                 value: value.to_string(),
                 allowed,
             })?;
-        self.origins.insert(s.key, layer);
+        self.origins.insert(s.key, (layer, value.to_string()));
         Ok(())
     }
 
@@ -439,14 +494,18 @@ impl Config {
         for (key, value) in flat {
             let s = settings::by_key(&key).ok_or_else(|| ConfigError::UnknownKey {
                 origin: layer.to_string(),
+                nearest: nearest(&key, SETTINGS.iter().map(|s| s.key)),
                 key: key.clone(),
                 known: known_keys(),
             })?;
+            // Every value reaches the setting's parser as text: a TOML boolean, integer or
+            // list of strings is read in its natural type, and the parser says whether
+            // that type fits (`allow_credentials = false`, `max_headers = 20`,
+            // `domains = ["a.example", "b.example"]`).
             let text = match &value {
                 toml::Value::String(s) => s.clone(),
                 toml::Value::Integer(i) => i.to_string(),
-                // A list of names (`domains = ["a.example", "b.example"]`) is the same as
-                // the names separated by commas.
+                toml::Value::Boolean(b) => b.to_string(),
                 toml::Value::Array(items)
                     if items
                         .iter()
@@ -462,8 +521,17 @@ impl Config {
                     return Err(ConfigError::BadValue {
                         origin: layer.to_string(),
                         key: s.key,
-                        value: format!("{other:?}"),
-                        allowed: "expected a string, a whole number or a list of strings".into(),
+                        value: match other {
+                            toml::Value::Float(f) => f.to_string(),
+                            toml::Value::Datetime(d) => d.to_string(),
+                            toml::Value::Array(_) => "[…]".into(),
+                            _ => "{…}".into(),
+                        },
+                        allowed: format!(
+                            "a {} is not a value of this setting ({})",
+                            other.type_str(),
+                            s.describe()
+                        ),
                     });
                 }
             };
@@ -622,12 +690,26 @@ fn refuse_unknown_env(env: &Env) -> Result<(), ConfigError> {
             known.extend(OTHER_ENV);
             return Err(ConfigError::UnknownKey {
                 origin: "environment".into(),
+                nearest: nearest(name, known.iter().copied()),
                 key: name.clone(),
                 known: known.join(", "),
             });
         }
     }
     Ok(())
+}
+
+/// The candidate closest to `typed`, when it is close enough to be a typo of it.
+fn nearest(typed: &str, candidates: impl Iterator<Item = &'static str>) -> Option<&'static str> {
+    candidates
+        .map(|c| (strsim::damerau_levenshtein(typed, c), c))
+        .filter(|(distance, c)| *distance <= 2.max(c.len() / 5))
+        .min_by_key(|(distance, _)| *distance)
+        .map(|(_, c)| c)
+}
+
+fn did_you_mean(nearest: &Option<&'static str>) -> String {
+    nearest.map_or_else(String::new, |n| format!(" (did you mean `{n}`?)"))
 }
 
 fn known_keys() -> String {

@@ -412,3 +412,52 @@ fn each_value_says_which_layer_it_came_from() {
     assert_eq!(c.origin_of("log.level"), &Layer::Env("GATEHOUSE_LOG"));
     assert_eq!(c.origin_of("server.idle_timeout"), &Layer::Default);
 }
+
+#[test]
+fn toml_values_in_their_natural_type_are_read_as_the_setting_says() {
+    let (_dir, flags) = with_file(
+        "[cors]\nallow_credentials = false\nallowed_origins = [\"https://a.example\"]\n\
+         [server]\nmax_headers = 20\n",
+    );
+    let c = Config::load(&flags, &Env::default()).unwrap();
+    assert!(!c.cors.allow_credentials);
+    assert_eq!(c.cors.allowed_origins, ["https://a.example"]);
+    assert_eq!(c.server.max_headers, 20);
+    // A boolean where a number is wanted, and a float: refused, with no Rust debug text.
+    for (text, key) in [
+        ("[server]\nmax_headers = true\n", "server.max_headers"),
+        ("[server]\nmax_headers = 20.5\n", "server.max_headers"),
+        (
+            "[cors]\nallow_credentials = 1979-05-27\n",
+            "cors.allow_credentials",
+        ),
+    ] {
+        let (_dir, flags) = with_file(text);
+        let err = Config::load(&flags, &Env::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(key), "{err}");
+        for debug in ["Boolean(", "Float(", "Datetime(", "Integer("] {
+            assert!(!err.contains(debug), "{err}");
+        }
+    }
+}
+
+#[test]
+fn a_mistyped_key_suggests_the_nearest_known_one() {
+    let (_dir, flags) = with_file("[server]\nlisen = \"127.0.0.1:1\"\n");
+    let err = Config::load(&flags, &Env::default())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("did you mean `server.listen`"), "{err}");
+    let err = Config::load(&Flags::default(), &env(&[("GATEHOUSE_ACME_EMAL", "a@b.c")]))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("did you mean `GATEHOUSE_ACME_EMAIL`"), "{err}");
+    // Nothing close: no guess.
+    let (_dir, flags) = with_file("colour = \"blue\"\n");
+    let err = Config::load(&flags, &Env::default())
+        .unwrap_err()
+        .to_string();
+    assert!(!err.contains("did you mean"), "{err}");
+}

@@ -809,6 +809,71 @@ fn configuration_errors_exit_2_and_name_the_problem() {
     );
 }
 
+/// `gatehouse config check` validates without starting anything and names, for every
+/// setting, its value and where it came from; an invalid configuration exits 2.
+#[test]
+fn config_check_shows_every_setting_and_its_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("gatehouse.redb");
+    let config = dir.path().join("gatehouse.toml");
+    std::fs::write(
+        &config,
+        "[cors]\nallow_credentials = false\n[server]\nmax_headers = 20\n",
+    )
+    .unwrap();
+    let mut cmd = gatehouse(&data);
+    cmd.arg("--config")
+        .arg(&config)
+        .args(["config", "check", "--json"])
+        .env("GATEHOUSE_LOG", "debug");
+    let done = run_ok(cmd);
+    let lines: Vec<serde_json::Value> = done
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let find = |key: &str| {
+        lines
+            .iter()
+            .find(|l| l["key"] == key)
+            .unwrap_or_else(|| panic!("{key} missing: {}", done.stdout))
+            .clone()
+    };
+    assert_eq!(lines.len(), gatehouse::config::SETTINGS.len());
+    assert_eq!(find("server.max_headers")["value"], "20");
+    assert!(
+        find("server.max_headers")["source"]
+            .as_str()
+            .unwrap()
+            .starts_with("config file ")
+    );
+    assert_eq!(find("cors.allow_credentials")["value"], "false");
+    assert_eq!(
+        find("log.level")["source"],
+        "environment variable GATEHOUSE_LOG"
+    );
+    assert_eq!(find("data")["source"], "flag --data");
+    assert_eq!(find("server.listen")["value"], "127.0.0.1:8443");
+    assert_eq!(find("server.listen")["source"], "default");
+    assert!(find("tls.domains")["value"].is_null());
+    assert_eq!(
+        names_in(dir.path()),
+        vec!["gatehouse.toml".to_string()],
+        "checking created files"
+    );
+
+    std::fs::write(&config, "[server]\nlisen = \"127.0.0.1:0\"\n").unwrap();
+    let mut cmd = gatehouse(&data);
+    cmd.arg("--config").arg(&config).args(["config", "check"]);
+    let done = run(cmd);
+    assert_eq!(done.status.code(), Some(2), "{done:?}");
+    assert!(
+        done.stderr.contains("did you mean `server.listen`"),
+        "{}",
+        done.stderr
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_off_serves_plain_http_on_loopback_without_hsts() {
     let dir = tempfile::tempdir().unwrap();
