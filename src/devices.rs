@@ -290,7 +290,7 @@ impl Devices {
     ) -> Result<DeviceView, DeviceError> {
         let name = crate::pairing::device_name(name).ok_or_else(|| {
             DeviceError::BadName(format!(
-                "1 to {} characters without control characters",
+                "1 to {} characters without control or bidirectional control characters",
                 crate::pairing::MAX_DEVICE_NAME
             ))
         })?;

@@ -149,7 +149,19 @@ fn check_text(field: &str, value: &str, max: usize) -> Result<String, PairingErr
             "`{field}` must not contain control characters"
         )));
     }
+    // Bidirectional overrides and isolates reorder the text around them, so a name could
+    // show an operator something other than what it holds (Trojan Source, CVE-2021-42574).
+    if value.chars().any(is_bidi_control) {
+        return Err(PairingError::BadDevice(format!(
+            "`{field}` must not contain bidirectional control characters (U+202A to U+202E, \
+             U+2066 to U+2069)"
+        )));
+    }
     Ok(value.to_string())
+}
+
+fn is_bidi_control(c: char) -> bool {
+    matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
 }
 
 impl DeviceInfo {
@@ -261,7 +273,8 @@ impl PairingSessions {
             .map(|n| {
                 device_name(n).ok_or_else(|| {
                     PairingError::BadName(format!(
-                        "1 to {MAX_DEVICE_NAME} characters without control characters"
+                        "1 to {MAX_DEVICE_NAME} characters without control or bidirectional \
+                         control characters"
                     ))
                 })
             })

@@ -733,3 +733,49 @@ async fn after_a_restart_an_open_sessions_qr_code_is_gone_but_the_session_still_
         .expect("request");
     assert_eq!(response.status(), 200);
 }
+
+/// Names with bidirectional controls (which make a name show something other than what
+/// it holds) are refused: a pairing session's, a device's at pairing, and at rename.
+#[tokio::test]
+async fn names_with_bidirectional_controls_are_refused() {
+    let app = helpers::spawn_app().await;
+    let client = app.client();
+    for name in ["phone\u{202E}gnp.exe", "a\u{2066}b\u{2069}"] {
+        let response = client
+            .post(app.url("/v1/pairing/sessions"))
+            .bearer_auth(app.admin_token())
+            .json(&json!({ "name": name }))
+            .send()
+            .await
+            .unwrap();
+        let status = response.status();
+        let body: Value = response.json().await.unwrap();
+        assert_invalid(status, &body, "session name");
+
+        let (session_id, secret) = app.open_pairing_session().await;
+        let response = client
+            .post(app.url("/v1/pair"))
+            .json(&json!({
+                "session_id": session_id, "secret": secret,
+                "device": {"name": name, "platform": "ios", "app_version": "1"},
+            }))
+            .send()
+            .await
+            .unwrap();
+        let status = response.status();
+        let body: Value = response.json().await.unwrap();
+        assert_invalid(status, &body, "device name at pairing");
+    }
+    let device = app.pair_device().await;
+    let response = client
+        .patch(app.url(&format!("/v1/devices/{}", device.device_id)))
+        .bearer_auth(app.admin_token())
+        .json(&json!({ "name": "x\u{202D}y" }))
+        .send()
+        .await
+        .unwrap();
+    let status = response.status();
+    let body: Value = response.json().await.unwrap();
+    assert_invalid(status, &body, "rename");
+    app.stop().await;
+}
