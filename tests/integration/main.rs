@@ -18,6 +18,7 @@ mod binary;
 mod cli;
 mod contract;
 mod devices;
+mod docs;
 mod fixtures;
 mod helpers;
 mod http;
