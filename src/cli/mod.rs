@@ -375,8 +375,18 @@ pub fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("gatehouse: {err:#}");
-            ExitCode::FAILURE
+            exit_code(&err)
         }
+    }
+}
+
+/// 2 for a usage error (what the command was given is refused as invalid, as clap and the
+/// configuration do), 1 for every other failure.
+fn exit_code(err: &anyhow::Error) -> ExitCode {
+    let invalid = crate::error_kind::ErrorKind::Invalid.code();
+    match err.downcast_ref::<manage::CommandError>() {
+        Some(refused) if refused.code == invalid => ExitCode::from(2),
+        _ => ExitCode::FAILURE,
     }
 }
 
