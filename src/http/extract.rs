@@ -20,6 +20,7 @@ use serde::de::DeserializeOwned;
 
 use super::AppState;
 use super::error::ApiError;
+use super::json::StrictObject;
 use super::limits::too_many;
 use super::security::RequestId;
 use crate::audit::{Actor, Event, Origin};
@@ -34,16 +35,14 @@ impl<T: DeserializeOwned> FromRequest<AppState> for ApiJson<T> {
 
     async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
         // Every body of the API is a JSON object: read it as one first, since serde would
-        // also fill a struct from an array (`["name", 300]`).
-        let object = match axum::Json::<serde_json::Map<String, serde_json::Value>>::from_request(
-            req, state,
-        )
-        .await
-        {
+        // also fill a struct from an array (`["name", 300]`), and with no member named twice
+        // (serde would keep the last).
+        let object = match axum::Json::<StrictObject>::from_request(req, state).await {
             Ok(axum::Json(object)) => object,
             Err(rejection) => return Err(json_rejection(&rejection)),
         };
-        serde_json::from_value(serde_json::Value::Object(object))
+        object
+            .into_type()
             .map(Self)
             .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", e.to_string()))
     }

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use super::AppState;
 use super::error::ApiError;
 use super::extract::Admin;
+use super::json::StrictObject;
 use crate::keys::{KeyInfo, Rotation, RotationReport};
 
 /// This resource's routes.
@@ -50,9 +51,10 @@ async fn rotate(
     let request: RotateRequest = if body.is_empty() {
         RotateRequest::default()
     } else {
-        // An object only: serde would also fill the struct from a JSON array.
-        serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(&body)
-            .and_then(|object| serde_json::from_value(object.into()))
+        // An object only (serde would also fill the struct from a JSON array), with no
+        // member named twice.
+        StrictObject::parse(&body)
+            .and_then(StrictObject::into_type)
             .map_err(|e| {
                 ApiError::new(
                     StatusCode::BAD_REQUEST,

@@ -13,6 +13,7 @@ pub(crate) mod error;
 pub(crate) mod extract;
 mod health;
 mod jobs;
+mod json;
 mod keys;
 pub(crate) mod limits;
 pub(crate) mod metrics;

@@ -26,6 +26,7 @@ use serde_json::Value;
 use super::AppState;
 use super::error::ApiError;
 use super::extract::Peer;
+use super::json::StrictObject;
 use crate::audit::{Actor, Origin};
 use crate::error_kind::{Classify, ErrorKind};
 use crate::ids::DeviceId;
@@ -333,7 +334,9 @@ impl Connection {
         if let Some(auth) = &self.auth {
             self.state.services.devices.seen(auth.device);
         }
-        let parsed: ClientMessage = match serde_json::from_str(text.as_str()) {
+        // Through a strict object first: a member named twice is refused, not overwritten.
+        let parsed = StrictObject::parse(text.as_bytes()).and_then(StrictObject::into_type);
+        let parsed: ClientMessage = match parsed {
             Ok(parsed) => parsed,
             Err(err) => {
                 let (code, detail) = classify(text.as_str(), &err);

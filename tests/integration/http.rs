@@ -699,3 +699,38 @@ async fn a_request_without_a_peer_address_is_refused_not_waved_through() {
     assert_eq!(body["error"], "internal_error");
     app.stop().await;
 }
+
+/// A JSON body with a member named twice is a 400, wherever JSON is read: the key rotation
+/// `{"now": false, "now": true}` rotates nothing, a pairing claim claims nothing.
+#[tokio::test]
+async fn a_json_body_with_a_member_named_twice_is_refused() {
+    let app = helpers::spawn_app().await;
+    let client = app.client();
+    let keys_before = app.running.services.keys.list();
+    let response = client
+        .post(app.url("/v1/keys/rotate"))
+        .bearer_auth(app.admin_token())
+        .header("content-type", "application/json")
+        .body(r#"{"now": false, "now": true}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_error_body(response, 400, "invalid_request").await;
+    assert_eq!(app.running.services.keys.list(), keys_before);
+
+    let (session, secret) = app.open_pairing_session().await;
+    let body = format!(
+        r#"{{"session_id":"{session}","secret":"{secret}","device":{{"name":"a","name":"b","platform":"ios","app_version":"1"}}}}"#
+    );
+    let response = client
+        .post(app.url("/v1/pair"))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_error_body(response, 400, "invalid_request").await;
+    let devices = app.running.services.devices.list().unwrap();
+    assert!(devices.is_empty(), "{devices:?}");
+    app.stop().await;
+}

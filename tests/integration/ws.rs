@@ -1080,3 +1080,20 @@ async fn a_plain_get_of_the_endpoint_is_a_4xx_json_error() {
     // Neither request took a slot.
     assert_eq!(app.running.services.live.open(loopback()), (0, 0));
 }
+
+/// A message with a member named twice is refused as invalid, not read as its last copy.
+#[tokio::test]
+async fn a_message_with_a_member_named_twice_is_refused() {
+    let app = helpers::spawn_app().await;
+    let device = app.pair_device().await;
+    let mut ws = Ws::connect(&app).await;
+    ws.send_text(format!(
+        r#"{{"type":"auth","access_token":"not a token","access_token":"{}"}}"#,
+        device.access_token
+    ))
+    .await;
+    ws.expect_error("invalid_request").await;
+    ws.send_text(r#"{"type":"ping","type":"ping"}"#).await;
+    ws.expect_error("invalid_request").await;
+    app.stop().await;
+}
