@@ -256,6 +256,10 @@ pub(crate) struct KeySet {
     keys: HashMap<String, Arc<LoadedKey>>,
     active: Option<Arc<LoadedKey>>,
     jwks: Arc<str>,
+    /// When the first published retiring key stops verifying: from then on the rendered
+    /// JWKS is out of date until the set is rebuilt (the `prune_revocations` job retires
+    /// such keys, at most an hour later).
+    jwks_until_ms: Option<u64>,
 }
 
 impl KeySet {
@@ -265,9 +269,14 @@ impl KeySet {
         self.keys.get(kid)
     }
 
-    /// The JWKS document (RFC 7517 section 5), rendered once per change.
-    pub(crate) fn jwks(&self) -> Arc<str> {
-        self.jwks.clone()
+    /// The JWKS document (RFC 7517 section 5) at `now_ms`: rendered once per change, and
+    /// again on the way out once a retiring key in it has stopped verifying, so a key
+    /// past its `verify_until` is never published.
+    pub(crate) fn jwks(&self, now_ms: u64) -> Arc<str> {
+        match self.jwks_until_ms {
+            Some(until) if now_ms >= until => render_jwks(self.keys.values(), now_ms).into(),
+            _ => self.jwks.clone(),
+        }
     }
 }
 
@@ -402,13 +411,14 @@ fn build_set(keys: Vec<LoadedKey>, now_ms: u64) -> KeySet {
             std::cmp::Reverse(k.record.created_at_ms),
         )
     });
-    let published: Vec<serde_json::Value> = keys
+    let jwks = render_jwks(keys.iter(), now_ms);
+    let jwks_until_ms = keys
         .iter()
-        .filter(|k| k.record.state == StoredKeyState::Next || k.verifies_at(now_ms))
-        .map(|k| k.jwk())
-        .collect();
-    let jwks = serde_json::json!({ "keys": published }).to_string();
+        .filter(|k| k.record.state == StoredKeyState::Retiring && k.verifies_at(now_ms))
+        .filter_map(|k| k.record.verify_until_ms)
+        .min();
     KeySet {
+        jwks_until_ms,
         active: keys
             .iter()
             .find(|k| k.record.state == StoredKeyState::Active && k.signer.is_some())
@@ -416,6 +426,22 @@ fn build_set(keys: Vec<LoadedKey>, now_ms: u64) -> KeySet {
         keys: keys.into_iter().map(|k| (k.kid.clone(), k)).collect(),
         jwks: jwks.into(),
     }
+}
+
+/// The JWKS of `keys` at `now_ms`: the next key and every key that verifies, active
+/// first, then next, then retiring.
+fn render_jwks<'k>(keys: impl Iterator<Item = &'k Arc<LoadedKey>>, now_ms: u64) -> String {
+    let mut published: Vec<&Arc<LoadedKey>> = keys
+        .filter(|k| k.record.state == StoredKeyState::Next || k.verifies_at(now_ms))
+        .collect();
+    published.sort_by_key(|k| {
+        (
+            state_rank(k.record.state),
+            std::cmp::Reverse(k.record.created_at_ms),
+        )
+    });
+    let published: Vec<serde_json::Value> = published.iter().map(|k| k.jwk()).collect();
+    serde_json::json!({ "keys": published }).to_string()
 }
 
 /// The signing keys of the instance.
@@ -826,7 +852,7 @@ mod tests {
             let sig_b64 = data_encoding::BASE64URL_NOPAD.encode(&signature);
             assert!(key.verify_signature(input, &sig_b64), "{algorithm:?}");
             assert!(!key.verify_signature("aGVhZGVy.cGF5bG9hZB", &sig_b64));
-            assert!(set.jwks().contains(&new.kid));
+            assert!(set.jwks(1).contains(&new.kid));
         }
     }
 
@@ -844,10 +870,16 @@ mod tests {
         let mut record = new.record;
         record.state = StoredKeyState::Retiring;
         record.verify_until_ms = Some(100);
-        let key = load_key(new.kid, record, None).unwrap();
+        let key = load_key(new.kid.clone(), record.clone(), None).unwrap();
         assert!(key.verifies_at(99));
         assert!(!key.verifies_at(100));
         let set = build_set(vec![key], 100);
-        assert_eq!(&*set.jwks(), r#"{"keys":[]}"#);
+        assert_eq!(&*set.jwks(100), r#"{"keys":[]}"#);
+        // A set built while the key still verified stops publishing it the moment its
+        // window ends, not when the set is next rebuilt.
+        let key = load_key(new.kid.clone(), record, None).unwrap();
+        let set = build_set(vec![key], 50);
+        assert!(set.jwks(99).contains(&new.kid));
+        assert_eq!(&*set.jwks(100), r#"{"keys":[]}"#);
     }
 }

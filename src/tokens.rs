@@ -72,6 +72,9 @@ pub enum Rejection {
     Expired,
     NotYetValid,
     IssuedInFuture,
+    /// `exp - iat` is longer than this server's access-token lifetime plus leeway: no
+    /// token it issued lives that long.
+    LifetimeTooLong,
     Revoked,
 }
 
@@ -90,6 +93,7 @@ impl Rejection {
             Self::Expired => "expired",
             Self::NotYetValid => "not_yet_valid",
             Self::IssuedInFuture => "iat_in_future",
+            Self::LifetimeTooLong => "lifetime_too_long",
             Self::Revoked => "revoked",
         }
     }
@@ -583,6 +587,14 @@ impl TokenAuthority {
         if at(claims.iat) > now_ms.saturating_add(leeway) {
             return Err(Rejection::IssuedInFuture);
         }
+        let longest = self
+            .settings
+            .access_ttl
+            .saturating_add(self.settings.leeway)
+            .as_secs();
+        if claims.exp.saturating_sub(claims.iat) > longest {
+            return Err(Rejection::LifetimeTooLong);
+        }
         if self
             .revocations
             .is_revoked(&claims.jti, &claims.sid, &claims.sub)
@@ -610,7 +622,8 @@ impl TokenAuthority {
                 iat: Some(claims.iat),
                 jti: Some(claims.jti.to_string()),
                 sid: Some(claims.sid.to_string()),
-                scope: claims.scope,
+                // This server issues no scope: a claim it never wrote is not repeated.
+                scope: None,
             },
             Err(reason) => {
                 tracing::debug!(reason = reason.code(), "introspection: inactive");

@@ -120,7 +120,8 @@ async fn introspect(
 /// `GET /.well-known/jwks.json`: the public keys, cacheable for a few minutes (the key
 /// ring publishes a next key well before it signs, see `keys`).
 async fn jwks(State(state): State<AppState>) -> Response {
-    let body = state.services.keys.snapshot().jwks();
+    let now_ms = state.services.clock.now_ms();
+    let body = state.services.keys.snapshot().jwks(now_ms);
     let mut response = (
         [(
             header::CONTENT_TYPE,

@@ -693,6 +693,16 @@ async fn claims_outside_policy_are_refused() {
         Rejection::NotYetValid,
     );
     cases.push(
+        "lifetime_longer_than_the_access_ttl",
+        signed(&|c| c.exp = c.iat + settings.access_ttl.as_secs() + 31),
+        Rejection::LifetimeTooLong,
+    );
+    cases.push(
+        "exp_at_the_end_of_time",
+        signed(&|c| c.exp = u64::MAX),
+        Rejection::LifetimeTooLong,
+    );
+    cases.push(
         "nbf_just_beyond_leeway",
         signed(&|c| c.nbf = NOW_S + 31),
         Rejection::NotYetValid,
@@ -1361,9 +1371,11 @@ async fn tokens_of_a_retired_key_are_refused() {
     let keys = &app.running.services.keys;
     let tokens = &app.running.services.tokens;
     let old_kid = kid_in_state(&app, KeyState::Active);
-    // Long-lived claims, so that only the key can be the reason once the window closes.
+    // The longest lifetime the server accepts (the access TTL plus the leeway), so that
+    // only the key can be the reason once the window closes.
+    let settings = tokens.settings().clone();
     let long_lived = || AccessClaims {
-        exp: NOW_S + 86_400,
+        exp: NOW_S + settings.access_ttl.as_secs() + settings.leeway.as_secs(),
         ..valid_claims(&app)
     };
     let seen = sign(&app, &long_lived());
@@ -1666,4 +1678,20 @@ async fn es256_signature_forgeries_are_refused() {
     run(&eddsa_app, &cases).await;
     app.stop().await;
     eddsa_app.stop().await;
+}
+
+/// A claim this server never issues (`scope`) is not repeated by introspection, even on
+/// a token its own key signed.
+#[tokio::test]
+async fn introspection_repeats_no_claim_the_server_never_issues() {
+    let app = spawn_app().await;
+    let claims = AccessClaims {
+        scope: Some("admin".into()),
+        ..valid_claims(&app)
+    };
+    let token = sign(&app, &claims);
+    let answer = app.introspect(&token).await;
+    assert_eq!(answer["active"], true, "{answer}");
+    assert!(answer.get("scope").is_none(), "{answer}");
+    app.stop().await;
 }
