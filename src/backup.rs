@@ -116,7 +116,7 @@ pub struct Backups {
 /// download leaves nothing behind) and its length.
 #[derive(Debug)]
 pub(crate) struct Download {
-    pub(crate) file: fs::File,
+    pub(crate) file: tokio::fs::File,
     pub(crate) bytes: u64,
 }
 
@@ -175,17 +175,13 @@ impl Backups {
     /// A fresh, checked backup to stream to a client: written under a random name in
     /// the backup directory, opened, and unlinked before it is returned.
     pub(crate) async fn download(&self, origin: &Origin) -> Result<Download, BackupError> {
-        let dir = self.policy.dir.clone();
-        let create_dir = dir.clone();
-        tokio::task::spawn_blocking(move || {
-            fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(&create_dir)
-        })
-        .await
-        .map_err(|e| BackupError::Task(e.to_string()))?
-        .map_err(io("cannot create the backup directory", &dir))?;
+        let dir = &self.policy.dir;
+        tokio::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .await
+            .map_err(io("cannot create the backup directory", dir))?;
         let id: [u8; 12] =
             crate::ids::random_bytes().map_err(|e| BackupError::Task(e.to_string()))?;
         let path = dir.join(format!(
@@ -195,13 +191,13 @@ impl Backups {
         let report = match self.create(&path, origin, Box::new(|_, _| {})).await {
             Ok(report) => report,
             Err(err) => {
-                let _ = fs::remove_file(&path);
+                let _ = tokio::fs::remove_file(&path).await;
                 return Err(err);
             }
         };
-        let file = fs::File::open(&path);
+        let file = tokio::fs::File::open(&path).await;
         // Unlinked at once: the open file stays readable until the stream ends.
-        let _ = fs::remove_file(&path);
+        let _ = tokio::fs::remove_file(&path).await;
         Ok(Download {
             file: file.map_err(io("cannot open the backup", &path))?,
             bytes: report.bytes,

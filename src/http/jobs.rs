@@ -54,8 +54,8 @@ async fn run(
 /// key); see `Backups::download`.
 async fn backup(State(state): State<AppState>, admin: Admin) -> Result<Response, ApiError> {
     let download = state.services.backups.download(&admin.origin).await?;
-    let file = tokio::fs::File::from_std(download.file);
-    let mut response = Body::from_stream(tokio_util::io::ReaderStream::new(file)).into_response();
+    let mut response =
+        Body::from_stream(tokio_util::io::ReaderStream::new(download.file)).into_response();
     let headers = response.headers_mut();
     headers.insert(
         header::CONTENT_TYPE,
