@@ -861,10 +861,7 @@ fn config_check(config: &Config, json: bool) {
     use std::io::Write as _;
     let mut out = std::io::stdout().lock();
     for (setting, value, layer) in config.effective() {
-        let source = match &layer {
-            crate::config::Layer::Default => "default".to_string(),
-            other => other.to_string(),
-        };
+        let source = layer.to_string();
         let written = if json {
             let line = serde_json::json!({
                 "key": setting.key,

@@ -386,11 +386,10 @@ impl Config {
         }
 
         for (flag, value) in &flags.values {
-            let s = SETTINGS
+            let (s, name) = SETTINGS
                 .iter()
-                .find(|s| s.flag == Some(flag.as_str()))
+                .find_map(|s| s.flag.filter(|f| f == flag).map(|f| (s, f)))
                 .ok_or_else(|| ConfigError::Invalid(format!("{flag} is not a setting's flag")))?;
-            let Some(name) = s.flag else { continue };
             config.set(s, value, Layer::Flag(name))?;
         }
 
