@@ -396,16 +396,34 @@ fn fixture_copy_of(format: u32, dir: &Path) -> PathBuf {
     path
 }
 
+/// A copy of the format-`format` fixture in `dir`, opened by this build: migrated from
+/// `format` to the current format in one report (or not at all when it is current).
+fn open_migrated(format: u32, dir: &Path) -> Store {
+    let path = fixture_copy_of(format, dir);
+    let key = MasterKey::load(&dir.join("gatehouse.redb.key")).unwrap();
+    let (store, report) = Store::open(&path, &key, &FixedClock::new(TEST_NOW_MS)).unwrap();
+    match report.migrated {
+        None => assert_eq!(FORMAT_VERSION, format),
+        Some(m) => assert_eq!((m.from, m.to), (format, FORMAT_VERSION)),
+    }
+    store
+}
+
+/// A new admin token of a server started on a fixture (which has no bootstrap token).
+async fn new_admin_token(app: &helpers::TestApp) -> String {
+    app.running
+        .services
+        .admin_tokens
+        .create("test", &gatehouse::audit::Origin::operator())
+        .await
+        .unwrap()
+        .token
+}
+
 #[test]
 fn format_v3_fixture_opens_at_the_current_format() {
     let dir = tempfile::tempdir().unwrap();
-    let path = fixture_copy(dir.path());
-    let key = MasterKey::load(&dir.path().join("gatehouse.redb.key")).unwrap();
-    let (store, report) = Store::open(&path, &key, &FixedClock::new(TEST_NOW_MS)).unwrap();
-    match report.migrated {
-        None => assert_eq!(FORMAT_VERSION, 3),
-        Some(m) => assert_eq!((m.from, m.to), (3, FORMAT_VERSION)),
-    }
+    let store = open_migrated(3, dir.path());
     assert_eq!(store.info().format_version, FORMAT_VERSION);
     assert_eq!(store.info().instance_id, "44".repeat(16));
     let counts = store.read(|tx| tx.table_counts()).unwrap();
@@ -434,12 +452,7 @@ async fn a_server_on_the_format_v3_fixture_keeps_its_keys_devices_tokens_and_cli
         app.running.bootstrap_token.is_none(),
         "the fixture has an admin token"
     );
-    let admin = services
-        .admin_tokens
-        .create("test", &gatehouse::audit::Origin::operator())
-        .await
-        .unwrap()
-        .token;
+    let admin = new_admin_token(&app).await;
     let client = app.client();
 
     // The stored ring is used as it is: no new keys at start.
@@ -661,13 +674,7 @@ async fn a_server_on_the_format_v7_fixture_refuses_the_journaled_family_and_fold
 #[test]
 fn format_v8_fixture_opens_at_the_current_format_with_its_indexes() {
     let dir = tempfile::tempdir().unwrap();
-    let path = fixture_copy_of(8, dir.path());
-    let key = MasterKey::load(&dir.path().join("gatehouse.redb.key")).unwrap();
-    let (store, report) = Store::open(&path, &key, &FixedClock::new(TEST_NOW_MS)).unwrap();
-    match report.migrated {
-        None => assert_eq!(FORMAT_VERSION, 8),
-        Some(m) => assert_eq!((m.from, m.to), (8, FORMAT_VERSION)),
-    }
+    let store = open_migrated(8, dir.path());
     let counts = store.read(|tx| tx.table_counts()).unwrap();
     for (table, rows) in [
         ("devices.v1", 1),
@@ -688,14 +695,7 @@ async fn a_migrated_format_v6_fixture_lists_its_device_and_revokes_its_family() 
     let dir = tempfile::tempdir().unwrap();
     fixture_copy_of(6, dir.path());
     let app = helpers::spawn_app_in(dir, &[]).await;
-    let admin = app
-        .running
-        .services
-        .admin_tokens
-        .create("test", &gatehouse::audit::Origin::operator())
-        .await
-        .unwrap()
-        .token;
+    let admin = new_admin_token(&app).await;
     let listed: serde_json::Value = app
         .client()
         .get(app.url("/v1/devices"))
