@@ -288,13 +288,23 @@ pub fn tool_available(test: &str, program: &str, args: &[&str], install: &str) -
     }
 }
 
-/// A free TCP port on loopback (bound and released: a small window for a race, fine for
-/// a test that must name its port before the server starts).
+/// A free TCP port on loopback for a test that must name its port before the server
+/// starts (an ACME CA connects back to it, a restart reuses it). It is taken below the
+/// kernel's ephemeral range (32768 and up on Linux), so no socket bound to port 0 by a
+/// test running alongside can be handed the port between this check and the server's
+/// bind; tests of this binary take distinct ports through one counter.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    use std::sync::atomic::{AtomicU16, Ordering};
+    // Each test process starts at its own offset, so two test runs at once rarely meet.
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let base = 20_000 + (std::process::id() % 100) as u16 * 100;
+    for _ in 0..10_000 {
+        let port = 20_000 + (base - 20_000 + NEXT.fetch_add(1, Ordering::Relaxed)) % 12_000;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port between 20000 and 32000 on loopback");
 }
 
 /// Milliseconds since the epoch, from the system clock (for tests whose certificates come
