@@ -140,6 +140,7 @@ impl Instance {
                     url: "https://127.0.0.1:8443".into(),
                     pin: None,
                 },
+                None,
             ))
             .unwrap();
         Self {

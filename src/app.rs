@@ -173,6 +173,8 @@ pub struct Running {
     pub(crate) admin_socket: PathBuf,
     /// Set on the first start of an instance: shown once, never stored.
     pub bootstrap_token: Option<IssuedToken>,
+    /// The issuer of the previous start, when this start changed it.
+    pub issuer_changed_from: Option<String>,
     pub tls: Option<Arc<Tls>>,
     /// The plain-HTTP listener that redirects to HTTPS, if any.
     pub http_addr: Option<SocketAddr>,
@@ -222,7 +224,27 @@ pub async fn start(config: &Config, clock: SharedClock) -> Result<Running, AppEr
             server.url
         );
     }
-    let mut services = Services::start(store.clone(), clock.clone(), config, server).await?;
+    let previous = crate::tokens::record_issuer(
+        &store,
+        &clock,
+        &server.url,
+        config.tokens.audience.is_none(),
+    )
+    .await?;
+    if let Some(previous) = &previous {
+        tracing::warn!(
+            from = %previous.issuer,
+            to = %server.url,
+            "the issuer changed since the last start: new tokens name {}. Refresh tokens keep \
+             working and access tokens issued before now are accepted until they expire; \
+             apps that verify tokens offline must expect the new issuer. Set tokens.issuer \
+             (GATEHOUSE_ISSUER) to keep one issuer across moves",
+            server.url
+        );
+    }
+    let issuer_change = previous.as_ref().map(|p| p.issuer.clone());
+    let mut services =
+        Services::start(store.clone(), clock.clone(), config, server, previous).await?;
     services.tls = server_tls.clone();
     record_start(&services, config, local_addr, &report).await?;
     let bootstrap_token = bootstrap(&services).await?;
@@ -280,6 +302,7 @@ pub async fn start(config: &Config, clock: SharedClock) -> Result<Running, AppEr
         local_addr,
         admin_socket,
         bootstrap_token,
+        issuer_changed_from: issuer_change,
         tls: server_tls,
         http_addr,
         store,
@@ -562,6 +585,13 @@ fn announce(running: &Running, config: &Config, clock: &dyn Clock) {
         );
     }
     println!("gatehouse listening on {url}");
+    if let Some(from) = &running.issuer_changed_from {
+        println!(
+            "issuer changed: {from} -> {issuer} (refresh tokens keep working; apps that verify \
+             offline must expect the new issuer; set tokens.issuer to keep one issuer)",
+            issuer = running.services.tokens.settings().issuer
+        );
+    }
     println!("admin socket: {}", running.admin_socket.display());
     if let Some(addr) = running.http_addr {
         println!("redirecting http://{addr} to HTTPS");

@@ -15,10 +15,13 @@ use serde::Serialize;
 use crate::audit::{self, Event, Origin};
 use crate::clock::{SharedClock, format_rfc3339};
 use crate::error_kind::{Classify, ErrorKind};
-use crate::ids::DeviceId;
-use crate::revocation::RevocationList;
-use crate::store::records::Device;
-use crate::store::{DEVICES, DEVICES_BY_AGE, Store, StoreError, device_age_key};
+use crate::ids::{DeviceId, FamilyId};
+use crate::revocation::{JournaledFamilies, RevocationList};
+use crate::store::records::{Device, TokenFamily};
+use crate::store::{
+    DEVICE_FAMILIES, DEVICES, DEVICES_BY_AGE, ReadTx, Store, StoreError, TOKEN_FAMILIES,
+    device_age_key,
+};
 
 /// Longest page of `list`.
 pub(crate) const MAX_PAGE: usize = 200;
@@ -49,6 +52,106 @@ impl Classify for DeviceError {
     }
 }
 
+/// Whether a device can still get tokens and, when it cannot, why.
+///
+/// A device that is not revoked may still hold no usable token family: its refresh token
+/// was presented twice (reuse detection revoked the family), the app revoked it
+/// (`POST /v1/revoke`), it expired, or its family was pruned. Such a device can never
+/// refresh again; only pairing it again brings it back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Standing {
+    Active,
+    NeedsPairing(Stranded),
+    Revoked,
+}
+
+/// Why a device that is not revoked holds no usable token family (from its newest one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Stranded {
+    /// A spent refresh token was presented again: the whole family was revoked.
+    RefreshTokenReused,
+    /// The app revoked its own refresh token (RFC 7009), or an operator its family.
+    SignedOut,
+    /// The refresh token outlived `tokens.refresh_ttl` without being used.
+    RefreshExpired,
+    /// No family is left (pruned long after it ended, or lost in a restore).
+    NoTokens,
+}
+
+impl Standing {
+    /// The `status` field: `active`, `needs_pairing` or `revoked`.
+    pub(crate) fn status(self) -> &'static str {
+        match self {
+            Self::Active => "active",
+            Self::NeedsPairing(_) => "needs_pairing",
+            Self::Revoked => "revoked",
+        }
+    }
+
+    /// The `status_reason` field, for `needs_pairing` only.
+    pub(crate) fn reason(self) -> Option<&'static str> {
+        match self {
+            Self::Active | Self::Revoked => None,
+            Self::NeedsPairing(Stranded::RefreshTokenReused) => Some("refresh_token_reused"),
+            Self::NeedsPairing(Stranded::SignedOut) => Some("signed_out"),
+            Self::NeedsPairing(Stranded::RefreshExpired) => Some("refresh_expired"),
+            Self::NeedsPairing(Stranded::NoTokens) => Some("no_tokens"),
+        }
+    }
+
+    fn parse_status(text: &str) -> Option<fn(Self) -> bool> {
+        match text {
+            "active" => Some(|s| s == Self::Active),
+            "needs_pairing" => Some(|s| matches!(s, Self::NeedsPairing(_))),
+            "revoked" => Some(|s| s == Self::Revoked),
+            _ => None,
+        }
+    }
+}
+
+/// The standing of one device, read from its families inside `tx`.
+fn standing(
+    tx: &ReadTx<'_>,
+    id: &str,
+    device: &Device,
+    now_ms: u64,
+    journaled: &JournaledFamilies,
+) -> Result<Standing, StoreError> {
+    if device.revoked_at_ms.is_some() {
+        return Ok(Standing::Revoked);
+    }
+    // A device has one family per pairing: this range is a handful of keys.
+    let keys = tx.index_keys(&DEVICE_FAMILIES, &format!("{id}/"), None, usize::MAX)?;
+    let mut newest: Option<(TokenFamily, bool)> = None;
+    for key in keys {
+        let Some((_, family_id)) = key.split_once('/') else {
+            continue;
+        };
+        let Some(family) = tx.get(&TOKEN_FAMILIES, family_id)? else {
+            continue;
+        };
+        let journal = FamilyId::parse(family_id).is_some_and(|f| journaled.contains(&f));
+        if family.revoked_at_ms.is_none() && !journal && family.refresh_expires_at_ms > now_ms {
+            return Ok(Standing::Active);
+        }
+        if newest
+            .as_ref()
+            .is_none_or(|(n, _)| family.created_at_ms >= n.created_at_ms)
+        {
+            newest = Some((family, journal));
+        }
+    }
+    let why = match newest {
+        None => Stranded::NoTokens,
+        Some((family, _)) if family.revoke_reason.as_deref() == Some("reuse") => {
+            Stranded::RefreshTokenReused
+        }
+        Some((family, journal)) if journal || family.revoked_at_ms.is_some() => Stranded::SignedOut,
+        Some(_) => Stranded::RefreshExpired,
+    };
+    Ok(Standing::NeedsPairing(why))
+}
+
 /// A device as the API and the CLI show it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct DeviceView {
@@ -56,8 +159,10 @@ pub struct DeviceView {
     pub name: String,
     pub platform: String,
     pub(crate) app_version: String,
-    /// `"active"` or `"revoked"`.
+    /// `"active"`, `"needs_pairing"` or `"revoked"` (see `Standing`).
     pub status: String,
+    /// Why a `needs_pairing` device cannot refresh; `null` otherwise.
+    pub status_reason: Option<String>,
     pub(crate) created_at: String,
     pub(crate) last_seen: String,
     pub(crate) paired_from: String,
@@ -65,15 +170,11 @@ pub struct DeviceView {
 }
 
 impl DeviceView {
-    fn new(id: DeviceId, d: Device) -> Self {
+    fn new(id: DeviceId, d: Device, standing: Standing) -> Self {
         Self {
             id,
-            status: if d.revoked_at_ms.is_some() {
-                "revoked"
-            } else {
-                "active"
-            }
-            .into(),
+            status: standing.status().into(),
+            status_reason: standing.reason().map(Into::into),
             name: d.name,
             platform: d.platform,
             app_version: d.app_version,
@@ -177,27 +278,47 @@ impl Devices {
     }
 
     pub(crate) fn get(&self, id: &DeviceId) -> Result<Option<DeviceView>, DeviceError> {
-        let record = self.store.read(|tx| tx.get(&DEVICES, &id.to_string()))?;
-        Ok(record.map(|d| self.with_unwritten(DeviceView::new(*id, d.clone()), &d)))
+        let now = self.clock.now_ms();
+        let journaled = self.revocations.journaled();
+        let key = id.to_string();
+        let found = self.store.read(|tx| {
+            let Some(device) = tx.get(&DEVICES, &key)? else {
+                return Ok(None);
+            };
+            let standing = standing(tx, &key, &device, now, &journaled)?;
+            Ok::<_, StoreError>(Some((device, standing)))
+        })?;
+        Ok(found.map(|(d, standing)| {
+            self.with_unwritten(DeviceView::new(*id, d.clone(), standing), &d)
+        }))
     }
 
     /// Every device, oldest first (one read).
     pub fn list(&self) -> Result<Vec<DeviceView>, DeviceError> {
         Ok(self
             .oldest_first()?
-            .iter()
-            .map(|(id, d)| self.with_unwritten(DeviceView::new(*id, d.clone()), d))
+            .into_iter()
+            .map(|(id, d, standing)| {
+                self.with_unwritten(DeviceView::new(id, d.clone(), standing), &d)
+            })
             .collect())
     }
 
-    /// Every device record, by pairing time then id: the listing order.
-    fn oldest_first(&self) -> Result<Vec<(DeviceId, Device)>, DeviceError> {
-        let rows = self.store.read(|tx| tx.all(&DEVICES))?;
-        let mut rows: Vec<(DeviceId, Device)> = rows
-            .into_iter()
-            .filter_map(|(id, d)| DeviceId::parse(&id).map(|id| (id, d)))
-            .collect();
-        rows.sort_by(|(a_id, a), (b_id, b)| {
+    /// Every device record with its standing, by pairing time then id: the listing order.
+    fn oldest_first(&self) -> Result<Vec<(DeviceId, Device, Standing)>, DeviceError> {
+        let now = self.clock.now_ms();
+        let journaled = self.revocations.journaled();
+        let mut rows = self.store.read(|tx| {
+            let mut rows = Vec::new();
+            for (key, device) in tx.all(&DEVICES)? {
+                if let Some(id) = DeviceId::parse(&key) {
+                    let standing = standing(tx, &key, &device, now, &journaled)?;
+                    rows.push((id, device, standing));
+                }
+            }
+            Ok::<_, StoreError>(rows)
+        })?;
+        rows.sort_by(|(a_id, a, _), (b_id, b, _)| {
             a.created_at_ms.cmp(&b.created_at_ms).then(a_id.cmp(b_id))
         });
         Ok(rows)
@@ -211,23 +332,30 @@ impl Devices {
                 "limit must be between 1 and {MAX_PAGE}"
             )));
         }
-        let revoked = match filter.status.as_deref() {
+        let wanted = match filter.status.as_deref() {
             None => None,
-            Some("active") => Some(false),
-            Some("revoked") => Some(true),
-            Some(other) => {
-                return Err(DeviceError::BadFilter(format!(
-                    "status must be \"active\" or \"revoked\", not {other:?}"
-                )));
-            }
+            Some(text) => Some(Standing::parse_status(text).ok_or_else(|| {
+                DeviceError::BadFilter(format!(
+                    "status must be \"active\", \"needs_pairing\" or \"revoked\", not {text:?}"
+                ))
+            })?),
         };
         let needle = filter.name.as_ref().map(|n| n.to_lowercase());
-        let matches = |d: &Device| {
-            revoked.is_none_or(|r| d.revoked_at_ms.is_some() == r)
-                && needle
+        let now = self.clock.now_ms();
+        let journaled = self.revocations.journaled();
+        let matches =
+            |tx: &ReadTx<'_>, id: &str, d: &Device| -> Result<Option<Standing>, StoreError> {
+                if !needle
                     .as_ref()
                     .is_none_or(|n| d.name.to_lowercase().contains(n.as_str()))
-        };
+                {
+                    return Ok(None);
+                }
+                let standing = standing(tx, id, d, now, &journaled)?;
+                Ok(wanted
+                    .is_none_or(|wanted| wanted(standing))
+                    .then_some(standing))
+            };
         let after = filter.after.map(|id| id.to_string());
         // One read, walking the pairing-time index from the cursor until one more match
         // than the page holds (which says whether there is a next page).
@@ -247,10 +375,11 @@ impl Devices {
                     else {
                         continue;
                     };
-                    if let Some(device) = tx.get(&DEVICES, &id.to_string())?
-                        && matches(&device)
+                    let key = id.to_string();
+                    if let Some(device) = tx.get(&DEVICES, &key)?
+                        && let Some(standing) = matches(tx, &key, &device)?
                     {
-                        rows.push((id, device));
+                        rows.push((id, device, standing));
                         if rows.len() > limit {
                             return Ok(Some(rows));
                         }
@@ -270,8 +399,10 @@ impl Devices {
         let more = rows.len() > limit;
         rows.truncate(limit);
         let devices: Vec<DeviceView> = rows
-            .iter()
-            .map(|(id, d)| self.with_unwritten(DeviceView::new(*id, d.clone()), d))
+            .into_iter()
+            .map(|(id, d, standing)| {
+                self.with_unwritten(DeviceView::new(id, d.clone(), standing), &d)
+            })
             .collect();
         let next = if more {
             devices.last().map(|d| d.id)

@@ -64,6 +64,12 @@ pub enum PairingError {
          open a new session"
     )]
     SecretUnavailable,
+    /// The pairing URI would name an address the device cannot reach.
+    #[error(
+        "no pairing URI can name {0}: {1}. Set tokens.issuer (GATEHOUSE_ISSUER) to the https \
+         URL that devices reach this server at, for example https://192.0.2.10:8443"
+    )]
+    Unreachable(String, &'static str),
     #[error("bad ttl: {0}")]
     BadTtl(String),
     #[error("bad session name: {0}")]
@@ -87,6 +93,7 @@ impl Classify for PairingError {
             Self::UnknownSession => ErrorKind::NotFound,
             Self::Closed | Self::SecretUnavailable => ErrorKind::Gone,
             Self::BadTtl(_) | Self::BadName(_) | Self::BadDevice(_) => ErrorKind::Invalid,
+            Self::Unreachable(..) => ErrorKind::Conflict,
             Self::Token(err) => err.kind(),
             Self::Random(_) | Self::Store(_) => ErrorKind::Internal,
         }
@@ -96,6 +103,7 @@ impl Classify for PairingError {
         match self {
             // The documented code of every failed claim (schema/openapi.yaml).
             Self::Rejected => "pairing_failed",
+            Self::Unreachable(..) => "server_unreachable",
             Self::Token(err) => err.code(),
             other => other.kind().code(),
         }
@@ -110,6 +118,41 @@ pub struct ServerIdentity {
     /// `sha256/<base64>` of the certificate's public key, when it is self-signed and an
     /// app must pin it instead of trusting a CA.
     pub pin: Option<String>,
+}
+
+impl ServerIdentity {
+    /// Refuses to make a pairing URI that no device could use: one naming an unspecified
+    /// address (`0.0.0.0`, `[::]`) ever, or a loopback address when the request came from
+    /// another host (`requester`: `None` for the local CLI, which may pair an emulator).
+    pub(crate) fn reachable_from(&self, requester: Option<IpAddr>) -> Result<(), PairingError> {
+        let Some(ip) = self.ip() else {
+            return Ok(());
+        };
+        if ip.is_unspecified() {
+            return Err(PairingError::Unreachable(
+                self.url.clone(),
+                "it is the any-address the server listens on, not an address devices can use",
+            ));
+        }
+        if ip.is_loopback() && requester.is_some_and(|peer| !peer.is_loopback()) {
+            return Err(PairingError::Unreachable(
+                self.url.clone(),
+                "it is a loopback address, reachable only from this host, and the request \
+                 came from another",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The URL's host when it is an IP address.
+    pub(crate) fn ip(&self) -> Option<IpAddr> {
+        let uri: http::Uri = self.url.parse().ok()?;
+        let host = uri.host()?;
+        host.trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse()
+            .ok()
+    }
 }
 
 /// A session just opened: the only moment its secret exists outside the app.
@@ -254,6 +297,11 @@ impl PairingSessions {
         }
     }
 
+    /// Where the pairing URIs say this server is.
+    pub(crate) fn server(&self) -> &ServerIdentity {
+        &self.server
+    }
+
     /// Opens a session. Durable when this returns.
     pub async fn create(
         &self,
@@ -261,6 +309,7 @@ impl PairingSessions {
         ttl: Option<Duration>,
         origin: &Origin,
     ) -> Result<NewSession, PairingError> {
+        self.server.reachable_from(origin.source)?;
         let ttl = ttl.unwrap_or(self.default_ttl);
         if ttl < MIN_TTL || ttl > PAIRING_MAX_TTL {
             return Err(PairingError::BadTtl(format!(
@@ -454,6 +503,7 @@ impl PairingSessions {
         match claim {
             Claim::Won => {
                 self.forget_uri(&session_id);
+                self.tokens.family_committed(family.family);
                 tracing::info!(%session_id, device = %device_id, peer, "device paired");
                 Ok(self
                     .tokens
@@ -510,6 +560,43 @@ impl PairingSessions {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pairing_uris_never_name_an_address_the_device_cannot_reach() {
+        let at = |url: &str| ServerIdentity {
+            url: url.into(),
+            pin: None,
+        };
+        let here: Option<IpAddr> = Some("127.0.0.1".parse().unwrap_or(IpAddr::from([0; 4])));
+        let elsewhere: Option<IpAddr> = Some(IpAddr::from([192, 0, 2, 7]));
+        for url in ["https://0.0.0.0:8443", "https://[::]:8443"] {
+            for from in [None, here, elsewhere] {
+                assert!(
+                    matches!(
+                        at(url).reachable_from(from),
+                        Err(PairingError::Unreachable(..))
+                    ),
+                    "{url} from {from:?}"
+                );
+            }
+        }
+        for url in ["https://127.0.0.1:8443", "https://[::1]:8443"] {
+            assert!(at(url).reachable_from(None).is_ok(), "the local CLI: {url}");
+            assert!(at(url).reachable_from(here).is_ok(), "{url} from loopback");
+            assert!(
+                matches!(
+                    at(url).reachable_from(elsewhere),
+                    Err(PairingError::Unreachable(..))
+                ),
+                "{url} from another host"
+            );
+        }
+        for url in ["https://auth.example.com", "https://192.0.2.10:8443"] {
+            for from in [None, here, elsewhere] {
+                assert!(at(url).reachable_from(from).is_ok(), "{url} from {from:?}");
+            }
+        }
+    }
 
     #[test]
     fn uri_carries_every_field_encoded() {

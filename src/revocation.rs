@@ -104,6 +104,11 @@ struct Revoked {
     families: HashMap<FamilyId, u64>,
     /// Revoked devices stay revoked; there are few of them.
     devices: HashSet<DeviceId>,
+    /// Every family that has a row in the data file. An access token names its family,
+    /// and a family that is not here was pruned or never existed in this file (a restore
+    /// brings back an older file than the one that issued the token): such a token is
+    /// refused, since nothing in this file could revoke it.
+    existing: HashSet<FamilyId>,
 }
 
 /// What is revoked, and since when it may be forgotten.
@@ -142,7 +147,11 @@ impl RevocationList {
                 }
             }
             for (id, family) in tx.all(&TOKEN_FAMILIES)? {
-                if let (Some(id), Some(at)) = (FamilyId::parse(&id), family.revoked_at_ms) {
+                let Some(id) = FamilyId::parse(&id) else {
+                    continue;
+                };
+                revoked.existing.insert(id);
+                if let Some(at) = family.revoked_at_ms {
                     let forget_at = at.saturating_add(window);
                     if forget_at > now {
                         revoked.families.insert(id, forget_at);
@@ -192,6 +201,24 @@ impl RevocationList {
         revoked.tokens.contains_key(jti)
             || revoked.families.contains_key(family)
             || revoked.devices.contains(device)
+    }
+
+    /// Whether `family` has a row in the data file (see `Revoked::existing`).
+    pub(crate) fn family_exists(&self, family: &FamilyId) -> bool {
+        self.read().existing.contains(family)
+    }
+
+    /// Mirrors a family row committed by pairing; call before any of its tokens leaves.
+    pub(crate) fn family_created(&self, family: FamilyId) {
+        self.write().existing.insert(family);
+    }
+
+    /// Mirrors family rows deleted by pruning.
+    pub(crate) fn families_deleted(&self, families: &[FamilyId]) {
+        let mut revoked = self.write();
+        for family in families {
+            revoked.existing.remove(family);
+        }
     }
 
     pub(crate) fn is_device_revoked(&self, device: &DeviceId) -> bool {

@@ -24,7 +24,7 @@ use crate::ratelimit::{Lockout, LockoutPolicy, Policies, Policy, RateLimits};
 use crate::revocation::RevocationList;
 use crate::schedule::{JobContext, Scheduler};
 use crate::store::{Store, StoreError};
-use crate::tokens::{TokenAuthority, TokenSettings};
+use crate::tokens::{PreviousIdentity, TokenAuthority, TokenSettings};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServicesError {
@@ -98,8 +98,10 @@ impl Services {
         clock: SharedClock,
         config: &Config,
         server: ServerIdentity,
+        previous: Option<PreviousIdentity>,
     ) -> Result<Self, ServicesError> {
         let settings = TokenSettings {
+            previous,
             audience: config
                 .tokens
                 .audience

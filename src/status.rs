@@ -58,6 +58,10 @@ pub(crate) fn warnings(services: &Services, tls_off: bool) -> Result<Vec<Warning
             ),
         );
     }
+    let server = services.pairing.server();
+    if let Err(err) = server.reachable_from(None) {
+        warn("pairing_uri_unreachable", err.to_string());
+    }
     let tokens = services.admin_tokens.list()?;
     if tokens
         .iter()

@@ -48,6 +48,61 @@ pub struct TokenSettings {
     pub access_ttl: Duration,
     pub(crate) refresh_ttl: Duration,
     pub leeway: Duration,
+    /// The identity tokens were signed with until this start changed it, if it did.
+    pub(crate) previous: Option<PreviousIdentity>,
+}
+
+/// The issuer (and audience) of the last start, when this start changed them: a server
+/// moved to another port or address, or was given a domain. Access tokens it issued
+/// before the change stay valid for the rest of their short life, so that no paired app
+/// is cut off mid-session; refresh tokens never name an issuer and keep working.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PreviousIdentity {
+    pub(crate) issuer: String,
+    pub(crate) audience: String,
+    /// When the change was recorded (ms): only tokens issued before it are accepted.
+    pub(crate) changed_at_ms: u64,
+}
+
+/// Records `issuer` as the data file's issuer (`meta.issuer`) and, when the file named
+/// another one, audits `tokens.issuer_changed` in the same commit and returns what it
+/// was. `audience_follows` says the audience is derived from the issuer (not set), so it
+/// changed with it.
+pub(crate) async fn record_issuer(
+    store: &Store,
+    clock: &SharedClock,
+    issuer: &str,
+    audience_follows: bool,
+) -> Result<Option<PreviousIdentity>, StoreError> {
+    let remembered = store.read(|tx| tx.issuer())?;
+    if remembered.as_deref() == Some(issuer) {
+        return Ok(None);
+    }
+    let now = clock.now_ms();
+    let to = issuer.to_string();
+    let from = remembered.clone();
+    store
+        .write(move |tx| {
+            tx.set_issuer(&to)?;
+            if let Some(from) = &from {
+                let event = Event::new("tokens.issuer_changed")
+                    .severity(Severity::Notice)
+                    .detail("from", from.clone())
+                    .detail("to", to.clone());
+                audit::append(tx, &Origin::system(), &event, now)?;
+            }
+            Ok::<_, StoreError>(())
+        })
+        .await?;
+    Ok(remembered.map(|from| PreviousIdentity {
+        audience: if audience_follows {
+            from.clone()
+        } else {
+            String::new()
+        },
+        issuer: from,
+        changed_at_ms: now,
+    }))
 }
 
 impl TokenSettings {
@@ -75,6 +130,9 @@ pub enum Rejection {
     /// `exp - iat` is longer than this server's access-token lifetime plus leeway: no
     /// token it issued lives that long.
     LifetimeTooLong,
+    /// The token's family has no row in the data file: pruned, or issued by a newer file
+    /// than the one restored.
+    UnknownFamily,
     Revoked,
 }
 
@@ -94,6 +152,7 @@ impl Rejection {
             Self::NotYetValid => "not_yet_valid",
             Self::IssuedInFuture => "iat_in_future",
             Self::LifetimeTooLong => "lifetime_too_long",
+            Self::UnknownFamily => "unknown_family",
             Self::Revoked => "revoked",
         }
     }
@@ -372,6 +431,11 @@ impl TokenAuthority {
         )
     }
 
+    /// Mirrors a family written by `write_family_in` once its transaction committed.
+    pub(crate) fn family_committed(&self, family: FamilyId) {
+        self.revocations.family_created(family);
+    }
+
     /// The pair answered to a device: a fresh access token and the given refresh token.
     pub(crate) fn pair_for(
         &self,
@@ -570,14 +634,22 @@ impl TokenAuthority {
     }
 
     fn check_claims(&self, claims: &AccessClaims, now_ms: u64) -> Result<(), Rejection> {
-        if claims.iss != self.settings.issuer {
+        let at = |seconds: u64| seconds.saturating_mul(1000);
+        // Issued under the identity this start replaced, and before the change.
+        let earlier = self
+            .settings
+            .previous
+            .as_ref()
+            .filter(|p| at(claims.iat) <= p.changed_at_ms);
+        if claims.iss != self.settings.issuer && earlier.is_none_or(|p| claims.iss != p.issuer) {
             return Err(Rejection::WrongIssuer);
         }
-        if claims.aud != self.settings.audience {
+        if claims.aud != self.settings.audience
+            && earlier.is_none_or(|p| p.audience.is_empty() || claims.aud != p.audience)
+        {
             return Err(Rejection::WrongAudience);
         }
         let leeway = millis(self.settings.leeway);
-        let at = |seconds: u64| seconds.saturating_mul(1000);
         if now_ms >= at(claims.exp).saturating_add(leeway) {
             return Err(Rejection::Expired);
         }
@@ -594,6 +666,9 @@ impl TokenAuthority {
             .as_secs();
         if claims.exp.saturating_sub(claims.iat) > longest {
             return Err(Rejection::LifetimeTooLong);
+        }
+        if !self.revocations.family_exists(&claims.sid) {
+            return Err(Rejection::UnknownFamily);
         }
         if self
             .revocations
@@ -725,26 +800,30 @@ impl TokenAuthority {
         let window = millis(self.settings.access_window());
         let refresh = self
             .store
-            .write(move |tx| -> Result<u64, StoreError> {
+            .write(move |tx| -> Result<(u64, Vec<FamilyId>), StoreError> {
                 let tokens = tx.retain(&REFRESH_TOKENS, |_, t| t.expires_at_ms > now)?;
                 // A family is kept while its refresh token lives, and while an access
                 // token it issued could still be presented.
                 let mut gone = Vec::new();
+                let mut deleted = Vec::new();
                 let families = tx.retain(&TOKEN_FAMILIES, |id, f| {
                     let keep = f.refresh_expires_at_ms.saturating_add(window) > now
                         && f.revoked_at_ms
                             .is_none_or(|at| at.saturating_add(window) > now);
                     if !keep {
                         gone.push(device_family_key(&f.device_id, id));
+                        deleted.extend(FamilyId::parse(id));
                     }
                     keep
                 })?;
                 for key in &gone {
                     tx.index_remove(&DEVICE_FAMILIES, key)?;
                 }
-                Ok(tokens + families)
+                Ok((tokens + families, deleted))
             })
             .await?;
+        let (refresh, deleted) = refresh;
+        self.revocations.families_deleted(&deleted);
         let revocations = self.revocations.prune(self.settings.leeway).await?;
         Ok(refresh + revocations)
     }

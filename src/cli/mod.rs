@@ -71,6 +71,9 @@ struct ServeArgs {
     /// files mode: the PEM private key [env: GATEHOUSE_TLS_KEY_FILE]
     #[arg(long, value_name = "FILE")]
     tls_key: Option<PathBuf>,
+    /// Proxies (CIDR or address; repeat or separate with commas) whose X-Forwarded-For and Forwarded headers name the client [env: GATEHOUSE_TRUSTED_PROXIES]
+    #[arg(long = "trusted-proxies", value_name = "CIDR")]
+    trusted_proxies: Vec<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -349,6 +352,10 @@ pub fn main() -> ExitCode {
             )
             .with_some("--acme-directory", a.acme_directory.clone())
             .with_some("--acme-email", a.acme_email.clone())
+            .with_some(
+                "--trusted-proxies",
+                (!a.trusted_proxies.is_empty()).then(|| a.trusted_proxies.join(",")),
+            )
             .with_some("--acme-ca-root", path(&a.acme_ca_root))
             .with_some("--tls-cert", path(&a.tls_cert))
             .with_some("--tls-key", path(&a.tls_key));
@@ -572,17 +579,18 @@ async fn devices(command: DevicesCommand, config: &Config) -> anyhow::Result<()>
                     return print_json(&devices);
                 }
                 println!(
-                    "{:<36}  {:<24}  {:<10}  {:<8}  LAST SEEN",
-                    "ID", "NAME", "PLATFORM", "STATUS"
+                    "{:<36}  {:<24}  {:<10}  {:<13}  {:<20}  REASON",
+                    "ID", "NAME", "PLATFORM", "STATUS", "LAST SEEN"
                 );
                 for d in devices {
                     println!(
-                        "{:<36}  {:<24}  {:<10}  {:<8}  {}",
+                        "{:<36}  {:<24}  {:<10}  {:<13}  {:<20}  {}",
                         d.id.to_string(),
                         d.name,
                         d.platform,
                         d.status,
-                        d.last_seen
+                        d.last_seen,
+                        d.status_reason.as_deref().unwrap_or("")
                     );
                 }
             }
@@ -850,7 +858,7 @@ async fn local_services(
         url: crate::services::issuer(config, config.server.listen),
         pin,
     };
-    Services::start(store.clone(), clock, config, server)
+    Services::start(store.clone(), clock, config, server, None)
         .await
         .map_err(|e| internal(&e))
 }

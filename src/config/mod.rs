@@ -99,6 +99,10 @@ pub struct ServerConfig {
     pub(crate) max_headers: usize,
     pub(crate) shutdown_grace: Duration,
     pub(crate) h2_max_concurrent_streams: u32,
+    /// Peers whose `X-Forwarded-For` / `Forwarded` headers are believed (empty: none).
+    pub(crate) trusted_proxies: Vec<ipnet::IpNet>,
+    /// Open connections from one address at most (trusted proxies are exempt).
+    pub(crate) max_connections_per_ip: usize,
 }
 
 /// Placeholders only: every field is set by its setting's default, or worked out from
@@ -118,6 +122,8 @@ impl Default for ServerConfig {
             max_headers: 0,
             shutdown_grace: Duration::ZERO,
             h2_max_concurrent_streams: 0,
+            trusted_proxies: Vec::new(),
+            max_connections_per_ip: 0,
         }
     }
 }

@@ -12,7 +12,7 @@ use super::jobs::{JobName, job_list, job_schedule, parse_timezone};
 use super::values::{
     Address, AddressOrOff, Choice, Custom, FilePath, KeyAlgorithm, LETSENCRYPT, LogFormat,
     MasterKeySource, Parser, RateSpec, Span, Switch, TlsMode, Whole, acme_directory, audience,
-    domains, eab_kid, email, issuer, log_level, origins,
+    domains, eab_kid, email, issuer, log_level, networks, origins,
 };
 use super::{Config, PAIRING_MAX_TTL};
 
@@ -280,6 +280,30 @@ pub static SETTINGS: &[Setting] = &[
             max: 1_000_000
         },
         |c, v| c.server.max_connections = size(v)
+    ),
+    setting!(
+        "server.max_connections_per_ip",
+        "GATEHOUSE_MAX_CONNECTIONS_PER_IP",
+        None,
+        Value("256"),
+        "open connections from one address at most (trusted proxies are exempt)",
+        Whole {
+            min: 1,
+            max: 1_000_000
+        },
+        |c, v| c.server.max_connections_per_ip = size(v)
+    ),
+    setting!(
+        "server.trusted_proxies",
+        "GATEHOUSE_TRUSTED_PROXIES",
+        Some("--trusted-proxies"),
+        Unset,
+        "proxies whose X-Forwarded-For and Forwarded headers name the client",
+        Custom {
+            what: "networks",
+            parse: networks
+        },
+        |c, v| c.server.trusted_proxies = v
     ),
     setting!(
         "server.max_header_bytes",

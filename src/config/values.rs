@@ -321,6 +321,27 @@ pub(super) const LETSENCRYPT_STAGING: &str =
 
 /// Origins allowed to call the API from a browser: `scheme://host[:port]` each (no path),
 /// separated by commas, or `*`. An empty string allows none.
+/// `server.trusted_proxies`: comma-separated CIDR networks or single addresses.
+pub(super) fn networks(v: &str) -> Result<Vec<ipnet::IpNet>, String> {
+    let mut list = Vec::new();
+    for item in v.split(',').map(str::trim).filter(|o| !o.is_empty()) {
+        let net = match item.parse::<ipnet::IpNet>() {
+            Ok(net) => net.trunc(),
+            Err(_) => match item.parse::<std::net::IpAddr>() {
+                Ok(ip) => ipnet::IpNet::from(ip),
+                Err(_) => {
+                    return Err(format!(
+                        "{item:?} is not an address or network: expected CIDR such as \
+                         \"127.0.0.1/32\", \"10.0.0.0/8\" or \"::1/128\", or one address"
+                    ));
+                }
+            },
+        };
+        list.push(net);
+    }
+    Ok(list)
+}
+
 pub(super) fn origins(v: &str) -> Result<Vec<String>, String> {
     let mut list = Vec::new();
     for origin in v.split(',').map(str::trim).filter(|o| !o.is_empty()) {

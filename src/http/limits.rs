@@ -19,7 +19,9 @@ fn ceil_secs(d: std::time::Duration) -> u64 {
 
 /// Refuses a banned address (429 `banned` with `Retry-After`) and spends one request
 /// of the `per_ip` policy, before any route runs. Fails closed: a request whose peer
-/// address is unknown is refused.
+/// address is unknown is refused. The health probes are exempt: a load balancer or a
+/// monitor must learn whether the server is up even from an address that is banned or
+/// busy, and their answers are constant and cheap.
 pub(crate) async fn admit_address(
     State(state): State<AppState>,
     request: Request,
@@ -35,6 +37,9 @@ pub(crate) async fn admit_address(
         return ApiError::internal(&"no peer address on the request").into_response();
     };
     let ip = peer.ip();
+    if matches!(request.uri().path(), "/healthz" | "/readyz") {
+        return next.run(request).await;
+    }
     if let Some(left) = state.services.lockout.banned(ip) {
         let retry = ceil_secs(left).max(1);
         let mut response = ApiError::new(

@@ -109,11 +109,20 @@ pub(crate) async fn count_responses(
     response
 }
 
-/// Loopback callers need nothing more; others need an admin token.
+/// Loopback callers need nothing more; others need an admin token. The caller is the
+/// real client (behind a trusted proxy, the address it forwarded). A loopback peer that
+/// is not a trusted proxy but sends forwarding headers is a proxy nobody declared: the
+/// client is somewhere else, so it needs the token too.
 async fn metrics(State(state): State<AppState>, request: Request) -> Response {
     let (mut parts, _) = request.into_parts();
+    let undeclared_proxy = parts
+        .extensions
+        .get::<super::client_addr::ForwardedBy>()
+        .is_none()
+        && (parts.headers.contains_key("forwarded")
+            || parts.headers.contains_key("x-forwarded-for"));
     let loopback = match Peer::from_request_parts(&mut parts, &state).await {
-        Ok(Peer(peer)) => peer.ip().to_canonical().is_loopback(),
+        Ok(Peer(peer)) => peer.ip().to_canonical().is_loopback() && !undeclared_proxy,
         Err(err) => return err.into_response(),
     };
     if !loopback && let Err(refusal) = Admin::from_request_parts(&mut parts, &state).await {

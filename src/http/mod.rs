@@ -8,6 +8,7 @@
 
 mod audit;
 mod bans;
+mod client_addr;
 mod devices;
 pub(crate) mod error;
 pub(crate) mod extract;

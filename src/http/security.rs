@@ -43,8 +43,16 @@ pub(crate) async fn secure_headers(
     request.extensions_mut().insert(RequestId(id.clone()));
     let method = request.method().clone();
     let path = request.uri().path().to_string();
+    let client = request
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0.ip());
+    let proxy = request
+        .extensions()
+        .get::<super::client_addr::ForwardedBy>()
+        .map(|p| p.0.ip());
     let mut response = next.run(request).await;
-    tracing::debug!(request_id = %id, %method, %path, status = response.status().as_u16(), "request");
+    tracing::debug!(request_id = %id, %method, %path, client = ?client, proxy = ?proxy, status = response.status().as_u16(), "request");
     let headers = response.headers_mut();
     let set = |headers: &mut http::HeaderMap, name: HeaderName, value: &'static str| {
         headers.insert(name, HeaderValue::from_static(value));

@@ -8,11 +8,16 @@
 //! header bytes and count, HTTP/2 stream and reset-flood limits, and an idle timeout on
 //! the socket itself (no byte moved either way for `idle_timeout` closes it). A
 //! semaphore caps concurrent connections: at the cap, new connections wait in the
-//! kernel's backlog instead of consuming memory.
+//! kernel's backlog instead of consuming memory. One address may hold at most
+//! `max_connections_per_ip` of them (trusted proxies excepted): beyond it a new
+//! connection is closed at once, so one host cannot take every slot.
+//!
+//! Each request carries its client address as `ConnectInfo` (see `client_addr`).
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -32,6 +37,7 @@ use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tower::ServiceExt;
 
+use super::client_addr::{ForwardedBy, client_address};
 use crate::config::ServerConfig;
 
 /// hyper refuses a read buffer smaller than this.
@@ -76,6 +82,7 @@ pub(crate) async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> Drained {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let per_address = PerAddress::default();
     let graceful = GracefulShutdown::new();
     let builder = Arc::new(connection_builder(&limits));
     let acceptor = tls;
@@ -102,6 +109,19 @@ pub(crate) async fn serve(
                 }
             },
         };
+        let peer_ip = peer.ip().to_canonical();
+        let proxy = limits.trusted_proxies.iter().any(|n| n.contains(&peer_ip));
+        let held = if proxy {
+            None
+        } else {
+            match per_address.take(peer_ip, limits.max_connections_per_ip) {
+                Some(held) => Some(held),
+                None => {
+                    tracing::debug!(%peer, "connection refused: too many open from this address");
+                    continue;
+                }
+            }
+        };
         let _ = stream.set_nodelay(true);
         let connection = Connection {
             app: app.clone(),
@@ -113,6 +133,7 @@ pub(crate) async fn serve(
         let acceptor = acceptor.clone();
         tokio::spawn(async move {
             connection.run(stream, acceptor).await;
+            drop(held);
             drop(permit);
         });
     }
@@ -176,10 +197,20 @@ impl Connection {
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let peer = self.peer;
+        let trusted = Arc::new(self.limits.trusted_proxies.clone());
         let service = self
             .app
             .map_request(move |mut request: http::Request<Incoming>| {
-                request.extensions_mut().insert(ConnectInfo(peer));
+                let client = client_address(peer.ip(), request.headers(), &trusted);
+                if trusted
+                    .iter()
+                    .any(|n| n.contains(&peer.ip().to_canonical()))
+                {
+                    request.extensions_mut().insert(ForwardedBy(peer));
+                }
+                request
+                    .extensions_mut()
+                    .insert(ConnectInfo(SocketAddr::new(client, peer.port())));
                 request
             });
         let conn = self
@@ -201,6 +232,48 @@ impl Connection {
             // connection and sends nothing is bound here instead.
             () = activity.silent_for(self.limits.header_read_timeout) => {
                 tracing::debug!(%peer, "connection sent no request in time");
+            }
+        }
+    }
+}
+
+/// Open connections per address.
+#[derive(Debug, Default, Clone)]
+struct PerAddress(Arc<std::sync::Mutex<HashMap<IpAddr, usize>>>);
+
+/// One open connection of an address; gives its place back when dropped.
+struct Held {
+    table: PerAddress,
+    ip: IpAddr,
+}
+
+impl PerAddress {
+    fn table(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, usize>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A place for one more connection from `ip`, unless it holds `max` already.
+    fn take(&self, ip: IpAddr, max: usize) -> Option<Held> {
+        let mut table = self.table();
+        let open = table.entry(ip).or_insert(0);
+        if *open >= max {
+            return None;
+        }
+        *open += 1;
+        Some(Held {
+            table: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let mut table = self.table.table();
+        if let Some(open) = table.get_mut(&self.ip) {
+            *open = open.saturating_sub(1);
+            if *open == 0 {
+                table.remove(&self.ip);
             }
         }
     }

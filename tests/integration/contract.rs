@@ -1014,9 +1014,11 @@ async fn rate_limits_and_lockout_answer_as_documented() {
     app.stop().await;
     let app = helpers::spawn_app_with(&[("GATEHOUSE_RATELIMIT_PER_IP", "2/1m")]).await;
     let api = Api::new(&app);
-    expect("GET /healthz", 200, api.anyone(Method::GET, "/healthz")).await;
-    expect("GET /healthz", 200, api.anyone(Method::GET, "/healthz")).await;
+    let jwks = "GET /.well-known/jwks.json";
+    expect(jwks, 200, api.anyone(Method::GET, "/.well-known/jwks.json")).await;
+    expect(jwks, 200, api.anyone(Method::GET, "/.well-known/jwks.json")).await;
     expect("GET /v1/audit", 429, api.admin(Method::GET, "/v1/audit")).await;
+    expect("GET /healthz", 200, api.anyone(Method::GET, "/healthz")).await;
     app.stop().await;
 }
 

@@ -779,3 +779,136 @@ async fn names_with_bidirectional_controls_are_refused() {
     assert_invalid(status, &body, "rename");
     app.stop().await;
 }
+
+async fn refresh(app: &TestApp, token: &str) -> StatusCode {
+    app.client()
+        .post(app.url("/v1/token"))
+        .form(&[("grant_type", "refresh_token"), ("refresh_token", token)])
+        .send()
+        .await
+        .expect("request")
+        .status()
+}
+
+/// A device that can never refresh again says so: `needs_pairing` with the reason, in the
+/// API (one device, the list, the status filter) and in the CLI's table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_whose_family_ended_shows_needs_pairing_and_why() {
+    let app = helpers::spawn_app().await;
+    let healthy = pair_named(&app, "healthy").await;
+    let reused = pair_named(&app, "reused").await;
+    let signed_out = pair_named(&app, "signed out").await;
+    let expired = pair_named(&app, "expired").await;
+
+    // Reuse: refresh once, then present the spent token again.
+    assert_eq!(refresh(&app, &reused.refresh_token).await, StatusCode::OK);
+    assert_eq!(
+        refresh(&app, &reused.refresh_token).await,
+        StatusCode::BAD_REQUEST
+    );
+    // The app signs out: RFC 7009 revocation of its refresh token.
+    let response = app
+        .client()
+        .post(app.url("/v1/revoke"))
+        .form(&[("token", signed_out.refresh_token.as_str())])
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), StatusCode::OK);
+
+    let standing = |body: &Value| {
+        (
+            body["status"].as_str().unwrap_or("?").to_string(),
+            body["status_reason"].clone(),
+        )
+    };
+    for (device, status, reason) in [
+        (&healthy, "active", Value::Null),
+        (
+            &reused,
+            "needs_pairing",
+            Value::from("refresh_token_reused"),
+        ),
+        (&signed_out, "needs_pairing", Value::from("signed_out")),
+        (&expired, "active", Value::Null),
+    ] {
+        let (code, body) = admin_get(&app, &format!("/v1/devices/{}", device.device_id)).await;
+        assert_eq!(code, StatusCode::OK);
+        assert_eq!(standing(&body), (status.to_string(), reason), "{body}");
+    }
+    // Paired at the same instant: listed by id, so compare as sets.
+    let sorted = |mut v: Vec<String>| {
+        v.sort();
+        v
+    };
+    let needs = page(&app, "?status=needs_pairing").await;
+    assert_eq!(
+        sorted(ids(&needs)),
+        sorted(vec![reused.device_id.clone(), signed_out.device_id.clone()])
+    );
+    let active = page(&app, "?status=active").await;
+    assert_eq!(
+        sorted(ids(&active)),
+        sorted(vec![healthy.device_id.clone(), expired.device_id.clone()])
+    );
+
+    // Past the refresh lifetime (30 days by default) no family is usable.
+    app.clock.advance_ms(31 * 24 * 3600 * 1000);
+    let (_, body) = admin_get(&app, &format!("/v1/devices/{}", expired.device_id)).await;
+    assert_eq!(
+        standing(&body),
+        ("needs_pairing".to_string(), Value::from("refresh_expired"))
+    );
+    app.stop().await;
+}
+
+/// Listening on every address with no issuer set, the default issuer names `0.0.0.0`:
+/// no pairing URI is made (409, nothing stored), and the status warnings say what to set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_pairing_uri_names_the_any_address() {
+    let port = helpers::free_port();
+    let listen = format!("0.0.0.0:{port}");
+    let app = helpers::spawn_app_with(&[("GATEHOUSE_LISTEN", listen.as_str())]).await;
+    let url = |path: &str| format!("https://127.0.0.1:{port}{path}");
+    let response = app
+        .client()
+        .post(url("/v1/pairing/sessions"))
+        .bearer_auth(app.admin_token())
+        .json(&json!({"name": "phone"}))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), StatusCode::CONFLICT);
+    let body: Value = response.json().await.expect("json");
+    assert_eq!(body["error"], "server_unreachable", "{body}");
+    let message = body["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("0.0.0.0") && message.contains("GATEHOUSE_ISSUER"),
+        "{message}"
+    );
+    let sessions = app
+        .running
+        .store
+        .read(|tx| tx.all(&gatehouse::store::PAIRING_SESSIONS))
+        .expect("read");
+    assert!(sessions.is_empty(), "nothing was stored");
+    let status: Value = app
+        .client()
+        .get(url("/v1/status"))
+        .bearer_auth(app.admin_token())
+        .send()
+        .await
+        .expect("request")
+        .json()
+        .await
+        .expect("json");
+    assert!(
+        status["warnings"]
+            .as_array()
+            .expect("warnings")
+            .iter()
+            .any(|w| w["code"] == "pairing_uri_unreachable"),
+        "{status}"
+    );
+    app.stop().await;
+}

@@ -409,17 +409,6 @@ fn open_migrated(format: u32, dir: &Path) -> Store {
     store
 }
 
-/// A new admin token of a server started on a fixture (which has no bootstrap token).
-async fn new_admin_token(app: &helpers::TestApp) -> String {
-    app.running
-        .services
-        .admin_tokens
-        .create("test", &gatehouse::audit::Origin::operator())
-        .await
-        .unwrap()
-        .token
-}
-
 #[test]
 fn format_v3_fixture_opens_at_the_current_format() {
     let dir = tempfile::tempdir().unwrap();
@@ -452,7 +441,7 @@ async fn a_server_on_the_format_v3_fixture_keeps_its_keys_devices_tokens_and_cli
         app.running.bootstrap_token.is_none(),
         "the fixture has an admin token"
     );
-    let admin = new_admin_token(&app).await;
+    let admin = app.create_admin_token().await;
     let client = app.client();
 
     // The stored ring is used as it is: no new keys at start.
@@ -695,7 +684,7 @@ async fn a_migrated_format_v6_fixture_lists_its_device_and_revokes_its_family() 
     let dir = tempfile::tempdir().unwrap();
     fixture_copy_of(6, dir.path());
     let app = helpers::spawn_app_in(dir, &[]).await;
-    let admin = new_admin_token(&app).await;
+    let admin = app.create_admin_token().await;
     let listed: serde_json::Value = app
         .client()
         .get(app.url("/v1/devices"))

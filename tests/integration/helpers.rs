@@ -61,12 +61,17 @@ impl TestApp {
         format!("{}{path}", self.base_url)
     }
 
-    /// Opens a pairing session over HTTP as the admin: `(session_id, secret)`.
+    /// Opens a pairing session over HTTP as the bootstrap admin: `(session_id, secret)`.
     pub async fn open_pairing_session(&self) -> (String, String) {
+        self.open_pairing_session_as(&self.admin_token()).await
+    }
+
+    /// Opens a pairing session over HTTP with the admin token `admin`.
+    pub async fn open_pairing_session_as(&self, admin: &str) -> (String, String) {
         let response = self
             .client()
             .post(self.url("/v1/pairing/sessions"))
-            .bearer_auth(self.admin_token())
+            .bearer_auth(admin)
             .json(&serde_json::json!({"name": "test phone"}))
             .send()
             .await
@@ -81,7 +86,12 @@ impl TestApp {
 
     /// Pairs a new device over HTTP: the answer of `/v1/pair`.
     pub async fn pair_device(&self) -> PairedDevice {
-        let (session_id, secret) = self.open_pairing_session().await;
+        self.pair_device_as(&self.admin_token()).await
+    }
+
+    /// Pairs a new device, its session opened with the admin token `admin`.
+    pub async fn pair_device_as(&self, admin: &str) -> PairedDevice {
+        let (session_id, secret) = self.open_pairing_session_as(admin).await;
         let response = self
             .client()
             .post(self.url("/v1/pair"))
@@ -97,12 +107,42 @@ impl TestApp {
         response.json().await.expect("token pair")
     }
 
-    /// `/v1/introspect` as the admin: the JSON answer.
+    /// The audit records of one type, oldest first (at most 100).
+    pub fn audit_events(&self, kind: &str) -> Vec<gatehouse::audit::EventView> {
+        self.running
+            .services
+            .audit
+            .query(&gatehouse::audit::Query {
+                kind: Some(kind.into()),
+                limit: 100,
+                ..Default::default()
+            })
+            .expect("audit query")
+            .events
+    }
+
+    /// A new admin token, for a server that has no bootstrap token (a restart, a fixture).
+    pub async fn create_admin_token(&self) -> String {
+        self.running
+            .services
+            .admin_tokens
+            .create("test", &gatehouse::audit::Origin::operator())
+            .await
+            .expect("admin token")
+            .token
+    }
+
+    /// `/v1/introspect` as the bootstrap admin: the JSON answer.
     pub async fn introspect(&self, token: &str) -> serde_json::Value {
+        self.introspect_as(&self.admin_token(), token).await
+    }
+
+    /// `/v1/introspect` with the admin token `admin`: the JSON answer.
+    pub async fn introspect_as(&self, admin: &str, token: &str) -> serde_json::Value {
         let response = self
             .client()
             .post(self.url("/v1/introspect"))
-            .bearer_auth(self.admin_token())
+            .bearer_auth(admin)
             .form(&[("token", token)])
             .send()
             .await

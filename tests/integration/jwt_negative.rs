@@ -100,13 +100,16 @@ fn malformed(why: Malformed) -> Rejection {
 }
 
 /// A server that neither bans nor throttles the suite's hundreds of refused admin
-/// credentials (each crafted token is also presented as a Bearer admin token).
+/// credentials (each crafted token is also presented as a Bearer admin token), with one
+/// paired device whose family crafted tokens name (see `valid_claims`).
 async fn spawn_app() -> TestApp {
-    helpers::spawn_app_with(&[
+    let app = helpers::spawn_app_with(&[
         ("GATEHOUSE_LOCKOUT_MAX_FAILURES", "10000"),
         ("GATEHOUSE_RATELIMIT_ADMIN_LOGIN", "off"),
     ])
-    .await
+    .await;
+    app.pair_device().await;
+    app
 }
 
 /// Runs every case against `app` and fails once, listing each case that misbehaved.
@@ -266,19 +269,30 @@ fn decode_json(segment: &str) -> Map<String, Value> {
     }
 }
 
-/// Claims the app would accept right now (its fixed clock), for a new device and family.
+/// Claims the app would accept right now (its fixed clock), naming the first paired
+/// device's family (a token is valid only for a family in the data file): pair a device
+/// first.
 fn valid_claims(app: &TestApp) -> AccessClaims {
     let settings = app.running.services.tokens.settings();
     let now_s = app.clock.now_ms() / 1000;
+    let families = app
+        .running
+        .store
+        .read(|tx| tx.all(&gatehouse::store::TOKEN_FAMILIES))
+        .unwrap();
+    let (family, row) = families
+        .into_iter()
+        .next()
+        .expect("valid claims name a paired device's family: pair one first");
     AccessClaims {
         iss: settings.issuer.clone(),
         aud: settings.audience.clone(),
-        sub: DeviceId::generate().unwrap(),
+        sub: DeviceId::parse(&row.device_id).unwrap(),
         exp: now_s + settings.access_ttl.as_secs(),
         nbf: now_s,
         iat: now_s,
         jti: TokenId::generate().unwrap(),
-        sid: FamilyId::generate().unwrap(),
+        sid: FamilyId::parse(&family).unwrap(),
         scope: None,
     }
 }
@@ -338,6 +352,14 @@ struct Kit {
 
 impl Kit {
     async fn new(app: &TestApp) -> Self {
+        let families = app
+            .running
+            .store
+            .read(|tx| tx.all(&gatehouse::store::TOKEN_FAMILIES))
+            .unwrap();
+        if families.is_empty() {
+            app.pair_device().await;
+        }
         let kid = kid_in_state(app, KeyState::Active);
         let jwk = published(&jwks(app).await, &kid).expect("the active key is in the JWKS");
         let rng = ring::rand::SystemRandom::new();
@@ -657,6 +679,11 @@ async fn claims_outside_policy_are_refused() {
     };
     let mut cases = Cases::default();
 
+    cases.push(
+        "family_not_in_the_data_file",
+        signed(&|c| c.sid = FamilyId::generate().unwrap()),
+        Rejection::UnknownFamily,
+    );
     cases.push(
         "expired_beyond_leeway",
         signed(&|c| {

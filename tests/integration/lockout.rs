@@ -78,8 +78,21 @@ async fn admin_get(app: &TestApp, token: &str) -> Response {
 
 const WRONG_ADMIN: &str = "gha_0123456789abcdef_not-the-secret";
 
-async fn healthz(app: &TestApp) -> Response {
-    app.client().get(app.url("/healthz")).send().await.unwrap()
+/// A public route every address may call: refused while the address is banned.
+async fn jwks(app: &TestApp) -> Response {
+    app.client()
+        .get(app.url("/.well-known/jwks.json"))
+        .send()
+        .await
+        .unwrap()
+}
+
+/// The health probes, which answer banned and throttled addresses alike.
+async fn assert_probes_answer(app: &TestApp) {
+    for probe in ["/healthz", "/readyz"] {
+        let response = app.client().get(app.url(probe)).send().await.unwrap();
+        assert_eq!(response.status(), 200, "{probe}");
+    }
 }
 
 /// A 429 `banned` with `Retry-After: retry`.
@@ -144,11 +157,7 @@ async fn earn_a_ban(app: &TestApp) {
     assert_eq!(wrong_pairing(app).await.status(), 401);
     assert_eq!(wrong_pairing(app).await.status(), 401);
     assert_eq!(admin_get(app, WRONG_ADMIN).await.status(), 401);
-    assert_eq!(
-        healthz(app).await.status(),
-        200,
-        "three failures are allowed"
-    );
+    assert_eq!(jwks(app).await.status(), 200, "three failures are allowed");
     assert_eq!(admin_get(app, WRONG_ADMIN).await.status(), 401);
 }
 
@@ -164,9 +173,10 @@ async fn a_ban_survives_a_restart_and_lifting_it_over_http_is_audited() {
     let admin_id = app.running.bootstrap_token.as_ref().unwrap().id.clone();
     earn_a_ban(&app).await;
 
-    assert_banned(healthz(&app).await, 900).await;
-    // Every request, a correct admin token included.
+    assert_banned(jwks(&app).await, 900).await;
+    // Every request, a correct admin token included; only the health probes answer.
     assert_banned(admin_get(&app, &admin).await, 900).await;
+    assert_probes_answer(&app).await;
     assert_eq!(
         app.running
             .services
@@ -228,7 +238,7 @@ async fn a_ban_survives_a_restart_and_lifting_it_over_http_is_audited() {
     // A restart on the same data file (same fixed time): still banned.
     let dir = app.stop().await;
     let app = helpers::spawn_app_in(dir, THREE_FAILURES).await;
-    assert_banned(healthz(&app).await, 900).await;
+    assert_banned(jwks(&app).await, 900).await;
     let listed = list_bans(&app, &admin).await;
     assert_eq!(
         listed,
@@ -243,7 +253,7 @@ async fn a_ban_survives_a_restart_and_lifting_it_over_http_is_audited() {
         }]
     );
     app.clock.advance_ms(5 * MINUTE_MS);
-    assert_banned(healthz(&app).await, 600).await;
+    assert_banned(jwks(&app).await, 600).await;
 
     // Lifting: a bad key, an unknown one, no admin token.
     let (status, body) = lift_over_http(&app, Some(&admin), "nonsense").await;
@@ -262,7 +272,7 @@ async fn a_ban_survives_a_restart_and_lifting_it_over_http_is_audited() {
     );
     let (status, _) = lift_over_http(&app, None, "ip%3A127.0.0.1").await;
     assert_eq!(status, 401);
-    assert_banned(healthz(&app).await, 600).await;
+    assert_banned(jwks(&app).await, 600).await;
 
     let (status, body) = lift_over_http(&app, Some(&admin), "ip%3A127.0.0.1").await;
     assert_eq!(status, 200, "{body}");
@@ -279,7 +289,7 @@ async fn a_ban_survives_a_restart_and_lifting_it_over_http_is_audited() {
             active: false,
         }
     );
-    assert_eq!(healthz(&app).await.status(), 200, "lifted at once");
+    assert_eq!(jwks(&app).await.status(), 200, "lifted at once");
     assert_eq!(admin_get(&app, &admin).await.status(), 200);
     let lifts = events(&app, Some("ban.lifted"));
     assert_eq!(lifts.len(), 1, "{lifts:?}");
@@ -307,16 +317,16 @@ async fn a_second_ban_while_the_first_is_remembered_lasts_twice_as_long() {
     let app = helpers::spawn_app_with(THREE_FAILURES).await;
     let admin = app.admin_token();
     earn_a_ban(&app).await;
-    assert_banned(healthz(&app).await, 900).await;
+    assert_banned(jwks(&app).await, 900).await;
 
     // The first ban runs out by itself; the failure window has refilled too.
     app.clock.advance_ms(15 * MINUTE_MS - 1_000);
-    assert_banned(healthz(&app).await, 1).await;
+    assert_banned(jwks(&app).await, 1).await;
     app.clock.advance_ms(1_000);
-    assert_eq!(healthz(&app).await.status(), 200, "the first ban is over");
+    assert_eq!(jwks(&app).await.status(), 200, "the first ban is over");
 
     earn_a_ban(&app).await;
-    assert_banned(healthz(&app).await, 1800).await;
+    assert_banned(jwks(&app).await, 1800).await;
     let bans = list_bans(&app, &admin).await;
     assert_eq!(bans.len(), 1);
     assert_eq!(
@@ -333,9 +343,9 @@ async fn a_second_ban_while_the_first_is_remembered_lasts_twice_as_long() {
     assert_eq!(created[1].details["until"], "2026-11-23T00:45:00Z");
 
     app.clock.advance_ms(30 * MINUTE_MS - 1_000);
-    assert_banned(healthz(&app).await, 1).await;
+    assert_banned(jwks(&app).await, 1).await;
     app.clock.advance_ms(1_000);
-    assert_eq!(healthz(&app).await.status(), 200, "the second ban is over");
+    assert_eq!(jwks(&app).await.status(), 200, "the second ban is over");
 
     // A ban is remembered until lockout.max_ban (24 h) after it ended; after that the
     // next one starts from the beginning again, and pruning forgets the old one.
@@ -343,7 +353,7 @@ async fn a_second_ban_while_the_first_is_remembered_lasts_twice_as_long() {
     assert_eq!(app.running.services.lockout.prune().await.unwrap(), 1);
     assert_eq!(list_bans(&app, &admin).await, []);
     earn_a_ban(&app).await;
-    assert_banned(healthz(&app).await, 900).await;
+    assert_banned(jwks(&app).await, 900).await;
     assert_eq!(list_bans(&app, &admin).await[0].offences, 1);
     app.stop().await;
 }
@@ -363,7 +373,7 @@ async fn ban_length_doubles_up_to_max_ban() {
             401,
             "the ban's own failure"
         );
-        assert_banned(healthz(&app).await, seconds).await;
+        assert_banned(jwks(&app).await, seconds).await;
         let bans = app.running.services.lockout.list();
         assert_eq!(bans.len(), 1);
         assert_eq!(
@@ -372,7 +382,7 @@ async fn ban_length_doubles_up_to_max_ban() {
             "{bans:?}"
         );
         app.clock.advance_ms(seconds * 1_000);
-        assert_eq!(healthz(&app).await.status(), 200);
+        assert_eq!(jwks(&app).await.status(), 200);
     }
     app.stop().await;
 }
@@ -410,7 +420,7 @@ async fn bans_list_and_lift_through_the_cli_reach_the_running_server() {
             .unwrap();
         assert_eq!(response.status(), 401);
     }
-    assert_banned(healthz(&app).await, 900).await;
+    assert_banned(jwks(&app).await, 900).await;
     let failed = events(&app, Some("login.failed"));
     assert_eq!(failed.len(), 2);
     assert!(
@@ -460,12 +470,12 @@ async fn bans_list_and_lift_through_the_cli_reach_the_running_server() {
         "{}",
         bad.stderr
     );
-    assert_banned(healthz(&app).await, 900).await;
+    assert_banned(jwks(&app).await, 900).await;
 
     let done = run_cli_ok(&data, &["bans", "lift", "ip:127.0.0.1"]).await;
     assert_eq!(done.stdout, "lifted the ban on ip:127.0.0.1\n");
     assert_eq!(
-        healthz(&app).await.status(),
+        jwks(&app).await.status(),
         200,
         "the server saw the lift at once"
     );
@@ -498,7 +508,7 @@ async fn bans_list_and_lift_through_the_cli_reach_the_running_server() {
     app.clock.advance_ms(10 * MINUTE_MS);
     assert_eq!(wrong_pairing(&app).await.status(), 401);
     assert_eq!(wrong_pairing(&app).await.status(), 401);
-    assert_banned(healthz(&app).await, 1800).await;
+    assert_banned(jwks(&app).await, 1800).await;
     assert_eq!(app.running.services.lockout.list()[0].offences, 2);
     app.stop().await;
 }
@@ -608,7 +618,7 @@ async fn the_admin_login_budget_refuses_even_a_correct_token_once_spent() {
         .unwrap();
     assert_eq!(other.status(), 200);
     // Routes without an admin token are not affected either.
-    assert_eq!(healthz(&app).await.status(), 200);
+    assert_eq!(jwks(&app).await.status(), 200);
 
     app.clock.advance_ms(retry * 1_000);
     assert_eq!(admin_get(&app, &admin).await.status(), 200);
@@ -619,26 +629,24 @@ async fn the_admin_login_budget_refuses_even_a_correct_token_once_spent() {
 async fn the_per_ip_budget_covers_every_request() {
     let app = helpers::spawn_app_with(&[("GATEHOUSE_RATELIMIT_PER_IP", "3/1m")]).await;
     for _ in 0..3 {
-        assert_eq!(healthz(&app).await.status(), 200);
+        assert_eq!(jwks(&app).await.status(), 200);
     }
-    assert_eq!(
-        assert_limited(healthz(&app).await, "per_ip", 3, 60).await,
-        20
-    );
+    assert_eq!(assert_limited(jwks(&app).await, "per_ip", 3, 60).await, 20);
     assert_limited(wrong_pairing(&app).await, "per_ip", 3, 60).await;
     assert_limited(admin_get(&app, &app.admin_token()).await, "per_ip", 3, 60).await;
     assert!(
         events(&app, Some("pairing.failed")).is_empty(),
         "refused before routing"
     );
+    assert_probes_answer(&app).await;
     let other = client_from(&app, OTHER)
-        .get(app.url("/healthz"))
+        .get(app.url("/.well-known/jwks.json"))
         .send()
         .await
         .unwrap();
     assert_eq!(other.status(), 200, "another address");
     app.clock.advance_ms(20_000);
-    assert_eq!(healthz(&app).await.status(), 200);
+    assert_eq!(jwks(&app).await.status(), 200);
     app.stop().await;
 }
 
@@ -912,7 +920,7 @@ async fn a_failure_during_an_active_ban_does_not_escalate_it() {
     let mut ws = ws_connect(&app).await;
     assert_eq!(wrong_pairing(&app).await.status(), 401);
     assert_eq!(wrong_pairing(&app).await.status(), 401);
-    assert_banned(healthz(&app).await, 900).await;
+    assert_banned(jwks(&app).await, 900).await;
 
     let guess = json!({
         "type": "pair",

@@ -26,6 +26,7 @@ mod interop;
 mod jwt_negative;
 mod layers;
 mod lockout;
+mod proxy;
 mod ratelimit;
 mod restore;
 mod schedule;

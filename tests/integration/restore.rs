@@ -357,3 +357,64 @@ async fn backup_and_restore_through_the_cli() {
     assert!(events.contains("backup.restored"), "{events}");
     assert!(!events.contains("backup.created"), "{events}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_restore_a_token_whose_family_is_not_in_the_file_is_inactive() {
+    let listen = format!("127.0.0.1:{}", helpers::free_port());
+    let env = [("GATEHOUSE_LISTEN", listen.as_str())];
+    let app = helpers::spawn_app_with(&env).await;
+    let kept = app.pair_device().await;
+    let backups = tempfile::tempdir().unwrap();
+    let file = backups.path().join("before.redb");
+    app.running
+        .services
+        .backups
+        .create(&file, &Origin::operator(), Box::new(|_, _| {}))
+        .await
+        .unwrap();
+    // Paired after the backup: the restored file knows neither its device nor its family.
+    let lost = app.pair_device().await;
+    assert_eq!(app.introspect(&lost.access_token).await["active"], true);
+    let dir = app.stop().await;
+    let data = dir.path().join("gatehouse.redb");
+    let clock = FixedClock::new(TEST_NOW_MS);
+    backup::restore(
+        &data,
+        &key_of(dir.path()),
+        &file,
+        None,
+        &clock,
+        &mut |_, _| {},
+    )
+    .unwrap();
+
+    let app = helpers::spawn_app_in(dir, &env).await;
+    let admin = app.create_admin_token().await;
+    assert_eq!(
+        app.introspect_as(&admin, &lost.access_token).await,
+        serde_json::json!({"active": false}),
+        "a family missing from the restored file makes its access tokens inactive"
+    );
+    assert_eq!(
+        app.introspect_as(&admin, &kept.access_token).await["active"],
+        true
+    );
+    let refreshed = app
+        .client()
+        .post(app.url("/v1/token"))
+        .form(&[
+            ("grant_type", "refresh_token"),
+            ("refresh_token", lost.refresh_token.as_str()),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refreshed.status(), 400, "its refresh token is unknown too");
+    // A device paired after the restore is known at once.
+    let fresh = app.pair_device_as(&admin).await;
+    assert_eq!(
+        app.introspect_as(&admin, &fresh.access_token).await["active"],
+        true
+    );
+    app.stop().await;
+}

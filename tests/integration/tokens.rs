@@ -1781,3 +1781,64 @@ async fn revoking_a_device_does_not_count_a_family_already_journaled() {
     assert_eq!(events[0]["details"]["families_revoked"], 0, "{page}");
     app.stop().await;
 }
+
+/// The claims of an access token, read without verifying it.
+fn claims_of(token: &str) -> Value {
+    let payload = token.split('.').nth(1).expect("payload");
+    let bytes = data_encoding::BASE64URL_NOPAD
+        .decode(payload.as_bytes())
+        .expect("base64url");
+    serde_json::from_slice(&bytes).expect("json")
+}
+
+/// Moving a server to another port changes its default issuer: the change is recorded in
+/// the data file, announced and audited; the app's refresh token keeps working, and its
+/// access token issued before the move stays valid until it expires.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn moving_to_another_port_strands_no_device() {
+    let first = format!("127.0.0.1:{}", helpers::free_port());
+    let app = helpers::spawn_app_with(&[("GATEHOUSE_LISTEN", first.as_str())]).await;
+    assert_eq!(
+        app.running.issuer_changed_from, None,
+        "a new file has no past"
+    );
+    let device = app.pair_device().await;
+    let old_issuer = format!("https://{first}");
+    assert_eq!(claims_of(&device.access_token)["iss"], old_issuer.as_str());
+    let dir = app.stop().await;
+
+    let second = format!("127.0.0.1:{}", helpers::free_port());
+    let app = helpers::spawn_app_in(dir, &[("GATEHOUSE_LISTEN", second.as_str())]).await;
+    let new_issuer = format!("https://{second}");
+    assert_eq!(
+        app.running.issuer_changed_from.as_deref(),
+        Some(old_issuer.as_str())
+    );
+    let admin = app.create_admin_token().await;
+    let old = app.introspect_as(&admin, &device.access_token).await;
+    assert_eq!(old["active"], true, "issued before the move: {old}");
+    let response = refresh(&app, &device.refresh_token).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let pair: Value = response.json().await.unwrap();
+    let fresh = pair["access_token"].as_str().unwrap();
+    assert_eq!(claims_of(fresh)["iss"], new_issuer.as_str());
+    assert_eq!(claims_of(fresh)["aud"], new_issuer.as_str());
+    assert_eq!(app.introspect_as(&admin, fresh).await["active"], true);
+    let changed = app.audit_events("tokens.issuer_changed");
+    assert_eq!(changed.len(), 1);
+    assert_eq!(changed[0].details["from"], old_issuer.as_str());
+    assert_eq!(changed[0].details["to"], new_issuer.as_str());
+
+    // Once the old token's life is over, only the new issuer is accepted.
+    app.clock.advance_ms(20 * 60 * 1000);
+    assert_eq!(
+        app.introspect_as(&admin, &device.access_token).await["active"],
+        false
+    );
+    let dir = app.stop().await;
+
+    // The same address again: nothing changed, nothing announced.
+    let app = helpers::spawn_app_in(dir, &[("GATEHOUSE_LISTEN", second.as_str())]).await;
+    assert_eq!(app.running.issuer_changed_from, None);
+    app.stop().await;
+}

@@ -20,6 +20,9 @@ pub(crate) const META_INSTANCE_ID: &str = "instance_id";
 pub(crate) const META_CREATED_AT: &str = "created_at_ms";
 /// A constant sealed under the master key: opens only with the right key.
 pub(crate) const META_MASTER_KEY_CHECK: &str = "master_key_check";
+/// The issuer the server last signed tokens as (postcard string). Optional: absent until
+/// a server first starts on the file; older builds ignore it, so it needs no new format.
+pub(crate) const META_ISSUER: &str = "issuer";
 
 /// Every sealed secret of the instance, keyed by a namespaced name (`"tls/self-signed"`).
 /// Values are sealed (AAD = table name + key). Keeping every sealed value in this one

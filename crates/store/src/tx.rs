@@ -447,6 +447,15 @@ impl ReadTx<'_> {
 }
 
 impl WriteTx<'_> {
+    /// Records the issuer tokens are now signed as (`meta.issuer`).
+    pub fn set_issuer(&self, issuer: &str) -> Result<(), StoreError> {
+        let bytes = super::records::encode(&issuer);
+        self.tx
+            .open_table(tables::META)?
+            .insert(tables::META_ISSUER, bytes.as_slice())?;
+        Ok(())
+    }
+
     fn table(&self, def: Def) -> Result<redb::Table<'_, &'static str, &'static [u8]>, StoreError> {
         Ok(self.tx.open_table(def)?)
     }
@@ -693,6 +702,20 @@ impl<'a> WriteTx<'a> {
 }
 
 impl ReadTx<'_> {
+    /// The issuer the server last announced (`meta.issuer`), if a server ever started.
+    pub fn issuer(&self) -> Result<Option<String>, StoreError> {
+        let meta = self.tx.open_table(tables::META)?;
+        let Some(bytes) = meta.get(tables::META_ISSUER)? else {
+            return Ok(None);
+        };
+        let issuer = super::records::decode(bytes.value()).map_err(|err| StoreError::Decode {
+            table: "meta",
+            key: tables::META_ISSUER.into(),
+            reason: err.to_string(),
+        })?;
+        Ok(Some(issuer))
+    }
+
     /// Up to `limit` entries after `after` that pass `filter`, looking at no more than
     /// `scan` rows; the caller continues from `next`.
     pub fn audit_page(
