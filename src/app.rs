@@ -8,7 +8,7 @@
 //! closes, the writer commits what is queued and the file is released.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use tokio::sync::watch;
@@ -18,7 +18,7 @@ use crate::admin_socket::{AdminSocket, SocketError};
 use crate::admin_tokens::{AdminTokenError, IssuedToken};
 use crate::audit::{Event, Origin, Severity};
 use crate::clock::{Clock, SharedClock};
-use crate::config::{Config, KeyOrigin, MasterKeySource, TlsMode};
+use crate::config::{Config, KeyOrigin, Layer, TlsMode};
 use crate::http::{self, AppState};
 use crate::pairing::ServerIdentity;
 use crate::schedule::Background;
@@ -44,9 +44,18 @@ pub enum AppError {
     },
     #[error(
         "the master key file {key} is missing but the data file {data} exists: a new key \
-         cannot open it. Restore the key file, or point GATEHOUSE_MASTER_KEY_FILE at it"
+         cannot open it. Restore the key file, or {hint}"
     )]
-    KeyMissingForExistingData { key: PathBuf, data: PathBuf },
+    KeyMissingForExistingData {
+        key: PathBuf,
+        data: PathBuf,
+        hint: String,
+    },
+    #[error(
+        "{source}. Use the key this file was created with (after an interrupted rekey, the \
+         file given to --new-key-file): {hint}"
+    )]
+    WrongMasterKey { source: StoreError, hint: String },
     #[error("no data file at {0}: start the server once (gatehouse serve), or pass --data")]
     NoDataFile(PathBuf),
     #[error(transparent)]
@@ -67,11 +76,31 @@ pub enum AppError {
     Task(#[from] tokio::task::JoinError),
 }
 
+/// How to give gatehouse another master key, said in the terms the operator used.
+fn key_hint(config: &Config) -> String {
+    match config.origin_of("master_key_file") {
+        Layer::Flag(flag) => format!("pass the right file to {flag}"),
+        Layer::Env(var) => format!("point {var} at the right file"),
+        Layer::File(file) => format!("point master_key_file in {} at the right file", file.display()),
+        Layer::Default => match config.master_key.origin {
+            KeyOrigin::SystemdCredential => format!(
+                "replace the systemd credential it was read from ({}), or pass \
+                 --master-key-file",
+                config.master_key.path.display()
+            ),
+            KeyOrigin::Configured | KeyOrigin::BesideDataFile => format!(
+                "it was read from {} (beside the data file); pass --master-key-file or set \
+                 GATEHOUSE_MASTER_KEY_FILE",
+                config.master_key.path.display()
+            ),
+        },
+    }
+}
+
 /// Loads the master key; creates `<data>.key` only for a brand-new instance.
-pub(crate) fn load_master_key(
-    source: &MasterKeySource,
-    data: &Path,
-) -> Result<MasterKey, AppError> {
+pub(crate) fn load_master_key(config: &Config) -> Result<MasterKey, AppError> {
+    let source = &config.master_key;
+    let data = config.data_path.as_path();
     match MasterKey::load(&source.path) {
         Ok(key) => Ok(key),
         Err(SealError::KeyFileMissing { .. }) if source.origin == KeyOrigin::BesideDataFile => {
@@ -79,6 +108,7 @@ pub(crate) fn load_master_key(
                 return Err(AppError::KeyMissingForExistingData {
                     key: source.path.clone(),
                     data: data.to_path_buf(),
+                    hint: key_hint(config),
                 });
             }
             let key = MasterKey::create_file(&source.path)?;
@@ -106,7 +136,7 @@ async fn open_store_with_report(
     config: &Config,
     clock: SharedClock,
 ) -> Result<(Store, OpenReport), AppError> {
-    let key = load_master_key(&config.master_key, &config.data_path)?;
+    let key = load_master_key(config)?;
     if config.master_key.origin == KeyOrigin::BesideDataFile {
         tracing::warn!(
             key_file = %config.master_key.path.display(),
@@ -114,8 +144,15 @@ async fn open_store_with_report(
         );
     }
     let path = config.data_path.clone();
-    let (store, report) =
-        tokio::task::spawn_blocking(move || Store::open(&path, &key, clock.as_ref())).await??;
+    let opened =
+        tokio::task::spawn_blocking(move || Store::open(&path, &key, clock.as_ref())).await?;
+    let (store, report) = opened.map_err(|err| match err {
+        StoreError::WrongMasterKey { .. } => AppError::WrongMasterKey {
+            source: err,
+            hint: key_hint(config),
+        },
+        other => AppError::Store(other),
+    })?;
     log_open_report(&store, &report);
     Ok((store, report))
 }

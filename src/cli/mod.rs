@@ -18,7 +18,7 @@ use clap::{Parser, Subcommand};
 
 use crate::admin_socket::{self, Reply};
 use crate::clock::{SharedClock, SystemClock, format_rfc3339};
-use crate::config::{Config, Env, Flags};
+use crate::config::{Config, Env, Flags, Layer};
 use crate::manage::{self, Command, KeyText, Outcome};
 use crate::pairing::ServerIdentity;
 use crate::services::Services;
@@ -367,7 +367,12 @@ pub fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    crate::telemetry::init(config.log_format, &config.log_filter);
+    // A command other than `serve` speaks through its output and its errors; its log
+    // lines (a repair, a key beside the file) are for whoever asks for them with
+    // `log.level` (GATEHOUSE_LOG).
+    let quiet = serve.is_none() && matches!(config.origin_of("log.level"), Layer::Default);
+    let filter = if quiet { "off" } else { config.log_filter.as_str() };
+    crate::telemetry::init(config.log_format, filter);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -381,10 +386,25 @@ pub fn main() -> ExitCode {
     match runtime.block_on(run(cli.command, config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("gatehouse: {err:#}");
+            eprintln!("gatehouse: {}", describe(&err));
             exit_code(&err)
         }
     }
+}
+
+/// The error and its causes, each said once: many of our errors already name their
+/// cause in their own text (`cannot create FILE: Permission denied`), and repeating the
+/// chain after it would print the operating system's words twice.
+fn describe(err: &anyhow::Error) -> String {
+    let mut text = err.to_string();
+    for cause in err.chain().skip(1) {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+    }
+    text
 }
 
 /// 2 for a usage error (what the command was given is refused as invalid, as clap and the
@@ -888,6 +908,28 @@ fn config_check(config: &Config, json: bool) {
     }
     if !json {
         eprintln!("configuration is valid");
+    }
+}
+
+#[cfg(test)]
+mod describe_tests {
+    use super::describe;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("cannot create {path}: {source}")]
+    struct Named {
+        path: &'static str,
+        source: std::io::Error,
+    }
+
+    #[test]
+    fn a_cause_already_in_the_message_is_not_repeated() {
+        let io = std::io::Error::from_raw_os_error(13);
+        let err = anyhow::Error::new(Named { path: "/x", source: io });
+        let text = describe(&err);
+        assert_eq!(text.matches("os error 13").count(), 1, "{text}");
+        let chained = anyhow::anyhow!("inner cause").context("outer step");
+        assert_eq!(describe(&chained), "outer step: inner cause");
     }
 }
 

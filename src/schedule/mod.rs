@@ -287,7 +287,7 @@ impl Scheduler {
                 state.last_success_ms = Some(finished_ms);
                 state.failures = 0;
                 state.next_run_ms = scheduled_next;
-                tracing::info!(job = %job, duration_ms, details = ?report.details, "job ran");
+                tracing::info!(job = %job, duration_ms, details = %details_text(&report.details), "job ran");
                 (report.changed || job.always_audited()).then(|| {
                     let mut event = Event::new("job.succeeded")
                         .detail("job", job.as_str())
@@ -426,10 +426,27 @@ impl Scheduler {
     }
 }
 
+/// A job's details as JSON text for the log (`{"removed":0}`), never Rust debug text.
+fn details_text(details: &serde_json::Map<String, serde_json::Value>) -> String {
+    serde_json::to_string(details).unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
+
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn job_details_are_logged_as_json() {
+        let mut details = serde_json::Map::new();
+        details.insert("removed".into(), 0.into());
+        details.insert("file".into(), "b.redb".into());
+        assert_eq!(
+            super::details_text(&details),
+            r#"{"file":"b.redb","removed":0}"#
+        );
+    }
 
     const HOUR: u64 = 3_600_000;
 

@@ -734,6 +734,60 @@ fn wrong_master_key_is_refused_and_the_data_file_is_untouched() {
     );
 }
 
+/// Error text says each thing once and in the operator's own terms: the wrong-key hint
+/// names the flag or the variable that was used; an operating-system error is not
+/// repeated; a command other than `serve` prints no log line unless asked.
+#[test]
+fn error_text_names_what_was_used_says_things_once_and_logs_nothing_unasked() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = create_instance(dir.path());
+    let other = dir.path().join("other.key");
+    MasterKey::generate().unwrap().write_new_file(&other).unwrap();
+
+    let mut by_flag = gatehouse(&data);
+    by_flag.arg("--master-key-file").arg(&other).args(["devices", "list"]);
+    let done = run(by_flag);
+    assert_eq!(done.status.code(), Some(1), "{done:?}");
+    assert!(done.stderr.contains("does not open"), "{}", done.stderr);
+    assert!(done.stderr.contains("--master-key-file"), "{}", done.stderr);
+    assert!(!done.stderr.contains("GATEHOUSE_MASTER_KEY_FILE"), "{}", done.stderr);
+
+    let mut by_env = gatehouse(&data);
+    by_env
+        .env("GATEHOUSE_MASTER_KEY_FILE", &other)
+        .args(["devices", "list"]);
+    let done = run(by_env);
+    assert!(done.stderr.contains("point GATEHOUSE_MASTER_KEY_FILE"), "{}", done.stderr);
+
+    // An offline command on a file that needs attention: only its own answer.
+    let done = run({
+        let mut cmd = gatehouse(&data);
+        cmd.args(["devices", "list"]);
+        cmd
+    });
+    assert!(done.status.success(), "{done:?}");
+    for level in ["INFO", "WARN", "info ", "warn "] {
+        assert!(!done.stderr.contains(level), "a log line: {}", done.stderr);
+    }
+    let done = run({
+        let mut cmd = gatehouse(&data);
+        cmd.env("GATEHOUSE_LOG", "info").args(["devices", "list"]);
+        cmd
+    });
+    assert!(done.stderr.contains("master key"), "asked for: {}", done.stderr);
+
+    // An OS error, once.
+    let missing = dir.path().join("no-such-dir").join("gatehouse.redb");
+    let done = run(serve_cmd(&missing));
+    assert!(!done.status.success());
+    assert_eq!(
+        done.stderr.matches("os error").count(),
+        1,
+        "{}",
+        done.stderr
+    );
+}
+
 #[test]
 fn group_readable_key_file_is_refused_with_the_fix() {
     let dir = tempfile::tempdir().unwrap();

@@ -918,3 +918,87 @@ async fn a_server_on_the_format_v2_fixture_serves_its_certificate_and_pairs_a_de
     assert_eq!(served, stored.cert_der);
     store.close();
 }
+
+/// A data file with some rows in many tables, as a busy server leaves it.
+async fn busy_instance(dir: &Path) -> (PathBuf, MasterKey) {
+    let (path, key) = new_instance(dir);
+    let (store, _) = Store::open(&path, &key, clock().as_ref()).unwrap();
+    for round in 0..40u32 {
+        store
+            .write(move |tx| -> Result<(), StoreError> {
+                for i in 0..50u32 {
+                    tx.put_admin_token(&format!("{round:08x}{i:08x}"), &token("busy"))?;
+                }
+                Ok(())
+            })
+            .await
+            .unwrap();
+    }
+    store.close();
+    drop(store);
+    (path, key)
+}
+
+/// The two damaged files that once panicked inside redb: a copy of a file taken while it
+/// was open (as a SIGKILL leaves it) cut in half, and a valid header followed by random
+/// bytes. Each is refused with a clear error, left byte-identical, with nothing beside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damaged_files_that_panicked_inside_redb_are_refused_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, key) = busy_instance(dir.path()).await;
+    let healthy = std::fs::read(&path).unwrap();
+
+    // Open (so the file says it was not closed cleanly), copy, cut.
+    let unclean = {
+        let (store, _) = Store::open(&path, &key, clock().as_ref()).unwrap();
+        store
+            .write(|tx| tx.put_admin_token("ffffffffffffffff", &token("last")))
+            .await
+            .unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        store.close();
+        drop(store);
+        bytes
+    };
+    let rng = ring::rand::SystemRandom::new();
+    let mut cases: Vec<(String, Vec<u8>)> = Vec::new();
+    for fraction in [2, 3, 4] {
+        cases.push((
+            format!("unclean file cut to 1/{fraction}"),
+            unclean[..unclean.len() / fraction].to_vec(),
+        ));
+    }
+    for header in [512usize, 4096, 8192] {
+        for round in 0..4 {
+            let mut bytes = healthy[..header.min(healthy.len())].to_vec();
+            let mut tail = vec![0u8; healthy.len() - bytes.len()];
+            ring::rand::SecureRandom::fill(&rng, &mut tail).unwrap();
+            bytes.extend(tail);
+            cases.push((format!("{header}-byte header, random tail #{round}"), bytes));
+        }
+    }
+    for (what, bytes) in cases {
+        std::fs::write(&path, &bytes).unwrap();
+        let opened = std::panic::catch_unwind(|| Store::open(&path, &key, clock().as_ref()));
+        let Ok(result) = opened else {
+            panic!("{what}: opening panicked");
+        };
+        let Err(err) = result else {
+            // Some random tails leave a file redb can still read: then it must be whole.
+            continue;
+        };
+        assert!(
+            matches!(
+                err,
+                StoreError::Corrupt { .. } | StoreError::NotADataFile { .. }
+            ),
+            "{what}: {err}"
+        );
+        assert_eq!(std::fs::read(&path).unwrap(), bytes, "{what}: file modified");
+        let names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(names, ["gatehouse.redb"], "{what}: something left beside it");
+    }
+}

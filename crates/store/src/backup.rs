@@ -189,11 +189,11 @@ pub fn in_use(path: &Path) -> Result<bool, StoreError> {
     if !path.exists() {
         return Ok(false);
     }
-    match builder().open_read_only(path) {
+    crate::contain::contain(path, || match builder().open_read_only(path) {
         Ok(_) | Err(redb::DatabaseError::RepairAborted) => Ok(false),
         Err(redb::DatabaseError::DatabaseAlreadyOpen) => Ok(true),
         Err(err) => Err(map_open_error(path, err)),
-    }
+    })
 }
 
 /// Opens a backup read-only and checks it: a redb file gatehouse wrote, a format this
@@ -206,24 +206,27 @@ pub fn inspect(path: &Path, sealer: &Sealer) -> Result<BackupInfo, StoreError> {
             reason: "it is not a regular file".into(),
         });
     }
-    let db = builder()
-        .open_read_only(path)
-        .map_err(|e| map_open_error(path, e))?;
-    let tx = db.begin_read().map_err(|e| corrupt(path, e))?;
-    let format_version = check_meta(&tx, path, sealer)?;
-    let mut counts = Vec::new();
-    for name in tables::ALL_TABLES {
-        let def = str_table(name);
-        match tx.open_untyped_table(def) {
-            Ok(table) => counts.push((
-                (*name).to_string(),
-                table.len().map_err(|e| corrupt(path, e))?,
-            )),
-            // An older format lacks the newer tables; restore migrates it.
-            Err(redb::TableError::TableDoesNotExist(_)) => {}
-            Err(err) => return Err(corrupt(path, err)),
+    let (format_version, counts) = crate::contain::contain(path, || {
+        let db = builder()
+            .open_read_only(path)
+            .map_err(|e| map_open_error(path, e))?;
+        let tx = db.begin_read().map_err(|e| corrupt(path, e))?;
+        let format_version = check_meta(&tx, path, sealer)?;
+        let mut counts = Vec::new();
+        for name in tables::ALL_TABLES {
+            let def = str_table(name);
+            match tx.open_untyped_table(def) {
+                Ok(table) => counts.push((
+                    (*name).to_string(),
+                    table.len().map_err(|e| corrupt(path, e))?,
+                )),
+                // An older format lacks the newer tables; restore migrates it.
+                Err(redb::TableError::TableDoesNotExist(_)) => {}
+                Err(err) => return Err(corrupt(path, err)),
+            }
         }
-    }
+        Ok((format_version, counts))
+    })?;
     Ok(BackupInfo {
         path: path.to_path_buf(),
         bytes: meta.len(),

@@ -16,6 +16,7 @@
 
 mod audit_chain;
 mod backup;
+mod contain;
 mod migrate;
 pub mod records;
 pub mod seal;
@@ -85,9 +86,7 @@ pub enum StoreError {
     },
     #[error(
         "the master key (fingerprint {fingerprint}) does not open the data file {path}: it \
-         was sealed under another key. Nothing was changed. Point GATEHOUSE_MASTER_KEY_FILE \
-         at the key this file was created with (after an interrupted rekey, that is the file \
-         given to --new-key-file)"
+         was sealed under another key. Nothing was changed"
     )]
     WrongMasterKey { path: PathBuf, fingerprint: String },
     #[error("no migration from data-file format {from}: this build cannot upgrade that file")]
@@ -216,22 +215,30 @@ impl Store {
                         path.display()
                     ));
                 }
-                match inspect_read_only(path, &sealer) {
-                    Ok(()) => {}
-                    Err(Inspect::NeedsRecovery) => {
+                match contain::contain(path, || Ok(inspect_read_only(path, &sealer))) {
+                    Ok(Ok(())) => {}
+                    Ok(Err(Inspect::NeedsRecovery)) => {
                         report.recovered_original = Some(recover_via_copy(path, &sealer)?);
                     }
-                    Err(Inspect::Refused(err)) => return Err(err),
+                    Ok(Err(Inspect::Refused(err))) | Err(err) => return Err(err),
                 }
-                let db = builder()
-                    .open(path)
-                    .map_err(|err| map_open_error(path, err))?;
-                report.migrated = migrate_db(&db)?;
+                let (db, migrated) = contain::contain(path, || {
+                    let db = builder()
+                        .open(path)
+                        .map_err(|err| map_open_error(path, err))?;
+                    let migrated = migrate_db(&db)?;
+                    Ok((db, migrated))
+                })?;
+                report.migrated = migrated;
                 db
             }
         };
-        let info = read_instance_info(&db, path)?;
-        let chain = ChainKey::load_or_create(&db, &sealer)?;
+        let (info, chain) = contain::contain(path, || {
+            Ok((
+                read_instance_info(&db, path)?,
+                ChainKey::load_or_create(&db, &sealer)?,
+            ))
+        })?;
         Ok((Self::start(db, path, sealer, chain, info)?, report))
     }
 
@@ -621,7 +628,7 @@ fn recover_via_copy(path: &Path, sealer: &Sealer) -> Result<PathBuf, StoreError>
     tracing::warn!(path = %path.display(), "the data file was not closed cleanly; repairing a copy");
     let _ = fs::remove_file(&work);
     fs::copy(path, &work).map_err(io("cannot copy the data file to", &work))?;
-    let checked = (|| {
+    let checked = contain::contain(path, || {
         fs::set_permissions(&work, fs::Permissions::from_mode(0o600))
             .map_err(io("cannot set permissions on", &work))?;
         let db = builder()
@@ -634,7 +641,7 @@ fn recover_via_copy(path: &Path, sealer: &Sealer) -> Result<PathBuf, StoreError>
         fs::File::open(&work)
             .and_then(|f| f.sync_all())
             .map_err(io("cannot sync", &work))
-    })();
+    });
     if let Err(err) = checked {
         let _ = fs::remove_file(&work);
         return Err(err);
