@@ -81,7 +81,10 @@ fn key_hint(config: &Config) -> String {
     match config.origin_of("master_key_file") {
         Layer::Flag(flag) => format!("pass the right file to {flag}"),
         Layer::Env(var) => format!("point {var} at the right file"),
-        Layer::File(file) => format!("point master_key_file in {} at the right file", file.display()),
+        Layer::File(file) => format!(
+            "point master_key_file in {} at the right file",
+            file.display()
+        ),
         Layer::Default => match config.master_key.origin {
             KeyOrigin::SystemdCredential => format!(
                 "replace the systemd credential it was read from ({}), or pass \

@@ -371,7 +371,11 @@ pub fn main() -> ExitCode {
     // lines (a repair, a key beside the file) are for whoever asks for them with
     // `log.level` (GATEHOUSE_LOG).
     let quiet = serve.is_none() && matches!(config.origin_of("log.level"), Layer::Default);
-    let filter = if quiet { "off" } else { config.log_filter.as_str() };
+    let filter = if quiet {
+        "off"
+    } else {
+        config.log_filter.as_str()
+    };
     crate::telemetry::init(config.log_format, filter);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -925,7 +929,10 @@ mod describe_tests {
     #[test]
     fn a_cause_already_in_the_message_is_not_repeated() {
         let io = std::io::Error::from_raw_os_error(13);
-        let err = anyhow::Error::new(Named { path: "/x", source: io });
+        let err = anyhow::Error::new(Named {
+            path: "/x",
+            source: io,
+        });
         let text = describe(&err);
         assert_eq!(text.matches("os error 13").count(), 1, "{text}");
         let chained = anyhow::anyhow!("inner cause").context("outer step");

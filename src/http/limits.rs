@@ -106,3 +106,47 @@ pub(crate) fn too_many(decision: &Decision, policy: &Policy) -> Response {
     );
     response
 }
+
+/// A body this much over `server.max_body_bytes` is still read to its end over HTTP/2
+/// before the 413, so that the stream ends cleanly...
+const H2_DRAIN_MAX_BYTES: u64 = 8 * 1024 * 1024;
+/// ...if it arrives within this time.
+const H2_DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The 413 for an HTTP/2 request that announces a body over the limit, sent once the
+/// body has been read and thrown away (up to `H2_DRAIN_MAX_BYTES`, within
+/// `H2_DRAIN_TIME`). Answering at once would leave the client's upload half done and
+/// the stream reset, and some clients (curl) then report the reset instead of the 413.
+/// HTTP/1.1 gets the same effect from the lingering close in `serve`.
+pub(crate) async fn drain_oversized_h2(
+    State(limit): State<usize>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if request.version() != http::Version::HTTP_2 {
+        return next.run(request).await;
+    }
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let limit = u64::try_from(limit).unwrap_or(u64::MAX);
+    match declared {
+        Some(length) if length > limit && length <= H2_DRAIN_MAX_BYTES => {
+            use http_body_util::BodyExt;
+            let mut body = request.into_body();
+            let _ = tokio::time::timeout(H2_DRAIN_TIME, async {
+                while let Some(Ok(_)) = body.frame().await {}
+            })
+            .await;
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                "the request body is too large",
+            )
+            .into_response()
+        }
+        _ => next.run(request).await,
+    }
+}

@@ -13,6 +13,14 @@
 //! connection is closed at once, so one host cannot take every slot.
 //!
 //! Each request carries its client address as `ConnectInfo` (see `client_addr`).
+//!
+//! Closing: a server that answers without reading the whole request (a 413, a download
+//! asked for with a body) and then closes a socket with unread bytes in it makes the
+//! kernel send a reset, which can destroy the answer before the client reads it. So a
+//! connection's socket is closed as nginx's lingering close does (`Lingering`): the
+//! write side is shut first (the client sees the end of the answer), then what the
+//! client still sends is read and thrown away, for a bounded time and amount, before
+//! the socket is closed.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -166,6 +174,7 @@ struct Connection {
 impl Connection {
     async fn run(self, stream: tokio::net::TcpStream, acceptor: Option<crate::tls::Acceptor>) {
         let activity = Arc::new(Activity::new());
+        let stream = Lingering(Some(stream));
         match acceptor {
             None => {
                 let io = IdleIo::plaintext(stream, activity.clone());
@@ -275,6 +284,120 @@ impl Drop for Held {
             if *open == 0 {
                 table.remove(&self.ip);
             }
+        }
+    }
+}
+
+/// A lingering close waits at most this long for the client to stop sending...
+const LINGER_TIME: Duration = Duration::from_secs(5);
+/// ...at most this long for each next chunk...
+const LINGER_READ_TIMEOUT: Duration = Duration::from_secs(1);
+/// ...and reads at most this much before closing anyway.
+const LINGER_MAX_BYTES: usize = 8 * 1024 * 1024;
+/// Sockets lingering at once; beyond this, a socket is closed at once.
+const LINGER_MAX_SOCKETS: usize = 4096;
+
+static LINGERING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// A connection's TCP stream, closed with a lingering close when dropped (see the
+/// module documentation).
+struct Lingering(Option<tokio::net::TcpStream>);
+
+impl Lingering {
+    fn stream(&mut self) -> io::Result<&mut tokio::net::TcpStream> {
+        self.0
+            .as_mut()
+            .ok_or_else(|| io::Error::from(io::ErrorKind::NotConnected))
+    }
+}
+
+impl Drop for Lingering {
+    fn drop(&mut self) {
+        let Some(stream) = self.0.take() else { return };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        if LINGERING.fetch_add(1, Ordering::Relaxed) >= LINGER_MAX_SOCKETS {
+            LINGERING.fetch_sub(1, Ordering::Relaxed);
+            return;
+        }
+        runtime.spawn(async move {
+            linger(stream).await;
+            LINGERING.fetch_sub(1, Ordering::Relaxed);
+        });
+    }
+}
+
+/// Shuts the write side, then reads and discards until the client closes its side, goes
+/// quiet for `LINGER_READ_TIMEOUT`, or `LINGER_TIME` or `LINGER_MAX_BYTES` runs out.
+async fn linger(mut stream: tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = stream.shutdown().await;
+    let deadline = Instant::now() + LINGER_TIME;
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut drained = 0usize;
+    while drained < LINGER_MAX_BYTES {
+        let wait = deadline
+            .saturating_duration_since(Instant::now())
+            .min(LINGER_READ_TIMEOUT);
+        match tokio::time::timeout(wait, stream.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => drained += n,
+            _ => break,
+        }
+    }
+}
+
+impl AsyncRead for Lingering {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.stream() {
+            Ok(stream) => Pin::new(stream).poll_read(cx, buf),
+            Err(err) => Poll::Ready(Err(err)),
+        }
+    }
+}
+
+impl AsyncWrite for Lingering {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.stream() {
+            Ok(stream) => Pin::new(stream).poll_write(cx, buf),
+            Err(err) => Poll::Ready(Err(err)),
+        }
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.stream() {
+            Ok(stream) => Pin::new(stream).poll_write_vectored(cx, bufs),
+            Err(err) => Poll::Ready(Err(err)),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.stream() {
+            Ok(stream) => Pin::new(stream).poll_flush(cx),
+            Err(err) => Poll::Ready(Err(err)),
+        }
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.stream() {
+            Ok(stream) => Pin::new(stream).poll_shutdown(cx),
+            Err(err) => Poll::Ready(Err(err)),
         }
     }
 }

@@ -742,22 +742,36 @@ fn error_text_names_what_was_used_says_things_once_and_logs_nothing_unasked() {
     let dir = tempfile::tempdir().unwrap();
     let data = create_instance(dir.path());
     let other = dir.path().join("other.key");
-    MasterKey::generate().unwrap().write_new_file(&other).unwrap();
+    MasterKey::generate()
+        .unwrap()
+        .write_new_file(&other)
+        .unwrap();
 
     let mut by_flag = gatehouse(&data);
-    by_flag.arg("--master-key-file").arg(&other).args(["devices", "list"]);
+    by_flag
+        .arg("--master-key-file")
+        .arg(&other)
+        .args(["devices", "list"]);
     let done = run(by_flag);
     assert_eq!(done.status.code(), Some(1), "{done:?}");
     assert!(done.stderr.contains("does not open"), "{}", done.stderr);
     assert!(done.stderr.contains("--master-key-file"), "{}", done.stderr);
-    assert!(!done.stderr.contains("GATEHOUSE_MASTER_KEY_FILE"), "{}", done.stderr);
+    assert!(
+        !done.stderr.contains("GATEHOUSE_MASTER_KEY_FILE"),
+        "{}",
+        done.stderr
+    );
 
     let mut by_env = gatehouse(&data);
     by_env
         .env("GATEHOUSE_MASTER_KEY_FILE", &other)
         .args(["devices", "list"]);
     let done = run(by_env);
-    assert!(done.stderr.contains("point GATEHOUSE_MASTER_KEY_FILE"), "{}", done.stderr);
+    assert!(
+        done.stderr.contains("point GATEHOUSE_MASTER_KEY_FILE"),
+        "{}",
+        done.stderr
+    );
 
     // An offline command on a file that needs attention: only its own answer.
     let done = run({
@@ -774,7 +788,11 @@ fn error_text_names_what_was_used_says_things_once_and_logs_nothing_unasked() {
         cmd.env("GATEHOUSE_LOG", "info").args(["devices", "list"]);
         cmd
     });
-    assert!(done.stderr.contains("master key"), "asked for: {}", done.stderr);
+    assert!(
+        done.stderr.contains("master key"),
+        "asked for: {}",
+        done.stderr
+    );
 
     // An OS error, once.
     let missing = dir.path().join("no-such-dir").join("gatehouse.redb");

@@ -734,3 +734,82 @@ async fn a_json_body_with_a_member_named_twice_is_refused() {
     assert!(devices.is_empty(), "{devices:?}");
     app.stop().await;
 }
+
+/// A client that writes its whole body before reading (python `requests`, curl) gets the
+/// 413, over HTTP/1.1 (the socket lingers until the body is read and thrown away, instead
+/// of a reset destroying the answer) and over HTTP/2 (the stream ends cleanly: curl
+/// exits 0, not 92).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_sends_its_whole_body_first_reads_the_413() {
+    let app = helpers::spawn_app().await;
+    let body = vec![b'a'; 2_000_000];
+
+    // HTTP/1.1 by hand: the whole body is written before one byte is read.
+    let mut conn = tls_connect(&app, &[b"http/1.1"]).await;
+    let head = format!(
+        "POST /v1/session HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n",
+        body.len()
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    conn.write_all(&body)
+        .await
+        .expect("the server reads the rest instead of resetting");
+    conn.flush().await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut answer)).await;
+    assert!(
+        answer.starts_with(b"HTTP/1.1 413"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    assert!(find(&answer, b"payload_too_large").is_some());
+
+    if !helpers::tool_available(
+        "a_client_that_sends_its_whole_body_first_reads_the_413",
+        "curl",
+        &["--version"],
+        "the Debian package curl",
+    ) {
+        app.stop().await;
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let upload = dir.path().join("body");
+    std::fs::write(&upload, &body).unwrap();
+    let ca = dir.path().join("ca.pem");
+    let der = cert_of(&app);
+    let pem = format!(
+        "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
+        data_encoding::BASE64.encode(&der)
+    );
+    std::fs::write(&ca, pem).unwrap();
+    for version in ["--http2", "--http1.1"] {
+        let mut curl = std::process::Command::new("curl");
+        curl.args(["-sS", version, "--cacert"])
+            .arg(&ca)
+            .args(["-w", "\n%{http_code} %{http_version}", "-X", "POST"])
+            .args(["-H", "Content-Type: application/json", "--data-binary"])
+            .arg(format!("@{}", upload.display()))
+            .arg(format!("{}/v1/session", app.base_url));
+        let out = tokio::task::spawn_blocking(move || curl.output())
+            .await
+            .unwrap()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{version}: {stdout} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(stdout.contains("payload_too_large"), "{version}: {stdout}");
+        let expected = if version == "--http2" {
+            "413 2"
+        } else {
+            "413 1.1"
+        };
+        assert!(stdout.trim_end().ends_with(expected), "{stdout}");
+    }
+    app.stop().await;
+}

@@ -418,3 +418,71 @@ async fn after_a_restore_a_token_whose_family_is_not_in_the_file_is_inactive() {
     );
     app.stop().await;
 }
+
+/// A download is whole even when the request carried a body the server never reads (an
+/// HTTP/1.1 client that writes it all first), and one cancelled halfway leaves no file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_is_whole_despite_an_unread_body_and_a_cancelled_one_leaves_nothing() {
+    let app = helpers::spawn_app_with(&[("GATEHOUSE_RATELIMIT_PAIRING", "off")]).await;
+    let admin = app.admin_token();
+    // A backup of a few hundred KiB, as in the field.
+    for _ in 0..400 {
+        app.open_pairing_session().await;
+    }
+    let http1 = {
+        let cert = app.running.tls.as_ref().unwrap().cert_der().clone();
+        reqwest::Client::builder()
+            .add_root_certificate(reqwest::Certificate::from_der(&cert).unwrap())
+            .http1_only()
+            .build()
+            .unwrap()
+    };
+    let unread = vec![b'x'; 60 * 1024];
+    for round in 0..16 {
+        let response = http1
+            .post(app.url("/v1/backup"))
+            .bearer_auth(&admin)
+            .body(unread.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let announced: usize = response.headers()["content-length"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let body = response.bytes().await.expect("the whole body arrives");
+        assert_eq!(body.len(), announced, "round {round}");
+        assert!(
+            announced > 64 * 1024,
+            "a backup bigger than the unread body"
+        );
+    }
+
+    // Read the head and a few bytes, then hang up.
+    let mut response = app
+        .client()
+        .post(app.url("/v1/backup"))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let _ = response.chunk().await.unwrap();
+    drop(response);
+    let backups = app.data_path().with_file_name("backups");
+    let mut left = Vec::new();
+    for _ in 0..50 {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        left = std::fs::read_dir(&backups)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        if left.is_empty() {
+            break;
+        }
+    }
+    assert!(left.is_empty(), "left behind: {left:?}");
+    app.stop().await;
+}

@@ -994,11 +994,19 @@ async fn damaged_files_that_panicked_inside_redb_are_refused_cleanly() {
             ),
             "{what}: {err}"
         );
-        assert_eq!(std::fs::read(&path).unwrap(), bytes, "{what}: file modified");
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            bytes,
+            "{what}: file modified"
+        );
         let names: Vec<String> = std::fs::read_dir(dir.path())
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
-        assert_eq!(names, ["gatehouse.redb"], "{what}: something left beside it");
+        assert_eq!(
+            names,
+            ["gatehouse.redb"],
+            "{what}: something left beside it"
+        );
     }
 }
