@@ -6,6 +6,7 @@
 //! TLS handshake, header-read and idle timeouts, header caps, the connection cap and
 //! graceful shutdown.
 
+mod admin_users;
 mod audit;
 mod bans;
 mod client_addr;
@@ -92,6 +93,7 @@ pub fn router(state: AppState, limits: &ServerConfig, cors_config: &CorsConfig) 
         .merge(jobs::routes())
         .merge(status::routes())
         .merge(session::routes())
+        .merge(admin_users::routes())
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             limits::admit_address,

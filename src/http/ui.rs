@@ -3,6 +3,9 @@
 //!
 //! The page holds no secret and no data: it signs in with `/v1/session` and then calls
 //! the same JSON API as any admin client, with the session cookie and the CSRF token.
+//! Opened as `/admin/#setup=<admin token>` (the link the first start prints with the
+//! bootstrap token), it offers to create the first admin user (`POST /v1/admin-users`
+//! with that token); the token travels in the fragment, which no request carries.
 //! These responses carry their own Content-Security-Policy (scripts, styles and
 //! connections to this origin only; no inline code, no eval), which the security-headers
 //! middleware keeps. This module must not read state or serve anything but these files.
@@ -67,4 +70,23 @@ async fn script() -> Response {
 /// `GET /admin/app.css`: the page's one style sheet.
 async fn style() -> Response {
     asset("text/css; charset=utf-8", APP_CSS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::INDEX_HTML;
+    use crate::admin_users::{MAX_PASSWORD_BYTES, MIN_PASSWORD_CHARS};
+
+    #[test]
+    fn the_setup_form_states_the_servers_password_rules() {
+        for needed in [
+            format!(
+                r#"id="setup-password" name="password" type="password" autocomplete="new-password" minlength="{MIN_PASSWORD_CHARS}""#
+            ),
+            format!("At least {MIN_PASSWORD_CHARS} characters"),
+            format!("at most {MAX_PASSWORD_BYTES} bytes"),
+        ] {
+            assert!(INDEX_HTML.contains(&needed), "index.html lacks {needed}");
+        }
+    }
 }

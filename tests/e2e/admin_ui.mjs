@@ -1,13 +1,20 @@
 // The admin UI in a real browser (headless Chromium, through playwright-core): sign-in,
 // every page, pairing a device from its QR page, revoking it, the audit tail, a key
-// rotation and sign-out, with no script error and no Content-Security-Policy violation.
+// rotation and sign-out, with no script error and no Content-Security-Policy violation;
+// then every page at a phone's width (390 px) and a laptop's (1280 px): no sideways
+// scrolling, no text squeezed letter by letter, every button on screen when scrolled to,
+// no message left over from another page, axe-core's WCAG 2.1 AA rules; and the first
+// admin user made from the setup link (`/admin/#setup=<bootstrap token>`) at both widths,
+// or with a pasted token.
 //
 // Run from the repository root after `cargo build`:
 //   (cd tests/e2e && npm install) && node tests/e2e/admin_ui.mjs
 // Environment: GATEHOUSE_BIN (default target/debug/gatehouse), CHROMIUM (default
-// /usr/bin/chromium), SCREENSHOTS (a folder to save one screenshot per page; none if unset).
+// /usr/bin/chromium), SCREENSHOTS (a folder to save screenshots of the main run, and one per
+// page per width, `390-devices.png`; none if unset).
 
 import { spawn } from 'node:child_process';
+import { request as httpsRequest } from 'node:https';
 import { createServer } from 'node:http';
 import { mkdtempSync, mkdirSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -57,6 +64,256 @@ async function statusSays(page, text) {
   await page.locator('#status').filter({ hasText: text }).waitFor({ timeout: TIMEOUT });
 }
 
+const WIDTHS = [390, 1280];
+const PASSWORD = 'correct horse battery staple';
+const A11Y_TAGS = ['wcag2a', 'wcag2aa', 'wcag21a', 'wcag21aa'];
+
+/**
+ * Records what must not happen on `page`: a script error, a console error (a CSP
+ * violation is one), an error answer. A 401 is expected (a refused sign-in), and so is
+ * any status listed in `expected` for a URL ending as its key.
+ */
+function watch(page, problems, expected = {}) {
+  page.on('pageerror', (err) => problems.push(`page error: ${err.message}`));
+  page.on('console', (msg) => {
+    const text = msg.text();
+    if (msg.type() !== 'error' || /status of 401/.test(text)) return;
+    if (Object.values(expected).some((status) => text.includes(`status of ${status}`))) return;
+    problems.push(`console: ${text}`);
+  });
+  page.on('response', (r) => {
+    if (r.status() < 400 || r.status() === 401) return;
+    const allowed = Object.entries(expected).some(([end, status]) => r.url().endsWith(end) && r.status() === status);
+    if (!allowed) problems.push(`${r.status()} for ${r.url()}`);
+  });
+  page.setDefaultTimeout(TIMEOUT);
+}
+
+/** An introspection with wrong client credentials, sent from another loopback address. */
+function wrongClientFrom(url, localAddress) {
+  return new Promise((done, fail) => {
+    const req = httpsRequest(`${url}/v1/introspect`, {
+      method: 'POST',
+      localAddress,
+      rejectUnauthorized: false,
+      headers: {
+        Authorization: `Basic ${Buffer.from('cli_00000000000000000000000000000000:wrong').toString('base64')}`,
+        'Content-Type': 'application/x-www-form-urlencoded',
+      },
+    }, (res) => {
+      let body = '';
+      res.on('data', (chunk) => { body += chunk; });
+      res.on('end', () => done(body));
+    });
+    req.on('error', fail);
+    req.end('token=x');
+  });
+}
+
+/** Failed checks from 127.0.0.2 until that address is banned: a ban to show and lift. */
+async function banAnotherAddress(url) {
+  for (let i = 0; i < 30; i += 1) {
+    if ((await wrongClientFrom(url, '127.0.0.2')).includes('"banned"')) return;
+  }
+  throw new Error('127.0.0.2 was never banned');
+}
+
+/** axe-core's WCAG 2.1 A and AA findings on `page` (whose context bypasses the CSP). */
+async function axeViolations(page) {
+  await page.addScriptTag({ path: axeScript });
+  return page.evaluate(async (tags) => {
+    const result = await window.axe.run(document, { runOnly: { type: 'tag', values: tags } });
+    return result.violations.map((v) => `${v.id} (${v.impact}): ${v.nodes.length} node(s), e.g. ${v.nodes[0].target}`);
+  }, A11Y_TAGS);
+}
+
+/**
+ * What is wrong with the layout of the page on screen, as sentences: the document
+ * scrolls sideways; a cell's text is squeezed into a column a few letters wide; a button
+ * or navigation link, once scrolled to, is not wholly inside the viewport or is covered.
+ */
+async function layoutProblems(page, label) {
+  const found = [];
+  const size = await page.evaluate(() => ({
+    scroll: document.documentElement.scrollWidth, client: document.documentElement.clientWidth,
+  }));
+  if (size.scroll > size.client) {
+    found.push(`${label}: the page scrolls sideways (${size.scroll} px of content in ${size.client} px)`);
+  }
+  // A cell's own text, measured as laid out (the cell may be taller than its text: the
+  // row takes the height of its tallest cell) against the cell's width in letters.
+  const squeezed = await page.evaluate(() => {
+    const out = [];
+    for (const box of document.querySelectorAll('main td, main dd')) {
+      if (!box.checkVisibility()) continue;
+      const text = box.textContent.replace(/\s+/g, ' ').trim();
+      if (text.length < 24) continue;
+      const range = document.createRange();
+      range.selectNodeContents(box);
+      const style = getComputedStyle(box);
+      const line = parseFloat(style.lineHeight) || 1.5 * parseFloat(style.fontSize);
+      const lines = Math.max(1, Math.round(range.getBoundingClientRect().height / line));
+      const inner = box.clientWidth - parseFloat(style.paddingLeft) - parseFloat(style.paddingRight);
+      // Narrower than six letters or so, over several lines: broken letter by letter.
+      if (inner < 6 * parseFloat(style.fontSize) && lines >= 3) {
+        out.push(`"${text.slice(0, 24)}…" in ${Math.round(inner)} px, ${lines} lines`);
+      }
+    }
+    return out;
+  });
+  if (squeezed.length > 0) {
+    found.push(`${label}: text squeezed into a narrow column in ${squeezed.length} cell(s), e.g. ${squeezed[0]}`);
+  }
+  const controls = page.locator('button:visible, nav a:visible');
+  for (let i = 0; i < await controls.count(); i += 1) {
+    const control = controls.nth(i);
+    await control.scrollIntoViewIfNeeded();
+    const seen = await control.evaluate((el) => {
+      const r = el.getBoundingClientRect();
+      const hit = document.elementFromPoint(r.left + r.width / 2, r.top + r.height / 2);
+      return {
+        name: el.getAttribute('aria-label') || el.textContent.trim(),
+        inside: r.width > 0 && r.height > 0 && r.left >= 0 && r.top >= 0
+          && r.right <= document.documentElement.clientWidth && r.bottom <= window.innerHeight,
+        onTop: Boolean(hit) && (hit === el || el.contains(hit)),
+        rect: [r.left, r.top, r.right, r.bottom].map(Math.round).join(','),
+      };
+    });
+    if (!seen.inside) found.push(`${label}: "${seen.name}" is not inside the viewport when scrolled to (${seen.rect})`);
+    else if (!seen.onTop) found.push(`${label}: "${seen.name}" is covered by another element`);
+  }
+  return found;
+}
+
+/** Waits until the page named by the navigation shows its data. */
+async function pageReady(page, name) {
+  const ready = {
+    overview: '#ov-jobs tbody tr',
+    pairing: '#pairing-form',
+    devices: '#devices-table tbody tr button',
+    audit: '#audit-table tbody tr',
+    bans: '#bans-table tbody tr button',
+    keys: '#keys-table tbody tr',
+  }[name];
+  await page.locator(`#page-${name} h1`).waitFor();
+  await page.locator(ready).first().waitFor();
+  await page.waitForLoadState('networkidle');
+}
+
+/**
+ * Every page at `width`: the signed-in ones in a context holding `cookies`, then the
+ * sign-in and setup pages signed out. The checker is injected, so these contexts bypass
+ * the UI's CSP; the main run keeps it. Returns every problem found, as sentences.
+ */
+async function sweep(browser, server, width, cookies, problems) {
+  const found = [];
+  const viewport = { width, height: width < 600 ? 844 : 800 };
+  const context = await browser.newContext({ ignoreHTTPSErrors: true, bypassCSP: true, viewport });
+  await context.addCookies(cookies);
+  const page = await context.newPage();
+  watch(page, problems);
+  const check = async (name) => {
+    found.push(...await layoutProblems(page, `${width} px, ${name}`));
+    const violations = await axeViolations(page);
+    for (const v of violations) found.push(`${width} px, ${name}: accessibility: ${v}`);
+    if (shots) await page.screenshot({ path: join(shots, `${width}-${name}.png`), fullPage: true });
+  };
+
+  // The pairing page with a session open.
+  const openSession = async () => {
+    await page.getByRole('button', { name: 'Open a pairing session' }).click();
+    await statusSays(page, 'Pairing session opened');
+  };
+  await page.goto(`${server.url}/admin/#pairing`);
+  await pageReady(page, 'pairing');
+  await openSession();
+  await page.waitForFunction(() => {
+    const img = document.getElementById('pairing-qr');
+    return img.complete && img.naturalWidth >= 256;
+  });
+  await check('pairing');
+  // Every other page, reached just after a pairing session was opened: the pairing
+  // page's message stays there.
+  for (const name of ['overview', 'devices', 'audit', 'bans', 'keys']) {
+    await page.locator('nav a[data-page="pairing"]').click();
+    await pageReady(page, 'pairing');
+    await openSession();
+    await page.locator(`nav a[data-page="${name}"]`).click();
+    await page.locator(`#page-${name} h1`).waitFor();
+    const status = (await page.locator('#status').textContent()).trim();
+    if (/pairing session/i.test(status)) found.push(`${width} px, ${name}: the pairing page's message is shown here: "${status}"`);
+    await pageReady(page, name);
+    await check(name);
+  }
+  await context.close();
+
+  const anonymous = await browser.newContext({ ignoreHTTPSErrors: true, bypassCSP: true, viewport });
+  const signedOut = await anonymous.newPage();
+  watch(signedOut, problems);
+  await signedOut.goto(`${server.url}/admin/`);
+  await signedOut.getByRole('heading', { name: 'Sign in', level: 1 }).waitFor();
+  found.push(...await layoutProblems(signedOut, `${width} px, sign-in`));
+  for (const v of await axeViolations(signedOut)) found.push(`${width} px, sign-in: accessibility: ${v}`);
+  if (shots) await signedOut.screenshot({ path: join(shots, `${width}-sign-in.png`), fullPage: true });
+  // The setup page as its link opens it (the bootstrap token is still valid here).
+  await signedOut.goto(`${server.url}/admin/#setup=${server.token}`);
+  const opened = await signedOut.getByRole('heading', { name: 'Create the first admin user', level: 1 })
+    .waitFor().then(() => true, () => false);
+  if (opened) {
+    await signedOut.waitForLoadState('networkidle');
+    found.push(...await layoutProblems(signedOut, `${width} px, setup`));
+    for (const v of await axeViolations(signedOut)) found.push(`${width} px, setup: accessibility: ${v}`);
+    if (shots) await signedOut.screenshot({ path: join(shots, `${width}-setup.png`), fullPage: true });
+  } else {
+    found.push(`${width} px, setup: the setup link shows no setup page`);
+  }
+  await anonymous.close();
+  return found;
+}
+
+/**
+ * The setup link at `width`: the page takes the token out of the address bar at once,
+ * shows the rules, refuses two different passwords and shows the server's refusal of a
+ * bad name, then creates `username`, signs in with it and shows the overview. Returns
+ * the signed-in context. `existing` are users made before, which the page names.
+ */
+async function setupByLink(browser, server, width, username, existing, problems) {
+  const context = await browser.newContext({ ignoreHTTPSErrors: true, viewport: { width, height: 844 } });
+  const page = await context.newPage();
+  watch(page, problems, { '/v1/admin-users': 400 });
+  page.on('request', (r) => {
+    if (r.url().includes(server.token)) problems.push(`the setup token was sent in a URL: ${r.url()}`);
+  });
+  await page.goto(`${server.url}/admin/#setup=${server.token}`);
+  await page.getByRole('heading', { name: 'Create the first admin user', level: 1 }).waitFor();
+  assert.ok(!page.url().includes(server.token), `the token left the address bar: ${page.url()}`);
+  assert.ok(!(await page.evaluate(() => location.href)).includes('gha_'));
+  assert.equal(await page.locator('#setup-token').isVisible(), false, 'the link brought the token');
+  await page.locator('#setup-password-help', { hasText: 'at least 12 characters' }).waitFor();
+  if (existing.length > 0) {
+    await page.locator('#setup-existing', { hasText: existing.join(', ') }).waitFor();
+  }
+  const submit = page.getByRole('button', { name: 'Create the user and sign in' });
+  await page.locator('#setup-username').fill(username);
+  await page.locator('#setup-password').fill(PASSWORD);
+  await page.locator('#setup-password2').fill(`${PASSWORD}!`);
+  await submit.click();
+  await statusSays(page, 'The two passwords differ');
+  await page.locator('#setup-username').fill('Not A Name');
+  await page.locator('#setup-password2').fill(PASSWORD);
+  await submit.click();
+  await statusSays(page, 'a user name is 1 to 64 characters');
+  await shot(page, `setup-refused-${width}`);
+  await page.locator('#setup-username').fill(username);
+  await submit.click();
+  await page.getByRole('heading', { name: 'Overview', level: 1 }).waitFor();
+  await page.locator('#who-name', { hasText: `Signed in as ${username}` }).waitFor();
+  await statusSays(page, `Admin user ${username} created`);
+  assert.equal(new URL(page.url()).hash, '', 'the address is the plain page again');
+  await shot(page, `setup-done-${width}`);
+  return context;
+}
+
 async function main() {
   if (shots) mkdirSync(shots, { recursive: true });
   const dir = mkdtempSync(join(tmpdir(), 'gatehouse-e2e-'));
@@ -71,15 +328,7 @@ async function main() {
   try {
     const context = await browser.newContext({ ignoreHTTPSErrors: true, viewport: { width: 1280, height: 900 } });
     const page = await context.newPage();
-    page.on('pageerror', (err) => problems.push(`page error: ${err.message}`));
-    page.on('console', (msg) => {
-      // A refused sign-in or an expected 401 logs a failed resource load; those are fine.
-      if (msg.type() === 'error' && !/status of 401/.test(msg.text())) problems.push(`console: ${msg.text()}`);
-    });
-    page.on('response', (r) => {
-      if (r.status() >= 400 && r.status() !== 401) problems.push(`${r.status()} for ${r.url()}`);
-    });
-    page.setDefaultTimeout(TIMEOUT);
+    watch(page, problems);
 
     // /admin redirects to the page, which asks to sign in.
     await page.goto(`${server.url}/admin`);
@@ -89,13 +338,13 @@ async function main() {
     await shot(page, 'sign-in');
 
     // A wrong token is refused with a message.
-    await page.getByLabel('Admin token').fill('gha_0000000000000000_wrong');
+    await page.getByLabel('Admin token', { exact: true }).fill('gha_0000000000000000_wrong');
     await page.getByRole('button', { name: 'Sign in with token' }).click();
     await statusSays(page, 'Sign-in refused');
 
     // The bootstrap token signs in; the overview shows the server's state.
-    await page.getByLabel('Admin token').fill(server.token);
-    await page.getByLabel('Admin token').press('Enter');
+    await page.getByLabel('Admin token', { exact: true }).fill(server.token);
+    await page.getByLabel('Admin token', { exact: true }).press('Enter');
     await page.getByRole('heading', { name: 'Overview', level: 1 }).waitFor();
     await page.locator('#ov-tls dd').getByText('self-signed', { exact: true }).waitFor();
     await page.locator('#ov-keys tbody tr', { hasText: 'active' }).first().waitFor();
@@ -211,40 +460,32 @@ async function main() {
     const focused = await page.evaluate(() => document.activeElement && document.activeElement.tagName);
     assert.ok(focused, 'something takes focus');
 
-    // Accessibility: axe-core's WCAG 2.1 A and AA rules (labels, names, contrast, roles,
-    // landmarks) on every page, in a second context of the same browser that may inject
-    // the checker (the UI's own CSP forbids it, rightly, in the main run).
+    // Every page at both widths, with something to act on in each: an active device with
+    // a long name, and a ban (of another loopback address) to lift.
+    await page.evaluate(async () => {
+      const s = await fetch('/v1/session').then((r) => r.json());
+      const opened = await fetch('/v1/pairing/sessions', {
+        method: 'POST',
+        headers: { 'Content-Type': 'application/json', 'X-CSRF-Token': s.csrf_token },
+        body: JSON.stringify({ name: 'spare' }),
+      }).then((r) => r.json());
+      await fetch('/v1/pair', {
+        method: 'POST',
+        headers: { 'Content-Type': 'application/json' },
+        body: JSON.stringify({
+          session_id: opened.session_id,
+          secret: opened.secret,
+          device: { name: 'Ada Lovelace’s spare tablet for the kitchen', platform: 'ios', app_version: '2.10.3-beta.1' },
+        }),
+      });
+    });
+    await banAnotherAddress(server.url);
     {
       const cookies = await context.cookies();
-      const audit = await browser.newContext({ ignoreHTTPSErrors: true, bypassCSP: true });
-      await audit.addCookies(cookies);
-      const a11y = await audit.newPage();
-      const pages = ['overview', 'pairing', 'devices', 'audit', 'bans', 'keys'];
-      for (const name of pages) {
-        await a11y.goto(`${server.url}/admin/#${name}`);
-        await a11y.locator('main h1:visible', { hasNotText: 'Loading' }).first().waitFor();
-        await a11y.waitForLoadState('networkidle');
-        await a11y.addScriptTag({ path: axeScript });
-        const violations = await a11y.evaluate(async () => {
-          const result = await window.axe.run(document, {
-            runOnly: { type: 'tag', values: ['wcag2a', 'wcag2aa', 'wcag21a', 'wcag21aa'] },
-          });
-          return result.violations.map((v) => `${v.id} (${v.impact}): ${v.nodes.length} node(s), e.g. ${v.nodes[0].target}`);
-        });
-        assert.deepEqual(violations, [], `accessibility of the ${name} page`);
-      }
-      // And the sign-in page, signed out.
-      const anonymous = await browser.newContext({ ignoreHTTPSErrors: true, bypassCSP: true });
-      const signIn = await anonymous.newPage();
-      await signIn.goto(`${server.url}/admin/`);
-      await signIn.getByRole('heading', { name: 'Sign in', level: 1 }).waitFor();
-      await signIn.addScriptTag({ path: axeScript });
-      const violations = await signIn.evaluate(async () => (await window.axe.run(document, {
-        runOnly: { type: 'tag', values: ['wcag2a', 'wcag2aa', 'wcag21a', 'wcag21aa'] },
-      })).violations.map((v) => `${v.id} (${v.impact}): ${v.nodes[0].target}`));
-      assert.deepEqual(violations, [], 'accessibility of the sign-in page');
-      await audit.close();
-      await anonymous.close();
+      const found = [];
+      for (const width of WIDTHS) found.push(...await sweep(browser, server, width, cookies, problems));
+      if (found.length > 0) console.error(found.join('\n'));
+      assert.deepEqual(found, [], 'every page at 390 and 1280 px');
     }
 
     // Reloading keeps the session; signing out shows the sign-in form again.
@@ -254,6 +495,47 @@ async function main() {
     await page.getByRole('heading', { name: 'Sign in', level: 1 }).waitFor();
     await page.reload();
     await page.getByRole('heading', { name: 'Sign in', level: 1 }).waitFor();
+
+    // The first admin user from the setup link, at both widths (the second finds the
+    // first made already), then from a token pasted on the sign-in page; a link with a
+    // wrong token says so.
+    const made = [];
+    let wide = null;
+    for (const [width, username] of [[390, 'ada'], [1280, 'grace']]) {
+      const signedIn = await setupByLink(browser, server, width, username, made, problems);
+      made.push(username);
+      if (width === 1280) wide = signedIn;
+      else await signedIn.close();
+    }
+    {
+      const pasted = await browser.newContext({ ignoreHTTPSErrors: true, viewport: { width: 390, height: 844 } });
+      const p = await pasted.newPage();
+      watch(p, problems);
+      await p.goto(`${server.url}/admin/#setup=gha_0000000000000000_wrong`);
+      await p.getByRole('heading', { name: 'Create the first admin user', level: 1 }).waitFor();
+      await statusSays(p, 'token is not accepted');
+      await p.getByLabel('Bootstrap admin token').waitFor();
+      await p.getByRole('button', { name: 'Back to sign-in' }).click();
+      await p.getByRole('heading', { name: 'Sign in', level: 1 }).waitFor();
+      await p.getByRole('button', { name: 'Set up with a bootstrap token' }).click();
+      await p.getByLabel('Bootstrap admin token').fill(server.token);
+      await p.locator('#setup-username').fill('linus');
+      await p.locator('#setup-password').fill(PASSWORD);
+      await p.locator('#setup-password2').fill(PASSWORD);
+      await p.getByRole('button', { name: 'Create the user and sign in' }).click();
+      await p.locator('#who-name', { hasText: 'Signed in as linus' }).waitFor();
+      await p.getByRole('heading', { name: 'Overview', level: 1 }).waitFor();
+      await pasted.close();
+    }
+    // A user made there lifts the ban from the bans page.
+    {
+      const p = wide.pages()[0];
+      await p.locator('nav a[data-page="bans"]').click();
+      await p.getByRole('button', { name: 'Unban ip:127.0.0.2' }).click();
+      await statusSays(p, 'Ban on ip:127.0.0.2 lifted');
+      await p.locator('#bans-table tbody tr', { hasText: 'ip:127.0.0.2' }).filter({ hasNotText: 'Unban' }).waitFor();
+      await wide.close();
+    }
 
     assert.deepEqual(problems, [], 'no script error or CSP violation');
     console.log('admin UI e2e: 1 passed, 0 failed');

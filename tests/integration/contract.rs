@@ -924,6 +924,47 @@ async fn admin_sessions_answer_as_documented() {
 }
 
 #[tokio::test]
+async fn admin_users_answer_as_documented() {
+    let app = helpers::spawn_app().await;
+    let api = Api::new(&app);
+    let path = "/v1/admin-users";
+    let op = "POST /v1/admin-users";
+    let ada = json!({"username": "ada", "password": "correct horse battery staple"});
+    expect(op, 201, api.admin(Method::POST, path).json(&ada)).await;
+    expect(op, 409, api.admin(Method::POST, path).json(&ada)).await;
+    for bad in [
+        json!({"username": "Ada", "password": "correct horse battery staple"}),
+        json!({"username": "bob", "password": "short"}),
+        json!({"username": "bob"}),
+        json!({"username": "bob", "password": "correct horse battery staple", "x": 1}),
+    ] {
+        expect(op, 400, api.admin(Method::POST, path).json(&bad)).await;
+    }
+    expect(op, 401, api.anyone(Method::POST, path).json(&ada)).await;
+    expect(
+        op,
+        415,
+        api.admin(Method::POST, path)
+            .body("username=bob&password=x"),
+    )
+    .await;
+    expect(
+        op,
+        413,
+        api.admin(Method::POST, path)
+            .header("content-type", "application/json")
+            .body(oversized()),
+    )
+    .await;
+    let op = "GET /v1/admin-users";
+    let listed = expect(op, 200, api.admin(Method::GET, path)).await.json();
+    assert_eq!(listed["users"][0]["username"], "ada");
+    expect(op, 401, api.anyone(Method::GET, path)).await;
+    expect(op, 405, api.admin(Method::DELETE, path)).await;
+    app.stop().await;
+}
+
+#[tokio::test]
 async fn rate_limits_and_lockout_answer_as_documented() {
     let app = helpers::spawn_app_with(&[
         ("GATEHOUSE_RATELIMIT_PAIRING", "1/1m"),

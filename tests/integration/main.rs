@@ -13,6 +13,7 @@
 
 mod acme;
 mod admin_ui;
+mod admin_users;
 mod audit;
 mod binary;
 mod cli;

@@ -11,6 +11,11 @@ const AUDIT_ROWS = 100;
 const session = { csrf: null, admin: null };
 // Cleanups of the page on screen (timers), run when another page is shown.
 let cleanups = [];
+// The page on screen: a message belongs to it, and goes when another page is shown.
+let currentPage = null;
+// The bootstrap token a setup link brought: kept in memory only, and only while the
+// setup page is on screen.
+let setupToken = null;
 
 // ---------------------------------------------------------------- small helpers
 
@@ -32,11 +37,32 @@ function el(tag, attrs = {}, ...children) {
   return node;
 }
 
-/** A timestamp as a <time>, shown in UTC without the noise. */
+/**
+ * A timestamp as a <time>, shown in UTC without the noise. The date and the clock time
+ * each stay whole, so a narrow column breaks between them and nowhere else.
+ */
 function time(value) {
   if (!value) return el('span', { className: 'muted' }, '—');
   const shown = String(value).replace('T', ' ').replace(/(\.\d+)?Z$/, ' UTC');
-  return el('time', { datetime: value }, shown);
+  const [date, ...clock] = shown.split(' ');
+  return el('time', { datetime: value },
+    el('span', { className: 'nowrap' }, date), ' ', el('span', { className: 'nowrap' }, clock.join(' ')));
+}
+
+/**
+ * Names each cell of `row` after its column's heading (`data-label`), which a narrow
+ * screen shows beside the value once the table has become a list of cards. A column
+ * whose heading is only for screen readers (the actions) gets no label.
+ */
+function labelCells(table, row) {
+  const heads = table.tHead ? [...table.tHead.rows[0].cells] : [];
+  [...row.cells].forEach((td, i) => {
+    const head = heads[i];
+    if (head && !td.hasAttribute('colspan') && !head.querySelector('.visually-hidden')) {
+      td.dataset.label = head.textContent.trim();
+    }
+  });
+  return row;
 }
 
 function fillRows(tbody, rows, columns, empty) {
@@ -45,21 +71,36 @@ function fillRows(tbody, rows, columns, empty) {
     tbody.append(el('tr', {}, el('td', { colspan: columns, className: 'muted' }, empty)));
     return;
   }
-  for (const row of rows) tbody.append(row);
+  for (const row of rows) tbody.append(labelCells(tbody.parentElement, row));
 }
 
 function cell(...children) {
   return el('td', {}, ...children);
 }
 
+/** A cell whose kind (`id`, `actor`, `text`, `event`, `long`, `actions`) the style sheet sizes. */
+function cellOf(kind, ...children) {
+  return el('td', { className: kind }, ...children);
+}
+
 let statusTimer = null;
-/** A message in the polite live region; errors stay until the next message. */
+/**
+ * A message in the polite live region, about the page on screen: it goes when another
+ * page is shown, and an information after a few seconds; an error stays until then.
+ */
 function say(message, kind = 'info') {
   const box = $('status');
   clearTimeout(statusTimer);
   box.className = `status ${kind}`;
   box.textContent = message;
-  if (kind === 'info') statusTimer = setTimeout(() => { box.textContent = ''; box.className = 'status'; }, 6000);
+  if (kind === 'info') statusTimer = setTimeout(clearStatus, 6000);
+}
+
+function clearStatus() {
+  clearTimeout(statusTimer);
+  const box = $('status');
+  box.textContent = '';
+  box.className = 'status';
 }
 
 // ---------------------------------------------------------------- the API
@@ -73,12 +114,14 @@ class ApiError extends Error {
 }
 
 /**
- * Calls the API. 401 signs the page out (except for the sign-in itself, whose 401
- * means wrong credentials); 429 becomes "too many attempts, wait N s".
+ * Calls the API. 401 signs the page out (except for the sign-in itself and calls made
+ * with a `bearer` token, whose 401 means wrong credentials); 429 becomes "too many
+ * attempts, wait N s".
  */
-async function api(method, path, body, { signingIn = false } = {}) {
+async function api(method, path, body, { signingIn = false, bearer = null } = {}) {
   const headers = { Accept: 'application/json' };
-  if (method !== 'GET' && session.csrf) headers['X-CSRF-Token'] = session.csrf;
+  if (bearer) headers.Authorization = `Bearer ${bearer}`;
+  else if (method !== 'GET' && session.csrf) headers['X-CSRF-Token'] = session.csrf;
   if (body !== undefined) headers['Content-Type'] = 'application/json';
   let response;
   try {
@@ -106,7 +149,7 @@ async function api(method, path, body, { signingIn = false } = {}) {
     const wait = response.headers.get('retry-after');
     message = wait ? `Too many attempts, wait ${wait} s.` : 'Too many attempts, wait a moment.';
   }
-  if (response.status === 401 && !signingIn && path !== '/v1/session') {
+  if (response.status === 401 && !signingIn && !bearer && path !== '/v1/session') {
     signedOut('Your session has ended: sign in again.');
   }
   throw new ApiError(response.status, code, message);
@@ -187,6 +230,9 @@ async function auditTail(after, type, keep) {
 // ---------------------------------------------------------------- sign-in and routing
 
 function showPage(name) {
+  if (name !== currentPage) clearStatus();
+  currentPage = name;
+  if (name !== 'setup') setupToken = null;
   for (const page of document.querySelectorAll('.page')) page.hidden = page.id !== `page-${name}`;
   for (const link of document.querySelectorAll('#nav a')) {
     if (link.dataset.page === name) link.setAttribute('aria-current', 'page');
@@ -267,8 +313,8 @@ async function signIn(body, form) {
   try {
     const answer = await api('POST', '/v1/session', body, { signingIn: true });
     form.reset();
-    say('Signed in.');
     signedIn(answer);
+    say('Signed in.');
   } catch (err) {
     const message = err.status === 401
       ? 'Sign-in refused: the credentials are wrong, or the token is revoked.'
@@ -287,6 +333,127 @@ async function signOut() {
   }
   signedOut();
   say('Signed out.');
+}
+
+// ---------------------------------------------------------------- first admin user
+
+// The setup link reads `/admin/#setup=<admin token>`: a fragment never reaches the
+// server, so the token stays out of request lines and logs. The page takes it out of
+// the address bar (and so out of the history) before anything else.
+const SETUP_HASH = /^#setup(?:=(.*))?$/;
+
+/** Shows the setup page if the address asks for it; true if it did. */
+function setupFromAddress() {
+  const match = location.hash.match(SETUP_HASH);
+  if (!match) return false;
+  let token = null;
+  if (match[1]) {
+    try { token = decodeURIComponent(match[1]).trim(); } catch { token = null; }
+    history.replaceState(null, '', `${location.pathname}${location.search}#setup`);
+  }
+  showSetup(token || null);
+  return true;
+}
+
+function showSetup(token) {
+  stopPage();
+  showPage('setup');
+  setupToken = token;
+  document.title = 'Create the first admin user – gatehouse admin';
+  $('setup-existing').hidden = true;
+  $('setup-token-field').hidden = Boolean(token);
+  $('setup-token').required = !token;
+  (token ? $('setup-username') : $('setup-token')).focus();
+  if (token) checkSetupToken(token);
+}
+
+/**
+ * Tries the link's token before a password is typed: a revoked or mistyped one is said
+ * at once (and a field to paste another is shown); users made before are named.
+ */
+async function checkSetupToken(token) {
+  try {
+    const { users } = await api('GET', '/v1/admin-users', undefined, { bearer: token });
+    if (setupToken !== token) return;
+    const note = $('setup-existing');
+    note.textContent = users.length > 0
+      ? `Admin users exist already: ${users.map((u) => u.username).join(', ')}. Another can be made here, or sign in.`
+      : '';
+    note.hidden = users.length === 0;
+  } catch (err) {
+    if (setupToken !== token) return;
+    setupToken = null;
+    $('setup-token-field').hidden = false;
+    $('setup-token').required = true;
+    const message = err.status === 401
+      ? 'The setup link’s token is not accepted: it is mistyped, or it was revoked. Paste an admin token, or sign in.'
+      : err.message;
+    say(message, 'error');
+  }
+}
+
+async function createFirstUser(event) {
+  event.preventDefault();
+  const form = event.target;
+  const token = setupToken || $('setup-token').value.trim();
+  const username = $('setup-username').value.trim();
+  const password = $('setup-password').value;
+  if (!token) {
+    say('Paste the bootstrap admin token first.', 'error');
+    $('setup-token').focus();
+    return;
+  }
+  if (password !== $('setup-password2').value) {
+    say('The two passwords differ: type the same one twice.', 'error');
+    $('setup-password2').focus();
+    return;
+  }
+  const button = form.querySelector('button[type=submit]');
+  button.disabled = true;
+  try {
+    try {
+      await api('POST', '/v1/admin-users', { username, password }, { bearer: token });
+    } catch (err) {
+      if (err.status === 401) {
+        setupToken = null;
+        $('setup-token-field').hidden = false;
+        $('setup-token').required = true;
+        say('The token is not accepted: it is mistyped, or it was revoked.', 'error');
+      } else {
+        say(`The user was not created: ${err.message.replace(/\.$/, '')}.`, 'error');
+      }
+      return;
+    }
+    setupToken = null;
+    form.reset();
+    history.replaceState(null, '', `${location.pathname}${location.search}`);
+    try {
+      const answer = await api('POST', '/v1/session', { username, password }, { signingIn: true });
+      signedIn(answer);
+      say(`Admin user ${username} created; signed in.`);
+    } catch (err) {
+      signedOut(`Admin user ${username} created, but signing in failed: ${err.message}`);
+      $('signin-username').value = username;
+    }
+  } finally {
+    button.disabled = false;
+  }
+}
+
+async function leaveSetup() {
+  setupToken = null;
+  $('setup-form').reset();
+  history.replaceState(null, '', `${location.pathname}${location.search}`);
+  if (session.csrf) {
+    route();
+    return;
+  }
+  // A setup link opened in a browser that was signed in already.
+  try {
+    signedIn(await api('GET', '/v1/session'));
+  } catch {
+    signedOut();
+  }
 }
 
 // ---------------------------------------------------------------- overview
@@ -351,7 +518,7 @@ async function loadOverview() {
     const { keys } = await api('GET', '/v1/keys');
     if (!keys.some((k) => k.state === 'active')) warnings.push('No signing key is active.');
     fillRows($('ov-keys').tBodies[0], keys.map((k) => el('tr', {},
-      cell(el('code', {}, k.kid)), cell(k.alg), cell(k.state), cell(time(k.created_at)))), 4, 'No keys.');
+      cellOf('id', el('code', {}, k.kid)), cell(k.alg), cell(k.state), cell(time(k.created_at)))), 4, 'No keys.');
   });
 
   await guarded(async () => {
@@ -365,7 +532,7 @@ async function loadOverview() {
       cell(job.name),
       cell(el('code', {}, job.schedule)),
       cell(time(job.last_run)),
-      cell(job.running ? 'running' : (job.last_outcome || '—'), job.last_error ? el('span', { className: 'help' }, ` ${job.last_error}`) : null),
+      cellOf('text', job.running ? 'running' : (job.last_outcome || '—'), job.last_error ? el('span', { className: 'help' }, ` ${job.last_error}`) : null),
       cell(time(job.next_run)))), 5, 'No jobs.');
   });
 
@@ -405,6 +572,8 @@ async function openPairing(event) {
     const head = await auditHead();
     const openedAt = Date.now();
     const created = await api('POST', '/v1/pairing/sessions', body);
+    // Left meanwhile: the session's watch and message would land on another page.
+    if (currentPage !== 'pairing') return;
     showPairing(created, openedAt + ttl * 1000, head);
     say('Pairing session opened.');
   } catch (err) {
@@ -499,14 +668,14 @@ function renderDevices() {
     : deviceList;
   $('devices-count').textContent = `${shown.length} of ${deviceList.length} devices`;
   fillRows($('devices-table').tBodies[0], shown.map((d) => el('tr', {},
-    cell(d.name),
-    cell(d.platform),
-    cell(d.app_version),
-    cell(el('span', { className: `badge ${d.status}` }, d.status), d.revoked_at ? el('span', { className: 'help' }, ' ', time(d.revoked_at)) : null),
+    cellOf('text', d.name),
+    cellOf('text', d.platform),
+    cellOf('text', d.app_version),
+    cell(el('span', { className: `badge ${d.status}` }, d.status), d.revoked_at ? el('span', { className: 'help block' }, time(d.revoked_at)) : null),
     cell(time(d.created_at)),
     cell(time(d.last_seen)),
-    cell(el('code', {}, d.id)),
-    cell(d.status === 'active'
+    cellOf('id', el('code', {}, d.id)),
+    cellOf('actions', d.status === 'active'
       ? el('button', { type: 'button', className: 'danger', 'aria-label': `Revoke ${d.name}`, onclick: () => revokeDevice(d) }, 'Revoke')
       : null))), 8, needle ? 'No device matches.' : 'No device has paired yet.');
 }
@@ -533,7 +702,7 @@ async function loadAudit() {
     const start = Math.max(0, head - (type ? 20000 : AUDIT_ROWS));
     const { events, cursor } = await auditTail(start, type, AUDIT_ROWS);
     let rows = events.slice().reverse();
-    fillRows(tbody, rows.map(auditRow), 9, 'No events.');
+    fillRows(tbody, rows.map(auditRow), 6, 'No events.');
     let after = Math.max(cursor, head);
     if (!$('audit-live').checked) return;
     every(POLL_MS, async () => {
@@ -544,7 +713,7 @@ async function loadAudit() {
       if (page.next !== null && page.next !== undefined) after = Math.max(after, page.next);
       if (page.events.length === 0) return;
       if (rows.length === 0) tbody.replaceChildren();
-      for (const ev of page.events) tbody.prepend(auditRow(ev));
+      for (const ev of page.events) tbody.prepend(labelCells($('audit-table'), auditRow(ev)));
       rows = page.events.slice().reverse().concat(rows);
       while (tbody.rows.length > AUDIT_ROWS) tbody.deleteRow(-1);
       rows = rows.slice(0, AUDIT_ROWS);
@@ -555,16 +724,15 @@ async function loadAudit() {
 function auditRow(ev) {
   const details = Object.entries(ev.details || {})
     .map(([k, v]) => `${k}=${typeof v === 'string' ? v : JSON.stringify(v)}`).join(' ');
+  // Severity and outcome go with the type, the source address with the actor: six
+  // columns leave the details room enough at a laptop's width.
   return el('tr', { className: `sev-${ev.severity}` },
     cell(String(ev.seq)),
     cell(time(ev.time)),
-    cell(el('code', {}, ev.type)),
-    cell(ev.severity),
-    cell(ev.outcome),
-    cell(ev.actor),
-    cell(ev.source || '—'),
-    cell(ev.device ? el('code', {}, ev.device) : '—'),
-    cell(el('span', { className: 'details' }, details)));
+    cellOf('event', el('code', {}, ev.type), el('span', { className: 'help block' }, `${ev.severity}, ${ev.outcome}`)),
+    cellOf('actor', ev.actor, el('span', { className: 'help block' }, ev.source ? `from ${ev.source}` : 'no address')),
+    cellOf('id', ev.device ? el('code', {}, ev.device) : '—'),
+    cellOf('long', el('span', { className: 'details' }, details)));
 }
 
 // ---------------------------------------------------------------- bans
@@ -573,14 +741,14 @@ async function loadBans() {
   await guarded(async () => {
     const { bans } = await api('GET', '/v1/ratelimit/bans');
     fillRows($('bans-table').tBodies[0], bans.map((b) => el('tr', {},
-      cell(el('code', {}, b.key)),
-      cell(b.reason),
+      cellOf('id', el('code', {}, b.key)),
+      cellOf('text', b.reason),
       cell(time(b.since)),
-      cell(time(b.until), b.active ? ` (${b.remaining_seconds} s left)` : ''),
+      cell(time(b.until), b.active ? el('span', {}, ` (${b.remaining_seconds} s left)`) : null),
       cell(String(b.offences)),
       cell(b.active ? 'yes' : 'no'),
-      cell(b.active
-        ? el('button', { type: 'button', 'aria-label': `Lift the ban on ${b.key}`, onclick: () => liftBan(b.key) }, 'Unban')
+      cellOf('actions', b.active
+        ? el('button', { type: 'button', 'aria-label': `Unban ${b.key}`, onclick: () => liftBan(b.key) }, 'Unban')
         : null))), 7, 'No bans.');
   });
 }
@@ -600,7 +768,7 @@ async function loadKeys() {
   await guarded(async () => {
     const { keys } = await api('GET', '/v1/keys');
     fillRows($('keys-table').tBodies[0], keys.map((k) => el('tr', {},
-      cell(el('code', {}, k.kid)),
+      cellOf('id', el('code', {}, k.kid)),
       cell(k.alg),
       cell(el('span', { className: `badge ${k.state}` }, k.state)),
       cell(time(k.created_at)),
@@ -632,6 +800,9 @@ function wire() {
     signIn({ token: $('signin-token-value').value.trim() }, event.target);
   });
   $('sign-out').addEventListener('click', signOut);
+  $('signin-setup').addEventListener('click', () => { location.hash = 'setup'; });
+  $('setup-form').addEventListener('submit', createFirstUser);
+  $('setup-cancel').addEventListener('click', leaveSetup);
   $('overview-refresh').addEventListener('click', () => { loadOverview(); say('Refreshed.'); });
   $('pairing-form').addEventListener('submit', openPairing);
   $('pairing-copy').addEventListener('click', copyUri);
@@ -640,11 +811,16 @@ function wire() {
   $('audit-live').addEventListener('change', () => { stopPage(); loadAudit(); });
   $('bans-refresh').addEventListener('click', loadBans);
   $('keys-rotate').addEventListener('click', rotateKeys);
-  window.addEventListener('hashchange', route);
+  window.addEventListener('hashchange', () => {
+    if (setupFromAddress()) return;
+    if (session.csrf) route();
+    else if (currentPage === 'setup') signedOut();
+  });
 }
 
 async function start() {
   wire();
+  if (setupFromAddress()) return;
   try {
     const current = await api('GET', '/v1/session');
     signedIn(current);
