@@ -619,12 +619,16 @@ fn announce(running: &Running, config: &Config, clock: &dyn Clock) {
     if let Some(token) = &running.bootstrap_token {
         println!(
             "\nFirst start: a bootstrap admin token was created. It is shown only now; store it \
-             somewhere safe:\n\n    {}\n\nThen create named tokens (gatehouse admin-token create \
-             --name NAME) and revoke this one (gatehouse admin-token revoke {}).\n",
-            token.token, token.id
+             somewhere safe:\n\n    {token}\n\nNext: create the first admin user in the \
+             browser (the link carries the token; a self-signed certificate needs a one-time \
+             exception):\n\n    {url}/admin/#setup={token}\n\nor with gatehouse admin-user \
+             add NAME; then revoke this token (gatehouse admin-token revoke {id}).\n",
+            token = token.token,
+            id = token.id
         );
     }
     println!("gatehouse listening on {url}");
+    println!("admin UI: {url}/admin/");
     if let Some(from) = &running.issuer_changed_from {
         println!(
             "issuer changed: {from} -> {issuer} (refresh tokens keep working; apps that verify \

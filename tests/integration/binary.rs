@@ -572,6 +572,11 @@ async fn zero_config_start_serves_hardened_https_and_stops_on_sigterm() {
         .clone()
         .expect("a first start prints a bootstrap token");
     assert!(token.starts_with("gha_") && token.len() == 64, "{token}");
+    // The next step: the admin UI, and the link that makes the first admin user.
+    let has = |line: &str| server.stdout.iter().any(|l| l.trim() == line);
+    let setup = format!("{}/admin/#setup={token}", server.url);
+    assert!(has(&setup), "{:?}", server.stdout);
+    assert!(has(&format!("admin UI: {}/admin/", server.url)));
     assert!(
         server
             .stdout
