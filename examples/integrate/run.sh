@@ -100,12 +100,30 @@ segment = token.split(".")[0 if part == "header" else 1]
 print(json.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))[member])' "$1" "$2" "$3"
 }
 
+echo "== docs/integrate.md"
+# Every snippet the page shows ("From [`FILE`](…):" and a code block) is a verbatim
+# excerpt of that file, so the page cannot drift from the code this run tests.
+python3 - "$root/docs/integrate.md" "$root" <<'PY' || fail "docs/integrate.md shows code its files no longer have"
+import re, sys
+page, root = sys.argv[1:]
+text = open(page).read()
+snippets = re.findall(r"^From \[`([^`]+)`\]\([^)]*\):\n\n```[a-z]*\n(.*?)\n```$", text, re.M | re.S)
+if not snippets:
+    sys.exit("no snippets found")
+bad = [path for path, code in snippets if code not in open(f"{root}/{path}").read()]
+for path in bad:
+    print(f"a snippet is not in {path}", file=sys.stderr)
+sys.exit(1 if bad else 0)
+PY
+pass "docs/integrate.md: every snippet is an excerpt of its file"
+
 echo "== dependencies"
 python_deps=$root/target/integrate/python
 stamp=$(cat "$examples/python/requirements.txt" <(python3 --version) | sha256sum | cut -c1-16)
 if [ "$(cat "$python_deps/.stamp" 2>/dev/null)" != "$stamp" ]; then
   rm -rf "$python_deps"
   python3 -m pip install --quiet --disable-pip-version-check --no-warn-script-location \
+    --no-warn-conflicts --root-user-action=ignore \
     --target "$python_deps" -r "$examples/python/requirements.txt"
   echo "$stamp" >"$python_deps/.stamp"
 fi
