@@ -20,7 +20,10 @@ export interface WebSocketLike {
 export type WebSocketConstructor = new (url: string, protocols?: string | string[], options?: any) => WebSocketLike;
 
 export interface SocketEvents {
-  /** The socket is authenticated and speaks for `deviceId`; its token has `expiresIn` seconds left. */
+  /**
+   * The socket is connected and authenticated, and speaks for `deviceId`; its token has
+   * `expiresIn` seconds left. Once per connection (not for the renewals of its token).
+   */
   onReady?: (info: { deviceId: string; expiresIn: number }) => void;
   /**
    * The socket closed. `reconnectInMs` is when the client tries again, or null when it
@@ -195,10 +198,12 @@ export class GatehouseSocket {
     switch (message['type']) {
       case 'auth_success': {
         const expiresIn = typeof message['expires_in'] === 'number' ? message['expires_in'] : 0;
+        const renewed = this.#state === 'ready';
         this.#state = 'ready';
         this.#attempt = 0;
         this.#scheduleRenewal(ws, expiresIn);
-        this.#events.onReady?.({ deviceId: String(message['device_id']), expiresIn });
+        // A renewal of the token on an open socket is not a new connection.
+        if (!renewed) this.#events.onReady?.({ deviceId: String(message['device_id']), expiresIn });
         return;
       }
       case 'pong':

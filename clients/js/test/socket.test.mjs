@@ -162,3 +162,49 @@ describe('WebSocket channel', () => {
     socket.close();
   });
 });
+
+describe('WebSocket token renewal', () => {
+  let short;
+  before(async () => {
+    // One-minute tokens; with a 55-second margin the client renews 5 s after connecting.
+    short = await startServer({ GATEHOUSE_ACCESS_TTL: '1m' });
+  });
+  after(() => short?.stop());
+
+  test('renews the socket\'s token on the open socket before it expires', async () => {
+    const client = new GatehouseClient({ store: new MemoryStore(), WebSocket, refreshMarginSeconds: 55 });
+    const paired = await client.pair(await short.pairingUri('renewal'), DEVICE);
+    const events = recorder();
+    const socket = client.connect(events.handlers, { initialDelayMs: 100 });
+    try {
+      const ready = await events.next('ready', 0);
+      assert.ok(ready.expiresIn <= 60);
+      const deadline = Date.now() + 15_000;
+      while ((await short.audit('token.refreshed', paired.deviceId)).length === 0) {
+        assert.ok(Date.now() < deadline, 'no refresh within 15 s');
+        await new Promise((r) => setTimeout(r, 250));
+      }
+      const renewed = await client.session();
+      assert.notEqual(renewed.accessToken, paired.accessToken);
+      // The server holds the new token for this socket: revoking the old one leaves it open.
+      await new Promise((r) => setTimeout(r, 500));
+      await short.request('POST', '/v1/revoke', {
+        headers: { 'content-type': 'application/x-www-form-urlencoded' },
+        body: new URLSearchParams({ token: paired.accessToken }).toString(),
+      });
+      await new Promise((r) => setTimeout(r, 1000));
+      assert.equal(events.count('close'), 0, `closed: ${JSON.stringify(events.events)}`);
+      assert.equal(events.count('ready'), 1, 'a renewal is not a new connection');
+      assert.equal(socket.state, 'ready');
+      // Revoking the token the socket holds now closes it.
+      await short.request('POST', '/v1/revoke', {
+        headers: { 'content-type': 'application/x-www-form-urlencoded' },
+        body: new URLSearchParams({ token: renewed.accessToken }).toString(),
+      });
+      const closed = await events.next('close', 0);
+      assert.equal(closed.reason, 'token revoked');
+    } finally {
+      socket.close();
+    }
+  });
+});
