@@ -263,6 +263,8 @@ export class GatehouseClientBase {
       refreshToken: answer.refresh_token,
       accessExpiresAt: started + answer.expires_in * 1000,
     };
+    // Paired anew or unpaired meanwhile: this pair belongs to a session no longer held.
+    if (this.#session !== session) return next;
     // In memory first: the old refresh token is spent, whatever the store does next.
     this.#session = next;
     await this.#store.save(next);
