@@ -154,7 +154,8 @@ server_env+=(
 gatehouse() {
   "${server_env[@]}" "$bin" --data "$work/gatehouse.redb" "$@"
 }
-gatehouse serve --listen 127.0.0.1:0 >"$work/server.out" 2>"$work/server.log" </dev/null &
+: >"$work/server.out" # before the server starts, so that the wait below can read it
+gatehouse serve --listen 127.0.0.1:0 >>"$work/server.out" 2>"$work/server.log" </dev/null &
 pids+=($!)
 server_pid=$!
 
@@ -216,10 +217,11 @@ declare -A app_port
 start_app() { # NAME AUDIENCE COMMAND...
   local name=$1 app_audience=$2 port=
   shift 2
+  : >"$work/$name.log" # before the app starts, so that the wait below can read it
   env AUTH_ISSUER="$url" AUTH_AUDIENCE="$app_audience" AUTH_CA_FILE="$ca" \
     AUTH_CLIENT_ID="$client_id" AUTH_CLIENT_SECRET="$client_secret" \
     AUTH_LEEWAY_SECONDS=0 PORT=0 PYTHONPATH="$python_deps" \
-    "$@" >"$work/$name.log" 2>&1 </dev/null &
+    "$@" >>"$work/$name.log" 2>&1 </dev/null &
   pids+=($!)
   for _ in $(seq 1 200); do
     port=$(sed -n 's/^listening on http:\/\/127\.0\.0\.1:\([0-9]*\)$/\1/p' "$work/$name.log" | head -n1)
