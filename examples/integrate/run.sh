@@ -155,7 +155,10 @@ gatehouse() {
   "${server_env[@]}" "$bin" --data "$work/gatehouse.redb" "$@"
 }
 : >"$work/server.out" # before the server starts, so that the wait below can read it
-gatehouse serve --listen 127.0.0.1:0 >>"$work/server.out" 2>"$work/server.log" </dev/null &
+# Started as a simple command, not through the function above: then $! is the server's
+# own process (env execs it), which the cleanup stops.
+"${server_env[@]}" "$bin" --data "$work/gatehouse.redb" serve --listen 127.0.0.1:0 \
+  >>"$work/server.out" 2>"$work/server.log" </dev/null &
 pids+=($!)
 server_pid=$!
 
@@ -218,6 +221,7 @@ start_app() { # NAME AUDIENCE COMMAND...
   local name=$1 app_audience=$2 port=
   shift 2
   : >"$work/$name.log" # before the app starts, so that the wait below can read it
+  # A simple command: $! is the app's own process (env execs it), which the cleanup stops.
   env AUTH_ISSUER="$url" AUTH_AUDIENCE="$app_audience" AUTH_CA_FILE="$ca" \
     AUTH_CLIENT_ID="$client_id" AUTH_CLIENT_SECRET="$client_secret" \
     AUTH_LEEWAY_SECONDS=0 PORT=0 PYTHONPATH="$python_deps" \
