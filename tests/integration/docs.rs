@@ -62,3 +62,71 @@ fn the_citation_reader_finds_paths_and_names() {
         ]
     );
 }
+
+/// The README's five-minute quickstart works as printed: its shell blocks (all but the
+/// one that starts the server) run in order with bash against a real server, with only
+/// the port and the pasted bootstrap token substituted.
+#[test]
+fn the_readme_quickstart_runs_as_printed() {
+    use crate::binary::{Server, gatehouse};
+    for tool in ["curl", "openssl"] {
+        if !crate::helpers::tool_available(
+            "the_readme_quickstart_runs_as_printed",
+            tool,
+            &["--version"],
+            &format!("the Debian package {tool}"),
+        ) {
+            return;
+        }
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let section = readme
+        .split("## Five minutes with gatehouse")
+        .nth(1)
+        .and_then(|rest| rest.split("\n## ").next())
+        .expect("the README has its quickstart");
+    let blocks: Vec<&str> = section
+        .split("```sh\n")
+        .skip(1)
+        .filter_map(|b| b.split("```").next())
+        .collect();
+    assert!(blocks.len() >= 4, "{blocks:?}");
+    assert_eq!(blocks[0].trim(), "cargo run --release -- serve");
+    let placeholder = "ADMIN=gha_paste_the_bootstrap_token_here";
+    assert!(section.contains(placeholder));
+
+    let dir = tempfile::tempdir().unwrap();
+    let port = crate::helpers::free_port();
+    let mut cmd = gatehouse(&dir.path().join("gatehouse.redb"));
+    cmd.args(["serve", "--listen", &format!("127.0.0.1:{port}")]);
+    let server = Server::start_ok(cmd);
+    let token = server.bootstrap_token.clone().expect("a first start");
+    let script = blocks[1..]
+        .join("\n")
+        .replace("127.0.0.1:8443", &format!("127.0.0.1:{port}"))
+        .replace(placeholder, &format!("ADMIN={token}"));
+    let out = std::process::Command::new("bash")
+        .args(["-euo", "pipefail", "-c", &script])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "the quickstart failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pin = server.pin.clone().expect("a pin");
+    assert!(
+        stdout.contains(&format!("sha256/{pin}")),
+        "the printed pin check: {stdout}"
+    );
+    assert!(stdout.contains("\"keys\""), "the JWKS: {stdout}");
+    assert!(stdout.contains("\"active\":true"), "{stdout}");
+    assert!(
+        stdout.trim_end().ends_with("{\"active\":false}"),
+        "{stdout}"
+    );
+    drop(server);
+}
