@@ -393,10 +393,22 @@ impl FromRequestParts<AppState> for Introspector {
             .decode(credentials.as_bytes())
             .ok()
             .and_then(|bytes| String::from_utf8(bytes).ok());
+        // RFC 6749 section 2.3.1: the id and the secret are form-encoded, then joined.
+        let form_decoded = |part: &str| -> String {
+            form_urlencoded::parse(format!("v={part}").as_bytes())
+                .next()
+                .map(|(_, value)| value.into_owned())
+                .unwrap_or_default()
+        };
         let verified = decoded
             .as_deref()
             .and_then(|text| text.split_once(':'))
-            .map(|(id, secret)| state.services.clients.verify(id, secret));
+            .map(|(id, secret)| {
+                state
+                    .services
+                    .clients
+                    .verify(&form_decoded(id), &form_decoded(secret))
+            });
         match verified {
             Some(Ok(id)) => match spend(Subject::Client(id)) {
                 Some(refusal) => Err(refusal),

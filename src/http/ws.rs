@@ -12,6 +12,7 @@
 
 use axum::Router;
 use axum::routing::get;
+use futures_util::SinkExt;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -150,6 +151,9 @@ struct Authenticated {
 enum Next {
     Continue,
     Close(u16, &'static str),
+    /// The client closed: send the answer tungstenite queued (its own code echoed, RFC
+    /// 6455 section 5.5.1), then end.
+    Answered,
     /// Drop without a closing handshake (a dead peer).
     Drop,
 }
@@ -232,6 +236,10 @@ impl Connection {
                         reason: Utf8Bytes::from_static(reason),
                     };
                     let _ = send_within(&mut socket, Message::Close(Some(frame))).await;
+                    break;
+                }
+                Next::Answered => {
+                    let _ = tokio::time::timeout(SEND_TIMEOUT, SinkExt::flush(&mut socket)).await;
                     break;
                 }
                 Next::Drop => break,
@@ -324,7 +332,7 @@ impl Connection {
             }
             // tungstenite answers pings itself; a close is answered and ends the socket.
             Message::Ping(_) => return Next::Continue,
-            Message::Close(_) => return Next::Drop,
+            Message::Close(_) => return Next::Answered,
         };
         if !self.spend() {
             return self

@@ -1842,3 +1842,39 @@ async fn moving_to_another_port_strands_no_device() {
     assert_eq!(app.running.issuer_changed_from, None);
     app.stop().await;
 }
+
+/// RFC 6749 section 2.3.1: a client form-encodes its id and secret before HTTP Basic;
+/// gatehouse decodes them, so a client that encodes every character is still known.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn introspection_client_credentials_are_form_decoded() {
+    let app = helpers::spawn_app().await;
+    let device = app.pair_device().await;
+    let client = app
+        .running
+        .services
+        .clients
+        .create("encoded", &gatehouse::audit::Origin::operator())
+        .await
+        .unwrap();
+    let encode_all = |text: &str| -> String { text.bytes().map(|b| format!("%{b:02X}")).collect() };
+    for (id, secret) in [
+        (client.client_id.to_string(), client.client_secret.clone()),
+        (
+            encode_all(&client.client_id.to_string()),
+            encode_all(&client.client_secret),
+        ),
+    ] {
+        let response = app
+            .client()
+            .post(app.url("/v1/introspect"))
+            .basic_auth(&id, Some(&secret))
+            .form(&[("token", device.access_token.as_str())])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "{id}");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["active"], true);
+    }
+    app.stop().await;
+}

@@ -1097,3 +1097,21 @@ async fn a_message_with_a_member_named_twice_is_refused() {
     ws.expect_error("invalid_request").await;
     app.stop().await;
 }
+
+/// A close from the client is answered with a close frame echoing its code (RFC 6455
+/// section 5.5.1), so the client sees its own code and not 1006.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_close_from_the_client_is_answered() {
+    let app = helpers::spawn_app().await;
+    let mut ws = Ws::connect(&app).await;
+    ws.send(Message::Close(Some(tungstenite::protocol::CloseFrame {
+        code: tungstenite::protocol::frame::coding::CloseCode::Normal,
+        reason: "bye".into(),
+    })))
+    .await;
+    match ws.next_event(BOUND).await {
+        Event::Close(Some((code, _))) => assert_eq!(code, 1000),
+        other => panic!("expected the close answered with 1000, got {other:?}"),
+    }
+    app.stop().await;
+}
