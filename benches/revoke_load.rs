@@ -95,7 +95,7 @@ async fn pair(running: &Running, client: &reqwest::Client, base: &str) -> String
     let session = running
         .services
         .pairing
-        .create(Some("bench"), None, &Origin::operator())
+        .create(Some("bench"), None, None, &Origin::operator())
         .await
         .unwrap();
     let response = client

@@ -24,7 +24,7 @@ use crate::devices::{DeviceError, DeviceView};
 use crate::error_kind::{Classify, ErrorKind};
 use crate::ids::DeviceId;
 use crate::keys::{KeyInfo, Rotation, RotationReport};
-use crate::pairing::NewSession;
+use crate::pairing::{NewSession, PairingError};
 use crate::ratelimit::Ban;
 use crate::schedule::{JobError, JobView};
 pub(crate) use crate::services::Services;
@@ -91,6 +91,9 @@ pub(crate) enum Command {
     PairNew {
         name: Option<String>,
         ttl_seconds: Option<u64>,
+        /// Pair this existing device again instead of a new one.
+        #[serde(default)]
+        device: Option<String>,
     },
     AuditSearch {
         after: u64,
@@ -301,16 +304,30 @@ pub(crate) async fn execute(
                 services.devices.revoke(&device, &operator).await?,
             ))
         }
-        Command::PairNew { name, ttl_seconds } => Ok(Outcome::PairingOpened(
-            services
-                .pairing
-                .create(
-                    name.as_deref(),
-                    ttl_seconds.map(std::time::Duration::from_secs),
-                    &operator,
-                )
-                .await?,
-        )),
+        Command::PairNew {
+            name,
+            ttl_seconds,
+            device,
+        } => {
+            let again = match device {
+                None => None,
+                Some(id) => Some(
+                    DeviceId::parse(&id)
+                        .ok_or_else(|| CommandError::from(PairingError::UnknownDevice(id)))?,
+                ),
+            };
+            Ok(Outcome::PairingOpened(
+                services
+                    .pairing
+                    .create(
+                        name.as_deref(),
+                        ttl_seconds.map(std::time::Duration::from_secs),
+                        again,
+                        &operator,
+                    )
+                    .await?,
+            ))
+        }
         Command::AuditSearch {
             after,
             kind,

@@ -23,6 +23,7 @@ use crate::audit::{self, Actor, Event, Origin};
 use crate::clock::{SharedClock, format_rfc3339, millis};
 use crate::config::PAIRING_MAX_TTL;
 use crate::error_kind::{Classify, ErrorKind};
+use crate::ids::FamilyId;
 use crate::ids::{DeviceId, RandomError, Secret, SessionId, hash_matches, secret_hash};
 use crate::ratelimit::{FailedCheck, Limited, Lockout, PolicyId, RateLimits, Subject};
 use crate::store::records::{Device, PairingSession};
@@ -57,6 +58,10 @@ pub enum PairingError {
     Banned(Duration),
     #[error("no such pairing session")]
     UnknownSession,
+    #[error("no device with id {0} to pair again")]
+    UnknownDevice(String),
+    #[error("device {0} is revoked, and a revoked device stays revoked: pair a new device instead")]
+    DeviceRevoked(String),
     #[error("the pairing session was already used or has expired")]
     Closed,
     #[error(
@@ -90,7 +95,8 @@ impl Classify for PairingError {
             Self::Rejected => ErrorKind::Unauthenticated,
             Self::RateLimited(_) => ErrorKind::RateLimited,
             Self::Banned(_) => ErrorKind::Banned,
-            Self::UnknownSession => ErrorKind::NotFound,
+            Self::UnknownSession | Self::UnknownDevice(_) => ErrorKind::NotFound,
+            Self::DeviceRevoked(_) => ErrorKind::Conflict,
             Self::Closed | Self::SecretUnavailable => ErrorKind::Gone,
             Self::BadTtl(_) | Self::BadName(_) | Self::BadDevice(_) => ErrorKind::Invalid,
             Self::Unreachable(..) => ErrorKind::Conflict,
@@ -253,8 +259,11 @@ pub fn pairing_uri(
 
 /// What the claim transaction decided.
 enum Claim {
-    Won,
+    /// Paired; for a device paired again, the families its new one replaced.
+    Won(Vec<FamilyId>),
     Lost,
+    /// The device to pair again was revoked after the session was opened.
+    DeviceRevoked,
 }
 
 #[derive(Debug)]
@@ -303,13 +312,32 @@ impl PairingSessions {
     }
 
     /// Opens a session. Durable when this returns.
+    ///
+    /// With `again`, the session pairs that existing device again instead of creating a
+    /// new one: the app that claims it takes over the device (its id, name and history),
+    /// and every other token family of the device is revoked in the same commit. For a
+    /// device that can no longer refresh (`needs_pairing`), or a phone replaced.
     pub async fn create(
         &self,
         name: Option<&str>,
         ttl: Option<Duration>,
+        again: Option<DeviceId>,
         origin: &Origin,
     ) -> Result<NewSession, PairingError> {
         self.server.reachable_from(origin.source)?;
+        let again = match again {
+            None => None,
+            Some(id) => {
+                let device = self
+                    .store
+                    .read(|tx| tx.get(&DEVICES, &id.to_string()))?
+                    .ok_or_else(|| PairingError::UnknownDevice(id.to_string()))?;
+                if device.revoked_at_ms.is_some() {
+                    return Err(PairingError::DeviceRevoked(id.to_string()));
+                }
+                Some((id, device.name))
+            }
+        };
         let ttl = ttl.unwrap_or(self.default_ttl);
         if ttl < MIN_TTL || ttl > PAIRING_MAX_TTL {
             return Err(PairingError::BadTtl(format!(
@@ -327,7 +355,9 @@ impl PairingSessions {
                     ))
                 })
             })
-            .transpose()?;
+            .transpose()?
+            .or_else(|| again.as_ref().map(|(_, name)| name.clone()));
+        let again = again.map(|(id, _)| id);
         let id = SessionId::generate()?;
         let secret = Secret::generate("")?;
         let now = self.clock.now_ms();
@@ -339,13 +369,17 @@ impl PairingSessions {
             expires_at_ms,
             created_by: origin.actor.to_text(),
             claimed_at_ms: None,
-            device_id: None,
+            // Set now for a device paired again; at the claim for a new one.
+            device_id: again.map(|d| d.to_string()),
         };
         let key = id.to_string();
-        let event = Event::new("pairing.created")
+        let mut event = Event::new("pairing.created")
             .detail("session_id", key.clone())
             .detail("name", name.clone())
             .detail("expires_at", format_rfc3339(expires_at_ms));
+        if let Some(device) = again {
+            event = event.device(device).detail("again", true);
+        }
         let origin = origin.clone();
         self.store
             .write(move |tx| {
@@ -450,17 +484,25 @@ impl PairingSessions {
                 .await);
         }
 
-        let device_id = DeviceId::generate()?;
+        // A session opened to pair a device again names it from the start.
+        let again = session.device_id.as_deref().and_then(DeviceId::parse);
+        let device_id = match again {
+            Some(id) => id,
+            None => DeviceId::generate()?,
+        };
         let family = NewFamily::generate()?;
         let stored_family = family.clone();
         let tokens = self.tokens.clone();
         let key = session_id.to_string();
         let device_origin = origin.as_actor(Actor::Device(device_id.to_string()));
-        let claimed = Event::new("pairing.claimed")
+        let mut claimed = Event::new("pairing.claimed")
             .device(device_id)
             .detail("session_id", key.clone())
             .detail("name", device.name.clone())
             .detail("platform", device.platform.clone());
+        if again.is_some() {
+            claimed = claimed.detail("again", true);
+        }
         let issued = Event::new("token.issued")
             .device(device_id)
             .detail("family", family.family.to_string())
@@ -488,21 +530,39 @@ impl PairingSessions {
                 }
                 session.claimed_at_ms = Some(now);
                 session.device_id = Some(device_id.to_string());
+                let id = device_id.to_string();
+                let mut replaced = Vec::new();
+                if again.is_some() {
+                    let Some(mut existing) = tx.get(&DEVICES, &id)? else {
+                        return Ok(Claim::Lost);
+                    };
+                    if existing.revoked_at_ms.is_some() {
+                        return Ok(Claim::DeviceRevoked);
+                    }
+                    // The operator's name stays; the rest describes the app now.
+                    existing.platform.clone_from(&record.platform);
+                    existing.app_version.clone_from(&record.app_version);
+                    existing.last_seen_ms = now;
+                    existing.paired_from.clone_from(&record.paired_from);
+                    existing.pairing_session.clone_from(&record.pairing_session);
+                    tx.put(&DEVICES, &id, &existing)?;
+                    replaced = tokens.end_families_in(tx, &device_id, "paired again", now)?;
+                } else {
+                    tx.put(&DEVICES, &id, &record)?;
+                    tx.index_insert(&DEVICES_BY_AGE, &device_age_key(record.created_at_ms, &id))?;
+                }
                 tx.put(&PAIRING_SESSIONS, &key, &session)?;
-                tx.put(&DEVICES, &device_id.to_string(), &record)?;
-                tx.index_insert(
-                    &DEVICES_BY_AGE,
-                    &device_age_key(record.created_at_ms, &device_id.to_string()),
-                )?;
                 tokens.write_family_in(tx, &stored_family, &device_id, now)?;
+                let claimed = claimed.clone().detail("families_revoked", replaced.len());
                 audit::append(tx, &device_origin, &claimed, now)?;
                 audit::append(tx, &device_origin, &issued, now)?;
-                Ok(Claim::Won)
+                Ok(Claim::Won(replaced))
             })
             .await?;
         match claim {
-            Claim::Won => {
+            Claim::Won(replaced) => {
                 self.forget_uri(&session_id);
+                self.tokens.families_ended(replaced);
                 self.tokens.family_committed(family.family);
                 tracing::info!(%session_id, device = %device_id, peer, "device paired");
                 Ok(self
@@ -511,6 +571,9 @@ impl PairingSessions {
             }
             Claim::Lost => Err(self
                 .refuse(origin, Some(&session_id), "claimed concurrently", false)
+                .await),
+            Claim::DeviceRevoked => Err(self
+                .refuse(origin, Some(&session_id), "device revoked", false)
                 .await),
         }
     }

@@ -431,6 +431,40 @@ impl TokenAuthority {
         )
     }
 
+    /// Revokes, inside a caller's transaction, every family of `device` that is not
+    /// revoked yet (a device paired again gets a new family in the same commit); returns
+    /// them for `families_ended` once committed.
+    pub(crate) fn end_families_in(
+        &self,
+        tx: &WriteTx<'_>,
+        device: &DeviceId,
+        reason: &str,
+        now_ms: u64,
+    ) -> Result<Vec<FamilyId>, StoreError> {
+        let mut ended = Vec::new();
+        let prefix = format!("{device}/");
+        for key in tx.index_keys(&DEVICE_FAMILIES, &prefix, None, usize::MAX)? {
+            let Some(id) = key.strip_prefix(&prefix).and_then(FamilyId::parse) else {
+                continue;
+            };
+            let Some(mut family) = tx.get(&TOKEN_FAMILIES, &id.to_string())? else {
+                continue;
+            };
+            if family.revoked_at_ms.is_none() {
+                RevocationList::revoke_family_in(tx, &id, &mut family, reason, now_ms)?;
+                ended.push(id);
+            }
+        }
+        Ok(ended)
+    }
+
+    /// Mirrors the revocations `end_families_in` committed.
+    pub(crate) fn families_ended(&self, families: Vec<FamilyId>) {
+        for family in families {
+            self.revocations.remember_family(family);
+        }
+    }
+
     /// Mirrors a family written by `write_family_in` once its transaction committed.
     pub(crate) fn family_committed(&self, family: FamilyId) {
         self.revocations.family_created(family);

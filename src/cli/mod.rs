@@ -324,6 +324,10 @@ enum PairCommand {
         /// How long the session stays open, such as 5m (30s to 1h) [default: pairing.ttl]
         #[arg(long, value_name = "DURATION", value_parser = parse_ttl)]
         ttl: Option<std::time::Duration>,
+        /// Pair this existing device again (one that needs pairing, or a replaced phone)
+        /// instead of creating a new one; its other tokens are revoked when it is claimed
+        #[arg(long, value_name = "DEVICE_ID")]
+        device: Option<String>,
     },
 }
 
@@ -470,10 +474,11 @@ async fn run(command: Commands, config: Config) -> anyhow::Result<()> {
             backup_key_file,
         } => backup::restore(&file, backup_key_file.as_deref(), &config).await,
         Commands::Jobs(command) => backup::jobs(command, &config).await,
-        Commands::Pair(PairCommand::New { name, ttl }) => {
+        Commands::Pair(PairCommand::New { name, ttl, device }) => {
             let command = Command::PairNew {
                 name,
                 ttl_seconds: ttl.map(|d| d.as_secs()),
+                device,
             };
             if let Outcome::PairingOpened(session) = run_command(command, &config).await? {
                 // The code first, then the URI as the last line for scripts.

@@ -15,7 +15,7 @@ use super::AppState;
 use super::error::ApiError;
 use super::extract::{Admin, ApiJson, RequestOrigin};
 use crate::clock::format_rfc3339;
-use crate::ids::SessionId;
+use crate::ids::{DeviceId, SessionId};
 use crate::pairing::{DeviceInfo, PairingError};
 use crate::tokens::TokenPair;
 
@@ -33,6 +33,8 @@ pub(super) fn routes() -> Router<AppState> {
 pub(crate) struct CreateSession {
     name: Option<String>,
     ttl_seconds: Option<u64>,
+    /// Pair this existing device again (see `PairingSessions::create`).
+    device_id: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -49,12 +51,18 @@ async fn create_session(
     admin: Admin,
     ApiJson(request): ApiJson<CreateSession>,
 ) -> Result<(StatusCode, Json<CreatedSession>), ApiError> {
+    let again = match request.device_id {
+        None => None,
+        // A malformed id is answered like an unknown device, as on /v1/devices/{id}.
+        Some(id) => Some(DeviceId::parse(&id).ok_or(PairingError::UnknownDevice(id))?),
+    };
     let session = state
         .services
         .pairing
         .create(
             request.name.as_deref(),
             request.ttl_seconds.map(Duration::from_secs),
+            again,
             &admin.origin,
         )
         .await?;

@@ -328,7 +328,9 @@ async function main() {
   try {
     const context = await browser.newContext({ ignoreHTTPSErrors: true, viewport: { width: 1280, height: 900 } });
     const page = await context.newPage();
-    watch(page, problems);
+    // The one expected failure: a refresh token presented twice (a device made to need
+    // pairing), refused with 400.
+    watch(page, problems, { '/v1/token': 400 });
 
     // /admin redirects to the page, which asks to sign in.
     await page.goto(`${server.url}/admin`);
@@ -400,6 +402,59 @@ async function main() {
     await page.getByRole('button', { name: /^Revoke / }).click();
     await statusSays(page, 'revoked');
     await rows.filter({ hasText: 'revoked' }).waitFor();
+
+    // A device whose refresh token was used twice needs pairing: it says why, and is
+    // paired again as itself from its row.
+    const stranded = await page.evaluate(async () => {
+      const s = await fetch('/v1/session').then((r) => r.json());
+      const opened = await fetch('/v1/pairing/sessions', {
+        method: 'POST',
+        headers: { 'Content-Type': 'application/json', 'X-CSRF-Token': s.csrf_token },
+        body: JSON.stringify({ name: 'stranded' }),
+      }).then((r) => r.json());
+      const pair = await fetch('/v1/pair', {
+        method: 'POST',
+        headers: { 'Content-Type': 'application/json' },
+        body: JSON.stringify({ session_id: opened.session_id, secret: opened.secret, device: { name: 'Grace phone', platform: 'ios', app_version: '1.0.0' } }),
+      }).then((r) => r.json());
+      const refresh = () => fetch('/v1/token', {
+        method: 'POST',
+        headers: { 'Content-Type': 'application/x-www-form-urlencoded' },
+        body: `grant_type=refresh_token&refresh_token=${encodeURIComponent(pair.refresh_token)}`,
+      }).then((r) => r.status);
+      return { id: pair.device_id, first: await refresh(), second: await refresh() };
+    });
+    assert.deepEqual([stranded.first, stranded.second], [200, 400], 'the second refresh is a reuse');
+    await page.getByLabel('Search').fill('');
+    await page.getByRole('link', { name: 'Overview' }).click();
+    await page.getByRole('link', { name: 'Devices' }).click();
+    const strandedRow = rows.filter({ hasText: stranded.id });
+    await strandedRow.filter({ hasText: 'needs pairing' }).waitFor();
+    await strandedRow.filter({ hasText: 'its refresh token was used twice' }).waitFor();
+    const devicesBefore = await rows.count();
+    await page.getByRole('button', { name: 'Pair Grace phone again' }).click();
+    await page.locator('#pairing-again', { hasText: 'again' }).waitFor();
+    assert.equal(await page.locator('#pairing-again-id').textContent(), stranded.id);
+    const earlierUri = await uriInput.inputValue();
+    await page.getByRole('button', { name: 'Open a pairing session' }).click();
+    await page.waitForFunction((earlier) => {
+      const value = document.getElementById('pairing-uri').value;
+      return value.startsWith('gatehouse://pair?') && value !== earlier;
+    }, earlierUri);
+    const again = new URL((await uriInput.inputValue()).replace('gatehouse://', 'https://gatehouse/'));
+    const reclaimed = await page.evaluate(async ({ session, secret }) => {
+      const r = await fetch('/v1/pair', {
+        method: 'POST',
+        headers: { 'Content-Type': 'application/json' },
+        body: JSON.stringify({ session_id: session, secret, device: { name: 'Grace phone', platform: 'ios', app_version: '1.1.0' } }),
+      });
+      return r.json();
+    }, { session: again.searchParams.get('session'), secret: again.searchParams.get('secret') });
+    assert.equal(reclaimed.device_id, stranded.id, `the same device, not a new one: ${JSON.stringify(reclaimed)}`);
+    await page.locator('#pairing-result', { hasText: 'Claimed by' }).waitFor();
+    await page.getByRole('link', { name: 'Devices' }).click();
+    await strandedRow.filter({ hasText: 'active' }).waitFor();
+    assert.equal(await rows.count(), devicesBefore, 'no duplicate device');
 
     // Audit: recent events, then the live tail shows a new one.
     await page.getByRole('link', { name: 'Audit' }).click();

@@ -912,3 +912,103 @@ async fn no_pairing_uri_names_the_any_address() {
     );
     app.stop().await;
 }
+
+async fn pair_again_session(app: &TestApp, body: Value) -> (StatusCode, Value) {
+    let response = app
+        .client()
+        .post(app.url("/v1/pairing/sessions"))
+        .bearer_auth(app.admin_token())
+        .json(&body)
+        .send()
+        .await
+        .expect("request");
+    let status = response.status();
+    (status, response.json().await.expect("json"))
+}
+
+async fn claim(app: &TestApp, session: &Value, platform: &str) -> (StatusCode, Value) {
+    let response = app
+        .client()
+        .post(app.url("/v1/pair"))
+        .json(&json!({
+            "session_id": session["session_id"],
+            "secret": session["secret"],
+            "device": {"name": "ignored", "platform": platform, "app_version": "2.0.0"},
+        }))
+        .send()
+        .await
+        .expect("request");
+    let status = response.status();
+    (status, response.json().await.expect("json"))
+}
+
+/// A device that needs pairing is paired again as itself: same id and name, no
+/// duplicate, a new family that works, and the families it held revoked in the same
+/// commit (a replaced phone's tokens stop working).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_is_paired_again_as_itself_not_duplicated() {
+    let app = helpers::spawn_app().await;
+    let stranded = pair_named(&app, "Ada's phone").await;
+    assert_eq!(refresh(&app, &stranded.refresh_token).await, StatusCode::OK);
+    assert_eq!(
+        refresh(&app, &stranded.refresh_token).await,
+        StatusCode::BAD_REQUEST
+    );
+    let (_, before) = admin_get(&app, &format!("/v1/devices/{}", stranded.device_id)).await;
+    assert_eq!(before["status"], "needs_pairing");
+
+    let (status, session) =
+        pair_again_session(&app, json!({"device_id": stranded.device_id})).await;
+    assert_eq!(status, StatusCode::CREATED, "{session}");
+    let (status, pair) = claim(&app, &session, "ios").await;
+    assert_eq!(status, StatusCode::OK, "{pair}");
+    assert_eq!(pair["device_id"], stranded.device_id.as_str());
+    let (_, after) = admin_get(&app, &format!("/v1/devices/{}", stranded.device_id)).await;
+    assert_eq!(after["status"], "active", "{after}");
+    assert_eq!(after["name"], "Ada's phone", "the operator's name stays");
+    assert_eq!(after["platform"], "ios");
+    assert_eq!(ids(&page(&app, "").await).len(), 1, "no duplicate device");
+    let access = pair["access_token"].as_str().unwrap();
+    assert_eq!(app.introspect(access).await["active"], true);
+    let refresh_token = pair["refresh_token"].as_str().unwrap();
+    assert_eq!(refresh(&app, refresh_token).await, StatusCode::OK);
+
+    // A healthy device paired again (a new phone): the old one's tokens end.
+    let old = pair_named(&app, "old phone").await;
+    let (_, session) = pair_again_session(&app, json!({"device_id": old.device_id})).await;
+    let (status, new) = claim(&app, &session, "android").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(new["device_id"], old.device_id.as_str());
+    assert_eq!(app.introspect(&old.access_token).await["active"], false);
+    assert_eq!(
+        refresh(&app, &old.refresh_token).await,
+        StatusCode::BAD_REQUEST
+    );
+    let new_access = new["access_token"].as_str().unwrap();
+    assert_eq!(app.introspect(new_access).await["active"], true);
+    let claimed = app.audit_events("pairing.claimed");
+    let last = claimed.last().unwrap();
+    assert_eq!(last.details["again"], true);
+    assert_eq!(last.details["families_revoked"], 1);
+
+    // Not for a revoked device, nor one that does not exist.
+    let response = app
+        .client()
+        .delete(app.url(&format!("/v1/devices/{}", old.device_id)))
+        .bearer_auth(app.admin_token())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let (status, body) = pair_again_session(&app, json!({"device_id": old.device_id})).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("revoked"),
+        "{body}"
+    );
+    for unknown in ["dev_00000000000000000000000000000000", "nonsense"] {
+        let (status, _) = pair_again_session(&app, json!({"device_id": unknown})).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{unknown}");
+    }
+    app.stop().await;
+}

@@ -63,7 +63,7 @@ async fn a_backup_taken_under_a_write_load_restores_to_a_consistent_state() {
             while !stop.load(Ordering::Relaxed) {
                 let session = services
                     .pairing
-                    .create(None, None, &Origin::operator())
+                    .create(None, None, None, &Origin::operator())
                     .await
                     .unwrap();
                 let device = serde_json::from_value(serde_json::json!({

@@ -509,9 +509,10 @@ async function loadOverview() {
 
   await guarded(async () => {
     const devices = await allDevices();
-    const active = devices.filter((d) => d.status === 'active').length;
-    definition(devicesBox, 'Active', String(active));
-    definition(devicesBox, 'Revoked', String(devices.length - active));
+    const count = (status) => String(devices.filter((d) => d.status === status).length);
+    definition(devicesBox, 'Active', count('active'));
+    definition(devicesBox, 'Needs pairing', count('needs_pairing'));
+    definition(devicesBox, 'Revoked', count('revoked'));
   });
 
   await guarded(async () => {
@@ -552,10 +553,32 @@ async function loadOverview() {
 
 // ---------------------------------------------------------------- pairing
 
+// The device the next session pairs again (set from the devices page), or null.
+let pairAgainDevice = null;
+
 function loadPairing() {
   // A session shown earlier is not resumed: its QR code is still valid, but its
   // countdown and watch stopped when the page was left.
   $('pairing-session').hidden = true;
+  const again = pairAgainDevice;
+  $('pairing-again').hidden = !again;
+  if (again) {
+    $('pairing-again-name').textContent = again.name;
+    $('pairing-again-id').textContent = again.id;
+    $('pairing-name').value = again.name;
+  }
+}
+
+function pairAgain(device) {
+  pairAgainDevice = device;
+  if (location.hash === '#pairing') loadPairing();
+  else location.hash = '#pairing';
+}
+
+function cancelPairAgain() {
+  pairAgainDevice = null;
+  $('pairing-name').value = '';
+  loadPairing();
 }
 
 async function openPairing(event) {
@@ -565,6 +588,7 @@ async function openPairing(event) {
   const ttl = Number($('pairing-ttl').value);
   const body = { ttl_seconds: ttl };
   if (name) body.name = name;
+  if (pairAgainDevice) body.device_id = pairAgainDevice.id;
   const button = event.target.querySelector('button[type=submit]');
   button.disabled = true;
   try {
@@ -575,7 +599,9 @@ async function openPairing(event) {
     // Left meanwhile: the session's watch and message would land on another page.
     if (currentPage !== 'pairing') return;
     showPairing(created, openedAt + ttl * 1000, head);
-    say('Pairing session opened.');
+    say(pairAgainDevice ? `Pairing session opened for ${pairAgainDevice.name}.` : 'Pairing session opened.');
+    pairAgainDevice = null;
+    $('pairing-again').hidden = true;
   } catch (err) {
     if (err.status !== 401) say(err.message, 'error');
   } finally {
@@ -671,14 +697,27 @@ function renderDevices() {
     cellOf('text', d.name),
     cellOf('text', d.platform),
     cellOf('text', d.app_version),
-    cell(el('span', { className: `badge ${d.status}` }, d.status), d.revoked_at ? el('span', { className: 'help block' }, time(d.revoked_at)) : null),
+    cell(el('span', { className: `badge ${d.status}` }, d.status.replace('_', ' ')),
+      d.revoked_at ? el('span', { className: 'help block' }, time(d.revoked_at)) : null,
+      d.status_reason ? el('span', { className: 'help block' }, REASONS[d.status_reason] || d.status_reason) : null),
     cell(time(d.created_at)),
     cell(time(d.last_seen)),
     cellOf('id', el('code', {}, d.id)),
-    cellOf('actions', d.status === 'active'
-      ? el('button', { type: 'button', className: 'danger', 'aria-label': `Revoke ${d.name}`, onclick: () => revokeDevice(d) }, 'Revoke')
-      : null))), 8, needle ? 'No device matches.' : 'No device has paired yet.');
+    cellOf('actions', d.status === 'revoked' ? null : el('span', { className: 'actions' },
+      d.status === 'needs_pairing'
+        ? el('button', { type: 'button', 'aria-label': `Pair ${d.name} again`, onclick: () => pairAgain(d) }, 'Pair again')
+        : null,
+      el('button', { type: 'button', className: 'danger', 'aria-label': `Revoke ${d.name}`, onclick: () => revokeDevice(d) }, 'Revoke'))))),
+  8, needle ? 'No device matches.' : 'No device has paired yet.');
 }
+
+// Why a device needs pairing, in words (`status_reason`).
+const REASONS = {
+  refresh_token_reused: 'its refresh token was used twice',
+  signed_out: 'the app signed out',
+  refresh_expired: 'unused past the refresh lifetime',
+  no_tokens: 'no tokens left',
+};
 
 async function revokeDevice(device) {
   if (!window.confirm(`Revoke “${device.name}” (${device.id})? Its tokens stop working at once.`)) return;
@@ -805,6 +844,7 @@ function wire() {
   $('setup-cancel').addEventListener('click', leaveSetup);
   $('overview-refresh').addEventListener('click', () => { loadOverview(); say('Refreshed.'); });
   $('pairing-form').addEventListener('submit', openPairing);
+  $('pairing-again-cancel').addEventListener('click', cancelPairAgain);
   $('pairing-copy').addEventListener('click', copyUri);
   $('devices-search').addEventListener('input', renderDevices);
   $('audit-form').addEventListener('submit', (event) => { event.preventDefault(); stopPage(); loadAudit(); });
