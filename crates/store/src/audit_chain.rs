@@ -42,38 +42,55 @@ impl std::fmt::Debug for ChainKey {
     }
 }
 
+fn sealed_err(source: SealError) -> StoreError {
+    StoreError::SealedValue {
+        table: "secrets.v1",
+        key: SECRET_AUDIT_CHAIN_KEY.into(),
+        source,
+    }
+}
+
 impl ChainKey {
     /// Reads the chain key from `secrets.v1`, creating it (durably) on first use.
     pub(super) fn load_or_create(db: &redb::Database, sealer: &Sealer) -> Result<Self, StoreError> {
-        let sealed_err = |source| StoreError::SealedValue {
+        if let Some(key) = Self::read(db, sealer)? {
+            return Ok(key);
+        }
+        let mut raw = vec![0u8; 32];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut raw)
+            .map_err(|_| sealed_err(SealError::Random))?;
+        let sealed = sealer
+            .seal(SECRETS_NAME, SECRET_AUDIT_CHAIN_KEY.as_bytes(), &raw)
+            .map_err(sealed_err)?;
+        let tx = super::begin_durable_write(db)?;
+        tx.open_table(SECRETS)?
+            .insert(SECRET_AUDIT_CHAIN_KEY, sealed.as_slice())?;
+        tx.commit()?;
+        Self::from_raw(&raw)
+    }
+
+    /// Reads the chain key of a file opened read-only, which must have one already.
+    pub(super) fn load(db: &impl ReadableDatabase, sealer: &Sealer) -> Result<Self, StoreError> {
+        Self::read(db, sealer)?.ok_or_else(|| StoreError::Decode {
             table: "secrets.v1",
             key: SECRET_AUDIT_CHAIN_KEY.into(),
-            source,
+            reason: "the audit chain key is missing".into(),
+        })
+    }
+
+    fn read(db: &impl ReadableDatabase, sealer: &Sealer) -> Result<Option<Self>, StoreError> {
+        let tx = db.begin_read()?;
+        let table = tx.open_table(SECRETS)?;
+        let Some(sealed) = table.get(SECRET_AUDIT_CHAIN_KEY)? else {
+            return Ok(None);
         };
-        let existing = {
-            let tx = db.begin_read()?;
-            let table = tx.open_table(SECRETS)?;
-            table
-                .get(SECRET_AUDIT_CHAIN_KEY)?
-                .map(|v| v.value().to_vec())
-        };
-        let raw = if let Some(sealed) = existing {
-            sealer
-                .open(SECRETS_NAME, SECRET_AUDIT_CHAIN_KEY.as_bytes(), &sealed)
-                .map_err(sealed_err)?
-        } else {
-            let mut raw = vec![0u8; 32];
-            ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut raw)
-                .map_err(|_| sealed_err(SealError::Random))?;
-            let sealed = sealer
-                .seal(SECRETS_NAME, SECRET_AUDIT_CHAIN_KEY.as_bytes(), &raw)
-                .map_err(sealed_err)?;
-            let tx = super::begin_durable_write(db)?;
-            tx.open_table(SECRETS)?
-                .insert(SECRET_AUDIT_CHAIN_KEY, sealed.as_slice())?;
-            tx.commit()?;
-            raw
-        };
+        let raw = sealer
+            .open(SECRETS_NAME, SECRET_AUDIT_CHAIN_KEY.as_bytes(), sealed.value())
+            .map_err(sealed_err)?;
+        Self::from_raw(&raw).map(Some)
+    }
+
+    fn from_raw(raw: &[u8]) -> Result<Self, StoreError> {
         if raw.len() != 32 {
             return Err(StoreError::Decode {
                 table: "secrets.v1",
@@ -81,7 +98,7 @@ impl ChainKey {
                 reason: format!("the chain key is {} bytes, not 32", raw.len()),
             });
         }
-        Ok(Self(hmac::Key::new(hmac::HMAC_SHA256, &raw)))
+        Ok(Self(hmac::Key::new(hmac::HMAC_SHA256, raw)))
     }
 
     fn record_tag(&self, seq: u64, record: &[u8]) -> [u8; TAG_LEN] {

@@ -89,6 +89,11 @@ pub enum StoreError {
          was sealed under another key. Nothing was changed"
     )]
     WrongMasterKey { path: PathBuf, fingerprint: String },
+    #[error(
+        "the data file {path} is open read-only (its file system or its permissions allow no \
+         writes), and {what}: run the command where the file can be written"
+    )]
+    ReadOnly { path: PathBuf, what: &'static str },
     #[error("no migration from data-file format {from}: this build cannot upgrade that file")]
     NoMigration { from: u32 },
     #[error("stored value {table}/{key} cannot be decoded: {reason}")]
@@ -159,9 +164,34 @@ pub struct Store {
     shared: Arc<Shared>,
 }
 
+/// The file under a store: open for writing, with the writer thread, or read-only (a
+/// data file or backup on read-only media, or one this process may not write).
+enum Engine {
+    Writable(Arc<redb::Database>),
+    ReadOnly(redb::ReadOnlyDatabase),
+}
+
+impl Engine {
+    fn begin_read(&self) -> Result<redb::ReadTransaction, redb::TransactionError> {
+        match self {
+            Self::Writable(db) => db.begin_read(),
+            Self::ReadOnly(db) => db.begin_read(),
+        }
+    }
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Writable(_) => "Engine::Writable",
+            Self::ReadOnly(_) => "Engine::ReadOnly",
+        })
+    }
+}
+
 #[derive(Debug)]
 struct Shared {
-    db: Arc<redb::Database>,
+    db: Engine,
     path: PathBuf,
     sealer: Arc<RwLock<Arc<Sealer>>>,
     jobs: Mutex<Option<mpsc::Sender<Job>>>,
@@ -272,7 +302,7 @@ impl Store {
             })?;
         Ok(Self {
             shared: Arc::new(Shared {
-                db,
+                db: Engine::Writable(db),
                 path: path.to_path_buf(),
                 sealer,
                 jobs: Mutex::new(Some(sender)),
@@ -283,6 +313,58 @@ impl Store {
                 commits,
             }),
         })
+    }
+
+    /// Opens an existing data file for reading only, writing nothing to it: for a file
+    /// on read-only media or one this process may not write (a backup on a mounted
+    /// disk). The file must be at this build's format and closed cleanly, since a
+    /// migration or a repair would write; every write answers `StoreError::ReadOnly`.
+    pub fn open_read_only(path: &Path, master: &MasterKey) -> Result<Self, StoreError> {
+        let sealer = Sealer::new(master);
+        let (db, info, chain) = contain::contain(path, || {
+            let db = match builder().open_read_only(path) {
+                Ok(db) => db,
+                Err(redb::DatabaseError::RepairAborted) => {
+                    return Err(StoreError::Corrupt {
+                        path: path.to_path_buf(),
+                        reason: "it was not closed cleanly and needs a repair, which would \
+                                 write to it; open it where it can be written"
+                            .into(),
+                    });
+                }
+                Err(err) => return Err(map_open_error(path, err)),
+            };
+            let tx = db.begin_read().map_err(|e| corrupt(path, e))?;
+            let version = check_meta(&tx, path, &sealer)?;
+            if version != FORMAT_VERSION {
+                return Err(StoreError::ReadOnly {
+                    path: path.to_path_buf(),
+                    what: "it is at an older format, and upgrading it would write to it",
+                });
+            }
+            drop(tx);
+            let info = read_instance_info(&db, path)?;
+            let chain = ChainKey::load(&db, &sealer)?;
+            Ok((db, info, chain))
+        })?;
+        Ok(Self {
+            shared: Arc::new(Shared {
+                db: Engine::ReadOnly(db),
+                path: path.to_path_buf(),
+                sealer: Arc::new(RwLock::new(Arc::new(sealer))),
+                jobs: Mutex::new(None),
+                writer: Mutex::new(None),
+                healthy: Arc::new(AtomicBool::new(true)),
+                chain: Arc::new(chain),
+                info,
+                commits: Arc::new(AtomicU64::new(0)),
+            }),
+        })
+    }
+
+    /// Whether this store was opened with `open_read_only`.
+    pub fn is_read_only(&self) -> bool {
+        matches!(self.shared.db, Engine::ReadOnly(_))
     }
 
     pub fn path(&self) -> &Path {
@@ -352,6 +434,13 @@ impl Store {
         R: Send + 'static,
         E: From<StoreError> + Send + 'static,
     {
+        if self.is_read_only() {
+            return Err(StoreError::ReadOnly {
+                path: self.shared.path.clone(),
+                what: "this changes it",
+            }
+            .into());
+        }
         let sender = self.sender().ok_or(StoreError::WriterStopped)?;
         let (reply, answer) = oneshot::channel();
         sender
@@ -697,7 +786,10 @@ fn migrate_db(db: &redb::Database) -> Result<Option<Migrated>, StoreError> {
     }
 }
 
-fn read_instance_info(db: &redb::Database, path: &Path) -> Result<InstanceInfo, StoreError> {
+fn read_instance_info(
+    db: &impl ReadableDatabase,
+    path: &Path,
+) -> Result<InstanceInfo, StoreError> {
     let tx = db.begin_read()?;
     let meta = tx.open_table(META)?;
     let get = |key: &'static str| -> Result<Vec<u8>, StoreError> {
