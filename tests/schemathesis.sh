@@ -1,8 +1,28 @@
 #!/usr/bin/env bash
 # Schemathesis (property-based API testing from schema/openapi.yaml) against the real
 # binary: a fresh instance on a temporary data file, every operation of the document,
-# generated valid and invalid requests. Fails on any finding: a 5xx, a body that breaks
-# its response schema, an undocumented status code, Content-Type or response header.
+# valid and invalid requests generated from it (`--mode all`), in every phase (examples,
+# coverage, fuzzing, then stateful sequences that follow the document's links). Fails on
+# any finding of any check: a 5xx, a body that breaks its response schema, an
+# undocumented status code, Content-Type or response header; a request the document
+# calls valid that the server refuses, or one it calls invalid that the server accepts
+# (so every constraint the server enforces must be in the document); a missing required
+# header or an undocumented method that is not refused; an operation that answers
+# without its documented credentials; a resource that is missing just after it was
+# created, or still there after it was deleted.
+#
+# The checks are chosen in tests/schemathesis.toml (`[checks] enabled = true`: all of
+# them) rather than with `--checks all`, because a check named on the command line
+# overrides that file's per-operation settings. Its exceptions, each explained there:
+#   - `positive_data_acceptance` also takes POST /v1/token's 400 (a generated refresh
+#     token is never one the server issued: RFC 6749's `invalid_grant`), the 410 of a
+#     claimed session's QR code, and GET /v1/ws's 101 (a valid upgrade; for that one
+#     operation `not_a_server_error` takes 101 too);
+#   - `use_after_free` is off for GET and PATCH /v1/devices/{id}: DELETE revokes a
+#     device, and the interface contract keeps its record, readable and renamable.
+# `object_level_authorization` compares what two identities may see of each other's
+# objects; gatehouse has one kind of admin, who sees everything, so no second identity
+# is configured and that check has nothing to run.
 #
 # Usage: tests/schemathesis.sh [BINARY]   (default target/debug/gatehouse, built if missing)
 # SCHEMATHESIS_MAX_EXAMPLES (default 100) bounds the generated cases per operation and
@@ -12,7 +32,8 @@
 # POST /v1/session) is retried twice; what the server answers is never retried.
 #
 # One worker: Python 3.11 can fail parsing source in two threads at once (a SystemError
-# inside Hypothesis, "AST constructor recursion depth mismatch"), and the run is short.
+# inside Hypothesis, "AST constructor recursion depth mismatch"), and the run is short
+# (about a minute on two cores with the default 100 cases).
 #
 # TLS is verified: the server's self-signed certificate, fetched with openssl s_client,
 # is the only CA schemathesis trusts (--tls-verify FILE).
@@ -103,11 +124,11 @@ started=$(date +%s)
 status=0
 # From the temporary directory: schemathesis leaves a .schemathesis/ folder in its cwd.
 root=$(pwd)
-(cd "$work" && schemathesis run "$root/schema/openapi.yaml" \
+(cd "$work" && schemathesis --config-file "$root/tests/schemathesis.toml" run "$root/schema/openapi.yaml" \
   --url "$url" \
   --tls-verify "$work/ca.pem" \
   --header "Authorization: Bearer $token" \
-  --checks not_a_server_error,response_schema_conformance,status_code_conformance,content_type_conformance,response_headers_conformance \
+  --mode all \
   --phases examples,coverage,fuzzing,stateful \
   --max-examples "${SCHEMATHESIS_MAX_EXAMPLES:-100}" \
   ${SCHEMATHESIS_SEED:+--seed "$SCHEMATHESIS_SEED"} \

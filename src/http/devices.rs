@@ -41,6 +41,7 @@ pub(crate) struct ListQuery {
 }
 
 /// `GET /v1/devices?status=active|revoked&name=TEXT&after=ID&limit=N`, oldest first.
+/// A malformed `after` is a 400; one that names no device a 404.
 async fn list(
     State(state): State<AppState>,
     _admin: Admin,
@@ -56,6 +57,18 @@ async fn list(
         })?),
         None => None,
     };
+    // A cursor is the id of a device a previous page listed, and devices are never
+    // deleted: one that names no device is an unknown resource (404), not a malformed
+    // request.
+    if let Some(id) = &after
+        && state.services.devices.get(id)?.is_none()
+    {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "the `after` cursor names no device",
+        ));
+    }
     let filter = DeviceFilter {
         status: query.status,
         name: query.name,

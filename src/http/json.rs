@@ -4,6 +4,11 @@
 //! `{"now": false, "now": true}` would act on `true` while a log or a proxy that reads the
 //! first one sees `false`. Every JSON body and WebSocket message is read through
 //! `StrictObject` first, which refuses that, then turned into its type.
+//!
+//! A number written with a fraction or an exponent that is exactly an integer (`300.0`,
+//! `3e2`) is read as that integer, as JSON Schema counts it: an integer member accepts it
+//! like `300`. Only integers up to 2^53 in magnitude, which a double holds exactly, are
+//! read so; a larger one stays a float and an integer member refuses it.
 
 use std::collections::HashSet;
 use std::fmt;
@@ -48,6 +53,15 @@ impl<'de> Deserialize<'de> for StrictValue {
 
 struct StrictVisitor;
 
+/// The integer `v` is exactly, when it is one and a double holds every integer up to it.
+fn exact_integer(v: f64) -> Option<i64> {
+    /// 2^53: every integer up to this magnitude is a double exactly.
+    const EXACT: f64 = 9_007_199_254_740_992.0;
+    // `as` is exact here: `v` is integral and within ±2^53.
+    #[allow(clippy::cast_possible_truncation)]
+    (v.fract() == 0.0 && v.abs() <= EXACT).then_some(v as i64)
+}
+
 impl<'de> Visitor<'de> for StrictVisitor {
     type Value = Value;
 
@@ -68,7 +82,7 @@ impl<'de> Visitor<'de> for StrictVisitor {
     }
 
     fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
-        Ok(Value::from(v))
+        Ok(exact_integer(v).map_or_else(|| Value::from(v), Value::from))
     }
 
     fn visit_str<E>(self, v: &str) -> Result<Value, E> {
@@ -143,5 +157,23 @@ mod tests {
         assert_eq!(object.0["i"], -3);
         assert_eq!(object.0["u"], u64::MAX);
         assert_eq!(object.0["f"], 1.5);
+    }
+
+    #[test]
+    fn an_integral_number_is_an_integer() {
+        let object = StrictObject::parse(
+            br#"{"a": 300.0, "b": 3e2, "c": -0.0, "d": -7.0, "e": 9007199254740992.0,
+                "f": 9007199254740994.0, "g": 1e300, "h": 300.5}"#,
+        )
+        .unwrap();
+        assert_eq!(object.0["a"], 300);
+        assert!(object.0["a"].is_u64());
+        assert_eq!(object.0["b"], 300);
+        assert_eq!(object.0["c"], 0);
+        assert_eq!(object.0["d"], -7);
+        assert_eq!(object.0["e"], 9_007_199_254_740_992_u64);
+        assert!(object.0["f"].is_f64());
+        assert!(object.0["g"].is_f64());
+        assert_eq!(object.0["h"], 300.5);
     }
 }

@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::extract::State;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade, close_code};
 use axum::response::{IntoResponse, Response};
 use http::{HeaderValue, StatusCode, header};
@@ -103,8 +104,26 @@ enum ServerMessage<'a> {
 async fn upgrade(
     State(state): State<AppState>,
     Peer(peer): Peer,
-    upgrade: WebSocketUpgrade,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
+    // Anything but an HTTP/1.1 GET with the upgrade headers is no upgrade: a 400 that says
+    // what is missing. That includes a HEAD, which answers as its GET would, and a GET
+    // over HTTP/2 (where a WebSocket would need an extended CONNECT, RFC 8441, which this
+    // server does not offer): the path does take GET, so neither is a 405.
+    let upgrade = match upgrade {
+        Ok(upgrade) => upgrade,
+        Err(rejection) => {
+            let message = match rejection {
+                WebSocketUpgradeRejection::MethodNotGet(_)
+                | WebSocketUpgradeRejection::MethodNotConnect(_) => {
+                    "a WebSocket opens with an HTTP/1.1 GET and the upgrade headers".to_string()
+                }
+                other => other.body_text(),
+            };
+            return ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", message)
+                .into_response();
+        }
+    };
     let slot = match state.services.live.admit(peer.ip()) {
         Ok(slot) => slot,
         Err(refused) => return refusal(refused),

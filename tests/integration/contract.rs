@@ -355,9 +355,23 @@ async fn pairing_and_tokens_answer_as_documented() {
     let path = "/v1/pairing/sessions";
     let (session_id, secret) = api.session().await;
     expect(op, 201, api.admin(Method::POST, path).json(&json!({}))).await;
+    // A number that is exactly an integer is one, however it is written (JSON Schema
+    // counts it so).
+    for ttl in ["300.0", "3e2", "3.0E2"] {
+        expect(
+            op,
+            201,
+            api.admin(Method::POST, path)
+                .header("content-type", "application/json")
+                .body(format!(r#"{{"ttl_seconds": {ttl}}}"#)),
+        )
+        .await;
+    }
     for bad in [
         json!({"name": "x", "colour": "red"}),
         json!({"ttl_seconds": 5}),
+        json!({"ttl_seconds": 300.5}),
+        json!({"ttl_seconds": 1e300}),
         json!({"name": ""}),
         json!({"ttl_seconds": "long"}),
     ] {
@@ -637,7 +651,6 @@ async fn administration_answers_as_documented() {
         "?limit=201",
         "?limit=x",
         "?after=dev_x",
-        "?after=dev_00000000000000000000000000000000",
         "?status=active&status=revoked",
     ] {
         expect(
@@ -647,6 +660,15 @@ async fn administration_answers_as_documented() {
         )
         .await;
     }
+    expect(
+        op,
+        404,
+        api.admin(
+            Method::GET,
+            "/v1/devices?after=dev_00000000000000000000000000000000",
+        ),
+    )
+    .await;
     expect(op, 401, api.anyone(Method::GET, "/v1/devices")).await;
     expect(op, 405, api.admin(Method::POST, "/v1/devices")).await;
 
@@ -821,12 +843,35 @@ async fn administration_answers_as_documented() {
         api.admin(Method::DELETE, "/v1/ratelimit/bans/ip:203.0.113.7"),
     )
     .await;
-    expect(
-        op,
-        400,
-        api.admin(Method::DELETE, "/v1/ratelimit/bans/somebody"),
-    )
-    .await;
+    // Only `ip:` keys name bans; any other is malformed, even one the limiter reads.
+    for key in [
+        "somebody",
+        "ip:203.0.113.7/64",
+        "device:dev_00000000000000000000000000000000",
+        "client:cli_00000000000000000000000000000000",
+    ] {
+        expect(
+            op,
+            400,
+            api.admin(
+                Method::DELETE,
+                &format!("/v1/ratelimit/bans/{}", key.replace('/', "%2F")),
+            ),
+        )
+        .await;
+    }
+    for key in [
+        "ip:2001:db8:1:2::5",
+        "ip:2001:db8:1:2::%2F64",
+        "ip:::ffff:1.2.3.4",
+    ] {
+        expect(
+            op,
+            404,
+            api.admin(Method::DELETE, &format!("/v1/ratelimit/bans/{key}")),
+        )
+        .await;
+    }
     expect(
         op,
         401,
@@ -902,13 +947,32 @@ async fn admin_sessions_answer_as_documented() {
         ),
     )
     .await;
+    // Either a token or a name and password: nothing else, nothing less, not both.
+    for bad in [
+        json!({"colour": "red"}),
+        json!({}),
+        json!({"username": "ada"}),
+        json!({"token": "x", "username": "ada", "password": "y"}),
+    ] {
+        expect(op, 400, api.anyone(Method::POST, path).json(&bad)).await;
+    }
     expect(
         op,
-        400,
+        415,
         api.anyone(Method::POST, path)
-            .json(&json!({"colour": "red"})),
+            .header("content-type", "text/plain")
+            .body("{}"),
     )
     .await;
+    expect(
+        op,
+        413,
+        api.anyone(Method::POST, path)
+            .header("content-type", "application/json")
+            .body(oversized()),
+    )
+    .await;
+    expect(op, 405, api.anyone(Method::PUT, path)).await;
     let op = "GET /v1/session";
     expect(
         op,

@@ -226,13 +226,16 @@ async fn bad_listing_queries_are_400_and_listing_needs_an_admin() {
         "?status=ACTIVE".to_string(),
         "?after=dev_nothex".to_string(),
         format!("?after={}", device.device_id.to_uppercase()),
-        format!("?after={unknown_device}"),
         "?sort=name".to_string(),
         "?limit=2&offset=4".to_string(),
     ] {
         let (status, body) = admin_get(&app, &format!("/v1/devices{query}")).await;
         assert_invalid(status, &body, &query);
     }
+    // A well-formed cursor that names no device is an unknown resource, not a bad query.
+    let (status, body) = admin_get(&app, &format!("/v1/devices?after={unknown_device}")).await;
+    assert_eq!(status, 404, "{body}");
+    assert_eq!(body["error"], "not_found", "{body}");
     // The edges of the accepted range.
     assert_eq!(
         ids(&page(&app, "?limit=1").await),

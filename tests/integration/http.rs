@@ -560,6 +560,35 @@ async fn alpn_negotiates_http2_and_http1_still_works() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_request_that_is_no_upgrade_is_a_400_whatever_the_protocol() {
+    // `/v1/ws` takes GET: a GET without the upgrade headers, a GET over HTTP/2 (no
+    // extended CONNECT is offered) and a HEAD are all requests that cannot upgrade, and
+    // answer the same documented 400, never a 405 without `Allow`.
+    let app = helpers::spawn_app().await;
+    let url = format!("{}/v1/ws", app.base_url);
+    let client = |alpn: &[&[u8]]| {
+        let config = Arc::unwrap_or_clone(tls_config(&app, alpn));
+        reqwest::Client::builder()
+            .tls_backend_preconfigured(config)
+            .no_proxy()
+            .build()
+            .unwrap()
+    };
+    let h2 = client(&[b"h2"]).get(&url).send().await.unwrap();
+    assert_eq!(h2.version(), reqwest::Version::HTTP_2);
+    assert_error_body(h2, 400, "invalid_request").await;
+    let h1 = client(&[b"http/1.1"]);
+    let get = h1.get(&url).send().await.unwrap();
+    assert_eq!(get.version(), reqwest::Version::HTTP_11);
+    assert_error_body(get, 400, "invalid_request").await;
+    let head = h1.head(&url).send().await.unwrap();
+    assert_eq!(head.status(), 400);
+    assert_eq!(head.headers()["content-type"], "application/json");
+    assert!(head.headers().get("allow").is_none());
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plain_http_on_the_tls_port_gets_no_answer() {
     let app = helpers::spawn_app_with(&[("GATEHOUSE_TLS_HANDSHAKE_TIMEOUT", "1s")]).await;
     let mut tcp = TcpStream::connect(app.running.local_addr).await.unwrap();
