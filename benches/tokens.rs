@@ -107,6 +107,9 @@ struct Instance {
     _dir: tempfile::TempDir,
     runtime: tokio::runtime::Runtime,
     services: Services,
+    /// A paired device and its family: a token is valid only for a family in the file.
+    device: DeviceId,
+    family: FamilyId,
 }
 
 impl Instance {
@@ -143,10 +146,44 @@ impl Instance {
                 None,
             ))
             .unwrap();
+        let (device, family) = runtime.block_on(async {
+            let operator = gatehouse::audit::Origin::operator();
+            let session = services
+                .pairing
+                .create(None, None, None, &operator)
+                .await
+                .unwrap();
+            let device = gatehouse::pairing::DeviceInfo {
+                name: "bench".into(),
+                platform: "bench".into(),
+                app_version: "1".into(),
+            };
+            services
+                .pairing
+                .pair(
+                    &session.session_id.to_string(),
+                    &session.secret,
+                    &device,
+                    &operator,
+                )
+                .await
+                .unwrap();
+            let families = services
+                .store
+                .read(|tx| tx.all(&gatehouse::store::TOKEN_FAMILIES))
+                .unwrap();
+            let (family, row) = &families[0];
+            (
+                DeviceId::parse(&row.device_id).unwrap(),
+                FamilyId::parse(family).unwrap(),
+            )
+        });
         Self {
             _dir: dir,
             runtime,
             services,
+            device,
+            family,
         }
     }
 
@@ -156,9 +193,9 @@ impl Instance {
 
     /// One new access token, never verified.
     fn issue(&self) -> String {
-        let device = DeviceId::generate().unwrap();
-        let family = FamilyId::generate().unwrap();
-        self.authority().issue_access(device, family).unwrap()
+        self.authority()
+            .issue_access(self.device, self.family)
+            .unwrap()
     }
 
     /// Revokes `count` random access tokens through the revocation list (durable writes,

@@ -168,7 +168,31 @@ pub(crate) async fn open_existing_store(
     if !config.data_path.exists() {
         return Err(AppError::NoDataFile(config.data_path.clone()));
     }
-    open_store(config, clock).await
+    match open_store(config, clock).await {
+        // A file that cannot be written here (a backup on read-only media, a file of
+        // another user) still serves the commands that only read it.
+        Err(AppError::Store(StoreError::Io { source, .. }))
+            if matches!(
+                source.kind(),
+                std::io::ErrorKind::ReadOnlyFilesystem | std::io::ErrorKind::PermissionDenied
+            ) =>
+        {
+            let key = load_master_key(config)?;
+            let path = config.data_path.clone();
+            let store =
+                tokio::task::spawn_blocking(move || Store::open_read_only(&path, &key)).await?;
+            let store = store.map_err(|err| match err {
+                StoreError::WrongMasterKey { .. } => AppError::WrongMasterKey {
+                    source: err,
+                    hint: key_hint(config),
+                },
+                other => AppError::Store(other),
+            })?;
+            tracing::info!(path = %config.data_path.display(), "the data file cannot be written here; opened it read-only");
+            Ok(store)
+        }
+        other => other,
+    }
 }
 
 fn log_open_report(store: &Store, report: &OpenReport) {

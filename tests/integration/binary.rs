@@ -811,6 +811,68 @@ fn error_text_names_what_was_used_says_things_once_and_logs_nothing_unasked() {
     );
 }
 
+/// A data file this process cannot write (a backup on read-only media, a file of another
+/// user) still answers every command that only reads it, and a backup can be copied off
+/// it; a command that would change it says why it cannot, and the file stays as it was.
+/// Run as an unprivileged user on a file owned by root, which is how the kernel refuses
+/// the write without a read-only mount.
+#[test]
+fn read_only_commands_work_on_a_file_that_cannot_be_written() {
+    use std::os::unix::fs::{PermissionsExt, chown};
+    use std::os::unix::process::CommandExt;
+    if !nix_is_root() {
+        eprintln!(
+            "skipped read_only_commands_work_on_a_file_that_cannot_be_written: needs root to act as another user"
+        );
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "CI runs as root"
+        );
+        return;
+    }
+    const NOBODY: u32 = 65534;
+    let dir = tempfile::tempdir().unwrap();
+    let data = create_instance(dir.path());
+    let key = key_path(&data);
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o644)).unwrap();
+    chown(&key, Some(NOBODY), Some(NOBODY)).unwrap();
+    let out = dir.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    chown(&out, Some(NOBODY), Some(NOBODY)).unwrap();
+    let before = std::fs::read(&data).unwrap();
+    let as_nobody = |args: &[&str]| {
+        let mut cmd = gatehouse(&data);
+        cmd.arg("--master-key-file").arg(&key).args(args);
+        cmd.uid(NOBODY).gid(NOBODY).env("HOME", &out);
+        run(cmd)
+    };
+    for args in [
+        &["admin-token", "list"][..],
+        &["devices", "list"],
+        &["keys", "list"],
+        &["audit", "verify"],
+        &["jobs", "list"],
+    ] {
+        let done = as_nobody(args);
+        assert!(done.status.success(), "{args:?}: {done:?}");
+    }
+    let copy = out.join("copy.redb");
+    let done = as_nobody(&["backup", copy.to_str().unwrap()]);
+    assert!(done.status.success(), "{done:?}");
+    assert!(copy.exists());
+    let done = as_nobody(&["admin-token", "create", "--name", "x"]);
+    assert_eq!(done.status.code(), Some(1), "{done:?}");
+    assert!(done.stderr.contains("read-only"), "{}", done.stderr);
+    assert!(same_bytes(&data, &before), "the file was not changed");
+}
+
+fn nix_is_root() -> bool {
+    std::fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
+        .unwrap_or(false)
+}
+
 #[test]
 fn group_readable_key_file_is_refused_with_the_fix() {
     let dir = tempfile::tempdir().unwrap();

@@ -85,7 +85,11 @@ impl ChainKey {
             return Ok(None);
         };
         let raw = sealer
-            .open(SECRETS_NAME, SECRET_AUDIT_CHAIN_KEY.as_bytes(), sealed.value())
+            .open(
+                SECRETS_NAME,
+                SECRET_AUDIT_CHAIN_KEY.as_bytes(),
+                sealed.value(),
+            )
             .map_err(sealed_err)?;
         Self::from_raw(&raw).map(Some)
     }

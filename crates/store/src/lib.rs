@@ -786,10 +786,7 @@ fn migrate_db(db: &redb::Database) -> Result<Option<Migrated>, StoreError> {
     }
 }
 
-fn read_instance_info(
-    db: &impl ReadableDatabase,
-    path: &Path,
-) -> Result<InstanceInfo, StoreError> {
+fn read_instance_info(db: &impl ReadableDatabase, path: &Path) -> Result<InstanceInfo, StoreError> {
     let tx = db.begin_read()?;
     let meta = tx.open_table(META)?;
     let get = |key: &'static str| -> Result<Vec<u8>, StoreError> {
