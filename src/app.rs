@@ -315,7 +315,14 @@ pub async fn start(config: &Config, clock: SharedClock) -> Result<Running, AppEr
     let socket = AdminSocket::bind(&config.admin_socket)?;
     let admin_socket = socket.path().to_path_buf();
 
-    let state = AppState::new(services.clone(), config.tls_mode);
+    let front = config.front.upstream.clone().map(|upstream| {
+        crate::front::FrontDoor::new(crate::front::UpstreamConfig {
+            upstream,
+            connect_timeout: config.front.connect_timeout,
+            response_timeout: config.front.response_timeout,
+        })
+    });
+    let state = AppState::new(services.clone(), config.tls_mode).with_front(front);
     let router = http::router(state.clone(), &config.server, &config.cors);
     let (stop, stopped) = watch::channel(false);
     let until_stopped = |mut rx: watch::Receiver<bool>| async move {
@@ -653,6 +660,9 @@ fn announce(running: &Running, config: &Config, clock: &dyn Clock) {
     }
     println!("gatehouse listening on {url}");
     println!("admin UI: {url}/admin/");
+    if let Some(upstream) = &config.front.upstream {
+        println!("front door: requests with a device token go to {upstream}");
+    }
     if let Some(from) = &running.issuer_changed_from {
         println!(
             "issuer changed: {from} -> {issuer} (refresh tokens keep working; apps that verify \

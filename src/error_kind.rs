@@ -25,6 +25,10 @@ pub(crate) enum ErrorKind {
     Banned,
     /// The caller spent its allowance of a rate-limit policy.
     RateLimited,
+    /// The app behind the front door could not be reached, or answered nonsense.
+    Upstream,
+    /// The app behind the front door did not answer in time.
+    UpstreamTimeout,
     /// Something the caller cannot influence failed; details go to the log, not to the
     /// caller.
     Internal,
@@ -41,6 +45,8 @@ impl ErrorKind {
             Self::Gone => "gone",
             Self::Banned => "banned",
             Self::RateLimited => "rate_limited",
+            Self::Upstream => "bad_gateway",
+            Self::UpstreamTimeout => "gateway_timeout",
             Self::Internal => "internal_error",
         }
     }
@@ -81,6 +87,8 @@ mod tests {
             ErrorKind::Gone,
             ErrorKind::Banned,
             ErrorKind::RateLimited,
+            ErrorKind::Upstream,
+            ErrorKind::UpstreamTimeout,
             ErrorKind::Internal,
         ];
         let mut codes: Vec<_> = kinds.iter().map(|k| k.code()).collect();

@@ -22,6 +22,7 @@
 mod admin_socket;
 pub mod app;
 pub mod cli;
+mod front;
 pub mod http;
 mod manage;
 mod systemd;

@@ -71,6 +71,9 @@ struct ServeArgs {
     /// files mode: the PEM private key [env: GATEHOUSE_TLS_KEY_FILE]
     #[arg(long, value_name = "FILE")]
     tls_key: Option<PathBuf>,
+    /// The app behind the front door: requests gatehouse does not answer go there once their device token is verified; http://HOST:PORT or unix:/PATH [env: GATEHOUSE_UPSTREAM]
+    #[arg(long, value_name = "URL")]
+    upstream: Option<String>,
     /// Proxies (CIDR or address; repeat or separate with commas) whose X-Forwarded-For and Forwarded headers name the client [env: GATEHOUSE_TRUSTED_PROXIES]
     #[arg(long = "trusted-proxies", value_name = "CIDR")]
     trusted_proxies: Vec<String>,
@@ -356,6 +359,7 @@ pub fn main() -> ExitCode {
             )
             .with_some("--acme-directory", a.acme_directory.clone())
             .with_some("--acme-email", a.acme_email.clone())
+            .with_some("--upstream", a.upstream.clone())
             .with_some(
                 "--trusted-proxies",
                 (!a.trusted_proxies.is_empty()).then(|| a.trusted_proxies.join(",")),

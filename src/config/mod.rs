@@ -26,7 +26,7 @@ use std::time::Duration;
 
 pub use jobs::{CronSchedule, JobName, JobsConfig, parse_timezone};
 pub use settings::{Builtin, SETTINGS, Setting};
-pub use values::{KeyAlgorithm, KeyOrigin, LogFormat, MasterKeySource, Rate, TlsMode};
+pub use values::{KeyAlgorithm, KeyOrigin, LogFormat, MasterKeySource, Rate, TlsMode, Upstream};
 
 /// The longest a pairing session may stay open, by setting or by request.
 pub(crate) const PAIRING_MAX_TTL: Duration = Duration::from_secs(3600);
@@ -226,6 +226,15 @@ pub(crate) struct AuditConfig {
     pub(crate) retention: Duration,
 }
 
+/// The front door (`upstream.*`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub(crate) struct FrontConfig {
+    /// Where requests gatehouse does not answer go; `None`: no front door.
+    pub(crate) upstream: Option<Upstream>,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) response_timeout: Duration,
+}
+
 /// The WebSocket channel's limits.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub(crate) struct WsConfig {
@@ -249,6 +258,7 @@ pub struct Config {
     pub(crate) log_filter: String,
     pub(crate) tokens: TokenConfig,
     pub(crate) ws: WsConfig,
+    pub(crate) front: FrontConfig,
     pub(crate) ratelimit: RateLimitConfig,
     pub(crate) lockout: LockoutConfig,
     pub(crate) audit: AuditConfig,

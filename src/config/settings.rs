@@ -12,7 +12,7 @@ use super::jobs::{JobName, job_list, job_schedule, parse_timezone};
 use super::values::{
     Address, AddressOrOff, Choice, Custom, FilePath, KeyAlgorithm, LETSENCRYPT, LogFormat,
     MasterKeySource, Parser, RateSpec, Span, Switch, TlsMode, Whole, acme_directory, audience,
-    domains, eab_kid, email, issuer, log_level, networks, origins,
+    domains, eab_kid, email, issuer, log_level, networks, origins, upstream_url,
 };
 use super::{Config, PAIRING_MAX_TTL};
 
@@ -304,6 +304,42 @@ pub static SETTINGS: &[Setting] = &[
             parse: networks
         },
         |c, v| c.server.trusted_proxies = v
+    ),
+    setting!(
+        "upstream.url",
+        "GATEHOUSE_UPSTREAM",
+        Some("--upstream"),
+        Unset,
+        "the app behind the front door: requests gatehouse does not answer go there",
+        Custom {
+            what: "upstream",
+            parse: upstream_url
+        },
+        |c, v| c.front.upstream = Some(v)
+    ),
+    setting!(
+        "upstream.connect_timeout",
+        "GATEHOUSE_UPSTREAM_CONNECT_TIMEOUT",
+        None,
+        Value("5s"),
+        "how long to wait for a connection to the app",
+        Span {
+            min: Duration::from_millis(100),
+            max: secs(60)
+        },
+        |c, v| c.front.connect_timeout = v
+    ),
+    setting!(
+        "upstream.response_timeout",
+        "GATEHOUSE_UPSTREAM_RESPONSE_TIMEOUT",
+        None,
+        Value("60s"),
+        "how long to wait for the head of the app's answer",
+        Span {
+            min: secs(1),
+            max: secs(3600)
+        },
+        |c, v| c.front.response_timeout = v
     ),
     setting!(
         "server.max_header_bytes",

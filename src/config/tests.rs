@@ -461,3 +461,30 @@ fn a_mistyped_key_suggests_the_nearest_known_one() {
         .to_string();
     assert!(!err.contains("did you mean"), "{err}");
 }
+
+#[test]
+fn upstreams_are_parsed_with_clear_refusals() {
+    assert_eq!(
+        super::values::upstream_url("http://127.0.0.1:3000"),
+        Ok(super::values::Upstream::Tcp("127.0.0.1:3000".into()))
+    );
+    assert_eq!(
+        super::values::upstream_url("http://[::1]:8080/"),
+        Ok(super::values::Upstream::Tcp("[::1]:8080".into()))
+    );
+    assert_eq!(
+        super::values::upstream_url("unix:/run/app.sock"),
+        Ok(super::values::Upstream::Unix("/run/app.sock".into()))
+    );
+    for bad in [
+        "https://127.0.0.1:3000",
+        "http://127.0.0.1",
+        "http://127.0.0.1:3000/api",
+        "http://u:p@127.0.0.1:3000",
+        "unix:relative.sock",
+        "127.0.0.1:3000",
+        "",
+    ] {
+        assert!(super::values::upstream_url(bad).is_err(), "{bad}");
+    }
+}

@@ -473,6 +473,62 @@ pub(super) fn log_level(v: &str) -> Result<String, String> {
     Ok(v.trim().to_string())
 }
 
+/// Where the app behind the front door listens (`upstream.url`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Upstream {
+    /// `HOST:PORT`, as written in the URL.
+    Tcp(String),
+    Unix(std::path::PathBuf),
+}
+
+impl std::fmt::Display for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Tcp(authority) => write!(f, "http://{authority}"),
+            Self::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+/// Parses `upstream.url`: `http://HOST:PORT` or `unix:/absolute/path`.
+pub(super) fn upstream_url(text: &str) -> Result<Upstream, String> {
+    if let Some(path) = text.strip_prefix("unix:") {
+        let path = std::path::PathBuf::from(path);
+        if !path.is_absolute() {
+            return Err(format!(
+                "{text:?}: a Unix socket is named by an absolute path, such as unix:/run/app.sock"
+            ));
+        }
+        return Ok(Upstream::Unix(path));
+    }
+    let uri: http::Uri = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not a URL such as http://127.0.0.1:3000"))?;
+    if uri.scheme_str() != Some("http") {
+        return Err(format!(
+            "{text:?}: the app is reached over plain http (on loopback or a private network) \
+             or a Unix socket; gatehouse terminates TLS"
+        ));
+    }
+    let Some(authority) = uri.authority() else {
+        return Err(format!("{text:?} names no host"));
+    };
+    if authority.port_u16().is_none() {
+        return Err(format!(
+            "{text:?} names no port, such as http://127.0.0.1:3000"
+        ));
+    }
+    if uri.path() != "/" && !uri.path().is_empty() || uri.query().is_some() {
+        return Err(format!(
+            "{text:?}: the upstream is a host and port only; paths go through unchanged"
+        ));
+    }
+    if authority.as_str().contains('@') {
+        return Err(format!("{text:?}: no user information in the upstream URL"));
+    }
+    Ok(Upstream::Tcp(authority.as_str().to_string()))
+}
+
 /// An issuer is an https URL without query or fragment (RFC 8414 section 2).
 pub(super) fn issuer(v: &str) -> Result<String, String> {
     let v = v.trim();

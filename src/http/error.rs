@@ -58,6 +58,8 @@ impl<E: Classify> From<E> for ApiError {
             ErrorKind::Conflict => StatusCode::CONFLICT,
             ErrorKind::Gone => StatusCode::GONE,
             ErrorKind::Banned | ErrorKind::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            ErrorKind::Upstream => StatusCode::BAD_GATEWAY,
+            ErrorKind::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             ErrorKind::Internal => return Self::internal(&err),
         };
         Self::new(status, err.code(), err.to_string())
@@ -111,7 +113,13 @@ pub(crate) async fn render_errors(request: Request, next: Next) -> Response {
         .unwrap_or_default();
     let response = next.run(request).await;
     let status = response.status();
-    if !(status.is_client_error() || status.is_server_error()) {
+    // The app's own answers through the front door stay as the app wrote them.
+    if !(status.is_client_error() || status.is_server_error())
+        || response
+            .extensions()
+            .get::<crate::front::Proxied>()
+            .is_some()
+    {
         return response;
     }
     let (mut parts, _) = response.into_parts();

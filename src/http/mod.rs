@@ -13,6 +13,7 @@ mod client_addr;
 mod devices;
 pub(crate) mod error;
 pub(crate) mod extract;
+mod front;
 mod health;
 mod jobs;
 mod json;
@@ -52,6 +53,8 @@ pub struct AppState {
     pub(crate) tls_mode: TlsMode,
     pub(crate) http_counters: Arc<metrics::HttpCounters>,
     draining: Arc<AtomicBool>,
+    /// The front door, when `upstream.url` is set.
+    pub(crate) front: Option<crate::front::FrontDoor>,
 }
 
 impl AppState {
@@ -62,7 +65,14 @@ impl AppState {
             tls_mode,
             http_counters: Arc::default(),
             draining: Arc::new(AtomicBool::new(false)),
+            front: None,
         }
+    }
+
+    /// With the front door: paths gatehouse does not own go to the app.
+    pub(crate) fn with_front(mut self, front: Option<crate::front::FrontDoor>) -> Self {
+        self.front = front;
+        self
     }
 
     /// From now on `/readyz` answers 503.
@@ -79,7 +89,8 @@ impl AppState {
 pub fn router(state: AppState, limits: &ServerConfig, cors_config: &CorsConfig) -> Router {
     let hsts = security::Hsts(state.tls_mode != TlsMode::Off);
     let counters = state.http_counters.clone();
-    Router::new()
+    let front = state.front.is_some().then(|| front::router(state.clone()));
+    let routes = Router::new()
         .merge(ui::routes())
         .merge(health::routes())
         .merge(metrics::routes())
@@ -108,7 +119,13 @@ pub fn router(state: AppState, limits: &ServerConfig, cors_config: &CorsConfig) 
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
             limits.request_timeout,
-        ))
+        ));
+    // Added after the API's limits, so that proxied requests keep their own (the app's).
+    let routes = match front {
+        Some(front) => routes.fallback_service(front),
+        None => routes,
+    };
+    routes
         .layer(axum::middleware::from_fn(error::render_errors))
         .layer(cors(cors_config))
         .layer(axum::middleware::from_fn_with_state(

@@ -53,12 +53,24 @@ pub(crate) async fn secure_headers(
         .map(|p| p.0.ip());
     let mut response = next.run(request).await;
     tracing::debug!(request_id = %id, %method, %path, client = ?client, proxy = ?proxy, status = response.status().as_u16(), "request");
+    let proxied = response
+        .extensions()
+        .get::<crate::front::Proxied>()
+        .is_some();
     let headers = response.headers_mut();
     let set = |headers: &mut http::HeaderMap, name: HeaderName, value: &'static str| {
         headers.insert(name, HeaderValue::from_static(value));
     };
     if hsts.0 {
         set(headers, header::STRICT_TRANSPORT_SECURITY, HSTS);
+    }
+    // The app's answers keep the app's own policies (a CSP of `default-src 'none'` would
+    // break its pages); they get HSTS and the request id only.
+    if proxied {
+        if let Ok(value) = HeaderValue::from_str(&id) {
+            headers.insert(REQUEST_ID, value);
+        }
+        return response;
     }
     if !headers.contains_key(header::CONTENT_SECURITY_POLICY) {
         set(headers, header::CONTENT_SECURITY_POLICY, API_CSP);

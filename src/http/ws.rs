@@ -449,7 +449,9 @@ impl Connection {
             | ErrorKind::Conflict
             | ErrorKind::Gone
             | ErrorKind::Banned
-            | ErrorKind::RateLimited => self.refuse(socket, err.code(), &err.to_string()).await,
+            | ErrorKind::RateLimited
+            | ErrorKind::Upstream
+            | ErrorKind::UpstreamTimeout => self.refuse(socket, err.code(), &err.to_string()).await,
         }
     }
 

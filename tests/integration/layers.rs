@@ -46,6 +46,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "manage",
             "admin_socket",
             "http",
+            "front",
             "app",
             "cli",
             "systemd",

@@ -21,6 +21,7 @@ mod contract;
 mod devices;
 mod docs;
 mod fixtures;
+mod front;
 mod helpers;
 mod http;
 mod interop;

@@ -1,0 +1,407 @@
+//! The front door (`upstream.url`): gatehouse in front of a real app started by the test,
+//! an HTTP server on TCP or a Unix socket that reports what it received.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::Request;
+use axum::response::Response;
+use http::StatusCode;
+use serde_json::{Value, json};
+
+use crate::helpers::{self, TestApp};
+
+/// What the app saw of one request.
+#[derive(Debug, Clone)]
+struct Seen {
+    method: String,
+    path_and_query: String,
+    headers: BTreeMap<String, String>,
+    body_len: usize,
+}
+
+/// The app: records every request; `/slow` answers after 3 s, `/missing` is the app's
+/// own 404, anything else 200 with a JSON summary.
+#[derive(Clone, Default)]
+struct App {
+    seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+impl App {
+    fn router(&self) -> axum::Router {
+        let seen = self.seen.clone();
+        axum::Router::new().fallback(move |request: Request| {
+            let seen = seen.clone();
+            async move {
+                let (parts, body) = request.into_parts();
+                let bytes = axum::body::to_bytes(body, usize::MAX)
+                    .await
+                    .unwrap_or_default();
+                let headers = parts
+                    .headers
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("?").to_string()))
+                    .collect();
+                let path = parts
+                    .uri
+                    .path_and_query()
+                    .map_or("/", |p| p.as_str())
+                    .to_string();
+                seen.lock().unwrap().push(Seen {
+                    method: parts.method.to_string(),
+                    path_and_query: path.clone(),
+                    headers,
+                    body_len: bytes.len(),
+                });
+                if path == "/slow" {
+                    tokio::time::sleep(Duration::from_secs(3)).await;
+                }
+                if path == "/missing" {
+                    return Response::builder()
+                        .status(404)
+                        .header("content-type", "text/plain")
+                        .body(Body::from("the app's own not found"))
+                        .unwrap();
+                }
+                Response::builder()
+                    .status(200)
+                    .header("content-type", "application/json")
+                    .header("x-app", "yes")
+                    .body(Body::from(
+                        json!({"app": true, "bytes": bytes.len()}).to_string(),
+                    ))
+                    .unwrap()
+            }
+        })
+    }
+
+    async fn listen_tcp(&self) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let router = self.router();
+        tokio::spawn(async move { axum::serve(listener, router).await });
+        format!("http://{addr}")
+    }
+
+    async fn listen_unix(&self, path: &std::path::Path) -> String {
+        let listener = tokio::net::UnixListener::bind(path).unwrap();
+        let router = self.router();
+        tokio::spawn(async move { axum::serve(listener, router).await });
+        format!("unix:{}", path.display())
+    }
+
+    fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+async fn front(upstream: &str) -> TestApp {
+    helpers::spawn_app_with(&[
+        ("GATEHOUSE_UPSTREAM", upstream),
+        ("GATEHOUSE_UPSTREAM_RESPONSE_TIMEOUT", "1s"),
+    ])
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_reach_the_app_only_with_a_valid_device_token() {
+    let app = App::default();
+    let gatehouse = front(&app.listen_tcp().await).await;
+    let client = gatehouse.client();
+
+    // No token, a made-up one: 401 from gatehouse, nothing reaches the app.
+    for token in [None, Some("not.a.token")] {
+        let mut request = client.get(gatehouse.url("/api/things?x=1"));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+        let challenge = response.headers()["www-authenticate"]
+            .to_str()
+            .unwrap()
+            .to_string();
+        assert!(challenge.starts_with("Bearer"), "{challenge}");
+        assert_eq!(challenge.contains("invalid_token"), token.is_some());
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["error"], "unauthorized", "{body}");
+    }
+    assert!(app.seen().is_empty(), "the app saw nothing");
+
+    // A paired device's token: through, with gatehouse's headers and none forged.
+    let device = gatehouse.pair_device().await;
+    let response = client
+        .post(gatehouse.url("/api/things?x=1&y=%2F"))
+        .bearer_auth(&device.access_token)
+        .header("X-Gatehouse-Device-Id", "dev_forged")
+        .header("X-Gatehouse-Admin", "yes")
+        .header("Connection", "x-hop")
+        .header("X-Hop", "dropped")
+        .header("X-App-Header", "kept")
+        .body(vec![7u8; 1_000_000])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["x-app"], "yes");
+    let request_id = response.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        response.headers().get("content-security-policy").is_none(),
+        "the app's answers keep the app's own policies"
+    );
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(
+        body,
+        json!({"app": true, "bytes": 1_000_000}),
+        "a body over the API limit streams through"
+    );
+    let seen = app.seen();
+    assert_eq!(seen.len(), 1);
+    let got = &seen[0];
+    assert_eq!(got.method, "POST");
+    assert_eq!(got.path_and_query, "/api/things?x=1&y=%2F");
+    assert_eq!(got.body_len, 1_000_000);
+    let h = &got.headers;
+    assert_eq!(h["x-gatehouse-device-id"], device.device_id);
+    assert!(!h.contains_key("x-gatehouse-admin"), "{h:?}");
+    assert!(
+        !h.contains_key("x-hop") && !h.contains_key("connection"),
+        "{h:?}"
+    );
+    assert_eq!(h["x-app-header"], "kept");
+    assert_eq!(h["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(h["x-forwarded-proto"], "https");
+    assert_eq!(
+        h["x-forwarded-host"],
+        gatehouse.running.local_addr.to_string()
+    );
+    assert_eq!(h["host"], gatehouse.running.local_addr.to_string());
+    assert_eq!(h["x-request-id"], request_id);
+
+    // The app's own errors are its own, not rewritten.
+    let response = client
+        .get(gatehouse.url("/missing"))
+        .bearer_auth(&device.access_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+    assert_eq!(response.text().await.unwrap(), "the app's own not found");
+
+    // gatehouse's own paths stay gatehouse's.
+    let health = client.get(gatehouse.url("/healthz")).send().await.unwrap();
+    assert_eq!(health.status(), StatusCode::OK);
+    let before = app.seen().len();
+    let devices = client
+        .get(gatehouse.url("/v1/devices"))
+        .bearer_auth(&device.access_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        devices.status(),
+        StatusCode::UNAUTHORIZED,
+        "a device is no admin"
+    );
+    assert_eq!(app.seen().len(), before);
+
+    // Revoked: refused on the very next request.
+    let revoked = client
+        .delete(gatehouse.url(&format!("/v1/devices/{}", device.device_id)))
+        .bearer_auth(gatehouse.admin_token())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(revoked.status(), StatusCode::OK);
+    let response = client
+        .get(gatehouse.url("/api/things"))
+        .bearer_auth(&device.access_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(app.seen().len(), before);
+    gatehouse.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_that_is_down_is_502_and_one_that_stalls_504() {
+    // A port nothing listens on.
+    let closed = format!("http://127.0.0.1:{}", helpers::free_port());
+    let gatehouse = front(&closed).await;
+    let device = gatehouse.pair_device().await;
+    let response = gatehouse
+        .client()
+        .get(gatehouse.url("/anything"))
+        .bearer_auth(&device.access_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
+    let id = response.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"], "bad_gateway", "{body}");
+    assert_eq!(body["request_id"], id.as_str());
+    gatehouse.stop().await;
+
+    let app = App::default();
+    let gatehouse = front(&app.listen_tcp().await).await;
+    let device = gatehouse.pair_device().await;
+    let response = gatehouse
+        .client()
+        .get(gatehouse.url("/slow"))
+        .bearer_auth(&device.access_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"], "gateway_timeout", "{body}");
+    gatehouse.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_app_can_listen_on_a_unix_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = App::default();
+    let upstream = app.listen_unix(&dir.path().join("app.sock")).await;
+    let gatehouse = front(&upstream).await;
+    let device = gatehouse.pair_device().await;
+    let response = gatehouse
+        .client()
+        .get(gatehouse.url("/over/unix"))
+        .bearer_auth(&device.access_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let seen = app.seen();
+    assert_eq!(seen[0].path_and_query, "/over/unix");
+    assert_eq!(seen[0].headers["x-gatehouse-device-id"], device.device_id);
+    gatehouse.stop().await;
+}
+
+/// Sends `raw` on a plain connection and returns the status code of the answer.
+async fn raw_status(addr: std::net::SocketAddr, raw: &str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(raw.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer)).await;
+    let text = String::from_utf8_lossy(&answer);
+    text.split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {text:?}"))
+}
+
+/// Request-smuggling shapes are refused before anything reaches the app, and the path
+/// the app receives is exactly the one that was matched (no normalisation on the way).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smuggling_shapes_never_reach_the_app_and_paths_arrive_unchanged() {
+    let app = App::default();
+    let upstream = app.listen_tcp().await;
+    let gatehouse = helpers::spawn_app_with(&[
+        ("GATEHOUSE_UPSTREAM", upstream.as_str()),
+        ("GATEHOUSE_TLS", "off"),
+    ])
+    .await;
+    let token = {
+        // Pairing over plain HTTP on loopback, as an app behind a local proxy would.
+        let admin = gatehouse.admin_token();
+        let client = reqwest::Client::new();
+        let session: Value = client
+            .post(gatehouse.url("/v1/pairing/sessions"))
+            .bearer_auth(&admin)
+            .json(&json!({}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let pair: Value = client
+            .post(gatehouse.url("/v1/pair"))
+            .json(
+                &json!({"session_id": session["session_id"], "secret": session["secret"],
+                "device": {"name": "p", "platform": "android", "app_version": "1"}}),
+            )
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        pair["access_token"].as_str().unwrap().to_string()
+    };
+    let addr = gatehouse.running.local_addr;
+    let auth = format!("Authorization: Bearer {token}\r\n");
+    // Both framings: the body is read by its transfer coding alone (RFC 9112 section
+    // 6.3), the app receives gatehouse's own framing, and the bytes after it are a new
+    // request that must authenticate on its own (this one does not: 401).
+    let both = format!(
+        "POST /x HTTP/1.1\r\nHost: a\r\n{auth}Content-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+    );
+    raw_status(addr, &both).await;
+    let framed = app.seen();
+    let last = framed.last().expect("the first request reached the app");
+    assert_eq!(last.path_and_query, "/x");
+    assert_eq!(last.body_len, 0, "read by its transfer coding");
+    assert!(
+        !(last.headers.contains_key("transfer-encoding")
+            && last.headers.contains_key("content-length")),
+        "the app sees one framing: {:?}",
+        last.headers
+    );
+    for (what, raw) in [
+        (
+            "two different Content-Lengths",
+            format!(
+                "POST /x HTTP/1.1\r\nHost: a\r\n{auth}Content-Length: 4\r\nContent-Length: 40\r\n\r\nabcd"
+            ),
+        ),
+        (
+            "an obsolete line folding",
+            format!("GET /x HTTP/1.1\r\nHost: a\r\n{auth}X-Folded: a\r\n b\r\n\r\n"),
+        ),
+        (
+            "a chunked body with a bad chunk size",
+            format!(
+                "POST /x HTTP/1.1\r\nHost: a\r\n{auth}Transfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n"
+            ),
+        ),
+    ] {
+        let status = raw_status(addr, &raw).await;
+        assert!((400..500).contains(&status), "{what}: answered {status}");
+    }
+    let paths: Vec<String> = app
+        .seen()
+        .iter()
+        .map(|s| s.path_and_query.clone())
+        .collect();
+    assert!(
+        !paths.iter().any(|p| p.contains("smuggled")),
+        "nothing was smuggled: {paths:?}"
+    );
+    let before = app.seen().len();
+
+    for path in ["/a/../v1/devices", "/%2e%2e/admin/", "//v1/keys", "/a%2Fb"] {
+        let status = raw_status(
+            addr,
+            &format!("GET {path} HTTP/1.1\r\nHost: a\r\n{auth}Connection: close\r\n\r\n"),
+        )
+        .await;
+        assert_eq!(status, 200, "{path}");
+        assert_eq!(app.seen().last().unwrap().path_and_query, path, "unchanged");
+    }
+    assert_eq!(app.seen().len(), before + 4);
+    gatehouse.stop().await;
+}
