@@ -112,6 +112,16 @@ impl FrontDoor {
         Self { client, config }
     }
 
+    /// Whether a connection to the app opens now (within `upstream.connect_timeout`),
+    /// for `/readyz`: a front door whose app is down cannot serve its traffic.
+    pub(crate) async fn reachable(&self) -> std::io::Result<()> {
+        let mut connector =
+            UpstreamConnector::new(self.config.upstream.clone(), self.config.connect_timeout);
+        tower::Service::call(&mut connector, Uri::from_static("http://localhost/"))
+            .await
+            .map(drop)
+    }
+
     /// Forwards `request` from `caller` to the app and streams its answer back.
     pub(crate) async fn forward(
         &self,

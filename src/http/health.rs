@@ -85,6 +85,14 @@ async fn readyz(State(state): State<AppState>) -> Result<Json<Ready>, ApiError> 
     {
         return Err(ApiError::unavailable(reason));
     }
+    if let Some(front) = &state.front
+        && let Err(err) = front.reachable().await
+    {
+        tracing::warn!(error = %err, "readiness check: the app cannot be reached");
+        return Err(ApiError::unavailable(
+            "the app behind the front door cannot be reached",
+        ));
+    }
     let rfc3339 = crate::clock::format_rfc3339;
     Ok(Json(Ready {
         status: "ready",

@@ -250,10 +250,28 @@ async fn an_app_that_is_down_is_502_and_one_that_stalls_504() {
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["error"], "bad_gateway", "{body}");
     assert_eq!(body["request_id"], id.as_str());
+    let ready = gatehouse
+        .client()
+        .get(gatehouse.url("/readyz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        ready.status(),
+        StatusCode::SERVICE_UNAVAILABLE,
+        "/readyz knows the app is down"
+    );
     gatehouse.stop().await;
 
     let app = App::default();
     let gatehouse = front(&app.listen_tcp().await).await;
+    let ready = gatehouse
+        .client()
+        .get(gatehouse.url("/readyz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), StatusCode::OK);
     let device = gatehouse.pair_device().await;
     let response = gatehouse
         .client()
