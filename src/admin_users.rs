@@ -22,8 +22,11 @@ use crate::store::{Store, StoreError};
 /// Shortest password accepted: long enough that online guessing under the lockout is
 /// hopeless, short enough for a passphrase of three words.
 pub(crate) const MIN_PASSWORD_CHARS: usize = 12;
-/// Longest password accepted (argon2 takes any length; this bounds the work per try).
-pub(crate) const MAX_PASSWORD_BYTES: usize = 1024;
+/// Longest password accepted, in characters (argon2 takes any length; this bounds the
+/// work per try, and what the API document can state: at most 1024 bytes of UTF-8).
+pub(crate) const MAX_PASSWORD_CHARS: usize = 256;
+/// The most bytes a presented password is hashed for at sign-in.
+const MAX_PASSWORD_BYTES: usize = 4 * MAX_PASSWORD_CHARS;
 /// Password hashes computed at once. Each takes 19 MiB for about 30 ms: a burst of
 /// sign-ins waits its turn instead of taking memory without bound.
 const CONCURRENT_HASHES: usize = 4;
@@ -33,7 +36,8 @@ pub enum AdminUserError {
     #[error("a user name is 1 to 64 characters: lower-case letters, digits, '.', '_', '-' or '@'")]
     BadName,
     #[error(
-        "a password is at least {MIN_PASSWORD_CHARS} characters and at most {MAX_PASSWORD_BYTES} bytes"
+        "a password is at least {MIN_PASSWORD_CHARS} characters and at most \
+         {MAX_PASSWORD_CHARS} characters, without control characters"
     )]
     BadPassword,
     #[error("there is already an admin user named {0}")]
@@ -88,8 +92,8 @@ pub(crate) fn validate_name(name: &str) -> Result<String, AdminUserError> {
 }
 
 fn validate_password(password: &str) -> Result<(), AdminUserError> {
-    let ok = password.chars().count() >= MIN_PASSWORD_CHARS
-        && password.len() <= MAX_PASSWORD_BYTES
+    let chars = password.chars().count();
+    let ok = (MIN_PASSWORD_CHARS..=MAX_PASSWORD_CHARS).contains(&chars)
         && !password.chars().any(char::is_control);
     ok.then_some(()).ok_or(AdminUserError::BadPassword)
 }

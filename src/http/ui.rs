@@ -75,7 +75,7 @@ async fn style() -> Response {
 #[cfg(test)]
 mod tests {
     use super::INDEX_HTML;
-    use crate::admin_users::{MAX_PASSWORD_BYTES, MIN_PASSWORD_CHARS};
+    use crate::admin_users::{MAX_PASSWORD_CHARS, MIN_PASSWORD_CHARS};
 
     #[test]
     fn the_setup_form_states_the_servers_password_rules() {
@@ -84,7 +84,7 @@ mod tests {
                 r#"id="setup-password" name="password" type="password" autocomplete="new-password" minlength="{MIN_PASSWORD_CHARS}""#
             ),
             format!("At least {MIN_PASSWORD_CHARS} characters"),
-            format!("at most {MAX_PASSWORD_BYTES} bytes"),
+            format!("at most {MAX_PASSWORD_CHARS} characters"),
         ] {
             assert!(INDEX_HTML.contains(&needed), "index.html lacks {needed}");
         }

@@ -189,8 +189,8 @@ async fn refusals_no_credentials_a_taken_name_and_bad_input() {
             "a password is at least 12 characters",
         ),
         (
-            json!({"username": "bob", "password": "x".repeat(1025)}),
-            "at most 1024 bytes",
+            json!({"username": "bob", "password": "x".repeat(257)}),
+            "at most 256 characters",
         ),
         (json!({"username": "bob"}), "missing field `password`"),
         (
