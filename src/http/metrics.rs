@@ -188,6 +188,20 @@ fn render(state: &AppState) -> Result<String, ApiError> {
         "Addresses banned by lockout now.",
         &single(services.lockout.active() as f64),
     );
+    metric(
+        &mut out,
+        "gatehouse_authz_checks_total",
+        "counter",
+        "Forward-auth checks (GET /v1/authz) since start, by outcome.",
+        &state.authz.outcome_samples(),
+    );
+    metric(
+        &mut out,
+        "gatehouse_authz_checks_by_method_total",
+        "counter",
+        "Forward-auth checks since start, by the original method a trusted proxy forwarded.",
+        &state.authz.method_samples(),
+    );
     let (tokens, families, devices) = services.revocations.counts();
     metric(
         &mut out,

@@ -8,6 +8,7 @@
 
 mod admin_users;
 mod audit;
+mod authz;
 mod bans;
 mod client_addr;
 mod devices;
@@ -52,6 +53,7 @@ pub struct AppState {
     pub(crate) store: Store,
     pub(crate) tls_mode: TlsMode,
     pub(crate) http_counters: Arc<metrics::HttpCounters>,
+    pub(crate) authz: Arc<authz::AuthzCounters>,
     draining: Arc<AtomicBool>,
     /// The front door, when `upstream.url` is set.
     pub(crate) front: Option<crate::front::FrontDoor>,
@@ -64,6 +66,7 @@ impl AppState {
             services: Arc::new(services),
             tls_mode,
             http_counters: Arc::default(),
+            authz: Arc::default(),
             draining: Arc::new(AtomicBool::new(false)),
             front: None,
         }
@@ -105,6 +108,7 @@ pub fn router(state: AppState, limits: &ServerConfig, cors_config: &CorsConfig) 
         .merge(status::routes())
         .merge(session::routes())
         .merge(admin_users::routes())
+        .merge(authz::routes())
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             limits::admit_address,

@@ -618,6 +618,38 @@ async fn pairing_and_tokens_answer_as_documented() {
 }
 
 #[tokio::test]
+async fn forward_auth_answers_as_documented() {
+    let app = helpers::spawn_app().await;
+    let api = Api::new(&app);
+    let op = "GET /v1/authz";
+    let path = "/v1/authz";
+    let pair = api.pair().await;
+    let access = pair["access_token"].as_str().unwrap();
+    let allowed = expect(op, 200, api.anyone(Method::GET, path).bearer_auth(access)).await;
+    assert_eq!(
+        allowed.headers["x-gatehouse-device-id"].to_str().unwrap(),
+        pair["device_id"].as_str().unwrap()
+    );
+    expect(op, 200, api.anyone(Method::HEAD, path).bearer_auth(access)).await;
+    let none = expect(op, 401, api.anyone(Method::GET, path)).await;
+    assert_eq!(none.json()["error"], "unauthorized");
+    // An admin token is no device token.
+    let invalid = expect(op, 401, api.admin(Method::GET, path)).await;
+    assert_eq!(invalid.json()["error"], "invalid_token");
+    expect(op, 405, api.anyone(Method::POST, path).bearer_auth(access)).await;
+    expect(
+        op,
+        413,
+        api.anyone(Method::GET, path)
+            .bearer_auth(access)
+            .header("content-type", "application/json")
+            .body(oversized()),
+    )
+    .await;
+    app.stop().await;
+}
+
+#[tokio::test]
 async fn administration_answers_as_documented() {
     let app = helpers::spawn_app().await;
     let api = Api::new(&app);

@@ -15,7 +15,8 @@
 //! positive control, a properly signed token, is accepted before and after the run; the
 //! tampered tokens share its `jti` and `sub`), and that the token presented as the
 //! introspection caller's bearer credential gets a 401, never a 5xx (the admin token
-//! case is, rightly, an admin). A failure names every case that failed.
+//! case is, rightly, an admin), and that forward authentication (`/v1/authz`) answers it
+//! 401 with no device id. A failure names every case that failed.
 
 use std::collections::HashSet;
 
@@ -221,7 +222,30 @@ async fn check(app: &TestApp, client: &reqwest::Client, case: &Case) -> Result<(
         }
     }
 
-    // (e) Still refused afterwards: nothing above turned it into a valid token.
+    // (e) Forward authentication refuses it, and names no device. Whitespace around a
+    // token cannot be sent in a header: HTTP strips it from the value's end, and RFC 6750
+    // allows several spaces after `Bearer`, so the header would carry the bare token.
+    let framed = case.token.trim() == case.token;
+    if let Some(value) = framed
+        .then(|| HeaderValue::from_str(&format!("Bearer {}", case.token)).ok())
+        .flatten()
+    {
+        let response = client
+            .get(app.url("/v1/authz"))
+            .header(AUTHORIZATION, value)
+            .send()
+            .await
+            .map_err(|e| format!("/v1/authz request failed: {e}"))?;
+        let status = response.status();
+        if status != 401 || response.headers().contains_key("x-gatehouse-device-id") {
+            return Err(format!(
+                "/v1/authz answered {status} {:?}, expected a 401 without a device id",
+                response.headers()
+            ));
+        }
+    }
+
+    // (f) Still refused afterwards: nothing above turned it into a valid token.
     if tokens.verify(&case.token).is_ok() {
         return Err("verify accepts it after revoke/introspection".into());
     }

@@ -15,6 +15,7 @@ mod acme;
 mod admin_ui;
 mod admin_users;
 mod audit;
+mod authz;
 mod binary;
 mod cli;
 mod contract;
