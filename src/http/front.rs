@@ -51,6 +51,7 @@ async fn proxy(State(state): State<AppState>, request: Request) -> Response {
     let Some(token) = token else {
         return refused(
             NO_TOKEN,
+            "unauthorized",
             "a device access token is required (Authorization: Bearer)",
         );
     };
@@ -62,7 +63,7 @@ async fn proxy(State(state): State<AppState>, request: Request) -> Response {
                 Rejection::Expired => "the access token has expired: refresh it",
                 _ => "the access token is not valid",
             };
-            return refused(BAD_TOKEN, message);
+            return refused(BAD_TOKEN, "invalid_token", message);
         }
     };
     let device = verified.claims.sub;
@@ -90,9 +91,10 @@ async fn proxy(State(state): State<AppState>, request: Request) -> Response {
     }
 }
 
-fn refused(challenge: &'static str, message: &str) -> Response {
-    let mut response =
-        ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message).into_response();
+/// A 401 with the same codes `/v1/authz` uses: `unauthorized` without a token,
+/// `invalid_token` with one that is not valid now.
+fn refused(challenge: &'static str, code: &'static str, message: &str) -> Response {
+    let mut response = ApiError::new(StatusCode::UNAUTHORIZED, code, message).into_response();
     response.headers_mut().insert(
         header::WWW_AUTHENTICATE,
         HeaderValue::from_static(challenge),

@@ -126,7 +126,12 @@ async fn requests_reach_the_app_only_with_a_valid_device_token() {
         assert!(challenge.starts_with("Bearer"), "{challenge}");
         assert_eq!(challenge.contains("invalid_token"), token.is_some());
         let body: Value = response.json().await.unwrap();
-        assert_eq!(body["error"], "unauthorized", "{body}");
+        let code = if token.is_some() {
+            "invalid_token"
+        } else {
+            "unauthorized"
+        };
+        assert_eq!(body["error"], code, "{body}");
     }
     assert!(app.seen().is_empty(), "the app saw nothing");
 
