@@ -134,7 +134,7 @@ impl AuthzCounters {
     }
 }
 
-fn samples(label: &str, names: &[&str], counters: &[AtomicU64]) -> Vec<(String, f64)> {
+pub(super) fn samples(label: &str, names: &[&str], counters: &[AtomicU64]) -> Vec<(String, f64)> {
     names
         .iter()
         .zip(counters)

@@ -8,6 +8,7 @@
 //! and bodies are streamed), but not the ban and per-address limit.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use axum::Router;
 use axum::extract::{ConnectInfo, Request, State};
@@ -31,6 +32,35 @@ pub(super) fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// The `outcome` labels of `gatehouse_front_requests_total`, by slot.
+const OUTCOMES: [&str; 6] = [
+    "forwarded",
+    "no_token",
+    "invalid_token",
+    "invalid_request",
+    "bad_gateway",
+    "gateway_timeout",
+];
+
+/// Requests the front door handled since start, by outcome. Atomics only.
+#[derive(Debug, Default)]
+pub(crate) struct FrontCounters {
+    outcomes: [AtomicU64; OUTCOMES.len()],
+}
+
+impl FrontCounters {
+    fn count(&self, outcome: &str) {
+        if let Some(slot) = OUTCOMES.iter().position(|o| *o == outcome) {
+            self.outcomes[slot].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// `{outcome="…"}` samples for `/metrics`.
+    pub(crate) fn samples(&self) -> Vec<(String, f64)> {
+        super::authz::samples("outcome", &OUTCOMES, &self.outcomes)
+    }
+}
+
 /// RFC 6750 section 3: the challenge, with `invalid_token` when a token was presented.
 const NO_TOKEN: &str = r#"Bearer realm="gatehouse""#;
 const BAD_TOKEN: &str = r#"Bearer realm="gatehouse", error="invalid_token""#;
@@ -49,6 +79,7 @@ async fn proxy(State(state): State<AppState>, request: Request) -> Response {
             scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
         });
     let Some(token) = token else {
+        state.front_counters.count("no_token");
         return refused(
             NO_TOKEN,
             "unauthorized",
@@ -63,6 +94,7 @@ async fn proxy(State(state): State<AppState>, request: Request) -> Response {
                 Rejection::Expired => "the access token has expired: refresh it",
                 _ => "the access token is not valid",
             };
+            state.front_counters.count("invalid_token");
             return refused(BAD_TOKEN, "invalid_token", message);
         }
     };
@@ -86,8 +118,16 @@ async fn proxy(State(state): State<AppState>, request: Request) -> Response {
             .unwrap_or_default(),
     };
     match front.forward(request, &caller).await {
-        Ok(response) => response,
-        Err(err) => ApiError::from(err).into_response(),
+        Ok(response) => {
+            state.front_counters.count("forwarded");
+            response
+        }
+        Err(err) => {
+            state
+                .front_counters
+                .count(crate::error_kind::Classify::code(&err));
+            ApiError::from(err).into_response()
+        }
     }
 }
 

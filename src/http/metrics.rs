@@ -202,6 +202,15 @@ fn render(state: &AppState) -> Result<String, ApiError> {
         "Forward-auth checks since start, by the original method a trusted proxy forwarded.",
         &state.authz.method_samples(),
     );
+    if state.front.is_some() {
+        metric(
+            &mut out,
+            "gatehouse_front_requests_total",
+            "counter",
+            "Requests for the app behind the front door since start, by outcome.",
+            &state.front_counters.samples(),
+        );
+    }
     let (tokens, families, devices) = services.revocations.counts();
     metric(
         &mut out,

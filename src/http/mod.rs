@@ -54,6 +54,8 @@ pub struct AppState {
     pub(crate) tls_mode: TlsMode,
     pub(crate) http_counters: Arc<metrics::HttpCounters>,
     pub(crate) authz: Arc<authz::AuthzCounters>,
+    /// What the front door did with the requests it handled.
+    pub(crate) front_counters: Arc<front::FrontCounters>,
     draining: Arc<AtomicBool>,
     /// The front door, when `upstream.url` is set.
     pub(crate) front: Option<crate::front::FrontDoor>,
@@ -67,6 +69,7 @@ impl AppState {
             tls_mode,
             http_counters: Arc::default(),
             authz: Arc::default(),
+            front_counters: Arc::default(),
             draining: Arc::new(AtomicBool::new(false)),
             front: None,
         }

@@ -215,6 +215,16 @@ async fn requests_reach_the_app_only_with_a_valid_device_token() {
     );
     assert_eq!(app.seen().len(), before);
 
+    // What happened, counted for /metrics.
+    let metrics = gatehouse.metrics().await;
+    for line in [
+        "gatehouse_front_requests_total{outcome=\"no_token\"} 1",
+        "gatehouse_front_requests_total{outcome=\"invalid_token\"} 1",
+        "gatehouse_front_requests_total{outcome=\"forwarded\"} 2",
+    ] {
+        assert!(metrics.contains(line), "{line} in {metrics}");
+    }
+
     // Revoked: refused on the very next request.
     let revoked = client
         .delete(gatehouse.url(&format!("/v1/devices/{}", device.device_id)))
