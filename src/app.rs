@@ -320,6 +320,7 @@ pub async fn start(config: &Config, clock: SharedClock) -> Result<Running, AppEr
             upstream,
             connect_timeout: config.front.connect_timeout,
             response_timeout: config.front.response_timeout,
+            allowed_origins: config.cors.allowed_origins.clone(),
         })
     });
     let state = AppState::new(services.clone(), config.tls_mode).with_front(front);

@@ -48,27 +48,28 @@ impl tower::Service<Uri> for UpstreamConnector {
     fn call(&mut self, _: Uri) -> Self::Future {
         let upstream = self.upstream.clone();
         let timeout = self.timeout;
-        Box::pin(async move {
-            let connecting = async {
-                match &upstream {
-                    Upstream::Tcp(authority) => {
-                        let stream = TcpStream::connect(authority.as_str()).await?;
-                        stream.set_nodelay(true)?;
-                        Ok(UpstreamStream::Tcp(stream))
-                    }
-                    Upstream::Unix(path) => {
-                        Ok(UpstreamStream::Unix(UnixStream::connect(path).await?))
-                    }
-                }
-            };
-            match tokio::time::timeout(timeout, connecting).await {
-                Ok(stream) => stream.map(TokioIo::new),
-                Err(_) => Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!("no connection within {timeout:?}"),
-                )),
+        Box::pin(async move { open(&upstream, timeout).await.map(TokioIo::new) })
+    }
+}
+
+/// A new connection to the app, within `timeout`.
+pub(super) async fn open(upstream: &Upstream, timeout: Duration) -> io::Result<UpstreamStream> {
+    let connecting = async {
+        match upstream {
+            Upstream::Tcp(authority) => {
+                let stream = TcpStream::connect(authority.as_str()).await?;
+                stream.set_nodelay(true)?;
+                Ok(UpstreamStream::Tcp(stream))
             }
-        })
+            Upstream::Unix(path) => Ok(UpstreamStream::Unix(UnixStream::connect(path).await?)),
+        }
+    };
+    match tokio::time::timeout(timeout, connecting).await {
+        Ok(stream) => stream,
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("no connection within {timeout:?}"),
+        )),
     }
 }
 

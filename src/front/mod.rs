@@ -15,6 +15,9 @@
 //! token and hands over the device id. This module must not know axum's state or tokens.
 
 mod connect;
+mod relay;
+
+pub(crate) use relay::{BEARER_PROTOCOL, relay};
 
 use std::net::IpAddr;
 use std::time::Duration;
@@ -37,6 +40,8 @@ pub(crate) struct UpstreamConfig {
     pub(crate) upstream: Upstream,
     pub(crate) connect_timeout: Duration,
     pub(crate) response_timeout: Duration,
+    /// Browser origins allowed to open a WebSocket to the app (`cors.allowed_origins`).
+    pub(crate) allowed_origins: Vec<String>,
 }
 
 /// Set on every response that came from the app, so that gatehouse's own error
@@ -112,6 +117,15 @@ impl FrontDoor {
         Self { client, config }
     }
 
+    /// Whether a browser page from `origin` may open a WebSocket to the app: only the
+    /// origins of `cors.allowed_origins` (or any, with `*`).
+    pub(crate) fn origin_allowed(&self, origin: &str) -> bool {
+        self.config
+            .allowed_origins
+            .iter()
+            .any(|allowed| allowed == "*" || allowed.eq_ignore_ascii_case(origin))
+    }
+
     /// Whether a connection to the app opens now (within `upstream.connect_timeout`),
     /// for `/readyz`: a front door whose app is down cannot serve its traffic.
     pub(crate) async fn reachable(&self) -> std::io::Result<()> {
@@ -155,13 +169,7 @@ impl FrontDoor {
         parts.version = Version::HTTP_11;
         strip_hop_by_hop(&mut parts.headers);
         strip_gatehouse_headers(&mut parts.headers);
-        let headers = &mut parts.headers;
-        headers.insert(header::HOST, host.clone());
-        headers.insert(DEVICE_ID, header_value(&caller.device.to_string()));
-        headers.insert(FORWARDED_FOR, header_value(&caller.address.to_string()));
-        headers.insert(FORWARDED_PROTO, HeaderValue::from_static(caller.scheme));
-        headers.insert(FORWARDED_HOST, host);
-        headers.insert(REQUEST_ID, header_value(&caller.request_id));
+        identify(&mut parts.headers, caller, host);
 
         // A body the client breaks off or frames wrongly fails the forwarding too; that is
         // the client's fault (400), not the app's (502).
@@ -188,6 +196,17 @@ impl FrontDoor {
         parts.extensions.insert(Proxied);
         Ok(Response::from_parts(parts, Body::new(body)))
     }
+}
+
+/// Adds what gatehouse tells the app about a request: the host asked for, the device,
+/// the client's address and scheme, and the request id.
+fn identify(headers: &mut HeaderMap, caller: &Caller, host: HeaderValue) {
+    headers.insert(header::HOST, host.clone());
+    headers.insert(DEVICE_ID, header_value(&caller.device.to_string()));
+    headers.insert(FORWARDED_FOR, header_value(&caller.address.to_string()));
+    headers.insert(FORWARDED_PROTO, HeaderValue::from_static(caller.scheme));
+    headers.insert(FORWARDED_HOST, host);
+    headers.insert(REQUEST_ID, header_value(&caller.request_id));
 }
 
 /// Removes the hop-by-hop headers, and every header the `Connection` header names.

@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use axum::Router;
-use axum::extract::{ConnectInfo, Request, State};
+use axum::extract::{ConnectInfo, FromRequestParts, Request, State};
 use axum::response::{IntoResponse, Response};
 use http::{HeaderValue, StatusCode, header};
 
@@ -70,6 +70,9 @@ async fn proxy(State(state): State<AppState>, request: Request) -> Response {
         return ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such resource")
             .into_response();
     };
+    if is_websocket_upgrade(request.headers()) {
+        return relay(state, front, request).await;
+    }
     let token = request
         .headers()
         .get(header::AUTHORIZATION)
@@ -100,23 +103,7 @@ async fn proxy(State(state): State<AppState>, request: Request) -> Response {
     };
     let device = verified.claims.sub;
     state.services.devices.seen(device);
-    let caller = Caller {
-        device,
-        address: request
-            .extensions()
-            .get::<ConnectInfo<SocketAddr>>()
-            .map_or(std::net::IpAddr::from([0, 0, 0, 0]), |c| c.0.ip()),
-        scheme: if state.tls_mode == crate::config::TlsMode::Off {
-            "http"
-        } else {
-            "https"
-        },
-        request_id: request
-            .extensions()
-            .get::<RequestId>()
-            .map(|id| id.0.clone())
-            .unwrap_or_default(),
-    };
+    let caller = caller_of(&state, request.extensions(), device);
     match front.forward(request, &caller).await {
         Ok(response) => {
             state.front_counters.count("forwarded");
@@ -128,6 +115,178 @@ async fn proxy(State(state): State<AppState>, request: Request) -> Response {
                 .count(crate::error_kind::Classify::code(&err));
             ApiError::from(err).into_response()
         }
+    }
+}
+
+/// A WebSocket opening handshake (RFC 6455 section 4.1): `Upgrade: websocket` with
+/// `Connection: upgrade`.
+fn is_websocket_upgrade(headers: &http::HeaderMap) -> bool {
+    let has = |name, token: &str| {
+        headers.get_all(name).iter().any(|v| {
+            v.to_str().is_ok_and(|v| {
+                v.split(',')
+                    .any(|part| part.trim().eq_ignore_ascii_case(token))
+            })
+        })
+    };
+    has(header::UPGRADE, "websocket") && has(header::CONNECTION, "upgrade")
+}
+
+/// The longest a relayed WebSocket stays open; the app's clients reconnect.
+const WS_MAX_DURATION: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+/// The largest message a client may send through the relay.
+const WS_MAX_MESSAGE: usize = 1024 * 1024;
+
+/// A WebSocket through the front door: the token from `Authorization`, or for browsers
+/// (which cannot set headers on a WebSocket) from a `gatehouse.bearer.<token>` entry of
+/// `Sec-WebSocket-Protocol`, which is removed before the app sees the list; a browser's
+/// `Origin` must be allowed (`cors.allowed_origins`). The app's socket is opened first,
+/// so the client is answered with the subprotocol the app chose (or `gatehouse` when the
+/// client offered it and the app chose none), never with the token.
+async fn relay(state: AppState, front: crate::front::FrontDoor, request: Request) -> Response {
+    let (mut parts, _body) = request.into_parts();
+    let offered: Vec<String> = parts
+        .headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|p| p.trim().to_string())
+        .filter(|p| !p.is_empty())
+        .collect();
+    let from_protocol = offered
+        .iter()
+        .find_map(|p| p.strip_prefix(crate::front::BEARER_PROTOCOL))
+        .map(str::to_string);
+    let from_header = parts
+        .headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            let (scheme, token) = v.split_once(' ')?;
+            scheme
+                .eq_ignore_ascii_case("bearer")
+                .then(|| token.trim().to_string())
+        });
+    let Some(token) = from_header.or(from_protocol) else {
+        state.front_counters.count("no_token");
+        return refused(
+            NO_TOKEN,
+            "unauthorized",
+            "a device access token is required (Authorization: Bearer, or a \
+             gatehouse.bearer.<token> subprotocol)",
+        );
+    };
+    if let Some(origin) = parts
+        .headers
+        .get(header::ORIGIN)
+        .and_then(|v| v.to_str().ok())
+        && !front.origin_allowed(origin)
+    {
+        return ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "this origin may not open a WebSocket here (cors.allowed_origins)",
+        )
+        .into_response();
+    }
+    let verified = match state.services.tokens.verify(&token) {
+        Ok(verified) => verified,
+        Err(reason) => {
+            tracing::debug!(
+                reason = reason.code(),
+                "front door: WebSocket token refused"
+            );
+            state.front_counters.count("invalid_token");
+            return refused(BAD_TOKEN, "invalid_token", "the access token is not valid");
+        }
+    };
+    let upgrade =
+        match axum::extract::ws::WebSocketUpgrade::from_request_parts(&mut parts, &state).await {
+            Ok(upgrade) => upgrade,
+            Err(rejection) => return rejection.into_response(),
+        };
+    let device = verified.claims.sub;
+    state.services.devices.seen(device);
+    let caller = caller_of(&state, &parts.extensions, device);
+    let host = parts
+        .headers
+        .get(header::HOST)
+        .cloned()
+        .unwrap_or_else(|| HeaderValue::from_static("localhost"));
+    let to_app: Vec<String> = offered
+        .iter()
+        .filter(|p| !p.starts_with(crate::front::BEARER_PROTOCOL) && *p != "gatehouse")
+        .cloned()
+        .collect();
+    let path = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_string();
+    let app = match front.open_socket(&path, &caller, &host, &to_app).await {
+        Ok(app) => app,
+        Err(err) => {
+            state
+                .front_counters
+                .count(crate::error_kind::Classify::code(&err));
+            return ApiError::from(err).into_response();
+        }
+    };
+    let answer = match &app.protocol {
+        Some(chosen) => Some(chosen.clone()),
+        None if offered.iter().any(|p| p == "gatehouse") => Some("gatehouse".to_string()),
+        None => None,
+    };
+    let upgrade = match answer {
+        Some(protocol) => upgrade.protocols([protocol]),
+        None => upgrade,
+    };
+    state.front_counters.count("forwarded");
+    let tokens = state.services.tokens.clone();
+    let changes = state.services.changes.subscribe();
+    let expires_in = std::time::Duration::from_secs(
+        verified
+            .claims
+            .exp
+            .saturating_sub(state.services.clock.now_ms() / 1000),
+    );
+    upgrade
+        .max_message_size(WS_MAX_MESSAGE)
+        .on_upgrade(move |socket| async move {
+            let still_valid = || tokens.verify(&token).is_ok();
+            let ended = crate::front::relay(
+                socket,
+                app,
+                changes,
+                expires_in,
+                WS_MAX_DURATION,
+                still_valid,
+            )
+            .await;
+            tracing::debug!(device = %device, ended = ended.as_str(), "front door: WebSocket relay ended");
+        })
+}
+
+fn caller_of(
+    state: &AppState,
+    extensions: &http::Extensions,
+    device: crate::ids::DeviceId,
+) -> Caller {
+    Caller {
+        device,
+        address: extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map_or(std::net::IpAddr::from([0, 0, 0, 0]), |c| c.0.ip()),
+        scheme: if state.tls_mode == crate::config::TlsMode::Off {
+            "http"
+        } else {
+            "https"
+        },
+        request_id: extensions
+            .get::<RequestId>()
+            .map(|id| id.0.clone())
+            .unwrap_or_default(),
     }
 }
 

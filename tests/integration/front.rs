@@ -438,3 +438,136 @@ async fn smuggling_shapes_never_reach_the_app_and_paths_arrive_unchanged() {
     assert_eq!(app.seen().len(), before + 4);
     gatehouse.stop().await;
 }
+
+/// A WebSocket app: echoes every text message prefixed with the device id it was told,
+/// and chooses the `chat` subprotocol when offered.
+async fn ws_app(seen_protocols: Arc<Mutex<Vec<String>>>) -> String {
+    use axum::extract::ws::{Message, WebSocketUpgrade};
+    let router =
+        axum::Router::new().fallback(move |headers: http::HeaderMap, upgrade: WebSocketUpgrade| {
+            let seen = seen_protocols.clone();
+            async move {
+                let offered = headers
+                    .get("sec-websocket-protocol")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_string();
+                seen.lock().unwrap().push(offered);
+                let device = headers
+                    .get("x-gatehouse-device-id")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("none")
+                    .to_string();
+                upgrade
+                    .protocols(["chat"])
+                    .on_upgrade(move |mut socket| async move {
+                        while let Some(Ok(message)) = socket.recv().await {
+                            if let Message::Text(text) = message {
+                                let answer = format!("{device}: {}", text.as_str());
+                                if socket.send(Message::Text(answer.into())).await.is_err() {
+                                    break;
+                                }
+                            }
+                        }
+                    })
+            }
+        });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    format!("http://{addr}")
+}
+
+/// A WebSocket through the front door reaches the app with the device's identity, the
+/// browser's bearer subprotocol is taken off the list (and never echoed), and revoking the
+/// device closes the relayed socket with 1008 at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_is_relayed_to_the_app_and_cut_when_the_device_is_revoked() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::{Message, http::HeaderValue};
+
+    let protocols = Arc::new(Mutex::new(Vec::new()));
+    let upstream = ws_app(protocols.clone()).await;
+    let gatehouse = front(&upstream).await;
+    let device = gatehouse.pair_device().await;
+    let url = format!("wss://{}/live", gatehouse.running.local_addr);
+
+    // Without a token: refused before any upgrade.
+    let tls = crate::ws::tls_stream(&gatehouse).await;
+    let refused = tokio_tungstenite::client_async(url.as_str(), tls).await;
+    match refused {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 401);
+        }
+        other => panic!("expected a 401, got {other:?}"),
+    }
+    assert!(protocols.lock().unwrap().is_empty(), "the app saw nothing");
+
+    // A page from an origin not in cors.allowed_origins: refused.
+    let mut request = url.as_str().into_client_request().unwrap();
+    request.headers_mut().insert(
+        "sec-websocket-protocol",
+        HeaderValue::from_str(&format!("gatehouse.bearer.{}", device.access_token)).unwrap(),
+    );
+    request
+        .headers_mut()
+        .insert("origin", HeaderValue::from_static("https://evil.example"));
+    let tls = crate::ws::tls_stream(&gatehouse).await;
+    match tokio_tungstenite::client_async(request, tls).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 403);
+        }
+        other => panic!("expected a 403, got {other:?}"),
+    }
+
+    // As a browser does: the token in the subprotocol list.
+    let mut request = url.as_str().into_client_request().unwrap();
+    request.headers_mut().insert(
+        "sec-websocket-protocol",
+        HeaderValue::from_str(&format!("gatehouse.bearer.{}, chat", device.access_token)).unwrap(),
+    );
+    let tls = crate::ws::tls_stream(&gatehouse).await;
+    let (mut socket, response) = tokio_tungstenite::client_async(request, tls).await.unwrap();
+    assert_eq!(response.headers()["sec-websocket-protocol"], "chat");
+    assert_eq!(
+        protocols.lock().unwrap().as_slice(),
+        ["chat"],
+        "no token reaches the app"
+    );
+    socket.send(Message::text("hello")).await.unwrap();
+    let echoed = tokio::time::timeout(Duration::from_secs(5), socket.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        echoed.into_text().unwrap().as_str(),
+        format!("{}: hello", device.device_id)
+    );
+
+    // Revoked: the relayed socket is closed with 1008 within a second.
+    let started = std::time::Instant::now();
+    let revoked = gatehouse
+        .client()
+        .delete(gatehouse.url(&format!("/v1/devices/{}", device.device_id)))
+        .bearer_auth(gatehouse.admin_token())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(revoked.status(), StatusCode::OK);
+    let closed = loop {
+        match tokio::time::timeout(Duration::from_secs(2), socket.next()).await {
+            Ok(Some(Ok(Message::Close(frame)))) => break frame,
+            Ok(Some(Ok(_))) => continue,
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    };
+    assert_eq!(u16::from(closed.expect("a close frame").code), 1008);
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    gatehouse.stop().await;
+}

@@ -57,7 +57,7 @@ fn connector(app: &TestApp) -> TlsConnector {
 }
 
 /// A TLS connection to the app, handshake done, server name "localhost".
-async fn tls_stream(app: &TestApp) -> TlsStream<TcpStream> {
+pub(crate) async fn tls_stream(app: &TestApp) -> TlsStream<TcpStream> {
     let tcp = tokio::time::timeout(BOUND, TcpStream::connect(app.running.local_addr))
         .await
         .expect("TCP connect in time")

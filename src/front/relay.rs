@@ -1,0 +1,208 @@
+//! The WebSocket relay: a client's socket, upgraded by gatehouse, joined to a socket that
+//! gatehouse opens to the app, frames relayed both ways. gatehouse opens the app's socket
+//! first, so that the subprotocol the app chose is the one the client is answered with.
+//!
+//! The relay ends, closing both sides, when either side closes, when the caller's
+//! `still_valid` check fails after a revocation or at the token's expiry (the client gets
+//! 1008), or when the session has lasted its maximum.
+
+use std::time::Duration;
+
+use axum::extract::ws::{self, CloseFrame, Utf8Bytes, WebSocket};
+use futures_util::{SinkExt, StreamExt};
+use http::header::{self, HeaderValue};
+use tokio::sync::watch;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::{self, handshake::client::generate_key};
+
+use super::connect::{UpstreamStream, authority, open};
+use super::{Caller, FrontDoor, FrontError};
+
+/// The socket to the app, and the subprotocol it chose.
+pub(crate) struct AppSocket {
+    socket: WebSocketStream<UpstreamStream>,
+    pub(crate) protocol: Option<String>,
+}
+
+impl std::fmt::Debug for AppSocket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppSocket")
+            .field("protocol", &self.protocol)
+            .finish()
+    }
+}
+
+/// Why a relay ended, for the log and the audit record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Ended {
+    ClientClosed,
+    AppClosed,
+    Revoked,
+    MaxDuration,
+}
+
+impl Ended {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::ClientClosed => "client_closed",
+            Self::AppClosed => "app_closed",
+            Self::Revoked => "revoked",
+            Self::MaxDuration => "max_duration",
+        }
+    }
+}
+
+impl FrontDoor {
+    /// Opens a WebSocket to the app at `path` for `caller`, offering `protocols` (the
+    /// client's list without its bearer entries).
+    pub(crate) async fn open_socket(
+        &self,
+        path: &str,
+        caller: &Caller,
+        host: &HeaderValue,
+        protocols: &[String],
+    ) -> Result<AppSocket, FrontError> {
+        let uri = format!("ws://{}{path}", authority(&self.config.upstream));
+        let mut request = http::Request::builder()
+            .uri(uri)
+            .body(())
+            .map_err(|_| FrontError::BadRequest("its path cannot be forwarded"))?;
+        let headers = request.headers_mut();
+        headers.insert(header::HOST, host.clone());
+        headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        headers.insert(
+            header::SEC_WEBSOCKET_VERSION,
+            HeaderValue::from_static("13"),
+        );
+        headers.insert(
+            header::SEC_WEBSOCKET_KEY,
+            super::header_value(&generate_key()),
+        );
+        if !protocols.is_empty() {
+            headers.insert(
+                header::SEC_WEBSOCKET_PROTOCOL,
+                super::header_value(&protocols.join(", ")),
+            );
+        }
+        super::identify(headers, caller, host.clone());
+        let stream = open(&self.config.upstream, self.config.connect_timeout)
+            .await
+            .map_err(|err| FrontError::Unreachable(err.to_string()))?;
+        let handshake = tokio_tungstenite::client_async(request, stream);
+        let (socket, response) =
+            match tokio::time::timeout(self.config.response_timeout, handshake).await {
+                Err(_) => return Err(FrontError::Timeout),
+                Ok(Err(err)) => return Err(FrontError::Unreachable(err.to_string())),
+                Ok(Ok(done)) => done,
+            };
+        let protocol = response
+            .headers()
+            .get(header::SEC_WEBSOCKET_PROTOCOL)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        Ok(AppSocket { socket, protocol })
+    }
+}
+
+/// Relays frames between `client` and `app` until one of them closes, `still_valid`
+/// fails after a change (a revocation, a key change) or at `expires_in`, or `max` has
+/// passed.
+pub(crate) async fn relay(
+    mut client: WebSocket,
+    app: AppSocket,
+    mut changes: watch::Receiver<u64>,
+    expires_in: Duration,
+    max: Duration,
+    still_valid: impl Fn() -> bool,
+) -> Ended {
+    let mut app = app.socket;
+    let expiry = tokio::time::sleep(expires_in);
+    let deadline = tokio::time::sleep(max);
+    tokio::pin!(expiry, deadline);
+    let ended = loop {
+        tokio::select! {
+            from_client = client.recv() => match from_client {
+                None | Some(Err(_)) => break Ended::ClientClosed,
+                Some(Ok(ws::Message::Close(frame))) => {
+                    let frame = frame.map(|f| tungstenite::protocol::CloseFrame {
+                        code: f.code.into(),
+                        reason: f.reason.as_str().into(),
+                    });
+                    let _ = app.send(tungstenite::Message::Close(frame)).await;
+                    break Ended::ClientClosed;
+                }
+                Some(Ok(message)) => {
+                    if app.send(to_app(message)).await.is_err() {
+                        break Ended::AppClosed;
+                    }
+                }
+            },
+            from_app = app.next() => match from_app {
+                None | Some(Err(_)) => break Ended::AppClosed,
+                Some(Ok(tungstenite::Message::Close(frame))) => {
+                    let frame = frame.map(|f| CloseFrame {
+                        code: f.code.into(),
+                        reason: Utf8Bytes::from(f.reason.as_str()),
+                    });
+                    let _ = client.send(ws::Message::Close(frame)).await;
+                    return Ended::AppClosed;
+                }
+                Some(Ok(message)) => {
+                    if let Some(message) = to_client(message)
+                        && client.send(message).await.is_err()
+                    {
+                        break Ended::ClientClosed;
+                    }
+                }
+            },
+            Ok(()) = changes.changed() => {
+                if !still_valid() {
+                    break Ended::Revoked;
+                }
+            }
+            () = &mut expiry => break Ended::Revoked,
+            () = &mut deadline => break Ended::MaxDuration,
+        }
+    };
+    let (code, reason) = match ended {
+        Ended::Revoked => (
+            ws::close_code::POLICY,
+            "the access token is no longer valid",
+        ),
+        Ended::MaxDuration => (ws::close_code::AWAY, "the session lasted its maximum"),
+        Ended::ClientClosed | Ended::AppClosed => (ws::close_code::AWAY, "closed"),
+    };
+    let _ = client
+        .send(ws::Message::Close(Some(CloseFrame {
+            code,
+            reason: Utf8Bytes::from_static(reason),
+        })))
+        .await;
+    let _ = app.close(None).await;
+    ended
+}
+
+fn to_app(message: ws::Message) -> tungstenite::Message {
+    match message {
+        ws::Message::Text(text) => tungstenite::Message::text(text.as_str()),
+        ws::Message::Binary(bytes) => tungstenite::Message::Binary(bytes),
+        ws::Message::Ping(bytes) => tungstenite::Message::Ping(bytes),
+        ws::Message::Pong(bytes) => tungstenite::Message::Pong(bytes),
+        // Handled before: a close ends the relay.
+        ws::Message::Close(_) => tungstenite::Message::Close(None),
+    }
+}
+
+fn to_client(message: tungstenite::Message) -> Option<ws::Message> {
+    Some(match message {
+        tungstenite::Message::Text(text) => ws::Message::Text(Utf8Bytes::from(text.as_str())),
+        tungstenite::Message::Binary(bytes) => ws::Message::Binary(bytes),
+        tungstenite::Message::Ping(bytes) => ws::Message::Ping(bytes),
+        tungstenite::Message::Pong(bytes) => ws::Message::Pong(bytes),
+        tungstenite::Message::Close(_) | tungstenite::Message::Frame(_) => return None,
+    })
+}
+
+/// The prefix of the subprotocol entry that carries a browser's token.
+pub(crate) const BEARER_PROTOCOL: &str = "gatehouse.bearer.";
