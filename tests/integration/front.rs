@@ -97,6 +97,17 @@ impl App {
     }
 }
 
+/// `GET path` through the front door with `token`.
+async fn get_with(gatehouse: &TestApp, path: &str, token: &str) -> reqwest::Response {
+    gatehouse
+        .client()
+        .get(gatehouse.url(path))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+}
+
 async fn front(upstream: &str) -> TestApp {
     helpers::spawn_app_with(&[
         ("GATEHOUSE_UPSTREAM", upstream),
@@ -250,13 +261,7 @@ async fn an_app_that_is_down_is_502_and_one_that_stalls_504() {
     let closed = format!("http://127.0.0.1:{}", helpers::free_port());
     let gatehouse = front(&closed).await;
     let device = gatehouse.pair_device().await;
-    let response = gatehouse
-        .client()
-        .get(gatehouse.url("/anything"))
-        .bearer_auth(&device.access_token)
-        .send()
-        .await
-        .unwrap();
+    let response = get_with(&gatehouse, "/anything", &device.access_token).await;
     assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
     let id = response.headers()["x-request-id"]
         .to_str()
@@ -288,13 +293,7 @@ async fn an_app_that_is_down_is_502_and_one_that_stalls_504() {
         .unwrap();
     assert_eq!(ready.status(), StatusCode::OK);
     let device = gatehouse.pair_device().await;
-    let response = gatehouse
-        .client()
-        .get(gatehouse.url("/slow"))
-        .bearer_auth(&device.access_token)
-        .send()
-        .await
-        .unwrap();
+    let response = get_with(&gatehouse, "/slow", &device.access_token).await;
     assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["error"], "gateway_timeout", "{body}");
@@ -308,13 +307,7 @@ async fn the_app_can_listen_on_a_unix_socket() {
     let upstream = app.listen_unix(&dir.path().join("app.sock")).await;
     let gatehouse = front(&upstream).await;
     let device = gatehouse.pair_device().await;
-    let response = gatehouse
-        .client()
-        .get(gatehouse.url("/over/unix"))
-        .bearer_auth(&device.access_token)
-        .send()
-        .await
-        .unwrap();
+    let response = get_with(&gatehouse, "/over/unix", &device.access_token).await;
     assert_eq!(response.status(), StatusCode::OK);
     let seen = app.seen();
     assert_eq!(seen[0].path_and_query, "/over/unix");
