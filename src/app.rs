@@ -321,6 +321,8 @@ pub async fn start(config: &Config, clock: SharedClock) -> Result<Running, AppEr
             connect_timeout: config.front.connect_timeout,
             response_timeout: config.front.response_timeout,
             allowed_origins: config.cors.allowed_origins.clone(),
+            ws_max_message: config.front.ws_max_message,
+            ws_max_duration: config.front.ws_max_duration,
         })
     });
     let state = AppState::new(services.clone(), config.tls_mode).with_front(front);

@@ -233,6 +233,10 @@ pub(crate) struct FrontConfig {
     pub(crate) upstream: Option<Upstream>,
     pub(crate) connect_timeout: Duration,
     pub(crate) response_timeout: Duration,
+    /// The largest message a client may send through a relayed WebSocket.
+    pub(crate) ws_max_message: usize,
+    /// The longest a relayed WebSocket stays open.
+    pub(crate) ws_max_duration: Duration,
 }
 
 /// The WebSocket channel's limits.

@@ -342,6 +342,30 @@ pub static SETTINGS: &[Setting] = &[
         |c, v| c.front.response_timeout = v
     ),
     setting!(
+        "upstream.ws_max_message",
+        "GATEHOUSE_UPSTREAM_WS_MAX_MESSAGE",
+        None,
+        Value("1048576"),
+        "the largest message a client may send through a relayed WebSocket (bytes)",
+        Whole {
+            min: 1024,
+            max: 64 * 1024 * 1024
+        },
+        |c, v| c.front.ws_max_message = size(v)
+    ),
+    setting!(
+        "upstream.ws_max_duration",
+        "GATEHOUSE_UPSTREAM_WS_MAX_DURATION",
+        None,
+        Value("24h"),
+        "the longest a relayed WebSocket stays open",
+        Span {
+            min: secs(60),
+            max: secs(7 * DAY)
+        },
+        |c, v| c.front.ws_max_duration = v
+    ),
+    setting!(
         "server.max_header_bytes",
         "GATEHOUSE_MAX_HEADER_BYTES",
         None,

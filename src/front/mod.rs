@@ -42,6 +42,9 @@ pub(crate) struct UpstreamConfig {
     pub(crate) response_timeout: Duration,
     /// Browser origins allowed to open a WebSocket to the app (`cors.allowed_origins`).
     pub(crate) allowed_origins: Vec<String>,
+    /// The largest client message on a relayed WebSocket, and its longest life.
+    pub(crate) ws_max_message: usize,
+    pub(crate) ws_max_duration: Duration,
 }
 
 /// Set on every response that came from the app, so that gatehouse's own error
@@ -115,6 +118,11 @@ impl FrontDoor {
             .pool_max_idle_per_host(64)
             .build(connector);
         Self { client, config }
+    }
+
+    /// The largest client message on a relayed WebSocket, and its longest life.
+    pub(crate) fn ws_limits(&self) -> (usize, Duration) {
+        (self.config.ws_max_message, self.config.ws_max_duration)
     }
 
     /// Whether a browser page from `origin` may open a WebSocket to the app: only the

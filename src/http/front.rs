@@ -18,6 +18,7 @@ use http::{HeaderValue, StatusCode, header};
 use super::AppState;
 use super::error::ApiError;
 use super::security::RequestId;
+use crate::audit::{Actor, Event, Origin};
 use crate::front::Caller;
 use crate::tokens::Rejection;
 
@@ -132,11 +133,6 @@ fn is_websocket_upgrade(headers: &http::HeaderMap) -> bool {
     has(header::UPGRADE, "websocket") && has(header::CONNECTION, "upgrade")
 }
 
-/// The longest a relayed WebSocket stays open; the app's clients reconnect.
-const WS_MAX_DURATION: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
-/// The largest message a client may send through the relay.
-const WS_MAX_MESSAGE: usize = 1024 * 1024;
-
 /// A WebSocket through the front door: the token from `Authorization`, or for browsers
 /// (which cannot set headers on a WebSocket) from a `gatehouse.bearer.<token>` entry of
 /// `Sec-WebSocket-Protocol`, which is removed before the app sees the list; a browser's
@@ -207,8 +203,13 @@ async fn relay(state: AppState, front: crate::front::FrontDoor, request: Request
             Err(rejection) => return rejection.into_response(),
         };
     let device = verified.claims.sub;
-    state.services.devices.seen(device);
     let caller = caller_of(&state, &parts.extensions, device);
+    // Relayed sockets count toward the same caps as gatehouse's own channel.
+    let slot = match state.services.live.admit(caller.address) {
+        Ok(slot) => slot,
+        Err(refused) => return super::ws::refusal(refused),
+    };
+    state.services.devices.seen(device);
     let host = parts
         .headers
         .get(header::HOST)
@@ -251,20 +252,36 @@ async fn relay(state: AppState, front: crate::front::FrontDoor, request: Request
             .exp
             .saturating_sub(state.services.clock.now_ms() / 1000),
     );
+    let (max_message, max_duration) = front.ws_limits();
+    let audit = state.services.audit.clone();
+    let origin = Origin::request(caller.address, Some(caller.request_id.clone()))
+        .as_actor(Actor::Device(device.to_string()));
     upgrade
-        .max_message_size(WS_MAX_MESSAGE)
+        .max_message_size(max_message)
+        .max_frame_size(max_message)
         .on_upgrade(move |socket| async move {
+            let _slot = slot;
+            audit
+                .record_or_log(
+                    &origin,
+                    Event::new("front.socket_opened")
+                        .device(device)
+                        .detail("path", path.clone()),
+                )
+                .await;
             let still_valid = || tokens.verify(&token).is_ok();
-            let ended = crate::front::relay(
-                socket,
-                app,
-                changes,
-                expires_in,
-                WS_MAX_DURATION,
-                still_valid,
-            )
-            .await;
-            tracing::debug!(device = %device, ended = ended.as_str(), "front door: WebSocket relay ended");
+            let ended =
+                crate::front::relay(socket, app, changes, expires_in, max_duration, still_valid)
+                    .await;
+            audit
+                .record_or_log(
+                    &origin,
+                    Event::new("front.socket_closed")
+                        .device(device)
+                        .detail("path", path)
+                        .detail("reason", ended.as_str()),
+                )
+                .await;
         })
 }
 

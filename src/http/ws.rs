@@ -138,7 +138,8 @@ async fn upgrade(
         })
 }
 
-fn refusal(refused: Refused) -> Response {
+/// The answer to a connection over the caps (shared with the front door's relay).
+pub(super) fn refusal(refused: Refused) -> Response {
     match refused {
         Refused::Full => {
             ApiError::unavailable("the server holds its maximum number of live connections")

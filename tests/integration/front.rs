@@ -562,5 +562,55 @@ async fn a_websocket_is_relayed_to_the_app_and_cut_when_the_device_is_revoked() 
         "{:?}",
         started.elapsed()
     );
+    // Both ends of the socket's life are in the audit log, with why it ended.
+    let mut closed_records = Vec::new();
+    for _ in 0..50 {
+        closed_records = gatehouse.audit_events("front.socket_closed");
+        if !closed_records.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(closed_records.len(), 1);
+    assert_eq!(closed_records[0].details["reason"], "revoked");
+    assert_eq!(
+        closed_records[0].device.as_deref(),
+        Some(device.device_id.as_str())
+    );
+    let opened = gatehouse.audit_events("front.socket_opened");
+    assert_eq!(opened.len(), 1);
+    assert_eq!(opened[0].details["path"], "/live");
+    gatehouse.stop().await;
+}
+
+/// Relayed sockets count toward the per-address cap of live connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relayed_websockets_count_toward_the_per_address_cap() {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::http::HeaderValue;
+    let upstream = ws_app(Arc::default()).await;
+    let gatehouse = helpers::spawn_app_with(&[
+        ("GATEHOUSE_UPSTREAM", upstream.as_str()),
+        ("GATEHOUSE_WS_MAX_CONNECTIONS_PER_IP", "1"),
+    ])
+    .await;
+    let device = gatehouse.pair_device().await;
+    let url = format!("wss://{}/live", gatehouse.running.local_addr);
+    let open = || async {
+        let mut request = url.as_str().into_client_request().unwrap();
+        request.headers_mut().insert(
+            "authorization",
+            HeaderValue::from_str(&format!("Bearer {}", device.access_token)).unwrap(),
+        );
+        let tls = crate::ws::tls_stream(&gatehouse).await;
+        tokio_tungstenite::client_async(request, tls).await
+    };
+    let (_first, _) = open().await.expect("the first socket opens");
+    match open().await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 429);
+        }
+        other => panic!("expected a 429, got {other:?}"),
+    }
     gatehouse.stop().await;
 }
