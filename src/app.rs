@@ -323,6 +323,7 @@ pub async fn start(config: &Config, clock: SharedClock) -> Result<Running, AppEr
             allowed_origins: config.cors.allowed_origins.clone(),
             ws_max_message: config.front.ws_max_message,
             ws_max_duration: config.front.ws_max_duration,
+            ws_messages_per_second: config.front.ws_messages_per_second,
         })
     });
     let state = AppState::new(services.clone(), config.tls_mode).with_front(front);

@@ -237,6 +237,8 @@ pub(crate) struct FrontConfig {
     pub(crate) ws_max_message: usize,
     /// The longest a relayed WebSocket stays open.
     pub(crate) ws_max_duration: Duration,
+    /// Messages a device may send a second through its relayed WebSockets together.
+    pub(crate) ws_messages_per_second: u32,
 }
 
 /// The WebSocket channel's limits.

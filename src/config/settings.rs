@@ -366,6 +366,18 @@ pub static SETTINGS: &[Setting] = &[
         |c, v| c.front.ws_max_duration = v
     ),
     setting!(
+        "upstream.ws_messages_per_second",
+        "GATEHOUSE_UPSTREAM_WS_MESSAGES_PER_SECOND",
+        None,
+        Value("100"),
+        "messages a device may send a second through its relayed WebSockets (bursts of twice that)",
+        Whole {
+            min: 1,
+            max: 100_000
+        },
+        |c, v| c.front.ws_messages_per_second = u32::try_from(v).unwrap_or(u32::MAX)
+    ),
+    setting!(
         "server.max_header_bytes",
         "GATEHOUSE_MAX_HEADER_BYTES",
         None,

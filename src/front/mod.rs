@@ -17,9 +17,11 @@
 mod connect;
 mod relay;
 
-pub(crate) use relay::{BEARER_PROTOCOL, relay};
+pub(crate) use relay::{BEARER_PROTOCOL, Limits, relay};
 
+use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::body::Body;
@@ -30,6 +32,7 @@ use hyper_util::rt::TokioExecutor;
 
 use crate::error_kind::{Classify, ErrorKind};
 use crate::ids::DeviceId;
+use crate::live::MessageBudget;
 
 pub(crate) use crate::config::Upstream;
 use connect::UpstreamConnector;
@@ -45,6 +48,8 @@ pub(crate) struct UpstreamConfig {
     /// The largest client message on a relayed WebSocket, and its longest life.
     pub(crate) ws_max_message: usize,
     pub(crate) ws_max_duration: Duration,
+    /// Messages a device may send a second through its relayed sockets together.
+    pub(crate) ws_messages_per_second: u32,
 }
 
 /// Set on every response that came from the app, so that gatehouse's own error
@@ -88,6 +93,8 @@ pub(crate) struct Caller {
 pub(crate) struct FrontDoor {
     client: Client<UpstreamConnector, Body>,
     config: UpstreamConfig,
+    /// Each device's message budget on relayed sockets, shared by its sockets.
+    budgets: Arc<Mutex<HashMap<DeviceId, Arc<Mutex<MessageBudget>>>>>,
 }
 
 /// Headers that describe one connection, not the message (RFC 9110 section 7.6.1, and
@@ -117,7 +124,28 @@ impl FrontDoor {
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(64)
             .build(connector);
-        Self { client, config }
+        Self {
+            client,
+            config,
+            budgets: Arc::default(),
+        }
+    }
+
+    /// The message budget of `device` on relayed sockets, shared by all of them.
+    pub(crate) fn budget(&self, device: DeviceId) -> Arc<Mutex<MessageBudget>> {
+        let mut budgets = self.budgets.lock().unwrap_or_else(|p| p.into_inner());
+        // Budgets of devices with no socket left go as the map grows.
+        if budgets.len() > 4096 {
+            budgets.retain(|_, b| Arc::strong_count(b) > 1);
+        }
+        budgets
+            .entry(device)
+            .or_insert_with(|| {
+                Arc::new(Mutex::new(MessageBudget::new(
+                    self.config.ws_messages_per_second,
+                )))
+            })
+            .clone()
     }
 
     /// The largest client message on a relayed WebSocket, and its longest life.

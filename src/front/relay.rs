@@ -6,6 +6,7 @@
 //! `still_valid` check fails after a revocation or at the token's expiry (the client gets
 //! 1008), or when the session has lasted its maximum.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::extract::ws::{self, CloseFrame, Utf8Bytes, WebSocket};
@@ -17,6 +18,7 @@ use tokio_tungstenite::tungstenite::{self, handshake::client::generate_key};
 
 use super::connect::{UpstreamStream, authority, open};
 use super::{Caller, FrontDoor, FrontError};
+use crate::live::MessageBudget;
 
 /// The socket to the app, and the subprotocol it chose.
 pub(crate) struct AppSocket {
@@ -39,6 +41,10 @@ pub(crate) enum Ended {
     AppClosed,
     Revoked,
     MaxDuration,
+    /// The device spent its message budget (`upstream.ws_messages_per_second`).
+    RateLimited,
+    /// The server is stopping.
+    Shutdown,
 }
 
 impl Ended {
@@ -48,6 +54,8 @@ impl Ended {
             Self::AppClosed => "app_closed",
             Self::Revoked => "revoked",
             Self::MaxDuration => "max_duration",
+            Self::RateLimited => "rate_limited",
+            Self::Shutdown => "shutdown",
         }
     }
 }
@@ -105,17 +113,36 @@ impl FrontDoor {
     }
 }
 
+/// What ends a relay besides its two sides.
+pub(crate) struct Limits {
+    /// Bumped on every revocation and key change.
+    pub(crate) changes: watch::Receiver<u64>,
+    /// Turns true when the server stops.
+    pub(crate) closing: watch::Receiver<bool>,
+    /// When the token expires.
+    pub(crate) expires_in: Duration,
+    /// `upstream.ws_max_duration`.
+    pub(crate) max: Duration,
+    /// The device's message budget, shared by its relayed sockets.
+    pub(crate) budget: Arc<Mutex<MessageBudget>>,
+}
+
 /// Relays frames between `client` and `app` until one of them closes, `still_valid`
-/// fails after a change (a revocation, a key change) or at `expires_in`, or `max` has
-/// passed.
+/// fails after a change (a revocation, a key change) or at the token's expiry, the
+/// device's message budget runs out, the maximum duration passes or the server stops.
 pub(crate) async fn relay(
     mut client: WebSocket,
     app: AppSocket,
-    mut changes: watch::Receiver<u64>,
-    expires_in: Duration,
-    max: Duration,
+    limits: Limits,
     still_valid: impl Fn() -> bool,
 ) -> Ended {
+    let Limits {
+        mut changes,
+        mut closing,
+        expires_in,
+        max,
+        budget,
+    } = limits;
     let mut app = app.socket;
     let expiry = tokio::time::sleep(expires_in);
     let deadline = tokio::time::sleep(max);
@@ -133,6 +160,15 @@ pub(crate) async fn relay(
                     break Ended::ClientClosed;
                 }
                 Some(Ok(message)) => {
+                    let data = matches!(message, ws::Message::Text(_) | ws::Message::Binary(_));
+                    if data
+                        && !budget
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .spend(std::time::Instant::now())
+                    {
+                        break Ended::RateLimited;
+                    }
                     if app.send(to_app(message)).await.is_err() {
                         break Ended::AppClosed;
                     }
@@ -161,6 +197,11 @@ pub(crate) async fn relay(
                     break Ended::Revoked;
                 }
             }
+            Ok(()) = closing.changed() => {
+                if *closing.borrow() {
+                    break Ended::Shutdown;
+                }
+            }
             () = &mut expiry => break Ended::Revoked,
             () = &mut deadline => break Ended::MaxDuration,
         }
@@ -170,7 +211,9 @@ pub(crate) async fn relay(
             ws::close_code::POLICY,
             "the access token is no longer valid",
         ),
+        Ended::RateLimited => (ws::close_code::POLICY, "too many messages; slow down"),
         Ended::MaxDuration => (ws::close_code::AWAY, "the session lasted its maximum"),
+        Ended::Shutdown => (ws::close_code::AWAY, "server shutting down"),
         Ended::ClientClosed | Ended::AppClosed => (ws::close_code::AWAY, "closed"),
     };
     let _ = client

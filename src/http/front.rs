@@ -253,6 +253,8 @@ async fn relay(state: AppState, front: crate::front::FrontDoor, request: Request
             .saturating_sub(state.services.clock.now_ms() / 1000),
     );
     let (max_message, max_duration) = front.ws_limits();
+    let budget = front.budget(device);
+    let closing = state.services.live.closing();
     let audit = state.services.audit.clone();
     let origin = Origin::request(caller.address, Some(caller.request_id.clone()))
         .as_actor(Actor::Device(device.to_string()));
@@ -270,9 +272,14 @@ async fn relay(state: AppState, front: crate::front::FrontDoor, request: Request
                 )
                 .await;
             let still_valid = || tokens.verify(&token).is_ok();
-            let ended =
-                crate::front::relay(socket, app, changes, expires_in, max_duration, still_valid)
-                    .await;
+            let limits = crate::front::Limits {
+                changes,
+                closing,
+                expires_in,
+                max: max_duration,
+                budget,
+            };
+            let ended = crate::front::relay(socket, app, limits, still_valid).await;
             audit
                 .record_or_log(
                     &origin,

@@ -614,3 +614,55 @@ async fn relayed_websockets_count_toward_the_per_address_cap() {
     }
     gatehouse.stop().await;
 }
+
+/// A device that floods its relayed socket is cut off with 1008, and the audit log says
+/// why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_over_its_message_budget_is_closed_with_1008() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::{Message, http::HeaderValue};
+    let upstream = ws_app(Arc::default()).await;
+    let gatehouse = helpers::spawn_app_with(&[
+        ("GATEHOUSE_UPSTREAM", upstream.as_str()),
+        ("GATEHOUSE_UPSTREAM_WS_MESSAGES_PER_SECOND", "1"),
+    ])
+    .await;
+    let device = gatehouse.pair_device().await;
+    let mut request = format!("wss://{}/live", gatehouse.running.local_addr)
+        .into_client_request()
+        .unwrap();
+    request.headers_mut().insert(
+        "authorization",
+        HeaderValue::from_str(&format!("Bearer {}", device.access_token)).unwrap(),
+    );
+    let tls = crate::ws::tls_stream(&gatehouse).await;
+    let (mut socket, _) = tokio_tungstenite::client_async(request, tls).await.unwrap();
+    // A burst of two passes; the rest is refused.
+    for n in 0..10 {
+        if socket.send(Message::text(format!("m{n}"))).await.is_err() {
+            break;
+        }
+    }
+    let mut echoes = 0;
+    let code = loop {
+        match tokio::time::timeout(Duration::from_secs(5), socket.next()).await {
+            Ok(Some(Ok(Message::Close(frame)))) => break frame.map(|f| u16::from(f.code)),
+            Ok(Some(Ok(Message::Text(_)))) => echoes += 1,
+            Ok(Some(Ok(_))) => {}
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    };
+    assert_eq!(code, Some(1008));
+    assert!(echoes <= 2, "{echoes} messages passed a budget of 2");
+    let mut closed = Vec::new();
+    for _ in 0..50 {
+        closed = gatehouse.audit_events("front.socket_closed");
+        if !closed.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(closed[0].details["reason"], "rate_limited");
+    gatehouse.stop().await;
+}
