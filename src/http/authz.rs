@@ -34,6 +34,10 @@ use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use super::AppState;
 use super::client_addr::ForwardedBy;
 use super::error::ApiError;
+use super::extract::{
+    BEARER_CHALLENGE as CHALLENGE, BEARER_CHALLENGE_INVALID as CHALLENGE_INVALID, Presented,
+    presented,
+};
 use super::security::RequestId;
 use crate::ids::DeviceId;
 use crate::tokens::Rejection;
@@ -45,10 +49,6 @@ pub(super) fn routes() -> Router<AppState> {
 
 /// The header that carries the verified device id to the proxy (and from it to the app).
 pub(crate) const DEVICE_ID_HEADER: HeaderName = HeaderName::from_static("x-gatehouse-device-id");
-
-/// RFC 6750 section 3.1: no error code when no credentials came.
-const CHALLENGE: &str = r#"Bearer realm="gatehouse""#;
-const CHALLENGE_INVALID: &str = r#"Bearer realm="gatehouse", error="invalid_token""#;
 
 /// Longest forwarded method, URI or host written to the log.
 const LOGGED_MAX: usize = 256;
@@ -145,36 +145,6 @@ pub(super) fn samples(label: &str, names: &[&str], counters: &[AtomicU64]) -> Ve
             )
         })
         .collect()
-}
-
-/// What the request presents as credentials.
-enum Presented<'a> {
-    /// No `Authorization` header, or another scheme than Bearer.
-    Nothing,
-    /// One Bearer credential.
-    Bearer(&'a str),
-    /// Several `Authorization` headers, or one that is not visible ASCII: a proxy and
-    /// gatehouse could read different ones, so none is taken.
-    Unreadable,
-}
-
-fn presented(headers: &HeaderMap) -> Presented<'_> {
-    let mut values = headers.get_all(header::AUTHORIZATION).iter();
-    let Some(value) = values.next() else {
-        return Presented::Nothing;
-    };
-    if values.next().is_some() {
-        return Presented::Unreadable;
-    }
-    let Ok(text) = value.to_str() else {
-        return Presented::Unreadable;
-    };
-    let (scheme, token) = text.split_once(' ').unwrap_or((text, ""));
-    if scheme.eq_ignore_ascii_case("bearer") {
-        Presented::Bearer(token.trim())
-    } else {
-        Presented::Nothing
-    }
 }
 
 /// The original request as a trusted proxy described it.

@@ -15,7 +15,7 @@ use axum::extract::rejection::{FormRejection, JsonRejection};
 use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Request};
 use axum::response::{IntoResponse, Response};
 use http::request::Parts;
-use http::{HeaderValue, StatusCode, header};
+use http::{HeaderMap, HeaderValue, StatusCode, header};
 use serde::de::DeserializeOwned;
 
 use super::AppState;
@@ -168,6 +168,42 @@ impl IntoResponse for Unauthorized {
             HeaderValue::from_static(self.challenge),
         );
         response
+    }
+}
+
+/// RFC 6750 section 3: the challenge for a device token, with `invalid_token` when one
+/// was presented and refused.
+pub(super) const BEARER_CHALLENGE: &str = r#"Bearer realm="gatehouse""#;
+pub(super) const BEARER_CHALLENGE_INVALID: &str =
+    r#"Bearer realm="gatehouse", error="invalid_token""#;
+
+/// What a request presents as a device's credentials (`GET /v1/authz`, the front door).
+pub(super) enum Presented<'a> {
+    /// No `Authorization` header, or another scheme than Bearer.
+    Nothing,
+    /// One Bearer credential.
+    Bearer(&'a str),
+    /// Several `Authorization` headers, or one that is not visible ASCII: a proxy and
+    /// gatehouse could read different ones, so none is taken.
+    Unreadable,
+}
+
+pub(super) fn presented(headers: &HeaderMap) -> Presented<'_> {
+    let mut values = headers.get_all(header::AUTHORIZATION).iter();
+    let Some(value) = values.next() else {
+        return Presented::Nothing;
+    };
+    if values.next().is_some() {
+        return Presented::Unreadable;
+    }
+    let Ok(text) = value.to_str() else {
+        return Presented::Unreadable;
+    };
+    let (scheme, token) = text.split_once(' ').unwrap_or((text, ""));
+    if scheme.eq_ignore_ascii_case("bearer") {
+        Presented::Bearer(token.trim())
+    } else {
+        Presented::Nothing
     }
 }
 

@@ -17,6 +17,7 @@ use http::{HeaderValue, StatusCode, header};
 
 use super::AppState;
 use super::error::ApiError;
+use super::extract::{Presented, presented};
 use super::security::RequestId;
 use crate::audit::{Actor, Event, Origin};
 use crate::front::Caller;
@@ -62,9 +63,10 @@ impl FrontCounters {
     }
 }
 
-/// RFC 6750 section 3: the challenge, with `invalid_token` when a token was presented.
-const NO_TOKEN: &str = r#"Bearer realm="gatehouse""#;
-const BAD_TOKEN: &str = r#"Bearer realm="gatehouse", error="invalid_token""#;
+/// The challenges, and the reading of `Authorization`, are `/v1/authz`'s: one header
+/// with one Bearer credential, or none taken.
+const NO_TOKEN: &str = super::extract::BEARER_CHALLENGE;
+const BAD_TOKEN: &str = super::extract::BEARER_CHALLENGE_INVALID;
 
 async fn proxy(State(state): State<AppState>, request: Request) -> Response {
     let Some(front) = state.front.clone() else {
@@ -74,21 +76,20 @@ async fn proxy(State(state): State<AppState>, request: Request) -> Response {
     if is_websocket_upgrade(request.headers()) {
         return relay(state, front, request).await;
     }
-    let token = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            let (scheme, token) = v.split_once(' ')?;
-            scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
-        });
-    let Some(token) = token else {
-        state.front_counters.count("no_token");
-        return refused(
-            NO_TOKEN,
-            "unauthorized",
-            "a device access token is required (Authorization: Bearer)",
-        );
+    let token = match presented(request.headers()) {
+        Presented::Bearer(token) => token,
+        Presented::Nothing => {
+            state.front_counters.count("no_token");
+            return refused(
+                NO_TOKEN,
+                "unauthorized",
+                "a device access token is required (Authorization: Bearer)",
+            );
+        }
+        Presented::Unreadable => {
+            state.front_counters.count("invalid_token");
+            return refused(BAD_TOKEN, "invalid_token", "the access token is not valid");
+        }
     };
     let verified = match state.services.tokens.verify(token) {
         Ok(verified) => verified,
@@ -154,16 +155,14 @@ async fn relay(state: AppState, front: crate::front::FrontDoor, request: Request
         .iter()
         .find_map(|p| p.strip_prefix(crate::front::BEARER_PROTOCOL))
         .map(str::to_string);
-    let from_header = parts
-        .headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            let (scheme, token) = v.split_once(' ')?;
-            scheme
-                .eq_ignore_ascii_case("bearer")
-                .then(|| token.trim().to_string())
-        });
+    let from_header = match presented(&parts.headers) {
+        Presented::Bearer(token) => Some(token.to_string()),
+        Presented::Nothing => None,
+        Presented::Unreadable => {
+            state.front_counters.count("invalid_token");
+            return refused(BAD_TOKEN, "invalid_token", "the access token is not valid");
+        }
+    };
     let Some(token) = from_header.or(from_protocol) else {
         state.front_counters.count("no_token");
         return refused(
