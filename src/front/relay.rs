@@ -156,7 +156,7 @@ pub(crate) async fn relay(
                         code: f.code.into(),
                         reason: f.reason.as_str().into(),
                     });
-                    let _ = app.send(tungstenite::Message::Close(frame)).await;
+                    within(app.send(tungstenite::Message::Close(frame))).await;
                     break Ended::ClientClosed;
                 }
                 Some(Ok(message)) => {
@@ -169,7 +169,7 @@ pub(crate) async fn relay(
                     {
                         break Ended::RateLimited;
                     }
-                    if app.send(to_app(message)).await.is_err() {
+                    if !within(app.send(to_app(message))).await {
                         break Ended::AppClosed;
                     }
                 }
@@ -181,12 +181,12 @@ pub(crate) async fn relay(
                         code: f.code.into(),
                         reason: Utf8Bytes::from(f.reason.as_str()),
                     });
-                    let _ = client.send(ws::Message::Close(frame)).await;
+                    within(client.send(ws::Message::Close(frame))).await;
                     return Ended::AppClosed;
                 }
                 Some(Ok(message)) => {
                     if let Some(message) = to_client(message)
-                        && client.send(message).await.is_err()
+                        && !within(client.send(message)).await
                     {
                         break Ended::ClientClosed;
                     }
@@ -216,14 +216,22 @@ pub(crate) async fn relay(
         Ended::Shutdown => (ws::close_code::AWAY, "server shutting down"),
         Ended::ClientClosed | Ended::AppClosed => (ws::close_code::AWAY, "closed"),
     };
-    let _ = client
-        .send(ws::Message::Close(Some(CloseFrame {
-            code,
-            reason: Utf8Bytes::from_static(reason),
-        })))
-        .await;
-    let _ = app.close(None).await;
+    within(client.send(ws::Message::Close(Some(CloseFrame {
+        code,
+        reason: Utf8Bytes::from_static(reason),
+    }))))
+    .await;
+    within(app.close(None)).await;
     ended
+}
+
+/// How long a frame may wait to be taken by the other side: a peer that stops reading
+/// must not hold the relay, and with it the revocation checks, for ever.
+const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Whether `send` completed within `SEND_TIMEOUT`.
+async fn within<T, E>(send: impl std::future::Future<Output = Result<T, E>>) -> bool {
+    matches!(tokio::time::timeout(SEND_TIMEOUT, send).await, Ok(Ok(_)))
 }
 
 fn to_app(message: ws::Message) -> tungstenite::Message {
