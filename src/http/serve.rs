@@ -137,6 +137,7 @@ pub(crate) async fn serve(
             watcher: graceful.watcher(),
             limits: limits.clone(),
             peer,
+            proxy,
         };
         let acceptor = acceptor.clone();
         tokio::spawn(async move {
@@ -169,6 +170,8 @@ struct Connection {
     watcher: Watcher,
     limits: ServerConfig,
     peer: SocketAddr,
+    /// The peer is one of `server.trusted_proxies` (decided once, at accept).
+    proxy: bool,
 }
 
 impl Connection {
@@ -206,20 +209,24 @@ impl Connection {
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let peer = self.peer;
-        let trusted = Arc::new(self.limits.trusted_proxies.clone());
+        let direct = SocketAddr::new(peer.ip().to_canonical(), peer.port());
+        // Only a trusted proxy's requests have their forwarding headers read; every
+        // other connection's client is its peer, with no per-request work.
+        let trusted = self
+            .proxy
+            .then(|| Arc::new(self.limits.trusted_proxies.clone()));
         let service = self
             .app
             .map_request(move |mut request: http::Request<Incoming>| {
-                let client = client_address(peer.ip(), request.headers(), &trusted);
-                if trusted
-                    .iter()
-                    .any(|n| n.contains(&peer.ip().to_canonical()))
-                {
-                    request.extensions_mut().insert(ForwardedBy(peer));
-                }
-                request
-                    .extensions_mut()
-                    .insert(ConnectInfo(SocketAddr::new(client, peer.port())));
+                let client = match &trusted {
+                    Some(trusted) => {
+                        request.extensions_mut().insert(ForwardedBy(peer));
+                        let client = client_address(peer.ip(), request.headers(), trusted);
+                        SocketAddr::new(client, peer.port())
+                    }
+                    None => direct,
+                };
+                request.extensions_mut().insert(ConnectInfo(client));
                 request
             });
         let conn = self
