@@ -563,14 +563,7 @@ async fn a_websocket_is_relayed_to_the_app_and_cut_when_the_device_is_revoked() 
         started.elapsed()
     );
     // Both ends of the socket's life are in the audit log, with why it ended.
-    let mut closed_records = Vec::new();
-    for _ in 0..50 {
-        closed_records = gatehouse.audit_events("front.socket_closed");
-        if !closed_records.is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let closed_records = socket_closed_records(&gatehouse).await;
     assert_eq!(closed_records.len(), 1);
     assert_eq!(closed_records[0].details["reason"], "revoked");
     assert_eq!(
@@ -583,11 +576,46 @@ async fn a_websocket_is_relayed_to_the_app_and_cut_when_the_device_is_revoked() 
     gatehouse.stop().await;
 }
 
+/// A WebSocket to `/live` through the front door, with `token` in `Authorization`.
+async fn open_relayed(
+    gatehouse: &TestApp,
+    token: &str,
+) -> Result<
+    (
+        tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>,
+        tokio_tungstenite::tungstenite::handshake::client::Response,
+    ),
+    tokio_tungstenite::tungstenite::Error,
+> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::http::HeaderValue;
+    let mut request = format!("wss://{}/live", gatehouse.running.local_addr)
+        .into_client_request()
+        .unwrap();
+    request.headers_mut().insert(
+        "authorization",
+        HeaderValue::from_str(&format!("Bearer {token}")).unwrap(),
+    );
+    let tls = crate::ws::tls_stream(gatehouse).await;
+    tokio_tungstenite::client_async(request, tls).await
+}
+
+/// The `front.socket_closed` records, once the first is written (the relay writes it
+/// after its close frame has gone out).
+async fn socket_closed_records(gatehouse: &TestApp) -> Vec<gatehouse::audit::EventView> {
+    for _ in 0..50 {
+        let records = gatehouse.audit_events("front.socket_closed");
+        if !records.is_empty() {
+            return records;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    gatehouse.audit_events("front.socket_closed")
+}
+
 /// Relayed sockets count toward the per-address cap of live connections.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relayed_websockets_count_toward_the_per_address_cap() {
-    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-    use tokio_tungstenite::tungstenite::http::HeaderValue;
     let upstream = ws_app(Arc::default()).await;
     let gatehouse = helpers::spawn_app_with(&[
         ("GATEHOUSE_UPSTREAM", upstream.as_str()),
@@ -595,18 +623,10 @@ async fn relayed_websockets_count_toward_the_per_address_cap() {
     ])
     .await;
     let device = gatehouse.pair_device().await;
-    let url = format!("wss://{}/live", gatehouse.running.local_addr);
-    let open = || async {
-        let mut request = url.as_str().into_client_request().unwrap();
-        request.headers_mut().insert(
-            "authorization",
-            HeaderValue::from_str(&format!("Bearer {}", device.access_token)).unwrap(),
-        );
-        let tls = crate::ws::tls_stream(&gatehouse).await;
-        tokio_tungstenite::client_async(request, tls).await
-    };
-    let (_first, _) = open().await.expect("the first socket opens");
-    match open().await {
+    let (_first, _) = open_relayed(&gatehouse, &device.access_token)
+        .await
+        .expect("the first socket opens");
+    match open_relayed(&gatehouse, &device.access_token).await {
         Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
             assert_eq!(response.status(), 429);
         }
@@ -620,8 +640,7 @@ async fn relayed_websockets_count_toward_the_per_address_cap() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_over_its_message_budget_is_closed_with_1008() {
     use futures_util::{SinkExt, StreamExt};
-    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-    use tokio_tungstenite::tungstenite::{Message, http::HeaderValue};
+    use tokio_tungstenite::tungstenite::Message;
     let upstream = ws_app(Arc::default()).await;
     let gatehouse = helpers::spawn_app_with(&[
         ("GATEHOUSE_UPSTREAM", upstream.as_str()),
@@ -629,15 +648,9 @@ async fn a_device_over_its_message_budget_is_closed_with_1008() {
     ])
     .await;
     let device = gatehouse.pair_device().await;
-    let mut request = format!("wss://{}/live", gatehouse.running.local_addr)
-        .into_client_request()
+    let (mut socket, _) = open_relayed(&gatehouse, &device.access_token)
+        .await
         .unwrap();
-    request.headers_mut().insert(
-        "authorization",
-        HeaderValue::from_str(&format!("Bearer {}", device.access_token)).unwrap(),
-    );
-    let tls = crate::ws::tls_stream(&gatehouse).await;
-    let (mut socket, _) = tokio_tungstenite::client_async(request, tls).await.unwrap();
     // A burst of two passes; the rest is refused.
     for n in 0..10 {
         if socket.send(Message::text(format!("m{n}"))).await.is_err() {
@@ -655,14 +668,7 @@ async fn a_device_over_its_message_budget_is_closed_with_1008() {
     };
     assert_eq!(code, Some(1008));
     assert!(echoes <= 2, "{echoes} messages passed a budget of 2");
-    let mut closed = Vec::new();
-    for _ in 0..50 {
-        closed = gatehouse.audit_events("front.socket_closed");
-        if !closed.is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let closed = socket_closed_records(&gatehouse).await;
     assert_eq!(closed[0].details["reason"], "rate_limited");
     gatehouse.stop().await;
 }
