@@ -111,6 +111,15 @@ struct Revoked {
     existing: HashSet<FamilyId>,
 }
 
+/// Why `RevocationList::check` refuses a token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    /// Its family has no row in the data file.
+    UnknownFamily,
+    /// It, its family or its device is revoked.
+    Revoked,
+}
+
 /// What is revoked, and since when it may be forgotten.
 #[derive(Debug)]
 pub struct RevocationList {
@@ -203,9 +212,26 @@ impl RevocationList {
             || revoked.devices.contains(device)
     }
 
-    /// Whether `family` has a row in the data file (see `Revoked::existing`).
-    pub(crate) fn family_exists(&self, family: &FamilyId) -> bool {
-        self.read().existing.contains(family)
+    /// Whether an access token with these claims may be used, as far as this list
+    /// knows, under one read lock: its family must have a row in the data file (see
+    /// `Revoked::existing`), and neither it, its family nor its device be revoked.
+    pub(crate) fn check(
+        &self,
+        jti: &TokenId,
+        family: &FamilyId,
+        device: &DeviceId,
+    ) -> Result<(), Refusal> {
+        let revoked = self.read();
+        if !revoked.existing.contains(family) {
+            return Err(Refusal::UnknownFamily);
+        }
+        if revoked.tokens.contains_key(jti)
+            || revoked.families.contains_key(family)
+            || revoked.devices.contains(device)
+        {
+            return Err(Refusal::Revoked);
+        }
+        Ok(())
     }
 
     /// Mirrors a family row committed by pairing; call before any of its tokens leaves.

@@ -30,7 +30,7 @@ use crate::ids::{DeviceId, FamilyId, RandomError, Secret, TokenId};
 use crate::jwt::{self, ACCESS_TOKEN_TYP, AccessClaims, Malformed};
 use crate::keys::{KeyError, KeyRing};
 use crate::ratelimit::{Limited, PolicyId, RateLimits, Subject};
-use crate::revocation::RevocationList;
+use crate::revocation::{Refusal, RevocationList};
 use crate::store::records::{RefreshToken, TokenFamily};
 use crate::store::{
     DEVICE_FAMILIES, DEVICES, REFRESH_TOKENS, Store, StoreError, TOKEN_FAMILIES, WriteTx,
@@ -701,16 +701,12 @@ impl TokenAuthority {
         if claims.exp.saturating_sub(claims.iat) > longest {
             return Err(Rejection::LifetimeTooLong);
         }
-        if !self.revocations.family_exists(&claims.sid) {
-            return Err(Rejection::UnknownFamily);
-        }
-        if self
-            .revocations
-            .is_revoked(&claims.jti, &claims.sid, &claims.sub)
-        {
-            return Err(Rejection::Revoked);
-        }
-        Ok(())
+        self.revocations
+            .check(&claims.jti, &claims.sid, &claims.sub)
+            .map_err(|refusal| match refusal {
+                Refusal::UnknownFamily => Rejection::UnknownFamily,
+                Refusal::Revoked => Rejection::Revoked,
+            })
     }
 
     /// RFC 7662: what the caller may know about `token`. Anything not valid now is
