@@ -59,7 +59,8 @@ pub struct TokenSettings {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PreviousIdentity {
     pub(crate) issuer: String,
-    pub(crate) audience: String,
+    /// The audience that changed with it (it was derived from the issuer), if any.
+    pub(crate) audience: Option<String>,
     /// When the change was recorded (ms): only tokens issued before it are accepted.
     pub(crate) changed_at_ms: u64,
 }
@@ -95,11 +96,7 @@ pub(crate) async fn record_issuer(
         })
         .await?;
     Ok(remembered.map(|from| PreviousIdentity {
-        audience: if audience_follows {
-            from.clone()
-        } else {
-            String::new()
-        },
+        audience: audience_follows.then(|| from.clone()),
         issuer: from,
         changed_at_ms: now,
     }))
@@ -679,7 +676,7 @@ impl TokenAuthority {
             return Err(Rejection::WrongIssuer);
         }
         if claims.aud != self.settings.audience
-            && earlier.is_none_or(|p| p.audience.is_empty() || claims.aud != p.audience)
+            && earlier.is_none_or(|p| p.audience.as_deref() != Some(claims.aud.as_str()))
         {
             return Err(Rejection::WrongAudience);
         }
