@@ -315,15 +315,17 @@ pub async fn start(config: &Config, clock: SharedClock) -> Result<Running, AppEr
     let socket = AdminSocket::bind(&config.admin_socket)?;
     let admin_socket = socket.path().to_path_buf();
 
-    let front = config.front.upstream.clone().map(|upstream| {
+    let front = (config.front.upstream.is_some() || !config.front.routes.is_empty()).then(|| {
         crate::front::FrontDoor::new(crate::front::UpstreamConfig {
-            upstream,
+            upstream: config.front.upstream.clone(),
+            routes: config.front.routes.clone(),
             connect_timeout: config.front.connect_timeout,
             response_timeout: config.front.response_timeout,
             allowed_origins: config.cors.allowed_origins.clone(),
             ws_max_message: config.front.ws_max_message,
             ws_max_duration: config.front.ws_max_duration,
             ws_messages_per_second: config.front.ws_messages_per_second,
+            ws_max_connections_per_device: config.front.ws_max_connections_per_device,
         })
     });
     let state = AppState::new(services.clone(), config.tls_mode).with_front(front);
@@ -664,8 +666,18 @@ fn announce(running: &Running, config: &Config, clock: &dyn Clock) {
     }
     println!("gatehouse listening on {url}");
     println!("admin UI: {url}/admin/");
+    for route in &config.front.routes {
+        let upstream = route.upstream.as_ref().or(config.front.upstream.as_ref());
+        if let Some(upstream) = upstream {
+            println!(
+                "route {} ({}): {upstream}",
+                route.label(),
+                route.auth.as_str()
+            );
+        }
+    }
     if let Some(upstream) = &config.front.upstream {
-        println!("front door: requests with a device token go to {upstream}");
+        println!("front door: other requests with a device token go to {upstream}");
     }
     if let Some(from) = &running.issuer_changed_from {
         println!(

@@ -336,6 +336,10 @@ impl VerifiedCache {
 // ---------------------------------------------------------------------------------------
 // The authority
 
+/// Families in `TokenAuthority::newest` before expired entries are swept (then at each
+/// doubling).
+const NEWEST_SWEEP_AT: usize = 4096;
+
 #[derive(Debug)]
 pub struct TokenAuthority {
     store: Store,
@@ -346,6 +350,10 @@ pub struct TokenAuthority {
     /// The `refresh` policy is spent per device before each grant.
     limits: Arc<RateLimits>,
     cache: VerifiedCache,
+    /// Each family's newest access token (its id and `exp`), for the families holding
+    /// one that has not expired: a relayed socket stays open past its token's expiry
+    /// while its family has a newer one.
+    newest: Mutex<HashMap<FamilyId, (TokenId, u64)>>,
 }
 
 impl TokenAuthority {
@@ -365,6 +373,7 @@ impl TokenAuthority {
             limits,
             settings,
             cache: VerifiedCache::default(),
+            newest: Mutex::default(),
         }
     }
 
@@ -386,7 +395,51 @@ impl TokenAuthority {
             sid: family,
             scope: None,
         };
-        Ok(self.keys.sign(&claims)?)
+        let token = self.keys.sign(&claims)?;
+        self.note_issued(family, claims.jti, claims.exp);
+        Ok(token)
+    }
+
+    fn note_issued(&self, family: FamilyId, jti: TokenId, exp_s: u64) {
+        let mut newest = self.newest.lock().unwrap_or_else(|p| p.into_inner());
+        // Entries of expired tokens say nothing any more; they go in bulk when the map
+        // reaches a power of two, so a sweep costs O(1) per issue.
+        if newest.len() >= NEWEST_SWEEP_AT && newest.len().is_power_of_two() {
+            let now_s = self.clock.now_ms() / 1000;
+            newest.retain(|_, (_, exp)| *exp > now_s);
+        }
+        newest.insert(family, (jti, exp_s));
+    }
+
+    /// Whether a verified token still stands, its expiry aside: its signing key still
+    /// verifies, and neither it, its family nor its device is revoked. For a relayed
+    /// socket, checked after every change.
+    pub(crate) fn stands(&self, verified: &Verified) -> bool {
+        let now_ms = self.clock.now_ms();
+        let claims = &verified.claims;
+        self.keys
+            .snapshot()
+            .get(&verified.kid)
+            .is_some_and(|key| key.verifies_at(now_ms))
+            && self
+                .revocations
+                .check(&claims.jti, &claims.sid, &claims.sub)
+                .is_ok()
+    }
+
+    /// The newest access token of `verified`'s family, if it is another one than
+    /// `verified` and has time left: the device re-authenticated (refreshed its family)
+    /// since the token a relayed socket holds. Its id and how long it has left.
+    pub(crate) fn family_renewed(&self, verified: &Verified) -> Option<(TokenId, Duration)> {
+        let now_ms = self.clock.now_ms();
+        let (jti, exp_s) = *self
+            .newest
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&verified.claims.sid)?;
+        let expires_ms = exp_s.saturating_mul(1000);
+        (jti != verified.claims.jti && expires_ms > now_ms)
+            .then(|| (jti, Duration::from_millis(expires_ms - now_ms)))
     }
 
     /// Writes a new family and its first refresh token inside a caller's transaction

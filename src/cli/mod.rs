@@ -919,6 +919,43 @@ fn config_check(config: &Config, json: bool) {
             return;
         }
     }
+    for (n, route) in config.front.routes.iter().enumerate() {
+        let key = format!("routes[{}]", n + 1);
+        let upstream = route
+            .upstream
+            .as_ref()
+            .map_or_else(|| "upstream.url".to_string(), ToString::to_string);
+        let rate = match route.rate {
+            crate::config::Rate::Off => "off".to_string(),
+            crate::config::Rate::Limit { requests, window } => {
+                format!("{requests}/{}", humantime::format_duration(window))
+            }
+        };
+        let written = if json {
+            let line = serde_json::json!({
+                "key": key,
+                "value": {
+                    "path": route.path,
+                    "host": route.host,
+                    "upstream": upstream,
+                    "auth": route.auth.as_str(),
+                    "rate": rate,
+                },
+                "source": "config file",
+            });
+            writeln!(out, "{line}")
+        } else {
+            let value = format!(
+                "{} -> {upstream} (auth {}, rate {rate})",
+                route.label(),
+                route.auth.as_str()
+            );
+            writeln!(out, "{key:<36} {value:<40} config file")
+        };
+        if written.is_err() {
+            return;
+        }
+    }
     if !json {
         eprintln!("configuration is valid");
     }

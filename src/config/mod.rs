@@ -13,6 +13,7 @@
 //! came from and what is allowed.
 
 mod jobs;
+mod routes;
 mod settings;
 mod values;
 
@@ -25,6 +26,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use jobs::{CronSchedule, JobName, JobsConfig, parse_timezone};
+#[cfg(test)]
+pub(crate) use routes::{GATEHOUSE_PATHS, under};
+pub use routes::{Route, RouteAuth};
 pub use settings::{Builtin, SETTINGS, Setting};
 pub use values::{KeyAlgorithm, KeyOrigin, LogFormat, MasterKeySource, Rate, TlsMode, Upstream};
 
@@ -239,6 +243,10 @@ pub(crate) struct FrontConfig {
     pub(crate) ws_max_duration: Duration,
     /// Messages a device may send a second through its relayed WebSockets together.
     pub(crate) ws_messages_per_second: u32,
+    /// Relayed WebSockets one device may hold open at once.
+    pub(crate) ws_max_connections_per_device: usize,
+    /// `[[routes]]`: where requests under a path (on a host) go, and who may send them.
+    pub(crate) routes: Vec<Route>,
 }
 
 /// The WebSocket channel's limits.
@@ -504,6 +512,14 @@ impl Config {
         let mut flat = Vec::new();
         for (name, value) in doc {
             match value {
+                // The one setting that is a list of tables.
+                list if name == "routes" => {
+                    self.front.routes =
+                        routes::parse(&list).map_err(|message| ConfigError::FileSyntax {
+                            path: file.to_path_buf(),
+                            message,
+                        })?;
+                }
                 toml::Value::Table(section) => {
                     for (inner, v) in section {
                         flat.push((format!("{name}.{inner}"), v));
@@ -689,6 +705,18 @@ impl Config {
                  any site could then act with a signed-in admin's cookies; list the origins"
                     .into(),
             );
+        }
+        if let Some(route) = self
+            .front
+            .routes
+            .iter()
+            .find(|r| r.upstream.is_none() && self.front.upstream.is_none())
+        {
+            return invalid(format!(
+                "route {} names no upstream, and upstream.url is not set: give the route \
+                 upstream = \"http://127.0.0.1:PORT\" or set upstream.url",
+                route.label()
+            ));
         }
         let (access, refresh) = (self.tokens.access_ttl, self.tokens.refresh_ttl);
         if refresh < access {

@@ -378,6 +378,18 @@ pub static SETTINGS: &[Setting] = &[
         |c, v| c.front.ws_messages_per_second = u32::try_from(v).unwrap_or(u32::MAX)
     ),
     setting!(
+        "upstream.ws_max_connections_per_device",
+        "GATEHOUSE_UPSTREAM_WS_MAX_CONNECTIONS_PER_DEVICE",
+        None,
+        Value("8"),
+        "relayed WebSockets one device may hold open at once",
+        Whole {
+            min: 1,
+            max: 10_000
+        },
+        |c, v| c.front.ws_max_connections_per_device = size(v)
+    ),
+    setting!(
         "server.max_header_bytes",
         "GATEHOUSE_MAX_HEADER_BYTES",
         None,

@@ -474,7 +474,7 @@ pub(super) fn log_level(v: &str) -> Result<String, String> {
 }
 
 /// Where the app behind the front door listens (`upstream.url`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Upstream {
     /// `HOST:PORT`, as written in the URL.
     Tcp(String),

@@ -16,8 +16,10 @@
 
 mod connect;
 mod relay;
+mod routes;
 
-pub(crate) use relay::{BEARER_PROTOCOL, Limits, relay};
+pub(crate) use relay::{BEARER_PROTOCOL, Credential, Limits, relay};
+pub(crate) use routes::{Target, ambiguous};
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -30,6 +32,7 @@ use http::{Request, Response, Uri, Version};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
+use crate::config::Route;
 use crate::error_kind::{Classify, ErrorKind};
 use crate::ids::DeviceId;
 use crate::live::MessageBudget;
@@ -37,10 +40,12 @@ use crate::live::MessageBudget;
 pub(crate) use crate::config::Upstream;
 use connect::UpstreamConnector;
 
-/// Where the app is and how long to wait for it (`upstream.*`).
+/// Where the apps are and how long to wait for them (`upstream.*`, `[[routes]]`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct UpstreamConfig {
-    pub(crate) upstream: Upstream,
+    /// `upstream.url`: where requests no route names go, as a device route for `/`.
+    pub(crate) upstream: Option<Upstream>,
+    pub(crate) routes: Vec<Route>,
     pub(crate) connect_timeout: Duration,
     pub(crate) response_timeout: Duration,
     /// Browser origins allowed to open a WebSocket to the app (`cors.allowed_origins`).
@@ -50,6 +55,8 @@ pub(crate) struct UpstreamConfig {
     pub(crate) ws_max_duration: Duration,
     /// Messages a device may send a second through its relayed sockets together.
     pub(crate) ws_messages_per_second: u32,
+    /// Relayed sockets one device may hold open at once.
+    pub(crate) ws_max_connections_per_device: usize,
 }
 
 /// Set on every response that came from the app, so that gatehouse's own error
@@ -65,6 +72,10 @@ pub(crate) enum FrontError {
     Timeout,
     #[error("the request cannot be forwarded: {0}")]
     BadRequest(&'static str),
+    #[error("the path has {0}, which gatehouse and the app could read differently")]
+    AmbiguousPath(&'static str),
+    #[error("this device has {0} relayed WebSockets open, the most allowed")]
+    TooManySockets(usize),
 }
 
 impl Classify for FrontError {
@@ -72,15 +83,27 @@ impl Classify for FrontError {
         match self {
             Self::Unreachable(_) => ErrorKind::Upstream,
             Self::Timeout => ErrorKind::UpstreamTimeout,
-            Self::BadRequest(_) => ErrorKind::Invalid,
+            Self::BadRequest(_) | Self::AmbiguousPath(_) => ErrorKind::Invalid,
+            Self::TooManySockets(_) => ErrorKind::RateLimited,
         }
     }
 }
 
 /// Who a request comes from, as the HTTP layer established it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Who {
+    /// A paired device, by its verified access token.
+    Device(DeviceId),
+    /// An admin, by admin token (its id) or session (`user:<name>`).
+    Admin(String),
+    /// Nobody in particular: a `public` route.
+    Anyone,
+}
+
+/// A request's caller: who, from where, over what.
 #[derive(Debug, Clone)]
 pub(crate) struct Caller {
-    pub(crate) device: DeviceId,
+    pub(crate) who: Who,
     /// The client's real address (behind a trusted proxy, the one it forwarded).
     pub(crate) address: IpAddr,
     /// `https` when the client reached gatehouse over TLS.
@@ -88,13 +111,16 @@ pub(crate) struct Caller {
     pub(crate) request_id: String,
 }
 
-/// The front door: one pooled client to the app.
+/// The front door: the route table, one pooled client per app.
 #[derive(Debug, Clone)]
 pub(crate) struct FrontDoor {
-    client: Client<UpstreamConnector, Body>,
-    config: UpstreamConfig,
+    /// In match order: host-bound routes first, then longer prefixes first.
+    targets: Arc<[Target]>,
+    config: Arc<UpstreamConfig>,
     /// Each device's message budget on relayed sockets, shared by its sockets.
     budgets: Arc<Mutex<HashMap<DeviceId, Arc<Mutex<MessageBudget>>>>>,
+    /// Relayed sockets open now, by device.
+    sockets: Arc<Mutex<HashMap<DeviceId, usize>>>,
 }
 
 /// Headers that describe one connection, not the message (RFC 9110 section 7.6.1, and
@@ -111,24 +137,91 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 ];
 
 const DEVICE_ID: HeaderName = HeaderName::from_static("x-gatehouse-device-id");
+const ADMIN: HeaderName = HeaderName::from_static("x-gatehouse-admin");
 const FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
+/// Holds one of a device's relayed-socket places until dropped.
+#[derive(Debug)]
+pub(crate) struct SocketPlace {
+    sockets: Arc<Mutex<HashMap<DeviceId, usize>>>,
+    device: Option<DeviceId>,
+}
+
+impl Drop for SocketPlace {
+    fn drop(&mut self) {
+        let Some(device) = self.device else { return };
+        let mut sockets = self.sockets.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(open) = sockets.get_mut(&device) {
+            *open = open.saturating_sub(1);
+            if *open == 0 {
+                sockets.remove(&device);
+            }
+        }
+    }
+}
+
 impl FrontDoor {
     pub(crate) fn new(config: UpstreamConfig) -> Self {
-        let connector = UpstreamConnector::new(config.upstream.clone(), config.connect_timeout);
-        let client = Client::builder(TokioExecutor::new())
-            // Idle connections to the app are kept a while and reused.
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(64)
-            .build(connector);
-        Self {
-            client,
-            config,
-            budgets: Arc::default(),
+        let mut clients: HashMap<Upstream, Client<UpstreamConnector, Body>> = HashMap::new();
+        let mut routes = config.routes.clone();
+        if let Some(default) = &config.upstream
+            && !routes.iter().any(|r| r.host.is_none() && r.path == "/")
+        {
+            routes.push(Route::catch_all(default.clone()));
         }
+        let mut targets: Vec<Target> = routes
+            .into_iter()
+            .enumerate()
+            .filter_map(|(position, route)| {
+                let upstream = route.upstream.clone().or_else(|| config.upstream.clone())?;
+                let client = clients
+                    .entry(upstream.clone())
+                    .or_insert_with(|| {
+                        let connector =
+                            UpstreamConnector::new(upstream.clone(), config.connect_timeout);
+                        Client::builder(TokioExecutor::new())
+                            // Idle connections to the app are kept a while and reused.
+                            .pool_idle_timeout(Duration::from_secs(60))
+                            .pool_max_idle_per_host(64)
+                            .build(connector)
+                    })
+                    .clone();
+                Some(Target::new(position, route, upstream, client))
+            })
+            .collect();
+        targets.sort_by_key(|t| t.precedence());
+        Self {
+            targets: targets.into(),
+            config: Arc::new(config),
+            budgets: Arc::default(),
+            sockets: Arc::default(),
+        }
+    }
+
+    /// Every route, in match order.
+    pub(crate) fn targets(&self) -> &[Target] {
+        &self.targets
+    }
+
+    /// The route a request for `path` on `host` takes, if any: a route bound to the host
+    /// before one for any host, the longest prefix first.
+    pub(crate) fn route(&self, host: Option<&str>, path: &str) -> Option<&Target> {
+        let host = host.map(routes::host_of);
+        self.targets
+            .iter()
+            .find(|t| t.matches(host.as_deref(), path))
+    }
+
+    /// The route bound to `host` that takes `path`, if any: such a route goes before
+    /// gatehouse's own paths on that host.
+    pub(crate) fn host_route(&self, host: Option<&str>, path: &str) -> Option<&Target> {
+        let host = routes::host_of(host?);
+        self.targets
+            .iter()
+            .find(|t| t.route.host.is_some() && t.matches(Some(&host), path))
     }
 
     /// The message budget of `device` on relayed sockets, shared by all of them.
@@ -148,6 +241,42 @@ impl FrontDoor {
             .clone()
     }
 
+    /// A message budget for one socket alone (an admin's, or a public route's).
+    pub(crate) fn budget_of_one(&self) -> Arc<Mutex<MessageBudget>> {
+        Arc::new(Mutex::new(MessageBudget::new(
+            self.config.ws_messages_per_second,
+        )))
+    }
+
+    /// A relayed-socket place for `who`: a device has `upstream.ws_max_connections_per_device`.
+    pub(crate) fn socket_place(&self, who: &Who) -> Result<SocketPlace, FrontError> {
+        let Who::Device(device) = who else {
+            return Ok(SocketPlace {
+                sockets: self.sockets.clone(),
+                device: None,
+            });
+        };
+        let mut sockets = self.sockets.lock().unwrap_or_else(|p| p.into_inner());
+        let open = sockets.entry(*device).or_insert(0);
+        let most = self.config.ws_max_connections_per_device;
+        if *open >= most {
+            return Err(FrontError::TooManySockets(most));
+        }
+        *open += 1;
+        Ok(SocketPlace {
+            sockets: self.sockets.clone(),
+            device: Some(*device),
+        })
+    }
+
+    /// Relayed sockets open now, by device, most first.
+    pub(crate) fn open_sockets(&self) -> Vec<(DeviceId, usize)> {
+        let sockets = self.sockets.lock().unwrap_or_else(|p| p.into_inner());
+        let mut open: Vec<(DeviceId, usize)> = sockets.iter().map(|(d, n)| (*d, *n)).collect();
+        open.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        open
+    }
+
     /// The largest client message on a relayed WebSocket, and its longest life.
     pub(crate) fn ws_limits(&self) -> (usize, Duration) {
         (self.config.ws_max_message, self.config.ws_max_duration)
@@ -162,19 +291,29 @@ impl FrontDoor {
             .any(|allowed| allowed == "*" || allowed.eq_ignore_ascii_case(origin))
     }
 
-    /// Whether a connection to the app opens now (within `upstream.connect_timeout`),
-    /// for `/readyz`: a front door whose app is down cannot serve its traffic.
-    pub(crate) async fn reachable(&self) -> std::io::Result<()> {
-        let mut connector =
-            UpstreamConnector::new(self.config.upstream.clone(), self.config.connect_timeout);
-        tower::Service::call(&mut connector, Uri::from_static("http://localhost/"))
+    /// The apps that cannot be reached now (no connection within
+    /// `upstream.connect_timeout`), with the reason, for `/readyz` and the admin UI.
+    pub(crate) async fn unreachable(&self) -> Vec<(Upstream, String)> {
+        let mut upstreams: Vec<Upstream> =
+            self.targets.iter().map(|t| t.upstream.clone()).collect();
+        upstreams.sort_by_key(ToString::to_string);
+        upstreams.dedup();
+        let checks = upstreams.into_iter().map(|upstream| async move {
+            let reached = connect::open(&upstream, self.config.connect_timeout).await;
+            reached.err().map(|err| (upstream, err.to_string()))
+        });
+        futures_util::future::join_all(checks)
             .await
-            .map(drop)
+            .into_iter()
+            .flatten()
+            .collect()
     }
 
-    /// Forwards `request` from `caller` to the app and streams its answer back.
+    /// Forwards `request` from `caller` to the app of `target` and streams its answer
+    /// back.
     pub(crate) async fn forward(
         &self,
+        target: &Target,
         request: Request<Body>,
         caller: &Caller,
     ) -> Result<Response<Body>, FrontError> {
@@ -197,7 +336,7 @@ impl FrontDoor {
             .to_string();
         parts.uri = Uri::builder()
             .scheme("http")
-            .authority(connect::authority(&self.config.upstream))
+            .authority(connect::authority(&target.upstream))
             .path_and_query(path)
             .build()
             .map_err(|_| FrontError::BadRequest("its path cannot be forwarded"))?;
@@ -205,6 +344,7 @@ impl FrontDoor {
         parts.version = Version::HTTP_11;
         strip_hop_by_hop(&mut parts.headers);
         strip_gatehouse_headers(&mut parts.headers);
+        strip_credentials(&mut parts.headers, &caller.who);
         identify(&mut parts.headers, caller, host);
 
         // A body the client breaks off or frames wrongly fails the forwarding too; that is
@@ -215,14 +355,14 @@ impl FrontDoor {
             flag.store(true, std::sync::atomic::Ordering::Relaxed);
             err
         }));
-        let sent = self.client.request(Request::from_parts(parts, body));
+        let sent = target.client.request(Request::from_parts(parts, body));
         let answer = match tokio::time::timeout(self.config.response_timeout, sent).await {
             Err(_) => return Err(FrontError::Timeout),
             Ok(Err(_)) if body_failed.load(std::sync::atomic::Ordering::Relaxed) => {
                 return Err(FrontError::BadRequest("its body could not be read"));
             }
             Ok(Err(err)) => {
-                tracing::warn!(upstream = %self.config.upstream, error = %err, "the app could not be reached");
+                tracing::warn!(upstream = %target.upstream, error = %err, "the app could not be reached");
                 return Err(FrontError::Unreachable(err.to_string()));
             }
             Ok(Ok(answer)) => answer,
@@ -238,7 +378,15 @@ impl FrontDoor {
 /// the client's address and scheme, and the request id.
 fn identify(headers: &mut HeaderMap, caller: &Caller, host: HeaderValue) {
     headers.insert(header::HOST, host.clone());
-    headers.insert(DEVICE_ID, header_value(&caller.device.to_string()));
+    match &caller.who {
+        Who::Device(device) => {
+            headers.insert(DEVICE_ID, header_value(&device.to_string()));
+        }
+        Who::Admin(admin) => {
+            headers.insert(ADMIN, header_value(admin));
+        }
+        Who::Anyone => {}
+    }
     headers.insert(FORWARDED_FOR, header_value(&caller.address.to_string()));
     headers.insert(FORWARDED_PROTO, HeaderValue::from_static(caller.scheme));
     headers.insert(FORWARDED_HOST, host);
@@ -270,6 +418,44 @@ fn strip_gatehouse_headers(headers: &mut HeaderMap) {
         .collect();
     for name in ours {
         headers.remove(name);
+    }
+}
+
+/// Removes what proves who the caller is to gatehouse and is no business of the app's:
+/// the admin UI's session cookie always, and an admin's `Authorization` header. A
+/// device's bearer token goes on, so that an app may verify it again.
+fn strip_credentials(headers: &mut HeaderMap, who: &Who) {
+    if matches!(who, Who::Admin(_)) {
+        headers.remove(header::AUTHORIZATION);
+    }
+    let name = crate::admin_sessions::COOKIE.as_bytes();
+    if !headers
+        .get_all(header::COOKIE)
+        .iter()
+        .any(|v| v.as_bytes().windows(name.len()).any(|w| w == name))
+    {
+        return;
+    }
+    let cookies: Vec<HeaderValue> = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|value| {
+            let text = value.to_str().ok()?;
+            let kept: Vec<&str> = text
+                .split(';')
+                .map(str::trim)
+                .filter(|pair| {
+                    pair.split_once('=')
+                        .is_none_or(|(name, _)| name.trim() != crate::admin_sessions::COOKIE)
+                })
+                .filter(|pair| !pair.is_empty())
+                .collect();
+            (!kept.is_empty()).then(|| HeaderValue::from_str(&kept.join("; ")).ok())?
+        })
+        .collect();
+    headers.remove(header::COOKIE);
+    for cookie in cookies {
+        headers.append(header::COOKIE, cookie);
     }
 }
 
@@ -305,5 +491,29 @@ mod tests {
         strip_gatehouse_headers(&mut headers);
         let left: Vec<&str> = headers.keys().map(HeaderName::as_str).collect();
         assert_eq!(left, ["x-app"]);
+    }
+
+    #[test]
+    fn the_session_cookie_never_reaches_the_app_nor_an_admin_token() {
+        let mut headers = HeaderMap::new();
+        headers.append(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer gha_x"),
+        );
+        headers.append(
+            header::COOKIE,
+            HeaderValue::from_static("a=1; __Host-gatehouse_session=secret; b=2"),
+        );
+        headers.append(
+            header::COOKIE,
+            HeaderValue::from_static("__Host-gatehouse_session=secret"),
+        );
+        let mut device = headers.clone();
+        strip_credentials(&mut device, &Who::Device(DeviceId::from_bytes([1; 16])));
+        assert!(device.contains_key(header::AUTHORIZATION));
+        let cookies: Vec<&HeaderValue> = device.get_all(header::COOKIE).iter().collect();
+        assert_eq!(cookies, [&HeaderValue::from_static("a=1; b=2")]);
+        strip_credentials(&mut headers, &Who::Admin("user:ann".into()));
+        assert!(!headers.contains_key(header::AUTHORIZATION));
     }
 }

@@ -2,9 +2,9 @@
 //! gatehouse opens to the app, frames relayed both ways. gatehouse opens the app's socket
 //! first, so that the subprotocol the app chose is the one the client is answered with.
 //!
-//! The relay ends, closing both sides, when either side closes, when the caller's
-//! `still_valid` check fails after a revocation or at the token's expiry (the client gets
-//! 1008), or when the session has lasted its maximum.
+//! The relay ends, closing both sides, when either side closes, when the credential the
+//! socket was opened with no longer stands after a revocation, or expires without being
+//! renewed (the client gets 1008), or when the session has lasted its maximum.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -40,6 +40,8 @@ pub(crate) enum Ended {
     ClientClosed,
     AppClosed,
     Revoked,
+    /// The credential expired and the client did not renew it.
+    Expired,
     MaxDuration,
     /// The device spent its message budget (`upstream.ws_messages_per_second`).
     RateLimited,
@@ -53,6 +55,7 @@ impl Ended {
             Self::ClientClosed => "client_closed",
             Self::AppClosed => "app_closed",
             Self::Revoked => "revoked",
+            Self::Expired => "expired",
             Self::MaxDuration => "max_duration",
             Self::RateLimited => "rate_limited",
             Self::Shutdown => "shutdown",
@@ -61,16 +64,17 @@ impl Ended {
 }
 
 impl FrontDoor {
-    /// Opens a WebSocket to the app at `path` for `caller`, offering `protocols` (the
+    /// Opens a WebSocket to the app of `target` at `path` for `caller`, offering `protocols` (the
     /// client's list without its bearer entries).
     pub(crate) async fn open_socket(
         &self,
+        target: &super::Target,
         path: &str,
         caller: &Caller,
         host: &HeaderValue,
         protocols: &[String],
     ) -> Result<AppSocket, FrontError> {
-        let uri = format!("ws://{}{path}", authority(&self.config.upstream));
+        let uri = format!("ws://{}{path}", authority(&target.upstream));
         let mut request = http::Request::builder()
             .uri(uri)
             .body(())
@@ -93,8 +97,9 @@ impl FrontDoor {
                 super::header_value(&protocols.join(", ")),
             );
         }
+        super::strip_credentials(headers, &caller.who);
         super::identify(headers, caller, host.clone());
-        let stream = open(&self.config.upstream, self.config.connect_timeout)
+        let stream = open(&target.upstream, self.config.connect_timeout)
             .await
             .map_err(|err| FrontError::Unreachable(err.to_string()))?;
         let handshake = tokio_tungstenite::client_async(request, stream);
@@ -113,28 +118,38 @@ impl FrontDoor {
     }
 }
 
+/// The credential a relayed socket was opened with, as the relay asks about it.
+pub(crate) trait Credential: Send {
+    /// Whether it still stands after a change (a revocation, a key change), its expiry
+    /// aside.
+    fn stands(&self) -> bool;
+    /// At its expiry: how much longer the socket may stay, if the client renewed it
+    /// meanwhile.
+    fn renewed(&mut self) -> impl std::future::Future<Output = Option<Duration>> + Send;
+}
+
 /// What ends a relay besides its two sides.
 pub(crate) struct Limits {
     /// Bumped on every revocation and key change.
     pub(crate) changes: watch::Receiver<u64>,
     /// Turns true when the server stops.
     pub(crate) closing: watch::Receiver<bool>,
-    /// When the token expires.
-    pub(crate) expires_in: Duration,
+    /// When the credential expires (`None`: it does not).
+    pub(crate) expires_in: Option<Duration>,
     /// `upstream.ws_max_duration`.
     pub(crate) max: Duration,
     /// The device's message budget, shared by its relayed sockets.
     pub(crate) budget: Arc<Mutex<MessageBudget>>,
 }
 
-/// Relays frames between `client` and `app` until one of them closes, `still_valid`
-/// fails after a change (a revocation, a key change) or at the token's expiry, the
-/// device's message budget runs out, the maximum duration passes or the server stops.
+/// Relays frames between `client` and `app` until one of them closes, the credential no
+/// longer stands after a change (a revocation, a key change) or expires unrenewed, the
+/// message budget runs out, the maximum duration passes or the server stops.
 pub(crate) async fn relay(
     mut client: WebSocket,
     app: AppSocket,
     limits: Limits,
-    still_valid: impl Fn() -> bool,
+    mut credential: impl Credential,
 ) -> Ended {
     let Limits {
         mut changes,
@@ -144,7 +159,8 @@ pub(crate) async fn relay(
         budget,
     } = limits;
     let mut app = app.socket;
-    let expiry = tokio::time::sleep(expires_in);
+    // Without an expiry, the deadline comes first anyway.
+    let expiry = tokio::time::sleep(expires_in.unwrap_or(max));
     let deadline = tokio::time::sleep(max);
     tokio::pin!(expiry, deadline);
     let ended = loop {
@@ -193,7 +209,7 @@ pub(crate) async fn relay(
                 }
             },
             Ok(()) = changes.changed() => {
-                if !still_valid() {
+                if !credential.stands() {
                     break Ended::Revoked;
                 }
             }
@@ -202,7 +218,10 @@ pub(crate) async fn relay(
                     break Ended::Shutdown;
                 }
             }
-            () = &mut expiry => break Ended::Revoked,
+            () = &mut expiry => match credential.renewed().await {
+                Some(more) => expiry.as_mut().reset(tokio::time::Instant::now() + more),
+                None => break Ended::Expired,
+            },
             () = &mut deadline => break Ended::MaxDuration,
         }
     };
@@ -210,6 +229,10 @@ pub(crate) async fn relay(
         Ended::Revoked => (
             ws::close_code::POLICY,
             "the access token is no longer valid",
+        ),
+        Ended::Expired => (
+            ws::close_code::POLICY,
+            "the access token expired: refresh it and reconnect",
         ),
         Ended::RateLimited => (ws::close_code::POLICY, "too many messages; slow down"),
         Ended::MaxDuration => (ws::close_code::AWAY, "the session lasted its maximum"),

@@ -295,8 +295,22 @@ async fn csrf_refused(state: &AppState, origin: &Origin, reason: &'static str) -
     ApiError::new(StatusCode::FORBIDDEN, "csrf", reason).into_response()
 }
 
+/// What a change made with the session cookie must show besides the cookie.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CsrfProof {
+    /// Our own origin and the session's CSRF token: gatehouse's API.
+    OriginAndToken,
+    /// Our own origin (`Sec-Fetch-Site`, `Origin`): an app behind an `admin` route,
+    /// which cannot know the token; the cookie is `SameSite=Strict` as well.
+    Origin,
+}
+
 /// The admin behind the session cookie, if the request carries a live one.
-async fn admin_from_session(parts: &Parts, state: &AppState) -> Result<Option<Admin>, Response> {
+async fn admin_from_session(
+    parts: &Parts,
+    state: &AppState,
+    proof: CsrfProof,
+) -> Result<Option<Admin>, Response> {
     let Some(cookie) = parts
         .headers
         .get_all(header::COOKIE)
@@ -316,6 +330,9 @@ async fn admin_from_session(parts: &Parts, state: &AppState) -> Result<Option<Ad
     if !parts.method.is_safe() {
         if let Err(reason) = same_origin(&parts.headers, &parts.uri) {
             return Err(csrf_refused(state, &origin, reason).await);
+        }
+        if proof == CsrfProof::Origin {
+            return Ok(Some(Admin { origin }));
         }
         let presented = parts
             .headers
@@ -339,8 +356,36 @@ async fn admin_from(
     state: &AppState,
     challenge: &'static str,
 ) -> Result<Option<Admin>, Response> {
+    admin_with(parts, state, challenge, CsrfProof::OriginAndToken).await
+}
+
+/// The admin calling an app behind an `admin` route: an admin token, or the session
+/// cookie (a change then needs only our own origin). `Ok(None)`: no credential at all.
+pub(super) async fn admin_for_app(
+    parts: &Parts,
+    state: &AppState,
+) -> Result<Option<Admin>, Response> {
+    admin_with(parts, state, ADMIN_CHALLENGE, CsrfProof::Origin).await
+}
+
+/// The 401 of an admin-only resource called without any credential.
+pub(super) fn admin_required() -> Response {
+    Unauthorized::new(
+        "this needs an admin: an admin token (Authorization: Bearer gha_...) or a signed-in \
+         admin UI session",
+        ADMIN_CHALLENGE,
+    )
+    .into_response()
+}
+
+async fn admin_with(
+    parts: &Parts,
+    state: &AppState,
+    challenge: &'static str,
+    proof: CsrfProof,
+) -> Result<Option<Admin>, Response> {
     let Some((scheme, credentials)) = authorization(parts) else {
-        return admin_from_session(parts, state).await;
+        return admin_from_session(parts, state, proof).await;
     };
     if !scheme.eq_ignore_ascii_case("bearer") {
         return Ok(None);

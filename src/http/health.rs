@@ -86,11 +86,11 @@ async fn readyz(State(state): State<AppState>) -> Result<Json<Ready>, ApiError> 
         return Err(ApiError::unavailable(reason));
     }
     if let Some(front) = &state.front
-        && let Err(err) = front.reachable().await
+        && let Some((upstream, err)) = front.unreachable().await.into_iter().next()
     {
-        tracing::warn!(error = %err, "readiness check: the app cannot be reached");
+        tracing::warn!(%upstream, error = %err, "readiness check: an app cannot be reached");
         return Err(ApiError::unavailable(
-            "the app behind the front door cannot be reached",
+            "an app behind the front door cannot be reached",
         ));
     }
     let rfc3339 = crate::clock::format_rfc3339;

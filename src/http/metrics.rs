@@ -45,7 +45,7 @@ pub(crate) struct HttpCounters {
 }
 
 impl HttpCounters {
-    fn record(&self, status: StatusCode, seconds: f64) {
+    pub(super) fn record(&self, status: StatusCode, seconds: f64) {
         let class = usize::from(status.as_u16() / 100).clamp(1, 5) - 1;
         self.by_class[class].fetch_add(1, Ordering::Relaxed);
         let bucket = DURATION_BUCKETS
@@ -57,23 +57,28 @@ impl HttpCounters {
             .fetch_add((seconds * 1e6) as u64, Ordering::Relaxed);
     }
 
-    fn render(&self, out: &mut String) {
-        let classes: Vec<(String, f64)> = self
-            .by_class
+    /// Responses counted since start.
+    pub(super) fn total(&self) -> u64 {
+        self.by_class
+            .iter()
+            .map(|n| n.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// `{class="2xx"}` samples, after `labels` (`route="/api",`, or empty).
+    pub(super) fn class_samples(&self, labels: &str) -> Vec<(String, f64)> {
+        self.by_class
             .iter()
             .enumerate()
             .map(|(i, n)| {
                 let count = n.load(Ordering::Relaxed) as f64;
-                (format!("{{class=\"{}xx\"}}", i + 1), count)
+                (format!("{{{labels}class=\"{}xx\"}}", i + 1), count)
             })
-            .collect();
-        metric(
-            out,
-            "gatehouse_http_responses_total",
-            "counter",
-            "HTTP responses since start, by status class.",
-            &classes,
-        );
+            .collect()
+    }
+
+    /// A histogram's `_bucket`, `_sum` and `_count` samples, after `labels` (as above).
+    pub(super) fn duration_samples(&self, labels: &str) -> Vec<(String, f64)> {
         let mut samples = Vec::with_capacity(DURATION_BUCKETS.len() + 3);
         let mut cumulative = 0u64;
         for (i, n) in self.buckets.iter().enumerate() {
@@ -81,17 +86,35 @@ impl HttpCounters {
             let bound = DURATION_BUCKETS
                 .get(i)
                 .map_or_else(|| "+Inf".to_string(), |b| b.to_string());
-            samples.push((format!("_bucket{{le=\"{bound}\"}}"), cumulative as f64));
+            samples.push((
+                format!("_bucket{{{labels}le=\"{bound}\"}}"),
+                cumulative as f64,
+            ));
         }
+        let alone = match labels.strip_suffix(',') {
+            Some(labels) => format!("{{{labels}}}"),
+            None => String::new(),
+        };
         let sum = self.duration_micros.load(Ordering::Relaxed) as f64 / 1e6;
-        samples.push(("_sum".to_string(), sum));
-        samples.push(("_count".to_string(), cumulative as f64));
+        samples.push((format!("_sum{alone}"), sum));
+        samples.push((format!("_count{alone}"), cumulative as f64));
+        samples
+    }
+
+    fn render(&self, out: &mut String) {
+        metric(
+            out,
+            "gatehouse_http_responses_total",
+            "counter",
+            "HTTP responses since start, by status class.",
+            &self.class_samples(""),
+        );
         metric(
             out,
             "gatehouse_http_request_duration_seconds",
             "histogram",
             "Time from a request's arrival to its response head, since start.",
-            &samples,
+            &self.duration_samples(""),
         );
     }
 }
@@ -140,7 +163,13 @@ async fn metrics(State(state): State<AppState>, request: Request) -> Response {
     }
 }
 
-fn metric(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(String, f64)]) {
+pub(super) fn metric(
+    out: &mut String,
+    name: &str,
+    kind: &str,
+    help: &str,
+    samples: &[(String, f64)],
+) {
     let _ = writeln!(out, "# HELP {name} {help}");
     let _ = writeln!(out, "# TYPE {name} {kind}");
     for (labels, value) in samples {
@@ -202,7 +231,7 @@ fn render(state: &AppState) -> Result<String, ApiError> {
         "Forward-auth checks since start, by the original method a trusted proxy forwarded.",
         &state.authz.method_samples(),
     );
-    if state.front.is_some() {
+    if let Some(front) = &state.front {
         metric(
             &mut out,
             "gatehouse_front_requests_total",
@@ -210,6 +239,7 @@ fn render(state: &AppState) -> Result<String, ApiError> {
             "Requests for the app behind the front door since start, by outcome.",
             &state.front_counters.samples(),
         );
+        state.front_counters.render_routes(&mut out, front);
     }
     let (tokens, families, devices) = services.revocations.counts();
     metric(

@@ -96,6 +96,7 @@ pub fn router(state: AppState, limits: &ServerConfig, cors_config: &CorsConfig) 
     let hsts = security::Hsts(state.tls_mode != TlsMode::Off);
     let counters = state.http_counters.clone();
     let front = state.front.is_some().then(|| front::router(state.clone()));
+    let front_state = state.clone();
     let routes = Router::new()
         .merge(ui::routes())
         .merge(health::routes())
@@ -112,6 +113,7 @@ pub fn router(state: AppState, limits: &ServerConfig, cors_config: &CorsConfig) 
         .merge(session::routes())
         .merge(admin_users::routes())
         .merge(authz::routes())
+        .merge(front::routes())
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             limits::admit_address,
@@ -127,9 +129,17 @@ pub fn router(state: AppState, limits: &ServerConfig, cors_config: &CorsConfig) 
             StatusCode::REQUEST_TIMEOUT,
             limits.request_timeout,
         ));
-    // Added after the API's limits, so that proxied requests keep their own (the app's).
+    // Added after the API's limits, so that proxied requests keep their own (the app's);
+    // routes bound to a host go first, before gatehouse's own paths on that host.
     let routes = match front {
-        Some(front) => routes.fallback_service(front),
+        Some(front) => {
+            routes
+                .fallback_service(front.clone())
+                .layer(axum::middleware::from_fn_with_state(
+                    (front_state, front),
+                    front::by_host,
+                ))
+        }
         None => routes,
     };
     routes

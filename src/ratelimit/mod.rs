@@ -170,12 +170,16 @@ pub struct Limited {
     pub(crate) policy: Policy,
 }
 
+/// The first policy number of the routes' own policies (`[[routes]] rate`).
+const ROUTE_POLICIES: u8 = 128;
+
 /// Refusals are audited coalesced: one record per policy and subject per interval.
 const MAX_REFUSAL_SUBJECTS: usize = 1024;
 
 #[derive(Debug, Default)]
 struct Refusals {
-    by_subject: HashMap<(PolicyId, Subject), u64>,
+    /// By policy number and subject: how many, and the policy's name.
+    by_subject: HashMap<(u8, Subject), (u64, String)>,
     /// Refusals of subjects beyond `MAX_REFUSAL_SUBJECTS` in one interval.
     overflow: u64,
 }
@@ -265,6 +269,27 @@ impl RateLimits {
         }))
     }
 
+    /// Spends one request of `subject` on the route at `position` of `[[routes]]`, under
+    /// that route's own `policy`. Its windows are stored under policy number 128 +
+    /// `position`, apart from every fixed policy.
+    pub(crate) fn limit_route(
+        &self,
+        position: usize,
+        policy: &Policy,
+        subject: &Subject,
+    ) -> Result<(), Box<Limited>> {
+        let number = u8::try_from(position).map_or(u8::MAX, |p| p.saturating_add(ROUTE_POLICIES));
+        let decision = self.table.check(number, policy, subject, self.now_us());
+        if decision.allowed {
+            return Ok(());
+        }
+        self.note_refused_named(number, &policy.name, subject);
+        Err(Box::new(Limited {
+            decision,
+            policy: policy.clone(),
+        }))
+    }
+
     /// Whether `subject` has budget left under `id`, without spending any.
     pub(crate) fn has_budget(&self, id: PolicyId, subject: &Subject) -> Result<(), Box<Limited>> {
         let Some(policy) = self.policies.get(id) else {
@@ -291,14 +316,21 @@ impl RateLimits {
     }
 
     fn note_refused(&self, id: PolicyId, subject: &Subject) {
+        let name = self.policies.get(id).map_or("off", |p| p.name.as_str());
+        self.note_refused_named(id as u8, name, subject);
+    }
+
+    fn note_refused_named(&self, number: u8, name: &str, subject: &Subject) {
         self.refused_total.fetch_add(1, Ordering::Relaxed);
         let mut refusals = self.refusals.lock().unwrap_or_else(|p| p.into_inner());
         let full = refusals.by_subject.len() >= MAX_REFUSAL_SUBJECTS;
-        match refusals.by_subject.get_mut(&(id, *subject)) {
-            Some(count) => *count += 1,
+        match refusals.by_subject.get_mut(&(number, *subject)) {
+            Some((count, _)) => *count += 1,
             None if full => refusals.overflow += 1,
             None => {
-                refusals.by_subject.insert((id, *subject), 1);
+                refusals
+                    .by_subject
+                    .insert((number, *subject), (1, name.to_string()));
             }
         }
     }
@@ -326,8 +358,7 @@ impl RateLimits {
             return Ok(0);
         }
         let mut events: Vec<(Origin, Event)> = Vec::with_capacity(taken.by_subject.len() + 1);
-        for ((id, subject), count) in taken.by_subject {
-            let name = self.policies.get(id).map_or("off", |p| p.name.as_str());
+        for ((_, subject), (count, name)) in taken.by_subject {
             let origin = match subject {
                 Subject::Ip(ip) => Origin::request(ip, None),
                 Subject::Device(device) => {

@@ -649,6 +649,30 @@ async fn forward_auth_answers_as_documented() {
     app.stop().await;
 }
 
+/// The front door's view, with a route whose app answers and one whose app is down.
+#[tokio::test]
+async fn the_front_door_view_answers_as_documented() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = format!("http://{}", listener.local_addr().unwrap());
+    let down = format!("http://127.0.0.1:{}", helpers::free_port());
+    let app = helpers::spawn_app_with(&[("GATEHOUSE_UPSTREAM", up.as_str())]).await;
+    let api = Api::new(&app);
+    let view = expect("GET /v1/front", 200, api.admin(Method::GET, "/v1/front"))
+        .await
+        .json();
+    assert_eq!(view["routes"][0]["reachable"], true, "{view}");
+    drop(listener);
+    let app2 = helpers::spawn_app_with(&[("GATEHOUSE_UPSTREAM", down.as_str())]).await;
+    let api2 = Api::new(&app2);
+    let view = expect("GET /v1/front", 200, api2.admin(Method::GET, "/v1/front"))
+        .await
+        .json();
+    assert_eq!(view["routes"][0]["reachable"], false, "{view}");
+    assert!(view["routes"][0]["error"].is_string(), "{view}");
+    app.stop().await;
+    app2.stop().await;
+}
+
 #[tokio::test]
 async fn administration_answers_as_documented() {
     let app = helpers::spawn_app().await;
@@ -916,6 +940,14 @@ async fn administration_answers_as_documented() {
         api.admin(Method::GET, "/v1/ratelimit/bans/ip:203.0.113.7"),
     )
     .await;
+
+    let op = "GET /v1/front";
+    let view = expect(op, 200, api.admin(Method::GET, "/v1/front"))
+        .await
+        .json();
+    assert_eq!(view["enabled"], false, "{view}");
+    expect(op, 401, api.anyone(Method::GET, "/v1/front")).await;
+    expect(op, 405, api.admin(Method::POST, "/v1/front")).await;
 
     // Jobs and backups.
     let op = "GET /v1/status";

@@ -419,7 +419,25 @@ async fn smuggling_shapes_never_reach_the_app_and_paths_arrive_unchanged() {
     );
     let before = app.seen().len();
 
-    for path in ["/a/../v1/devices", "/%2e%2e/admin/", "//v1/keys", "/a%2Fb"] {
+    // A path the app could read otherwise than gatehouse routed it is refused; one
+    // with a single reading arrives exactly as sent.
+    for path in [
+        "/a/../v1/devices",
+        "/%2e%2e/admin/",
+        "//v1/keys",
+        "/a%2Fb",
+        "/a/..;/admin",
+        "/a\\b",
+    ] {
+        let status = raw_status(
+            addr,
+            &format!("GET {path} HTTP/1.1\r\nHost: a\r\n{auth}Connection: close\r\n\r\n"),
+        )
+        .await;
+        assert_eq!(status, 400, "{path}");
+    }
+    assert_eq!(app.seen().len(), before, "none of them reached the app");
+    for path in ["/a%20b/c", "/files/x..y", "/q?next=/../admin"] {
         let status = raw_status(
             addr,
             &format!("GET {path} HTTP/1.1\r\nHost: a\r\n{auth}Connection: close\r\n\r\n"),
@@ -428,7 +446,6 @@ async fn smuggling_shapes_never_reach_the_app_and_paths_arrive_unchanged() {
         assert_eq!(status, 200, "{path}");
         assert_eq!(app.seen().last().unwrap().path_and_query, path, "unchanged");
     }
-    assert_eq!(app.seen().len(), before + 4);
     gatehouse.stop().await;
 }
 
@@ -670,5 +687,138 @@ async fn a_device_over_its_message_budget_is_closed_with_1008() {
     assert!(echoes <= 2, "{echoes} messages passed a budget of 2");
     let closed = socket_closed_records(&gatehouse).await;
     assert_eq!(closed[0].details["reason"], "rate_limited");
+    gatehouse.stop().await;
+}
+
+/// One device holds at most `upstream.ws_max_connections_per_device` relayed sockets; one
+/// more is refused before the upgrade and audited, and a place freed is a place again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_holds_at_most_its_share_of_relayed_sockets() {
+    let upstream = ws_app(Arc::default()).await;
+    let gatehouse = helpers::spawn_app_with(&[
+        ("GATEHOUSE_UPSTREAM", upstream.as_str()),
+        ("GATEHOUSE_UPSTREAM_WS_MAX_CONNECTIONS_PER_DEVICE", "2"),
+    ])
+    .await;
+    let device = gatehouse.pair_device().await;
+    let other = gatehouse.pair_device().await;
+    let (first, _) = open_relayed(&gatehouse, &device.access_token)
+        .await
+        .expect("the first socket opens");
+    let (_second, _) = open_relayed(&gatehouse, &device.access_token)
+        .await
+        .expect("the second socket opens");
+    match open_relayed(&gatehouse, &device.access_token).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 429);
+            assert!(response.headers().contains_key("retry-after"));
+        }
+        other => panic!("expected a 429, got {other:?}"),
+    }
+    // Another device has its own share.
+    let (_others, _) = open_relayed(&gatehouse, &other.access_token)
+        .await
+        .expect("another device's socket opens");
+    let refused = gatehouse.audit_events("front.socket_refused");
+    assert_eq!(refused.len(), 1);
+    assert_eq!(refused[0].details["reason"], "too_many_sockets");
+    // The admin's view lists who holds sockets.
+    let view: Value = gatehouse
+        .client()
+        .get(gatehouse.url("/v1/front"))
+        .bearer_auth(gatehouse.admin_token())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(view["enabled"], true);
+    let holding: Vec<(String, u64)> = view["sockets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["device_id"].as_str().unwrap().to_string(),
+                s["open"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        holding,
+        [(device.device_id.clone(), 2), (other.device_id.clone(), 1)]
+    );
+    assert_eq!(view["routes"][0]["sockets"], 3);
+    drop(first);
+    let mut reopened = None;
+    for _ in 0..50 {
+        if let Ok(socket) = open_relayed(&gatehouse, &device.access_token).await {
+            reopened = Some(socket);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(reopened.is_some(), "a closed socket frees its place");
+    gatehouse.stop().await;
+}
+
+/// A relayed socket outlives the access token it opened with while the device refreshes
+/// its family (re-authenticates); one whose device does not is closed with 1008 at its
+/// token's expiry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relayed_socket_stays_open_past_expiry_only_if_the_device_refreshed() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let upstream = ws_app(Arc::default()).await;
+    let gatehouse = helpers::spawn_app_with(&[
+        ("GATEHOUSE_UPSTREAM", upstream.as_str()),
+        ("GATEHOUSE_ACCESS_TTL", "1m"),
+    ])
+    .await;
+    let refreshing = gatehouse.pair_device().await;
+    let idle = gatehouse.pair_device().await;
+    // Both tokens have two seconds left.
+    gatehouse.clock.advance_ms(58_000);
+    let (mut kept, _) = open_relayed(&gatehouse, &refreshing.access_token)
+        .await
+        .unwrap();
+    let (mut cut, _) = open_relayed(&gatehouse, &idle.access_token).await.unwrap();
+    let started = std::time::Instant::now();
+    let refreshed = gatehouse
+        .client()
+        .post(gatehouse.url("/v1/token"))
+        .form(&[
+            ("grant_type", "refresh_token"),
+            ("refresh_token", refreshing.refresh_token.as_str()),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refreshed.status(), 200);
+    let closed = loop {
+        match tokio::time::timeout(Duration::from_secs(10), cut.next()).await {
+            Ok(Some(Ok(Message::Close(frame)))) => break frame,
+            Ok(Some(Ok(_))) => {}
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    };
+    assert_eq!(closed.map(|f| u16::from(f.code)), Some(1008));
+    assert!(started.elapsed() >= Duration::from_millis(1500));
+    // Past its first token's expiry, the refreshed device's socket still relays.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    kept.send(Message::text("still here")).await.unwrap();
+    let echo = loop {
+        match tokio::time::timeout(Duration::from_secs(5), kept.next()).await {
+            Ok(Some(Ok(Message::Text(text)))) => break text.to_string(),
+            Ok(Some(Ok(_))) => {}
+            other => panic!("expected an echo, got {other:?}"),
+        }
+    };
+    assert_eq!(echo, format!("{}: still here", refreshing.device_id));
+    let records = socket_closed_records(&gatehouse).await;
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0].details["reason"], "expired");
+    assert_eq!(records[0].device.as_deref(), Some(idle.device_id.as_str()));
     gatehouse.stop().await;
 }

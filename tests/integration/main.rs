@@ -32,6 +32,7 @@ mod lockout;
 mod proxy;
 mod ratelimit;
 mod restore;
+mod routes;
 mod schedule;
 mod sessions;
 mod store;
