@@ -23,6 +23,7 @@ mod devices;
 mod docs;
 mod fixtures;
 mod front;
+mod front_failures;
 mod helpers;
 mod http;
 mod interop;
