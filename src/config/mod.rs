@@ -237,6 +237,8 @@ pub(crate) struct FrontConfig {
     pub(crate) upstream: Option<Upstream>,
     pub(crate) connect_timeout: Duration,
     pub(crate) response_timeout: Duration,
+    /// The longest silence while a body streams between client and app, either way.
+    pub(crate) idle_timeout: Duration,
     /// The largest message a client may send through a relayed WebSocket.
     pub(crate) ws_max_message: usize,
     /// The longest a relayed WebSocket stays open.

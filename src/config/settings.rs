@@ -342,6 +342,18 @@ pub static SETTINGS: &[Setting] = &[
         |c, v| c.front.response_timeout = v
     ),
     setting!(
+        "upstream.idle_timeout",
+        "GATEHOUSE_UPSTREAM_IDLE_TIMEOUT",
+        None,
+        Value("60s"),
+        "the longest silence while a body streams between client and app, either way",
+        Span {
+            min: secs(1),
+            max: secs(3600)
+        },
+        |c, v| c.front.idle_timeout = v
+    ),
+    setting!(
         "upstream.ws_max_message",
         "GATEHOUSE_UPSTREAM_WS_MAX_MESSAGE",
         None,

@@ -14,6 +14,7 @@
 //! Deciding who may pass is not this module's job: the HTTP layer verifies the device's
 //! token and hands over the device id. This module must not know axum's state or tokens.
 
+mod body;
 mod connect;
 mod relay;
 mod routes;
@@ -48,6 +49,8 @@ pub(crate) struct UpstreamConfig {
     pub(crate) routes: Vec<Route>,
     pub(crate) connect_timeout: Duration,
     pub(crate) response_timeout: Duration,
+    /// The longest silence while a body streams between client and app, either way.
+    pub(crate) idle_timeout: Duration,
     /// Browser origins allowed to open a WebSocket to the app (`cors.allowed_origins`).
     pub(crate) allowed_origins: Vec<String>,
     /// The largest client message on a relayed WebSocket, and its longest life.
@@ -347,29 +350,41 @@ impl FrontDoor {
         strip_credentials(&mut parts.headers, &caller.who);
         identify(&mut parts.headers, caller, host);
 
-        // A body the client breaks off or frames wrongly fails the forwarding too; that is
-        // the client's fault (400), not the app's (502).
-        let body_failed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let flag = body_failed.clone();
-        let body = Body::new(http_body_util::BodyExt::map_err(body, move |err| {
-            flag.store(true, std::sync::atomic::Ordering::Relaxed);
-            err
-        }));
-        let sent = target.client.request(Request::from_parts(parts, body));
-        let answer = match tokio::time::timeout(self.config.response_timeout, sent).await {
-            Err(_) => return Err(FrontError::Timeout),
-            Ok(Err(_)) if body_failed.load(std::sync::atomic::Ordering::Relaxed) => {
+        // A body the client breaks off, frames wrongly or stops sending fails the
+        // forwarding too; that is the client's fault (400), not the app's (502). The
+        // wait for the app's answer starts once the body has all gone: a slow upload is
+        // no slow app.
+        let body_failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (ended, body_ended) = tokio::sync::oneshot::channel();
+        let body =
+            body::Guarded::request(body, self.config.idle_timeout, ended, body_failed.clone());
+        let sent = target
+            .client
+            .request(Request::from_parts(parts, Body::new(body)));
+        let response_timeout = self.config.response_timeout;
+        let answer_due = async move {
+            // Also when the body is dropped unfinished: the request has failed then.
+            let _ = body_ended.await;
+            tokio::time::sleep(response_timeout).await;
+        };
+        let answer = tokio::select! {
+            sent = sent => sent,
+            () = answer_due => return Err(FrontError::Timeout),
+        };
+        let answer = match answer {
+            Err(_) if body_failed.load(std::sync::atomic::Ordering::Relaxed) => {
                 return Err(FrontError::BadRequest("its body could not be read"));
             }
-            Ok(Err(err)) => {
+            Err(err) => {
                 tracing::warn!(upstream = %target.upstream, error = %err, "the app could not be reached");
                 return Err(FrontError::Unreachable(err.to_string()));
             }
-            Ok(Ok(answer)) => answer,
+            Ok(answer) => answer,
         };
         let (mut parts, body) = answer.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         parts.extensions.insert(Proxied);
+        let body = body::Guarded::response(Body::new(body), self.config.idle_timeout);
         Ok(Response::from_parts(parts, Body::new(body)))
     }
 }

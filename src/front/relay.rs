@@ -163,6 +163,9 @@ pub(crate) async fn relay(
     let expiry = tokio::time::sleep(expires_in.unwrap_or(max));
     let deadline = tokio::time::sleep(max);
     tokio::pin!(expiry, deadline);
+    // A side that did not take a frame in time gets no close frame either: waiting for
+    // it twice would only hold the relay longer.
+    let (mut client_stuck, mut app_stuck) = (false, false);
     let ended = loop {
         tokio::select! {
             from_client = client.recv() => match from_client {
@@ -186,6 +189,7 @@ pub(crate) async fn relay(
                         break Ended::RateLimited;
                     }
                     if !within(app.send(to_app(message))).await {
+                        app_stuck = true;
                         break Ended::AppClosed;
                     }
                 }
@@ -204,6 +208,7 @@ pub(crate) async fn relay(
                     if let Some(message) = to_client(message)
                         && !within(client.send(message)).await
                     {
+                        client_stuck = true;
                         break Ended::ClientClosed;
                     }
                 }
@@ -239,12 +244,16 @@ pub(crate) async fn relay(
         Ended::Shutdown => (ws::close_code::AWAY, "server shutting down"),
         Ended::ClientClosed | Ended::AppClosed => (ws::close_code::AWAY, "closed"),
     };
-    within(client.send(ws::Message::Close(Some(CloseFrame {
-        code,
-        reason: Utf8Bytes::from_static(reason),
-    }))))
-    .await;
-    within(app.close(None)).await;
+    if !client_stuck {
+        within(client.send(ws::Message::Close(Some(CloseFrame {
+            code,
+            reason: Utf8Bytes::from_static(reason),
+        }))))
+        .await;
+    }
+    if !app_stuck {
+        within(app.close(None)).await;
+    }
     ended
 }
 
