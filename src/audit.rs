@@ -11,7 +11,9 @@
 //!
 //! This module must not decide policy: it records what other modules report.
 
+use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -402,6 +404,20 @@ pub struct AuditLog {
     store: Store,
     clock: SharedClock,
     retention: Duration,
+    /// Refusals counted since the last coalesced write.
+    refusals: Arc<Mutex<Refusals>>,
+}
+
+/// Refusals kept apart in one interval at most; the rest are counted together.
+const MAX_REFUSAL_KEYS: usize = 1024;
+
+/// Refused requests of one interval, by event, reason, where and from whom: a flood of
+/// refusals costs a counter each, and one record per class a minute.
+#[derive(Debug, Default)]
+struct Refusals {
+    by_key: HashMap<(&'static str, &'static str, String, IpAddr), u64>,
+    /// Refusals beyond `MAX_REFUSAL_KEYS` classes, by event.
+    overflow: HashMap<&'static str, u64>,
 }
 
 impl AuditLog {
@@ -410,7 +426,66 @@ impl AuditLog {
             store,
             clock,
             retention,
+            refusals: Arc::default(),
         }
+    }
+
+    /// Counts one refused request (`event`, e.g. `front.refused`) for the coalesced
+    /// record: why, where (a route), and from which address.
+    pub(crate) fn count_refusal(
+        &self,
+        event: &'static str,
+        reason: &'static str,
+        place: &str,
+        source: IpAddr,
+    ) {
+        let mut refusals = self.refusals.lock().unwrap_or_else(|p| p.into_inner());
+        let full = refusals.by_key.len() >= MAX_REFUSAL_KEYS;
+        let key = (event, reason, place.to_string(), source);
+        match refusals.by_key.get_mut(&key) {
+            Some(count) => *count += 1,
+            None if full => *refusals.overflow.entry(event).or_default() += 1,
+            None => {
+                refusals.by_key.insert(key, 1);
+            }
+        }
+    }
+
+    /// Writes one record per class of refusal counted since the last call (`refused`:
+    /// how many, `since`: from when), all in one transaction. Called every minute and at
+    /// stop, with the rate-limit refusals.
+    pub async fn write_refusals(&self, since_ms: u64) -> Result<usize, StoreError> {
+        let taken = std::mem::take(&mut *self.refusals.lock().unwrap_or_else(|p| p.into_inner()));
+        let since = format_rfc3339(since_ms);
+        let mut events: Vec<(Origin, Event)> = taken
+            .by_key
+            .into_iter()
+            .map(|((event, reason, place, source), count)| {
+                let record = Event::failure(event)
+                    .severity(Severity::Notice)
+                    .detail("reason", reason)
+                    .detail("route", place)
+                    .detail("refused", count)
+                    .detail("since", since.clone());
+                (Origin::request(source, None), record)
+            })
+            .collect();
+        for (event, count) in taken.overflow {
+            events.push((
+                Origin::system(),
+                Event::failure(event)
+                    .severity(Severity::Notice)
+                    .detail("reason", "other classes")
+                    .detail("refused", count)
+                    .detail("since", since.clone()),
+            ));
+        }
+        if events.is_empty() {
+            return Ok(0);
+        }
+        let count = events.len();
+        self.record_many(events).await?;
+        Ok(count)
     }
 
     /// Appends one event in a transaction of its own (batched with whatever else the

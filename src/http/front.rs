@@ -270,17 +270,20 @@ async fn through(
     target: &Target,
     request: Request,
 ) -> Response {
+    let address = client_address(request.extensions());
     if let Some(reason) = ambiguous(request.uri().path()) {
-        state.front_counters.count("invalid_request");
+        refusal(state, "invalid_request", &target.label, address);
         return ApiError::from(FrontError::AmbiguousPath(reason)).into_response();
     }
     let websocket = is_websocket_upgrade(request.headers());
     let (mut parts, body) = request.into_parts();
     let (who, token) = match authenticate(state, target, &mut parts, websocket).await {
         Ok(found) => found,
-        Err(refusal) => return refusal,
+        Err(refused) => {
+            refusal(state, refused.outcome, &target.label, address);
+            return *refused.answer;
+        }
     };
-    let address = client_address(&parts.extensions);
     if let Some(policy) = &target_policy(target) {
         let subject = match &who {
             Who::Device(device) => Subject::Device(*device),
@@ -319,6 +322,16 @@ async fn through(
     }
 }
 
+/// A refused request: counted for `/metrics` by `outcome`, and for the audit log's
+/// coalesced `front.refused` record by outcome, route and address.
+fn refusal(state: &AppState, outcome: &'static str, route: &str, address: std::net::IpAddr) {
+    state.front_counters.count(outcome);
+    state
+        .services
+        .audit
+        .count_refusal("front.refused", outcome, route, address);
+}
+
 /// A route's own rate as a policy named after the route.
 fn target_policy(target: &Target) -> Option<Policy> {
     match target.route.rate {
@@ -331,16 +344,35 @@ fn target_policy(target: &Target) -> Option<Policy> {
     }
 }
 
+/// Why a caller is refused: the `/metrics` outcome, and the answer (boxed: it is large,
+/// and the refused path is the rare one).
+struct Refused {
+    outcome: &'static str,
+    answer: Box<Response>,
+}
+
+impl Refused {
+    fn new(outcome: &'static str, answer: Response) -> Self {
+        Self {
+            outcome,
+            answer: Box::new(answer),
+        }
+    }
+}
+
 /// Who the caller is, as `target`'s `auth` asks; with a device's verified token.
 async fn authenticate(
     state: &AppState,
     target: &Target,
     parts: &mut Parts,
     websocket: bool,
-) -> Result<(Who, Option<(String, Verified)>), Response> {
+) -> Result<(Who, Option<(String, Verified)>), Refused> {
     match target.auth() {
         RouteAuth::Public => Ok((Who::Anyone, None)),
-        RouteAuth::Admin => match admin_for_app(parts, state).await? {
+        RouteAuth::Admin => match admin_for_app(parts, state)
+            .await
+            .map_err(|answer| Refused::new("invalid_token", answer))?
+        {
             Some(admin) => {
                 let identity = match admin.origin.actor {
                     Actor::Admin(identity) => identity,
@@ -348,13 +380,10 @@ async fn authenticate(
                 };
                 Ok((Who::Admin(identity), None))
             }
-            None => {
-                state.front_counters.count("no_token");
-                Err(admin_required())
-            }
+            None => Err(Refused::new("no_token", admin_required())),
         },
         RouteAuth::Device => {
-            let token = device_token(state, parts, websocket)?;
+            let token = device_token(parts, websocket)?;
             match state.services.tokens.verify(&token) {
                 Ok(verified) => Ok((Who::Device(verified.claims.sub), Some((token, verified)))),
                 Err(reason) => {
@@ -363,8 +392,10 @@ async fn authenticate(
                         Rejection::Expired => "the access token has expired: refresh it",
                         _ => "the access token is not valid",
                     };
-                    state.front_counters.count("invalid_token");
-                    Err(refused(BAD_TOKEN, "invalid_token", message))
+                    Err(Refused::new(
+                        "invalid_token",
+                        refused(BAD_TOKEN, "invalid_token", message),
+                    ))
                 }
             }
         }
@@ -373,8 +404,7 @@ async fn authenticate(
 
 /// The device token a request presents: `Authorization: Bearer`, or for a browser's
 /// WebSocket (which cannot set headers) a `gatehouse.bearer.<token>` subprotocol.
-#[allow(clippy::result_large_err)] // the refusal is the response, made once
-fn device_token(state: &AppState, parts: &Parts, websocket: bool) -> Result<String, Response> {
+fn device_token(parts: &Parts, websocket: bool) -> Result<String, Refused> {
     let from_protocol = websocket
         .then(|| {
             offered_protocols(parts)
@@ -383,25 +413,26 @@ fn device_token(state: &AppState, parts: &Parts, websocket: bool) -> Result<Stri
                 .map(str::to_string)
         })
         .flatten();
-    let refusal = match (presented(&parts.headers), from_protocol) {
-        (Presented::Bearer(token), _) => return Ok(token.to_string()),
-        (Presented::Nothing, Some(token)) => return Ok(token),
-        (Presented::Unreadable, _) => {
-            state.front_counters.count("invalid_token");
-            refused(BAD_TOKEN, "invalid_token", "the access token is not valid")
-        }
+    match (presented(&parts.headers), from_protocol) {
+        (Presented::Bearer(token), _) => Ok(token.to_string()),
+        (Presented::Nothing, Some(token)) => Ok(token),
+        (Presented::Unreadable, _) => Err(Refused::new(
+            "invalid_token",
+            refused(BAD_TOKEN, "invalid_token", "the access token is not valid"),
+        )),
         (Presented::Nothing, None) => {
-            state.front_counters.count("no_token");
             let how = if websocket {
                 "a device access token is required (Authorization: Bearer, or a \
                  gatehouse.bearer.<token> subprotocol)"
             } else {
                 "a device access token is required (Authorization: Bearer)"
             };
-            refused(NO_TOKEN, "unauthorized", how)
+            Err(Refused::new(
+                "no_token",
+                refused(NO_TOKEN, "unauthorized", how),
+            ))
         }
-    };
-    Err(refusal)
+    }
 }
 
 fn offered_protocols(parts: &Parts) -> Vec<String> {
@@ -487,7 +518,7 @@ async fn relay(
         .and_then(|v| v.to_str().ok())
         && !front.origin_allowed(origin)
     {
-        state.front_counters.count("forbidden");
+        refusal(state, "forbidden", &target.label, caller.address);
         return ApiError::new(
             StatusCode::FORBIDDEN,
             "forbidden",

@@ -152,6 +152,9 @@ async fn audit_refusals(work: &Background, since_ms: u64) {
     if let Err(err) = work.limits.audit_refusals(&work.audit, since_ms).await {
         tracing::warn!(error = %err, "writing rate-limit refusals to the audit log failed");
     }
+    if let Err(err) = work.audit.write_refusals(since_ms).await {
+        tracing::warn!(error = %err, "writing refused requests to the audit log failed");
+    }
 }
 
 /// Runs the jobs missed while stopped (once, at the first tick), then whatever is due.

@@ -227,6 +227,37 @@ auth = "admin"
         .audit_refusals(&gatehouse.running.services.audit, 0)
         .await
         .unwrap();
+    // So are the refused requests: one record per reason, route and address.
+    gatehouse
+        .running
+        .services
+        .audit
+        .write_refusals(0)
+        .await
+        .unwrap();
+    let mut refused: Vec<(String, String, u64)> = gatehouse
+        .audit_events("front.refused")
+        .iter()
+        .map(|e| {
+            (
+                e.details["route"].as_str().unwrap().to_string(),
+                e.details["reason"].as_str().unwrap().to_string(),
+                e.details["refused"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    refused.sort();
+    let expected: Vec<(String, String, u64)> = [
+        ("/api", "invalid_token", 1),
+        ("/api", "no_token", 1),
+        ("/ops", "invalid_token", 1),
+        ("/ops", "no_token", 1),
+        ("/pub", "invalid_request", 1),
+    ]
+    .iter()
+    .map(|(r, why, n)| (r.to_string(), why.to_string(), *n))
+    .collect();
+    assert_eq!(refused, expected);
     let exceeded = gatehouse.audit_events("ratelimit.exceeded");
     assert!(
         exceeded
