@@ -288,6 +288,7 @@ const PAGES = {
   pairing: { title: 'Pairing', load: loadPairing },
   devices: { title: 'Devices', load: loadDevices },
   audit: { title: 'Audit log', load: loadAudit },
+  front: { title: 'Front door', load: loadFront },
   bans: { title: 'Bans', load: loadBans },
   keys: { title: 'Keys', load: loadKeys },
 };
@@ -774,6 +775,49 @@ function auditRow(ev) {
     cellOf('long', el('span', { className: 'details' }, details)));
 }
 
+// ---------------------------------------------------------------- front door
+
+async function loadFront() {
+  await guarded(renderFront);
+  every(5000, renderFront);
+}
+
+async function renderFront() {
+  const view = await api('GET', '/v1/front');
+  $('front-off').hidden = view.enabled;
+  fillRows($('front-routes').tBodies[0], view.routes.map((r) => el('tr', {},
+    cellOf('id', el('code', {}, r.route)),
+    cell(r.auth, r.rate ? el('span', { className: 'help block' }, `at most ${r.rate}`) : null),
+    cellOf('id', el('code', {}, r.upstream)),
+    cell(el('span', { className: `badge ${r.reachable ? 'active' : 'revoked'}` }, r.reachable ? 'reachable' : 'down'),
+      r.error ? el('span', { className: 'help block' }, r.error) : null),
+    cell(String(r.requests), r.upstream_errors ? el('span', { className: 'help block' }, `${r.upstream_errors} failed at the app`) : null),
+    cell(String(r.sockets)))), 6, view.enabled ? 'No routes.' : 'No front door.');
+  fillRows($('front-sockets').tBodies[0], view.sockets.map((s) => el('tr', {},
+    cellOf('id', el('code', {}, s.device_id)),
+    cell(String(s.open)),
+    cellOf('actions', el('button', {
+      type: 'button', className: 'danger', 'aria-label': `Revoke device ${s.device_id}`,
+      onclick: () => revokeSocketHolder(s.device_id),
+    }, 'Revoke device')))), 3, 'No relayed sockets.');
+  return view;
+}
+
+async function revokeSocketHolder(id) {
+  if (!window.confirm(`Revoke device ${id}? Its tokens stop working and its sockets close at once.`)) return;
+  await guarded(async () => {
+    await api('DELETE', `/v1/devices/${encodeURIComponent(id)}`);
+    // The relays close within moments of the revocation; show it once they have.
+    for (let tries = 0; tries < 10; tries += 1) {
+      const view = await renderFront();
+      if (!view.sockets.some((s) => s.device_id === id)) break;
+      await new Promise((done) => setTimeout(done, 200));
+    }
+    say(`Device ${id} revoked; its sockets are closed.`);
+    $('front-refresh').focus();
+  });
+}
+
 // ---------------------------------------------------------------- bans
 
 async function loadBans() {
@@ -849,6 +893,7 @@ function wire() {
   $('devices-search').addEventListener('input', renderDevices);
   $('audit-form').addEventListener('submit', (event) => { event.preventDefault(); stopPage(); loadAudit(); });
   $('audit-live').addEventListener('change', () => { stopPage(); loadAudit(); });
+  $('front-refresh').addEventListener('click', () => guarded(renderFront));
   $('bans-refresh').addEventListener('click', loadBans);
   $('keys-rotate').addEventListener('click', rotateKeys);
   window.addEventListener('hashchange', () => {
