@@ -322,6 +322,7 @@ pub async fn start(config: &Config, clock: SharedClock) -> Result<Running, AppEr
             connect_timeout: config.front.connect_timeout,
             response_timeout: config.front.response_timeout,
             idle_timeout: config.front.idle_timeout,
+            assertion: config.front.assertion,
             allowed_origins: config.cors.allowed_origins.clone(),
             ws_max_message: config.front.ws_max_message,
             ws_max_duration: config.front.ws_max_duration,

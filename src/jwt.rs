@@ -254,6 +254,28 @@ pub struct AccessClaims {
     pub scope: Option<String>,
 }
 
+/// The `typ` of the assertions the front door adds to requests for an app
+/// (`upstream.assertion`): never an access token, nor taken for one.
+pub const ASSERTION_TYP: &str = "gatehouse-assertion+jwt";
+
+/// The claims of a front-door assertion: who passed (`sub`: a device id,
+/// `admin:<id>`, or none on a public route), for which app (`aud`: the upstream as
+/// configured), which request (`htm`, `htu`: its method and path with query, `jti`: its
+/// request id), valid for a few seconds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AssertionClaims {
+    pub iss: String,
+    pub aud: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sub: Option<String>,
+    pub iat: u64,
+    pub exp: u64,
+    pub jti: String,
+    pub htm: String,
+    pub htu: String,
+}
+
 /// Why a presented token was refused before or at parsing. Never shown to a client
 /// (which sees one "invalid token"); logged at debug and counted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -342,11 +364,16 @@ pub fn parse(token: &str) -> Result<Parsed<'_>, Malformed> {
     })
 }
 
-/// The base64url header of tokens signed by one key, computed once per key.
+/// The base64url header of access tokens signed by one key, computed once per key.
 pub fn encoded_header(alg: &str, kid: &str) -> String {
+    encoded_header_of(alg, kid, ACCESS_TOKEN_TYP)
+}
+
+/// The base64url header of JWSs of type `typ` signed by one key.
+pub fn encoded_header_of(alg: &str, kid: &str, typ: &str) -> String {
     let header = Header {
         alg: alg.to_string(),
-        typ: ACCESS_TOKEN_TYP.to_string(),
+        typ: typ.to_string(),
         kid: kid.to_string(),
     };
     // Serialising three strings cannot fail.
@@ -355,7 +382,7 @@ pub fn encoded_header(alg: &str, kid: &str) -> String {
 }
 
 /// `header.payload` for `claims` under a pre-encoded header; the caller signs it.
-pub fn signing_input(encoded_header: &str, claims: &AccessClaims) -> String {
+pub fn signing_input(encoded_header: &str, claims: &impl Serialize) -> String {
     let json = serde_json::to_vec(claims).unwrap_or_default();
     let mut out = String::with_capacity(encoded_header.len() + 1 + json.len() * 4 / 3 + 4);
     out.push_str(encoded_header);

@@ -150,6 +150,8 @@ pub(crate) struct LoadedKey {
     decoding: DecodingKey,
     signer: Option<KeySigner>,
     encoded_header: String,
+    /// The header of front-door assertions signed by this key.
+    assertion_header: String,
 }
 
 impl LoadedKey {
@@ -384,6 +386,7 @@ fn load_key(
     };
     Ok(LoadedKey {
         encoded_header: jwt::encoded_header(algorithm.jws_alg(), &kid),
+        assertion_header: jwt::encoded_header_of(algorithm.jws_alg(), &kid, jwt::ASSERTION_TYP),
         kid,
         algorithm,
         record,
@@ -529,7 +532,17 @@ impl KeyRing {
     pub fn sign(&self, claims: &AccessClaims) -> Result<String, KeyError> {
         let set = self.snapshot();
         let key = set.active.as_ref().ok_or(KeyError::NoActiveKey)?;
-        let input = jwt::signing_input(&key.encoded_header, claims);
+        Self::sign_input(key, jwt::signing_input(&key.encoded_header, claims))
+    }
+
+    /// Signs a front-door assertion with the active key (its own `typ`).
+    pub(crate) fn sign_assertion(&self, claims: &jwt::AssertionClaims) -> Result<String, KeyError> {
+        let set = self.snapshot();
+        let key = set.active.as_ref().ok_or(KeyError::NoActiveKey)?;
+        Self::sign_input(key, jwt::signing_input(&key.assertion_header, claims))
+    }
+
+    fn sign_input(key: &LoadedKey, input: String) -> Result<String, KeyError> {
         let signature = match &key.signer {
             Some(KeySigner::Ed25519(pair)) => pair.sign(input.as_bytes()).as_ref().to_vec(),
             Some(KeySigner::EcdsaP256(pair)) => pair

@@ -336,6 +336,10 @@ impl VerifiedCache {
 // ---------------------------------------------------------------------------------------
 // The authority
 
+/// How long a front-door assertion is valid: long enough for the app to check it on
+/// arrival, short enough that a copy is of no use later.
+const ASSERTION_LIFETIME: Duration = Duration::from_secs(30);
+
 /// Families in `TokenAuthority::newest` before expired entries are swept (then at each
 /// doubling).
 const NEWEST_SWEEP_AT: usize = 4096;
@@ -409,6 +413,30 @@ impl TokenAuthority {
             newest.retain(|_, (_, exp)| *exp > now_s);
         }
         newest.insert(family, (jti, exp_s));
+    }
+
+    /// A front-door assertion for the app at `audience`: who passed (`subject`), which
+    /// request (`method`, `path`, `request_id`), valid for `ASSERTION_LIFETIME`.
+    pub(crate) fn assertion(
+        &self,
+        audience: String,
+        subject: Option<String>,
+        method: &str,
+        path: &str,
+        request_id: &str,
+    ) -> Result<String, TokenError> {
+        let now_s = self.clock.now_ms() / 1000;
+        let claims = jwt::AssertionClaims {
+            iss: self.settings.issuer.clone(),
+            aud: audience,
+            sub: subject,
+            iat: now_s,
+            exp: now_s + ASSERTION_LIFETIME.as_secs(),
+            jti: request_id.to_string(),
+            htm: method.to_string(),
+            htu: path.to_string(),
+        };
+        Ok(self.keys.sign_assertion(&claims)?)
     }
 
     /// Whether a verified token still stands, its expiry aside: its signing key still

@@ -239,6 +239,8 @@ pub(crate) struct FrontConfig {
     pub(crate) response_timeout: Duration,
     /// The longest silence while a body streams between client and app, either way.
     pub(crate) idle_timeout: Duration,
+    /// Whether requests for the app carry a signed assertion (`X-Gatehouse-Assertion`).
+    pub(crate) assertion: bool,
     /// The largest message a client may send through a relayed WebSocket.
     pub(crate) ws_max_message: usize,
     /// The longest a relayed WebSocket stays open.

@@ -354,6 +354,15 @@ pub static SETTINGS: &[Setting] = &[
         |c, v| c.front.idle_timeout = v
     ),
     setting!(
+        "upstream.assertion",
+        "GATEHOUSE_UPSTREAM_ASSERTION",
+        None,
+        Value("false"),
+        "whether requests for the app carry X-Gatehouse-Assertion, a JWT the app can verify with the JWKS",
+        Switch,
+        |c, v| c.front.assertion = v
+    ),
+    setting!(
         "upstream.ws_max_message",
         "GATEHOUSE_UPSTREAM_WS_MAX_MESSAGE",
         None,

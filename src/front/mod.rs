@@ -51,6 +51,8 @@ pub(crate) struct UpstreamConfig {
     pub(crate) response_timeout: Duration,
     /// The longest silence while a body streams between client and app, either way.
     pub(crate) idle_timeout: Duration,
+    /// Whether requests for the app carry a signed assertion (`X-Gatehouse-Assertion`).
+    pub(crate) assertion: bool,
     /// Browser origins allowed to open a WebSocket to the app (`cors.allowed_origins`).
     pub(crate) allowed_origins: Vec<String>,
     /// The largest client message on a relayed WebSocket, and its longest life.
@@ -112,6 +114,8 @@ pub(crate) struct Caller {
     /// `https` when the client reached gatehouse over TLS.
     pub(crate) scheme: &'static str,
     pub(crate) request_id: String,
+    /// The signed assertion for the app, with `upstream.assertion`.
+    pub(crate) assertion: Option<String>,
 }
 
 /// The front door: the route table, one pooled client per app.
@@ -145,6 +149,7 @@ const FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const ASSERTION: HeaderName = HeaderName::from_static("x-gatehouse-assertion");
 
 /// Holds one of a device's relayed-socket places until dropped.
 #[derive(Debug)]
@@ -280,6 +285,11 @@ impl FrontDoor {
         open
     }
 
+    /// Whether requests for the app carry a signed assertion.
+    pub(crate) fn asserts(&self) -> bool {
+        self.config.assertion
+    }
+
     /// The largest client message on a relayed WebSocket, and its longest life.
     pub(crate) fn ws_limits(&self) -> (usize, Duration) {
         (self.config.ws_max_message, self.config.ws_max_duration)
@@ -406,6 +416,9 @@ fn identify(headers: &mut HeaderMap, caller: &Caller, host: HeaderValue) {
     headers.insert(FORWARDED_PROTO, HeaderValue::from_static(caller.scheme));
     headers.insert(FORWARDED_HOST, host);
     headers.insert(REQUEST_ID, header_value(&caller.request_id));
+    if let Some(assertion) = &caller.assertion {
+        headers.insert(ASSERTION, header_value(assertion));
+    }
 }
 
 /// Removes the hop-by-hop headers, and every header the `Connection` header names.

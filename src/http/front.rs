@@ -301,7 +301,25 @@ async fn through(
     if let Who::Device(device) = &who {
         state.services.devices.seen(*device);
     }
-    let caller = caller_of(state, &parts.extensions, who);
+    let mut caller = caller_of(state, &parts.extensions, who);
+    if front.asserts() {
+        let subject = match &caller.who {
+            Who::Device(device) => Some(device.to_string()),
+            Who::Admin(admin) => Some(format!("admin:{admin}")),
+            Who::Anyone => None,
+        };
+        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        match state.services.tokens.assertion(
+            target.upstream.to_string(),
+            subject,
+            parts.method.as_str(),
+            path,
+            &caller.request_id,
+        ) {
+            Ok(assertion) => caller.assertion = Some(assertion),
+            Err(err) => return ApiError::internal(&err).into_response(),
+        }
+    }
     if websocket {
         return relay(state, front, target, parts, caller, token).await;
     }
@@ -693,6 +711,7 @@ fn caller_of(state: &AppState, extensions: &http::Extensions, who: Who) -> Calle
             .get::<RequestId>()
             .map(|id| id.0.clone())
             .unwrap_or_default(),
+        assertion: None,
     }
 }
 

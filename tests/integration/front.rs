@@ -822,3 +822,137 @@ async fn a_relayed_socket_stays_open_past_expiry_only_if_the_device_refreshed() 
     assert_eq!(records[0].device.as_deref(), Some(idle.device_id.as_str()));
     gatehouse.stop().await;
 }
+
+/// With `upstream.assertion`, the app receives a JWT that says who passed and binds the
+/// request, signed by the active key: OpenSSL, an independent implementation, verifies
+/// it with the public key from the JWKS, and refuses it once a byte is changed. It is no
+/// access token either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_app_can_verify_a_signed_assertion_of_each_request() {
+    use data_encoding::BASE64URL_NOPAD;
+    let test = "the_app_can_verify_a_signed_assertion_of_each_request";
+    if !helpers::tool_available(test, "openssl", &["version"], "apt-get install openssl") {
+        return;
+    }
+    let app = App::default();
+    let upstream = app.listen_tcp().await;
+    let gatehouse = helpers::spawn_app_with(&[
+        ("GATEHOUSE_UPSTREAM", upstream.as_str()),
+        ("GATEHOUSE_UPSTREAM_ASSERTION", "true"),
+    ])
+    .await;
+    let device = gatehouse.pair_device().await;
+    let response = gatehouse
+        .client()
+        .post(gatehouse.url("/things?x=1"))
+        .bearer_auth(&device.access_token)
+        .header("x-gatehouse-assertion", "forged")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let request_id = response.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let seen = app.seen().pop().unwrap();
+    let assertion = seen.headers["x-gatehouse-assertion"].clone();
+    assert_ne!(assertion, "forged");
+    let parts: Vec<&str> = assertion.split('.').collect();
+    assert_eq!(parts.len(), 3);
+    let decode = |part: &str| -> Value {
+        serde_json::from_slice(&BASE64URL_NOPAD.decode(part.as_bytes()).unwrap()).unwrap()
+    };
+    let (header, claims) = (decode(parts[0]), decode(parts[1]));
+    assert_eq!(header["typ"], "gatehouse-assertion+jwt");
+    assert_eq!(header["alg"], "EdDSA");
+    assert_eq!(claims["aud"], upstream);
+    assert_eq!(claims["sub"], device.device_id);
+    assert_eq!(claims["htm"], "POST");
+    assert_eq!(claims["htu"], "/things?x=1");
+    assert_eq!(claims["jti"], request_id);
+    assert_eq!(
+        claims["exp"].as_u64().unwrap() - claims["iat"].as_u64().unwrap(),
+        30
+    );
+    let issuer: Value = gatehouse
+        .client()
+        .get(gatehouse.url("/.well-known/oauth-authorization-server"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(claims["iss"], issuer["issuer"]);
+
+    // The signature, checked by OpenSSL with the JWKS key named by `kid`.
+    let jwks: Value = gatehouse
+        .client()
+        .get(gatehouse.url("/.well-known/jwks.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let key = jwks["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["kid"] == header["kid"])
+        .expect("the kid is in the JWKS");
+    let x = BASE64URL_NOPAD
+        .decode(key["x"].as_str().unwrap().as_bytes())
+        .unwrap();
+    // SubjectPublicKeyInfo of an Ed25519 key (RFC 8410): a fixed prefix, then the key.
+    let mut spki = vec![
+        0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
+    ];
+    spki.extend_from_slice(&x);
+    let dir = tempfile::tempdir().unwrap();
+    let pem = format!(
+        "-----BEGIN PUBLIC KEY-----\n{}\n-----END PUBLIC KEY-----\n",
+        data_encoding::BASE64.encode(&spki)
+    );
+    std::fs::write(dir.path().join("key.pem"), pem).unwrap();
+    std::fs::write(
+        dir.path().join("sig"),
+        BASE64URL_NOPAD.decode(parts[2].as_bytes()).unwrap(),
+    )
+    .unwrap();
+    let verify = |input: &str| {
+        std::fs::write(dir.path().join("input"), input).unwrap();
+        std::process::Command::new("openssl")
+            .args([
+                "pkeyutl", "-verify", "-pubin", "-inkey", "key.pem", "-rawin",
+            ])
+            .args(["-in", "input", "-sigfile", "sig"])
+            .current_dir(dir.path())
+            .output()
+            .unwrap()
+            .status
+            .success()
+    };
+    assert!(
+        verify(&format!("{}.{}", parts[0], parts[1])),
+        "OpenSSL verifies it"
+    );
+    let mut changed = claims.clone();
+    changed["htu"] = json!("/admin");
+    let forged_claims = BASE64URL_NOPAD.encode(changed.to_string().as_bytes());
+    assert!(
+        !verify(&format!("{}.{forged_claims}", parts[0])),
+        "a changed claim fails"
+    );
+
+    // An assertion is no access token.
+    let introspected = gatehouse.introspect(&assertion).await;
+    assert_eq!(introspected, json!({"active": false}));
+    assert_eq!(
+        get_with(&gatehouse, "/things", &assertion).await.status(),
+        401
+    );
+    gatehouse.stop().await;
+}
