@@ -451,7 +451,7 @@ async fn smuggling_shapes_never_reach_the_app_and_paths_arrive_unchanged() {
 
 /// A WebSocket app: echoes every text message prefixed with the device id it was told,
 /// and chooses the `chat` subprotocol when offered.
-async fn ws_app(seen_protocols: Arc<Mutex<Vec<String>>>) -> String {
+pub(crate) async fn ws_app(seen_protocols: Arc<Mutex<Vec<String>>>) -> String {
     use axum::extract::ws::{Message, WebSocketUpgrade};
     let router =
         axum::Router::new().fallback(move |headers: http::HeaderMap, upgrade: WebSocketUpgrade| {

@@ -422,3 +422,49 @@ fn a_route_table_that_shadows_or_names_nothing_is_refused_with_the_reason() {
         assert!(err.contains(says), "{routes}: {err}");
     }
 }
+
+/// A WebSocket on a public route is relayed without a token and names nobody to the
+/// app; on a device route of the same table it still needs one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_public_route_relays_websockets_for_anyone() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let app = crate::front::ws_app(std::sync::Arc::default()).await;
+    let routes = format!(
+        "[[routes]]\npath = \"/lobby\"\nupstream = \"{app}\"\nauth = \"public\"\n\n\
+         [[routes]]\npath = \"/room\"\nupstream = \"{app}\"\nauth = \"device\"\n"
+    );
+    let gatehouse = with_routes(&routes, &[]).await;
+    let open = |path: &'static str| {
+        let gatehouse = &gatehouse;
+        async move {
+            let request = format!("wss://{}{path}", gatehouse.running.local_addr)
+                .into_client_request()
+                .unwrap();
+            let tls = crate::ws::tls_stream(gatehouse).await;
+            tokio_tungstenite::client_async(request, tls).await
+        }
+    };
+    let (mut socket, _) = open("/lobby").await.expect("a public socket opens");
+    socket.send(Message::text("hello")).await.unwrap();
+    let echo = loop {
+        match tokio::time::timeout(Duration::from_secs(5), socket.next()).await {
+            Ok(Some(Ok(Message::Text(text)))) => break text.to_string(),
+            Ok(Some(Ok(_))) => {}
+            other => panic!("expected an echo, got {other:?}"),
+        }
+    };
+    assert_eq!(echo, "none: hello", "the app was told of no device");
+    match open("/room").await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 401);
+        }
+        other => panic!("expected a 401, got {other:?}"),
+    }
+    let opened = gatehouse.audit_events("front.socket_opened");
+    assert_eq!(opened.len(), 1);
+    assert_eq!(opened[0].details["route"], "/lobby");
+    assert_eq!(opened[0].actor, "anonymous");
+    gatehouse.stop().await;
+}
