@@ -95,7 +95,7 @@ pub(super) fn router(state: AppState) -> Router {
         .fallback(proxy)
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
-            super::limits::admit_address,
+            super::limits::admit_address_for_app,
         ))
         .with_state(state)
 }

@@ -27,6 +27,21 @@ pub(crate) async fn admit_address(
     request: Request,
     next: Next,
 ) -> Response {
+    let probe = matches!(request.uri().path(), "/healthz" | "/readyz");
+    admit(&state, request, next, probe).await
+}
+
+/// `admit_address` for requests going to an app: no path is exempt there (an app's
+/// own `/healthz` is the app's, not gatehouse's probe).
+pub(crate) async fn admit_address_for_app(
+    State(state): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Response {
+    admit(&state, request, next, false).await
+}
+
+async fn admit(state: &AppState, request: Request, next: Next, probe: bool) -> Response {
     // Every connection `serve` accepts carries its peer address. A request without one
     // would skip the ban and the per-address limit, so it is refused instead.
     let Some(ConnectInfo(peer)) = request
@@ -37,7 +52,7 @@ pub(crate) async fn admit_address(
         return ApiError::internal(&"no peer address on the request").into_response();
     };
     let ip = peer.ip();
-    if matches!(request.uri().path(), "/healthz" | "/readyz") {
+    if probe {
         return next.run(request).await;
     }
     if let Some(left) = state.services.lockout.banned(ip) {

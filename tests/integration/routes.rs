@@ -296,7 +296,7 @@ upstream = "{app}"
 auth = "public"
 "#
     );
-    let gatehouse = with_routes(&routes, &[]).await;
+    let gatehouse = with_routes(&routes, &[("GATEHOUSE_LOCKOUT_MAX_FAILURES", "2")]).await;
     let (status, body) = get(
         &gatehouse,
         "/v1/status",
@@ -316,6 +316,15 @@ auth = "public"
     assert_eq!(status, 404);
     let (status, _) = get(&gatehouse, "/anything", &[("host", "other.example.test")]).await;
     assert_eq!(status, 404);
+    // The app's /healthz is the app's: a banned address is refused there, while
+    // gatehouse's own probe still answers it.
+    let wrong = "Bearer gha_0123456789abcdef_not-the-secret";
+    for _ in 0..3 {
+        get(&gatehouse, "/v1/status", &[("authorization", wrong)]).await;
+    }
+    let (status, body) = get(&gatehouse, "/healthz", &[("host", "app.example.test")]).await;
+    assert_eq!((status, body["error"].as_str()), (429, Some("banned")));
+    assert_eq!(get(&gatehouse, "/healthz", &[]).await.0, 200);
     gatehouse.stop().await;
 }
 
