@@ -5,7 +5,9 @@
 // scrolling, no text squeezed letter by letter, every button on screen when scrolled to,
 // no message left over from another page, axe-core's WCAG 2.1 AA rules; and the first
 // admin user made from the setup link (`/admin/#setup=<bootstrap token>`) at both widths,
-// or with a pasted token.
+// or with a pasted token. The server stands in front of a small app this script runs:
+// a WebSocket relayed to it is listed on the front-door page and closed when its device
+// is revoked from there.
 //
 // Run from the repository root after `cargo build`:
 //   (cd tests/e2e && npm install) && node tests/e2e/admin_ui.mjs
@@ -16,6 +18,7 @@
 import { spawn } from 'node:child_process';
 import { request as httpsRequest } from 'node:https';
 import { createServer } from 'node:http';
+import { createHash, randomBytes } from 'node:crypto';
 import { mkdtempSync, mkdirSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
@@ -30,11 +33,58 @@ const executablePath = process.env.CHROMIUM || '/usr/bin/chromium';
 const shots = process.env.SCREENSHOTS ? resolve(process.env.SCREENSHOTS) : null;
 const TIMEOUT = 15000;
 
-/** Starts `gatehouse serve` on a fresh data file: its URL and bootstrap token. */
-function startServer(dir) {
+const WS_GUID = '258EAFA5-E914-47DA-95CA-C5AB0DC85B11';
+
+/** The `Sec-WebSocket-Accept` answering a `Sec-WebSocket-Key` (RFC 6455 section 4.2.2). */
+function wsAccept(key) {
+  return createHash('sha1').update(key + WS_GUID).digest('base64');
+}
+
+/**
+ * The app behind the front door, on a loopback port: every request is answered 200, and
+ * a WebSocket upgrade is accepted and kept open, sending nothing; a close frame from the
+ * other side is answered with one and the socket ended. Resolves to the listening server,
+ * whose `upgrades` lists the sockets it accepted: their path and `X-Gatehouse-Device-Id`.
+ */
+function startUpstream() {
+  const app = createServer((req, res) => {
+    res.setHeader('content-type', 'text/plain');
+    res.end(`hello ${req.headers['x-gatehouse-device-id'] || 'nobody'}\n`);
+  });
+  app.upgrades = [];
+  app.on('upgrade', (req, socket) => {
+    const key = req.headers['sec-websocket-key'];
+    if (!key || String(req.headers.upgrade).toLowerCase() !== 'websocket') {
+      socket.end('HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Length: 0\r\n\r\n');
+      return;
+    }
+    app.upgrades.push({ path: req.url, device: req.headers['x-gatehouse-device-id'] });
+    socket.write('HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n'
+      + `Sec-WebSocket-Accept: ${wsAccept(key)}\r\n\r\n`);
+    socket.on('data', (chunk) => {
+      if ((chunk[0] & 0x0f) === 0x8) socket.end(Buffer.from([0x88, 0x00]));
+    });
+    socket.on('error', () => {});
+  });
+  return new Promise((ready) => app.listen(0, '127.0.0.1', () => ready(app)));
+}
+
+/**
+ * The server's environment: this one without GATEHOUSE_BIN, which names the binary here
+ * but is an unknown setting to gatehouse (it refuses to start on one).
+ */
+function serverEnv() {
+  const env = { ...process.env, GATEHOUSE_LOG: 'warn' };
+  delete env.GATEHOUSE_BIN;
+  return env;
+}
+
+/** Starts `gatehouse serve` on a fresh data file, in front of `upstream`: its URL and bootstrap token. */
+function startServer(dir, upstream) {
   const child = spawn(bin, [
     'serve', '--data', join(dir, 'gatehouse.redb'), '--listen', '127.0.0.1:0', '--tls', 'self-signed',
-  ], { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, GATEHOUSE_LOG: 'warn' } });
+    '--upstream', upstream,
+  ], { stdio: ['ignore', 'pipe', 'pipe'], env: serverEnv() });
   let out = '';
   return new Promise((done, fail) => {
     const timer = setTimeout(() => fail(new Error(`the server did not start:\n${out}`)), 30000);
@@ -51,6 +101,125 @@ function startServer(dir) {
     child.stderr.on('data', read);
     child.on('exit', (code) => fail(new Error(`the server exited (${code}):\n${out}`)));
   });
+}
+
+/**
+ * A WebSocket opened through the front door as a native client opens one (the device's
+ * access token in `Authorization`), on the raw connection: resolves once gatehouse has
+ * answered 101 to `{ socket, state, closed }`. `closed` resolves when the server closes
+ * the socket: `{ frame, code, reason }` after its close frame (answered with one), or
+ * `{ frame: false, how }` if the connection ends without one; `state.closed` is set then.
+ */
+function openRelayedSocket(url, token, path = '/live') {
+  const key = randomBytes(16).toString('base64');
+  return new Promise((done, fail) => {
+    const req = httpsRequest(`${url}${path}`, {
+      agent: false,
+      rejectUnauthorized: false,
+      headers: {
+        Connection: 'Upgrade',
+        Upgrade: 'websocket',
+        'Sec-WebSocket-Version': '13',
+        'Sec-WebSocket-Key': key,
+        Authorization: `Bearer ${token}`,
+      },
+    });
+    req.on('response', (res) => {
+      let body = '';
+      res.on('data', (chunk) => { body += chunk; });
+      res.on('end', () => fail(new Error(`the WebSocket was not opened: ${res.statusCode} ${body}`)));
+    });
+    req.on('upgrade', (res, socket, head) => {
+      if (res.headers['sec-websocket-accept'] !== wsAccept(key)) {
+        socket.destroy();
+        fail(new Error(`a wrong Sec-WebSocket-Accept: ${res.headers['sec-websocket-accept']}`));
+        return;
+      }
+      const state = { closed: null };
+      const closed = new Promise((ended) => {
+        let received = Buffer.from(head);
+        const end = (result) => {
+          if (state.closed) return;
+          state.closed = result;
+          ended(result);
+        };
+        const read = () => {
+          // The app sends nothing, so the first frame from the server is its close frame:
+          // 0x88, an unmasked length under 126, the code and the reason.
+          if (received.length < 2) return;
+          if (received[0] !== 0x88) {
+            end({ frame: false, how: `an unexpected frame 0x${received[0].toString(16)}` });
+            socket.destroy();
+            return;
+          }
+          const length = received[1] & 0x7f;
+          if (received.length < 2 + length) return;
+          end({
+            frame: true,
+            code: length >= 2 ? received.readUInt16BE(2) : null,
+            reason: received.subarray(4, 2 + length).toString('utf8'),
+          });
+          // The client's answer: a masked close frame with no payload (mask key zero).
+          socket.end(Buffer.from([0x88, 0x80, 0, 0, 0, 0]));
+        };
+        read();
+        socket.on('data', (chunk) => { received = Buffer.concat([received, chunk]); read(); });
+        socket.on('end', () => end({ frame: false, how: 'end' }));
+        socket.on('close', () => end({ frame: false, how: 'close' }));
+        socket.on('error', (err) => end({ frame: false, how: `error ${err.code || err.message}` }));
+      });
+      done({ socket, state, closed });
+    });
+    req.on('error', fail);
+    req.end();
+  });
+}
+
+/** `promise`, or an error saying `what` did not happen within `ms`. */
+function within(promise, ms, what) {
+  let timer;
+  const late = new Promise((_, fail) => { timer = setTimeout(() => fail(new Error(`${what}: not within ${ms} ms`)), ms); });
+  return Promise.race([promise, late]).finally(() => clearTimeout(timer));
+}
+
+const sleep = (ms) => new Promise((done) => setTimeout(done, ms));
+
+/** The text of every cell of `table`'s body, row by row. */
+function tableCells(page, table) {
+  return page.locator(`${table} tbody tr`).evaluateAll((trs) => trs.map((tr) => [...tr.cells]
+    .map((td) => td.textContent.replace(/\s+/g, ' ').trim())));
+}
+
+/** Polls `probe` until `ok` holds of what it returns; an error with the last value otherwise. */
+async function until(what, probe, ok) {
+  const end = Date.now() + TIMEOUT;
+  for (;;) {
+    const seen = await probe();
+    if (ok(seen)) return seen;
+    if (Date.now() > end) throw new Error(`${what}; last seen: ${JSON.stringify(seen)}`);
+    await sleep(200);
+  }
+}
+
+/** A new device paired through a pairing session opened with `page`'s admin session: the pairing answer. */
+async function pairDevice(page, label, device) {
+  const paired = await page.evaluate(async ({ label, device }) => {
+    const s = await fetch('/v1/session').then((r) => r.json());
+    const opened = await fetch('/v1/pairing/sessions', {
+      method: 'POST',
+      headers: { 'Content-Type': 'application/json', 'X-CSRF-Token': s.csrf_token },
+      body: JSON.stringify({ name: label }),
+    }).then((r) => r.json());
+    const r = await fetch('/v1/pair', {
+      method: 'POST',
+      headers: { 'Content-Type': 'application/json' },
+      body: JSON.stringify({ session_id: opened.session_id, secret: opened.secret, device }),
+    });
+    return { status: r.status, body: await r.json() };
+  }, { label, device });
+  assert.equal(paired.status, 200, JSON.stringify(paired.body));
+  assert.ok(paired.body.device_id && paired.body.access_token, JSON.stringify(paired.body));
+  return paired.body;
 }
 
 let step = 0;
@@ -194,6 +363,7 @@ async function pageReady(page, name) {
     audit: '#audit-table tbody tr',
     bans: '#bans-table tbody tr button',
     keys: '#keys-table tbody tr',
+    front: '#front-routes tbody tr',
   }[name];
   await page.locator(`#page-${name} h1`).waitFor();
   await page.locator(ready).first().waitFor();
@@ -234,7 +404,7 @@ async function sweep(browser, server, width, cookies, problems) {
   await check('pairing');
   // Every other page, reached just after a pairing session was opened: the pairing
   // page's message stays there.
-  for (const name of ['overview', 'devices', 'audit', 'bans', 'keys']) {
+  for (const name of ['overview', 'devices', 'audit', 'front', 'bans', 'keys']) {
     await page.locator('nav a[data-page="pairing"]').click();
     await pageReady(page, 'pairing');
     await openSession();
@@ -317,7 +487,9 @@ async function setupByLink(browser, server, width, username, existing, problems)
 async function main() {
   if (shots) mkdirSync(shots, { recursive: true });
   const dir = mkdtempSync(join(tmpdir(), 'gatehouse-e2e-'));
-  const server = await startServer(dir);
+  const upstream = await startUpstream();
+  const server = await startServer(dir, `http://127.0.0.1:${upstream.address().port}`);
+  const sockets = [];
   const browser = await chromium.launch({
     executablePath,
     headless: true,
@@ -456,6 +628,46 @@ async function main() {
     await strandedRow.filter({ hasText: 'active' }).waitFor();
     assert.equal(await rows.count(), devicesBefore, 'no duplicate device');
 
+    // Front door: a WebSocket a device opened to the app through gatehouse is counted on
+    // its route and listed with its device; revoking the device there, once confirmed,
+    // closes the socket at once (1008) and the list is empty again.
+    const holder = await pairDevice(page, 'socket holder', { name: 'Socket phone', platform: 'android', app_version: '1.0.0' });
+    const relayed = await openRelayedSocket(server.url, holder.access_token);
+    sockets.push(relayed);
+    assert.deepEqual(upstream.upgrades, [{ path: '/live', device: holder.device_id }], 'the app got the socket, for the device');
+    await page.getByRole('link', { name: 'Front door' }).click();
+    await page.getByRole('heading', { name: 'Front door', level: 1 }).waitFor();
+    assert.equal(await page.locator('#front-off').isVisible(), false, 'a front door is set');
+    const rootRoute = (cells) => cells.find((row) => row[0] === '/');
+    const [, who, app, health, , open] = rootRoute(await until('the / route is reachable with 1 socket',
+      () => tableCells(page, '#front-routes'),
+      (cells) => rootRoute(cells)?.[3] === 'reachable' && rootRoute(cells)?.[5] === '1'));
+    assert.match(who, /^device/);
+    assert.equal(app, `http://127.0.0.1:${upstream.address().port}`);
+    assert.deepEqual([health, open], ['reachable', '1']);
+    await until('the sockets table lists the device with 1 open', () => tableCells(page, '#front-sockets'),
+      (cells) => cells.length === 1 && cells[0][0] === holder.device_id && cells[0][1] === '1');
+    await shot(page, 'front');
+    const revokeHolder = page.getByRole('button', { name: `Revoke device ${holder.device_id}` });
+    page.once('dialog', (dialog) => dialog.dismiss());
+    await revokeHolder.click();
+    await sleep(500);
+    assert.equal(relayed.state.closed, null, 'dismissed: the socket stays open');
+    assert.equal(await revokeHolder.count(), 1, 'dismissed: the device stays listed');
+    let asked = '';
+    page.once('dialog', (dialog) => { asked = dialog.message(); dialog.accept(); });
+    await revokeHolder.click();
+    await statusSays(page, `Device ${holder.device_id} revoked; its sockets are closed.`);
+    assert.ok(asked.startsWith(`Revoke device ${holder.device_id}?`), `the question asked: ${asked}`);
+    const closedBy = await within(relayed.closed, 5000, 'the server closes the relayed socket of the revoked device');
+    assert.equal(closedBy.frame, true, `a close frame before the connection ends: ${JSON.stringify(closedBy)}`);
+    assert.equal(closedBy.code, 1008, `closed as a policy violation: ${JSON.stringify(closedBy)}`);
+    await page.locator('#front-sockets tbody tr', { hasText: 'No relayed sockets.' }).waitFor();
+    assert.equal(await page.locator('#front-sockets tbody tr').count(), 1);
+    await until('the / route counts no socket', () => tableCells(page, '#front-routes'),
+      (cells) => rootRoute(cells)?.[5] === '0');
+    await shot(page, 'front-revoked');
+
     // Audit: recent events, then the live tail shows a new one.
     await page.getByRole('link', { name: 'Audit' }).click();
     const events = page.locator('#audit-table tbody tr');
@@ -516,24 +728,10 @@ async function main() {
     assert.ok(focused, 'something takes focus');
 
     // Every page at both widths, with something to act on in each: an active device with
-    // a long name, and a ban (of another loopback address) to lift.
-    await page.evaluate(async () => {
-      const s = await fetch('/v1/session').then((r) => r.json());
-      const opened = await fetch('/v1/pairing/sessions', {
-        method: 'POST',
-        headers: { 'Content-Type': 'application/json', 'X-CSRF-Token': s.csrf_token },
-        body: JSON.stringify({ name: 'spare' }),
-      }).then((r) => r.json());
-      await fetch('/v1/pair', {
-        method: 'POST',
-        headers: { 'Content-Type': 'application/json' },
-        body: JSON.stringify({
-          session_id: opened.session_id,
-          secret: opened.secret,
-          device: { name: 'Ada Lovelace’s spare tablet for the kitchen', platform: 'ios', app_version: '2.10.3-beta.1' },
-        }),
-      });
-    });
+    // a long name holding a relayed socket, and a ban (of another loopback address) to lift.
+    const spare = await pairDevice(page, 'spare',
+      { name: 'Ada Lovelace’s spare tablet for the kitchen', platform: 'ios', app_version: '2.10.3-beta.1' });
+    sockets.push(await openRelayedSocket(server.url, spare.access_token));
     await banAnotherAddress(server.url);
     {
       const cookies = await context.cookies();
@@ -595,8 +793,11 @@ async function main() {
     assert.deepEqual(problems, [], 'no script error or CSP violation');
     console.log('admin UI e2e: 1 passed, 0 failed');
   } finally {
+    for (const relayed of sockets) relayed.socket.destroy();
     await browser.close();
     server.child.kill('SIGTERM');
+    upstream.closeAllConnections();
+    upstream.close();
     rmSync(dir, { recursive: true, force: true });
   }
 }
