@@ -807,13 +807,16 @@ async function revokeSocketHolder(id) {
   if (!window.confirm(`Revoke device ${id}? Its tokens stop working and its sockets close at once.`)) return;
   await guarded(async () => {
     await api('DELETE', `/v1/devices/${encodeURIComponent(id)}`);
-    // The relays close within moments of the revocation; show it once they have.
-    for (let tries = 0; tries < 10; tries += 1) {
+    // The relays close within moments of the revocation; say so once they have.
+    let open = true;
+    for (let tries = 0; tries < 10 && open; tries += 1) {
       const view = await renderFront();
-      if (!view.sockets.some((s) => s.device_id === id)) break;
-      await new Promise((done) => setTimeout(done, 200));
+      open = view.sockets.some((s) => s.device_id === id);
+      if (open) await new Promise((done) => setTimeout(done, 200));
     }
-    say(`Device ${id} revoked; its sockets are closed.`);
+    say(open
+      ? `Device ${id} revoked; its sockets are still closing.`
+      : `Device ${id} revoked; its sockets are closed.`);
     $('front-refresh').focus();
   });
 }
