@@ -8,7 +8,8 @@ use hyper_util::client::legacy::Client;
 
 use super::Upstream;
 use super::connect::UpstreamConnector;
-use crate::config::{Route, RouteAuth};
+use crate::config::{Rate, Route, RouteAuth};
+use crate::ratelimit::Policy;
 
 /// A route with the app it goes to and the pooled client to that app.
 #[derive(Debug, Clone)]
@@ -20,6 +21,8 @@ pub(crate) struct Target {
     pub(super) client: Client<UpstreamConnector, Body>,
     /// `route.label()`, made once.
     pub(crate) label: String,
+    /// The route's own rate as a policy named after it (`route /api`), made once.
+    pub(crate) rate: Option<Policy>,
 }
 
 impl Target {
@@ -29,9 +32,17 @@ impl Target {
         upstream: Upstream,
         client: Client<UpstreamConnector, Body>,
     ) -> Self {
+        let label = route.label();
+        let rate = match route.rate {
+            Rate::Off => None,
+            Rate::Limit { requests, window } => {
+                Some(Policy::new(&format!("route {label}"), requests, window))
+            }
+        };
         Self {
             position,
-            label: route.label(),
+            label,
+            rate,
             route,
             upstream,
             client,

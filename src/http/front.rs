@@ -33,7 +33,7 @@ use super::security::RequestId;
 use crate::audit::{Actor, Event, Origin};
 use crate::config::RouteAuth;
 use crate::front::{Caller, Credential, FrontDoor, FrontError, Target, Who, ambiguous};
-use crate::ratelimit::{Policy, Subject};
+use crate::ratelimit::Subject;
 use crate::tokens::{Rejection, TokenAuthority, Verified};
 
 /// This resource's routes: what the front door is doing, for admins.
@@ -239,11 +239,11 @@ async fn proxy(State(state): State<AppState>, request: Request) -> Response {
     let Some(front) = state.front.clone() else {
         return not_found().into_response();
     };
-    let Some(target) = front.route(host(&request), request.uri().path()).cloned() else {
+    let Some(target) = front.route(host(&request), request.uri().path()) else {
         return not_found().into_response();
     };
     let started = Instant::now();
-    let response = through(&state, &front, &target, request).await;
+    let response = through(&state, &front, target, request).await;
     if let Some(counters) = state.front_counters.route(&front, target.position) {
         counters
             .http
@@ -284,7 +284,7 @@ async fn through(
             return *refused.answer;
         }
     };
-    if let Some(policy) = &target_policy(target) {
+    if let Some(policy) = &target.rate {
         let subject = match &who {
             Who::Device(device) => Subject::Device(*device),
             Who::Admin(_) | Who::Anyone => Subject::ip(address),
@@ -348,18 +348,6 @@ fn refusal(state: &AppState, outcome: &'static str, route: &str, address: std::n
         .services
         .audit
         .count_refusal("front.refused", outcome, route, address);
-}
-
-/// A route's own rate as a policy named after the route.
-fn target_policy(target: &Target) -> Option<Policy> {
-    match target.route.rate {
-        crate::config::Rate::Off => None,
-        crate::config::Rate::Limit { requests, window } => Some(Policy::new(
-            &format!("route {}", target.label),
-            requests,
-            window,
-        )),
-    }
 }
 
 /// Why a caller is refused: the `/metrics` outcome, and the answer (boxed: it is large,
