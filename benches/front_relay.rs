@@ -23,7 +23,7 @@
 //! gatehouse, which inherits it; otherwise it measures as many sockets as fit and says
 //! so (or stops, when `FRONT_RELAY_SOCKETS` asked for the count). The caps the
 //! relay counts toward (`server.max_connections` and `_per_ip`, `ws.max_connections` and
-//! `_per_ip`) are raised to N + 200, the per-address request limit is off (every socket
+//! `_per_ip`, and `upstream.ws_max_connections_per_device`) are raised to N + 200, the per-address request limit is off (every socket
 //! comes from 127.0.0.1), `upstream.ws_messages_per_second` is 100 000 per device and
 //! access tokens live an hour.
 //!
@@ -269,6 +269,8 @@ fn start_server(upstream: SocketAddr, sockets: usize) -> Server {
         .env("GATEHOUSE_MAX_CONNECTIONS_PER_IP", &cap)
         .env("GATEHOUSE_WS_MAX_CONNECTIONS", &cap)
         .env("GATEHOUSE_WS_MAX_CONNECTIONS_PER_IP", &cap)
+        // The memory part opens every socket with one device's token.
+        .env("GATEHOUSE_UPSTREAM_WS_MAX_CONNECTIONS_PER_DEVICE", &cap)
         .env("GATEHOUSE_UPSTREAM_WS_MESSAGES_PER_SECOND", "100000")
         .env("GATEHOUSE_RATELIMIT_PER_IP", "off")
         .env("GATEHOUSE_RATELIMIT_PAIRING", "off")

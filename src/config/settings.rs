@@ -406,7 +406,7 @@ pub static SETTINGS: &[Setting] = &[
         "relayed WebSockets one device may hold open at once",
         Whole {
             min: 1,
-            max: 10_000
+            max: 1_000_000
         },
         |c, v| c.front.ws_max_connections_per_device = size(v)
     ),

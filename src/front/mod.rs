@@ -19,7 +19,7 @@ mod connect;
 mod relay;
 mod routes;
 
-pub(crate) use relay::{BEARER_PROTOCOL, Credential, Limits, relay};
+pub(crate) use relay::{BEARER_PROTOCOL, Credential, Limits, READ_BUFFER_BYTES, relay};
 pub(crate) use routes::{Target, ambiguous};
 
 use std::collections::HashMap;

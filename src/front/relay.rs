@@ -102,7 +102,10 @@ impl FrontDoor {
         let stream = open(&target.upstream, self.config.connect_timeout)
             .await
             .map_err(|err| FrontError::Unreachable(err.to_string()))?;
-        let handshake = tokio_tungstenite::client_async(request, stream);
+        let config = tungstenite::protocol::WebSocketConfig::default()
+            .read_buffer_size(READ_BUFFER_BYTES)
+            .write_buffer_size(0);
+        let handshake = tokio_tungstenite::client_async_with_config(request, stream, Some(config));
         let (socket, response) =
             match tokio::time::timeout(self.config.response_timeout, handshake).await {
                 Err(_) => return Err(FrontError::Timeout),
@@ -286,6 +289,11 @@ fn to_client(message: tungstenite::Message) -> Option<ws::Message> {
         tungstenite::Message::Close(_) | tungstenite::Message::Frame(_) => return None,
     })
 }
+
+/// The initial read buffer of each side of a relay: small, so that an idle relayed
+/// socket costs little (the default, 128 KiB a side, is zero-filled and so resident); it
+/// grows for large messages. Writes go out at once, without a buffer of their own.
+pub(crate) const READ_BUFFER_BYTES: usize = 1024;
 
 /// The prefix of the subprotocol entry that carries a browser's token.
 pub(crate) const BEARER_PROTOCOL: &str = "gatehouse.bearer.";

@@ -634,6 +634,8 @@ async fn relay(
     let position = target.position;
     let route = target.label.clone();
     upgrade
+        .read_buffer_size(crate::front::READ_BUFFER_BYTES)
+        .write_buffer_size(0)
         .max_message_size(max_message)
         .max_frame_size(max_message)
         .on_upgrade(move |socket| async move {
