@@ -11,6 +11,8 @@
 // A bench reads its sizes from the environment and may time against the real clock.
 #![allow(clippy::disallowed_methods)]
 
+mod support;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
@@ -18,69 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
 use tokio_tungstenite::tungstenite::Message;
-
-/// Loopback benchmark client: accepts the server's self-signed certificate without
-/// checking it (this measures memory, not trust), but still checks handshake signatures.
-#[derive(Debug)]
-struct AcceptAny(Arc<rustls::crypto::CryptoProvider>);
-
-impl ServerCertVerifier for AcceptAny {
-    fn verify_server_cert(
-        &self,
-        _: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
-
-fn tls_config(alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
-    let provider = gatehouse::tls::provider();
-    let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AcceptAny(provider)))
-        .with_no_client_auth();
-    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    Arc::new(config)
-}
 
 fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -141,7 +81,7 @@ fn start_server(connections: usize) -> Server {
 
 async fn pair(server: &Server) -> String {
     let client = reqwest::Client::builder()
-        .tls_backend_preconfigured((*tls_config(&[b"http/1.1"])).clone())
+        .tls_backend_preconfigured((*support::tls_config(&[b"http/1.1"])).clone())
         .build()
         .unwrap();
     let base = format!("https://{}", server.addr);
@@ -176,7 +116,7 @@ type Socket =
 
 async fn connect(addr: SocketAddr, tls: Arc<rustls::ClientConfig>, token: Arc<str>) -> Socket {
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let name = ServerName::try_from("localhost").unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
     let stream = tokio_rustls::TlsConnector::from(tls)
         .connect(name, tcp)
         .await
@@ -211,7 +151,7 @@ fn main() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
         let token: Arc<str> = pair(&server).await.into();
-        let tls = tls_config(&[b"http/1.1"]);
+        let tls = support::tls_config(&[b"http/1.1"]);
         // One connection first, so that lazily built state is not counted per socket.
         let warm = connect(server.addr, tls.clone(), token.clone()).await;
         tokio::time::sleep(Duration::from_millis(500)).await;

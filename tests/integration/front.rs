@@ -566,14 +566,10 @@ async fn a_websocket_is_relayed_to_the_app_and_cut_when_the_device_is_revoked() 
         .await
         .unwrap();
     assert_eq!(revoked.status(), StatusCode::OK);
-    let closed = loop {
-        match tokio::time::timeout(Duration::from_secs(2), socket.next()).await {
-            Ok(Some(Ok(Message::Close(frame)))) => break frame,
-            Ok(Some(Ok(_))) => continue,
-            other => panic!("expected a close frame, got {other:?}"),
-        }
-    };
-    assert_eq!(u16::from(closed.expect("a close frame").code), 1008);
+    assert_eq!(
+        close_code(&mut socket, Duration::from_secs(2)).await,
+        Some(1008)
+    );
     assert!(
         started.elapsed() < Duration::from_secs(1),
         "{:?}",
@@ -630,6 +626,56 @@ async fn socket_closed_records(gatehouse: &TestApp) -> Vec<gatehouse::audit::Eve
     gatehouse.audit_events("front.socket_closed")
 }
 
+/// The code of the close frame `socket` receives within `within`, skipping other
+/// messages.
+pub(crate) async fn close_code<S>(
+    socket: &mut tokio_tungstenite::WebSocketStream<S>,
+    within: Duration,
+) -> Option<u16>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    loop {
+        match tokio::time::timeout(within, socket.next()).await {
+            Ok(Some(Ok(Message::Close(frame)))) => return frame.map(|f| u16::from(f.code)),
+            Ok(Some(Ok(_))) => {}
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    }
+}
+
+/// The next text message `socket` receives within 5 s, skipping others.
+pub(crate) async fn next_text<S>(socket: &mut tokio_tungstenite::WebSocketStream<S>) -> String
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), socket.next()).await {
+            Ok(Some(Ok(Message::Text(text)))) => return text.to_string(),
+            Ok(Some(Ok(_))) => {}
+            other => panic!("expected a text message, got {other:?}"),
+        }
+    }
+}
+
+/// Asserts that opening a socket was refused before the upgrade with `status`.
+fn assert_refused<T: std::fmt::Debug>(
+    opened: Result<T, tokio_tungstenite::tungstenite::Error>,
+    status: u16,
+) -> tokio_tungstenite::tungstenite::http::Response<Option<Vec<u8>>> {
+    match opened {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), status);
+            *response
+        }
+        other => panic!("expected a {status}, got {other:?}"),
+    }
+}
+
 /// Relayed sockets count toward the per-address cap of live connections.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relayed_websockets_count_toward_the_per_address_cap() {
@@ -643,12 +689,7 @@ async fn relayed_websockets_count_toward_the_per_address_cap() {
     let (_first, _) = open_relayed(&gatehouse, &device.access_token)
         .await
         .expect("the first socket opens");
-    match open_relayed(&gatehouse, &device.access_token).await {
-        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
-            assert_eq!(response.status(), 429);
-        }
-        other => panic!("expected a 429, got {other:?}"),
-    }
+    assert_refused(open_relayed(&gatehouse, &device.access_token).await, 429);
     gatehouse.stop().await;
 }
 
@@ -708,13 +749,8 @@ async fn a_device_holds_at_most_its_share_of_relayed_sockets() {
     let (_second, _) = open_relayed(&gatehouse, &device.access_token)
         .await
         .expect("the second socket opens");
-    match open_relayed(&gatehouse, &device.access_token).await {
-        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
-            assert_eq!(response.status(), 429);
-            assert!(response.headers().contains_key("retry-after"));
-        }
-        other => panic!("expected a 429, got {other:?}"),
-    }
+    let refused = assert_refused(open_relayed(&gatehouse, &device.access_token).await, 429);
+    assert!(refused.headers().contains_key("retry-after"));
     // Another device has its own share.
     let (_others, _) = open_relayed(&gatehouse, &other.access_token)
         .await
@@ -768,7 +804,7 @@ async fn a_device_holds_at_most_its_share_of_relayed_sockets() {
 /// token's expiry.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relayed_socket_stays_open_past_expiry_only_if_the_device_refreshed() {
-    use futures_util::{SinkExt, StreamExt};
+    use futures_util::SinkExt;
     use tokio_tungstenite::tungstenite::Message;
     let upstream = ws_app(Arc::default()).await;
     let gatehouse = helpers::spawn_app_with(&[
@@ -796,25 +832,15 @@ async fn a_relayed_socket_stays_open_past_expiry_only_if_the_device_refreshed() 
         .await
         .unwrap();
     assert_eq!(refreshed.status(), 200);
-    let closed = loop {
-        match tokio::time::timeout(Duration::from_secs(10), cut.next()).await {
-            Ok(Some(Ok(Message::Close(frame)))) => break frame,
-            Ok(Some(Ok(_))) => {}
-            other => panic!("expected a close frame, got {other:?}"),
-        }
-    };
-    assert_eq!(closed.map(|f| u16::from(f.code)), Some(1008));
+    assert_eq!(
+        close_code(&mut cut, Duration::from_secs(10)).await,
+        Some(1008)
+    );
     assert!(started.elapsed() >= Duration::from_millis(1500));
     // Past its first token's expiry, the refreshed device's socket still relays.
     tokio::time::sleep(Duration::from_millis(800)).await;
     kept.send(Message::text("still here")).await.unwrap();
-    let echo = loop {
-        match tokio::time::timeout(Duration::from_secs(5), kept.next()).await {
-            Ok(Some(Ok(Message::Text(text)))) => break text.to_string(),
-            Ok(Some(Ok(_))) => {}
-            other => panic!("expected an echo, got {other:?}"),
-        }
-    };
+    let echo = next_text(&mut kept).await;
     assert_eq!(echo, format!("{}: still here", refreshing.device_id));
     let records = socket_closed_records(&gatehouse).await;
     assert_eq!(records.len(), 1);

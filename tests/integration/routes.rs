@@ -436,7 +436,7 @@ fn a_route_table_that_shadows_or_names_nothing_is_refused_with_the_reason() {
 /// app; on a device route of the same table it still needs one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_public_route_relays_websockets_for_anyone() {
-    use futures_util::{SinkExt, StreamExt};
+    use futures_util::SinkExt;
     use tokio_tungstenite::tungstenite::Message;
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     let app = crate::front::ws_app(std::sync::Arc::default()).await;
@@ -457,13 +457,7 @@ async fn a_public_route_relays_websockets_for_anyone() {
     };
     let (mut socket, _) = open("/lobby").await.expect("a public socket opens");
     socket.send(Message::text("hello")).await.unwrap();
-    let echo = loop {
-        match tokio::time::timeout(Duration::from_secs(5), socket.next()).await {
-            Ok(Some(Ok(Message::Text(text)))) => break text.to_string(),
-            Ok(Some(Ok(_))) => {}
-            other => panic!("expected an echo, got {other:?}"),
-        }
-    };
+    let echo = crate::front::next_text(&mut socket).await;
     assert_eq!(echo, "none: hello", "the app was told of no device");
     match open("/room").await {
         Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
