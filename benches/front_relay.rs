@@ -36,9 +36,10 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
+use support::Server;
+
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -182,62 +183,23 @@ fn start_echo() -> (SocketAddr, tokio::runtime::Runtime) {
     (addr, runtime)
 }
 
-struct Server {
-    child: Child,
-    addr: SocketAddr,
-    admin_token: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn start_server(upstream: SocketAddr, sockets: usize) -> Server {
-    let dir = tempfile::tempdir().unwrap();
     let cap = (sockets + 200).to_string();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_gatehouse"))
-        .args(["--data"])
-        .arg(dir.path().join("gatehouse.redb"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--upstream"])
-        .arg(format!("http://{upstream}"))
-        .env("GATEHOUSE_LOG", "warn")
-        .env("GATEHOUSE_MAX_CONNECTIONS", &cap)
-        .env("GATEHOUSE_MAX_CONNECTIONS_PER_IP", &cap)
-        .env("GATEHOUSE_WS_MAX_CONNECTIONS", &cap)
-        .env("GATEHOUSE_WS_MAX_CONNECTIONS_PER_IP", &cap)
-        // The memory part opens every socket with one device's token.
-        .env("GATEHOUSE_UPSTREAM_WS_MAX_CONNECTIONS_PER_DEVICE", &cap)
-        .env("GATEHOUSE_UPSTREAM_WS_MESSAGES_PER_SECOND", "100000")
-        .env("GATEHOUSE_RATELIMIT_PER_IP", "off")
-        .env("GATEHOUSE_RATELIMIT_PAIRING", "off")
-        .env("GATEHOUSE_ACCESS_TTL", "1h")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let mut admin_token = None;
-    let addr = loop {
-        let line = lines.next().expect("server output").unwrap();
-        if let Some(token) = line.trim().strip_prefix("gha_") {
-            admin_token = Some(format!("gha_{token}"));
-        }
-        if let Some(url) = line.strip_prefix("gatehouse listening on https://") {
-            break url.parse().unwrap();
-        }
-    };
-    // Keep draining stdout so the server never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    Server {
-        child,
-        addr,
-        admin_token: admin_token.expect("bootstrap token"),
-        _dir: dir,
-    }
+    support::start_server(
+        &["--upstream".into(), format!("http://{upstream}")],
+        &[
+            ("GATEHOUSE_MAX_CONNECTIONS", cap.clone()),
+            ("GATEHOUSE_MAX_CONNECTIONS_PER_IP", cap.clone()),
+            ("GATEHOUSE_WS_MAX_CONNECTIONS", cap.clone()),
+            ("GATEHOUSE_WS_MAX_CONNECTIONS_PER_IP", cap.clone()),
+            // The memory part opens every socket with one device's token.
+            ("GATEHOUSE_UPSTREAM_WS_MAX_CONNECTIONS_PER_DEVICE", cap),
+            ("GATEHOUSE_UPSTREAM_WS_MESSAGES_PER_SECOND", "100000".into()),
+            ("GATEHOUSE_RATELIMIT_PER_IP", "off".into()),
+            ("GATEHOUSE_RATELIMIT_PAIRING", "off".into()),
+            ("GATEHOUSE_ACCESS_TTL", "1h".into()),
+        ],
+    )
 }
 
 /// Pairs `count` devices; returns their access tokens.

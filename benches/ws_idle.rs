@@ -13,9 +13,10 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
+use support::Server;
+
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -28,55 +29,17 @@ fn rss_kib(pid: u32) -> u64 {
     line.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
 
-struct Server {
-    child: Child,
-    addr: SocketAddr,
-    admin_token: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn start_server(connections: usize) -> Server {
-    let dir = tempfile::tempdir().unwrap();
     let cap = (connections + 100).to_string();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_gatehouse"))
-        .args(["--data"])
-        .arg(dir.path().join("gatehouse.redb"))
-        .args(["serve", "--listen", "127.0.0.1:0"])
-        .env("GATEHOUSE_LOG", "warn")
-        .env("GATEHOUSE_MAX_CONNECTIONS", &cap)
-        .env("GATEHOUSE_WS_MAX_CONNECTIONS", &cap)
-        .env("GATEHOUSE_WS_MAX_CONNECTIONS_PER_IP", &cap)
-        .env("GATEHOUSE_WS_MESSAGES_PER_SECOND", "1000")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let mut admin_token = None;
-    let addr = loop {
-        let line = lines.next().expect("server output").unwrap();
-        if let Some(token) = line.trim().strip_prefix("gha_") {
-            admin_token = Some(format!("gha_{token}"));
-        }
-        if let Some(url) = line.strip_prefix("gatehouse listening on https://") {
-            break url.parse().unwrap();
-        }
-    };
-    // Keep draining stdout so the server never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    Server {
-        child,
-        addr,
-        admin_token: admin_token.expect("bootstrap token"),
-        _dir: dir,
-    }
+    support::start_server(
+        &[],
+        &[
+            ("GATEHOUSE_MAX_CONNECTIONS", cap.clone()),
+            ("GATEHOUSE_WS_MAX_CONNECTIONS", cap.clone()),
+            ("GATEHOUSE_WS_MAX_CONNECTIONS_PER_IP", cap),
+            ("GATEHOUSE_WS_MESSAGES_PER_SECOND", "1000".into()),
+        ],
+    )
 }
 
 async fn pair(server: &Server) -> String {
