@@ -45,6 +45,8 @@ pub(crate) enum Ended {
     MaxDuration,
     /// The device spent its message budget (`upstream.ws_messages_per_second`).
     RateLimited,
+    /// The client sent a message over `upstream.ws_max_message`.
+    TooBig,
     /// The server is stopping.
     Shutdown,
 }
@@ -58,6 +60,7 @@ impl Ended {
             Self::Expired => "expired",
             Self::MaxDuration => "max_duration",
             Self::RateLimited => "rate_limited",
+            Self::TooBig => "message_too_big",
             Self::Shutdown => "shutdown",
         }
     }
@@ -172,6 +175,7 @@ pub(crate) async fn relay(
     let ended = loop {
         tokio::select! {
             from_client = client.recv() => match from_client {
+                Some(Err(err)) if too_big(&err) => break Ended::TooBig,
                 None | Some(Err(_)) => break Ended::ClientClosed,
                 Some(Ok(ws::Message::Close(frame))) => {
                     let frame = frame.map(|f| tungstenite::protocol::CloseFrame {
@@ -243,6 +247,10 @@ pub(crate) async fn relay(
             "the access token expired: refresh it and reconnect",
         ),
         Ended::RateLimited => (ws::close_code::POLICY, "too many messages; slow down"),
+        Ended::TooBig => (
+            ws::close_code::SIZE,
+            "message too big (upstream.ws_max_message)",
+        ),
         Ended::MaxDuration => (ws::close_code::AWAY, "the session lasted its maximum"),
         Ended::Shutdown => (ws::close_code::AWAY, "server shutting down"),
         Ended::ClientClosed | Ended::AppClosed => (ws::close_code::AWAY, "closed"),
@@ -258,6 +266,14 @@ pub(crate) async fn relay(
         within(app.close(None)).await;
     }
     ended
+}
+
+/// Whether a read failed on a message or frame over the size limit.
+fn too_big(err: &axum::Error) -> bool {
+    matches!(
+        std::error::Error::source(err).and_then(|e| e.downcast_ref::<tungstenite::Error>()),
+        Some(tungstenite::Error::Capacity(_))
+    )
 }
 
 /// How long a frame may wait to be taken by the other side: a peer that stops reading

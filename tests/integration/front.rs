@@ -982,3 +982,34 @@ async fn the_app_can_verify_a_signed_assertion_of_each_request() {
     );
     gatehouse.stop().await;
 }
+
+/// A client message over `upstream.ws_max_message` closes the relayed socket with 1009,
+/// and the audit log says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_over_the_size_limit_closes_the_relay_with_1009() {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let upstream = ws_app(Arc::default()).await;
+    let gatehouse = helpers::spawn_app_with(&[
+        ("GATEHOUSE_UPSTREAM", upstream.as_str()),
+        ("GATEHOUSE_UPSTREAM_WS_MAX_MESSAGE", "1024"),
+    ])
+    .await;
+    let device = gatehouse.pair_device().await;
+    let (mut socket, _) = open_relayed(&gatehouse, &device.access_token)
+        .await
+        .unwrap();
+    socket.send(Message::text("x".repeat(1000))).await.unwrap();
+    assert_eq!(
+        next_text(&mut socket).await.len(),
+        1000 + device.device_id.len() + 2
+    );
+    socket.send(Message::text("x".repeat(2000))).await.unwrap();
+    assert_eq!(
+        close_code(&mut socket, Duration::from_secs(5)).await,
+        Some(1009)
+    );
+    let closed = socket_closed_records(&gatehouse).await;
+    assert_eq!(closed[0].details["reason"], "message_too_big");
+    gatehouse.stop().await;
+}
