@@ -121,7 +121,7 @@ pub(super) async fn by_host(
 }
 
 /// The `outcome` labels of `gatehouse_front_requests_total`, by slot.
-const OUTCOMES: [&str; 8] = [
+const OUTCOMES: [&str; 9] = [
     "forwarded",
     "no_token",
     "invalid_token",
@@ -130,6 +130,7 @@ const OUTCOMES: [&str; 8] = [
     "gateway_timeout",
     "forbidden",
     "rate_limited",
+    "too_many_connections",
 ];
 
 /// What the front door did since start: outcomes, and per route its responses,
@@ -541,7 +542,10 @@ async fn relay(
     // device's toward its own.
     let slot = match state.services.live.admit(caller.address) {
         Ok(slot) => slot,
-        Err(refused) => return super::ws::refusal(refused),
+        Err(refused) => {
+            refusal(state, "too_many_connections", &target.label, caller.address);
+            return super::ws::refusal(refused);
+        }
     };
     let place = match front.socket_place(&caller.who) {
         Ok(place) => place,

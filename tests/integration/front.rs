@@ -690,6 +690,18 @@ async fn relayed_websockets_count_toward_the_per_address_cap() {
         .await
         .expect("the first socket opens");
     assert_refused(open_relayed(&gatehouse, &device.access_token).await, 429);
+    // Audited, coalesced: one record for the refusals of this address on this route.
+    gatehouse
+        .running
+        .services
+        .audit
+        .write_refusals(0)
+        .await
+        .unwrap();
+    let refused = gatehouse.audit_events("front.refused");
+    assert_eq!(refused.len(), 1);
+    assert_eq!(refused[0].details["reason"], "too_many_connections");
+    assert_eq!(refused[0].details["refused"], 1);
     gatehouse.stop().await;
 }
 
