@@ -3,7 +3,12 @@
 //!
 //! A client id reads `cli_<32 hex>`, a secret `ghc_<43 base64url>` (256 random bits),
 //! stored only as SHA-256. Checks compare in constant time and do the same work for an
-//! unknown id as for a known one. This module must not know HTTP.
+//! unknown id as for a known one. The hashes of the clients not revoked are also held in
+//! memory (read at start, kept by `create` and `revoke`), so that a check reads nothing
+//! from the data file. This module must not know HTTP.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
 
 use crate::audit::{self, Event, Origin, Severity};
 use crate::error_kind::{Classify, ErrorKind};
@@ -77,11 +82,24 @@ fn info(id: ClientId, c: &Client) -> ClientInfo {
 pub struct Clients {
     store: Store,
     clock: SharedClock,
+    /// The secret hash of every client not revoked, by id.
+    live: Arc<RwLock<HashMap<ClientId, [u8; 32]>>>,
 }
 
 impl Clients {
-    pub(crate) fn new(store: Store, clock: SharedClock) -> Self {
-        Self { store, clock }
+    /// The clients of the data file, their live hashes read into memory.
+    pub(crate) fn load(store: Store, clock: SharedClock) -> Result<Self, StoreError> {
+        let rows = store.read(|tx| tx.all(&CLIENTS))?;
+        let live = rows
+            .iter()
+            .filter(|(_, c)| c.revoked_at_ms.is_none())
+            .filter_map(|(id, c)| ClientId::parse(id).map(|id| (id, c.secret_hash)))
+            .collect();
+        Ok(Self {
+            store,
+            clock,
+            live: Arc::new(RwLock::new(live)),
+        })
     }
 
     pub async fn create(&self, name: &str, origin: &Origin) -> Result<NewClient, ClientError> {
@@ -108,6 +126,10 @@ impl Clients {
                 Ok::<_, StoreError>(())
             })
             .await?;
+        self.live
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, secret.hash());
         Ok(NewClient {
             client_id: id,
             client_secret: secret.into_string(),
@@ -151,21 +173,28 @@ impl Clients {
                 },
             )
             .await??;
+        self.live
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&client_id);
         Ok(info(client_id, &outcome))
     }
 
     /// Checks a client id and secret; `Ok(id)` only for a registered, unrevoked client.
     pub(crate) fn verify(&self, client_id: &str, secret: &str) -> Result<ClientId, ClientError> {
         let id = ClientId::parse(client_id);
-        let record = match id {
-            Some(id) => self.store.read(|tx| tx.get(&CLIENTS, &id.to_string()))?,
-            None => None,
-        };
+        let stored = id.and_then(|id| {
+            self.live
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&id)
+                .copied()
+        });
         let presented = secret_hash(secret.as_bytes());
-        let matches = hash_matches(record.as_ref().map(|c| &c.secret_hash), &presented)
-            && Secret::well_formed(secret, SECRET_PREFIX);
-        match (id, record) {
-            (Some(id), Some(c)) if matches && c.revoked_at_ms.is_none() => Ok(id),
+        let matches =
+            hash_matches(stored.as_ref(), &presented) && Secret::well_formed(secret, SECRET_PREFIX);
+        match id {
+            Some(id) if matches => Ok(id),
             _ => Err(ClientError::Invalid),
         }
     }

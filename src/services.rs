@@ -218,7 +218,7 @@ impl Services {
                 config.sessions.max,
             )),
             devices: Devices::new(store.clone(), clock.clone(), revocations.clone()),
-            clients: Clients::new(store.clone(), clock.clone()),
+            clients: Clients::load(store.clone(), clock.clone())?,
             master_key: config.master_key.clone(),
             store,
             clock,

@@ -22,10 +22,23 @@ pub const API_CSP: &str =
 pub(crate) const PERMISSIONS_POLICY: &str = "accelerometer=(), camera=(), geolocation=(), gyroscope=(), \
      magnetometer=(), microphone=(), payment=(), usb=(), interest-cohort=()";
 
+/// A new request id: 24 hex digits, a random 64-bit prefix drawn once per process and a
+/// 32-bit counter, so that ids are unique within a run and across restarts without a
+/// system call per request. The id is for correlation, not security: nothing may rely on
+/// it being unpredictable.
 fn new_request_id() -> String {
+    static PREFIX: std::sync::OnceLock<[u8; 8]> = std::sync::OnceLock::new();
+    static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let prefix = PREFIX.get_or_init(|| {
+        let mut bytes = [0u8; 8];
+        // A failing system RNG leaves zeros: ids stay unique within the run.
+        let _ = SystemRandom::new().fill(&mut bytes);
+        bytes
+    });
+    let count = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut bytes = [0u8; 12];
-    // A failing system RNG leaves zeros: the id is for correlation, not security.
-    let _ = SystemRandom::new().fill(&mut bytes);
+    bytes[..8].copy_from_slice(prefix);
+    bytes[8..].copy_from_slice(&count.to_be_bytes());
     data_encoding::HEXLOWER.encode(&bytes)
 }
 
@@ -41,18 +54,27 @@ pub(crate) async fn secure_headers(
 ) -> Response {
     let id = new_request_id();
     request.extensions_mut().insert(RequestId(id.clone()));
-    let method = request.method().clone();
-    let path = request.uri().path().to_string();
-    let client = request
-        .extensions()
-        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-        .map(|c| c.0.ip());
-    let proxy = request
-        .extensions()
-        .get::<super::client_addr::ForwardedBy>()
-        .map(|p| p.0.ip());
+    // What the debug line says of the request, read only when that line is written.
+    let logged = tracing::enabled!(tracing::Level::DEBUG).then(|| {
+        let client = request
+            .extensions()
+            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+            .map(|c| c.0.ip());
+        let proxy = request
+            .extensions()
+            .get::<super::client_addr::ForwardedBy>()
+            .map(|p| p.0.ip());
+        (
+            request.method().clone(),
+            request.uri().path().to_string(),
+            client,
+            proxy,
+        )
+    });
     let mut response = next.run(request).await;
-    tracing::debug!(request_id = %id, %method, %path, client = ?client, proxy = ?proxy, status = response.status().as_u16(), "request");
+    if let Some((method, path, client, proxy)) = logged {
+        tracing::debug!(request_id = %id, %method, %path, client = ?client, proxy = ?proxy, status = response.status().as_u16(), "request");
+    }
     let proxied = response
         .extensions()
         .get::<crate::front::Proxied>()
