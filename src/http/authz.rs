@@ -187,7 +187,7 @@ async fn authz(State(state): State<AppState>, request: Request) -> Response {
     let request_id = request
         .extensions()
         .get::<RequestId>()
-        .map(|id| id.0.as_str());
+        .map(RequestId::as_str);
     let checked = match presented(request.headers()) {
         Presented::Nothing => Err((Refused::NoToken, "no bearer token")),
         Presented::Unreadable => Err((Refused::Invalid, "unreadable authorization")),

@@ -106,11 +106,7 @@ struct ErrorBody<'a> {
 /// Renders every 4xx/5xx response as the JSON error body.
 pub(crate) async fn render_errors(request: Request, next: Next) -> Response {
     let http1 = request.version() < http::Version::HTTP_2;
-    let request_id = request
-        .extensions()
-        .get::<RequestId>()
-        .map(|id| id.0.clone())
-        .unwrap_or_default();
+    let request_id = request.extensions().get::<RequestId>().cloned();
     let response = next.run(request).await;
     let status = response.status();
     // The app's own answers through the front door stay as the app wrote them.
@@ -130,7 +126,7 @@ pub(crate) async fn render_errors(request: Request, next: Next) -> Response {
     let body = serde_json::to_vec(&ErrorBody {
         error: error.code,
         message: &error.message,
-        request_id: &request_id,
+        request_id: request_id.as_ref().map_or("", RequestId::as_str),
     })
     .unwrap_or_default();
     parts.headers.insert(

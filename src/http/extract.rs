@@ -116,7 +116,10 @@ fn origin_of(parts: &Parts) -> Result<Origin, ApiError> {
         .get::<ConnectInfo<SocketAddr>>()
         .map(|ConnectInfo(addr)| addr.ip())
         .ok_or_else(|| ApiError::internal(&"no peer address on the request"))?;
-    let request_id = parts.extensions.get::<RequestId>().map(|id| id.0.clone());
+    let request_id = parts
+        .extensions
+        .get::<RequestId>()
+        .map(|id| id.as_str().to_string());
     Ok(Origin::request(peer, request_id))
 }
 

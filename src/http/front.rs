@@ -703,7 +703,7 @@ fn caller_of(state: &AppState, extensions: &http::Extensions, who: Who) -> Calle
         },
         request_id: extensions
             .get::<RequestId>()
-            .map(|id| id.0.clone())
+            .map(|id| id.as_str().to_string())
             .unwrap_or_default(),
         assertion: None,
     }

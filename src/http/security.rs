@@ -9,9 +9,17 @@ use axum::response::Response;
 use http::header::{self, HeaderName, HeaderValue};
 use ring::rand::{SecureRandom, SystemRandom};
 
-/// The id of one request: in logs, in `x-request-id`, in every error body.
+/// The id of one request: in logs, in `x-request-id`, in every error body. Held as the
+/// header value it is sent as, so that each copy of it is a reference count.
 #[derive(Debug, Clone)]
-pub(crate) struct RequestId(pub String);
+pub(crate) struct RequestId(HeaderValue);
+
+impl RequestId {
+    pub(crate) fn as_str(&self) -> &str {
+        // Made of hex digits only (`new_request_id`): always visible ASCII.
+        self.0.to_str().unwrap_or_default()
+    }
+}
 
 pub(crate) const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -26,7 +34,7 @@ pub(crate) const PERMISSIONS_POLICY: &str = "accelerometer=(), camera=(), geoloc
 /// 32-bit counter, so that ids are unique within a run and across restarts without a
 /// system call per request. The id is for correlation, not security: nothing may rely on
 /// it being unpredictable.
-fn new_request_id() -> String {
+fn new_request_id() -> RequestId {
     static PREFIX: std::sync::OnceLock<[u8; 8]> = std::sync::OnceLock::new();
     static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let prefix = PREFIX.get_or_init(|| {
@@ -39,7 +47,8 @@ fn new_request_id() -> String {
     let mut bytes = [0u8; 12];
     bytes[..8].copy_from_slice(prefix);
     bytes[8..].copy_from_slice(&count.to_be_bytes());
-    data_encoding::HEXLOWER.encode(&bytes)
+    let hex = data_encoding::HEXLOWER.encode(&bytes);
+    RequestId(HeaderValue::from_str(&hex).unwrap_or_else(|_| HeaderValue::from_static("0")))
 }
 
 /// Whether HSTS is sent (the listener speaks TLS).
@@ -53,7 +62,7 @@ pub(crate) async fn secure_headers(
     next: Next,
 ) -> Response {
     let id = new_request_id();
-    request.extensions_mut().insert(RequestId(id.clone()));
+    request.extensions_mut().insert(id.clone());
     // What the debug line says of the request, read only when that line is written.
     let logged = tracing::enabled!(tracing::Level::DEBUG).then(|| {
         let client = request
@@ -73,7 +82,7 @@ pub(crate) async fn secure_headers(
     });
     let mut response = next.run(request).await;
     if let Some((method, path, client, proxy)) = logged {
-        tracing::debug!(request_id = %id, %method, %path, client = ?client, proxy = ?proxy, status = response.status().as_u16(), "request");
+        tracing::debug!(request_id = id.as_str(), %method, %path, client = ?client, proxy = ?proxy, status = response.status().as_u16(), "request");
     }
     let proxied = response
         .extensions()
@@ -89,9 +98,7 @@ pub(crate) async fn secure_headers(
     // The app's answers keep the app's own policies (a CSP of `default-src 'none'` would
     // break its pages); they get HSTS and the request id only.
     if proxied {
-        if let Ok(value) = HeaderValue::from_str(&id) {
-            headers.insert(REQUEST_ID, value);
-        }
+        headers.insert(REQUEST_ID, id.0);
         return response;
     }
     if !headers.contains_key(header::CONTENT_SECURITY_POLICY) {
@@ -118,8 +125,6 @@ pub(crate) async fn secure_headers(
     if !headers.contains_key(header::CACHE_CONTROL) {
         set(headers, header::CACHE_CONTROL, "no-store");
     }
-    if let Ok(value) = HeaderValue::from_str(&id) {
-        headers.insert(REQUEST_ID, value);
-    }
+    headers.insert(REQUEST_ID, id.0);
     response
 }
