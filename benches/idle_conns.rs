@@ -1,0 +1,256 @@
+//! Memory of idle keep-alive HTTPS connections.
+//!
+//! Starts the real `gatehouse` binary, opens one warm-up connection, reads the server's
+//! resident memory (`VmRSS`), then opens N connections over TLS (64 at a time), each
+//! sending one `GET /healthz` (HTTP/1.1, keep-alive) and reading its 200, and leaves them
+//! open and idle. Two seconds later it reads `VmRSS` again and reports the growth per
+//! connection, and the server's open descriptors; then it checks that connections opened
+//! first and last still answer a second request (none was closed meanwhile).
+//!
+//! Each connection holds one descriptor in gatehouse and one here: N = 10 000 needs a
+//! little over 10 000 open files in each process. When `ulimit -n` is lower the bench
+//! raises its own limit with `prlimit` (up to the hard limit) before starting gatehouse,
+//! which inherits it; otherwise it measures as many connections as fit and says so (or
+//! stops, when `IDLE_CONNS` asked for the count). `server.max_connections` and
+//! `server.max_connections_per_ip` are raised to N + 100 and the per-address request
+//! limit is off (every connection comes from 127.0.0.1).
+//!
+//! Before opening them it waits (at most 90 s) for the 1-minute load average to fall
+//! under 1. Run: `cargo bench --bench idle_conns` (N = 10 000, or `IDLE_CONNS`). Under `cargo test`
+//! it opens 20 connections.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+// A bench reads its sizes from the environment and may time against the real clock.
+#![allow(clippy::disallowed_methods)]
+
+#[allow(dead_code)] // the admin token is not needed here
+mod support;
+
+use support::Server;
+
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+type Conn = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Waits (at most 90 s) for the 1-minute load average to fall under 1, so that a build
+/// or another run does not weigh on the measurement; returns the load average then.
+fn settle() -> String {
+    for _ in 0..18 {
+        let one: f64 = load_average()
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
+        if one < 1.0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_secs(5));
+    }
+    load_average()
+}
+
+fn open_files(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// The soft and hard limits on open files of this process.
+fn nofile_limits() -> (u64, u64) {
+    let limits = std::fs::read_to_string("/proc/self/limits").unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let mut values = line["Max open files".len()..]
+        .split_whitespace()
+        .map(|v| v.parse().unwrap_or(u64::MAX));
+    (values.next().unwrap(), values.next().unwrap())
+}
+
+/// Descriptors each process needs besides one per connection.
+const SPARE_FILES: u64 = 200;
+
+/// How many connections this process (and gatehouse, started after, which inherits its
+/// limit) can hold: `wanted` when the open-file limit allows it, after raising the limit
+/// with `prlimit` if needed. When it cannot be raised, fewer: as many as fit when the
+/// count is the default (`explicit` false), said on the output; otherwise it stops.
+fn connections_that_fit(wanted: usize, explicit: bool) -> usize {
+    let needed = wanted as u64 + SPARE_FILES;
+    let (soft, hard) = nofile_limits();
+    if soft >= needed {
+        return wanted;
+    }
+    let limit = format!("--nofile={}:{hard}", needed.min(hard));
+    let raised = Command::new("prlimit")
+        .args(["--pid", &std::process::id().to_string(), &limit])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    let (soft_now, _) = nofile_limits();
+    if raised && soft_now >= needed {
+        println!("idle_conns: raised the open-file limit from {soft} to {needed}");
+        return wanted;
+    }
+    let fit = soft_now.saturating_sub(SPARE_FILES) as usize;
+    assert!(
+        !explicit,
+        "idle_conns: {wanted} connections need {needed} open files in gatehouse and here \
+         (ulimit -n is {soft_now}, hard {hard}): raise `ulimit -n`, or set IDLE_CONNS to \
+         {fit} or fewer"
+    );
+    println!(
+        "idle_conns: {wanted} connections need {needed} open files (ulimit -n is {soft_now}, \
+         hard {hard}): measuring {fit} instead"
+    );
+    fit
+}
+
+fn start_server(connections: usize) -> Server {
+    let cap = (connections + 100).to_string();
+    support::start_server(
+        &[],
+        &[
+            ("GATEHOUSE_MAX_CONNECTIONS", cap.clone()),
+            ("GATEHOUSE_MAX_CONNECTIONS_PER_IP", cap),
+            ("GATEHOUSE_RATELIMIT_PER_IP", "off".into()),
+        ],
+    )
+}
+
+/// Sends `GET /healthz` on `conn` and reads the whole answer; panics unless it is a 200.
+async fn healthz(conn: &mut Conn) {
+    conn.write_all(b"GET /healthz HTTP/1.1\r\nhost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::with_capacity(1024);
+    let mut buf = [0u8; 2048];
+    loop {
+        let n = conn.read(&mut buf).await.unwrap();
+        assert!(n > 0, "the server closed the connection");
+        answer.extend_from_slice(&buf[..n]);
+        let Some(end) = answer.windows(4).position(|w| w == b"\r\n\r\n") else {
+            continue;
+        };
+        let head = std::str::from_utf8(&answer[..end]).unwrap();
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        let length: usize = head
+            .lines()
+            .find_map(|l| {
+                let (name, value) = l.split_once(':')?;
+                name.eq_ignore_ascii_case("content-length")
+                    .then(|| value.trim().parse().unwrap())
+            })
+            .expect("content-length");
+        if answer.len() >= end + 4 + length {
+            return;
+        }
+    }
+}
+
+async fn connect(addr: SocketAddr, tls: Arc<rustls::ClientConfig>) -> Conn {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut conn = tokio_rustls::TlsConnector::from(tls)
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    healthz(&mut conn).await;
+    conn
+}
+
+fn main() {
+    let benching = std::env::args().any(|a| a == "--bench");
+    let explicit = std::env::var("IDLE_CONNS")
+        .ok()
+        .and_then(|v| v.parse().ok());
+    let wanted: usize = if benching {
+        explicit.unwrap_or(10_000)
+    } else {
+        20
+    };
+    let connections = connections_that_fit(wanted, explicit.is_some());
+    gatehouse::tls::install_default_provider();
+    let server = start_server(connections);
+    let pid = server.child.id();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let tls = support::tls_config(&[b"http/1.1"]);
+        // One connection first, so that lazily built state is not counted per connection.
+        let warm = connect(server.addr, tls.clone()).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let load = if benching { settle() } else { load_average() };
+        let before = rss_kib(pid);
+        let files_before = open_files(pid);
+        let started = Instant::now();
+        let limit = Arc::new(tokio::sync::Semaphore::new(64));
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..connections {
+            let permit = limit.clone().acquire_owned().await.unwrap();
+            let tls = tls.clone();
+            let addr = server.addr;
+            tasks.spawn(async move {
+                let conn = connect(addr, tls).await;
+                drop(permit);
+                (i, conn)
+            });
+        }
+        let mut conns: Vec<(usize, Conn)> = Vec::with_capacity(connections);
+        while let Some(conn) = tasks.join_next().await {
+            conns.push(conn.unwrap());
+        }
+        let opened = started.elapsed();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let after = rss_kib(pid);
+        let files_after = open_files(pid);
+        let per = (after.saturating_sub(before)) as f64 / connections as f64;
+        println!(
+            "idle_conns: {connections} idle keep-alive HTTPS connections (one GET /healthz \
+             each) opened in {:.1} s; server RSS {before} KiB -> {after} KiB \
+             ({:.1} MB in all){}; {per:.1} KiB per connection; open descriptors {files_before} \
+             -> {files_after}; load average before {load}",
+            opened.as_secs_f64(),
+            after as f64 * 1024.0 / 1e6,
+            if benching && connections >= 10_000 {
+                " (goal <= 60 MB)"
+            } else {
+                ""
+            }
+        );
+        assert_eq!(conns.len(), connections);
+        assert!(
+            files_after >= files_before + connections,
+            "the server holds {files_after} descriptors"
+        );
+        // The first and last opened are still served: nothing was closed meanwhile.
+        conns.sort_unstable_by_key(|(i, _)| *i);
+        let n = conns.len();
+        for (_, conn) in conns.iter_mut().take(5) {
+            healthz(conn).await;
+        }
+        for (_, conn) in conns.iter_mut().skip(n.saturating_sub(5)) {
+            healthz(conn).await;
+        }
+        drop((conns, warm));
+    });
+}
