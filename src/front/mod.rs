@@ -226,6 +226,8 @@ impl FrontDoor {
     /// The route bound to `host` that takes `path`, if any: such a route goes before
     /// gatehouse's own paths on that host.
     pub(crate) fn host_route(&self, host: Option<&str>, path: &str) -> Option<&Target> {
+        // Host-bound routes sort first: without one, no request pays for reading its host.
+        self.targets.first()?.route.host.as_ref()?;
         let host = routes::host_of(host?);
         self.targets
             .iter()

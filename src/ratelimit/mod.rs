@@ -255,14 +255,20 @@ impl RateLimits {
     /// refusal is counted for the coalesced audit record). A policy that is off admits
     /// everything.
     pub(crate) fn limit(&self, id: PolicyId, subject: &Subject) -> Result<(), Box<Limited>> {
-        let Some(policy) = self.policies.get(id) else {
-            return Ok(());
-        };
-        let decision = self.table.check(id as u8, policy, subject, self.now_us());
+        match self.policies.get(id) {
+            Some(policy) => self.spend(id as u8, policy, subject),
+            None => Ok(()),
+        }
+    }
+
+    /// Spends one request of `subject` under `policy`, stored as policy `number`; a
+    /// refusal is counted for the coalesced audit record.
+    fn spend(&self, number: u8, policy: &Policy, subject: &Subject) -> Result<(), Box<Limited>> {
+        let decision = self.table.check(number, policy, subject, self.now_us());
         if decision.allowed {
             return Ok(());
         }
-        self.note_refused(id, subject);
+        self.note_refused_named(number, &policy.name, subject);
         Err(Box::new(Limited {
             decision,
             policy: policy.clone(),
@@ -279,15 +285,7 @@ impl RateLimits {
         subject: &Subject,
     ) -> Result<(), Box<Limited>> {
         let number = u8::try_from(position).map_or(u8::MAX, |p| p.saturating_add(ROUTE_POLICIES));
-        let decision = self.table.check(number, policy, subject, self.now_us());
-        if decision.allowed {
-            return Ok(());
-        }
-        self.note_refused_named(number, &policy.name, subject);
-        Err(Box::new(Limited {
-            decision,
-            policy: policy.clone(),
-        }))
+        self.spend(number, policy, subject)
     }
 
     /// Whether `subject` has budget left under `id`, without spending any.
