@@ -49,6 +49,11 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
         .unwrap_or(default)
 }
 
+/// Cores this process may run on.
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
+}
+
 /// User + system CPU time of `pid` so far, in seconds.
 fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
@@ -225,7 +230,7 @@ fn main() {
 
     let phase = Arc::new(AtomicU8::new(WARMING));
     let answered = Arc::new(AtomicU64::new(0));
-    let (outcomes, counted, elapsed, cpu) = runtime.block_on(async {
+    let (outcomes, counted, elapsed, cpu, clients_cpu) = runtime.block_on(async {
         let mut tasks = tokio::task::JoinSet::new();
         for (c, token) in clients.iter().zip(&first) {
             let (c, url, phase, answered) =
@@ -264,6 +269,7 @@ fn main() {
         }
         tokio::time::sleep(Duration::from_secs_f64(warmup)).await;
         let cpu_before = cpu_seconds(pid);
+        let clients_cpu_before = cpu_seconds(std::process::id());
         let answered_before = answered.load(Ordering::Relaxed);
         let started = Instant::now();
         phase.store(COUNTING, Ordering::Relaxed);
@@ -271,12 +277,13 @@ fn main() {
         let counted = answered.load(Ordering::Relaxed) - answered_before;
         let elapsed = started.elapsed();
         let cpu = cpu_seconds(pid) - cpu_before;
+        let clients_cpu = cpu_seconds(std::process::id()) - clients_cpu_before;
         phase.store(STOPPING, Ordering::Relaxed);
         let mut outcomes = Vec::new();
         while let Some(done) = tasks.join_next().await {
             outcomes.push(done.unwrap());
         }
-        (outcomes, counted, elapsed, cpu)
+        (outcomes, counted, elapsed, cpu, clients_cpu)
     });
 
     // Checks: every answer a 200 with a refresh token never seen before.
@@ -339,6 +346,18 @@ fn main() {
         cpu * 1e6 / counted.max(1) as f64,
         cpu / elapsed.as_secs_f64(),
         load_average()
+    );
+    // The clients share the machine: what they spend bounds the rate as much as the
+    // server does (two cores / (server + clients) CPU per refresh).
+    println!(
+        "  clients' CPU (this process): {:.1} us per refresh ({:.2} cores); the machine's \
+         {} cores allow at most {:.0} refreshes/s at server + clients CPU, {:.0}/s were the \
+         server alone on them",
+        clients_cpu * 1e6 / counted.max(1) as f64,
+        clients_cpu / elapsed.as_secs_f64(),
+        cores(),
+        cores() as f64 * counted as f64 / (cpu + clients_cpu).max(1e-9),
+        cores() as f64 * counted as f64 / cpu.max(1e-9),
     );
     println!(
         "  checked: {total} answers 200, each with a refresh token never seen before; \

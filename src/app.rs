@@ -330,7 +330,7 @@ pub async fn start(config: &Config, clock: SharedClock) -> Result<Running, AppEr
             ws_max_connections_per_device: config.front.ws_max_connections_per_device,
         })
     });
-    let state = AppState::new(services.clone(), config.tls_mode).with_front(front);
+    let state = AppState::serving(services.clone(), config.tls_mode, front);
     let router = http::router(state.clone(), &config.server, &config.cors);
     let (stop, stopped) = watch::channel(false);
     let until_stopped = |mut rx: watch::Receiver<bool>| async move {
@@ -341,6 +341,7 @@ pub async fn start(config: &Config, clock: SharedClock) -> Result<Running, AppEr
         server_tls.as_ref().map(|t| t.acceptor()),
         router,
         config.server.clone(),
+        state.http_counters.clone(),
         until_stopped(stopped.clone()),
     ));
     let redirect_task = redirect_listener.map(|listener| {
@@ -349,6 +350,8 @@ pub async fn start(config: &Config, clock: SharedClock) -> Result<Running, AppEr
             None,
             http::redirect::router(config, local_addr),
             config.server.clone(),
+            // The redirect listener's connections are not the API's: counted apart.
+            Arc::default(),
             until_stopped(stopped.clone()),
         ))
     });

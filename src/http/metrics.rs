@@ -42,6 +42,9 @@ pub(crate) struct HttpCounters {
     /// Requests per duration bucket (not cumulative; the last is beyond every bound).
     buckets: [AtomicU64; DURATION_BUCKETS.len() + 1],
     duration_micros: AtomicU64,
+    /// Connections open now, and how many of them rest between requests (see `serve`).
+    pub(super) connections_open: AtomicU64,
+    pub(super) connections_resting: AtomicU64,
 }
 
 impl HttpCounters {
@@ -115,6 +118,26 @@ impl HttpCounters {
             "histogram",
             "Time from a request's arrival to its response head, since start.",
             &self.duration_samples(""),
+        );
+        metric(
+            out,
+            "gatehouse_http_connections_open",
+            "gauge",
+            "Client connections open now (after their TLS handshake began).",
+            &[(
+                String::new(),
+                self.connections_open.load(Ordering::Relaxed) as f64,
+            )],
+        );
+        metric(
+            out,
+            "gatehouse_http_connections_resting",
+            "gauge",
+            "Kept-alive HTTP/1 connections waiting for their next request with only their TLS state held.",
+            &[(
+                String::new(),
+                self.connections_resting.load(Ordering::Relaxed) as f64,
+            )],
         );
     }
 }

@@ -2,15 +2,25 @@
 //! below the router.
 //!
 //! `axum::serve` sets no header-read timeout, so a client sending half a header would
-//! hold a connection forever; here every connection goes through hyper-util's builder
-//! with a timer. Per connection: a TLS handshake timeout, a header-read timeout (which in
-//! hyper also bounds the wait for the next request on a kept-alive connection), caps on
-//! header bytes and count, HTTP/2 stream and reset-flood limits, and an idle timeout on
-//! the socket itself (no byte moved either way for `idle_timeout` closes it). A
-//! semaphore caps concurrent connections: at the cap, new connections wait in the
-//! kernel's backlog instead of consuming memory. One address may hold at most
-//! `max_connections_per_ip` of them (trusted proxies excepted): beyond it a new
-//! connection is closed at once, so one host cannot take every slot.
+//! hold a connection forever; here every connection is served by hyper's own HTTP/1 and
+//! HTTP/2 connections with a timer. Per connection: a TLS handshake timeout, a
+//! header-read timeout (from a request head's first byte to its end: see `HeadTimer`;
+//! the first bytes of a connection are bounded by it too), caps on header bytes and
+//! count, HTTP/2 stream and reset-flood limits, and an idle timeout on the socket itself
+//! (no byte moved either way for `idle_timeout` closes it; this is also how long a
+//! kept-alive connection may wait for its next request). A semaphore caps concurrent
+//! connections: at the cap, new connections wait in the kernel's backlog instead of
+//! consuming memory. One address may hold at most `max_connections_per_ip` of them
+//! (trusted proxies excepted): beyond it a new connection is closed at once, so one host
+//! cannot take every slot.
+//!
+//! Resting: hyper keeps about 27 KiB of buffers per HTTP/1 connection for as long as it
+//! lives, also while it waits for the next request. A kept-alive connection that has
+//! waited `REST_AFTER` for its next request, with hyper idle between two requests, ends
+//! hyper's connection without closing the socket (`graceful_shutdown` of an idle hyper
+//! connection reads and writes nothing more), keeps only the TLS stream until the
+//! client sends again, then starts a new hyper connection on it with whatever hyper had
+//! read ahead. Nothing the client sees changes; the wait costs the TLS state alone.
 //!
 //! Each request carries its client address as `ConnectInfo` (see `client_addr`).
 //!
@@ -34,16 +44,14 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::ConnectInfo;
+use hyper::body::Bytes;
 use hyper::body::Incoming;
+use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
-use hyper_util::service::TowerToHyperService;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, watch};
 use tokio::time::Instant;
-use tower::ServiceExt;
 
 use super::client_addr::{ForwardedBy, client_address};
 use crate::config::ServerConfig;
@@ -58,27 +66,37 @@ pub(crate) struct Drained {
     pub(crate) cut: usize,
 }
 
-fn connection_builder(limits: &ServerConfig) -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
-        .max_buf_size(limits.max_header_bytes.max(HYPER_MIN_BUF))
-        .max_headers(limits.max_headers)
-        .keep_alive(true);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(limits.h2_max_concurrent_streams)
-        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
-        // Rapid-reset (CVE-2023-44487) and local-error floods close the connection.
-        .max_pending_accept_reset_streams(Some(20))
-        .max_local_error_reset_streams(Some(64))
-        // No server pings: their answers would count as activity and keep an idle HTTP/2
-        // connection open for ever. A dead or idle peer is closed by the idle timeout.
-        .keep_alive_interval(None);
-    builder
+/// A kept-alive HTTP/1 connection rests (see the module documentation) once it has
+/// waited this long for its next request. Short enough that a crowd of idle clients
+/// costs little; long enough that a busy connection never rests between requests.
+const REST_AFTER: Duration = Duration::from_secs(1);
+
+/// hyper's connection settings, made once.
+struct Builders {
+    h1: http1::Builder,
+    h2: http2::Builder<TokioExecutor>,
+}
+
+impl Builders {
+    fn new(limits: &ServerConfig) -> Self {
+        let mut h1 = http1::Builder::new();
+        h1.header_read_timeout(limits.header_read_timeout)
+            .max_buf_size(limits.max_header_bytes.max(HYPER_MIN_BUF))
+            .max_headers(limits.max_headers)
+            .keep_alive(true);
+        let mut h2 = http2::Builder::new(TokioExecutor::new());
+        h2.timer(TokioTimer::new())
+            .max_concurrent_streams(limits.h2_max_concurrent_streams)
+            .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+            // Rapid-reset (CVE-2023-44487) and local-error floods close the connection.
+            .max_pending_accept_reset_streams(Some(20))
+            .max_local_error_reset_streams(Some(64))
+            // No server pings: their answers would count as activity and keep an idle
+            // HTTP/2 connection open for ever. A dead or idle peer is closed by the idle
+            // timeout.
+            .keep_alive_interval(None);
+        Self { h1, h2 }
+    }
 }
 
 /// Accepts connections until `shutdown` resolves, then drains for `shutdown_grace`.
@@ -87,12 +105,13 @@ pub(crate) async fn serve(
     tls: Option<crate::tls::Acceptor>,
     app: Router,
     limits: ServerConfig,
+    counters: Arc<super::metrics::HttpCounters>,
     shutdown: impl Future<Output = ()>,
 ) -> Drained {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let per_address = PerAddress::default();
-    let graceful = GracefulShutdown::new();
-    let builder = Arc::new(connection_builder(&limits));
+    let (drain, draining) = watch::channel(false);
+    let builders = Arc::new(Builders::new(&limits));
     let acceptor = tls;
     tokio::pin!(shutdown);
     loop {
@@ -131,10 +150,12 @@ pub(crate) async fn serve(
             }
         };
         let _ = stream.set_nodelay(true);
+        let open = Gauge::up(counters.clone(), |c| &c.connections_open);
         let connection = Connection {
             app: app.clone(),
-            builder: builder.clone(),
-            watcher: graceful.watcher(),
+            counters: counters.clone(),
+            builders: builders.clone(),
+            draining: draining.clone(),
             limits: limits.clone(),
             peer,
             proxy,
@@ -142,36 +163,44 @@ pub(crate) async fn serve(
         let acceptor = acceptor.clone();
         tokio::spawn(async move {
             connection.run(stream, acceptor).await;
+            drop(open);
             drop(held);
             drop(permit);
         });
     }
     drop(listener);
+    // Every connection finishes its request in progress and closes; a resting one
+    // closes at once. Each holds its slot until it has.
+    let _ = drain.send(true);
     let deadline = Instant::now() + limits.shutdown_grace;
-    if tokio::time::timeout_at(deadline, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!("grace period over; closing the remaining connections");
-    }
-    // Connections still in their TLS handshake hold a slot but no watcher: wait for them too.
     let total = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
     match tokio::time::timeout_at(deadline, slots.acquire_many(total)).await {
         Ok(_) => Drained { cut: 0 },
-        Err(_) => Drained {
-            cut: limits.max_connections - slots.available_permits(),
-        },
+        Err(_) => {
+            tracing::warn!("grace period over; closing the remaining connections");
+            Drained {
+                cut: limits.max_connections - slots.available_permits(),
+            }
+        }
     }
 }
 
 struct Connection {
     app: Router,
-    builder: Arc<auto::Builder<TokioExecutor>>,
-    watcher: Watcher,
+    counters: Arc<super::metrics::HttpCounters>,
+    builders: Arc<Builders>,
+    /// Turns true when the server stops taking connections.
+    draining: watch::Receiver<bool>,
     limits: ServerConfig,
     peer: SocketAddr,
     /// The peer is one of `server.trusted_proxies` (decided once, at accept).
     proxy: bool,
+}
+
+/// Which protocol a connection speaks, from its first bytes.
+enum Protocol {
+    Http1,
+    Http2,
 }
 
 impl Connection {
@@ -204,52 +233,356 @@ impl Connection {
         }
     }
 
-    async fn serve_io<I>(self, io: I, activity: Arc<Activity>)
+    async fn serve_io<I>(self, mut io: I, activity: Arc<Activity>)
+    where
+        I: AsyncRead + AsyncWrite + ReadReady + Unpin + Send + 'static,
+    {
+        let peer = self.peer;
+        // The first bytes tell HTTP/1 from HTTP/2's preface; a client that sends none
+        // within the header-read timeout (or the idle timeout, if shorter) is closed.
+        let sniffed = tokio::select! {
+            sniffed = sniff(&mut io) => sniffed,
+            () = tokio::time::sleep(self.limits.header_read_timeout) => {
+                tracing::debug!(%peer, "connection sent no request in time");
+                return;
+            }
+            () = activity.expired(self.limits.idle_timeout) => {
+                tracing::debug!(%peer, "idle connection closed");
+                return;
+            }
+        };
+        let (protocol, first) = match sniffed {
+            Ok(Some(sniffed)) => sniffed,
+            Ok(None) => return,
+            Err(err) => {
+                tracing::debug!(%peer, error = %err, "connection ended with an error");
+                return;
+            }
+        };
+        let io = Prefixed::new(first, io);
+        match protocol {
+            Protocol::Http1 => self.serve_http1(io, activity).await,
+            Protocol::Http2 => self.serve_http2(io, activity).await,
+        }
+    }
+
+    /// What hyper calls for each request of this connection.
+    fn service(&self, activity: &Arc<Activity>) -> ConnService {
+        let peer = self.peer;
+        ConnService {
+            app: std::cell::RefCell::new(self.app.clone()),
+            peer,
+            direct: SocketAddr::new(peer.ip().to_canonical(), peer.port()),
+            // Only a trusted proxy's requests have their forwarding headers read; every
+            // other connection's client is its peer, with no per-request work.
+            trusted: self
+                .proxy
+                .then(|| Arc::new(self.limits.trusted_proxies.clone())),
+            activity: activity.clone(),
+        }
+    }
+
+    /// HTTP/1: one hyper connection per run of requests, resting in between.
+    async fn serve_http1<I>(mut self, mut io: Prefixed<I>, activity: Arc<Activity>)
+    where
+        I: AsyncRead + AsyncWrite + ReadReady + Unpin + Send + 'static,
+    {
+        let peer = self.peer;
+        let mut builder = self.builders.h1.clone();
+        builder.timer(HeadTimer(activity.clone()));
+        let expired = activity.expired(self.limits.idle_timeout);
+        tokio::pin!(expired);
+        loop {
+            let conn = builder
+                .serve_connection(TokioIo::new(io), self.service(&activity))
+                .with_upgrades();
+            // Boxed: hyper's state lives on the heap only while it serves.
+            let mut conn = Box::pin(conn);
+            let mut resting = false;
+            let mut closing = false;
+            let mut seen = activity.requests_seen();
+            let result = loop {
+                tokio::select! {
+                    result = conn.as_mut() => break result,
+                    () = &mut expired => {
+                        tracing::debug!(%peer, "idle connection closed");
+                        return;
+                    }
+                    _ = self.draining.wait_for(|draining| *draining), if !closing => {
+                        closing = true;
+                        conn.as_mut().graceful_shutdown();
+                    }
+                    () = tokio::time::sleep(REST_AFTER), if !resting && !closing => {
+                        let now = activity.requests_seen();
+                        if now == seen && now.waiting_for_next() {
+                            // hyper is idle between two requests and read nothing since
+                            // the last look: ending it now reads and writes nothing.
+                            resting = true;
+                            activity.resting.store(true, Ordering::Relaxed);
+                            conn.as_mut().graceful_shutdown();
+                        }
+                        seen = now;
+                    }
+                }
+            };
+            activity.resting.store(false, Ordering::Relaxed);
+            if let Err(err) = result {
+                tracing::debug!(%peer, error = %err, "connection ended with an error");
+                return;
+            }
+            if !resting {
+                // hyper closed it (the client asked, an error, a drain) or it was
+                // upgraded to a WebSocket, which now owns the stream.
+                return;
+            }
+            let Some(parts) = Pin::into_inner(conn).into_parts() else {
+                return;
+            };
+            io = parts.io.into_inner();
+            io.prepend(parts.read_buf);
+            if !io.has_prefix() {
+                let _resting = Gauge::up(self.counters.clone(), |c| &c.connections_resting);
+                tokio::select! {
+                    ready = std::future::poll_fn(|cx| io.poll_read_ready(cx)) => {
+                        if ready.is_err() {
+                            return;
+                        }
+                    }
+                    () = &mut expired => {
+                        tracing::debug!(%peer, "idle connection closed");
+                        return;
+                    }
+                    _ = self.draining.wait_for(|draining| *draining) => return,
+                }
+            }
+        }
+    }
+
+    async fn serve_http2<I>(mut self, io: Prefixed<I>, activity: Arc<Activity>)
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let peer = self.peer;
-        let direct = SocketAddr::new(peer.ip().to_canonical(), peer.port());
-        // Only a trusted proxy's requests have their forwarding headers read; every
-        // other connection's client is its peer, with no per-request work.
-        let trusted = self
-            .proxy
-            .then(|| Arc::new(self.limits.trusted_proxies.clone()));
-        let service = self
-            .app
-            .map_request(move |mut request: http::Request<Incoming>| {
-                let client = match &trusted {
-                    Some(trusted) => {
-                        request.extensions_mut().insert(ForwardedBy(peer));
-                        let client = client_address(peer.ip(), request.headers(), trusted);
-                        SocketAddr::new(client, peer.port())
-                    }
-                    None => direct,
-                };
-                request.extensions_mut().insert(ConnectInfo(client));
-                request
-            });
         let conn = self
-            .builder
-            .serve_connection_with_upgrades(TokioIo::new(io), TowerToHyperService::new(service))
-            .into_owned();
-        let conn = self.watcher.watch(conn);
-        tokio::select! {
-            result = conn => {
-                if let Err(err) = result {
-                    tracing::debug!(%peer, error = %err, "connection ended with an error");
+            .builders
+            .h2
+            .serve_connection(TokioIo::new(io), self.service(&activity));
+        let mut conn = std::pin::pin!(conn);
+        let expired = activity.expired(self.limits.idle_timeout);
+        tokio::pin!(expired);
+        let mut closing = false;
+        loop {
+            tokio::select! {
+                result = conn.as_mut() => {
+                    if let Err(err) = result {
+                        tracing::debug!(%peer, error = %err, "connection ended with an error");
+                    }
+                    return;
+                }
+                () = &mut expired => {
+                    tracing::debug!(%peer, "idle connection closed");
+                    return;
+                }
+                _ = self.draining.wait_for(|draining| *draining), if !closing => {
+                    closing = true;
+                    conn.as_mut().graceful_shutdown();
                 }
             }
-            () = activity.expired(self.limits.idle_timeout) => {
-                tracing::debug!(%peer, "idle connection closed");
-            }
-            // hyper-util reads the first bytes (to choose HTTP/1 or HTTP/2) with no timer,
-            // and hyper's header-read timer starts only after that: a client that opens a
-            // connection and sends nothing is bound here instead.
-            () = activity.silent_for(self.limits.header_read_timeout) => {
-                tracing::debug!(%peer, "connection sent no request in time");
-            }
         }
+    }
+}
+
+/// One unit of a gauge of `HttpCounters`, given back when dropped.
+struct Gauge {
+    counters: Arc<super::metrics::HttpCounters>,
+    which: fn(&super::metrics::HttpCounters) -> &AtomicU64,
+}
+
+impl Gauge {
+    fn up(
+        counters: Arc<super::metrics::HttpCounters>,
+        which: fn(&super::metrics::HttpCounters) -> &AtomicU64,
+    ) -> Self {
+        which(&counters).fetch_add(1, Ordering::Relaxed);
+        Self { counters, which }
+    }
+}
+
+impl Drop for Gauge {
+    fn drop(&mut self) {
+        (self.which)(&self.counters).fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Reads a connection's first bytes until they differ from HTTP/2's preface or are all
+/// of it. `None`: closed before the first byte.
+async fn sniff<I: AsyncRead + Unpin>(io: &mut I) -> io::Result<Option<(Protocol, Bytes)>> {
+    const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let mut buf = [0u8; 24];
+    let mut filled = 0;
+    loop {
+        let read = io.read(&mut buf[filled..]).await?;
+        if read == 0 {
+            // Closed: nothing to answer, or a fragment hyper will refuse.
+            return Ok(
+                (filled > 0).then(|| (Protocol::Http1, Bytes::copy_from_slice(&buf[..filled])))
+            );
+        }
+        filled += read;
+        if buf[..filled] != H2_PREFACE[..filled] {
+            return Ok(Some((
+                Protocol::Http1,
+                Bytes::copy_from_slice(&buf[..filled]),
+            )));
+        }
+        if filled == H2_PREFACE.len() {
+            return Ok(Some((Protocol::Http2, Bytes::copy_from_slice(&buf))));
+        }
+    }
+}
+
+/// The service hyper calls for each request of one connection: tags the request with
+/// its client address, then hands it to the router.
+struct ConnService {
+    /// hyper calls through `&self`; axum's router takes `&mut self` but changes nothing
+    /// (its `call` only reads), so one copy per connection serves every request.
+    app: std::cell::RefCell<Router>,
+    peer: SocketAddr,
+    direct: SocketAddr,
+    trusted: Option<Arc<Vec<ipnet::IpNet>>>,
+    activity: Arc<Activity>,
+}
+
+impl hyper::service::Service<http::Request<Incoming>> for ConnService {
+    type Response = axum::response::Response;
+    type Error = std::convert::Infallible;
+    type Future = axum::routing::future::RouteFuture<std::convert::Infallible>;
+
+    fn call(&self, mut request: http::Request<Incoming>) -> Self::Future {
+        self.activity.requests.fetch_add(1, Ordering::Relaxed);
+        let client = match &self.trusted {
+            Some(trusted) => {
+                request.extensions_mut().insert(ForwardedBy(self.peer));
+                let client = client_address(self.peer.ip(), request.headers(), trusted);
+                SocketAddr::new(client, self.peer.port())
+            }
+            None => self.direct,
+        };
+        request.extensions_mut().insert(ConnectInfo(client));
+        // `Router::poll_ready` is always ready, so calling without it is allowed.
+        tower::Service::call(&mut *self.app.borrow_mut(), request)
+    }
+}
+
+/// A stream with bytes already read from it in front: what a connection's first read
+/// took to tell the protocol, or what hyper had read ahead when it stopped.
+struct Prefixed<I> {
+    prefix: Bytes,
+    inner: I,
+}
+
+impl<I> Prefixed<I> {
+    fn new(prefix: Bytes, inner: I) -> Self {
+        Self { prefix, inner }
+    }
+
+    /// Puts `bytes` in front of what is still unread.
+    fn prepend(&mut self, bytes: Bytes) {
+        if bytes.is_empty() {
+            return;
+        }
+        if self.prefix.is_empty() {
+            self.prefix = bytes;
+        } else {
+            let mut joined = Vec::with_capacity(bytes.len() + self.prefix.len());
+            joined.extend_from_slice(&bytes);
+            joined.extend_from_slice(&self.prefix);
+            self.prefix = Bytes::from(joined);
+        }
+    }
+
+    fn has_prefix(&self) -> bool {
+        !self.prefix.is_empty()
+    }
+}
+
+impl<I: ReadReady> Prefixed<I> {
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.inner.poll_read_ready(cx)
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Prefixed<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            let taken = self.prefix.split_to(n);
+            buf.put_slice(&taken);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Prefixed<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// A stream that can say when its socket has bytes to read, without reading them.
+trait ReadReady {
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+}
+
+impl ReadReady for Lingering {
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match &self.0 {
+            Some(stream) => stream.poll_read_ready(cx),
+            None => Poll::Ready(Err(io::Error::from(io::ErrorKind::NotConnected))),
+        }
+    }
+}
+
+impl<T: ReadReady> ReadReady for IdleIo<T> {
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.inner.poll_read_ready(cx)
+    }
+}
+
+/// A resting TLS stream holds no plaintext: hyper read until the stream had none left
+/// before it went idle (see `serve_http1`), so the socket says when the client sends.
+impl<T: ReadReady> ReadReady for tokio_rustls::server::TlsStream<T> {
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.get_ref().0.poll_read_ready(cx)
     }
 }
 
@@ -409,12 +742,35 @@ impl AsyncWrite for Lingering {
     }
 }
 
-/// When bytes last moved on a connection, in milliseconds since it opened.
+/// When bytes last moved on a connection, in milliseconds since it opened, and where
+/// its requests stand.
 struct Activity {
     opened: Instant,
     last_ms: AtomicU64,
-    /// Last read of HTTP bytes (after TLS), 0 for never.
-    last_request_bytes_ms: AtomicU64,
+    /// Reads of HTTP bytes (after TLS) so far.
+    request_reads: AtomicU64,
+    /// Request heads hyper has started waiting for (one timer each, see `HeadTimer`).
+    heads: AtomicU64,
+    /// Requests hyper has read and handed to the router.
+    requests: AtomicU64,
+    /// The connection is ending hyper's state to rest: its stream stays open.
+    resting: std::sync::atomic::AtomicBool,
+}
+
+/// Where a connection's requests stand (see `Activity::requests_seen`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct RequestsSeen {
+    reads: u64,
+    heads: u64,
+    requests: u64,
+}
+
+impl RequestsSeen {
+    /// hyper has answered a request and waits for the head of the next one: every
+    /// exchange so far is complete, none has begun.
+    fn waiting_for_next(self) -> bool {
+        self.requests > 0 && self.heads > self.requests
+    }
 }
 
 impl Activity {
@@ -422,7 +778,10 @@ impl Activity {
         Self {
             opened: Instant::now(),
             last_ms: AtomicU64::new(0),
-            last_request_bytes_ms: AtomicU64::new(0),
+            request_reads: AtomicU64::new(0),
+            heads: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+            resting: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -435,18 +794,19 @@ impl Activity {
     }
 
     fn touch_request_bytes(&self) {
-        let now = self.elapsed_ms();
-        self.last_ms.store(now, Ordering::Relaxed);
-        // `max(1)`: a read in the first millisecond must still differ from "never".
-        self.last_request_bytes_ms
-            .store(now.max(1), Ordering::Relaxed);
+        self.touch();
+        self.request_reads.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Resolves if no HTTP byte arrived within `limit` of now; else never.
-    async fn silent_for(&self, limit: Duration) {
-        tokio::time::sleep(limit).await;
-        if self.last_request_bytes_ms.load(Ordering::Relaxed) != 0 {
-            std::future::pending::<()>().await;
+    fn request_reads(&self) -> u64 {
+        self.request_reads.load(Ordering::Relaxed)
+    }
+
+    fn requests_seen(&self) -> RequestsSeen {
+        RequestsSeen {
+            reads: self.request_reads(),
+            heads: self.heads.load(Ordering::Relaxed),
+            requests: self.requests.load(Ordering::Relaxed),
         }
     }
 
@@ -542,6 +902,74 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.plaintext && self.activity.resting.load(Ordering::Relaxed) {
+            // hyper ends its state to rest (see `Connection::serve_http1`): the stream
+            // stays open for the next request.
+            return Pin::new(&mut self.inner).poll_flush(cx);
+        }
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
+
+/// hyper's timer for the header-read timeout of one HTTP/1 connection.
+///
+/// hyper starts its header-read timer as soon as it waits for a request head, so on a
+/// kept-alive connection the wait for the *next* request would be cut after
+/// `header_read_timeout` (10 s) instead of `idle_timeout` (2 min). This timer keeps
+/// hyper's semantics for a connection's first request (counted from when hyper starts
+/// reading it: the silent-connection check covers the wait before that), but for every
+/// later request it starts counting only when that request's first bytes arrive.
+/// Waiting with no byte at all is the idle timeout's to end.
+#[derive(Clone)]
+struct HeadTimer(Arc<Activity>);
+
+impl hyper::rt::Timer for HeadTimer {
+    fn sleep(&self, duration: Duration) -> Pin<Box<dyn hyper::rt::Sleep>> {
+        // hyper creates one timer per request head (and drops it once the head is read).
+        let first_head = self.0.heads.fetch_add(1, Ordering::Relaxed) == 0;
+        let waiting_since_reads = (!first_head).then(|| (self.0.clone(), self.0.request_reads()));
+        Box::pin(HeadDeadline {
+            timeout: duration,
+            waiting_since_reads,
+            sleep: None,
+        })
+    }
+
+    fn sleep_until(&self, deadline: std::time::Instant) -> Pin<Box<dyn hyper::rt::Sleep>> {
+        self.sleep(deadline.saturating_duration_since(std::time::Instant::now()))
+    }
+}
+
+/// One request head's deadline (see `HeadTimer`).
+struct HeadDeadline {
+    timeout: Duration,
+    /// For a later request, until its first bytes: the connection's read count before it.
+    waiting_since_reads: Option<(Arc<Activity>, u64)>,
+    /// Allocated once the clock runs (most heads arrive whole and never start it).
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Future for HeadDeadline {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        if let Some((activity, reads)) = &this.waiting_since_reads {
+            // hyper polls this after each read that leaves the head incomplete, so the
+            // first poll that sees a new read runs within that read's poll: the head's
+            // clock starts now. Before it nothing is armed; the socket's readiness, not
+            // this timer, wakes the connection.
+            if activity.request_reads() == *reads {
+                return Poll::Pending;
+            }
+            this.waiting_since_reads = None;
+        }
+        let timeout = this.timeout;
+        this.sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)))
+            .as_mut()
+            .poll(cx)
+    }
+}
+
+impl hyper::rt::Sleep for HeadDeadline {}

@@ -369,8 +369,45 @@ async fn a_half_sent_tls_handshake_is_closed_after_the_handshake_timeout() {
     assert_silent_connection_closed("GATEHOUSE_TLS_HANDSHAKE_TIMEOUT", header).await;
 }
 
+/// The wait for a kept-alive connection's next request is the idle timeout's, not the
+/// header-read timeout's: a client may come back after longer than the latter.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_idle_kept_alive_connection_is_closed_by_the_header_read_timeout() {
+async fn an_idle_kept_alive_connection_outlives_the_header_read_timeout() {
+    let app = helpers::spawn_app_with(&[
+        ("GATEHOUSE_HEADER_READ_TIMEOUT", "1s"),
+        ("GATEHOUSE_IDLE_TIMEOUT", "4s"),
+    ])
+    .await;
+    let mut conn = tls_connect(&app, &[b"http/1.1"]).await;
+    for round in 0..2 {
+        send(&mut conn, HEALTHZ).await;
+        let answer = tokio::time::timeout(BOUND, read_response(&mut conn))
+            .await
+            .unwrap()
+            .unwrap_or_else(|| panic!("request {round} not answered"));
+        assert_eq!(answer.status, 200);
+        assert!(
+            !answer
+                .head
+                .to_ascii_lowercase()
+                .contains("connection: close"),
+            "{}",
+            answer.head
+        );
+        // Twice the header-read timeout without a byte.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    // Then the idle timeout closes it: 4 s of silence, 2 s of which have passed.
+    let (closed, _) = closed_within(&mut conn, BOUND).await;
+    let elapsed = closed.expect("an idle connection was still open after the idle timeout");
+    assert!(elapsed >= Duration::from_millis(1500), "{elapsed:?}");
+    app.stop().await;
+}
+
+/// The next request on a kept-alive connection gets the same header-read timeout as the
+/// first, counted from its first byte: a slow head is cut, however long the wait before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_sent_second_request_is_cut_off_after_the_header_read_timeout() {
     let app = helpers::spawn_app_with(&[("GATEHOUSE_HEADER_READ_TIMEOUT", "1s")]).await;
     let mut conn = tls_connect(&app, &[b"http/1.1"]).await;
     send(&mut conn, HEALTHZ).await;
@@ -379,16 +416,19 @@ async fn an_idle_kept_alive_connection_is_closed_by_the_header_read_timeout() {
         .unwrap()
         .expect("answered");
     assert_eq!(first.status, 200);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    send(&mut conn, "GET /healthz HTTP/1.1\r\nHost: x\r\n").await;
+    let (closed, received) = closed_within(&mut conn, BOUND).await;
+    let elapsed = closed.expect("a half-sent second request held the connection for 5 s");
     assert!(
-        !first
-            .head
-            .to_ascii_lowercase()
-            .contains("connection: close"),
-        "{}",
-        first.head
+        elapsed >= Duration::from_millis(500),
+        "closed after {elapsed:?}: too early for a 1 s header-read timeout"
     );
-    let (closed, _) = closed_within(&mut conn, BOUND).await;
-    closed.expect("an idle kept-alive connection was still open after 5 s");
+    let text = String::from_utf8_lossy(&received);
+    assert!(
+        !text.contains(" 200 "),
+        "a half request was answered: {text}"
+    );
     app.stop().await;
 }
 
@@ -414,6 +454,101 @@ async fn an_idle_kept_alive_connection_is_closed_by_the_idle_timeout() {
     let elapsed = closed.expect("an idle connection was still open after 5 s");
     assert!(elapsed >= Duration::from_millis(500), "{elapsed:?}");
     app.stop().await;
+}
+
+/// A gauge of `/metrics`, read over a connection of its own that closes (so that it is
+/// never counted as resting itself).
+async fn gauge(app: &TestApp, name: &str) -> f64 {
+    let mut conn = tls_connect(app, &[b"http/1.1"]).await;
+    send(
+        &mut conn,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    let answer = read_response(&mut conn).await.expect("metrics answered");
+    assert_eq!(answer.status, 200);
+    let text = String::from_utf8(answer.body).unwrap();
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in {text}"))
+}
+
+/// Waits (at most 5 s) until the gauge `name` reads `value`.
+async fn gauge_reaches(app: &TestApp, name: &str, value: f64) {
+    let start = Instant::now();
+    loop {
+        let now = gauge(app, name).await;
+        if now == value {
+            return;
+        }
+        assert!(
+            start.elapsed() < BOUND,
+            "{name} still {now} after {BOUND:?}, not {value}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A kept-alive connection that waits for its next request rests (hyper's state is
+/// dropped, the TLS stream kept) and answers its next requests as before: one, then two
+/// pipelined in one write. A server that stops closes a resting connection at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resting_connection_answers_its_next_requests() {
+    const RESTING: &str = "gatehouse_http_connections_resting";
+    let app = helpers::spawn_app().await;
+    let mut conn = tls_connect(&app, &[b"http/1.1"]).await;
+    send(&mut conn, HEALTHZ).await;
+    assert_eq!(
+        read_response(&mut conn).await.expect("answered").status,
+        200
+    );
+    gauge_reaches(&app, RESTING, 1.0).await;
+    // The metrics connection itself is open while it asks.
+    assert_eq!(gauge(&app, "gatehouse_http_connections_open").await, 2.0);
+
+    send(&mut conn, HEALTHZ).await;
+    let again = read_response(&mut conn)
+        .await
+        .expect("answered after resting");
+    assert_eq!(again.status, 200);
+    assert!(
+        !again
+            .head
+            .to_ascii_lowercase()
+            .contains("connection: close"),
+        "{}",
+        again.head
+    );
+    assert_eq!(gauge(&app, RESTING).await, 0.0, "busy again, not resting");
+
+    gauge_reaches(&app, RESTING, 1.0).await;
+    send(
+        &mut conn,
+        "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    let (closed, received) = closed_within(&mut conn, BOUND).await;
+    closed.expect("the connection stayed open after Connection: close");
+    let text = String::from_utf8_lossy(&received);
+    assert_eq!(text.matches("HTTP/1.1 200 OK").count(), 2, "{text}");
+
+    // Stopping does not wait the grace period (10 s) for a resting connection.
+    let mut conn = tls_connect(&app, &[b"http/1.1"]).await;
+    send(&mut conn, HEALTHZ).await;
+    assert_eq!(
+        read_response(&mut conn).await.expect("answered").status,
+        200
+    );
+    gauge_reaches(&app, RESTING, 1.0).await;
+    let started = Instant::now();
+    app.stop().await;
+    assert!(
+        started.elapsed() < BOUND,
+        "stop took {:?}",
+        started.elapsed()
+    );
+    let (closed, _) = closed_within(&mut conn, BOUND).await;
+    closed.expect("a resting connection outlived the server");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
