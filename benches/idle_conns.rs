@@ -3,9 +3,11 @@
 //! Starts the real `gatehouse` binary, opens one warm-up connection, reads the server's
 //! resident memory (`VmRSS`), then opens N connections over TLS (64 at a time), each
 //! sending one `GET /healthz` (HTTP/1.1, keep-alive) and reading its 200, and leaves them
-//! open and idle. Two seconds later it reads `VmRSS` again and reports the growth per
-//! connection, and the server's open descriptors; then it checks that connections opened
-//! first and last still answer a second request (none was closed meanwhile).
+//! open and idle. Two seconds later it reads `VmRSS` again; then it waits until the
+//! server's `gatehouse_http_connections_resting` gauge counts all N (an idle connection
+//! rests a second after its request), reads `VmRSS` once more and reports both, per
+//! connection too, and the server's open descriptors; then it checks that connections
+//! opened first and last still answer a second request (none was closed meanwhile).
 //!
 //! Each connection holds one descriptor in gatehouse and one here: N = 10 000 needs a
 //! little over 10 000 open files in each process. When `ulimit -n` is lower the bench
@@ -140,7 +142,12 @@ fn start_server(connections: usize) -> Server {
 
 /// Sends `GET /healthz` on `conn` and reads the whole answer; panics unless it is a 200.
 async fn healthz(conn: &mut Conn) {
-    conn.write_all(b"GET /healthz HTTP/1.1\r\nhost: localhost\r\n\r\n")
+    get(conn, "/healthz").await;
+}
+
+/// Sends `GET path` on `conn` and reads the whole answer; panics unless it is a 200.
+async fn get(conn: &mut Conn, path: &str) -> String {
+    conn.write_all(format!("GET {path} HTTP/1.1\r\nhost: localhost\r\n\r\n").as_bytes())
         .await
         .unwrap();
     let mut answer = Vec::with_capacity(1024);
@@ -163,7 +170,7 @@ async fn healthz(conn: &mut Conn) {
             })
             .expect("content-length");
         if answer.len() >= end + 4 + length {
-            return;
+            return String::from_utf8_lossy(&answer[end + 4..end + 4 + length]).into_owned();
         }
     }
 }
@@ -197,39 +204,74 @@ fn main() {
     runtime.block_on(async {
         let tls = support::tls_config(&[b"http/1.1"]);
         // One connection first, so that lazily built state is not counted per connection.
-        let warm = connect(server.addr, tls.clone()).await;
+        let mut warm = connect(server.addr, tls.clone()).await;
         tokio::time::sleep(Duration::from_millis(500)).await;
         let load = if benching { settle() } else { load_average() };
         let before = rss_kib(pid);
         let files_before = open_files(pid);
-        let started = Instant::now();
-        let limit = Arc::new(tokio::sync::Semaphore::new(64));
-        let mut tasks = tokio::task::JoinSet::new();
-        for i in 0..connections {
-            let permit = limit.clone().acquire_owned().await.unwrap();
-            let tls = tls.clone();
-            let addr = server.addr;
-            tasks.spawn(async move {
-                let conn = connect(addr, tls).await;
-                drop(permit);
-                (i, conn)
-            });
-        }
+        // In waves: each wave's connections are opened, then rest; the next wave's may
+        // reuse what the resting ones gave back.
+        let waves = std::env::var("IDLE_WAVES")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .unwrap_or(1)
+            .clamp(1, connections.max(1));
         let mut conns: Vec<(usize, Conn)> = Vec::with_capacity(connections);
-        while let Some(conn) = tasks.join_next().await {
-            conns.push(conn.unwrap());
+        let mut readings = Vec::new();
+        for wave in 0..waves {
+            let first = wave * connections / waves;
+            let last = (wave + 1) * connections / waves;
+            let started = Instant::now();
+            let limit = Arc::new(tokio::sync::Semaphore::new(64));
+            let mut tasks = tokio::task::JoinSet::new();
+            for i in first..last {
+                let permit = limit.clone().acquire_owned().await.unwrap();
+                let tls = tls.clone();
+                let addr = server.addr;
+                tasks.spawn(async move {
+                    let conn = connect(addr, tls).await;
+                    drop(permit);
+                    (i, conn)
+                });
+            }
+            while let Some(conn) = tasks.join_next().await {
+                conns.push(conn.unwrap());
+            }
+            let opened = started.elapsed();
+            let busy = rss_kib(pid);
+            // Then every connection rests (a second after its request, see the server's
+            // src/http/serve.rs): wait for the gauge to count them all.
+            let resting_since = Instant::now();
+            let mut resting = 0;
+            while resting < last && resting_since.elapsed() < Duration::from_secs(20) {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let metrics = get(&mut warm, "/metrics").await;
+                resting = metrics
+                    .lines()
+                    .find_map(|l| l.strip_prefix("gatehouse_http_connections_resting "))
+                    .and_then(|v| v.parse::<f64>().ok())
+                    .expect("gatehouse_http_connections_resting")
+                    as usize;
+            }
+            assert_eq!(resting, last, "not every idle connection rested");
+            let rested = rss_kib(pid);
+            println!(
+                "idle_conns: wave {}: {} connections opened in {:.1} s; server RSS {busy} KiB \
+                 when the last was answered, {rested} KiB once all {resting} rested",
+                wave + 1,
+                last - first,
+                opened.as_secs_f64(),
+            );
+            readings.push(rested);
         }
-        let opened = started.elapsed();
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        let after = rss_kib(pid);
+        let after = *readings.last().unwrap();
         let files_after = open_files(pid);
         let per = (after.saturating_sub(before)) as f64 / connections as f64;
         println!(
             "idle_conns: {connections} idle keep-alive HTTPS connections (one GET /healthz \
-             each) opened in {:.1} s; server RSS {before} KiB -> {after} KiB \
-             ({:.1} MB in all){}; {per:.1} KiB per connection; open descriptors {files_before} \
-             -> {files_after}; load average before {load}",
-            opened.as_secs_f64(),
+             each) in {waves} wave(s), all resting: server RSS {before} KiB -> {after} KiB \
+             ({:.1} MB in all){}; {per:.1} KiB per connection; open descriptors \
+             {files_before} -> {files_after}; load average before {load}",
             after as f64 * 1024.0 / 1e6,
             if benching && connections >= 10_000 {
                 " (goal <= 60 MB)"
@@ -237,6 +279,14 @@ fn main() {
                 ""
             }
         );
+        if waves > 1 {
+            let last_wave = connections - (waves - 1) * connections / waves;
+            let grew = after.saturating_sub(readings[readings.len() - 2]);
+            println!(
+                "idle_conns: the last wave added {:.1} KiB per connection",
+                grew as f64 / last_wave as f64
+            );
+        }
         assert_eq!(conns.len(), connections);
         assert!(
             files_after >= files_before + connections,

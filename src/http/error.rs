@@ -1,13 +1,11 @@
 //! The one error shape every client sees: `{"error", "message", "request_id"}`.
 //!
 //! Handlers return `ApiError`; its `IntoResponse` only records the code and message in
-//! the response extensions. `render_errors` (a middleware) then writes every error
+//! the response extensions. `render_errors` (run on every response) then writes every error
 //! response, ours and those of layers such as the body limit or timeout, as that JSON
 //! with the request id, so there is exactly one renderer and no plain-text error leaks.
 
 use axum::body::Body;
-use axum::extract::Request;
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use http::{HeaderValue, StatusCode, header};
 
@@ -103,11 +101,13 @@ struct ErrorBody<'a> {
     request_id: &'a str,
 }
 
-/// Renders every 4xx/5xx response as the JSON error body.
-pub(crate) async fn render_errors(request: Request, next: Next) -> Response {
-    let http1 = request.version() < http::Version::HTTP_2;
-    let request_id = request.extensions().get::<RequestId>().cloned();
-    let response = next.run(request).await;
+/// Renders a 4xx/5xx response as the JSON error body (called by `super::edge` for
+/// every response). `http1`: the request came over HTTP/1.
+pub(crate) fn render_errors(
+    response: Response,
+    http1: bool,
+    request_id: Option<&RequestId>,
+) -> Response {
     let status = response.status();
     // The app's own answers through the front door stay as the app wrote them.
     if !(status.is_client_error() || status.is_server_error())
@@ -126,7 +126,7 @@ pub(crate) async fn render_errors(request: Request, next: Next) -> Response {
     let body = serde_json::to_vec(&ErrorBody {
         error: error.code,
         message: &error.message,
-        request_id: request_id.as_ref().map_or("", RequestId::as_str),
+        request_id: request_id.map_or("", RequestId::as_str),
     })
     .unwrap_or_default();
     parts.headers.insert(

@@ -9,9 +9,7 @@
 use axum::Router;
 use axum::routing::get;
 use std::fmt::Write as _;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
 
 use axum::extract::{FromRequestParts, Request, State};
 use axum::response::{IntoResponse, Response};
@@ -48,6 +46,8 @@ pub(crate) struct HttpCounters {
 }
 
 impl HttpCounters {
+    /// Counts one response (`super::edge` calls it for every response, those of other
+    /// middleware included: timeouts, body limits, bans, CORS preflights).
     pub(super) fn record(&self, status: StatusCode, seconds: f64) {
         let class = usize::from(status.as_u16() / 100).clamp(1, 5) - 1;
         self.by_class[class].fetch_add(1, Ordering::Relaxed);
@@ -140,19 +140,6 @@ impl HttpCounters {
             )],
         );
     }
-}
-
-/// The outermost middleware: counts every response, those of other middleware included
-/// (timeouts, body limits, bans, CORS preflights).
-pub(crate) async fn count_responses(
-    State(counters): State<Arc<HttpCounters>>,
-    request: Request,
-    next: axum::middleware::Next,
-) -> Response {
-    let started = Instant::now();
-    let response = next.run(request).await;
-    counters.record(response.status(), started.elapsed().as_secs_f64());
-    response
 }
 
 /// Loopback callers need nothing more; others need an admin token. The caller is the

@@ -1,10 +1,10 @@
 //! The HTTP layer: thin. Parse, call the domain, map errors. No redb type appears here.
 //!
-//! Middleware order, outermost first: response counting (for `/metrics`), security headers
-//! and request id, error rendering,
-//! request timeout, body limit, the ban and per-address limit, then the routes. `serve.rs` owns the connections:
-//! TLS handshake, header-read and idle timeouts, header caps, the connection cap and
-//! graceful shutdown.
+//! Middleware order, outermost first: `edge` (request id, error rendering, security
+//! headers, response counting for `/metrics`), CORS, request timeout, body limit, the
+//! ban and per-address limit, then the routes. `serve.rs` owns the connections: TLS
+//! handshake, header-read and idle timeouts, header caps, the connection caps, resting
+//! idle connections and graceful shutdown.
 
 mod admin_users;
 mod audit;
@@ -161,16 +161,38 @@ pub fn router(state: AppState, limits: &ServerConfig, cors_config: &CorsConfig) 
         None => routes,
     };
     routes
-        .layer(axum::middleware::from_fn(error::render_errors))
         .layer(cors(cors_config))
         .layer(axum::middleware::from_fn_with_state(
-            hsts,
-            security::secure_headers,
+            Edge { hsts, counters },
+            edge,
         ))
-        .layer(axum::middleware::from_fn_with_state(
-            counters,
-            metrics::count_responses,
-        ))
+}
+
+/// What the outermost middleware needs.
+#[derive(Clone)]
+struct Edge {
+    hsts: security::Hsts,
+    counters: Arc<metrics::HttpCounters>,
+}
+
+/// The outermost middleware, one layer for what every response gets: a request id,
+/// the JSON error body for a 4xx/5xx (`error`), the security headers (`security`), and
+/// a count in `/metrics` (`metrics`), for the answers of every other layer too
+/// (timeouts, body limits, bans, CORS preflights).
+async fn edge(
+    axum::extract::State(edge): axum::extract::State<Edge>,
+    mut request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let started = std::time::Instant::now();
+    let http1 = request.version() < http::Version::HTTP_2;
+    let (id, logged) = security::start(&mut request);
+    let response = next.run(request).await;
+    let response = error::render_errors(response, http1, Some(&id));
+    let response = security::finish(response, edge.hsts, id, logged);
+    edge.counters
+        .record(response.status(), started.elapsed().as_secs_f64());
+    response
 }
 
 /// CORS from `cors.allowed_origins`: an origin on the list gets the headers (and a

@@ -1,10 +1,9 @@
-//! Headers every response carries, and the request id.
+//! Headers every response carries, and the request id (both by way of `super::edge`).
 //!
 //! The API serves JSON only, so its Content-Security-Policy forbids everything; HSTS is
 //! sent whenever the listener speaks TLS (two years, subdomains included).
 
-use axum::extract::{Request, State};
-use axum::middleware::Next;
+use axum::extract::Request;
 use axum::response::Response;
 use http::header::{self, HeaderName, HeaderValue};
 use ring::rand::{SecureRandom, SystemRandom};
@@ -55,33 +54,49 @@ fn new_request_id() -> RequestId {
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Hsts(pub bool);
 
-/// Assigns the request id and sets the security headers on the way out.
-pub(crate) async fn secure_headers(
-    State(hsts): State<Hsts>,
-    mut request: Request,
-    next: Next,
-) -> Response {
+/// What the debug line says of a request, read only when that line is written.
+pub(crate) struct Logged {
+    method: http::Method,
+    path: String,
+    client: Option<std::net::IpAddr>,
+    proxy: Option<std::net::IpAddr>,
+}
+
+/// Gives `request` its id, and reads what the debug line will say of it (only when
+/// debug logging is on).
+pub(crate) fn start(request: &mut Request) -> (RequestId, Option<Logged>) {
     let id = new_request_id();
     request.extensions_mut().insert(id.clone());
-    // What the debug line says of the request, read only when that line is written.
-    let logged = tracing::enabled!(tracing::Level::DEBUG).then(|| {
-        let client = request
+    let logged = tracing::enabled!(tracing::Level::DEBUG).then(|| Logged {
+        method: request.method().clone(),
+        path: request.uri().path().to_string(),
+        client: request
             .extensions()
             .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-            .map(|c| c.0.ip());
-        let proxy = request
+            .map(|c| c.0.ip()),
+        proxy: request
             .extensions()
             .get::<super::client_addr::ForwardedBy>()
-            .map(|p| p.0.ip());
-        (
-            request.method().clone(),
-            request.uri().path().to_string(),
-            client,
-            proxy,
-        )
+            .map(|p| p.0.ip()),
     });
-    let mut response = next.run(request).await;
-    if let Some((method, path, client, proxy)) = logged {
+    (id, logged)
+}
+
+/// Sets the security headers and the request id on the way out, and writes the debug
+/// line.
+pub(crate) fn finish(
+    mut response: Response,
+    hsts: Hsts,
+    id: RequestId,
+    logged: Option<Logged>,
+) -> Response {
+    if let Some(Logged {
+        method,
+        path,
+        client,
+        proxy,
+    }) = logged
+    {
         tracing::debug!(request_id = id.as_str(), %method, %path, client = ?client, proxy = ?proxy, status = response.status().as_u16(), "request");
     }
     let proxied = response

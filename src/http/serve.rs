@@ -112,6 +112,7 @@ pub(crate) async fn serve(
     let per_address = PerAddress::default();
     let (drain, draining) = watch::channel(false);
     let builders = Arc::new(Builders::new(&limits));
+    let shared_limits = Arc::new(limits.clone());
     let acceptor = tls;
     tokio::pin!(shutdown);
     loop {
@@ -156,7 +157,7 @@ pub(crate) async fn serve(
             counters: counters.clone(),
             builders: builders.clone(),
             draining: draining.clone(),
-            limits: limits.clone(),
+            limits: shared_limits.clone(),
             peer,
             proxy,
         };
@@ -191,7 +192,7 @@ struct Connection {
     builders: Arc<Builders>,
     /// Turns true when the server stops taking connections.
     draining: watch::Receiver<bool>,
-    limits: ServerConfig,
+    limits: Arc<ServerConfig>,
     peer: SocketAddr,
     /// The peer is one of `server.trusted_proxies` (decided once, at accept).
     proxy: bool,
@@ -214,11 +215,18 @@ impl Connection {
             }
             Some(acceptor) => {
                 let io = IdleIo::raw(stream, activity.clone());
-                let handshake =
-                    tokio::time::timeout(self.limits.tls_handshake_timeout, acceptor.accept(io));
+                // Boxed, as hyper's connections are below: the task keeps the size of
+                // what it holds while it waits, not of the handshake's state.
+                let handshake = tokio::time::timeout(
+                    self.limits.tls_handshake_timeout,
+                    Box::pin(acceptor.accept(io)),
+                );
                 match handshake.await {
                     Ok(Ok(Some(tls))) => {
-                        let io = IdleIo::plaintext(tls, activity.clone());
+                        // Boxed: an async task keeps a slot for each place its stream
+                        // passes through, so a 1.2 KiB stream held inline would be
+                        // counted several times over in every connection's task.
+                        let io = IdleIo::plaintext(Box::new(tls), activity.clone());
                         self.serve_io(io, activity).await;
                     }
                     Ok(Ok(None)) => {
@@ -275,9 +283,7 @@ impl Connection {
             direct: SocketAddr::new(peer.ip().to_canonical(), peer.port()),
             // Only a trusted proxy's requests have their forwarding headers read; every
             // other connection's client is its peer, with no per-request work.
-            trusted: self
-                .proxy
-                .then(|| Arc::new(self.limits.trusted_proxies.clone())),
+            trusted: self.proxy.then(|| self.limits.clone()),
             activity: activity.clone(),
         }
     }
@@ -367,7 +373,7 @@ impl Connection {
             .builders
             .h2
             .serve_connection(TokioIo::new(io), self.service(&activity));
-        let mut conn = std::pin::pin!(conn);
+        let mut conn = Box::pin(conn);
         let expired = activity.expired(self.limits.idle_timeout);
         tokio::pin!(expired);
         let mut closing = false;
@@ -449,7 +455,8 @@ struct ConnService {
     app: std::cell::RefCell<Router>,
     peer: SocketAddr,
     direct: SocketAddr,
-    trusted: Option<Arc<Vec<ipnet::IpNet>>>,
+    /// The settings holding `trusted_proxies`, when the peer is one of them.
+    trusted: Option<Arc<ServerConfig>>,
     activity: Arc<Activity>,
 }
 
@@ -463,7 +470,8 @@ impl hyper::service::Service<http::Request<Incoming>> for ConnService {
         let client = match &self.trusted {
             Some(trusted) => {
                 request.extensions_mut().insert(ForwardedBy(self.peer));
-                let client = client_address(self.peer.ip(), request.headers(), trusted);
+                let client =
+                    client_address(self.peer.ip(), request.headers(), &trusted.trusted_proxies);
                 SocketAddr::new(client, self.peer.port())
             }
             None => self.direct,
@@ -575,6 +583,12 @@ impl ReadReady for Lingering {
 impl<T: ReadReady> ReadReady for IdleIo<T> {
     fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.inner.poll_read_ready(cx)
+    }
+}
+
+impl<T: ReadReady> ReadReady for Box<T> {
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        (**self).poll_read_ready(cx)
     }
 }
 
