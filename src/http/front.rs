@@ -20,7 +20,6 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::{ConnectInfo, FromRequestParts, Request, State};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use http::request::Parts;
 use http::{HeaderValue, StatusCode, header};
@@ -100,24 +99,15 @@ pub(super) fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Sends a request that a route bound to its host takes to the front door before
-/// gatehouse's own routes see it: on an app's host, the app's paths are the app's.
-pub(super) async fn by_host(
-    State((state, front_router)): State<(AppState, Router)>,
-    request: Request,
-    next: Next,
-) -> Response {
-    let bound = state.front.as_ref().is_some_and(|front| {
+/// Whether a route bound to the request's host takes it: then the front door gets it
+/// before gatehouse's own routes see it (on an app's host, the app's paths are the
+/// app's).
+pub(super) fn bound_to_host(state: &AppState, request: &Request) -> bool {
+    state.front.as_ref().is_some_and(|front| {
         front
-            .host_route(host(&request), request.uri().path())
+            .host_route(host(request), request.uri().path())
             .is_some()
-    });
-    if bound {
-        return tower::ServiceExt::oneshot(front_router, request)
-            .await
-            .unwrap_or_else(|never| match never {});
-    }
-    next.run(request).await
+    })
 }
 
 /// The `outcome` labels of `gatehouse_front_requests_total`, by slot.

@@ -1,8 +1,9 @@
 //! The HTTP layer: thin. Parse, call the domain, map errors. No redb type appears here.
 //!
-//! Middleware order, outermost first: `edge` (request id, error rendering, security
-//! headers, response counting for `/metrics`), CORS, request timeout, body limit, the
-//! ban and per-address limit, then the routes. `serve.rs` owns the connections: TLS
+//! Layers, outermost first: `App` (request id, error rendering, security headers,
+//! response counting for `/metrics`), CORS, `ByHost` (host-bound front-door routes),
+//! then the router: request timeout and body limits, the ban and per-address limit, the
+//! routes, and the front door as its fallback. `serve.rs` owns the connections: TLS
 //! handshake, header-read and idle timeouts, header caps, the connection caps, resting
 //! idle connections and graceful shutdown.
 
@@ -37,6 +38,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use http::{HeaderName, HeaderValue, StatusCode};
+use tower::{Layer, Service};
 use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::timeout::TimeoutLayer;
 
@@ -109,12 +111,24 @@ impl Shared {
     }
 }
 
-/// Every route with its middleware.
-pub fn router(state: AppState, limits: &ServerConfig, cors_config: &CorsConfig) -> Router {
+/// Every route with its middleware: the service each connection calls (`serve`).
+pub fn router(state: AppState, limits: &ServerConfig, cors_config: &CorsConfig) -> App {
     let hsts = security::Hsts(state.tls_mode != TlsMode::Off);
     let counters = state.http_counters.clone();
     let front = state.front.is_some().then(|| front::router(state.clone()));
-    let front_state = state.clone();
+    // The API's limits as one layer: axum boxes each layer of a router once per route
+    // and clones every box for every request.
+    let api_limits = tower::ServiceBuilder::new()
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            limits.request_timeout,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            limits.max_body_bytes,
+            limits::drain_oversized_h2,
+        ))
+        .layer(RequestBodyLimitLayer::new(limits.max_body_bytes))
+        .layer(DefaultBodyLimit::max(limits.max_body_bytes));
     let routes = Router::new()
         .merge(ui::routes())
         .merge(health::routes())
@@ -136,63 +150,112 @@ pub fn router(state: AppState, limits: &ServerConfig, cors_config: &CorsConfig) 
             state.clone(),
             limits::admit_address,
         ))
-        .with_state(state)
-        .layer(DefaultBodyLimit::max(limits.max_body_bytes))
-        .layer(RequestBodyLimitLayer::new(limits.max_body_bytes))
-        .layer(axum::middleware::from_fn_with_state(
-            limits.max_body_bytes,
-            limits::drain_oversized_h2,
-        ))
-        .layer(TimeoutLayer::with_status_code(
-            StatusCode::REQUEST_TIMEOUT,
-            limits.request_timeout,
-        ));
-    // Added after the API's limits, so that proxied requests keep their own (the app's);
-    // routes bound to a host go first, before gatehouse's own paths on that host.
-    let routes = match front {
-        Some(front) => {
-            routes
-                .fallback_service(front.clone())
-                .layer(axum::middleware::from_fn_with_state(
-                    (front_state, front),
-                    front::by_host,
-                ))
-        }
+        .with_state(state.clone())
+        .layer(api_limits);
+    // The front door is the fallback, added after the API's limits so that proxied
+    // requests keep their own (the app's); routes bound to a host go first (`ByHost`).
+    let api = match &front {
+        Some(front) => routes.fallback_service(front.clone()),
         None => routes,
     };
-    routes
-        .layer(cors(cors_config))
-        .layer(axum::middleware::from_fn_with_state(
-            Edge { hsts, counters },
-            edge,
-        ))
+    let by_host = ByHost {
+        api,
+        front: front.map(|front| (state, front)),
+    };
+    App {
+        inner: cors(cors_config).layer(by_host),
+        edge: Edge { hsts, counters },
+    }
 }
 
-/// What the outermost middleware needs.
+/// The whole HTTP service. Its outer layers are plain services around the router, not
+/// router layers: a request is handed down through them without copying any.
+#[derive(Clone)]
+pub struct App {
+    inner: tower_http::cors::Cors<ByHost>,
+    edge: Edge,
+}
+
+impl std::fmt::Debug for App {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("App").finish_non_exhaustive()
+    }
+}
+
+/// What the outermost layer needs.
 #[derive(Clone)]
 struct Edge {
     hsts: security::Hsts,
     counters: Arc<metrics::HttpCounters>,
 }
 
-/// The outermost middleware, one layer for what every response gets: a request id,
-/// the JSON error body for a 4xx/5xx (`error`), the security headers (`security`), and
-/// a count in `/metrics` (`metrics`), for the answers of every other layer too
-/// (timeouts, body limits, bans, CORS preflights).
-async fn edge(
-    axum::extract::State(edge): axum::extract::State<Edge>,
-    mut request: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> axum::response::Response {
-    let started = std::time::Instant::now();
-    let http1 = request.version() < http::Version::HTTP_2;
-    let (id, logged) = security::start(&mut request);
-    let response = next.run(request).await;
-    let response = error::render_errors(response, http1, Some(&id));
-    let response = security::finish(response, edge.hsts, id, logged);
-    edge.counters
-        .record(response.status(), started.elapsed().as_secs_f64());
-    response
+/// The outermost layer, for what every response gets: a request id, the JSON error body
+/// for a 4xx/5xx (`error`), the security headers (`security`), and a count in
+/// `/metrics` (`metrics`), for the answers of every other layer too (timeouts, body
+/// limits, bans, CORS preflights).
+impl<B> Service<http::Request<B>> for App
+where
+    B: http_body::Body<Data = axum::body::Bytes> + Send + 'static,
+    B::Error: Into<axum::BoxError>,
+{
+    type Response = axum::response::Response;
+    type Error = std::convert::Infallible;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let started = std::time::Instant::now();
+        let mut request = request.map(axum::body::Body::new);
+        let http1 = request.version() < http::Version::HTTP_2;
+        let (id, logged) = security::start(&mut request);
+        let answer = self.inner.call(request);
+        let edge = self.edge.clone();
+        Box::pin(async move {
+            let response = answer.await?;
+            let response = error::render_errors(response, http1, Some(&id));
+            let response = security::finish(response, edge.hsts, id, logged);
+            edge.counters
+                .record(response.status(), started.elapsed().as_secs_f64());
+            Ok(response)
+        })
+    }
+}
+
+/// Routes bound to a host take their requests before the API's router sees them.
+#[derive(Clone)]
+struct ByHost {
+    api: Router,
+    /// With the front door: the state to look routes up in, and its router.
+    front: Option<(AppState, Router)>,
+}
+
+impl Service<axum::extract::Request> for ByHost {
+    type Response = axum::response::Response;
+    type Error = std::convert::Infallible;
+    type Future = axum::routing::future::RouteFuture<std::convert::Infallible>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        // Both are routers, which are always ready.
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: axum::extract::Request) -> Self::Future {
+        match &mut self.front {
+            Some((state, front)) if front::bound_to_host(state, &request) => front.call(request),
+            _ => self.api.call(request),
+        }
+    }
 }
 
 /// CORS from `cors.allowed_origins`: an origin on the list gets the headers (and a

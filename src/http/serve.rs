@@ -42,7 +42,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use axum::Router;
 use axum::extract::ConnectInfo;
 use hyper::body::Bytes;
 use hyper::body::Incoming;
@@ -100,14 +99,17 @@ impl Builders {
 }
 
 /// Accepts connections until `shutdown` resolves, then drains for `shutdown_grace`.
-pub(crate) async fn serve(
+pub(crate) async fn serve<S>(
     listener: TcpListener,
     tls: Option<crate::tls::Acceptor>,
-    app: Router,
+    app: S,
     limits: ServerConfig,
     counters: Arc<super::metrics::HttpCounters>,
     shutdown: impl Future<Output = ()>,
-) -> Drained {
+) -> Drained
+where
+    S: App,
+{
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let per_address = PerAddress::default();
     let (drain, draining) = watch::channel(false);
@@ -186,8 +188,33 @@ pub(crate) async fn serve(
     }
 }
 
-struct Connection {
-    app: Router,
+/// What `serve` serves: axum's router or `super::App`.
+pub(crate) trait App:
+    tower::Service<
+        http::Request<Incoming>,
+        Response = axum::response::Response,
+        Error = std::convert::Infallible,
+        Future: Send + 'static,
+    > + Clone
+    + Send
+    + 'static
+{
+}
+
+impl<S> App for S where
+    S: tower::Service<
+            http::Request<Incoming>,
+            Response = axum::response::Response,
+            Error = std::convert::Infallible,
+            Future: Send + 'static,
+        > + Clone
+        + Send
+        + 'static
+{
+}
+
+struct Connection<S> {
+    app: S,
     counters: Arc<super::metrics::HttpCounters>,
     builders: Arc<Builders>,
     /// Turns true when the server stops taking connections.
@@ -204,7 +231,7 @@ enum Protocol {
     Http2,
 }
 
-impl Connection {
+impl<S: App> Connection<S> {
     async fn run(self, stream: tokio::net::TcpStream, acceptor: Option<crate::tls::Acceptor>) {
         let activity = Arc::new(Activity::new());
         let stream = Lingering(Some(stream));
@@ -241,7 +268,7 @@ impl Connection {
         }
     }
 
-    async fn serve_io<I>(self, mut io: I, activity: Arc<Activity>)
+    async fn serve_io<I>(mut self, mut io: I, activity: Arc<Activity>)
     where
         I: AsyncRead + AsyncWrite + ReadReady + Unpin + Send + 'static,
     {
@@ -258,6 +285,8 @@ impl Connection {
                 tracing::debug!(%peer, "idle connection closed");
                 return;
             }
+            // A stopping server closes a connection that has not begun a request.
+            _ = self.draining.wait_for(|draining| *draining) => return,
         };
         let (protocol, first) = match sniffed {
             Ok(Some(sniffed)) => sniffed,
@@ -275,7 +304,7 @@ impl Connection {
     }
 
     /// What hyper calls for each request of this connection.
-    fn service(&self, activity: &Arc<Activity>) -> ConnService {
+    fn service(&self, activity: &Arc<Activity>) -> ConnService<S> {
         let peer = self.peer;
         ConnService {
             app: std::cell::RefCell::new(self.app.clone()),
@@ -449,10 +478,11 @@ async fn sniff<I: AsyncRead + Unpin>(io: &mut I) -> io::Result<Option<(Protocol,
 
 /// The service hyper calls for each request of one connection: tags the request with
 /// its client address, then hands it to the router.
-struct ConnService {
-    /// hyper calls through `&self`; axum's router takes `&mut self` but changes nothing
-    /// (its `call` only reads), so one copy per connection serves every request.
-    app: std::cell::RefCell<Router>,
+struct ConnService<S> {
+    /// hyper calls through `&self`, tower through `&mut self`: one copy per connection
+    /// serves every request, borrowed for the time of `call` (which only starts the
+    /// request: the future it returns owns what it needs).
+    app: std::cell::RefCell<S>,
     peer: SocketAddr,
     direct: SocketAddr,
     /// The settings holding `trusted_proxies`, when the peer is one of them.
@@ -460,10 +490,10 @@ struct ConnService {
     activity: Arc<Activity>,
 }
 
-impl hyper::service::Service<http::Request<Incoming>> for ConnService {
+impl<S: App> hyper::service::Service<http::Request<Incoming>> for ConnService<S> {
     type Response = axum::response::Response;
     type Error = std::convert::Infallible;
-    type Future = axum::routing::future::RouteFuture<std::convert::Infallible>;
+    type Future = S::Future;
 
     fn call(&self, mut request: http::Request<Incoming>) -> Self::Future {
         self.activity.requests.fetch_add(1, Ordering::Relaxed);
@@ -477,7 +507,8 @@ impl hyper::service::Service<http::Request<Incoming>> for ConnService {
             None => self.direct,
         };
         request.extensions_mut().insert(ConnectInfo(client));
-        // `Router::poll_ready` is always ready, so calling without it is allowed.
+        // Every layer of the app is always ready (no layer applies backpressure: limits
+        // answer, they do not wait), so calling without `poll_ready` is allowed.
         tower::Service::call(&mut *self.app.borrow_mut(), request)
     }
 }

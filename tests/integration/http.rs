@@ -491,7 +491,8 @@ async fn gauge_reaches(app: &TestApp, name: &str, value: f64) {
 
 /// A kept-alive connection that waits for its next request rests (hyper's state is
 /// dropped, the TLS stream kept) and answers its next requests as before: one, then two
-/// pipelined in one write. A server that stops closes a resting connection at once.
+/// pipelined in one write. A server that stops closes a resting connection at once, and
+/// one that has sent nothing yet.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resting_connection_answers_its_next_requests() {
     const RESTING: &str = "gatehouse_http_connections_resting";
@@ -540,6 +541,8 @@ async fn a_resting_connection_answers_its_next_requests() {
         200
     );
     gauge_reaches(&app, RESTING, 1.0).await;
+    // Nor for one that has not sent its first request yet.
+    let mut silent = tls_connect(&app, &[b"http/1.1"]).await;
     let started = Instant::now();
     app.stop().await;
     assert!(
@@ -549,6 +552,8 @@ async fn a_resting_connection_answers_its_next_requests() {
     );
     let (closed, _) = closed_within(&mut conn, BOUND).await;
     closed.expect("a resting connection outlived the server");
+    let (closed, _) = closed_within(&mut silent, BOUND).await;
+    closed.expect("a silent connection outlived the server");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
