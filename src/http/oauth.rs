@@ -11,7 +11,7 @@ use serde::Deserialize;
 
 use super::AppState;
 use super::error::ApiError;
-use super::extract::{ApiForm, Introspector, RequestOrigin};
+use super::extract::{ApiForm, Introspector, RequestOrigin, TokenForm};
 use crate::keys::JWKS_MAX_AGE_SECS;
 use crate::tokens::{Introspection, TokenError, TokenPair};
 
@@ -68,16 +68,6 @@ async fn token(
     }
 }
 
-/// Unknown parameters (such as `client_id`) are ignored; repeated ones are refused.
-#[derive(Debug, Deserialize)]
-pub(crate) struct TokenParam {
-    token: String,
-    /// A hint only (RFC 7009 section 2.1); the token's own shape decides.
-    #[serde(default)]
-    #[allow(dead_code)]
-    token_type_hint: Option<String>,
-}
-
 fn bounded(token: &str) -> Option<&str> {
     (token.len() <= MAX_TOKEN_PARAM).then_some(token)
 }
@@ -87,7 +77,7 @@ fn bounded(token: &str) -> Option<&str> {
 async fn revoke(
     State(state): State<AppState>,
     RequestOrigin(origin): RequestOrigin,
-    ApiForm(request): ApiForm<TokenParam>,
+    request: TokenForm,
 ) -> Result<StatusCode, ApiError> {
     if let Some(token) = bounded(&request.token) {
         state.services.tokens.revoke(token, &origin).await?;
@@ -99,7 +89,7 @@ async fn revoke(
 async fn introspect(
     State(state): State<AppState>,
     _caller: Introspector,
-    ApiForm(request): ApiForm<TokenParam>,
+    request: TokenForm,
 ) -> Json<Introspection> {
     let Some(token) = bounded(&request.token) else {
         return Json(Introspection::default());
