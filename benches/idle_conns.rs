@@ -28,7 +28,7 @@
 #[allow(dead_code)] // the admin token is not needed here
 mod support;
 
-use support::Server;
+use support::{Server, load_average, nofile_limits, open_files, proc_status, settle};
 
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
@@ -38,57 +38,6 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 type Conn = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
-
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
-
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .unwrap_or_default()
-        .split_whitespace()
-        .take(3)
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-/// Waits (at most 90 s) for the 1-minute load average to fall under 1, so that a build
-/// or another run does not weigh on the measurement; returns the load average then.
-fn settle() -> String {
-    for _ in 0..18 {
-        let one: f64 = load_average()
-            .split_whitespace()
-            .next()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0);
-        if one < 1.0 {
-            break;
-        }
-        std::thread::sleep(Duration::from_secs(5));
-    }
-    load_average()
-}
-
-fn open_files(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| d.count())
-        .unwrap_or(0)
-}
-
-/// The soft and hard limits on open files of this process.
-fn nofile_limits() -> (u64, u64) {
-    let limits = std::fs::read_to_string("/proc/self/limits").unwrap();
-    let line = limits
-        .lines()
-        .find(|l| l.starts_with("Max open files"))
-        .unwrap();
-    let mut values = line["Max open files".len()..]
-        .split_whitespace()
-        .map(|v| v.parse().unwrap_or(u64::MAX));
-    (values.next().unwrap(), values.next().unwrap())
-}
 
 /// Descriptors each process needs besides one per connection.
 const SPARE_FILES: u64 = 200;
@@ -207,7 +156,7 @@ fn main() {
         let mut warm = connect(server.addr, tls.clone()).await;
         tokio::time::sleep(Duration::from_millis(500)).await;
         let load = if benching { settle() } else { load_average() };
-        let before = rss_kib(pid);
+        let before = proc_status(pid, "VmRSS:");
         let files_before = open_files(pid);
         // In waves: each wave's connections are opened, then rest; the next wave's may
         // reuse what the resting ones gave back.
@@ -238,7 +187,7 @@ fn main() {
                 conns.push(conn.unwrap());
             }
             let opened = started.elapsed();
-            let busy = rss_kib(pid);
+            let busy = proc_status(pid, "VmRSS:");
             // Then every connection rests (a second after its request, see the server's
             // src/http/serve.rs): wait for the gauge to count them all.
             let resting_since = Instant::now();
@@ -254,7 +203,7 @@ fn main() {
                     as usize;
             }
             assert_eq!(resting, last, "not every idle connection rested");
-            let rested = rss_kib(pid);
+            let rested = proc_status(pid, "VmRSS:");
             println!(
                 "idle_conns: wave {}: {} connections opened in {:.1} s; server RSS {busy} KiB \
                  when the last was answered, {rested} KiB once all {resting} rested",

@@ -29,10 +29,9 @@
 
 mod support;
 
-use support::Server;
+use support::{Server, cpu_seconds, env_or, load_average, settle};
 
 use std::collections::{BTreeMap, HashSet};
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -42,90 +41,9 @@ const WARMING: u8 = 0;
 const COUNTING: u8 = 1;
 const STOPPING: u8 = 2;
 
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-/// User + system CPU time so far of the server's single writer thread (the one that
-/// commits every durable write), in seconds; 0 if it cannot be found.
-fn writer_cpu_seconds(pid: u32) -> f64 {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return 0.0;
-    };
-    for task in tasks.flatten() {
-        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
-            continue;
-        };
-        // The command name is in parentheses, cut to 15 bytes by the kernel.
-        let name = stat
-            .find('(')
-            .zip(stat.rfind(')'))
-            .map_or("", |(open, close)| &stat[open + 1..close]);
-        if name.starts_with("gatehouse-write") {
-            let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..]
-                .split_whitespace()
-                .collect();
-            let ticks: u64 =
-                fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-            return ticks as f64 / clock_ticks_per_second();
-        }
-    }
-    0.0
-}
-
 /// Cores this process may run on.
 fn cores() -> usize {
     std::thread::available_parallelism().map_or(1, usize::from)
-}
-
-/// User + system CPU time of `pid` so far, in seconds.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    // Fields after the command name, which is in parentheses and may hold spaces.
-    let rest = &stat[stat.rfind(')').unwrap() + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of the whole line: 11 and 12 of the rest.
-    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-    ticks as f64 / clock_ticks_per_second()
-}
-
-fn clock_ticks_per_second() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(100.0)
-}
-
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .unwrap_or_default()
-        .split_whitespace()
-        .take(3)
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-/// Waits (at most 90 s) for the 1-minute load average to fall under 1, so that a build
-/// or another run does not weigh on the measurement; returns the load average then.
-fn settle() -> String {
-    for _ in 0..18 {
-        let one: f64 = load_average()
-            .split_whitespace()
-            .next()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0);
-        if one < 1.0 {
-            break;
-        }
-        std::thread::sleep(Duration::from_secs(5));
-    }
-    load_average()
 }
 
 fn percentile(sorted: &[u32], p: f64) -> f64 {
@@ -297,7 +215,7 @@ fn main() {
         tokio::time::sleep(Duration::from_secs_f64(warmup)).await;
         let cpu_before = cpu_seconds(pid);
         let clients_cpu_before = cpu_seconds(std::process::id());
-        let writer_cpu_before = writer_cpu_seconds(pid);
+        let writer_cpu_before = support::thread_cpu_seconds(pid, "gatehouse-write");
         let answered_before = answered.load(Ordering::Relaxed);
         let started = Instant::now();
         phase.store(COUNTING, Ordering::Relaxed);
@@ -306,7 +224,7 @@ fn main() {
         let elapsed = started.elapsed();
         let cpu = cpu_seconds(pid) - cpu_before;
         let clients_cpu = cpu_seconds(std::process::id()) - clients_cpu_before;
-        let writer_cpu = writer_cpu_seconds(pid) - writer_cpu_before;
+        let writer_cpu = support::thread_cpu_seconds(pid, "gatehouse-write") - writer_cpu_before;
         phase.store(STOPPING, Ordering::Relaxed);
         let mut outcomes = Vec::new();
         while let Some(done) = tasks.join_next().await {

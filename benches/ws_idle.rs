@@ -13,7 +13,7 @@
 
 mod support;
 
-use support::Server;
+use support::{Server, proc_status};
 
 use std::net::SocketAddr;
 
@@ -22,12 +22,6 @@ use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
-
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
 
 fn start_server(connections: usize) -> Server {
     let cap = (connections + 100).to_string();
@@ -118,7 +112,7 @@ fn main() {
         // One connection first, so that lazily built state is not counted per socket.
         let warm = connect(server.addr, tls.clone(), token.clone()).await;
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let before = rss_kib(pid);
+        let before = proc_status(pid, "VmRSS:");
         let started = Instant::now();
         let limit = Arc::new(tokio::sync::Semaphore::new(64));
         let mut tasks = tokio::task::JoinSet::new();
@@ -138,7 +132,7 @@ fn main() {
         }
         let opened = started.elapsed();
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let after = rss_kib(pid);
+        let after = proc_status(pid, "VmRSS:");
         let per = (after.saturating_sub(before)) as f64 / connections as f64;
         println!(
             "ws_idle: {connections} authenticated idle connections opened in {:.1} s; \

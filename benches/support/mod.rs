@@ -122,3 +122,121 @@ pub(crate) fn start_server(args: &[String], env: &[(&str, String)]) -> Server {
         _dir: dir,
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// What a bench reads of a process and of the machine. Each bench uses a part of it.
+
+/// `name` from the environment, parsed, or `default`.
+#[allow(dead_code)]
+pub(crate) fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// A value in kB of `/proc/<pid>/status` (`VmRSS:` and the like).
+#[allow(dead_code)]
+pub(crate) fn proc_status(pid: u32, key: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with(key)).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// User + system CPU time of `pid` so far, in seconds.
+#[allow(dead_code)]
+pub(crate) fn cpu_seconds(pid: u32) -> f64 {
+    stat_cpu_seconds(&std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap())
+}
+
+/// User + system CPU time so far of the first thread of `pid` whose name starts with
+/// `name` (the kernel cuts names to 15 bytes), in seconds; 0 if there is none.
+#[allow(dead_code)]
+pub(crate) fn thread_cpu_seconds(pid: u32, name: &str) -> f64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0.0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("stat")).ok())
+        .find(|stat| {
+            stat.find('(')
+                .zip(stat.rfind(')'))
+                .is_some_and(|(open, close)| stat[open + 1..close].starts_with(name))
+        })
+        .map_or(0.0, |stat| stat_cpu_seconds(&stat))
+}
+
+/// utime + stime of a `stat` line, in seconds.
+fn stat_cpu_seconds(stat: &str) -> f64 {
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line: 11 and 12 of the rest.
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    ticks as f64 / clock_ticks_per_second()
+}
+
+fn clock_ticks_per_second() -> f64 {
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(100.0)
+    })
+}
+
+/// The three load averages.
+#[allow(dead_code)]
+pub(crate) fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Waits (at most 90 s) for the 1-minute load average to fall under 1, so that a build
+/// or another run does not weigh on the measurement; returns the load average then.
+#[allow(dead_code)]
+pub(crate) fn settle() -> String {
+    for _ in 0..18 {
+        let one: f64 = load_average()
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
+        if one < 1.0 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_secs(5));
+    }
+    load_average()
+}
+
+/// Open descriptors of `pid`.
+#[allow(dead_code)]
+pub(crate) fn open_files(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// The soft and hard limits on open files of this process.
+#[allow(dead_code)]
+pub(crate) fn nofile_limits() -> (u64, u64) {
+    let limits = std::fs::read_to_string("/proc/self/limits").unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let mut values = line["Max open files".len()..]
+        .split_whitespace()
+        .map(|v| v.parse().unwrap_or(u64::MAX));
+    (values.next().unwrap(), values.next().unwrap())
+}
