@@ -18,13 +18,13 @@
 
 use std::cell::RefCell;
 
-use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata};
 use ring::hmac;
 
 use super::StoreError;
 use super::records::{self, AuditCheckpoint, AuditEntry};
+use super::rows::{CHUNK, Rows, RowsMut};
 use super::seal::{SealError, Sealer};
-use super::tables::{AUDIT_CHECKPOINT, AUDIT_CHECKPOINT_KEY, AUDIT_EVENTS, SECRETS};
+use super::tables::{AUDIT_CHECKPOINT_KEY, AUDIT_CHECKPOINT_NAME, AUDIT_EVENTS_NAME, SECRETS_NAME};
 
 /// The name of the chain key in the secrets table.
 pub(crate) const SECRET_AUDIT_CHAIN_KEY: &str = "audit/chain-key";
@@ -51,9 +51,30 @@ fn sealed_err(source: SealError) -> StoreError {
 }
 
 impl ChainKey {
-    /// Reads the chain key from `secrets.v1`, creating it (durably) on first use.
-    pub(super) fn load_or_create(db: &redb::Database, sealer: &Sealer) -> Result<Self, StoreError> {
-        if let Some(key) = Self::read(db, sealer)? {
+    /// Reads the chain key from `secrets.v1`, if the store has one.
+    pub(super) fn read(rows: &dyn Rows, sealer: &Sealer) -> Result<Option<Self>, StoreError> {
+        let Some(sealed) = rows.get(SECRETS_NAME, SECRET_AUDIT_CHAIN_KEY)? else {
+            return Ok(None);
+        };
+        let raw = sealer
+            .open(SECRETS_NAME, SECRET_AUDIT_CHAIN_KEY.as_bytes(), &sealed)
+            .map_err(sealed_err)?;
+        Self::from_raw(&raw).map(Some)
+    }
+
+    /// Reads the chain key of a store that must have one already (opened read-only).
+    pub(super) fn load(rows: &dyn Rows, sealer: &Sealer) -> Result<Self, StoreError> {
+        Self::read(rows, sealer)?.ok_or_else(|| StoreError::Decode {
+            table: "secrets.v1",
+            key: SECRET_AUDIT_CHAIN_KEY.into(),
+            reason: "the audit chain key is missing".into(),
+        })
+    }
+
+    /// Reads the chain key, or makes a new one and stores it in `rows` (durable when
+    /// their transaction commits).
+    pub(super) fn read_or_create(rows: &dyn RowsMut, sealer: &Sealer) -> Result<Self, StoreError> {
+        if let Some(key) = Self::read(rows, sealer)? {
             return Ok(key);
         }
         let mut raw = vec![0u8; 32];
@@ -62,36 +83,8 @@ impl ChainKey {
         let sealed = sealer
             .seal(SECRETS_NAME, SECRET_AUDIT_CHAIN_KEY.as_bytes(), &raw)
             .map_err(sealed_err)?;
-        let tx = super::begin_durable_write(db)?;
-        tx.open_table(SECRETS)?
-            .insert(SECRET_AUDIT_CHAIN_KEY, sealed.as_slice())?;
-        tx.commit()?;
+        rows.put(SECRETS_NAME, SECRET_AUDIT_CHAIN_KEY, &sealed)?;
         Self::from_raw(&raw)
-    }
-
-    /// Reads the chain key of a file opened read-only, which must have one already.
-    pub(super) fn load(db: &impl ReadableDatabase, sealer: &Sealer) -> Result<Self, StoreError> {
-        Self::read(db, sealer)?.ok_or_else(|| StoreError::Decode {
-            table: "secrets.v1",
-            key: SECRET_AUDIT_CHAIN_KEY.into(),
-            reason: "the audit chain key is missing".into(),
-        })
-    }
-
-    fn read(db: &impl ReadableDatabase, sealer: &Sealer) -> Result<Option<Self>, StoreError> {
-        let tx = db.begin_read()?;
-        let table = tx.open_table(SECRETS)?;
-        let Some(sealed) = table.get(SECRET_AUDIT_CHAIN_KEY)? else {
-            return Ok(None);
-        };
-        let raw = sealer
-            .open(
-                SECRETS_NAME,
-                SECRET_AUDIT_CHAIN_KEY.as_bytes(),
-                sealed.value(),
-            )
-            .map_err(sealed_err)?;
-        Self::from_raw(&raw).map(Some)
     }
 
     fn from_raw(raw: &[u8]) -> Result<Self, StoreError> {
@@ -123,8 +116,6 @@ impl ChainKey {
         to_array(ctx.sign().as_ref())
     }
 }
-
-const SECRETS_NAME: &str = "secrets.v1";
 
 fn to_array(bytes: &[u8]) -> [u8; TAG_LEN] {
     let mut out = [0u8; TAG_LEN];
@@ -210,27 +201,19 @@ pub struct ChainBreak {
 
 /// Where the next record goes, read from the log's last row, else from the pruning
 /// checkpoint, else the start of a new log.
-pub(super) fn head(
-    tx: &redb::WriteTransaction,
-    events: &redb::Table<'_, u64, &'static [u8]>,
-) -> Result<Head, StoreError> {
-    if let Some((seq, value)) = events.last()? {
-        let seq = seq.value();
-        let (tag, _) = split_row(seq, value.value())?;
+pub(super) fn head(rows: &dyn Rows) -> Result<Head, StoreError> {
+    if let Some((seq, value)) = rows.log_newest(1)?.pop() {
+        let (tag, _) = split_row(seq, &value)?;
         return Ok(Head {
             next_seq: seq + 1,
             prev: tag,
         });
     }
-    let checkpoint = tx.open_table(AUDIT_CHECKPOINT)?;
-    Ok(match checkpoint.get(AUDIT_CHECKPOINT_KEY)? {
-        Some(value) => {
-            let cp = decode_checkpoint(value.value())?;
-            Head {
-                next_seq: cp.next_seq,
-                prev: cp.prev,
-            }
-        }
+    Ok(match checkpoint(rows)? {
+        Some(cp) => Head {
+            next_seq: cp.next_seq,
+            prev: cp.prev,
+        },
         None => Head {
             next_seq: 1,
             prev: [0; TAG_LEN],
@@ -238,11 +221,17 @@ pub(super) fn head(
     })
 }
 
+fn checkpoint(rows: &dyn Rows) -> Result<Option<AuditCheckpoint>, StoreError> {
+    rows.get(AUDIT_CHECKPOINT_NAME, AUDIT_CHECKPOINT_KEY)?
+        .map(|value| decode_checkpoint(&value))
+        .transpose()
+}
+
 /// Appends `entry` at `head`: sets its `prev`, tags it and inserts it. Returns its
 /// sequence number and the head after it.
 pub(super) fn append(
     chain: &ChainKey,
-    events: &mut redb::Table<'_, u64, &'static [u8]>,
+    rows: &dyn RowsMut,
     head: Head,
     entry: &mut AuditEntry,
 ) -> Result<(u64, Head), StoreError> {
@@ -252,7 +241,7 @@ pub(super) fn append(
     let mut row = Vec::with_capacity(TAG_LEN + record.len());
     row.extend_from_slice(&tag);
     row.extend_from_slice(&record);
-    events.insert(head.next_seq, row.as_slice())?;
+    rows.log_put(head.next_seq, &row)?;
     Ok((
         head.next_seq,
         Head {
@@ -265,39 +254,41 @@ pub(super) fn append(
 /// Removes up to `max` of the oldest records whose time is before `before_ms`, and
 /// moves the checkpoint past them. Stops at the first record that is recent enough.
 pub(super) fn prune(
-    tx: &redb::WriteTransaction,
+    rows: &dyn RowsMut,
     chain: &ChainKey,
-    events: &mut redb::Table<'_, u64, &'static [u8]>,
     before_ms: u64,
     max: u64,
 ) -> Result<Pruned, StoreError> {
     let mut last: Option<(u64, [u8; TAG_LEN], u64)> = None;
     let mut removed = 0u64;
     let mut more = false;
-    for row in events.iter()? {
-        let (seq, value) = row?;
-        let seq = seq.value();
-        let (tag, record) = split_row(seq, value.value())?;
-        let entry = decode_entry(seq, record)?;
-        if entry.time_ms >= before_ms {
+    let mut from = 0;
+    'walk: loop {
+        let chunk = rows.log_from(from, CHUNK)?;
+        let done = chunk.len() < CHUNK;
+        for (seq, value) in chunk {
+            let (tag, record) = split_row(seq, &value)?;
+            let entry = decode_entry(seq, record)?;
+            if entry.time_ms >= before_ms {
+                break 'walk;
+            }
+            if removed == max {
+                more = true;
+                break 'walk;
+            }
+            last = Some((seq, tag, entry.time_ms));
+            removed += 1;
+            from = seq + 1;
+        }
+        if done {
             break;
         }
-        if removed == max {
-            more = true;
-            break;
-        }
-        last = Some((seq, tag, entry.time_ms));
-        removed += 1;
     }
     let Some((last_seq, last_tag, last_time)) = last else {
         return Ok(Pruned { removed: 0, more });
     };
-    events.retain_in(..=last_seq, |_, _| false)?;
-    let mut checkpoints = tx.open_table(AUDIT_CHECKPOINT)?;
-    let pruned_before = match checkpoints.get(AUDIT_CHECKPOINT_KEY)? {
-        Some(value) => decode_checkpoint(value.value())?.pruned,
-        None => 0,
-    };
+    rows.log_remove_through(last_seq)?;
+    let pruned_before = checkpoint(rows)?.map_or(0, |cp| cp.pruned);
     let mut cp = AuditCheckpoint {
         next_seq: last_seq + 1,
         prev: last_tag,
@@ -306,9 +297,10 @@ pub(super) fn prune(
         tag: [0; TAG_LEN],
     };
     cp.tag = chain.checkpoint_tag(&cp);
-    checkpoints.insert(
+    rows.put(
+        AUDIT_CHECKPOINT_NAME,
         AUDIT_CHECKPOINT_KEY,
-        records::encode_audit_checkpoint(&cp).as_slice(),
+        &records::encode_audit_checkpoint(&cp),
     )?;
     Ok(Pruned { removed, more })
 }
@@ -320,68 +312,61 @@ pub type AuditFilter<'f> = &'f dyn Fn(&AuditEntry) -> bool;
 /// `scan` rows (so a filter that matches rarely still answers quickly; the caller
 /// continues from `next`).
 pub(super) fn page(
-    tx: &redb::ReadTransaction,
+    rows: &dyn Rows,
     after: u64,
     limit: usize,
     scan: usize,
     filter: AuditFilter<'_>,
 ) -> Result<AuditPage, StoreError> {
-    let events = tx.open_table(AUDIT_EVENTS)?;
     let mut page = AuditPage::default();
     let mut last_seen = None;
-    let start = after.saturating_add(1);
-    for (scanned, row) in events.range(start..)?.enumerate() {
-        if page.entries.len() == limit || scanned == scan {
-            page.next = last_seen;
+    let mut scanned = 0;
+    let mut from = after.saturating_add(1);
+    loop {
+        // One row past the scan budget tells whether the page ends the log.
+        let want = (scan - scanned).saturating_add(1).min(CHUNK);
+        let chunk = rows.log_from(from, want)?;
+        let done = chunk.len() < want;
+        for (seq, value) in chunk {
+            if page.entries.len() == limit || scanned == scan {
+                page.next = last_seen;
+                return Ok(page);
+            }
+            scanned += 1;
+            last_seen = Some(seq);
+            from = seq.saturating_add(1);
+            let (_, record) = split_row(seq, &value)?;
+            let entry = decode_entry(seq, record)?;
+            if filter(&entry) {
+                page.entries.push((seq, entry));
+            }
+        }
+        if done {
             return Ok(page);
         }
-        let (seq, value) = row?;
-        let seq = seq.value();
-        last_seen = Some(seq);
-        let (_, record) = split_row(seq, value.value())?;
-        let entry = decode_entry(seq, record)?;
-        if filter(&entry) {
-            page.entries.push((seq, entry));
-        }
     }
-    Ok(page)
 }
 
 /// The newest `count` entries, oldest first (for `audit tail`).
-pub(super) fn last(
-    tx: &redb::ReadTransaction,
-    count: usize,
-) -> Result<Vec<(u64, AuditEntry)>, StoreError> {
-    let events = tx.open_table(AUDIT_EVENTS)?;
+pub(super) fn last(rows: &dyn Rows, count: usize) -> Result<Vec<(u64, AuditEntry)>, StoreError> {
     let mut out = Vec::with_capacity(count.min(1024));
-    for row in events.iter()?.rev().take(count) {
-        let (seq, value) = row?;
-        let seq = seq.value();
-        let (_, record) = split_row(seq, value.value())?;
+    for (seq, value) in rows.log_newest(count)? {
+        let (_, record) = split_row(seq, &value)?;
         out.push((seq, decode_entry(seq, record)?));
     }
     out.reverse();
     Ok(out)
 }
 
-/// How many records the log holds now.
-pub(super) fn len(tx: &redb::ReadTransaction) -> Result<u64, StoreError> {
-    Ok(tx.open_table(AUDIT_EVENTS)?.len()?)
-}
-
 /// Walks the whole log and checks every tag and link; `progress` is called with the
 /// number of records checked so far and the total.
 pub(super) fn verify(
-    tx: &redb::ReadTransaction,
+    rows: &dyn Rows,
     chain: &ChainKey,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<ChainReport, StoreError> {
-    let events = tx.open_table(AUDIT_EVENTS)?;
-    let total = events.len()?;
-    let checkpoint = match tx.open_table(AUDIT_CHECKPOINT)?.get(AUDIT_CHECKPOINT_KEY)? {
-        Some(value) => Some(decode_checkpoint(value.value())?),
-        None => None,
-    };
+    let total = rows.count(AUDIT_EVENTS_NAME)?;
+    let checkpoint = checkpoint(rows)?;
     let mut report = ChainReport {
         records: 0,
         first_seq: None,
@@ -402,60 +387,69 @@ pub(super) fn verify(
         }
         None => (1, [0; TAG_LEN]),
     };
-    for row in events.iter()? {
-        let (seq, value) = row?;
-        let seq = seq.value();
-        report.first_seq.get_or_insert(seq);
-        let bytes = value.value();
-        let broken = |reason: String| ChainBreak { seq, reason };
-        if seq != expected_seq {
-            report.broken = Some(if seq > expected_seq {
-                ChainBreak {
-                    seq: expected_seq,
-                    reason: if seq == expected_seq + 1 {
-                        format!("record {expected_seq} is missing")
-                    } else {
-                        format!("records {expected_seq} to {} are missing", seq - 1)
-                    },
-                }
-            } else {
-                broken(format!("record {seq} precedes the pruning checkpoint"))
-            });
-            return Ok(report);
-        }
-        let Ok((tag, record)) = split_row(seq, bytes) else {
-            report.broken = Some(broken(format!("record {seq} is truncated")));
-            return Ok(report);
-        };
-        if chain.record_tag(seq, record) != tag {
-            report.broken = Some(broken(format!(
-                "record {seq} was altered (its tag does not match)"
-            )));
-            return Ok(report);
-        }
-        let prev = match records::decode_audit_entry(record) {
-            Ok(entry) => entry.prev,
-            Err(err) => {
-                report.broken = Some(broken(format!("record {seq} does not decode: {err}")));
+    let mut from = 0;
+    loop {
+        let chunk = rows.log_from(from, CHUNK)?;
+        let done = chunk.len() < CHUNK;
+        for (seq, bytes) in chunk {
+            from = seq.saturating_add(1);
+            report.first_seq.get_or_insert(seq);
+            if let Some(broken) = check_link(chain, seq, &bytes, expected_seq, &expected_prev) {
+                report.broken = Some(broken);
                 return Ok(report);
             }
-        };
-        if prev != expected_prev {
-            report.broken = Some(broken(format!(
-                "record {seq} does not follow the record before it"
-            )));
-            return Ok(report);
+            let (tag, _) = split_row(seq, &bytes)?;
+            report.records += 1;
+            report.head = Some((seq, data_encoding::HEXLOWER.encode(&tag)));
+            expected_seq = seq + 1;
+            expected_prev = tag;
+            if report.records.is_multiple_of(4096) {
+                progress(report.records, total);
+            }
         }
-        report.records += 1;
-        report.head = Some((seq, data_encoding::HEXLOWER.encode(&tag)));
-        expected_seq = seq + 1;
-        expected_prev = tag;
-        if report.records.is_multiple_of(4096) {
-            progress(report.records, total);
+        if done {
+            break;
         }
     }
     progress(report.records, total);
     Ok(report)
+}
+
+/// Why the row `seq` does not continue the chain at `expected_seq` after a record
+/// tagged `expected_prev`, if it does not.
+fn check_link(
+    chain: &ChainKey,
+    seq: u64,
+    bytes: &[u8],
+    expected_seq: u64,
+    expected_prev: &[u8; TAG_LEN],
+) -> Option<ChainBreak> {
+    let broken = |reason: String| Some(ChainBreak { seq, reason });
+    if seq != expected_seq {
+        return if seq > expected_seq {
+            Some(ChainBreak {
+                seq: expected_seq,
+                reason: if seq == expected_seq + 1 {
+                    format!("record {expected_seq} is missing")
+                } else {
+                    format!("records {expected_seq} to {} are missing", seq - 1)
+                },
+            })
+        } else {
+            broken(format!("record {seq} precedes the pruning checkpoint"))
+        };
+    }
+    let Ok((tag, record)) = split_row(seq, bytes) else {
+        return broken(format!("record {seq} is truncated"));
+    };
+    if chain.record_tag(seq, record) != tag {
+        return broken(format!("record {seq} was altered (its tag does not match)"));
+    }
+    match records::decode_audit_entry(record) {
+        Ok(entry) if entry.prev == *expected_prev => None,
+        Ok(_) => broken(format!("record {seq} does not follow the record before it")),
+        Err(err) => broken(format!("record {seq} does not decode: {err}")),
+    }
 }
 
 #[cfg(test)]

@@ -19,6 +19,8 @@ mod backup;
 mod contain;
 mod migrate;
 pub mod records;
+mod redb_rows;
+mod rows;
 pub mod seal;
 mod tables;
 mod tx;
@@ -39,11 +41,10 @@ pub use audit_chain::{AuditFilter, AuditPage, ChainBreak, ChainReport, Pruned};
 pub use backup::{BackupInfo, in_use, inspect};
 use gatehouse_clock::Clock;
 pub use migrate::Migrated;
+use redb_rows::{RedbRead, RedbWrite};
 use seal::{MasterKey, SealError, Sealer, sync_parent_dir};
 pub use tables::{ALL_TABLES, FORMAT_VERSION, MASTER_KEY_CHECK_PLAINTEXT};
-use tables::{
-    META, META_CREATED_AT, META_FORMAT_VERSION, META_INSTANCE_ID, META_MASTER_KEY_CHECK, SECRETS,
-};
+use tables::{META, META_CREATED_AT, META_FORMAT_VERSION, META_INSTANCE_ID, META_MASTER_KEY_CHECK};
 pub use tx::{
     BANS, CLIENTS, DEVICE_FAMILIES, DEVICES, DEVICES_BY_AGE, FAMILY_REVOCATIONS, Index, JOBS,
     PAIRING_SESSIONS, RATE_WINDOWS, REFRESH_TOKENS, REVOKED_TOKENS, ReadTx, Records, SIGNING_KEYS,
@@ -264,10 +265,7 @@ impl Store {
             }
         };
         let (info, chain) = contain::contain(path, || {
-            Ok((
-                read_instance_info(&db, path)?,
-                ChainKey::load_or_create(&db, &sealer)?,
-            ))
+            Ok((read_instance_info(&db, path)?, chain_key(&db, &sealer)?))
         })?;
         Ok((Self::start(db, path, sealer, chain, info)?, report))
     }
@@ -344,7 +342,7 @@ impl Store {
             }
             drop(tx);
             let info = read_instance_info(&db, path)?;
-            let chain = ChainKey::load(&db, &sealer)?;
+            let chain = ChainKey::load(&RedbRead(&db.begin_read()?), &sealer)?;
             Ok((db, info, chain))
         })?;
         Ok(Self {
@@ -417,7 +415,7 @@ impl Store {
         self.with_sealer(|sealer| {
             let tx = self.shared.db.begin_read()?;
             f(&ReadTx {
-                tx: &tx,
+                rows: &RedbRead(&tx),
                 sealer,
                 chain: &self.shared.chain,
             })
@@ -816,30 +814,38 @@ fn read_instance_info(db: &impl ReadableDatabase, path: &Path) -> Result<Instanc
     })
 }
 
-/// Re-seals every secret and the check value under `new` inside `tx` (see `writer.rs`).
-fn rekey_in(tx: &redb::WriteTransaction, old: &Sealer, new: &Sealer) -> Result<u64, StoreError> {
-    let mut secrets = tx.open_table(SECRETS)?;
+/// The audit chain key, made and stored (durably) at the first open of a file.
+fn chain_key(db: &redb::Database, sealer: &Sealer) -> Result<ChainKey, StoreError> {
+    if let Some(key) = ChainKey::read(&RedbRead(&db.begin_read()?), sealer)? {
+        return Ok(key);
+    }
+    let tx = begin_durable_write(db)?;
+    let key = ChainKey::read_or_create(&RedbWrite::new(&tx), sealer)?;
+    tx.commit()?;
+    Ok(key)
+}
+
+/// Re-seals every secret and the check value under `new` in `rows` (see `writer.rs`).
+fn rekey_in(rows: &dyn rows::RowsMut, old: &Sealer, new: &Sealer) -> Result<u64, StoreError> {
+    use tables::{META_NAME, SECRETS_NAME};
     let mut resealed = Vec::new();
-    for row in secrets.iter()? {
-        let (key, value) = row?;
-        let name = key.value().to_string();
+    for (name, value) in rows.scan(SECRETS_NAME, rows::Scan::all())? {
         let sealed_err = |source| StoreError::SealedValue {
-            table: "secrets.v1",
+            table: SECRETS_NAME,
             key: name.clone(),
             source,
         };
         let plain = old
-            .open(SECRETS.name(), name.as_bytes(), value.value())
+            .open(SECRETS_NAME, name.as_bytes(), &value)
             .map_err(sealed_err)?;
         let again = new
-            .seal(SECRETS.name(), name.as_bytes(), &plain)
+            .seal(SECRETS_NAME, name.as_bytes(), &plain)
             .map_err(sealed_err)?;
         resealed.push((name, again));
     }
     for (name, sealed) in &resealed {
-        secrets.insert(name.as_str(), sealed.as_slice())?;
+        rows.put(SECRETS_NAME, name, sealed)?;
     }
-    tx.open_table(META)?
-        .insert(META_MASTER_KEY_CHECK, seal_check(new)?.as_slice())?;
+    rows.put(META_NAME, META_MASTER_KEY_CHECK, &seal_check(new)?)?;
     Ok(resealed.len() as u64)
 }

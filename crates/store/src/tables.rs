@@ -13,7 +13,8 @@ pub const FORMAT_VERSION: u32 = 8;
 /// Instance facts: format version, instance id, creation time, master-key check value.
 /// Keys are the `META_*` constants. `format_version` is 4 bytes little-endian so that it
 /// can be read by any future build without knowing postcard; other values are postcard.
-pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new(META_NAME);
+pub(crate) const META_NAME: &str = "meta";
 
 pub(crate) const META_FORMAT_VERSION: &str = "format_version";
 pub(crate) const META_INSTANCE_ID: &str = "instance_id";
@@ -27,14 +28,14 @@ pub(crate) const META_ISSUER: &str = "issuer";
 /// Every sealed secret of the instance, keyed by a namespaced name (`"tls/self-signed"`).
 /// Values are sealed (AAD = table name + key). Keeping every sealed value in this one
 /// table is what lets `rekey` re-seal everything in one pass.
-pub(crate) const SECRETS: TableDefinition<&str, &[u8]> = TableDefinition::new("secrets.v1");
+pub(crate) const SECRETS_NAME: &str = "secrets.v1";
 
 /// Admin tokens, keyed by token id (16 lowercase hex characters). Values: `AdminTokenRecord`.
 pub(crate) const ADMIN_TOKENS: TableDefinition<&str, &[u8]> =
     TableDefinition::new("admin_tokens.v1");
 
 /// Signing keys by `kid` (RFC 7638 thumbprint): public half and life. Values:
-/// `SigningKeyRecord`. The private half is sealed in `SECRETS` as `signing-key/<kid>`.
+/// `SigningKeyRecord`. The private half is sealed in `secrets.v1` as `signing-key/<kid>`.
 pub(crate) const SIGNING_KEYS: TableDefinition<&str, &[u8]> =
     TableDefinition::new("signing_keys.v1");
 
@@ -79,13 +80,15 @@ pub(crate) const RATE_WINDOWS: TableDefinition<&str, &[u8]> =
 /// reused). Values: a 32-byte HMAC-SHA256 tag followed by an `AuditEntryRecord`; the
 /// chain and its key are described in `schema/data-file.md`.
 pub(crate) const AUDIT_EVENTS: TableDefinition<u64, &[u8]> =
-    TableDefinition::new("audit_events.v1");
+    TableDefinition::new(AUDIT_EVENTS_NAME);
+pub(crate) const AUDIT_EVENTS_NAME: &str = "audit_events.v1";
 
 /// The audit log's pruning checkpoint (one row, key `AUDIT_CHECKPOINT_KEY`): where the
 /// remaining log starts and the tag of the last record pruned. Values:
 /// `AuditCheckpointRecord`.
 pub(crate) const AUDIT_CHECKPOINT: TableDefinition<&str, &[u8]> =
-    TableDefinition::new("audit_checkpoint.v1");
+    TableDefinition::new(AUDIT_CHECKPOINT_NAME);
+pub(crate) const AUDIT_CHECKPOINT_NAME: &str = "audit_checkpoint.v1";
 pub(crate) const AUDIT_CHECKPOINT_KEY: &str = "checkpoint";
 
 /// Bans from brute-force lockout, written through. Keyed by the subject's text form

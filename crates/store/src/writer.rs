@@ -28,6 +28,7 @@ use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::{mpsc, oneshot};
 
 use super::audit_chain::ChainKey;
+use super::redb_rows::RedbWrite;
 use super::seal::Sealer;
 use super::tx::WriteTx;
 use super::{StoreError, begin_durable_write, rekey_in};
@@ -151,7 +152,8 @@ fn run_batch(
     let attempt = (|| -> Result<bool, StoreError> {
         let tx = begin_durable_write(&ctx.db)?;
         let all_ok = {
-            let wtx = WriteTx::new(&tx, &sealer, &ctx.chain);
+            let rows = RedbWrite::new(&tx);
+            let wtx = WriteTx::new(&rows, &sealer, &ctx.chain);
             let mut all_ok = batch[0].apply(&wtx);
             let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
             let mut cx = Context::from_waker(&waker);
@@ -229,7 +231,8 @@ fn commit_batch(ctx: &WriterContext, mut batch: Vec<Box<dyn PendingWrite>>) {
     let attempt = (|| -> Result<bool, StoreError> {
         let tx = begin_durable_write(&ctx.db)?;
         let all_ok = {
-            let wtx = WriteTx::new(&tx, &sealer, &ctx.chain);
+            let rows = RedbWrite::new(&tx);
+            let wtx = WriteTx::new(&rows, &sealer, &ctx.chain);
             batch.iter_mut().all(|job| job.apply(&wtx))
         };
         if !all_ok {
@@ -276,7 +279,11 @@ fn finish_batch(
 fn run_rekey(ctx: &WriterContext, new_sealer: Arc<Sealer>) -> Result<u64, StoreError> {
     let old = current_sealer(ctx);
     let tx = begin_durable_write(&ctx.db)?;
-    let count = match rekey_in(&tx, &old, &new_sealer) {
+    let resealed = {
+        let rows = RedbWrite::new(&tx);
+        rekey_in(&rows, &old, &new_sealer)
+    };
+    let count = match resealed {
         Ok(count) => count,
         Err(err) => {
             tx.abort()?;
