@@ -30,6 +30,7 @@ mod interop;
 mod jwt_negative;
 mod layers;
 mod lockout;
+mod postgres;
 mod proxy;
 mod ratelimit;
 mod restore;
