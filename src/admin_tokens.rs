@@ -49,7 +49,8 @@ impl Classify for AdminTokenError {
             Self::NotFound(_) => ErrorKind::NotFound,
             Self::AlreadyRevoked(_) => ErrorKind::Conflict,
             Self::BadName(_) => ErrorKind::Invalid,
-            Self::Random | Self::Store(_) => ErrorKind::Internal,
+            Self::Random => ErrorKind::Internal,
+            Self::Store(err) => err.kind(),
         }
     }
 }

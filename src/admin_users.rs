@@ -59,7 +59,8 @@ impl Classify for AdminUserError {
             Self::Exists(_) => ErrorKind::Conflict,
             Self::NotFound(_) => ErrorKind::NotFound,
             Self::Refused => ErrorKind::Unauthenticated,
-            Self::Hash(_) | Self::Store(_) => ErrorKind::Internal,
+            Self::Hash(_) => ErrorKind::Internal,
+            Self::Store(err) => err.kind(),
         }
     }
 }

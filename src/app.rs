@@ -24,7 +24,7 @@ use crate::pairing::ServerIdentity;
 use crate::schedule::Background;
 use crate::services::{self, Services, ServicesError};
 use crate::store::seal::{MasterKey, SealError};
-use crate::store::{OpenReport, Store, StoreError};
+use crate::store::{OpenReport, PostgresTarget, Store, StoreError};
 use crate::tls::{self, Tls, TlsError};
 
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +58,11 @@ pub enum AppError {
     WrongMasterKey { source: StoreError, hint: String },
     #[error("no data file at {0}: start the server once (gatehouse serve), or pass --data")]
     NoDataFile(PathBuf),
+    #[error("cannot read the database password from {path}: {source}")]
+    PasswordFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     MasterKey(#[from] SealError),
     #[error(transparent)]
@@ -128,6 +133,55 @@ pub(crate) fn load_master_key(config: &Config) -> Result<MasterKey, AppError> {
     }
 }
 
+/// The PostgreSQL database `storage.url` names, with its password: the first line of
+/// `storage.password_file`, else the line of PostgreSQL's own password file that
+/// matches (as libpq reads it), else none (the server may trust the connection).
+pub(crate) fn storage_target(config: &Config) -> Result<Option<PostgresTarget>, AppError> {
+    let Some(url) = &config.storage.url else {
+        return Ok(None);
+    };
+    postgres_target(url, &config.storage).map(Some)
+}
+
+/// `storage_target` for a URL given on its own (`storage copy --to`).
+pub(crate) fn postgres_target(
+    url: &str,
+    storage: &crate::config::StorageConfig,
+) -> Result<PostgresTarget, AppError> {
+    let mut target = PostgresTarget {
+        url: url.to_string(),
+        password: None,
+    };
+    if let Some(path) = &storage.password_file {
+        let text = std::fs::read_to_string(path).map_err(|source| AppError::PasswordFile {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let first = text.lines().next().unwrap_or_default().to_string();
+        target.password = (!first.is_empty()).then_some(first);
+        return Ok(target);
+    }
+    let Some(pgpass) = &storage.pgpass else {
+        return Ok(target);
+    };
+    let Ok(meta) = std::fs::metadata(pgpass) else {
+        return Ok(target);
+    };
+    // libpq ignores a password file that others may read; so does gatehouse.
+    use std::os::unix::fs::PermissionsExt;
+    if meta.permissions().mode() & 0o077 != 0 {
+        tracing::warn!(file = %pgpass.display(), "the PostgreSQL password file can be read by group or others; it is ignored (chmod 600 it)");
+        return Ok(target);
+    }
+    let text = std::fs::read_to_string(pgpass).map_err(|source| AppError::PasswordFile {
+        path: pgpass.clone(),
+        source,
+    })?;
+    let (host, port, db, user) = target.identity()?;
+    target.password = crate::store::pgpass_lookup(&text, &host, port, &db, &user);
+    Ok(target)
+}
+
 /// Opens (or creates) the data file for `config`, logging what happened.
 pub(crate) async fn open_store(config: &Config, clock: SharedClock) -> Result<Store, AppError> {
     open_store_with_report(config, clock)
@@ -146,9 +200,16 @@ async fn open_store_with_report(
             "the master key sits beside the data file: whoever copies that directory has both"
         );
     }
-    let path = config.data_path.clone();
-    let opened =
-        tokio::task::spawn_blocking(move || Store::open(&path, &key, clock.as_ref())).await?;
+    let opened = match storage_target(config)? {
+        Some(target) => {
+            tokio::task::spawn_blocking(move || Store::open_postgres(&target, &key, clock.as_ref()))
+                .await?
+        }
+        None => {
+            let path = config.data_path.clone();
+            tokio::task::spawn_blocking(move || Store::open(&path, &key, clock.as_ref())).await?
+        }
+    };
     let (store, report) = opened.map_err(|err| match err {
         StoreError::WrongMasterKey { .. } => AppError::WrongMasterKey {
             source: err,
@@ -165,7 +226,7 @@ pub(crate) async fn open_existing_store(
     config: &Config,
     clock: SharedClock,
 ) -> Result<Store, AppError> {
-    if !config.data_path.exists() {
+    if config.storage.url.is_none() && !config.data_path.exists() {
         return Err(AppError::NoDataFile(config.data_path.clone()));
     }
     match open_store(config, clock).await {

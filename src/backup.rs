@@ -78,7 +78,8 @@ impl Classify for BackupError {
         match self {
             Self::BadBackup { .. } => ErrorKind::Invalid,
             Self::InUse(_) => ErrorKind::Conflict,
-            Self::Store(_) | Self::Io { .. } | Self::Task(_) => ErrorKind::Internal,
+            Self::Store(err) => err.kind(),
+            Self::Io { .. } | Self::Task(_) => ErrorKind::Internal,
         }
     }
 }

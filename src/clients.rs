@@ -47,7 +47,8 @@ impl Classify for ClientError {
             Self::NotFound(_) => ErrorKind::NotFound,
             Self::AlreadyRevoked(_) => ErrorKind::Conflict,
             Self::BadName(_) => ErrorKind::Invalid,
-            Self::Random(_) | Self::Store(_) => ErrorKind::Internal,
+            Self::Random(_) => ErrorKind::Internal,
+            Self::Store(err) => err.kind(),
         }
     }
 }

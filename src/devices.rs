@@ -47,7 +47,7 @@ impl Classify for DeviceError {
         match self {
             Self::NotFound(_) => ErrorKind::NotFound,
             Self::BadName(_) | Self::BadFilter(_) => ErrorKind::Invalid,
-            Self::Store(_) => ErrorKind::Internal,
+            Self::Store(err) => err.kind(),
         }
     }
 }

@@ -29,6 +29,9 @@ pub(crate) enum ErrorKind {
     Upstream,
     /// The app behind the front door did not answer in time.
     UpstreamTimeout,
+    /// The store cannot be reached now (a database that is down or failing over); the
+    /// request was not completed and may be tried again. Details go to the log.
+    Unavailable,
     /// Something the caller cannot influence failed; details go to the log, not to the
     /// caller.
     Internal,
@@ -47,6 +50,7 @@ impl ErrorKind {
             Self::RateLimited => "rate_limited",
             Self::Upstream => "bad_gateway",
             Self::UpstreamTimeout => "gateway_timeout",
+            Self::Unavailable => "unavailable",
             Self::Internal => "internal_error",
         }
     }
@@ -64,12 +68,31 @@ pub(crate) trait Classify: std::error::Error {
     }
 }
 
-/// A store failure is never the caller's fault: the caller only sees "internal". (The
-/// store is a crate of its own that knows nothing of HTTP or the CLI, so its error is
-/// classified here.)
+/// A store failure is never the caller's fault: the caller sees "unavailable" while the
+/// database cannot be reached (try again), else "internal". (The store is a crate of
+/// its own that knows nothing of HTTP or the CLI, so its error is classified here.)
 impl Classify for gatehouse_store::StoreError {
     fn kind(&self) -> ErrorKind {
-        ErrorKind::Internal
+        use gatehouse_store::StoreError as E;
+        match self {
+            E::Unreachable { .. } | E::InUse { .. } | E::Conflict => ErrorKind::Unavailable,
+            E::Io { .. }
+            | E::Locked { .. }
+            | E::NotADataFile { .. }
+            | E::Corrupt { .. }
+            | E::NewerFormat { .. }
+            | E::WrongMasterKey { .. }
+            | E::ReadOnly { .. }
+            | E::NoMigration { .. }
+            | E::Decode { .. }
+            | E::SealedValue { .. }
+            | E::Database(_)
+            | E::WriterStopped
+            | E::JobPanicked
+            | E::WriteFailed(_)
+            | E::BadStorageUrl { .. }
+            | E::NotEmpty { .. } => ErrorKind::Internal,
+        }
     }
 }
 

@@ -122,9 +122,8 @@ impl Classify for KeyError {
         match self {
             Self::UnknownKey(_) => ErrorKind::NotFound,
             Self::AlreadyRevoked(_) | Self::NextKeyTooNew { .. } => ErrorKind::Conflict,
-            Self::NoActiveKey | Self::Random | Self::BadKey { .. } | Self::Store(_) => {
-                ErrorKind::Internal
-            }
+            Self::Store(err) => err.kind(),
+            Self::NoActiveKey | Self::Random | Self::BadKey { .. } => ErrorKind::Internal,
         }
     }
 }

@@ -101,7 +101,8 @@ impl Classify for PairingError {
             Self::BadTtl(_) | Self::BadName(_) | Self::BadDevice(_) => ErrorKind::Invalid,
             Self::Unreachable(..) => ErrorKind::Conflict,
             Self::Token(err) => err.kind(),
-            Self::Random(_) | Self::Store(_) => ErrorKind::Internal,
+            Self::Random(_) => ErrorKind::Internal,
+            Self::Store(err) => err.kind(),
         }
     }
 

@@ -176,7 +176,8 @@ impl Classify for TokenError {
             Self::InvalidGrant => ErrorKind::Invalid,
             Self::RateLimited(_) => ErrorKind::RateLimited,
             Self::Key(err) => err.kind(),
-            Self::Random(_) | Self::Store(_) => ErrorKind::Internal,
+            Self::Random(_) => ErrorKind::Internal,
+            Self::Store(err) => err.kind(),
         }
     }
 

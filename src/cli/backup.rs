@@ -79,6 +79,14 @@ pub(super) async fn restore(
     backup_key_file: Option<&Path>,
     config: &Config,
 ) -> anyhow::Result<()> {
+    if let Some(url) = &config.storage.url {
+        anyhow::bail!(
+            "restore replaces the data file, and this node's store is the database {url}: \
+             restore a backup into an empty database with \
+             `gatehouse storage copy --from {} --to URL`",
+            file.display()
+        );
+    }
     // Never created here: the restored file must open with a key that already exists.
     let current =
         crate::store::seal::MasterKey::load(&config.master_key.path).with_context(|| {

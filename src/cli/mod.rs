@@ -8,6 +8,7 @@
 mod audit;
 mod backup;
 mod doctor;
+mod storage;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -35,6 +36,9 @@ pub(crate) struct Cli {
     /// The data file [env: GATEHOUSE_DATA] [default: $STATE_DIRECTORY/gatehouse.redb, else ./gatehouse.redb]
     #[arg(long, global = true, value_name = "PATH")]
     data: Option<PathBuf>,
+    /// A PostgreSQL database shared by several nodes instead of the data file, postgres://USER@HOST/DB (password from storage.password_file or ~/.pgpass) [env: GATEHOUSE_STORAGE]
+    #[arg(long, global = true, value_name = "URL")]
+    storage: Option<String>,
     /// A TOML configuration file (see schema/config.md) [env: GATEHOUSE_CONFIG]
     #[arg(long, global = true, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -77,6 +81,22 @@ struct ServeArgs {
     /// Proxies (CIDR or address; repeat or separate with commas) whose X-Forwarded-For and Forwarded headers name the client [env: GATEHOUSE_TRUSTED_PROXIES]
     #[arg(long = "trusted-proxies", value_name = "CIDR")]
     trusted_proxies: Vec<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum StorageCommand {
+    /// Copy a data file (the current one, or a backup) into an empty PostgreSQL
+    /// database, all of it or nothing; nodes then serve it with --storage URL and the
+    /// same master key
+    Copy {
+        /// The data file or backup to copy [default: the data file]
+        #[arg(long, value_name = "FILE")]
+        from: Option<PathBuf>,
+        /// The database, postgres://USER@HOST/DB (password from storage.password_file or
+        /// ~/.pgpass); it must hold no gatehouse data
+        #[arg(long, value_name = "URL")]
+        to: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -139,6 +159,9 @@ enum Commands {
     /// List and run scheduled jobs
     #[command(subcommand)]
     Jobs(JobsCommand),
+    /// Move the store between the data file and a PostgreSQL database
+    #[command(subcommand)]
+    Storage(StorageCommand),
     /// Check the master key, data file, clock, ports, TLS and DNS, and say what to fix
     Doctor,
     /// Re-seal every secret in the data file under a new master key
@@ -348,6 +371,7 @@ pub fn main() -> ExitCode {
     let path = |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string());
     let mut flags = Flags::new(cli.config.clone())
         .with_some("--data", path(&cli.data))
+        .with_some("--storage", cli.storage.clone())
         .with_some("--master-key-file", path(&cli.master_key_file));
     if let Some(a) = serve {
         flags = flags
@@ -478,6 +502,9 @@ async fn run(command: Commands, config: Config) -> anyhow::Result<()> {
             backup_key_file,
         } => backup::restore(&file, backup_key_file.as_deref(), &config).await,
         Commands::Jobs(command) => backup::jobs(command, &config).await,
+        Commands::Storage(StorageCommand::Copy { from, to }) => {
+            storage::copy(from.as_deref(), &to, &config).await
+        }
         Commands::Pair(PairCommand::New { name, ttl, device }) => {
             let command = Command::PairNew {
                 name,
@@ -674,7 +701,7 @@ fn print_token_table(tokens: &[crate::admin_tokens::AdminTokenInfo]) {
 async fn rekey(new_key_file: &std::path::Path, config: &Config) -> anyhow::Result<()> {
     // Checked first so a mistyped --data leaves no stray key file behind. A running
     // server holds an existing file, so this holds on both paths.
-    if !config.data_path.exists() {
+    if config.storage.url.is_none() && !config.data_path.exists() {
         return Err(crate::app::AppError::NoDataFile(config.data_path.clone()).into());
     }
     let key = if new_key_file.exists() {

@@ -30,6 +30,7 @@ pub use jobs::{CronSchedule, JobName, JobsConfig, parse_timezone};
 pub(crate) use routes::{GATEHOUSE_PATHS, under};
 pub use routes::{Route, RouteAuth};
 pub use settings::{Builtin, SETTINGS, Setting};
+pub(crate) use values::storage_url;
 pub use values::{KeyAlgorithm, KeyOrigin, LogFormat, MasterKeySource, Rate, TlsMode, Upstream};
 
 /// The longest a pairing session may stay open, by setting or by request.
@@ -224,6 +225,18 @@ pub(crate) struct BackupConfig {
     pub(crate) keep: usize,
 }
 
+/// Where the store lives when it is not the data file.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub(crate) struct StorageConfig {
+    /// `storage.url`: a PostgreSQL database shared by several nodes.
+    pub(crate) url: Option<String>,
+    /// `storage.password_file`: the database password, on its first line.
+    pub(crate) password_file: Option<PathBuf>,
+    /// PostgreSQL's own password file, read when `password_file` is not set:
+    /// `PGPASSFILE`, else `~/.pgpass` (libpq's order).
+    pub(crate) pgpass: Option<PathBuf>,
+}
+
 /// Audit-log settings.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub(crate) struct AuditConfig {
@@ -265,6 +278,7 @@ pub(crate) struct WsConfig {
 #[derive(Debug, Clone, Default)]
 pub struct Config {
     pub data_path: PathBuf,
+    pub(crate) storage: StorageConfig,
     pub master_key: MasterKeySource,
     pub(crate) admin_socket: PathBuf,
     pub server: ServerConfig,
@@ -613,6 +627,10 @@ impl Config {
                 };
             }
         }
+        self.storage.pgpass = env
+            .get("PGPASSFILE")
+            .map(PathBuf::from)
+            .or_else(|| env.get("HOME").map(|home| Path::new(home).join(".pgpass")));
         if !self.given("backup.dir") {
             self.backup.dir = self
                 .data_path

@@ -12,7 +12,7 @@ use super::jobs::{JobName, job_list, job_schedule, parse_timezone};
 use super::values::{
     Address, AddressOrOff, Choice, Custom, FilePath, KeyAlgorithm, LETSENCRYPT, LogFormat,
     MasterKeySource, Parser, RateSpec, Span, Switch, TlsMode, Whole, acme_directory, audience,
-    domains, eab_kid, email, issuer, log_level, networks, origins, upstream_url,
+    domains, eab_kid, email, issuer, log_level, networks, origins, storage_url, upstream_url,
 };
 use super::{Config, PAIRING_MAX_TTL};
 
@@ -133,6 +133,29 @@ pub static SETTINGS: &[Setting] = &[
         "the data file",
         FilePath,
         |c, v| c.data_path = v
+    ),
+    setting!(
+        "storage.url",
+        "GATEHOUSE_STORAGE",
+        Some("--storage"),
+        Unset,
+        "a PostgreSQL database that several nodes share, postgres://USER@HOST/DB (no password in it); without it, the data file",
+        Custom {
+            what: "postgres:// URL",
+            parse: storage_url
+        },
+        |c, v| c.storage.url = Some(v)
+    ),
+    setting!(
+        "storage.password_file",
+        "GATEHOUSE_STORAGE_PASSWORD_FILE",
+        None,
+        Derived(
+            "PostgreSQL's password file (PGPASSFILE, else ~/.pgpass), if it has a line for the URL"
+        ),
+        "the file holding the database password (its first line)",
+        FilePath,
+        |c, v| c.storage.password_file = Some(v)
     ),
     setting!(
         "master_key_file",

@@ -571,3 +571,37 @@ pub(super) fn audience(v: &str) -> Result<String, String> {
     }
     Ok(v.to_string())
 }
+
+/// `storage.url`: a `postgres://USER@HOST[:PORT]/DB[?…]` URL naming its user and holding
+/// no password (a password there would show in process lists, logs and unit files).
+pub(crate) fn storage_url(text: &str) -> Result<String, String> {
+    let Some(rest) = text
+        .strip_prefix("postgres://")
+        .or_else(|| text.strip_prefix("postgresql://"))
+    else {
+        return Err(format!(
+            "{text:?}: a storage URL starts with postgres:// (PostgreSQL is the one shared \
+             storage; without storage.url the data file is used)"
+        ));
+    };
+    let authority = rest.split(['/', '?']).next().unwrap_or_default();
+    let Some((user_info, host)) = authority.rsplit_once('@') else {
+        return Err(format!(
+            "{text:?}: name the database user, as in postgres://gatehouse@db.example/gatehouse"
+        ));
+    };
+    if user_info.contains(':') {
+        return Err(
+            "the storage URL holds a password, which would show in process lists and logs: \
+             remove it and put it in storage.password_file or PostgreSQL's password file \
+             (~/.pgpass)"
+                .to_string(),
+        );
+    }
+    if user_info.is_empty() || host.is_empty() {
+        return Err(format!(
+            "{text:?}: name the user and the host, as in postgres://gatehouse@db.example/gatehouse"
+        ));
+    }
+    Ok(text.to_string())
+}

@@ -58,6 +58,12 @@ impl<E: Classify> From<E> for ApiError {
             ErrorKind::Banned | ErrorKind::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             ErrorKind::Upstream => StatusCode::BAD_GATEWAY,
             ErrorKind::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            ErrorKind::Unavailable => {
+                tracing::warn!(error = %err, "the store cannot be reached");
+                return Self::unavailable(
+                    "the database cannot be reached; the request was not completed, try again",
+                );
+            }
             ErrorKind::Internal => return Self::internal(&err),
         };
         Self::new(status, err.code(), err.to_string())

@@ -23,6 +23,7 @@ use super::error::ApiError;
 use super::json::StrictObject;
 use super::limits::too_many;
 use super::security::RequestId;
+use crate::admin_tokens::AdminTokenError;
 use crate::audit::{Actor, Event, Origin};
 use crate::ratelimit::{FailedCheck, PolicyId, Subject};
 
@@ -485,6 +486,9 @@ async fn admin_with(
             state.services.admin_tokens.note_used(&token_id, &origin);
             Ok(Some(Admin { origin }))
         }
+        // The check itself failed (the store cannot be read): no verdict on the
+        // token, so no failure is counted against the caller.
+        Err(err @ AdminTokenError::Store(_)) => Err(ApiError::from(err).into_response()),
         Err(err) => {
             tracing::debug!(error = %err, "admin token refused");
             Err(credential_refused(
@@ -575,6 +579,10 @@ impl FromRequestParts<AppState> for Introspector {
                 Some(refusal) => Err(refusal),
                 None => Ok(Self::Client),
             },
+            // The check itself failed: no verdict, no failure counted.
+            Some(Err(err @ crate::clients::ClientError::Store(_))) => {
+                Err(ApiError::from(err).into_response())
+            }
             failed => {
                 if let Some(Err(err)) = failed {
                     tracing::debug!(error = %err, "client credentials refused");

@@ -66,17 +66,29 @@ async fn readyz(State(state): State<AppState>) -> Result<Json<Ready>, ApiError> 
     if state.draining() {
         return Err(ApiError::unavailable("the server is shutting down"));
     }
+    let (unwritable, unreadable) = if state.store.is_postgres() {
+        (
+            "the database cannot be written",
+            "the database cannot be reached",
+        )
+    } else {
+        (
+            "the data file cannot be written",
+            "the data file cannot be read",
+        )
+    };
     if !state.store.is_healthy() {
-        return Err(ApiError::unavailable("the data file cannot be written"));
+        return Err(ApiError::unavailable(unwritable));
     }
-    // A real read: proves the file is still readable, not just that it was at start.
+    // A real read: proves the store is still readable (the database still reachable),
+    // not just that it was at start. One row, so it costs the same with any data.
     let store = state.store.clone();
-    let readable = tokio::task::spawn_blocking(move || store.read(|tx| tx.table_counts()))
+    let readable = tokio::task::spawn_blocking(move || store.read(|tx| tx.issuer()))
         .await
         .map_err(|e| ApiError::internal(&e))?;
     if let Err(err) = readable {
-        tracing::error!(error = %err, "readiness check: data file not readable");
-        return Err(ApiError::unavailable("the data file cannot be read"));
+        tracing::error!(error = %err, "readiness check: store not readable");
+        return Err(ApiError::unavailable(unreadable));
     }
     let tls = state.services.tls.as_ref().map(|tls| tls.status());
     if let Some(reason) = tls

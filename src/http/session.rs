@@ -87,20 +87,24 @@ async fn sign_in(
     }
     let (who, check) = match (&request.token, &request.username, &request.password) {
         (Some(token), None, None) => (
-            services
-                .admin_tokens
-                .verify(token)
-                .map(|id| SignedIn::AdminToken { id })
-                .ok(),
+            match services.admin_tokens.verify(token) {
+                Ok(id) => Some(SignedIn::AdminToken { id }),
+                // The check itself failed: no verdict, no failure counted.
+                Err(err @ crate::admin_tokens::AdminTokenError::Store(_)) => {
+                    return ApiError::from(err).into_response();
+                }
+                Err(_) => None,
+            },
             FailedCheck::AdminToken,
         ),
         (None, Some(user), Some(password)) => (
-            services
-                .admin_users
-                .verify(user, password)
-                .await
-                .map(|user| SignedIn::Password { user })
-                .ok(),
+            match services.admin_users.verify(user, password).await {
+                Ok(user) => Some(SignedIn::Password { user }),
+                Err(err @ crate::admin_users::AdminUserError::Store(_)) => {
+                    return ApiError::from(err).into_response();
+                }
+                Err(_) => None,
+            },
             FailedCheck::AdminPassword,
         ),
         _ => {

@@ -443,7 +443,9 @@ impl Connection {
     /// A domain error, answered with the code its kind gives (the same as over HTTP).
     async fn refuse_for<E: Classify>(&mut self, socket: &mut WebSocket, err: &E) -> Next {
         match err.kind() {
-            ErrorKind::Internal => self.internal(socket, err.to_string()).await,
+            ErrorKind::Internal | ErrorKind::Unavailable => {
+                self.internal(socket, err.to_string()).await
+            }
             ErrorKind::Invalid
             | ErrorKind::Unauthenticated
             | ErrorKind::NotFound

@@ -89,7 +89,7 @@ impl Classify for BanError {
         match self {
             Self::NotFound(_) => ErrorKind::NotFound,
             Self::BadKey(_) => ErrorKind::Invalid,
-            Self::Store(_) => ErrorKind::Internal,
+            Self::Store(err) => err.kind(),
         }
     }
 }

@@ -85,7 +85,7 @@ impl Classify for JobError {
         match self {
             Self::UnknownJob(_) => ErrorKind::NotFound,
             Self::AlreadyRunning(_) | Self::NotDue(_) => ErrorKind::Conflict,
-            Self::Store(_) => ErrorKind::Internal,
+            Self::Store(err) => err.kind(),
         }
     }
 }

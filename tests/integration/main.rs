@@ -31,6 +31,7 @@ mod jwt_negative;
 mod layers;
 mod lockout;
 mod postgres;
+mod postgres_store;
 mod proxy;
 mod ratelimit;
 mod restore;

@@ -13,14 +13,12 @@ use std::fs;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use redb::{ReadableDatabase, ReadableTableMetadata, TableDefinition};
 
+use super::rows::{CHUNK, Rows, Scan};
 use super::seal::{Sealer, sync_parent_dir};
-use super::tables::{self, AUDIT_EVENTS};
+use super::tables::{self, AUDIT_EVENTS, AUDIT_EVENTS_NAME};
 use super::{Store, StoreError, builder, check_meta, corrupt, map_open_error, sibling};
-
-/// The one table keyed by `u64`.
-const AUDIT_TABLE: &str = "audit_events.v1";
 
 /// Rows per intermediate commit of the copy: bounds the memory a large table needs.
 const ROWS_PER_COMMIT: u64 = 50_000;
@@ -94,6 +92,35 @@ impl Store {
         Ok(info)
     }
 
+    /// Copies every row of this store into an empty PostgreSQL database (creating
+    /// gatehouse's tables there), in one transaction, and checks the copy's row counts.
+    /// Sealed values go over as they are: the database opens with this store's master
+    /// key. Returns the rows per table.
+    pub fn copy_to_postgres(
+        &self,
+        target: &super::PostgresTarget,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<Vec<(String, u64)>, StoreError> {
+        let db = super::Postgres::connect(target)?;
+        let counts = db.load(|sink| {
+            self.shared
+                .db
+                .read(|source| copy_all(source, progress, sink))
+        })?;
+        let copied = db.read(|rows| {
+            tables::ALL_TABLES
+                .iter()
+                .map(|name| Ok(((*name).to_string(), rows.count(name)?)))
+                .collect::<Result<Vec<_>, StoreError>>()
+        })?;
+        if copied != counts {
+            return Err(StoreError::WriteFailed(format!(
+                "the copy's row counts {copied:?} differ from the source's {counts:?}"
+            )));
+        }
+        Ok(counts)
+    }
+
     fn copy_into(
         &self,
         partial: &Path,
@@ -113,66 +140,57 @@ impl Store {
         let target = builder()
             .create_with_backend(backend)
             .map_err(|e| map_open_error(partial, e))?;
-        let source = self.shared.db.begin_read()?;
-        let mut counts = Vec::new();
-        let mut total = 0u64;
-        for name in tables::ALL_TABLES {
-            let len = if *name == AUDIT_TABLE {
-                source.open_table(AUDIT_EVENTS)?.len()?
-            } else {
-                source.open_table(str_table(name))?.len()?
-            };
-            counts.push(((*name).to_string(), len));
-            total += len;
-        }
-        let mut done = 0u64;
-        let mut tx = target.begin_write()?;
-        tx.set_durability(redb::Durability::None)?;
+        let begin = || -> Result<redb::WriteTransaction, StoreError> {
+            let mut tx = target.begin_write()?;
+            tx.set_durability(redb::Durability::None)?;
+            Ok(tx)
+        };
+        let first = begin()?;
+        tables::create_missing(&first)?;
+        let mut tx = Some(first);
         let mut in_tx = 0u64;
-        // One body for both key types: rows go over in chunks, each chunk committed
-        // (non-durably) so that a large table never sits whole in memory.
-        macro_rules! copy_table {
-            ($def:expr) => {{
-                let from = source.open_table($def)?;
-                tx.open_table($def)?;
-                let mut rows = from.iter()?;
-                loop {
-                    let mut to = tx.open_table($def)?;
-                    let mut moved = false;
-                    for row in rows.by_ref() {
-                        let (k, v) = row?;
-                        to.insert(k.value(), v.value())?;
-                        moved = true;
-                        done += 1;
-                        in_tx += 1;
-                        if in_tx == ROWS_PER_COMMIT {
-                            break;
+        let counts = self.shared.db.read(|source| {
+            copy_all(source, progress, &mut |chunk| {
+                let Some(open) = tx.as_ref() else {
+                    return Err(StoreError::WriteFailed(
+                        "the backup's transaction ended".into(),
+                    ));
+                };
+                match chunk {
+                    Chunk::Rows(name, rows) => {
+                        let mut to = open.open_table(str_table(name))?;
+                        for (key, value) in &rows {
+                            to.insert(key.as_str(), value.as_slice())?;
                         }
+                        in_tx += rows.len() as u64;
                     }
-                    drop(to);
-                    if in_tx == ROWS_PER_COMMIT {
-                        tx.commit()?;
-                        progress(done, total);
-                        tx = target.begin_write()?;
-                        tx.set_durability(redb::Durability::None)?;
-                        in_tx = 0;
-                    }
-                    if !moved {
-                        break;
+                    Chunk::Log(rows) => {
+                        let mut to = open.open_table(AUDIT_EVENTS)?;
+                        for (seq, value) in &rows {
+                            to.insert(*seq, value.as_slice())?;
+                        }
+                        in_tx += rows.len() as u64;
                     }
                 }
-            }};
-        }
-        for name in tables::ALL_TABLES {
-            if *name == AUDIT_TABLE {
-                copy_table!(AUDIT_EVENTS);
-            } else {
-                copy_table!(str_table(name));
-            }
-        }
-        tx.set_durability(redb::Durability::Immediate)?;
-        tx.commit()?;
-        progress(done, total);
+                // Committed (non-durably) in chunks, so that a large table never sits
+                // whole in memory.
+                if in_tx >= ROWS_PER_COMMIT
+                    && let Some(full) = tx.take()
+                {
+                    // redb has one write transaction at a time: commit, then begin.
+                    full.commit()?;
+                    tx = Some(begin()?);
+                    in_tx = 0;
+                }
+                Ok(())
+            })
+        })?;
+        let mut last = match tx {
+            Some(last) => last,
+            None => begin()?,
+        };
+        last.set_durability(redb::Durability::Immediate)?;
+        last.commit()?;
         drop(target);
         // The durable commit synced the file's contents; this syncs its length and
         // metadata before the rename makes it the backup.
@@ -181,6 +199,67 @@ impl Store {
             .map_err(io("cannot sync", partial))?;
         Ok(counts)
     }
+}
+
+/// A piece of a copy: rows of one key-value table, or of the audit log.
+pub(crate) enum Chunk {
+    Rows(&'static str, Vec<(String, Vec<u8>)>),
+    Log(Vec<(u64, Vec<u8>)>),
+}
+
+/// Reads every row of every table from `source` in chunks and hands each to `sink`, in
+/// table order; returns the rows per table. `progress` gets rows copied so far and
+/// the total.
+pub(crate) fn copy_all(
+    source: &dyn Rows,
+    progress: &mut dyn FnMut(u64, u64),
+    sink: &mut dyn FnMut(Chunk) -> Result<(), StoreError>,
+) -> Result<Vec<(String, u64)>, StoreError> {
+    let mut counts = Vec::new();
+    let mut total = 0u64;
+    for name in tables::ALL_TABLES {
+        let len = source.count(name)?;
+        counts.push(((*name).to_string(), len));
+        total += len;
+    }
+    let mut done = 0u64;
+    for name in tables::ALL_TABLES {
+        if *name == AUDIT_EVENTS_NAME {
+            let mut from = 0;
+            loop {
+                let rows = source.log_from(from, CHUNK)?;
+                let Some((last, _)) = rows.last() else { break };
+                from = last.saturating_add(1);
+                let moved = rows.len();
+                done += moved as u64;
+                sink(Chunk::Log(rows))?;
+                progress(done, total);
+                if moved < CHUNK {
+                    break;
+                }
+            }
+        } else {
+            let mut after: Option<String> = None;
+            loop {
+                let scan = match &after {
+                    Some(key) => Scan::first(CHUNK).after(key),
+                    None => Scan::first(CHUNK),
+                };
+                let rows = source.scan(name, scan)?;
+                let Some((last, _)) = rows.last() else { break };
+                after = Some(last.clone());
+                let moved = rows.len();
+                done += moved as u64;
+                sink(Chunk::Rows(name, rows))?;
+                progress(done, total);
+                if moved < CHUNK {
+                    break;
+                }
+            }
+        }
+    }
+    progress(done, total);
+    Ok(counts)
 }
 
 /// True when another process has the data file at `path` open (a running server):

@@ -18,6 +18,7 @@ mod audit_chain;
 mod backup;
 mod contain;
 mod migrate;
+mod pg;
 pub mod records;
 mod redb_rows;
 mod rows;
@@ -41,6 +42,8 @@ pub use audit_chain::{AuditFilter, AuditPage, ChainBreak, ChainReport, Pruned};
 pub use backup::{BackupInfo, in_use, inspect};
 use gatehouse_clock::Clock;
 pub use migrate::Migrated;
+use pg::Postgres;
+pub use pg::{PostgresTarget, pgpass_lookup};
 use redb_rows::{RedbRead, RedbWrite};
 use seal::{MasterKey, SealError, Sealer, sync_parent_dir};
 pub use tables::{ALL_TABLES, FORMAT_VERSION, MASTER_KEY_CHECK_PLAINTEXT};
@@ -119,6 +122,25 @@ pub enum StoreError {
     JobPanicked,
     #[error("the write was not committed: {0}")]
     WriteFailed(String),
+    #[error("the storage URL {url} cannot be used: {reason}")]
+    BadStorageUrl { url: String, reason: String },
+    #[error("the database {location} cannot be reached: {reason}")]
+    Unreachable { location: String, reason: String },
+    /// A transaction lost a race with another node's; the writer runs it again, so
+    /// callers see this only after many losses in a row.
+    #[error("the write lost a race with another node's write too often; try again")]
+    Conflict,
+    #[error(
+        "the database {location} already holds gatehouse data ({rows} rows); \
+         copying refuses to mix two stores: use an empty database"
+    )]
+    NotEmpty { location: String, rows: u64 },
+    #[error(
+        "another gatehouse process serves the database {location}: one node at a time writes \
+         to it in this version. Run management commands on that node (they reach it \
+         through its admin socket), or stop it first"
+    )]
+    InUse { location: String },
 }
 
 macro_rules! from_redb {
@@ -165,28 +187,36 @@ pub struct Store {
     shared: Arc<Shared>,
 }
 
-/// The file under a store: open for writing, with the writer thread, or read-only (a
-/// data file or backup on read-only media, or one this process may not write).
+/// What holds a store's data: the data file open for writing, with the writer thread,
+/// or read-only (a data file or backup on read-only media, or one this process may not
+/// write); or a PostgreSQL database shared by several nodes.
 enum Engine {
     Writable(Arc<redb::Database>),
     ReadOnly(redb::ReadOnlyDatabase),
+    Postgres(Arc<Postgres>),
 }
 
 impl Engine {
-    fn begin_read(&self) -> Result<redb::ReadTransaction, redb::TransactionError> {
+    /// Runs `f` on one consistent snapshot.
+    fn read<R>(
+        &self,
+        f: impl FnOnce(&dyn rows::Rows) -> Result<R, StoreError>,
+    ) -> Result<R, StoreError> {
         match self {
-            Self::Writable(db) => db.begin_read(),
-            Self::ReadOnly(db) => db.begin_read(),
+            Self::Writable(db) => f(&RedbRead(&db.begin_read()?)),
+            Self::ReadOnly(db) => f(&RedbRead(&db.begin_read()?)),
+            Self::Postgres(db) => db.read(f),
         }
     }
 }
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Self::Writable(_) => "Engine::Writable",
-            Self::ReadOnly(_) => "Engine::ReadOnly",
-        })
+        match self {
+            Self::Writable(_) => f.write_str("Engine::Writable"),
+            Self::ReadOnly(_) => f.write_str("Engine::ReadOnly"),
+            Self::Postgres(db) => write!(f, "Engine::{db:?}"),
+        }
     }
 }
 
@@ -267,24 +297,100 @@ impl Store {
         let (info, chain) = contain::contain(path, || {
             Ok((read_instance_info(&db, path)?, chain_key(&db, &sealer)?))
         })?;
+        let db = Engine::Writable(Arc::new(db));
         Ok((Self::start(db, path, sealer, chain, info)?, report))
     }
 
+    /// Opens the store in a PostgreSQL database, creating its tables and instance facts
+    /// if the database has none (a new cluster). A database made by a newer build, or
+    /// sealed under another master key, is refused before anything is written.
+    pub fn open_postgres(
+        target: &PostgresTarget,
+        master: &MasterKey,
+        clock: &dyn Clock,
+    ) -> Result<(Self, OpenReport), StoreError> {
+        let sealer = Sealer::new(master);
+        let db = Arc::new(Postgres::connect(target)?);
+        db.hold_node_lock()?;
+        let location = PathBuf::from(db.location());
+        let mut report = OpenReport::default();
+        if db.existing_rows()?.is_none() {
+            db.create_tables()?;
+        }
+        // Every node that starts on an empty database races to write its facts; the
+        // serializable transaction lets exactly one of them do it.
+        let made = Self::postgres_initialise(&db, &sealer, clock)?;
+        report.created = made;
+        let version = db.read(|rows| check_meta_rows(rows, &location, &sealer))?;
+        if version != FORMAT_VERSION {
+            return Err(StoreError::NoMigration { from: version });
+        }
+        let info = db.read(|rows| instance_info(rows, &location))?;
+        let chain = db.read(|rows| ChainKey::load(rows, &sealer))?;
+        let store = Self::start(Engine::Postgres(db), &location, sealer, chain, info)?;
+        Ok((store, report))
+    }
+
+    /// Writes the instance facts and the audit chain key into an empty database;
+    /// whether this call wrote them.
+    fn postgres_initialise(
+        db: &Postgres,
+        sealer: &Sealer,
+        clock: &dyn Clock,
+    ) -> Result<bool, StoreError> {
+        for _ in 0..32 {
+            let mut failed = None;
+            let made = db.transact(&mut |rows| {
+                let step = (|| {
+                    if rows.get(tables::META_NAME, META_FORMAT_VERSION)?.is_some() {
+                        return Ok(false);
+                    }
+                    write_meta(rows, sealer, clock)?;
+                    ChainKey::read_or_create(rows, sealer)?;
+                    Ok(true)
+                })();
+                match step {
+                    Ok(made) => made,
+                    Err(err) => {
+                        failed = Some(err);
+                        false
+                    }
+                }
+            });
+            match (made, failed) {
+                (Err(StoreError::Conflict), _) => continue,
+                (_, Some(StoreError::Conflict)) => continue,
+                (_, Some(err)) | (Err(err), None) => return Err(err),
+                (Ok(made), None) => return Ok(made),
+            }
+        }
+        Err(StoreError::Conflict)
+    }
+
     fn start(
-        db: redb::Database,
+        db: Engine,
         path: &Path,
         sealer: Sealer,
         chain: ChainKey,
         info: InstanceInfo,
     ) -> Result<Self, StoreError> {
         let chain = Arc::new(chain);
-        let db = Arc::new(db);
+        let target = match &db {
+            Engine::Writable(db) => writer::Target::Redb(db.clone()),
+            Engine::Postgres(db) => writer::Target::Postgres(db.clone()),
+            Engine::ReadOnly(_) => {
+                return Err(StoreError::ReadOnly {
+                    path: path.to_path_buf(),
+                    what: "a writer cannot start on it",
+                });
+            }
+        };
         let sealer = Arc::new(RwLock::new(Arc::new(sealer)));
         let healthy = Arc::new(AtomicBool::new(true));
         let commits = Arc::new(AtomicU64::new(0));
         let (sender, receiver) = mpsc::channel(writer::QUEUE_DEPTH);
         let ctx = WriterContext {
-            db: db.clone(),
+            target,
             sealer: sealer.clone(),
             healthy: healthy.clone(),
             chain: chain.clone(),
@@ -300,7 +406,7 @@ impl Store {
             })?;
         Ok(Self {
             shared: Arc::new(Shared {
-                db: Engine::Writable(db),
+                db,
                 path: path.to_path_buf(),
                 sealer,
                 jobs: Mutex::new(Some(sender)),
@@ -360,6 +466,11 @@ impl Store {
         })
     }
 
+    /// Whether this store lives in a PostgreSQL database.
+    pub fn is_postgres(&self) -> bool {
+        matches!(self.shared.db, Engine::Postgres(_))
+    }
+
     /// Whether this store was opened with `open_read_only`.
     pub fn is_read_only(&self) -> bool {
         matches!(self.shared.db, Engine::ReadOnly(_))
@@ -413,11 +524,12 @@ impl Store {
         // The sealer lock is held for the whole read so a concurrent rekey cannot swap
         // keys between this transaction's snapshot and its opening of sealed values.
         self.with_sealer(|sealer| {
-            let tx = self.shared.db.begin_read()?;
-            f(&ReadTx {
-                rows: &RedbRead(&tx),
-                sealer,
-                chain: &self.shared.chain,
+            self.shared.db.read(|rows| {
+                f(&ReadTx {
+                    rows,
+                    sealer,
+                    chain: &self.shared.chain,
+                })
             })
         })
     }
@@ -542,6 +654,22 @@ fn create_new(
 }
 
 fn initialise(db: &redb::Database, sealer: &Sealer, clock: &dyn Clock) -> Result<(), StoreError> {
+    let tx = begin_durable_write(db)?;
+    write_meta(&RedbWrite::new(&tx), sealer, clock)?;
+    // Every table of the format exists in every file (counts and backups rely on it).
+    tables::create_missing(&tx)?;
+    tx.commit()?;
+    Ok(())
+}
+
+/// The instance facts of a new store: format version, a random instance id, the
+/// creation time and the master-key check value.
+fn write_meta(
+    rows: &dyn rows::RowsMut,
+    sealer: &Sealer,
+    clock: &dyn Clock,
+) -> Result<(), StoreError> {
+    use tables::META_NAME;
     let mut instance_id = [0u8; 16];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut instance_id).map_err(
         |_| StoreError::SealedValue {
@@ -551,17 +679,18 @@ fn initialise(db: &redb::Database, sealer: &Sealer, clock: &dyn Clock) -> Result
         },
     )?;
     let check = seal_check(sealer)?;
-    let tx = begin_durable_write(db)?;
-    {
-        let mut meta = tx.open_table(META)?;
-        meta.insert(META_FORMAT_VERSION, FORMAT_VERSION.to_le_bytes().as_slice())?;
-        meta.insert(META_INSTANCE_ID, records::encode(&instance_id).as_slice())?;
-        meta.insert(META_CREATED_AT, records::encode(&clock.now_ms()).as_slice())?;
-        meta.insert(META_MASTER_KEY_CHECK, check.as_slice())?;
-    }
-    // Every table of the format exists in every file (counts and backups rely on it).
-    tables::create_missing(&tx)?;
-    tx.commit()?;
+    rows.put(
+        META_NAME,
+        META_FORMAT_VERSION,
+        &FORMAT_VERSION.to_le_bytes(),
+    )?;
+    rows.put(META_NAME, META_INSTANCE_ID, &records::encode(&instance_id))?;
+    rows.put(
+        META_NAME,
+        META_CREATED_AT,
+        &records::encode(&clock.now_ms()),
+    )?;
+    rows.put(META_NAME, META_MASTER_KEY_CHECK, &check)?;
     Ok(())
 }
 
@@ -604,20 +733,21 @@ fn inspect_read_only(path: &Path, sealer: &Sealer) -> Result<(), Inspect> {
 
 /// Format version and master key: the two reasons to refuse a well-formed file.
 fn check_meta(tx: &redb::ReadTransaction, path: &Path, sealer: &Sealer) -> Result<u32, StoreError> {
-    let meta = match tx.open_table(META) {
-        Ok(meta) => meta,
-        Err(redb::TableError::TableDoesNotExist(_)) => {
-            return Err(StoreError::NotADataFile {
-                path: path.to_path_buf(),
-                reason: "it is a redb file without gatehouse's meta table".into(),
-            });
-        }
-        Err(err) => return Err(corrupt(path, err)),
-    };
+    match tx.open_table(META) {
+        Ok(_) => check_meta_rows(&RedbRead(tx), path, sealer),
+        Err(redb::TableError::TableDoesNotExist(_)) => Err(StoreError::NotADataFile {
+            path: path.to_path_buf(),
+            reason: "it is a redb file without gatehouse's meta table".into(),
+        }),
+        Err(err) => Err(corrupt(path, err)),
+    }
+}
+
+/// `check_meta` on any engine's rows; `path` names the store in errors.
+fn check_meta_rows(rows: &dyn rows::Rows, path: &Path, sealer: &Sealer) -> Result<u32, StoreError> {
     let get = |key: &str| -> Result<Vec<u8>, StoreError> {
-        meta.get(key)
+        rows.get(tables::META_NAME, key)
             .map_err(|e| corrupt(path, e))?
-            .map(|v| v.value().to_vec())
             .ok_or_else(|| StoreError::Corrupt {
                 path: path.to_path_buf(),
                 reason: format!("meta has no {key}"),
@@ -785,11 +915,12 @@ fn migrate_db(db: &redb::Database) -> Result<Option<Migrated>, StoreError> {
 }
 
 fn read_instance_info(db: &impl ReadableDatabase, path: &Path) -> Result<InstanceInfo, StoreError> {
-    let tx = db.begin_read()?;
-    let meta = tx.open_table(META)?;
+    instance_info(&RedbRead(&db.begin_read()?), path)
+}
+
+fn instance_info(rows: &dyn rows::Rows, path: &Path) -> Result<InstanceInfo, StoreError> {
     let get = |key: &'static str| -> Result<Vec<u8>, StoreError> {
-        meta.get(key)?
-            .map(|v| v.value().to_vec())
+        rows.get(tables::META_NAME, key)?
             .ok_or_else(|| corrupt(path, format!("meta has no {key}")))
     };
     let decode_err = |key: &'static str| {

@@ -28,7 +28,9 @@ use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::{mpsc, oneshot};
 
 use super::audit_chain::ChainKey;
+use super::pg::Postgres;
 use super::redb_rows::RedbWrite;
+use super::rows::RowsMut;
 use super::seal::Sealer;
 use super::tx::WriteTx;
 use super::{StoreError, begin_durable_write, rekey_in};
@@ -43,6 +45,39 @@ const GATHER: Duration = Duration::from_micros(300);
 const GATHER_IDLE: Duration = Duration::from_micros(60);
 /// Bound on queued jobs: callers wait (asynchronously) rather than grow memory.
 pub(super) const QUEUE_DEPTH: usize = 8192;
+/// How often a batch that lost a race with another node's transaction is run again
+/// before its callers are told the write failed.
+const CONFLICT_RETRIES: u32 = 32;
+
+/// Where the writer commits.
+pub(super) enum Target {
+    Redb(Arc<redb::Database>),
+    Postgres(Arc<Postgres>),
+}
+
+impl Target {
+    /// Runs `f` in one durable write transaction; commits when it answers true, rolls
+    /// back when it answers false. `StoreError::Conflict` means the transaction lost a
+    /// race with another node's and was rolled back: run it again.
+    fn transact(&self, f: &mut dyn FnMut(&dyn RowsMut) -> bool) -> Result<bool, StoreError> {
+        match self {
+            Self::Redb(db) => {
+                let tx = begin_durable_write(db)?;
+                let keep = {
+                    let rows = RedbWrite::new(&tx);
+                    f(&rows)
+                };
+                if keep {
+                    tx.commit()?;
+                } else {
+                    tx.abort()?;
+                }
+                Ok(keep)
+            }
+            Self::Postgres(db) => db.transact(f),
+        }
+    }
+}
 
 /// One caller's write, type-erased so jobs of different result types share a batch.
 pub(super) trait PendingWrite: Send {
@@ -104,10 +139,10 @@ pub(super) enum Job {
 }
 
 pub(super) struct WriterContext {
-    pub db: Arc<redb::Database>,
+    pub target: Target,
     pub sealer: Arc<RwLock<Arc<Sealer>>>,
-    /// Cleared when a commit fails: redb refuses further writes after an I/O error, and
-    /// `/readyz` must say so.
+    /// Cleared when a commit fails (redb refuses further writes after an I/O error; a
+    /// database may be unreachable), set again by the next commit: `/readyz` says so.
     pub healthy: Arc<AtomicBool>,
     pub chain: Arc<ChainKey>,
     /// Write transactions committed since the store opened (`Store::commits`).
@@ -149,59 +184,49 @@ fn run_batch(
     let mut batch = vec![first];
     let mut rekey = None;
     let sealer = current_sealer(ctx);
-    let attempt = (|| -> Result<bool, StoreError> {
-        let tx = begin_durable_write(&ctx.db)?;
-        let all_ok = {
-            let rows = RedbWrite::new(&tx);
-            let wtx = WriteTx::new(&rows, &sealer, &ctx.chain);
-            let mut all_ok = batch[0].apply(&wtx);
-            let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
-            let mut cx = Context::from_waker(&waker);
-            let started = Instant::now();
-            let mut last_arrival = started;
-            while all_ok && batch.len() < MAX_BATCH {
-                let job = match jobs.try_recv() {
-                    Ok(job) => job,
-                    Err(TryRecvError::Disconnected) => break,
-                    Err(TryRecvError::Empty) => {
-                        let now = Instant::now();
-                        let deadline = (started + GATHER).min(last_arrival + GATHER_IDLE);
-                        if batch.len() >= expected || now >= deadline {
-                            break;
-                        }
-                        // Sleep until a job is sent or the deadline passes, leaving the
-                        // core to the callers that are about to send theirs.
-                        match jobs.poll_recv(&mut cx) {
-                            Poll::Ready(Some(job)) => job,
-                            Poll::Ready(None) => break,
-                            Poll::Pending => {
-                                std::thread::park_timeout(deadline - now);
-                                continue;
-                            }
-                        }
-                    }
-                };
-                match job {
-                    Job::Write(mut write) => {
-                        all_ok = write.apply(&wtx);
-                        batch.push(write);
-                        last_arrival = Instant::now();
-                    }
-                    Job::Rekey { .. } => {
-                        rekey = Some(job);
+    let attempt = ctx.target.transact(&mut |rows| {
+        let wtx = WriteTx::new(rows, &sealer, &ctx.chain);
+        let mut all_ok = batch[0].apply(&wtx);
+        let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+        let mut cx = Context::from_waker(&waker);
+        let started = Instant::now();
+        let mut last_arrival = started;
+        while all_ok && batch.len() < MAX_BATCH {
+            let job = match jobs.try_recv() {
+                Ok(job) => job,
+                Err(TryRecvError::Disconnected) => break,
+                Err(TryRecvError::Empty) => {
+                    let now = Instant::now();
+                    let deadline = (started + GATHER).min(last_arrival + GATHER_IDLE);
+                    if batch.len() >= expected || now >= deadline {
                         break;
                     }
+                    // Sleep until a job is sent or the deadline passes, leaving the
+                    // core to the callers that are about to send theirs.
+                    match jobs.poll_recv(&mut cx) {
+                        Poll::Ready(Some(job)) => job,
+                        Poll::Ready(None) => break,
+                        Poll::Pending => {
+                            std::thread::park_timeout(deadline - now);
+                            continue;
+                        }
+                    }
+                }
+            };
+            match job {
+                Job::Write(mut write) => {
+                    all_ok = write.apply(&wtx);
+                    batch.push(write);
+                    last_arrival = Instant::now();
+                }
+                Job::Rekey { .. } => {
+                    rekey = Some(job);
+                    break;
                 }
             }
-            all_ok
-        };
-        if !all_ok {
-            tx.abort()?;
-            return Ok(false);
         }
-        tx.commit()?;
-        Ok(true)
-    })();
+        all_ok
+    });
     let waiting = jobs.len();
     let size = batch.len();
     finish_batch(ctx, batch, attempt);
@@ -226,23 +251,13 @@ fn current_sealer(ctx: &WriterContext) -> Arc<Sealer> {
     }
 }
 
-fn commit_batch(ctx: &WriterContext, mut batch: Vec<Box<dyn PendingWrite>>) {
+fn commit_batch(ctx: &WriterContext, mut batch: Vec<Box<dyn PendingWrite>>, conflicts: u32) {
     let sealer = current_sealer(ctx);
-    let attempt = (|| -> Result<bool, StoreError> {
-        let tx = begin_durable_write(&ctx.db)?;
-        let all_ok = {
-            let rows = RedbWrite::new(&tx);
-            let wtx = WriteTx::new(&rows, &sealer, &ctx.chain);
-            batch.iter_mut().all(|job| job.apply(&wtx))
-        };
-        if !all_ok {
-            tx.abort()?;
-            return Ok(false);
-        }
-        tx.commit()?;
-        Ok(true)
-    })();
-    finish_batch(ctx, batch, attempt);
+    let attempt = ctx.target.transact(&mut |rows| {
+        let wtx = WriteTx::new(rows, &sealer, &ctx.chain);
+        batch.iter_mut().all(|job| job.apply(&wtx))
+    });
+    finish_batch_after(ctx, batch, attempt, conflicts);
 }
 
 /// Answers every job of a batch after its transaction ended with `attempt`: each its
@@ -252,25 +267,57 @@ fn finish_batch(
     batch: Vec<Box<dyn PendingWrite>>,
     attempt: Result<bool, StoreError>,
 ) {
+    finish_batch_after(ctx, batch, attempt, 0);
+}
+
+/// `finish_batch` for a batch that has already lost `conflicts` races: one that loses
+/// again runs again whole, after a pause that grows with each loss, so that the nodes
+/// racing for the same rows take turns.
+fn finish_batch_after(
+    ctx: &WriterContext,
+    batch: Vec<Box<dyn PendingWrite>>,
+    attempt: Result<bool, StoreError>,
+    conflicts: u32,
+) {
     match attempt {
+        Err(StoreError::Conflict) if conflicts < CONFLICT_RETRIES => {
+            let pause = 50u64 << conflicts.min(8);
+            std::thread::sleep(Duration::from_micros(pause + ring_jitter(pause)));
+            commit_batch(ctx, batch, conflicts + 1);
+        }
         Ok(true) => {
+            ctx.healthy.store(true, Ordering::SeqCst);
             ctx.commits.fetch_add(1, Ordering::SeqCst);
             batch.into_iter().for_each(|job| job.finish(None));
         }
         Ok(false) if batch.len() == 1 => batch.into_iter().for_each(|job| job.finish(None)),
         Ok(false) => {
             for job in batch {
-                commit_batch(ctx, vec![job]);
+                commit_batch(ctx, vec![job], conflicts);
             }
         }
         Err(err) => {
             tracing::error!(error = %err, jobs = batch.len(), "write transaction failed");
-            if matches!(err, StoreError::Database(_)) {
+            if matches!(
+                err,
+                StoreError::Database(_) | StoreError::Unreachable { .. } | StoreError::InUse { .. }
+            ) {
                 ctx.healthy.store(false, Ordering::SeqCst);
             }
             let message = err.to_string();
             for job in batch {
-                job.finish(Some(StoreError::WriteFailed(message.clone())));
+                // An unreachable database keeps its kind: callers answer 503, not 500.
+                let answer = match &err {
+                    StoreError::Unreachable { location, reason } => StoreError::Unreachable {
+                        location: location.clone(),
+                        reason: reason.clone(),
+                    },
+                    StoreError::InUse { location } => StoreError::InUse {
+                        location: location.clone(),
+                    },
+                    _ => StoreError::WriteFailed(message.clone()),
+                };
+                job.finish(Some(answer));
             }
         }
     }
@@ -278,26 +325,35 @@ fn finish_batch(
 
 fn run_rekey(ctx: &WriterContext, new_sealer: Arc<Sealer>) -> Result<u64, StoreError> {
     let old = current_sealer(ctx);
-    let tx = begin_durable_write(&ctx.db)?;
-    let resealed = {
-        let rows = RedbWrite::new(&tx);
-        rekey_in(&rows, &old, &new_sealer)
-    };
-    let count = match resealed {
-        Ok(count) => count,
-        Err(err) => {
-            tx.abort()?;
-            return Err(err);
-        }
-    };
-    // Hold the sealer lock across the commit: readers see old bytes with the old key or
-    // new bytes with the new key, never a mix.
+    // Readers wait while the rekey runs, and see old bytes with the old key or new
+    // bytes with the new key, never a mix.
     let mut guard = match ctx.sealer.write() {
         Ok(guard) => guard,
         Err(poisoned) => poisoned.into_inner(),
     };
-    tx.commit()?;
+    let mut outcome = Ok(0);
+    let mut conflicts = 0;
+    loop {
+        let committed = ctx.target.transact(&mut |rows| {
+            outcome = rekey_in(rows, &old, &new_sealer);
+            outcome.is_ok()
+        });
+        match committed {
+            Err(StoreError::Conflict) if conflicts < CONFLICT_RETRIES => conflicts += 1,
+            Err(err) => return Err(err),
+            Ok(false) => return outcome,
+            Ok(true) => break,
+        }
+    }
     ctx.commits.fetch_add(1, Ordering::SeqCst);
     *guard = new_sealer;
-    Ok(count)
+    outcome
+}
+
+/// A pseudo-random part of `pause` (up to half of it), so that racing nodes do not
+/// retry in step.
+fn ring_jitter(pause: u64) -> u64 {
+    let mut byte = [0u8; 2];
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut byte);
+    u64::from(u16::from_le_bytes(byte)) % (pause / 2 + 1)
 }

@@ -1,0 +1,799 @@
+//! PostgreSQL: the engine for nodes that share one database.
+//!
+//! Every table of the data file is a table of the schema `gatehouse`, named after it
+//! (`secrets.v1` is `gatehouse.secrets_v1`): a text key compared byte by byte (collation
+//! "C", as redb compares keys) and the same bytes as value, sealed values included, so a
+//! row means the same in both engines and a database dump alone opens no secret. The
+//! audit log is keyed by a `bigint` sequence number.
+//!
+//! The client is tokio-postgres. Its connections run on a runtime of their own (one
+//! thread, `gatehouse-pg`), and the store's synchronous callers — the writer thread, and
+//! readers on whatever thread they run — wait on the client's futures with
+//! `futures_executor::block_on`, which needs no runtime of its own and so works from a
+//! tokio worker too. Write transactions are serializable: a job that re-checks a claim
+//! inside its transaction sees a final answer even when another node writes the same
+//! rows, and a transaction that loses such a race fails with a serialization error,
+//! which the writer answers by running its batch again (`StoreError::Conflict`). Reads
+//! run in a repeatable-read, read-only transaction: one snapshot for the closure's run.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::ops::Bound;
+use std::sync::Mutex;
+
+use futures_executor::block_on;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, NoTls, Statement};
+
+use super::StoreError;
+use super::backup::Chunk;
+use super::rows::{Rows, RowsMut, Scan};
+use super::tables::{ALL_TABLES, AUDIT_EVENTS_NAME};
+
+/// The schema that holds gatehouse's tables.
+const SCHEMA: &str = "gatehouse";
+
+/// Connections kept open for readers between reads.
+const IDLE_READERS: usize = 8;
+
+/// A PostgreSQL database: where it is, how to connect, and open connections.
+pub(crate) struct Postgres {
+    config: tokio_postgres::Config,
+    /// The URL without any password, for messages.
+    location: String,
+    /// Owns the connections' tasks; `None` only while dropping.
+    runtime: Option<tokio::runtime::Runtime>,
+    /// Connections for reads, taken by one reader at a time.
+    idle: Mutex<Vec<Conn>>,
+    /// The writer's connection, reopened after it is lost.
+    writer: Mutex<Option<Conn>>,
+    /// The connection holding the node lock (`hold_node_lock`), once taken.
+    lock: Mutex<Option<Conn>>,
+}
+
+impl std::fmt::Debug for Postgres {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Postgres({})", self.location)
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        // A runtime may not be dropped where blocking is forbidden (a tokio worker):
+        // its connection tasks are stopped without waiting.
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// The `PGPASSFILE`-style password file format, for `storage.password_file` and
+/// libpq's own file (`~/.pgpass`): `host:port:database:user:password` lines, `*`
+/// matching anything, `\` escaping `:` and `\`. Returns the first line that matches.
+pub fn pgpass_lookup(text: &str, host: &str, port: u16, db: &str, user: &str) -> Option<String> {
+    let port = port.to_string();
+    for line in text.lines() {
+        if line.starts_with('#') || line.trim().is_empty() {
+            continue;
+        }
+        let mut fields = Vec::with_capacity(5);
+        let mut field = String::new();
+        let mut chars = line.chars();
+        while let Some(c) = chars.next() {
+            match c {
+                '\\' => field.extend(chars.next()),
+                ':' if fields.len() < 4 => fields.push(std::mem::take(&mut field)),
+                c => field.push(c),
+            }
+        }
+        fields.push(field);
+        if fields.len() != 5 {
+            continue;
+        }
+        let wanted = [host, port.as_str(), db, user];
+        if fields[..4]
+            .iter()
+            .zip(wanted)
+            .all(|(pattern, value)| pattern == "*" || pattern == value)
+        {
+            return fields.pop();
+        }
+    }
+    None
+}
+
+/// What connecting needs: the `postgres://` URL (no password in it) and the password,
+/// if the server asks for one.
+#[derive(Clone)]
+pub struct PostgresTarget {
+    pub url: String,
+    pub password: Option<String>,
+}
+
+impl std::fmt::Debug for PostgresTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PostgresTarget({})", self.url)
+    }
+}
+
+impl PostgresTarget {
+    /// The parts of the URL a password file is matched against: host, port, database,
+    /// user (libpq's defaults for those the URL leaves out).
+    pub fn identity(&self) -> Result<(String, u16, String, String), StoreError> {
+        let config = parse_url(&self.url)?;
+        let host = match config.get_hosts().first() {
+            Some(tokio_postgres::config::Host::Tcp(host)) => host.clone(),
+            Some(tokio_postgres::config::Host::Unix(path)) => path.display().to_string(),
+            None => "localhost".to_string(),
+        };
+        let port = config.get_ports().first().copied().unwrap_or(5432);
+        let user = config.get_user().unwrap_or_default().to_string();
+        let db = config.get_dbname().unwrap_or(&user).to_string();
+        Ok((host, port, db, user))
+    }
+}
+
+fn parse_url(url: &str) -> Result<tokio_postgres::Config, StoreError> {
+    if !url.starts_with("postgres://") && !url.starts_with("postgresql://") {
+        return Err(StoreError::BadStorageUrl {
+            url: url.to_string(),
+            reason: "it must start with postgres://".into(),
+        });
+    }
+    let config: tokio_postgres::Config = url.parse().map_err(|err| StoreError::BadStorageUrl {
+        url: redact(url),
+        reason: format!("{err}"),
+    })?;
+    if config.get_password().is_some() {
+        return Err(StoreError::BadStorageUrl {
+            url: redact(url),
+            reason: "it holds a password, which would show in process lists and logs; \
+                     put it in storage.password_file or the PostgreSQL password file \
+                     (~/.pgpass) instead"
+                .into(),
+        });
+    }
+    if config.get_user().is_none() {
+        return Err(StoreError::BadStorageUrl {
+            url: url.to_string(),
+            reason: "it names no user (postgres://USER@HOST/DB)".into(),
+        });
+    }
+    Ok(config)
+}
+
+/// The URL with the password part of its user info, if any, replaced.
+fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let (authority, tail) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    match authority.rsplit_once('@') {
+        Some((info, host)) if info.contains(':') => {
+            let user = info.split(':').next().unwrap_or_default();
+            format!("{scheme}://{user}:***@{host}{tail}")
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// One connection and the statements prepared on it.
+struct Conn {
+    client: Client,
+    /// The database's URL, for errors.
+    location: std::sync::Arc<str>,
+    statements: RefCell<HashMap<String, Statement>>,
+}
+
+impl Postgres {
+    /// Connects once (so a wrong URL, an unreachable server or a refused password is
+    /// an error now rather than at the first request).
+    pub(crate) fn connect(target: &PostgresTarget) -> Result<Self, StoreError> {
+        let mut config = parse_url(&target.url)?;
+        if let Some(password) = &target.password {
+            config.password(password.as_bytes());
+        }
+        config.application_name("gatehouse");
+        config.connect_timeout(std::time::Duration::from_secs(10));
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("gatehouse-pg")
+            .enable_all()
+            .build()
+            .map_err(|err| {
+                StoreError::Database(format!("cannot start PostgreSQL's runtime: {err}"))
+            })?;
+        let db = Self {
+            config,
+            location: target.url.clone(),
+            runtime: Some(runtime),
+            idle: Mutex::new(Vec::new()),
+            writer: Mutex::new(None),
+            lock: Mutex::new(None),
+        };
+        let first = db.open_conn()?;
+        db.give_back(first);
+        Ok(db)
+    }
+
+    pub(crate) fn location(&self) -> &str {
+        &self.location
+    }
+
+    fn open_conn(&self) -> Result<Conn, StoreError> {
+        let runtime = self
+            .runtime
+            .as_ref()
+            .ok_or_else(|| StoreError::Database("PostgreSQL's runtime has stopped".into()))?;
+        let config = self.config.clone();
+        let location = self.location.clone();
+        let connecting = runtime.spawn(async move {
+            let (client, connection) = config.connect(NoTls).await?;
+            tokio::spawn(async move {
+                if let Err(err) = connection.await {
+                    tracing::warn!(error = %err, "PostgreSQL connection ended");
+                }
+            });
+            Ok::<_, tokio_postgres::Error>(client)
+        });
+        let client = block_on(connecting)
+            .map_err(|err| StoreError::Database(format!("connecting to {location}: {err}")))?
+            .map_err(|err| StoreError::Unreachable {
+                location: location.clone(),
+                reason: describe(&err),
+            })?;
+        Ok(Conn {
+            client,
+            location: location.as_str().into(),
+            statements: RefCell::new(HashMap::new()),
+        })
+    }
+
+    fn take_conn(&self) -> Result<Conn, StoreError> {
+        let idle = match self.idle.lock() {
+            Ok(mut idle) => idle.pop(),
+            Err(poisoned) => poisoned.into_inner().pop(),
+        };
+        match idle {
+            Some(conn) if !conn.client.is_closed() => Ok(conn),
+            _ => self.open_conn(),
+        }
+    }
+
+    fn give_back(&self, conn: Conn) {
+        if conn.client.is_closed() {
+            return;
+        }
+        let mut idle = match self.idle.lock() {
+            Ok(idle) => idle,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if idle.len() < IDLE_READERS {
+            idle.push(conn);
+        }
+    }
+
+    /// Runs `f` in a read-only snapshot.
+    pub(crate) fn read<R>(
+        &self,
+        f: impl FnOnce(&dyn Rows) -> Result<R, StoreError>,
+    ) -> Result<R, StoreError> {
+        let conn = self.take_conn()?;
+        let result = (|| {
+            conn.batch("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")?;
+            let rows = PgRows::new(&conn);
+            let result = f(&rows);
+            let end = if rows.failed.get() || result.is_err() {
+                "ROLLBACK"
+            } else {
+                "COMMIT"
+            };
+            conn.batch(end)?;
+            result
+        })();
+        self.give_back(conn);
+        result
+    }
+
+    /// Takes the node lock: one process at a time writes to the database. Nodes learn
+    /// of each other's writes only through what they read, and caches (the revocation
+    /// mirror, bans, the key ring) are loaded at start, so a second writer would leave
+    /// the first one's caches behind; until nodes tell each other of their changes, the
+    /// lock keeps the database to one. It is held by a connection of its own for the
+    /// store's life and taken again if that connection is lost.
+    pub(crate) fn hold_node_lock(&self) -> Result<(), StoreError> {
+        let mut slot = match self.lock.lock() {
+            Ok(slot) => slot,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if slot.as_ref().is_some_and(|conn| !conn.client.is_closed()) {
+            return Ok(());
+        }
+        *slot = None;
+        let conn = self.open_conn()?;
+        let taken: bool = conn.query_one_value("SELECT pg_try_advisory_lock($1)", &[&NODE_LOCK])?;
+        if !taken {
+            return Err(StoreError::InUse {
+                location: self.location.clone(),
+            });
+        }
+        *slot = Some(conn);
+        Ok(())
+    }
+
+    /// Runs `f` in a serializable write transaction on the writer's connection and
+    /// commits when it answers true (rolls back when false). A lost race with another
+    /// transaction is `StoreError::Conflict`, after a rollback: run it again.
+    pub(crate) fn transact(
+        &self,
+        f: &mut dyn FnMut(&dyn RowsMut) -> bool,
+    ) -> Result<bool, StoreError> {
+        if self.holds_lock() {
+            self.hold_node_lock()?;
+        }
+        let mut slot = match self.writer.lock() {
+            Ok(slot) => slot,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if slot.as_ref().is_none_or(|conn| conn.client.is_closed()) {
+            *slot = None;
+            *slot = Some(self.open_conn()?);
+        }
+        let Some(conn) = slot.as_ref() else {
+            return Err(StoreError::Database("no PostgreSQL connection".into()));
+        };
+        conn.batch("BEGIN ISOLATION LEVEL SERIALIZABLE")?;
+        let rows = PgRows::new(conn);
+        let keep = f(&rows);
+        if rows.conflict.get() {
+            conn.batch("ROLLBACK")?;
+            return Err(StoreError::Conflict);
+        }
+        if !keep || rows.failed.get() {
+            conn.batch("ROLLBACK")?;
+            return Ok(false);
+        }
+        conn.batch("COMMIT")?;
+        Ok(true)
+    }
+
+    /// Whether this process took the node lock (and must keep it to write).
+    fn holds_lock(&self) -> bool {
+        match self.lock.lock() {
+            Ok(slot) => slot.is_some(),
+            Err(poisoned) => poisoned.into_inner().is_some(),
+        }
+    }
+
+    /// Whether gatehouse's tables exist, and how many rows they hold in all.
+    pub(crate) fn existing_rows(&self) -> Result<Option<u64>, StoreError> {
+        let conn = self.take_conn()?;
+        let result = (|| {
+            let found: i64 = conn.query_one_value(
+                "SELECT count(*) FROM information_schema.tables WHERE table_schema = $1",
+                &[&SCHEMA],
+            )?;
+            if found == 0 {
+                return Ok(None);
+            }
+            let mut total = 0u64;
+            for name in ALL_TABLES {
+                let n: i64 =
+                    conn.query_one_value(&format!("SELECT count(*) FROM {}", table(name)), &[])?;
+                total += n as u64;
+            }
+            Ok(Some(total))
+        })();
+        self.give_back(conn);
+        result
+    }
+
+    /// Creates the schema and every table that does not exist yet, in one transaction
+    /// (concurrent nodes starting at once wait for each other on the advisory lock).
+    pub(crate) fn create_tables(&self) -> Result<(), StoreError> {
+        let conn = self.take_conn()?;
+        let mut ddl = format!(
+            "BEGIN; SELECT pg_advisory_xact_lock({CREATE_LOCK}); \
+             CREATE SCHEMA IF NOT EXISTS {SCHEMA};"
+        );
+        for name in ALL_TABLES {
+            if *name == AUDIT_EVENTS_NAME {
+                ddl.push_str(&format!(
+                    "CREATE TABLE IF NOT EXISTS {} (seq bigint PRIMARY KEY, value bytea NOT NULL);",
+                    table(name)
+                ));
+            } else {
+                ddl.push_str(&format!(
+                    "CREATE TABLE IF NOT EXISTS {} (key text COLLATE \"C\" PRIMARY KEY, \
+                     value bytea NOT NULL);",
+                    table(name)
+                ));
+            }
+        }
+        ddl.push_str("COMMIT;");
+        let result = conn.batch(&ddl);
+        self.give_back(conn);
+        result
+    }
+}
+
+impl Postgres {
+    /// Fills gatehouse's empty tables with the chunks `fill` hands to its sink, in one
+    /// transaction: all of it or nothing. Refuses (`StoreError::NotEmpty`) a database
+    /// that holds any row, checked inside that transaction under the creation lock, so
+    /// two copies cannot mix and a starting node cannot write between check and copy.
+    pub(crate) fn load<R>(
+        &self,
+        fill: impl FnOnce(&mut dyn FnMut(Chunk) -> Result<(), StoreError>) -> Result<R, StoreError>,
+    ) -> Result<R, StoreError> {
+        self.create_tables()?;
+        let conn = self.take_conn()?;
+        let result = (|| {
+            conn.batch(&format!(
+                "BEGIN ISOLATION LEVEL SERIALIZABLE; SELECT pg_advisory_xact_lock({CREATE_LOCK})"
+            ))?;
+            let loaded = (|| {
+                let mut rows = 0u64;
+                for name in ALL_TABLES {
+                    let n: i64 = conn
+                        .query_one_value(&format!("SELECT count(*) FROM {}", table(name)), &[])?;
+                    rows += n as u64;
+                }
+                if rows > 0 {
+                    return Err(StoreError::NotEmpty {
+                        location: self.location.clone(),
+                        rows,
+                    });
+                }
+                fill(&mut |chunk| match chunk {
+                    Chunk::Rows(name, rows) => {
+                        let (keys, values): (Vec<String>, Vec<Vec<u8>>) = rows.into_iter().unzip();
+                        let sql = format!(
+                            "INSERT INTO {} (key, value) SELECT * FROM unnest($1::text[], $2::bytea[])",
+                            table(name)
+                        );
+                        conn.execute(&sql, &[&keys, &values]).map(drop)
+                    }
+                    Chunk::Log(rows) => {
+                        let mut seqs = Vec::with_capacity(rows.len());
+                        let mut values = Vec::with_capacity(rows.len());
+                        for (seq, value) in rows {
+                            seqs.push(PgRows::seq(seq)?);
+                            values.push(value);
+                        }
+                        let sql = format!(
+                            "INSERT INTO {} (seq, value) SELECT * FROM unnest($1::bigint[], $2::bytea[])",
+                            table(AUDIT_EVENTS_NAME)
+                        );
+                        conn.execute(&sql, &[&seqs, &values]).map(drop)
+                    }
+                })
+            })();
+            match loaded {
+                Ok(value) => {
+                    conn.batch("COMMIT")?;
+                    Ok(value)
+                }
+                Err(err) => {
+                    let _ = conn.batch("ROLLBACK");
+                    Err(err)
+                }
+            }
+        })();
+        self.give_back(conn);
+        result
+    }
+}
+
+/// The advisory lock that serialises creating the tables.
+const CREATE_LOCK: i64 = 0x6761_7465_0001;
+/// The advisory lock of the one node that writes (`hold_node_lock`).
+const NODE_LOCK: i64 = 0x6761_7465_0002;
+
+/// The qualified name of a table of `tables.rs`.
+fn table(name: &str) -> String {
+    format!("{SCHEMA}.{}", name.replace('.', "_"))
+}
+
+fn describe(err: &tokio_postgres::Error) -> String {
+    match err.as_db_error() {
+        Some(db) => format!("{}: {}", db.severity(), db.message()),
+        None => {
+            let mut text = err.to_string();
+            let mut source = std::error::Error::source(err);
+            while let Some(cause) = source {
+                text.push_str(&format!(": {cause}"));
+                source = cause.source();
+            }
+            text
+        }
+    }
+}
+
+fn is_conflict(err: &tokio_postgres::Error) -> bool {
+    matches!(
+        err.code(),
+        Some(code) if *code == SqlState::T_R_SERIALIZATION_FAILURE
+            || *code == SqlState::T_R_DEADLOCK_DETECTED
+    )
+}
+
+/// A statement's failure as the store reports it: a lost race is `Conflict`; a lost
+/// connection, a server shutting down or starting, or one that cannot write (a
+/// standby not yet promoted) is `Unreachable`, which callers answer as "try again";
+/// anything else is `Database`.
+fn db_error(location: &str, err: &tokio_postgres::Error) -> StoreError {
+    if is_conflict(err) {
+        return StoreError::Conflict;
+    }
+    let unreachable = match err.code() {
+        // Class 08: connection exceptions; class 57: operator intervention (shutdown,
+        // "the database system is starting up"); 25006: read-only transaction.
+        Some(code) => {
+            code.code().starts_with("08")
+                || code.code().starts_with("57")
+                || *code == SqlState::READ_ONLY_SQL_TRANSACTION
+        }
+        // No SQL state: the connection itself failed or was closed.
+        None => true,
+    };
+    if unreachable {
+        StoreError::Unreachable {
+            location: location.to_string(),
+            reason: describe(err),
+        }
+    } else {
+        StoreError::Database(format!("PostgreSQL: {}", describe(err)))
+    }
+}
+
+impl Conn {
+    fn error(&self, err: &tokio_postgres::Error) -> StoreError {
+        db_error(&self.location, err)
+    }
+
+    fn batch(&self, sql: &str) -> Result<(), StoreError> {
+        block_on(self.client.batch_execute(sql)).map_err(|err| self.error(&err))
+    }
+
+    fn statement(&self, sql: &str) -> Result<Statement, StoreError> {
+        if let Some(statement) = self.statements.borrow().get(sql) {
+            return Ok(statement.clone());
+        }
+        let statement = block_on(self.client.prepare(sql)).map_err(|err| self.error(&err))?;
+        self.statements
+            .borrow_mut()
+            .insert(sql.to_string(), statement.clone());
+        Ok(statement)
+    }
+
+    fn query(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<tokio_postgres::Row>, StoreError> {
+        let statement = self.statement(sql)?;
+        block_on(self.client.query(&statement, params)).map_err(|err| self.error(&err))
+    }
+
+    fn execute(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64, StoreError> {
+        let statement = self.statement(sql)?;
+        block_on(self.client.execute(&statement, params)).map_err(|err| self.error(&err))
+    }
+
+    fn query_one_value<T>(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<T, StoreError>
+    where
+        T: for<'a> tokio_postgres::types::FromSql<'a>,
+    {
+        let rows = self.query(sql, params)?;
+        let row = rows
+            .first()
+            .ok_or_else(|| StoreError::Database(format!("no row from {sql}")))?;
+        row.try_get(0).map_err(|err| self.error(&err))
+    }
+}
+
+/// `Rows` and `RowsMut` on the statements of one open transaction. The first failed
+/// statement ends the transaction on the server, so it is remembered: the transaction
+/// is then rolled back whatever the caller decides.
+struct PgRows<'a> {
+    conn: &'a Conn,
+    failed: Cell<bool>,
+    conflict: Cell<bool>,
+}
+
+impl<'a> PgRows<'a> {
+    fn new(conn: &'a Conn) -> Self {
+        Self {
+            conn,
+            failed: Cell::new(false),
+            conflict: Cell::new(false),
+        }
+    }
+
+    fn noted<T>(&self, result: Result<T, StoreError>) -> Result<T, StoreError> {
+        if let Err(err) = &result {
+            self.failed.set(true);
+            if matches!(err, StoreError::Conflict) {
+                self.conflict.set(true);
+            }
+        }
+        result
+    }
+
+    fn seq(seq: u64) -> Result<i64, StoreError> {
+        i64::try_from(seq)
+            .map_err(|_| StoreError::Database(format!("audit sequence {seq} is out of range")))
+    }
+
+    fn log_rows(&self, rows: Vec<tokio_postgres::Row>) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        rows.into_iter()
+            .map(|row| {
+                let seq: i64 = row.try_get(0).map_err(|err| self.conn.error(&err))?;
+                let value: Vec<u8> = row.try_get(1).map_err(|err| self.conn.error(&err))?;
+                Ok((seq as u64, value))
+            })
+            .collect()
+    }
+}
+
+fn limit(max: usize) -> i64 {
+    i64::try_from(max).unwrap_or(i64::MAX)
+}
+
+impl Rows for PgRows<'_> {
+    fn get(&self, name: &'static str, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let sql = format!("SELECT value FROM {} WHERE key = $1", table(name));
+        self.noted((|| {
+            let rows = self.conn.query(&sql, &[&key])?;
+            rows.first()
+                .map(|row| row.try_get(0).map_err(|err| self.conn.error(&err)))
+                .transpose()
+        })())
+    }
+
+    fn scan(
+        &self,
+        name: &'static str,
+        scan: Scan<'_>,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        if scan.max == 0 {
+            return Ok(Vec::new());
+        }
+        // Keys are text without U+10FFFF, so every key that starts with the prefix sorts
+        // below the prefix followed by it (collation "C" compares UTF-8 bytes).
+        let upper = format!("{}\u{10FFFF}", scan.prefix);
+        let (lower, op) = match scan.start {
+            Bound::Included(key) => (key, ">="),
+            Bound::Excluded(key) => (key, ">"),
+            Bound::Unbounded => ("", ">="),
+        };
+        let max = limit(scan.max);
+        self.noted((|| {
+            let rows = if scan.prefix.is_empty() {
+                let sql = format!(
+                    "SELECT key, value FROM {} WHERE key {op} $1 ORDER BY key LIMIT $2",
+                    table(name)
+                );
+                self.conn.query(&sql, &[&lower, &max])?
+            } else {
+                let sql = format!(
+                    "SELECT key, value FROM {} WHERE key {op} $1 AND key < $2 ORDER BY key LIMIT $3",
+                    table(name)
+                );
+                self.conn.query(&sql, &[&lower, &upper, &max])?
+            };
+            rows.into_iter()
+                .map(|row| {
+                    let key: String = row.try_get(0).map_err(|err| self.conn.error(&err))?;
+                    let value: Vec<u8> = row.try_get(1).map_err(|err| self.conn.error(&err))?;
+                    Ok((key, value))
+                })
+                .collect()
+        })())
+    }
+
+    fn count(&self, name: &'static str) -> Result<u64, StoreError> {
+        let sql = format!("SELECT count(*) FROM {}", table(name));
+        let n: i64 = self.noted(self.conn.query_one_value(&sql, &[]))?;
+        Ok(n as u64)
+    }
+
+    fn log_from(&self, from: u64, max: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let sql = format!(
+            "SELECT seq, value FROM {} WHERE seq >= $1 ORDER BY seq LIMIT $2",
+            table(AUDIT_EVENTS_NAME)
+        );
+        self.noted((|| {
+            let from = Self::seq(from).unwrap_or(i64::MAX);
+            self.log_rows(self.conn.query(&sql, &[&from, &limit(max)])?)
+        })())
+    }
+
+    fn log_newest(&self, max: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let sql = format!(
+            "SELECT seq, value FROM {} ORDER BY seq DESC LIMIT $1",
+            table(AUDIT_EVENTS_NAME)
+        );
+        self.noted((|| self.log_rows(self.conn.query(&sql, &[&limit(max)])?))())
+    }
+}
+
+impl RowsMut for PgRows<'_> {
+    fn put(&self, name: &'static str, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        let sql = format!(
+            "INSERT INTO {} (key, value) VALUES ($1, $2) \
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            table(name)
+        );
+        self.noted(self.conn.execute(&sql, &[&key, &value]).map(drop))
+    }
+
+    fn remove(&self, name: &'static str, key: &str) -> Result<bool, StoreError> {
+        let sql = format!("DELETE FROM {} WHERE key = $1", table(name));
+        self.noted(self.conn.execute(&sql, &[&key]).map(|n| n > 0))
+    }
+
+    fn log_put(&self, seq: u64, value: &[u8]) -> Result<(), StoreError> {
+        let sql = format!(
+            "INSERT INTO {} (seq, value) VALUES ($1, $2)",
+            table(AUDIT_EVENTS_NAME)
+        );
+        self.noted((|| {
+            let seq = Self::seq(seq)?;
+            self.conn.execute(&sql, &[&seq, &value]).map(drop)
+        })())
+    }
+
+    fn log_remove_through(&self, last: u64) -> Result<(), StoreError> {
+        let sql = format!("DELETE FROM {} WHERE seq <= $1", table(AUDIT_EVENTS_NAME));
+        let last = Self::seq(last).unwrap_or(i64::MAX);
+        self.noted(self.conn.execute(&sql, &[&last]).map(drop))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn password_file_lines_match_field_by_field() {
+        let text = "# comment\n\
+                    db.example:5432:app:alice:first\n\
+                    *:*:gatehouse:gatehouse:se\\:cret\\\\x\n\
+                    *:*:*:*:fallback\n";
+        assert_eq!(
+            pgpass_lookup(text, "db.example", 5432, "app", "alice").as_deref(),
+            Some("first")
+        );
+        assert_eq!(
+            pgpass_lookup(text, "127.0.0.1", 5433, "gatehouse", "gatehouse").as_deref(),
+            Some("se:cret\\x")
+        );
+        assert_eq!(
+            pgpass_lookup(text, "db.example", 5433, "app", "alice").as_deref(),
+            Some("fallback")
+        );
+        assert_eq!(pgpass_lookup("a:b:c\n", "a", 1, "c", "d"), None);
+    }
+
+    #[test]
+    fn urls_with_passwords_are_refused_and_redacted() {
+        let Err(err) = parse_url("postgres://u:hunter2@db/x") else {
+            panic!("a password in the URL must be refused");
+        };
+        let err = err.to_string();
+        assert!(!err.contains("hunter2"), "{err}");
+        assert!(err.contains("password"), "{err}");
+        assert!(parse_url("mysql://u@db/x").is_err());
+        assert!(parse_url("postgres://db/x").is_err());
+        assert!(parse_url("postgres://u@db/x").is_ok());
+    }
+
+    #[test]
+    fn table_names_follow_the_data_file() {
+        assert_eq!(table("secrets.v1"), "gatehouse.secrets_v1");
+        assert_eq!(table("meta"), "gatehouse.meta");
+    }
+}

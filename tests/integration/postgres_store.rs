@@ -1,0 +1,390 @@
+//! gatehouse on PostgreSQL (`storage.url`): a node serves from a real database, keeps
+//! what it acknowledged across restarts and crashes of the database, seals its secrets
+//! there too, and moves between the data file and the database with `storage copy` and
+//! `backup`. The database is a real PostgreSQL 15 (`postgres.rs`).
+
+use std::path::Path;
+use std::process::Output;
+
+use gatehouse::clock::FixedClock;
+
+use crate::binary::gatehouse;
+use crate::helpers::{spawn_app_in, spawn_app_with, test_config};
+use crate::postgres::Postgres;
+
+/// The settings that put a test server on `pg`'s database `url`.
+fn storage_env(pg: &Postgres, url: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("GATEHOUSE_STORAGE", url.to_string()),
+        (
+            "GATEHOUSE_STORAGE_PASSWORD_FILE",
+            pg.password_file().display().to_string(),
+        ),
+    ]
+}
+
+fn as_refs<'a>(env: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
+    env.iter().map(|(k, v)| (*k, v.as_str())).collect()
+}
+
+/// Every key and value gatehouse stored in the database, as text: values in
+/// PostgreSQL's `encoding` (`escape` shows text as it is, `hex` every byte).
+fn dump(pg: &Postgres, db: &str, encoding: &str) -> String {
+    let tables = pg.psql(
+        db,
+        "SELECT table_name FROM information_schema.tables WHERE table_schema = 'gatehouse' \
+         ORDER BY 1",
+    );
+    let mut out = String::new();
+    for table in tables.lines() {
+        let key = if table == "audit_events_v1" {
+            "seq::text"
+        } else {
+            "key"
+        };
+        out.push_str(&pg.psql(
+            db,
+            &format!("SELECT {key} || ' ' || encode(value, '{encoding}') FROM gatehouse.{table}"),
+        ));
+        out.push('\n');
+    }
+    out
+}
+
+fn run(cmd: &mut std::process::Command) -> Output {
+    cmd.output().expect("the gatehouse binary runs")
+}
+
+fn text(output: &Output) -> String {
+    format!(
+        "status {:?}\nstdout: {}\nstderr: {}",
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+async fn refresh(app: &crate::helpers::TestApp, token: &str) -> reqwest::Response {
+    app.client()
+        .post(app.url("/v1/token"))
+        .form(&[("grant_type", "refresh_token"), ("refresh_token", token)])
+        .send()
+        .await
+        .expect("request")
+}
+
+#[tokio::test]
+async fn a_node_on_postgres_keeps_what_it_acknowledged_across_restarts_and_a_database_crash() {
+    let Some(pg) = Postgres::start("a_node_on_postgres_keeps_what_it_acknowledged") else {
+        return;
+    };
+    let env = storage_env(&pg, &pg.url());
+    let app = spawn_app_with(&as_refs(&env)).await;
+    assert!(
+        !app.data_path().exists(),
+        "a node on PostgreSQL makes no data file"
+    );
+    let ready: serde_json::Value = app
+        .client()
+        .get(app.url("/readyz"))
+        .send()
+        .await
+        .expect("readyz")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(ready["status"], "ready");
+
+    let device = app.pair_device().await;
+    let refreshed = refresh(&app, &device.refresh_token).await;
+    assert_eq!(refreshed.status(), 200);
+    let pair: serde_json::Value = refreshed.json().await.expect("json");
+    let access = pair["access_token"]
+        .as_str()
+        .expect("access token")
+        .to_string();
+    let refresh_token = pair["refresh_token"].as_str().expect("refresh").to_string();
+    let revoked = app
+        .client()
+        .post(app.url("/v1/revoke"))
+        .bearer_auth(app.admin_token())
+        .form(&[("token", access.as_str())])
+        .send()
+        .await
+        .expect("revoke");
+    assert_eq!(revoked.status(), 200);
+    let admin = app.create_admin_token().await;
+
+    // The rows are in the database, under gatehouse's schema.
+    let devices = pg.psql("gatehouse", "SELECT count(*) FROM gatehouse.devices_v1");
+    assert_eq!(devices, "1");
+
+    // The database crashes (SIGKILL) and comes back; the node then restarts on it.
+    pg.kill();
+    pg.restart();
+    let dir = app.stop().await;
+    let app = spawn_app_in(dir, &as_refs(&env)).await;
+    let answer = app.introspect_as(&admin, &access).await;
+    assert_eq!(answer["active"], false, "the revocation survived: {answer}");
+    let again = refresh(&app, &refresh_token).await;
+    assert_eq!(again.status(), 200, "the refreshed family is still live");
+    let spent = refresh(&app, &device.refresh_token).await;
+    assert_eq!(spent.status(), 400, "the spent refresh token stays spent");
+    let listed = app
+        .client()
+        .get(app.url("/v1/devices"))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .expect("devices");
+    let listed: serde_json::Value = listed.json().await.expect("json");
+    assert_eq!(listed["devices"].as_array().map(Vec::len), Some(1));
+    let verified = app.running.services.audit.verify(&mut |_, _| {});
+    let verified = verified.expect("audit verify");
+    assert!(verified.broken.is_none(), "{verified:?}");
+    assert!(verified.records > 5, "{verified:?}");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_database_dump_reveals_no_secret() {
+    let Some(pg) = Postgres::start("a_database_dump_reveals_no_secret") else {
+        return;
+    };
+    let env = storage_env(&pg, &pg.url());
+    let app = spawn_app_with(&as_refs(&env)).await;
+    let device = app.pair_device().await;
+    let bootstrap = app.admin_token();
+    let tls_key = app
+        .running
+        .services
+        .store
+        .read(|tx| tx.self_signed_cert())
+        .expect("read")
+        .expect("a self-signed certificate")
+        .key_der;
+    let tls_key_hex: String = tls_key.iter().map(|b| format!("{b:02x}")).collect();
+    let hex = dump(&pg, "gatehouse", "hex");
+    assert!(
+        !hex.contains(&tls_key_hex[tls_key_hex.len() - 64..]),
+        "the dump shows the TLS private key"
+    );
+    let dump = dump(&pg, "gatehouse", "escape");
+    assert!(
+        dump.contains("signing-key/"),
+        "the dump has the secrets table"
+    );
+    for (what, secret) in [
+        ("refresh token", device.refresh_token.as_str()),
+        ("bootstrap admin token", bootstrap.as_str()),
+    ] {
+        assert!(!dump.contains(secret), "the dump shows the {what}");
+    }
+    assert!(
+        !dump.contains("PRIVATE KEY"),
+        "no PEM private key in the dump"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_second_process_on_the_same_database_is_refused_while_a_node_serves() {
+    let Some(pg) = Postgres::start("a_second_process_on_the_same_database_is_refused") else {
+        return;
+    };
+    let env = storage_env(&pg, &pg.url());
+    let app = spawn_app_with(&as_refs(&env)).await;
+    let dir = tempfile::tempdir().expect("dir");
+    std::fs::copy(
+        &app.config.master_key.path,
+        dir.path().join("gatehouse.redb.key"),
+    )
+    .expect("same key");
+    let config = test_config(dir.path(), &as_refs(&env));
+    let clock: gatehouse::clock::SharedClock =
+        std::sync::Arc::new(FixedClock::new(crate::helpers::TEST_NOW_MS));
+    let Err(err) = gatehouse::app::start(&config, clock).await else {
+        panic!("a second node on the same database must be refused");
+    };
+    let err = err.to_string();
+    assert!(err.contains("another gatehouse process serves"), "{err}");
+    app.stop().await;
+}
+
+// Multi-threaded: the test runs the binary, which talks to the in-process server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_copy_moves_a_data_file_into_postgres_and_backup_brings_it_back() {
+    let Some(pg) = Postgres::start("storage_copy_moves_a_data_file_into_postgres") else {
+        return;
+    };
+    // A node on a data file pairs a device, then stops.
+    let app = spawn_app_with(&[]).await;
+    let device = app.pair_device().await;
+    let admin = app.create_admin_token().await;
+    let data = app.data_path().to_path_buf();
+    let key = app.config.master_key.path.clone();
+    let dir = app.stop().await;
+    let password = pg.password_file();
+    let copy = |from: Option<&Path>, url: &str| {
+        let mut cmd = gatehouse(&data);
+        cmd.env("GATEHOUSE_STORAGE_PASSWORD_FILE", &password)
+            .args(["storage", "copy", "--to", url]);
+        if let Some(from) = from {
+            cmd.arg("--from").arg(from);
+        }
+        run(&mut cmd)
+    };
+
+    // Refused before anything is written: a password in the URL, a wrong scheme.
+    let with_password = pg.url().replace("gatehouse@", "gatehouse:hunter2@");
+    let refused = copy(None, &with_password);
+    assert_eq!(refused.status.code(), Some(1), "{}", text(&refused));
+    assert!(!text(&refused).contains("hunter2"), "{}", text(&refused));
+    assert!(text(&refused).contains("password"), "{}", text(&refused));
+    let refused = copy(None, "mysql://gatehouse@127.0.0.1/gatehouse");
+    assert_ne!(refused.status.code(), Some(0), "{}", text(&refused));
+    assert_eq!(
+        pg.psql(
+            "gatehouse",
+            "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'gatehouse'"
+        ),
+        "0",
+        "a refused copy created nothing"
+    );
+
+    let copied = copy(None, &pg.url());
+    assert!(copied.status.success(), "{}", text(&copied));
+    assert!(text(&copied).contains("rows"), "{}", text(&copied));
+    // A second copy into the same database is refused: it holds data now.
+    let again = copy(None, &pg.url());
+    assert_eq!(again.status.code(), Some(1), "{}", text(&again));
+    assert!(
+        text(&again).contains("already holds gatehouse data"),
+        "{}",
+        text(&again)
+    );
+
+    // A node on the database serves what the file held.
+    let env = storage_env(&pg, &pg.url());
+    let app = spawn_app_in(dir, &as_refs(&env)).await;
+    assert_eq!(
+        app.introspect_as(&admin, &device.access_token).await["active"],
+        true
+    );
+    // `gatehouse backup` against the PostgreSQL node (through its admin socket) writes
+    // one data file...
+    let backup = app.dir.path().join("from-postgres.redb");
+    let made = run(gatehouse(&data)
+        .env("GATEHOUSE_STORAGE", pg.url())
+        .env("GATEHOUSE_STORAGE_PASSWORD_FILE", &password)
+        .arg("backup")
+        .arg(&backup));
+    assert!(made.status.success(), "{}", text(&made));
+    let refreshed = refresh(&app, &device.refresh_token).await;
+    assert_eq!(refreshed.status(), 200);
+    let _kept = app.stop().await;
+
+    // ...that a single node serves as it is (same master key)...
+    let single = tempfile::tempdir().expect("dir");
+    std::fs::copy(&backup, single.path().join("gatehouse.redb")).expect("copy backup");
+    std::fs::copy(&key, single.path().join("gatehouse.redb.key")).expect("copy key");
+    let node = spawn_app_in(single, &[]).await;
+    // The backup holds the family as it was before the refresh above.
+    let refreshed = refresh(&node, &device.refresh_token).await;
+    assert_eq!(refreshed.status(), 200, "the backup's refresh token works");
+    node.stop().await;
+
+    // ...and that `storage copy --from` restores into another, empty database.
+    let restored_url = pg.create_database("restored");
+    let restored = copy(Some(&backup), &restored_url);
+    assert!(restored.status.success(), "{}", text(&restored));
+    assert_eq!(
+        pg.psql(
+            "restored",
+            "SELECT count(*) FROM gatehouse.devices_v1 UNION ALL \
+             SELECT count(*) FROM gatehouse.audit_events_v1 WHERE seq > 0",
+        )
+        .lines()
+        .next(),
+        Some("1")
+    );
+    let dump_restored = dump(&pg, "restored", "escape");
+    assert!(!dump_restored.contains(&device.refresh_token));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_loses_its_database_refuses_writes_with_503_and_recovers_by_itself() {
+    let Some(pg) = Postgres::start("a_node_that_loses_its_database") else {
+        return;
+    };
+    let env = storage_env(&pg, &pg.url());
+    let app = spawn_app_with(&as_refs(&env)).await;
+    let device = app.pair_device().await;
+    let admin = app.create_admin_token().await;
+    let readyz = || async {
+        let response = app
+            .client()
+            .get(app.url("/readyz"))
+            .send()
+            .await
+            .expect("readyz");
+        let status = response.status().as_u16();
+        (status, response.text().await.expect("body"))
+    };
+
+    pg.stop();
+    let (status, body) = readyz().await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("the database cannot be reached"), "{body}");
+    // A write is refused with a clear 503, never acknowledged.
+    let refused = refresh(&app, &device.refresh_token).await;
+    assert_eq!(refused.status(), 503);
+    let body: serde_json::Value = refused.json().await.expect("json");
+    assert_eq!(body["error"], "unavailable", "{body}");
+    assert!(
+        !body.to_string().contains("127.0.0.1"),
+        "the database's address is not shown to callers: {body}"
+    );
+    // What can be verified offline still is: the device's access token, against the
+    // key ring and the revocation mirror in memory (forward authentication)...
+    let verified = app
+        .client()
+        .get(app.url("/v1/authz"))
+        .bearer_auth(&device.access_token)
+        .send()
+        .await
+        .expect("authz");
+    assert_eq!(verified.status(), 200);
+    // ...while a check that needs the database (an admin token's) says so with a 503,
+    // and counts no failed login against the caller.
+    let introspected = app
+        .client()
+        .post(app.url("/v1/introspect"))
+        .bearer_auth(&admin)
+        .form(&[("token", device.access_token.as_str())])
+        .send()
+        .await
+        .expect("introspect");
+    assert_eq!(introspected.status(), 503);
+
+    // The database comes back; the node reconnects by itself.
+    pg.restart();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let (status, body) = readyz().await;
+        if status == 200 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not ready again: {body}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    // The refused refresh changed nothing: the same token refreshes now.
+    let refreshed = refresh(&app, &device.refresh_token).await;
+    assert_eq!(refreshed.status(), 200);
+    let answer = app.introspect_as(&admin, &device.access_token).await;
+    assert_eq!(answer["active"], true, "{answer}");
+    app.stop().await;
+}
