@@ -440,6 +440,18 @@ pub async fn start(config: &Config, clock: SharedClock) -> Result<Running, AppEr
         missed,
         until_stopped(stopped.clone()),
     ));
+    // Nodes sharing a database: other nodes' revocations, keys and bans, as they commit.
+    if let Some(feed) = services.store.follow()? {
+        tokio::spawn(crate::schedule::follow_changes(
+            crate::schedule::Mirrors {
+                revocations: services.revocations.clone(),
+                keys: services.keys.clone(),
+                lockout: services.lockout.clone(),
+            },
+            feed,
+            until_stopped(stopped.clone()),
+        ));
+    }
     let socket_task = tokio::spawn(socket.serve(services, until_stopped(stopped)));
     Ok(Running {
         local_addr,

@@ -75,7 +75,7 @@ impl Classify for gatehouse_store::StoreError {
     fn kind(&self) -> ErrorKind {
         use gatehouse_store::StoreError as E;
         match self {
-            E::Unreachable { .. } | E::InUse { .. } | E::Conflict => ErrorKind::Unavailable,
+            E::Unreachable { .. } | E::Conflict => ErrorKind::Unavailable,
             E::Io { .. }
             | E::Locked { .. }
             | E::NotADataFile { .. }

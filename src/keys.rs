@@ -503,8 +503,9 @@ impl KeyRing {
         }
     }
 
-    /// Re-reads every key from the store into a new snapshot.
-    fn reload(&self) -> Result<(), KeyError> {
+    /// Re-reads every key from the store into a new snapshot (also when another node
+    /// changed one: the change feed).
+    pub(crate) fn reload(&self) -> Result<(), KeyError> {
         let rows = self.store.read(|tx| {
             let mut out = Vec::new();
             for (kid, record) in tx.all(&SIGNING_KEYS)? {

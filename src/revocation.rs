@@ -221,6 +221,26 @@ impl RevocationList {
         family: &FamilyId,
         device: &DeviceId,
     ) -> Result<(), Refusal> {
+        match self.check_mirror(jti, family, device) {
+            // With several nodes, another one may have made the family a moment ago,
+            // before its change reached this one: the store has the last word. (Only a
+            // validly signed token gets here, so this read cannot be had for free.)
+            Err(Refusal::UnknownFamily) if self.store.is_postgres() => {
+                match self.apply_change("token_families.v1", &family.to_string()) {
+                    Ok(()) => self.check_mirror(jti, family, device),
+                    Err(_) => Err(Refusal::UnknownFamily),
+                }
+            }
+            other => other,
+        }
+    }
+
+    fn check_mirror(
+        &self,
+        jti: &TokenId,
+        family: &FamilyId,
+        device: &DeviceId,
+    ) -> Result<(), Refusal> {
         let revoked = self.read();
         if !revoked.existing.contains(family) {
             return Err(Refusal::UnknownFamily);
@@ -255,6 +275,111 @@ impl RevocationList {
     /// the family row's own `revoked_at_ms`.
     pub fn journaled(&self) -> JournaledFamilies {
         self.journaled.clone()
+    }
+
+    /// Mirrors one row another node changed (`schedule::follow` hands on the change
+    /// feed): re-reads it and brings the list in line with it. Idempotent, so a change
+    /// seen twice (after a resync) does no harm.
+    pub(crate) fn apply_change(&self, table: &str, key: &str) -> Result<(), StoreError> {
+        let window = millis(self.access_window);
+        let now = self.clock.now_ms();
+        match table {
+            "revoked_tokens.v1" => {
+                let Some(jti) = TokenId::parse(key) else {
+                    return Ok(());
+                };
+                let row = self.store.read(|tx| tx.get(&REVOKED_TOKENS, key))?;
+                let mut revoked = self.write();
+                match row {
+                    Some(row) => {
+                        revoked.tokens.insert(jti, row.expires_at_ms);
+                    }
+                    None => {
+                        revoked.tokens.remove(&jti);
+                    }
+                }
+            }
+            "token_families.v1" => {
+                let Some(id) = FamilyId::parse(key) else {
+                    return Ok(());
+                };
+                let row = self.store.read(|tx| tx.get(&TOKEN_FAMILIES, key))?;
+                let mut revoked = self.write();
+                match row {
+                    Some(family) => {
+                        revoked.existing.insert(id);
+                        if let Some(at) = family.revoked_at_ms {
+                            let forget_at = at.saturating_add(window);
+                            if forget_at > now {
+                                let known = revoked.families.entry(id).or_insert(forget_at);
+                                *known = (*known).max(forget_at);
+                            }
+                            // The row says revoked: the journal need not (as a fold).
+                            self.journaled.remove_all(&[id]);
+                        }
+                    }
+                    None => {
+                        revoked.existing.remove(&id);
+                        revoked.families.remove(&id);
+                        self.journaled.remove_all(&[id]);
+                    }
+                }
+            }
+            "family_revocations.v1" => {
+                // A removed entry was folded into its family's row, a change of its own.
+                let Some(entry) = self.store.read(|tx| tx.get(&FAMILY_REVOCATIONS, key))? else {
+                    return Ok(());
+                };
+                let Some(id) = FamilyId::parse(&entry.family_id) else {
+                    return Ok(());
+                };
+                self.journaled.insert(id);
+                let forget_at = entry.revoked_at_ms.saturating_add(window);
+                if forget_at > now {
+                    let mut revoked = self.write();
+                    let known = revoked.families.entry(id).or_insert(forget_at);
+                    *known = (*known).max(forget_at);
+                }
+            }
+            "devices.v1" => {
+                let Some(id) = DeviceId::parse(key) else {
+                    return Ok(());
+                };
+                let row = self.store.read(|tx| tx.get(&DEVICES, key))?;
+                if row.is_some_and(|device| device.revoked_at_ms.is_some()) {
+                    self.write().devices.insert(id);
+                }
+            }
+            _ => return Ok(()),
+        }
+        self.changes.bump();
+        Ok(())
+    }
+
+    /// Rebuilds the whole list from the store (after a break in the change feed).
+    pub(crate) fn reload(&self) -> Result<(), StoreError> {
+        let fresh = Self::load(
+            self.store.clone(),
+            self.clock.clone(),
+            self.access_window,
+            self.changes.clone(),
+        )?;
+        let loaded = std::mem::take(&mut *fresh.write());
+        *self.write() = loaded;
+        let families: Vec<FamilyId> = fresh
+            .journaled
+            .0
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .copied()
+            .collect();
+        let mut set = self.journaled.0.write().unwrap_or_else(|p| p.into_inner());
+        set.clear();
+        set.extend(families);
+        drop(set);
+        self.changes.bump();
+        Ok(())
     }
 
     /// Revokes one access token; durable when this returns.

@@ -153,6 +153,32 @@ impl Lockout {
         })
     }
 
+    /// Mirrors one ban row another node wrote or removed (the change feed).
+    pub(crate) fn apply_change(&self, key: &str) -> Result<(), StoreError> {
+        let Some(subject) = Subject::parse(key) else {
+            return Ok(());
+        };
+        let row = self.store.read(|tx| tx.get(&BANS, key))?;
+        {
+            let mut bans = self.bans.write().unwrap_or_else(|p| p.into_inner());
+            match row {
+                Some(ban) => bans.insert(subject, ban),
+                None => bans.remove(&subject),
+            };
+        }
+        self.recount(self.clock.now_ms());
+        Ok(())
+    }
+
+    /// Re-reads every ban (after a break in the change feed).
+    pub(crate) fn reload(&self) -> Result<(), StoreError> {
+        let fresh = Self::load(self.store.clone(), self.clock.clone(), self.policy.clone())?;
+        let bans = std::mem::take(&mut *fresh.bans.write().unwrap_or_else(|p| p.into_inner()));
+        *self.bans.write().unwrap_or_else(|p| p.into_inner()) = bans;
+        self.recount(self.clock.now_ms());
+        Ok(())
+    }
+
     /// Bans in force now, for metrics.
     pub(crate) fn active(&self) -> usize {
         self.recount(self.clock.now_ms());

@@ -82,6 +82,11 @@ pub(crate) async fn run_background(
             _ = jobs.tick() => {
                 renew_self_signed(&work).await;
                 while running_jobs.try_join_next().is_some() {}
+                // Nodes sharing a database run the jobs and the journal's folds on one
+                // of them, the leader; the others keep theirs for when they lead.
+                if !work.store.is_leader() {
+                    continue;
+                }
                 let work = work.clone();
                 let missed = pending.take();
                 let folding = work.clone();

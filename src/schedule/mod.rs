@@ -35,8 +35,10 @@ use crate::store::{JOBS, Store, StoreError};
 use crate::tokens::TokenAuthority;
 
 mod background;
+mod follow;
 
 pub(crate) use background::{Background, run_background};
+pub(crate) use follow::{Mirrors, follow_changes};
 
 /// What the jobs act on: the domain services they call, and nothing more.
 #[derive(Debug, Clone)]

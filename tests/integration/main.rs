@@ -18,6 +18,7 @@ mod audit;
 mod authz;
 mod binary;
 mod cli;
+mod cluster;
 mod contract;
 mod devices;
 mod docs;

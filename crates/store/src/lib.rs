@@ -43,7 +43,7 @@ pub use backup::{BackupInfo, in_use, inspect};
 use gatehouse_clock::Clock;
 pub use migrate::Migrated;
 use pg::Postgres;
-pub use pg::{PostgresTarget, pgpass_lookup};
+pub use pg::{Change, FOLLOWED_TABLES, Followed, PostgresTarget, pgpass_lookup};
 use redb_rows::{RedbRead, RedbWrite};
 use seal::{MasterKey, SealError, Sealer, sync_parent_dir};
 pub use tables::{ALL_TABLES, FORMAT_VERSION, MASTER_KEY_CHECK_PLAINTEXT};
@@ -135,12 +135,6 @@ pub enum StoreError {
          copying refuses to mix two stores: use an empty database"
     )]
     NotEmpty { location: String, rows: u64 },
-    #[error(
-        "another gatehouse process serves the database {location}: one node at a time writes \
-         to it in this version. Run management commands on that node (they reach it \
-         through its admin socket), or stop it first"
-    )]
-    InUse { location: String },
 }
 
 macro_rules! from_redb {
@@ -311,12 +305,12 @@ impl Store {
     ) -> Result<(Self, OpenReport), StoreError> {
         let sealer = Sealer::new(master);
         let db = Arc::new(Postgres::connect(target)?);
-        db.hold_node_lock()?;
         let location = PathBuf::from(db.location());
         let mut report = OpenReport::default();
-        if db.existing_rows()?.is_none() {
-            db.create_tables()?;
-        }
+        // Also adds a table a newer build introduced (the change feed) to an older database.
+        db.create_tables()?;
+        // Before the caller loads its caches: the follower starts here.
+        db.set_mark()?;
         // Every node that starts on an empty database races to write its facts; the
         // serializable transaction lets exactly one of them do it.
         let made = Self::postgres_initialise(&db, &sealer, clock)?;
@@ -464,6 +458,24 @@ impl Store {
                 commits: Arc::new(AtomicU64::new(0)),
             }),
         })
+    }
+
+    /// Other nodes' changes to the tables this node mirrors (`FOLLOWED_TABLES`), from
+    /// the moment the store opened: `None` on a data file, which no one else writes.
+    pub fn follow(&self) -> Result<Option<mpsc::Receiver<Followed>>, StoreError> {
+        match &self.shared.db {
+            Engine::Postgres(db) => db.follow().map(Some),
+            Engine::Writable(_) | Engine::ReadOnly(_) => Ok(None),
+        }
+    }
+
+    /// Whether this node runs the scheduled jobs: always on a data file; on
+    /// PostgreSQL, the one node whose change follower holds the leader lock.
+    pub fn is_leader(&self) -> bool {
+        match &self.shared.db {
+            Engine::Postgres(db) => db.is_leader(),
+            Engine::Writable(_) | Engine::ReadOnly(_) => true,
+        }
     }
 
     /// Whether this store lives in a PostgreSQL database.

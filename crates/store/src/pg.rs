@@ -19,9 +19,12 @@
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::ops::Bound;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use futures_executor::block_on;
+use tokio::sync::mpsc;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls, Statement};
@@ -48,8 +51,13 @@ pub(crate) struct Postgres {
     idle: Mutex<Vec<Conn>>,
     /// The writer's connection, reopened after it is lost.
     writer: Mutex<Option<Conn>>,
-    /// The connection holding the node lock (`hold_node_lock`), once taken.
-    lock: Mutex<Option<Conn>>,
+    /// This process among the nodes: its changes carry it, so it skips its own.
+    node: String,
+    /// The change feed's position when the store opened: a follower starts there, so
+    /// nothing committed after the caches were loaded is missed.
+    mark: AtomicI64,
+    /// Whether this process's follower holds the leader lock.
+    leading: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for Postgres {
@@ -210,7 +218,9 @@ impl Postgres {
             runtime: Some(runtime),
             idle: Mutex::new(Vec::new()),
             writer: Mutex::new(None),
-            lock: Mutex::new(None),
+            node: random_node_id()?,
+            mark: AtomicI64::new(0),
+            leading: Arc::new(AtomicBool::new(false)),
         };
         let first = db.open_conn()?;
         db.give_back(first);
@@ -296,32 +306,6 @@ impl Postgres {
         result
     }
 
-    /// Takes the node lock: one process at a time writes to the database. Nodes learn
-    /// of each other's writes only through what they read, and caches (the revocation
-    /// mirror, bans, the key ring) are loaded at start, so a second writer would leave
-    /// the first one's caches behind; until nodes tell each other of their changes, the
-    /// lock keeps the database to one. It is held by a connection of its own for the
-    /// store's life and taken again if that connection is lost.
-    pub(crate) fn hold_node_lock(&self) -> Result<(), StoreError> {
-        let mut slot = match self.lock.lock() {
-            Ok(slot) => slot,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        if slot.as_ref().is_some_and(|conn| !conn.client.is_closed()) {
-            return Ok(());
-        }
-        *slot = None;
-        let conn = self.open_conn()?;
-        let taken: bool = conn.query_one_value("SELECT pg_try_advisory_lock($1)", &[&NODE_LOCK])?;
-        if !taken {
-            return Err(StoreError::InUse {
-                location: self.location.clone(),
-            });
-        }
-        *slot = Some(conn);
-        Ok(())
-    }
-
     /// Runs `f` in a serializable write transaction on the writer's connection and
     /// commits when it answers true (rolls back when false). A lost race with another
     /// transaction is `StoreError::Conflict`, after a rollback: run it again.
@@ -329,9 +313,6 @@ impl Postgres {
         &self,
         f: &mut dyn FnMut(&dyn RowsMut) -> bool,
     ) -> Result<bool, StoreError> {
-        if self.holds_lock() {
-            self.hold_node_lock()?;
-        }
         let mut slot = match self.writer.lock() {
             Ok(slot) => slot,
             Err(poisoned) => poisoned.into_inner(),
@@ -354,39 +335,78 @@ impl Postgres {
             conn.batch("ROLLBACK")?;
             return Ok(false);
         }
-        conn.batch("COMMIT")?;
-        Ok(true)
-    }
-
-    /// Whether this process took the node lock (and must keep it to write).
-    fn holds_lock(&self) -> bool {
-        match self.lock.lock() {
-            Ok(slot) => slot.is_some(),
-            Err(poisoned) => poisoned.into_inner().is_some(),
+        let touched = rows.touched.take();
+        match self
+            .publish(conn, touched)
+            .and_then(|()| conn.batch("COMMIT"))
+        {
+            Ok(()) => Ok(true),
+            Err(err) => {
+                // The transaction may still be open on a live connection.
+                let _ = conn.batch("ROLLBACK");
+                Err(err)
+            }
         }
     }
 
-    /// Whether gatehouse's tables exist, and how many rows they hold in all.
-    pub(crate) fn existing_rows(&self) -> Result<Option<u64>, StoreError> {
+    /// Appends the rows a transaction changed in followed tables to the change feed,
+    /// inside that transaction, and notifies the followers at its commit. The append
+    /// waits for the feed's lock, held to the commit, so that sequence order is commit
+    /// order: a follower that has read up to `n` has missed nothing below it.
+    fn publish(&self, conn: &Conn, touched: Vec<(&'static str, String)>) -> Result<(), StoreError> {
+        if touched.is_empty() {
+            return Ok(());
+        }
+        let (tables, keys): (Vec<&str>, Vec<String>) = touched.into_iter().unzip();
+        conn.batch(&format!("SELECT pg_advisory_xact_lock({FEED_LOCK})"))?;
+        conn.execute(
+            &format!(
+                "INSERT INTO {SCHEMA}.changes (node, tbl, key) \
+                 SELECT $1, * FROM unnest($2::text[], $3::text[])"
+            ),
+            &[&self.node, &tables, &keys],
+        )?;
+        conn.batch(&format!("NOTIFY {CHANNEL}"))
+    }
+
+    /// Notes where the change feed is now: `follow` starts after it.
+    pub(crate) fn set_mark(&self) -> Result<(), StoreError> {
         let conn = self.take_conn()?;
-        let result = (|| {
-            let found: i64 = conn.query_one_value(
-                "SELECT count(*) FROM information_schema.tables WHERE table_schema = $1",
-                &[&SCHEMA],
-            )?;
-            if found == 0 {
-                return Ok(None);
-            }
-            let mut total = 0u64;
-            for name in ALL_TABLES {
-                let n: i64 =
-                    conn.query_one_value(&format!("SELECT count(*) FROM {}", table(name)), &[])?;
-                total += n as u64;
-            }
-            Ok(Some(total))
-        })();
+        let result = conn.query_one_value::<i64>(
+            &format!("SELECT coalesce(max(seq), 0) FROM {SCHEMA}.changes"),
+            &[],
+        );
         self.give_back(conn);
-        result
+        self.mark.store(result?, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Starts following the change feed from the mark: other nodes' changes to followed
+    /// tables arrive on the receiver in commit order, and `Followed::Resync` after a
+    /// break in the feed (a lost connection), when the caller must reload what it
+    /// mirrors. The follower's connection also holds the leader lock when it can get it
+    /// (`is_leader`). It stops when the receiver is dropped.
+    pub(crate) fn follow(&self) -> Result<mpsc::Receiver<Followed>, StoreError> {
+        let runtime = self
+            .runtime
+            .as_ref()
+            .ok_or_else(|| StoreError::Database("PostgreSQL's runtime has stopped".into()))?;
+        let (sender, receiver) = mpsc::channel(FOLLOW_QUEUE);
+        let follower = Follower {
+            config: self.config.clone(),
+            location: self.location.clone(),
+            node: self.node.clone(),
+            leading: self.leading.clone(),
+            last: self.mark.load(Ordering::SeqCst),
+            sender,
+        };
+        runtime.spawn(follower.run());
+        Ok(receiver)
+    }
+
+    /// Whether this process holds the leader lock (through its follower).
+    pub(crate) fn is_leader(&self) -> bool {
+        self.leading.load(Ordering::SeqCst)
     }
 
     /// Creates the schema and every table that does not exist yet, in one transaction
@@ -411,6 +431,11 @@ impl Postgres {
                 ));
             }
         }
+        ddl.push_str(&format!(
+            "CREATE TABLE IF NOT EXISTS {SCHEMA}.changes (seq bigserial PRIMARY KEY, \
+             node text NOT NULL, tbl text NOT NULL, key text NOT NULL, \
+             at timestamptz NOT NULL DEFAULT now());"
+        ));
         ddl.push_str("COMMIT;");
         let result = conn.batch(&ddl);
         self.give_back(conn);
@@ -488,8 +513,204 @@ impl Postgres {
 
 /// The advisory lock that serialises creating the tables.
 const CREATE_LOCK: i64 = 0x6761_7465_0001;
-/// The advisory lock of the one node that writes (`hold_node_lock`).
-const NODE_LOCK: i64 = 0x6761_7465_0002;
+/// The advisory lock a change-feed append holds to its commit (`publish`).
+const FEED_LOCK: i64 = 0x6761_7465_0002;
+/// The advisory lock of the node that runs scheduled jobs (`Follower`).
+const LEADER_LOCK: i64 = 0x6761_7465_0003;
+/// The channel followers listen on.
+const CHANNEL: &str = "gatehouse_changes";
+/// Batches of changes waiting for the follower's reader.
+const FOLLOW_QUEUE: usize = 256;
+/// How long the feed keeps a change. A follower that loses its connection resyncs,
+/// and one that reads less often than this would miss changes, so it resyncs too.
+const FEED_KEEP: Duration = Duration::from_secs(600);
+/// A follower reads the feed at least this often, notified or not: a notification
+/// lost with a connection delays a change by no more than this.
+const FOLLOW_POLL: Duration = Duration::from_secs(1);
+
+/// Which tables' changes the feed carries: those a node mirrors in memory (the
+/// revocation list, the key ring, bans). Other tables are read in the request.
+pub const FOLLOWED_TABLES: &[&str] = &[
+    "revoked_tokens.v1",
+    "token_families.v1",
+    "family_revocations.v1",
+    "devices.v1",
+    "signing_keys.v1",
+    "bans.v1",
+];
+
+/// A row another process changed (written or removed) in a followed table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    /// The table's name, one of `FOLLOWED_TABLES`.
+    pub table: String,
+    pub key: String,
+}
+
+/// What a follower hands on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Followed {
+    /// Changes, in commit order.
+    Changes(Vec<Change>),
+    /// The feed was broken (a lost connection): reload everything mirrored, then go on.
+    Resync,
+}
+
+fn random_node_id() -> Result<String, StoreError> {
+    let mut raw = [0u8; 8];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut raw)
+        .map_err(|_| StoreError::Database("no randomness for a node id".into()))?;
+    Ok(data_encoding::HEXLOWER.encode(&raw))
+}
+
+/// The change feed's reader, on the store's runtime (see `Postgres::follow`).
+struct Follower {
+    config: tokio_postgres::Config,
+    location: String,
+    node: String,
+    leading: Arc<AtomicBool>,
+    /// The last sequence number read.
+    last: i64,
+    sender: mpsc::Sender<Followed>,
+}
+
+impl Follower {
+    async fn run(mut self) {
+        let mut broken = false;
+        while !self.sender.is_closed() {
+            let outcome = self.connected(broken).await;
+            self.leading.store(false, Ordering::SeqCst);
+            match outcome {
+                Ok(()) => return,
+                Err(reason) => {
+                    tracing::warn!(database = %self.location, %reason, "the change feed was interrupted; reconnecting");
+                    broken = true;
+                    tokio::time::sleep(FOLLOW_POLL).await;
+                }
+            }
+        }
+    }
+
+    /// Follows on one connection until it fails (`Err`) or the receiver is dropped.
+    async fn connected(&mut self, resync: bool) -> Result<(), String> {
+        let (client, mut connection) = self
+            .config
+            .connect(NoTls)
+            .await
+            .map_err(|err| describe(&err))?;
+        let (notified, mut notifications) = mpsc::unbounded_channel();
+        let driver = tokio::spawn(async move {
+            loop {
+                match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+                    Some(Ok(tokio_postgres::AsyncMessage::Notification(_))) => {
+                        let _ = notified.send(());
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(err)) => return describe(&err),
+                    None => return "the connection was closed".to_string(),
+                }
+            }
+        });
+        let result = self.follow_on(&client, &mut notifications, resync).await;
+        driver.abort();
+        result
+    }
+
+    async fn follow_on(
+        &mut self,
+        client: &Client,
+        notifications: &mut mpsc::UnboundedReceiver<()>,
+        resync: bool,
+    ) -> Result<(), String> {
+        let sql_error = |err: tokio_postgres::Error| describe(&err);
+        client
+            .batch_execute(&format!("LISTEN {CHANNEL}"))
+            .await
+            .map_err(sql_error)?;
+        let read = client
+            .prepare(&format!(
+                "SELECT seq, node, tbl, key FROM {SCHEMA}.changes WHERE seq > $1 \
+                 ORDER BY seq LIMIT 1000"
+            ))
+            .await
+            .map_err(sql_error)?;
+        if resync {
+            // Everything up to here is in what the reader reloads; go on from here.
+            let row = client
+                .query_one(
+                    &format!("SELECT coalesce(max(seq), 0) FROM {SCHEMA}.changes"),
+                    &[],
+                )
+                .await
+                .map_err(sql_error)?;
+            self.last = row.try_get(0).map_err(sql_error)?;
+            if self.sender.send(Followed::Resync).await.is_err() {
+                return Ok(());
+            }
+        }
+        let mut pruned_at = tokio::time::Instant::now();
+        let mut read_at = tokio::time::Instant::now();
+        loop {
+            if !self.leading.load(Ordering::SeqCst) {
+                let row = client
+                    .query_one("SELECT pg_try_advisory_lock($1)", &[&LEADER_LOCK])
+                    .await
+                    .map_err(sql_error)?;
+                let taken: bool = row.try_get(0).map_err(sql_error)?;
+                if taken {
+                    tracing::info!(node = %self.node, "this node leads: it runs the scheduled jobs");
+                }
+                self.leading.store(taken, Ordering::SeqCst);
+            }
+            if read_at.elapsed() > FEED_KEEP / 2 {
+                return Err("the change feed was not read for too long".into());
+            }
+            let rows = client
+                .query(&read, &[&self.last])
+                .await
+                .map_err(sql_error)?;
+            read_at = tokio::time::Instant::now();
+            let full = rows.len() == 1000;
+            let mut changes = Vec::new();
+            for row in rows {
+                let seq: i64 = row.try_get(0).map_err(sql_error)?;
+                let node: String = row.try_get(1).map_err(sql_error)?;
+                self.last = self.last.max(seq);
+                if node != self.node {
+                    changes.push(Change {
+                        table: row.try_get(2).map_err(sql_error)?,
+                        key: row.try_get(3).map_err(sql_error)?,
+                    });
+                }
+            }
+            if !changes.is_empty() && self.sender.send(Followed::Changes(changes)).await.is_err() {
+                return Ok(());
+            }
+            if full {
+                continue;
+            }
+            if pruned_at.elapsed() > FOLLOW_POLL * 10 {
+                client
+                    .execute(
+                        &format!(
+                            "DELETE FROM {SCHEMA}.changes WHERE at < now() - make_interval(secs => $1)"
+                        ),
+                        &[&(FEED_KEEP.as_secs_f64())],
+                    )
+                    .await
+                    .map_err(sql_error)?;
+                pruned_at = tokio::time::Instant::now();
+            }
+            match tokio::time::timeout(FOLLOW_POLL, notifications.recv()).await {
+                Ok(Some(())) | Err(_) => {}
+                Ok(None) => return Err("the connection was closed".into()),
+            }
+            if self.sender.is_closed() {
+                return Ok(());
+            }
+        }
+    }
+}
 
 /// The qualified name of a table of `tables.rs`.
 fn table(name: &str) -> String {
@@ -511,11 +732,14 @@ fn describe(err: &tokio_postgres::Error) -> String {
     }
 }
 
+/// A lost race: a serialization failure, a deadlock, or two nodes appending the same
+/// audit sequence number at once (the loser runs again from the new head).
 fn is_conflict(err: &tokio_postgres::Error) -> bool {
     matches!(
         err.code(),
         Some(code) if *code == SqlState::T_R_SERIALIZATION_FAILURE
             || *code == SqlState::T_R_DEADLOCK_DETECTED
+            || *code == SqlState::UNIQUE_VIOLATION
     )
 }
 
@@ -601,6 +825,8 @@ struct PgRows<'a> {
     conn: &'a Conn,
     failed: Cell<bool>,
     conflict: Cell<bool>,
+    /// Rows written or removed in followed tables, for the change feed.
+    touched: RefCell<Vec<(&'static str, String)>>,
 }
 
 impl<'a> PgRows<'a> {
@@ -609,6 +835,7 @@ impl<'a> PgRows<'a> {
             conn,
             failed: Cell::new(false),
             conflict: Cell::new(false),
+            touched: RefCell::new(Vec::new()),
         }
     }
 
@@ -620,6 +847,12 @@ impl<'a> PgRows<'a> {
             }
         }
         result
+    }
+
+    fn touch(&self, table: &'static str, key: &str) {
+        if FOLLOWED_TABLES.contains(&table) {
+            self.touched.borrow_mut().push((table, key.to_string()));
+        }
     }
 
     fn seq(seq: u64) -> Result<i64, StoreError> {
@@ -727,11 +960,13 @@ impl RowsMut for PgRows<'_> {
              ON CONFLICT (key) DO UPDATE SET value = excluded.value",
             table(name)
         );
+        self.touch(name, key);
         self.noted(self.conn.execute(&sql, &[&key, &value]).map(drop))
     }
 
     fn remove(&self, name: &'static str, key: &str) -> Result<bool, StoreError> {
         let sql = format!("DELETE FROM {} WHERE key = $1", table(name));
+        self.touch(name, key);
         self.noted(self.conn.execute(&sql, &[&key]).map(|n| n > 0))
     }
 

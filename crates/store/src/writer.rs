@@ -300,7 +300,7 @@ fn finish_batch_after(
             tracing::error!(error = %err, jobs = batch.len(), "write transaction failed");
             if matches!(
                 err,
-                StoreError::Database(_) | StoreError::Unreachable { .. } | StoreError::InUse { .. }
+                StoreError::Database(_) | StoreError::Unreachable { .. }
             ) {
                 ctx.healthy.store(false, Ordering::SeqCst);
             }
@@ -311,9 +311,6 @@ fn finish_batch_after(
                     StoreError::Unreachable { location, reason } => StoreError::Unreachable {
                         location: location.clone(),
                         reason: reason.clone(),
-                    },
-                    StoreError::InUse { location } => StoreError::InUse {
-                        location: location.clone(),
                     },
                     _ => StoreError::WriteFailed(message.clone()),
                 };

@@ -1,0 +1,420 @@
+//! Several gatehouse nodes on one PostgreSQL database: what one node acknowledges, the
+//! others act on — a pairing claimed once across nodes, a revocation refused everywhere
+//! within a second, a reused refresh token revoking its family everywhere, keys and bans
+//! in step, and the scheduled jobs run by one leader that another replaces. Real nodes
+//! (in-process servers, each with its own port, admin socket and caches) on a real
+//! PostgreSQL 15 (`postgres.rs`).
+
+use std::time::{Duration, Instant};
+
+use crate::helpers::{TestApp, spawn_app_in};
+use crate::postgres::Postgres;
+
+/// How long another node may take to act on a change (the issue's bound).
+const PROPAGATION: Duration = Duration::from_secs(1);
+
+/// `count` nodes on `pg`'s database, sharing the first node's master key.
+async fn nodes(pg: &Postgres, count: usize, extra: &[(&str, &str)]) -> Vec<TestApp> {
+    let password = pg.password_file().display().to_string();
+    let url = pg.url();
+    // Nodes behind one name sign as one issuer (docs/cluster.md).
+    let mut env = vec![
+        ("GATEHOUSE_STORAGE", url.as_str()),
+        ("GATEHOUSE_STORAGE_PASSWORD_FILE", password.as_str()),
+        ("GATEHOUSE_ISSUER", "https://gatehouse.test"),
+    ];
+    env.extend_from_slice(extra);
+    let mut out: Vec<TestApp> = Vec::new();
+    for _ in 0..count {
+        let dir = tempfile::tempdir().expect("dir");
+        if let Some(first) = out.first() {
+            std::fs::copy(
+                &first.config.master_key.path,
+                dir.path().join("gatehouse.redb.key"),
+            )
+            .expect("the first node's key");
+        }
+        out.push(spawn_app_in(dir, &env).await);
+    }
+    out
+}
+
+/// Polls `check` until it holds; how long that took. Panics after `within`.
+async fn eventually<F, Fut>(within: Duration, what: &str, mut check: F) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = Instant::now();
+    loop {
+        if check().await {
+            return started.elapsed();
+        }
+        assert!(started.elapsed() < within, "{what}: not within {within:?}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn refresh(app: &TestApp, token: &str) -> reqwest::Response {
+    app.client()
+        .post(app.url("/v1/token"))
+        .form(&[("grant_type", "refresh_token"), ("refresh_token", token)])
+        .send()
+        .await
+        .expect("request")
+}
+
+async fn active_on(app: &TestApp, admin: &str, token: &str) -> bool {
+    app.introspect_as(admin, token).await["active"] == true
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pairing_session_from_one_node_is_claimed_once_across_nodes() {
+    let Some(pg) = Postgres::start("a_pairing_session_from_one_node_is_claimed_once") else {
+        return;
+    };
+    let nodes = nodes(&pg, 2, &[]).await;
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let (session_id, secret) = a.open_pairing_session().await;
+    let body = serde_json::json!({
+        "session_id": session_id,
+        "secret": secret,
+        "device": {"name": "Pixel", "platform": "android", "app_version": "1.0.0"},
+    });
+    let claims = (0..8).map(|i| {
+        let node = if i % 2 == 0 { a } else { b };
+        let client = node.client();
+        let url = node.url("/v1/pair");
+        let body = body.clone();
+        async move {
+            client
+                .post(url)
+                .json(&body)
+                .send()
+                .await
+                .expect("claim")
+                .status()
+                .as_u16()
+        }
+    });
+    let statuses = futures_util::future::join_all(claims).await;
+    let won = statuses.iter().filter(|s| **s == 200).count();
+    assert_eq!(won, 1, "exactly one claim wins across nodes: {statuses:?}");
+    assert!(
+        statuses.iter().all(|s| *s == 200 || (400..500).contains(s)),
+        "the others are refused, none fails: {statuses:?}"
+    );
+    for node in nodes {
+        node.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocations_and_reused_refresh_tokens_reach_every_node_within_a_second() {
+    let Some(pg) = Postgres::start("revocations_reach_every_node") else {
+        return;
+    };
+    let nodes = nodes(&pg, 3, &[]).await;
+    let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
+    let admin = a.admin_token();
+    let device = a.pair_device().await;
+    // A token from a family made on A a moment ago is valid on the others at once,
+    // before A's change reaches them (they ask the database).
+    for node in [b, c] {
+        assert!(active_on(node, &admin, &device.access_token).await);
+    }
+
+    // An access token revoked on A is refused by B and C within a second.
+    let revoked = a
+        .client()
+        .post(a.url("/v1/revoke"))
+        .bearer_auth(&admin)
+        .form(&[("token", device.access_token.as_str())])
+        .send()
+        .await
+        .expect("revoke");
+    assert_eq!(revoked.status(), 200);
+    for node in [b, c] {
+        let took = eventually(
+            PROPAGATION,
+            "the revocation reaches another node",
+            || async { !active_on(node, &admin, &device.access_token).await },
+        )
+        .await;
+        eprintln!("revocation seen by another node after {took:?}");
+    }
+
+    // Refresh on A, reuse of the spent token on B: the family is revoked everywhere.
+    let refreshed = refresh(a, &device.refresh_token).await;
+    assert_eq!(refreshed.status(), 200);
+    let pair: serde_json::Value = refreshed.json().await.expect("json");
+    let access = pair["access_token"].as_str().expect("access").to_string();
+    let next_refresh = pair["refresh_token"].as_str().expect("refresh").to_string();
+    for node in [b, c] {
+        eventually(
+            PROPAGATION,
+            "the new access token is valid everywhere",
+            || active_on(node, &admin, &access),
+        )
+        .await;
+    }
+    let reused = refresh(b, &device.refresh_token).await;
+    assert_eq!(reused.status(), 400, "the spent token is refused on B");
+    let after = refresh(a, &next_refresh).await;
+    assert_eq!(after.status(), 400, "the family is revoked on A too");
+    for node in [a, b, c] {
+        eventually(
+            PROPAGATION,
+            "the family's access token is refused",
+            || async { !active_on(node, &admin, &access).await },
+        )
+        .await;
+    }
+    // Three nodes appended to one audit chain; it verifies whole from any of them.
+    let report = c
+        .running
+        .services
+        .audit
+        .verify(&mut |_, _| {})
+        .expect("audit verify");
+    assert!(report.broken.is_none(), "{report:?}");
+    for node in nodes {
+        node.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_and_bans_from_one_node_apply_on_the_others() {
+    let Some(pg) = Postgres::start("keys_and_bans_from_one_node_apply_on_the_others") else {
+        return;
+    };
+    let nodes = nodes(&pg, 2, &[("GATEHOUSE_LOCKOUT_MAX_FAILURES", "3")]).await;
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let jwks = |node: &TestApp| {
+        let client = node.client();
+        let url = node.url("/.well-known/jwks.json");
+        async move {
+            client
+                .get(url)
+                .send()
+                .await
+                .expect("jwks")
+                .text()
+                .await
+                .expect("body")
+        }
+    };
+    assert_eq!(jwks(a).await, jwks(b).await, "one key ring");
+    a.running
+        .services
+        .keys
+        .rotate(
+            gatehouse::keys::Rotation::Now,
+            &gatehouse::audit::Origin::operator(),
+        )
+        .await
+        .expect("rotate on A");
+    let rotated = jwks(a).await;
+    eventually(PROPAGATION, "B serves A's rotated JWKS", || async {
+        jwks(b).await == rotated
+    })
+    .await;
+    // A token signed by A's new key is valid on B.
+    let device = a.pair_device().await;
+    let admin = a.admin_token();
+    eventually(PROPAGATION, "B verifies a token from A's new key", || {
+        active_on(b, &admin, &device.access_token)
+    })
+    .await;
+
+    // Failed admin logins on A ban the address (the fourth goes over a budget of
+    // three); B refuses it too.
+    for _ in 0..4 {
+        let refused = a
+            .client()
+            .get(a.url("/v1/devices"))
+            .bearer_auth("gha_0000000000000000_wrong")
+            .send()
+            .await
+            .expect("request");
+        assert!([401, 429].contains(&refused.status().as_u16()));
+    }
+    let ip: std::net::IpAddr = "127.0.0.1".parse().expect("ip");
+    assert!(
+        a.running.services.lockout.banned(ip).is_some(),
+        "A banned it"
+    );
+    eventually(PROPAGATION, "B bans the address too", || async {
+        b.running.services.lockout.banned(ip).is_some()
+    })
+    .await;
+    for node in nodes {
+        node.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_node_leads_the_scheduled_jobs_and_another_takes_over_when_it_stops() {
+    let Some(pg) = Postgres::start("one_node_leads_the_scheduled_jobs") else {
+        return;
+    };
+    let mut nodes = nodes(&pg, 3, &[]).await;
+    let leaders = || async {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        true
+    };
+    eventually(Duration::from_secs(5), "a leader is chosen", || async {
+        leaders().await;
+        nodes
+            .iter()
+            .filter(|n| n.running.services.store.is_leader())
+            .count()
+            == 1
+    })
+    .await;
+    let first = nodes
+        .iter()
+        .position(|n| n.running.services.store.is_leader())
+        .expect("a leader");
+    nodes.remove(first).stop().await;
+    let took = eventually(Duration::from_secs(5), "another node leads", || async {
+        leaders().await;
+        nodes
+            .iter()
+            .filter(|n| n.running.services.store.is_leader())
+            .count()
+            == 1
+    })
+    .await;
+    eprintln!("a new leader after {took:?}");
+    for node in nodes {
+        node.stop().await;
+    }
+}
+
+/// `postgres://…@HOST:PORT` of each server, as one URL that prefers the writable one.
+fn failover_url(servers: &[&Postgres]) -> String {
+    let hosts: Vec<String> = servers
+        .iter()
+        .map(|pg| {
+            let url = pg.url();
+            let after = url.split_once('@').expect("user@").1;
+            after.split_once('/').expect("/db").0.to_string()
+        })
+        .collect();
+    format!(
+        "postgres://gatehouse@{}/gatehouse?target_session_attrs=read-write",
+        hosts.join(",")
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_promoted_mid_load_loses_no_acknowledged_revocation_or_refresh() {
+    let Some(primary) = Postgres::start("a_standby_promoted_mid_load") else {
+        return;
+    };
+    let standby = primary.synchronous_standby("a_standby_promoted_mid_load");
+    let url = failover_url(&[&primary, &standby]);
+    let password = primary.password_file().display().to_string();
+    let env = [
+        ("GATEHOUSE_STORAGE", url.as_str()),
+        ("GATEHOUSE_STORAGE_PASSWORD_FILE", password.as_str()),
+        ("GATEHOUSE_ISSUER", "https://gatehouse.test"),
+        ("GATEHOUSE_RATELIMIT_PAIRING", "100/1m"),
+        ("GATEHOUSE_RATELIMIT_REFRESH", "100/1m"),
+    ];
+    let node = spawn_app_in(tempfile::tempdir().expect("dir"), &env).await;
+    let admin = node.admin_token();
+    let mut devices = Vec::new();
+    for _ in 0..12 {
+        devices.push(node.pair_device().await);
+    }
+
+    // Revocations and refreshes run while the primary dies and the standby is promoted.
+    let load = {
+        let client = node.client();
+        let revoke_url = node.url("/v1/revoke");
+        let token_url = node.url("/v1/token");
+        let admin = admin.clone();
+        let devices: Vec<(String, String)> = devices
+            .iter()
+            .map(|d| (d.access_token.clone(), d.refresh_token.clone()))
+            .collect();
+        tokio::spawn(async move {
+            let mut revoked = Vec::new();
+            let mut refreshed = Vec::new();
+            for (access, refresh_token) in devices {
+                tokio::time::sleep(Duration::from_millis(40)).await;
+                let answer = client
+                    .post(&revoke_url)
+                    .bearer_auth(&admin)
+                    .form(&[("token", access.as_str())])
+                    .send()
+                    .await
+                    .expect("revoke");
+                if answer.status() == 200 {
+                    revoked.push(access);
+                }
+                let answer = client
+                    .post(&token_url)
+                    .form(&[
+                        ("grant_type", "refresh_token"),
+                        ("refresh_token", refresh_token.as_str()),
+                    ])
+                    .send()
+                    .await
+                    .expect("refresh");
+                if answer.status() == 200 {
+                    let pair: serde_json::Value = answer.json().await.expect("json");
+                    refreshed.push(pair["refresh_token"].as_str().expect("refresh").to_string());
+                }
+            }
+            (revoked, refreshed)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    primary.kill();
+    standby.promote();
+    let (revoked, refreshed) = load.await.expect("load");
+    assert!(
+        !revoked.is_empty() && !refreshed.is_empty(),
+        "some writes were acknowledged"
+    );
+
+    // The node is ready again on the promoted standby, by itself.
+    eventually(
+        Duration::from_secs(20),
+        "ready on the promoted standby",
+        || async {
+            node.client()
+                .get(node.url("/readyz"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200)
+        },
+    )
+    .await;
+    // A node started afresh reads everything from the promoted standby: every
+    // acknowledged revocation is there, and every acknowledged refresh.
+    let dir = node.stop().await;
+    let node = spawn_app_in(dir, &env).await;
+    for access in &revoked {
+        assert!(
+            !active_on(&node, &admin, access).await,
+            "a revocation was lost"
+        );
+    }
+    for token in &refreshed {
+        assert_eq!(
+            refresh(&node, token).await.status(),
+            200,
+            "a refresh was lost"
+        );
+    }
+    eprintln!(
+        "{} revocations and {} refreshes acknowledged across the failover, none lost",
+        revoked.len(),
+        refreshed.len()
+    );
+    node.stop().await;
+}
