@@ -36,18 +36,18 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use gatehouse::app::{self, Running};
-use gatehouse::audit::{self, Actor, Event, Origin};
+use gatehouse::audit::Origin;
 use gatehouse::clock::{SharedClock, SystemClock};
 use gatehouse::config::{Config, Env, Flags};
-use gatehouse::ids::DeviceId;
-use gatehouse::store::records::Device;
-use gatehouse::store::{DEVICES, FAMILY_REVOCATIONS, StoreError, TOKEN_FAMILIES};
-use gatehouse::tokens::NewFamily;
+use gatehouse::store::{FAMILY_REVOCATIONS, TOKEN_FAMILIES};
+
+// The shared bench helpers; this bench uses two of them.
+#[allow(dead_code)]
+mod support;
+use support::{create_families, percentile};
 
 /// Concurrent clients, each with its own connection (`REVOKE_CLIENTS` overrides).
 const CLIENTS: usize = 50;
-/// Token families written per write job while preparing.
-const PREPARE_BATCH: usize = 1_000;
 
 fn measuring() -> bool {
     std::env::args().any(|a| a == "--bench")
@@ -113,64 +113,6 @@ async fn pair(running: &Running, client: &reqwest::Client, base: &str) -> String
     body["refresh_token"].as_str().unwrap().to_string()
 }
 
-/// Writes `count` families the way pairing does (device, family, refresh token and the
-/// `token.issued` record), `PREPARE_BATCH` per durable write job, a few jobs in flight.
-/// Returns the refresh tokens.
-async fn create_families(running: &Running, count: usize) -> Vec<String> {
-    let services = &running.services;
-    let mut tokens = Vec::with_capacity(count);
-    let mut jobs = tokio::task::JoinSet::new();
-    let mut left = count;
-    while left > 0 {
-        let n = left.min(PREPARE_BATCH);
-        left -= n;
-        let batch: Vec<(DeviceId, NewFamily)> = (0..n)
-            .map(|_| {
-                (
-                    DeviceId::generate().unwrap(),
-                    NewFamily::generate().unwrap(),
-                )
-            })
-            .collect();
-        tokens.extend(batch.iter().map(|(_, f)| f.refresh.as_str().to_string()));
-        let (store, authority) = (services.store.clone(), services.tokens.clone());
-        let now = services.clock.now_ms();
-        jobs.spawn(async move {
-            store
-                .write(move |tx| {
-                    for (device, family) in &batch {
-                        let record = Device {
-                            name: "bench".into(),
-                            platform: "linux".into(),
-                            app_version: "1".into(),
-                            created_at_ms: now,
-                            last_seen_ms: now,
-                            paired_from: "127.0.0.1".into(),
-                            pairing_session: "ps_bench".into(),
-                            revoked_at_ms: None,
-                        };
-                        tx.put(&DEVICES, &device.to_string(), &record)?;
-                        authority.write_family_in(tx, family, device, now)?;
-                        let event = Event::new("token.issued")
-                            .device(device)
-                            .detail("family", family.family.to_string())
-                            .detail("grant", "bench");
-                        let origin = Origin::operator().as_actor(Actor::Device(device.to_string()));
-                        audit::append(tx, &origin, &event, now)?;
-                    }
-                    Ok::<_, StoreError>(())
-                })
-                .await
-                .unwrap();
-        });
-        if jobs.len() >= 4 {
-            jobs.join_next().await.unwrap().unwrap();
-        }
-    }
-    jobs.join_all().await;
-    tokens
-}
-
 /// A multi-threaded runtime (one worker per core) whose threads are called `name`.
 fn runtime(name: &str) -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
@@ -198,14 +140,6 @@ fn size(path: &std::path::Path) -> String {
         meta.len() as f64 / 1048576.0,
         (meta.blocks() * 512) as f64 / 1048576.0
     )
-}
-
-fn percentile(sorted: &[u32], p: f64) -> u32 {
-    if sorted.is_empty() {
-        return 0;
-    }
-    let at = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
-    sorted[at]
 }
 
 fn audit_len(running: &Running) -> u64 {
@@ -255,7 +189,12 @@ fn main() {
         paired
     });
     let paired = tokens.len();
-    tokens.extend(server_rt.block_on(create_families(&running, total - paired)));
+    tokens.extend(
+        server_rt
+            .block_on(create_families(&running, total - paired))
+            .into_iter()
+            .map(|(_, _, token)| token),
+    );
     let tokens: Arc<Vec<String>> = Arc::new(tokens);
     println!(
         "revoke_load: {paired} devices paired over HTTPS and {} families written through the \

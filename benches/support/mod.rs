@@ -7,6 +7,11 @@ use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 
+use gatehouse::audit::{self, Actor, Event, Origin};
+use gatehouse::ids::{DeviceId, FamilyId};
+use gatehouse::store::records::Device;
+use gatehouse::store::{DEVICES, StoreError};
+use gatehouse::tokens::NewFamily;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
@@ -239,4 +244,83 @@ pub(crate) fn nofile_limits() -> (u64, u64) {
         .split_whitespace()
         .map(|v| v.parse().unwrap_or(u64::MAX));
     (values.next().unwrap(), values.next().unwrap())
+}
+
+/// Token families written per write job by `create_families`.
+const PREPARE_BATCH: usize = 1_000;
+
+/// Writes `count` families the way pairing does (device, family, refresh token and the
+/// `token.issued` record), `PREPARE_BATCH` per durable write job, a few jobs in flight.
+/// Returns each family's device, family id and refresh token.
+#[allow(dead_code)]
+pub(crate) async fn create_families(
+    running: &gatehouse::app::Running,
+    count: usize,
+) -> Vec<(DeviceId, FamilyId, String)> {
+    let services = &running.services;
+    let mut tokens = Vec::with_capacity(count);
+    let mut jobs = tokio::task::JoinSet::new();
+    let mut left = count;
+    while left > 0 {
+        let n = left.min(PREPARE_BATCH);
+        left -= n;
+        let batch: Vec<(DeviceId, NewFamily)> = (0..n)
+            .map(|_| {
+                (
+                    DeviceId::generate().unwrap(),
+                    NewFamily::generate().unwrap(),
+                )
+            })
+            .collect();
+        tokens.extend(
+            batch
+                .iter()
+                .map(|(d, f)| (*d, f.family, f.refresh.as_str().to_string())),
+        );
+        let (store, authority) = (services.store.clone(), services.tokens.clone());
+        let now = services.clock.now_ms();
+        jobs.spawn(async move {
+            store
+                .write(move |tx| {
+                    for (device, family) in &batch {
+                        let record = Device {
+                            name: "bench".into(),
+                            platform: "linux".into(),
+                            app_version: "1".into(),
+                            created_at_ms: now,
+                            last_seen_ms: now,
+                            paired_from: "127.0.0.1".into(),
+                            pairing_session: "ps_bench".into(),
+                            revoked_at_ms: None,
+                        };
+                        tx.put(&DEVICES, &device.to_string(), &record)?;
+                        authority.write_family_in(tx, family, device, now)?;
+                        let event = Event::new("token.issued")
+                            .device(device)
+                            .detail("family", family.family.to_string())
+                            .detail("grant", "bench");
+                        let origin = Origin::operator().as_actor(Actor::Device(device.to_string()));
+                        audit::append(tx, &origin, &event, now)?;
+                    }
+                    Ok::<_, StoreError>(())
+                })
+                .await
+                .unwrap();
+        });
+        if jobs.len() >= 4 {
+            jobs.join_next().await.unwrap().unwrap();
+        }
+    }
+    jobs.join_all().await;
+    tokens
+}
+
+/// The `p` quantile of sorted samples.
+#[allow(dead_code)]
+pub(crate) fn percentile(sorted: &[u32], p: f64) -> u32 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let at = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[at]
 }

@@ -56,12 +56,7 @@ where
 }
 
 async fn refresh(app: &TestApp, token: &str) -> reqwest::Response {
-    app.client()
-        .post(app.url("/v1/token"))
-        .form(&[("grant_type", "refresh_token"), ("refresh_token", token)])
-        .send()
-        .await
-        .expect("request")
+    app.refresh(token).await
 }
 
 async fn active_on(app: &TestApp, admin: &str, token: &str) -> bool {

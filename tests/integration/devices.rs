@@ -784,13 +784,7 @@ async fn names_with_bidirectional_controls_are_refused() {
 }
 
 async fn refresh(app: &TestApp, token: &str) -> StatusCode {
-    app.client()
-        .post(app.url("/v1/token"))
-        .form(&[("grant_type", "refresh_token"), ("refresh_token", token)])
-        .send()
-        .await
-        .expect("request")
-        .status()
+    app.refresh(token).await.status()
 }
 
 /// A device that can never refresh again says so: `needs_pairing` with the reason, in the

@@ -84,6 +84,19 @@ impl TestApp {
         )
     }
 
+    /// `POST /v1/token` with the refresh grant.
+    pub async fn refresh(&self, refresh_token: &str) -> reqwest::Response {
+        self.client()
+            .post(self.url("/v1/token"))
+            .form(&[
+                ("grant_type", "refresh_token"),
+                ("refresh_token", refresh_token),
+            ])
+            .send()
+            .await
+            .expect("request")
+    }
+
     /// Pairs a new device over HTTP: the answer of `/v1/pair`.
     pub async fn pair_device(&self) -> PairedDevice {
         self.pair_device_as(&self.admin_token()).await

@@ -69,12 +69,7 @@ fn text(output: &Output) -> String {
 }
 
 async fn refresh(app: &crate::helpers::TestApp, token: &str) -> reqwest::Response {
-    app.client()
-        .post(app.url("/v1/token"))
-        .form(&[("grant_type", "refresh_token"), ("refresh_token", token)])
-        .send()
-        .await
-        .expect("request")
+    app.refresh(token).await
 }
 
 #[tokio::test]

@@ -65,15 +65,7 @@ async fn open_session_with_ttl(app: &TestApp, admin: &str, ttl_seconds: u64) -> 
 
 /// `POST /v1/token` with the refresh grant.
 async fn refresh(app: &TestApp, refresh_token: &str) -> Response {
-    app.client()
-        .post(app.url("/v1/token"))
-        .form(&[
-            ("grant_type", "refresh_token"),
-            ("refresh_token", refresh_token),
-        ])
-        .send()
-        .await
-        .expect("request")
+    app.refresh(refresh_token).await
 }
 
 /// `POST /v1/token` with a raw form body.
