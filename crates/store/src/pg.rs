@@ -335,6 +335,12 @@ impl Postgres {
             conn.batch("ROLLBACK")?;
             return Ok(false);
         }
+        // The writes still held back go now: one that fails fails the commit, never a
+        // job that was already answered as done.
+        if let Err(err) = rows.flush() {
+            let _ = conn.batch("ROLLBACK");
+            return Err(err);
+        }
         let touched = rows.touched.take();
         match self
             .publish(conn, touched)
@@ -821,13 +827,37 @@ impl Conn {
 /// `Rows` and `RowsMut` on the statements of one open transaction. The first failed
 /// statement ends the transaction on the server, so it is remembered: the transaction
 /// is then rolled back whatever the caller decides.
+///
+/// Writes whose answer nobody reads (a put, an audit append, a range delete) are not
+/// sent one round trip at a time: they wait in `pending` and go out together, ahead of
+/// the next statement that needs an answer (a read, a delete that says whether the row
+/// was there) or the commit, all in one round trip. PostgreSQL runs them in the order
+/// sent, so every read still sees the writes before it; a write that failed fails the
+/// statement that carried it, and so the transaction (`flush` before a commit).
 struct PgRows<'a> {
     conn: &'a Conn,
     failed: Cell<bool>,
     conflict: Cell<bool>,
     /// Rows written or removed in followed tables, for the change feed.
     touched: RefCell<Vec<(&'static str, String)>>,
+    /// Writes not sent yet (see above).
+    pending: RefCell<Vec<Write>>,
 }
+
+/// A write waiting in `PgRows::pending`: its statement and its own parameters.
+struct Write {
+    sql: String,
+    params: WriteParams,
+}
+
+enum WriteParams {
+    KeyValue(String, Vec<u8>),
+    SeqValue(i64, Vec<u8>),
+    Seq(i64),
+}
+
+/// Writes kept back at most: past this many they go out at once (a long `retain`).
+const MAX_PENDING: usize = 256;
 
 impl<'a> PgRows<'a> {
     fn new(conn: &'a Conn) -> Self {
@@ -836,7 +866,72 @@ impl<'a> PgRows<'a> {
             failed: Cell::new(false),
             conflict: Cell::new(false),
             touched: RefCell::new(Vec::new()),
+            pending: RefCell::new(Vec::new()),
         }
+    }
+
+    /// Sends the pending writes, then the statement `last` makes, without waiting in
+    /// between; answers `last`'s result, or the first failed write's error.
+    fn after_pending<T, F>(&self, last: F) -> Result<T, StoreError>
+    where
+        F: std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+    {
+        let pending = self.pending.take();
+        let statements = pending
+            .iter()
+            .map(|write| self.conn.statement(&write.sql))
+            .collect::<Result<Vec<_>, _>>()?;
+        let client = &self.conn.client;
+        let writes = pending
+            .iter()
+            .zip(&statements)
+            .map(|(write, statement)| async move {
+                match &write.params {
+                    WriteParams::KeyValue(key, value) => {
+                        client.execute(statement, &[key, value]).await
+                    }
+                    WriteParams::SeqValue(seq, value) => {
+                        client.execute(statement, &[seq, value]).await
+                    }
+                    WriteParams::Seq(seq) => client.execute(statement, &[seq]).await,
+                }
+            });
+        let (written, answer) = block_on(futures_util::future::join(
+            futures_util::future::join_all(writes),
+            last,
+        ));
+        for result in written {
+            result.map_err(|err| self.conn.error(&err))?;
+        }
+        answer.map_err(|err| self.conn.error(&err))
+    }
+
+    /// A statement that needs its answer, sent behind the pending writes.
+    fn query(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<tokio_postgres::Row>, StoreError> {
+        let statement = self.conn.statement(sql)?;
+        self.after_pending(self.conn.client.query(&statement, params))
+    }
+
+    /// Sends every pending write and waits for their answers (before a commit).
+    fn flush(&self) -> Result<(), StoreError> {
+        if self.pending.borrow().is_empty() {
+            return Ok(());
+        }
+        self.noted(self.after_pending(async { Ok(()) }))
+    }
+
+    /// Keeps a write back (see `PgRows`).
+    fn defer(&self, sql: String, params: WriteParams) -> Result<(), StoreError> {
+        let full = {
+            let mut pending = self.pending.borrow_mut();
+            pending.push(Write { sql, params });
+            pending.len() >= MAX_PENDING
+        };
+        if full { self.flush() } else { Ok(()) }
     }
 
     fn noted<T>(&self, result: Result<T, StoreError>) -> Result<T, StoreError> {
@@ -879,7 +974,7 @@ impl Rows for PgRows<'_> {
     fn get(&self, name: &'static str, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         let sql = format!("SELECT value FROM {} WHERE key = $1", table(name));
         self.noted((|| {
-            let rows = self.conn.query(&sql, &[&key])?;
+            let rows = self.query(&sql, &[&key])?;
             rows.first()
                 .map(|row| row.try_get(0).map_err(|err| self.conn.error(&err)))
                 .transpose()
@@ -909,13 +1004,13 @@ impl Rows for PgRows<'_> {
                     "SELECT key, value FROM {} WHERE key {op} $1 ORDER BY key LIMIT $2",
                     table(name)
                 );
-                self.conn.query(&sql, &[&lower, &max])?
+                self.query(&sql, &[&lower, &max])?
             } else {
                 let sql = format!(
                     "SELECT key, value FROM {} WHERE key {op} $1 AND key < $2 ORDER BY key LIMIT $3",
                     table(name)
                 );
-                self.conn.query(&sql, &[&lower, &upper, &max])?
+                self.query(&sql, &[&lower, &upper, &max])?
             };
             rows.into_iter()
                 .map(|row| {
@@ -929,7 +1024,13 @@ impl Rows for PgRows<'_> {
 
     fn count(&self, name: &'static str) -> Result<u64, StoreError> {
         let sql = format!("SELECT count(*) FROM {}", table(name));
-        let n: i64 = self.noted(self.conn.query_one_value(&sql, &[]))?;
+        let n: i64 = self.noted((|| {
+            let rows = self.query(&sql, &[])?;
+            let row = rows
+                .first()
+                .ok_or_else(|| StoreError::Database(format!("no row from {sql}")))?;
+            row.try_get(0).map_err(|err| self.conn.error(&err))
+        })())?;
         Ok(n as u64)
     }
 
@@ -940,7 +1041,7 @@ impl Rows for PgRows<'_> {
         );
         self.noted((|| {
             let from = Self::seq(from).unwrap_or(i64::MAX);
-            self.log_rows(self.conn.query(&sql, &[&from, &limit(max)])?)
+            self.log_rows(self.query(&sql, &[&from, &limit(max)])?)
         })())
     }
 
@@ -949,7 +1050,7 @@ impl Rows for PgRows<'_> {
             "SELECT seq, value FROM {} ORDER BY seq DESC LIMIT $1",
             table(AUDIT_EVENTS_NAME)
         );
-        self.noted((|| self.log_rows(self.conn.query(&sql, &[&limit(max)])?))())
+        self.noted((|| self.log_rows(self.query(&sql, &[&limit(max)])?))())
     }
 }
 
@@ -961,13 +1062,15 @@ impl RowsMut for PgRows<'_> {
             table(name)
         );
         self.touch(name, key);
-        self.noted(self.conn.execute(&sql, &[&key, &value]).map(drop))
+        self.defer(sql, WriteParams::KeyValue(key.to_string(), value.to_vec()))
     }
 
     fn remove(&self, name: &'static str, key: &str) -> Result<bool, StoreError> {
         let sql = format!("DELETE FROM {} WHERE key = $1", table(name));
         self.touch(name, key);
-        self.noted(self.conn.execute(&sql, &[&key]).map(|n| n > 0))
+        let statement = self.noted(self.conn.statement(&sql))?;
+        let removed = self.after_pending(self.conn.client.execute(&statement, &[&key]));
+        self.noted(removed.map(|n| n > 0))
     }
 
     fn log_put(&self, seq: u64, value: &[u8]) -> Result<(), StoreError> {
@@ -975,16 +1078,14 @@ impl RowsMut for PgRows<'_> {
             "INSERT INTO {} (seq, value) VALUES ($1, $2)",
             table(AUDIT_EVENTS_NAME)
         );
-        self.noted((|| {
-            let seq = Self::seq(seq)?;
-            self.conn.execute(&sql, &[&seq, &value]).map(drop)
-        })())
+        let seq = self.noted(Self::seq(seq))?;
+        self.defer(sql, WriteParams::SeqValue(seq, value.to_vec()))
     }
 
     fn log_remove_through(&self, last: u64) -> Result<(), StoreError> {
         let sql = format!("DELETE FROM {} WHERE seq <= $1", table(AUDIT_EVENTS_NAME));
         let last = Self::seq(last).unwrap_or(i64::MAX);
-        self.noted(self.conn.execute(&sql, &[&last]).map(drop))
+        self.defer(sql, WriteParams::Seq(last))
     }
 }
 

@@ -283,7 +283,16 @@ fn finish_batch_after(
         Err(StoreError::Conflict) if conflicts < CONFLICT_RETRIES => {
             let pause = 50u64 << conflicts.min(8);
             std::thread::sleep(Duration::from_micros(pause + ring_jitter(pause)));
-            commit_batch(ctx, batch, conflicts + 1);
+            // Halved each time it loses: a long batch that overlaps every other node's
+            // commits would lose again, its halves are shorter and lose less often.
+            let mut batch = batch;
+            if batch.len() > 1 {
+                let second = batch.split_off(batch.len() / 2);
+                commit_batch(ctx, batch, conflicts + 1);
+                commit_batch(ctx, second, conflicts + 1);
+            } else {
+                commit_batch(ctx, batch, conflicts + 1);
+            }
         }
         Ok(true) => {
             ctx.healthy.store(true, Ordering::SeqCst);
@@ -312,6 +321,8 @@ fn finish_batch_after(
                         location: location.clone(),
                         reason: reason.clone(),
                     },
+                    // Lost every race: the caller may try again (503), nothing was written.
+                    StoreError::Conflict => StoreError::Conflict,
                     _ => StoreError::WriteFailed(message.clone()),
                 };
                 job.finish(Some(answer));
