@@ -15,6 +15,11 @@
 //! rows, and a transaction that loses such a race fails with a serialization error,
 //! which the writer answers by running its batch again (`StoreError::Conflict`). Reads
 //! run in a repeatable-read, read-only transaction: one snapshot for the closure's run.
+//!
+//! Nodes learn which mirrored rows another node changed through a change feed written
+//! in the same transactions (`publish`, read by a `Follower`), and the follower's
+//! connection holds the lock that makes its node the leader of the scheduled jobs
+//! (docs/cluster.md says what each node mirrors and why).
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
