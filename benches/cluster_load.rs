@@ -41,7 +41,7 @@ use gatehouse::store::FAMILY_REVOCATIONS;
 // The shared bench helpers; this bench uses a few of them.
 #[allow(dead_code)]
 mod support;
-use support::{create_families, env_or, percentile};
+use support::{client, create_families, env_or, percentile};
 
 /// Where the nodes of a phase keep their data.
 enum Storage<'a> {
@@ -82,24 +82,6 @@ fn config(dir: &Path, storage: &Storage<'_>, key_file: Option<&Path>) -> Config 
         .with("--data", dir.join("gatehouse.redb").display().to_string())
         .with("--listen", "127.0.0.1:0");
     Config::load(&flags, &Env(env)).unwrap()
-}
-
-fn client(cert_der: &[u8]) -> reqwest::Client {
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(rustls::pki_types::CertificateDer::from(cert_der.to_vec()))
-        .unwrap();
-    let mut tls = rustls::ClientConfig::builder_with_provider(gatehouse::tls::provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
-    reqwest::Client::builder()
-        .tls_backend_preconfigured(tls)
-        .pool_max_idle_per_host(1)
-        .build()
-        .unwrap()
 }
 
 struct Phase {

@@ -44,7 +44,7 @@ use gatehouse::store::{FAMILY_REVOCATIONS, TOKEN_FAMILIES};
 // The shared bench helpers; this bench uses two of them.
 #[allow(dead_code)]
 mod support;
-use support::{create_families, percentile};
+use support::{client, create_families, percentile};
 
 /// Concurrent clients, each with its own connection (`REVOKE_CLIENTS` overrides).
 const CLIENTS: usize = 50;
@@ -69,25 +69,6 @@ fn config(dir: &std::path::Path) -> Config {
         .with("--data", dir.join("gatehouse.redb").display().to_string())
         .with("--listen", "127.0.0.1:0");
     Config::load(&flags, &Env(env)).unwrap()
-}
-
-/// A reqwest client with one trust anchor, the server's certificate, speaking HTTP/1.1.
-fn client(cert_der: &[u8]) -> reqwest::Client {
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(rustls::pki_types::CertificateDer::from(cert_der.to_vec()))
-        .unwrap();
-    let mut tls = rustls::ClientConfig::builder_with_provider(gatehouse::tls::provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
-    reqwest::Client::builder()
-        .tls_backend_preconfigured(tls)
-        .pool_max_idle_per_host(1)
-        .build()
-        .unwrap()
 }
 
 /// Pairs one device over HTTPS; returns its refresh token.

@@ -324,3 +324,24 @@ pub(crate) fn percentile(sorted: &[u32], p: f64) -> u32 {
     let at = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
     sorted[at]
 }
+
+/// A reqwest client with one trust anchor, the server's certificate, speaking HTTP/1.1
+/// over one kept-alive connection.
+#[allow(dead_code)]
+pub(crate) fn client(cert_der: &[u8]) -> reqwest::Client {
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls::pki_types::CertificateDer::from(cert_der.to_vec()))
+        .unwrap();
+    let mut tls = rustls::ClientConfig::builder_with_provider(gatehouse::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    reqwest::Client::builder()
+        .tls_backend_preconfigured(tls)
+        .pool_max_idle_per_host(1)
+        .build()
+        .unwrap()
+}
