@@ -609,12 +609,15 @@ impl Follower {
             .connect(NoTls)
             .await
             .map_err(|err| describe(&err))?;
-        let (notified, mut notifications) = mpsc::unbounded_channel();
+        // Notifications coalesce: however many commits notified since the last read,
+        // one read of the feed answers them all.
+        let notified = Arc::new(tokio::sync::Notify::new());
+        let notifier = notified.clone();
         let driver = tokio::spawn(async move {
             loop {
                 match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
                     Some(Ok(tokio_postgres::AsyncMessage::Notification(_))) => {
-                        let _ = notified.send(());
+                        notifier.notify_one();
                     }
                     Some(Ok(_)) => {}
                     Some(Err(err)) => return describe(&err),
@@ -622,7 +625,7 @@ impl Follower {
                 }
             }
         });
-        let result = self.follow_on(&client, &mut notifications, resync).await;
+        let result = self.follow_on(&client, &notified, &driver, resync).await;
         driver.abort();
         result
     }
@@ -630,7 +633,8 @@ impl Follower {
     async fn follow_on(
         &mut self,
         client: &Client,
-        notifications: &mut mpsc::UnboundedReceiver<()>,
+        notified: &tokio::sync::Notify,
+        driver: &tokio::task::JoinHandle<String>,
         resync: bool,
     ) -> Result<(), String> {
         let sql_error = |err: tokio_postgres::Error| describe(&err);
@@ -712,9 +716,9 @@ impl Follower {
                     .map_err(sql_error)?;
                 pruned_at = tokio::time::Instant::now();
             }
-            match tokio::time::timeout(FOLLOW_POLL, notifications.recv()).await {
-                Ok(Some(())) | Err(_) => {}
-                Ok(None) => return Err("the connection was closed".into()),
+            let _ = tokio::time::timeout(FOLLOW_POLL, notified.notified()).await;
+            if driver.is_finished() {
+                return Err("the connection was closed".into());
             }
             if self.sender.is_closed() {
                 return Ok(());
