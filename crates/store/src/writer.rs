@@ -141,8 +141,8 @@ pub(super) enum Job {
 pub(super) struct WriterContext {
     pub target: Target,
     pub sealer: Arc<RwLock<Arc<Sealer>>>,
-    /// Cleared when a commit fails (redb refuses further writes after an I/O error; a
-    /// database may be unreachable), set again by the next commit: `/readyz` says so.
+    /// Cleared when the engine fails a commit (redb refuses further writes after an I/O
+    /// error), set again by the next commit: `/readyz` says so.
     pub healthy: Arc<AtomicBool>,
     pub chain: Arc<ChainKey>,
     /// Write transactions committed since the store opened (`Store::commits`).
@@ -307,10 +307,11 @@ fn finish_batch_after(
         }
         Err(err) => {
             tracing::error!(error = %err, jobs = batch.len(), "write transaction failed");
-            if matches!(
-                err,
-                StoreError::Database(_) | StoreError::Unreachable { .. }
-            ) {
+            // An engine failure leaves the store unwritable (redb refuses writes after an
+            // I/O error). A database out of reach is not marked: readiness reads it each
+            // time, and a node must be ready again as soon as the database is back, not
+            // only after its next write.
+            if matches!(err, StoreError::Database(_)) {
                 ctx.healthy.store(false, Ordering::SeqCst);
             }
             let message = err.to_string();
