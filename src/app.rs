@@ -436,6 +436,7 @@ pub async fn start(config: &Config, clock: SharedClock) -> Result<Running, AppEr
             store: services.store.clone(),
             clock: services.clock.clone(),
             tls: services.tls.clone(),
+            checkpoint_every: config.audit.checkpoint_every,
         },
         missed,
         until_stopped(stopped.clone()),

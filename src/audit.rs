@@ -21,7 +21,7 @@ use serde_json::{Map, Value};
 
 use crate::clock::{SharedClock, format_rfc3339, millis};
 use crate::error_kind::{Classify, ErrorKind};
-use crate::store::records::AuditEntry;
+use crate::store::records::{AuditEntry, ChainPlace};
 use crate::store::{AuditPage, ChainReport, Store, StoreError, WriteTx};
 
 /// Records pruned per write transaction: small enough that other writes queued behind
@@ -223,7 +223,7 @@ pub fn append(
     origin: &Origin,
     event: &Event,
     now_ms: u64,
-) -> Result<u64, StoreError> {
+) -> Result<(), StoreError> {
     tx.append_audit(&mut event.to_entry(origin, now_ms))
 }
 
@@ -374,6 +374,27 @@ pub struct VerifyReport {
     /// The first bad sequence number, when `ok` is false.
     pub bad_seq: Option<u64>,
     pub problem: Option<String>,
+    /// On PostgreSQL, each node's own chain: where it ends (keep these too).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub chains: Vec<ChainTipView>,
+    /// Checkpoint records that vouched for other nodes' chains, all checked.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub checkpoints: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// The end of one node's audit chain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct ChainTipView {
+    /// The chain's number, 16 hex digits.
+    pub chain: String,
+    /// How many records it holds in all (pruned ones included).
+    pub records: u64,
+    /// Its last record's tag (hex).
+    pub head_tag: String,
 }
 
 impl From<ChainReport> for VerifyReport {
@@ -387,6 +408,16 @@ impl From<ChainReport> for VerifyReport {
             pruned: report.checkpoint.map_or(0, |cp| cp.pruned),
             bad_seq: report.broken.as_ref().map(|b| b.seq),
             problem: report.broken.map(|b| b.reason),
+            chains: report
+                .chains
+                .into_iter()
+                .map(|tip| ChainTipView {
+                    chain: format!("{:016x}", tip.chain),
+                    records: tip.n,
+                    head_tag: tip.tag,
+                })
+                .collect(),
+            checkpoints: report.bindings,
         }
     }
 }
@@ -490,7 +521,7 @@ impl AuditLog {
 
     /// Appends one event in a transaction of its own (batched with whatever else the
     /// writer has waiting) and answers once it is durable.
-    pub async fn record(&self, origin: &Origin, event: Event) -> Result<u64, StoreError> {
+    pub async fn record(&self, origin: &Origin, event: Event) -> Result<(), StoreError> {
         // Built here, on the caller's task, so the writer only stamps the time, links
         // and tags the record; the time is read when the job runs, so times follow the
         // order of the log.
@@ -525,6 +556,38 @@ impl AuditLog {
         if let Err(err) = self.record(origin, event).await {
             tracing::error!(error = %err, event = kind, "cannot write an audit record");
         }
+    }
+
+    /// Writes a checkpoint (`audit.checkpoint`) that vouches for where every other
+    /// node's audit chain stands, when any moved since the last one this process wrote
+    /// (`bound` remembers them). Returns how many chains it bound (0: nothing written).
+    /// The checkpoint is what makes a node's chain cut short fail `audit verify`.
+    pub(crate) async fn bind_chains(
+        &self,
+        bound: &mut HashMap<u64, u64>,
+    ) -> Result<usize, StoreError> {
+        let own = self.store.own_audit_chain();
+        let heads = self.store.read(|tx| tx.audit_chain_heads())?;
+        let places: Vec<ChainPlace> = heads
+            .into_iter()
+            .filter(|(chain, head)| Some(*chain) != own && bound.get(chain) != Some(&head.n))
+            .map(|(chain, head)| ChainPlace { chain, n: head.n })
+            .collect();
+        if places.is_empty() {
+            return Ok(0);
+        }
+        let event = Event::new("audit.checkpoint").detail("chains", places.len());
+        let mut entry = event.to_entry(&Origin::system(), 0);
+        let clock = self.clock.clone();
+        let binding = places.clone();
+        self.store
+            .write(move |tx| {
+                entry.time_ms = clock.now_ms();
+                tx.append_audit_binding(&mut entry, &binding)
+            })
+            .await?;
+        bound.extend(places.iter().map(|place| (place.chain, place.n)));
+        Ok(places.len())
     }
 
     /// A page of matching events, oldest first.

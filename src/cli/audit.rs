@@ -191,6 +191,15 @@ async fn run_audit(command: AuditCommand, session: &mut Session<'_>) -> anyhow::
                 if let (Some(seq), Some(tag)) = (report.last_seq, &report.head_tag) {
                     println!("head: {seq} {tag}");
                 }
+                for tip in &report.chains {
+                    println!(
+                        "chain {}: {} records, head {}",
+                        tip.chain, tip.records, tip.head_tag
+                    );
+                }
+                if report.checkpoints > 0 {
+                    println!("{} checkpoints bound the nodes' chains", report.checkpoints);
+                }
             }
             if !report.ok {
                 anyhow::bail!(

@@ -241,6 +241,9 @@ pub(crate) struct StorageConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub(crate) struct AuditConfig {
     pub(crate) retention: Duration,
+    /// How often the leader writes a checkpoint binding the other nodes' audit chains
+    /// (PostgreSQL only).
+    pub(crate) checkpoint_every: Duration,
 }
 
 /// The front door (`upstream.*`).

@@ -921,6 +921,18 @@ pub static SETTINGS: &[Setting] = &[
         |c, v| c.audit.retention = v
     ),
     setting!(
+        "audit.checkpoint_every",
+        "GATEHOUSE_AUDIT_CHECKPOINT_EVERY",
+        None,
+        Value("1m"),
+        "how often the leader of nodes on one database binds their audit chains",
+        Span {
+            min: secs(1),
+            max: secs(DAY)
+        },
+        |c, v| c.audit.checkpoint_every = v
+    ),
+    setting!(
         "ratelimit.max_keys",
         "GATEHOUSE_RATELIMIT_MAX_KEYS",
         None,

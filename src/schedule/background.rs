@@ -1,7 +1,7 @@
 //! Background work of a running server, in one loop: writing what is kept in memory
 //! (rate-limit windows, devices' last-seen times, coalesced refusals), folding the
-//! revocation journal, renewing the self-signed certificate, and running the scheduled
-//! jobs. Each piece of work calls one domain service; this module only decides when.
+//! revocation journal, renewing the self-signed certificate, binding the other nodes'
+//! audit chains, and running the scheduled jobs. Each piece of work calls one domain service; this module only decides when.
 
 use std::sync::Arc;
 
@@ -28,6 +28,8 @@ pub(crate) struct Background {
     pub(crate) clock: SharedClock,
     /// What the listener serves (none with TLS off).
     pub(crate) tls: Option<Arc<Tls>>,
+    /// `audit.checkpoint_every`.
+    pub(crate) checkpoint_every: std::time::Duration,
 }
 
 /// How often the scheduler looks for due jobs.
@@ -62,6 +64,11 @@ pub(crate) async fn run_background(
     let mut refusals = tokio::time::interval(REFUSALS_EVERY);
     refusals.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut refusals_since = work.clock.now_ms();
+    // The leader of nodes sharing a database binds the other nodes' audit chains with a
+    // checkpoint record (when any moved): a chain cut short before it fails verification.
+    let mut checkpoints = tokio::time::interval(work.checkpoint_every);
+    checkpoints.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut bound = std::collections::HashMap::new();
     loop {
         tokio::select! {
             biased;
@@ -79,6 +86,11 @@ pub(crate) async fn run_background(
                 refusals_since = work.clock.now_ms();
             }
             _ = last_seen.tick() => flush_last_seen(&work).await,
+            _ = checkpoints.tick() => {
+                if work.store.is_postgres() && work.store.is_leader() {
+                    bind_audit_chains(&work, &mut bound).await;
+                }
+            }
             _ = jobs.tick() => {
                 renew_self_signed(&work).await;
                 while running_jobs.try_join_next().is_some() {}
@@ -96,6 +108,15 @@ pub(crate) async fn run_background(
                 running_jobs.spawn(async move { fold_revocations(&folding).await });
             }
         }
+    }
+}
+
+/// Binds the other nodes' audit chains where they stand (`AuditLog::bind_chains`).
+async fn bind_audit_chains(work: &Background, bound: &mut std::collections::HashMap<u64, u64>) {
+    match work.audit.bind_chains(bound).await {
+        Ok(0) => {}
+        Ok(chains) => tracing::debug!(chains, "audit chains bound by a checkpoint"),
+        Err(err) => tracing::warn!(error = %err, "cannot write an audit checkpoint"),
     }
 }
 

@@ -165,7 +165,8 @@ async fn revocations_and_reused_refresh_tokens_reach_every_node_within_a_second(
         )
         .await;
     }
-    // Three nodes appended to one audit chain; it verifies whole from any of them.
+    // Three nodes appended each to its own audit chain; the log verifies whole from
+    // any of them.
     let report = c
         .running
         .services
@@ -412,4 +413,122 @@ async fn a_standby_promoted_mid_load_loses_no_acknowledged_revocation_or_refresh
         refreshed.len()
     );
     node.stop().await;
+}
+
+/// Every audit row of the database, decoded: sequence number and record.
+fn audit_rows(pg: &Postgres) -> Vec<(u64, gatehouse::store::records::AuditEntryRecord)> {
+    let text = pg.psql(
+        "gatehouse",
+        "SELECT seq || ' ' || encode(value, 'hex') FROM gatehouse.audit_events_v1 ORDER BY seq",
+    );
+    text.lines()
+        .filter(|line| !line.is_empty())
+        .map(|line| {
+            let (seq, hex) = line.split_once(' ').expect("seq and value");
+            let bytes = data_encoding::HEXLOWER.decode(hex.as_bytes()).expect("hex");
+            let record = gatehouse::store::records::decode(&bytes[32..]).expect("a record");
+            (seq.parse().expect("seq"), record)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_node_appends_its_own_audit_chain_and_checkpoints_bind_them() {
+    use gatehouse::store::records::AuditEntryRecord;
+    let Some(pg) = Postgres::start("each_node_appends_its_own_audit_chain") else {
+        return;
+    };
+    let nodes = nodes(&pg, 2, &[("GATEHOUSE_AUDIT_CHECKPOINT_EVERY", "1s")]).await;
+    let mut nodes = nodes.into_iter();
+    let (a, b) = (nodes.next().unwrap(), nodes.next().unwrap());
+    // Both nodes write at once: neither waits for the other's chain.
+    let admin = a.admin_token();
+    let (pairs_a, pairs_b) = tokio::join!(
+        futures_util::future::join_all((0..5).map(|_| a.pair_device_as(&admin))),
+        futures_util::future::join_all((0..5).map(|_| b.pair_device_as(&admin))),
+    );
+    assert_eq!(pairs_a.len() + pairs_b.len(), 10);
+    let data = a.data_path().to_path_buf();
+    b.stop().await;
+
+    // Node records only, each of a chain; B's chain is the one whose last record is
+    // a `device.paired` that A did not write.
+    let rows = audit_rows(&pg);
+    let mut chains: std::collections::BTreeMap<u64, (u64, u64)> = Default::default();
+    for (seq, record) in &rows {
+        let AuditEntryRecord::V2(node) = record else {
+            panic!("a node wrote a data file's record at {seq}");
+        };
+        let last = chains.entry(node.chain).or_insert((0, 0));
+        assert_eq!(
+            node.n,
+            last.0 + 1,
+            "places follow on in chain {:x}",
+            node.chain
+        );
+        *last = (node.n, *seq);
+    }
+    assert!(chains.len() >= 2, "one chain per node: {chains:?}");
+    let own_a = a
+        .running
+        .services
+        .store
+        .own_audit_chain()
+        .expect("A appended");
+    let (&chain_b, &(n_b, last_b)) = chains
+        .iter()
+        .find(|(chain, _)| **chain != own_a)
+        .expect("B's chain");
+
+    // The leader (A, now alone) binds B's chain where it ended.
+    eventually(
+        Duration::from_secs(10),
+        "a checkpoint binds B's chain",
+        || async {
+            audit_rows(&pg).iter().any(|(seq, record)| {
+                matches!(record, AuditEntryRecord::V2(node)
+                if *seq > last_b
+                    && node.entry.kind == "audit.checkpoint"
+                    && node.heads.iter().any(|h| h.chain == chain_b && h.n == n_b))
+            })
+        },
+    )
+    .await;
+    // Kept: the master key is in A's directory.
+    let _dir = a.stop().await;
+
+    // `audit verify` on the database itself, no node running.
+    let verify = || {
+        let mut cmd = crate::binary::gatehouse(&data);
+        cmd.env("GATEHOUSE_STORAGE", pg.url())
+            .env("GATEHOUSE_STORAGE_PASSWORD_FILE", pg.password_file())
+            .args(["audit", "verify", "--json"]);
+        crate::binary::run(cmd)
+    };
+    let done = verify();
+    assert!(done.status.success(), "{}\n{}", done.stdout, done.stderr);
+    let report: serde_json::Value = serde_json::from_str(&done.stdout).expect("json");
+    assert_eq!(report["ok"], true, "{report}");
+    assert!(
+        report["chains"].as_array().expect("chains").len() >= 2,
+        "{report}"
+    );
+    assert!(
+        report["checkpoints"].as_u64().expect("checkpoints") >= 1,
+        "{report}"
+    );
+
+    // B's chain cut short by its last record: nothing links to it any more, but the
+    // checkpoint saw it, so verification fails.
+    pg.psql(
+        "gatehouse",
+        &format!("DELETE FROM gatehouse.audit_events_v1 WHERE seq = {last_b}"),
+    );
+    let done = verify();
+    assert!(!done.status.success(), "{}", done.stdout);
+    let report: serde_json::Value = serde_json::from_str(&done.stdout).expect("json");
+    assert_eq!(report["ok"], false, "{report}");
+    let problem = report["problem"].as_str().expect("problem");
+    assert!(problem.contains(&format!("{chain_b:016x}")), "{problem}");
+    assert!(problem.contains(&format!("saw {n_b} of them")), "{problem}");
 }

@@ -38,7 +38,7 @@ use redb::{ReadableDatabase, ReadableTable, TableHandle};
 use tokio::sync::{mpsc, oneshot};
 
 use audit_chain::ChainKey;
-pub use audit_chain::{AuditFilter, AuditPage, ChainBreak, ChainReport, Pruned};
+pub use audit_chain::{AuditFilter, AuditPage, ChainBreak, ChainReport, ChainTip, Pruned};
 pub use backup::{BackupInfo, in_use, inspect};
 use gatehouse_clock::Clock;
 pub use migrate::Migrated;
@@ -475,6 +475,15 @@ impl Store {
         match &self.shared.db {
             Engine::Postgres(db) => db.is_leader(),
             Engine::Writable(_) | Engine::ReadOnly(_) => true,
+        }
+    }
+
+    /// The number of the audit chain this process appends to, once it has appended
+    /// (PostgreSQL only: a data file keeps one chain).
+    pub fn own_audit_chain(&self) -> Option<u64> {
+        match &self.shared.db {
+            Engine::Postgres(db) => db.own_chain(),
+            Engine::Writable(_) | Engine::ReadOnly(_) => None,
         }
     }
 

@@ -35,9 +35,11 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls, Statement};
 
 use super::StoreError;
+use super::audit_chain;
 use super::backup::Chunk;
-use super::rows::{Rows, RowsMut, Scan};
-use super::tables::{ALL_TABLES, AUDIT_EVENTS_NAME};
+use super::records::{self, ChainHead};
+use super::rows::{NodeHead, Rows, RowsMut, Scan};
+use super::tables::{ALL_TABLES, AUDIT_CHECKPOINT_NAME, AUDIT_EVENTS_NAME};
 
 /// The schema that holds gatehouse's tables.
 const SCHEMA: &str = "gatehouse";
@@ -63,6 +65,10 @@ pub(crate) struct Postgres {
     mark: AtomicI64,
     /// Whether this process's follower holds the leader lock.
     leading: Arc<AtomicBool>,
+    /// This process's own audit chain as of its last commit; `None` until its first
+    /// record, and again after a commit whose outcome is unknown (the next record then
+    /// starts a new chain rather than guess whether the last one is there).
+    chain: Mutex<Option<NodeHead>>,
 }
 
 impl std::fmt::Debug for Postgres {
@@ -226,6 +232,7 @@ impl Postgres {
             node: random_node_id()?,
             mark: AtomicI64::new(0),
             leading: Arc::new(AtomicBool::new(false)),
+            chain: Mutex::new(None),
         };
         let first = db.open_conn()?;
         db.give_back(first);
@@ -330,7 +337,9 @@ impl Postgres {
             return Err(StoreError::Database("no PostgreSQL connection".into()));
         };
         conn.batch("BEGIN ISOLATION LEVEL SERIALIZABLE")?;
+        let committed = *lock(&self.chain);
         let rows = PgRows::new(conn);
+        rows.head.set(committed);
         let keep = f(&rows);
         if rows.conflict.get() {
             conn.batch("ROLLBACK")?;
@@ -340,19 +349,17 @@ impl Postgres {
             conn.batch("ROLLBACK")?;
             return Ok(false);
         }
-        // The writes still held back go now: one that fails fails the commit, never a
-        // job that was already answered as done.
-        if let Err(err) = rows.flush() {
-            let _ = conn.batch("ROLLBACK");
-            return Err(err);
-        }
-        let touched = rows.touched.take();
-        match self
-            .publish(conn, touched)
-            .and_then(|()| conn.batch("COMMIT"))
-        {
-            Ok(()) => Ok(true),
+        match self.commit(&rows) {
+            Ok(()) => {
+                *lock(&self.chain) = rows.head.get();
+                Ok(true)
+            }
             Err(err) => {
+                if !matches!(err, StoreError::Conflict) {
+                    // The commit may have happened: a record after the chain's head as
+                    // we know it could repeat a place, so the next one starts anew.
+                    *lock(&self.chain) = None;
+                }
                 // The transaction may still be open on a live connection.
                 let _ = conn.batch("ROLLBACK");
                 Err(err)
@@ -360,24 +367,61 @@ impl Postgres {
         }
     }
 
-    /// Appends the rows a transaction changed in followed tables to the change feed,
-    /// inside that transaction, and notifies the followers at its commit. The append
-    /// waits for the feed's lock, held to the commit, so that sequence order is commit
-    /// order: a follower that has read up to `n` has missed nothing below it.
-    fn publish(&self, conn: &Conn, touched: Vec<(&'static str, String)>) -> Result<(), StoreError> {
-        if touched.is_empty() {
-            return Ok(());
+    /// Sends what the transaction still holds back and commits it, in one round trip:
+    /// the held-back writes (one that fails fails the commit, never a job that was
+    /// already answered as done), then — when the transaction appended audit records or
+    /// changed followed tables — the feed's lock, the audit records numbered from the
+    /// database's sequence, this node's chain head, the change feed's rows and its
+    /// notification, then `COMMIT`. The lock is held to the commit, so that sequence
+    /// order is commit order for both the audit log and the feed: a follower that has
+    /// read up to `n` has missed nothing below it. Nothing waits for the client while
+    /// the lock is held.
+    fn commit(&self, rows: &PgRows<'_>) -> Result<(), StoreError> {
+        let touched = rows.touched.take();
+        let appended = rows.appended.take();
+        if !touched.is_empty() || !appended.is_empty() {
+            rows.push(
+                format!("SELECT pg_advisory_xact_lock({FEED_LOCK})"),
+                WriteParams::None,
+            );
         }
-        let (tables, keys): (Vec<&str>, Vec<String>) = touched.into_iter().unzip();
-        conn.batch(&format!("SELECT pg_advisory_xact_lock({FEED_LOCK})"))?;
-        conn.execute(
-            &format!(
-                "INSERT INTO {SCHEMA}.changes (node, tbl, key) \
-                 SELECT $1, * FROM unnest($2::text[], $3::text[])"
-            ),
-            &[&self.node, &tables, &keys],
-        )?;
-        conn.batch(&format!("NOTIFY {CHANNEL}"))
+        if let (false, Some(head)) = (appended.is_empty(), rows.head.get()) {
+            rows.push(
+                format!(
+                    "INSERT INTO {} (seq, value) SELECT nextval('{SCHEMA}.audit_seq'), v \
+                     FROM unnest($1::bytea[]) WITH ORDINALITY AS u(v, i) ORDER BY i",
+                    table(AUDIT_EVENTS_NAME)
+                ),
+                WriteParams::Values(appended),
+            );
+            let value = records::encode_chain_head(&ChainHead {
+                n: head.n,
+                time_ms: head.time_ms,
+            });
+            rows.push(
+                upsert_sql(AUDIT_CHECKPOINT_NAME),
+                WriteParams::KeyValue(audit_chain::head_key(head.chain), value),
+            );
+        }
+        if !touched.is_empty() {
+            let (tables, keys): (Vec<&str>, Vec<String>) = touched.into_iter().unzip();
+            rows.push(
+                format!(
+                    "INSERT INTO {SCHEMA}.changes (node, tbl, key) \
+                     SELECT $1, * FROM unnest($2::text[], $3::text[])"
+                ),
+                WriteParams::Feed(
+                    self.node.clone(),
+                    tables.into_iter().map(str::to_string).collect(),
+                    keys,
+                ),
+            );
+            rows.push(
+                format!("SELECT pg_notify('{CHANNEL}', '')"),
+                WriteParams::None,
+            );
+        }
+        rows.after_pending(rows.conn.client.batch_execute("COMMIT"))
     }
 
     /// Notes where the change feed is now: `follow` starts after it.
@@ -415,6 +459,11 @@ impl Postgres {
         Ok(receiver)
     }
 
+    /// This process's audit chain, once it has appended to one.
+    pub(crate) fn own_chain(&self) -> Option<u64> {
+        lock(&self.chain).map(|head| head.chain)
+    }
+
     /// Whether this process holds the leader lock (through its follower).
     pub(crate) fn is_leader(&self) -> bool {
         self.leading.load(Ordering::SeqCst)
@@ -445,8 +494,10 @@ impl Postgres {
         ddl.push_str(&format!(
             "CREATE TABLE IF NOT EXISTS {SCHEMA}.changes (seq bigserial PRIMARY KEY, \
              node text NOT NULL, tbl text NOT NULL, key text NOT NULL, \
-             at timestamptz NOT NULL DEFAULT now());"
+             at timestamptz NOT NULL DEFAULT now());\
+             CREATE SEQUENCE IF NOT EXISTS {SCHEMA}.audit_seq;"
         ));
+        ddl.push_str(&advance_audit_seq());
         ddl.push_str("COMMIT;");
         let result = conn.batch(&ddl);
         self.give_back(conn);
@@ -506,7 +557,7 @@ impl Postgres {
                     }
                 })
             })();
-            match loaded {
+            match loaded.and_then(|value| conn.batch(&advance_audit_seq()).map(|()| value)) {
                 Ok(value) => {
                     conn.batch("COMMIT")?;
                     Ok(value)
@@ -520,6 +571,18 @@ impl Postgres {
         self.give_back(conn);
         result
     }
+}
+
+/// Moves the audit log's sequence past the log's last row, only ever forward, and only
+/// when rows were put there without it (a copy): in normal running every row's number
+/// came from the sequence, so nothing here races with a node appending.
+fn advance_audit_seq() -> String {
+    format!(
+        "SELECT setval('{SCHEMA}.audit_seq', m) FROM \
+         (SELECT max(seq) AS m FROM {log}) AS rows, {SCHEMA}.audit_seq AS s \
+         WHERE m > s.last_value OR (NOT s.is_called AND m >= s.last_value);",
+        log = table(AUDIT_EVENTS_NAME)
+    )
 }
 
 /// The advisory lock that serialises creating the tables.
@@ -747,8 +810,8 @@ fn describe(err: &tokio_postgres::Error) -> String {
     }
 }
 
-/// A lost race: a serialization failure, a deadlock, or two nodes appending the same
-/// audit sequence number at once (the loser runs again from the new head).
+/// A lost race: a serialization failure, a deadlock, or two transactions inserting the
+/// same key at once (the loser runs again and finds the row there).
 fn is_conflict(err: &tokio_postgres::Error) -> bool {
     matches!(
         err.code(),
@@ -851,6 +914,10 @@ struct PgRows<'a> {
     touched: RefCell<Vec<(&'static str, String)>>,
     /// Writes not sent yet (see above).
     pending: RefCell<Vec<Write>>,
+    /// This node's audit chain as the transaction leaves it (`RowsMut::node_chain`).
+    head: Cell<Option<NodeHead>>,
+    /// Audit records appended, numbered and inserted at the commit.
+    appended: RefCell<Vec<Vec<u8>>>,
 }
 
 /// A write waiting in `PgRows::pending`: its statement and its own parameters.
@@ -860,9 +927,13 @@ struct Write {
 }
 
 enum WriteParams {
+    None,
     KeyValue(String, Vec<u8>),
     SeqValue(i64, Vec<u8>),
     Seq(i64),
+    Values(Vec<Vec<u8>>),
+    /// The change feed's rows: this node, then the tables and keys.
+    Feed(String, Vec<String>, Vec<String>),
 }
 
 /// Writes kept back at most: past this many they go out at once (a long `retain`).
@@ -876,6 +947,8 @@ impl<'a> PgRows<'a> {
             conflict: Cell::new(false),
             touched: RefCell::new(Vec::new()),
             pending: RefCell::new(Vec::new()),
+            head: Cell::new(None),
+            appended: RefCell::new(Vec::new()),
         }
     }
 
@@ -896,6 +969,11 @@ impl<'a> PgRows<'a> {
             .zip(&statements)
             .map(|(write, statement)| async move {
                 match &write.params {
+                    WriteParams::None => client.execute(statement, &[]).await,
+                    WriteParams::Values(values) => client.execute(statement, &[values]).await,
+                    WriteParams::Feed(node, tables, keys) => {
+                        client.execute(statement, &[node, tables, keys]).await
+                    }
                     WriteParams::KeyValue(key, value) => {
                         client.execute(statement, &[key, value]).await
                     }
@@ -931,6 +1009,11 @@ impl<'a> PgRows<'a> {
             return Ok(());
         }
         self.noted(self.after_pending(async { Ok(()) }))
+    }
+
+    /// Adds a write to those held back, however many there are (the commit's own).
+    fn push(&self, sql: String, params: WriteParams) {
+        self.pending.borrow_mut().push(Write { sql, params });
     }
 
     /// Keeps a write back (see `PgRows`).
@@ -987,6 +1070,29 @@ impl Rows for PgRows<'_> {
             rows.first()
                 .map(|row| row.try_get(0).map_err(|err| self.conn.error(&err)))
                 .transpose()
+        })())
+    }
+
+    fn get_many(
+        &self,
+        name: &'static str,
+        keys: &[String],
+    ) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let sql = format!(
+            "SELECT key, value FROM {} WHERE key = ANY($1::text[])",
+            table(name)
+        );
+        self.noted((|| {
+            let mut found = HashMap::with_capacity(keys.len());
+            for row in self.query(&sql, &[&keys])? {
+                let key: String = row.try_get(0).map_err(|err| self.conn.error(&err))?;
+                let value: Vec<u8> = row.try_get(1).map_err(|err| self.conn.error(&err))?;
+                found.insert(key, value);
+            }
+            Ok(keys.iter().map(|key| found.get(key).cloned()).collect())
         })())
     }
 
@@ -1065,11 +1171,7 @@ impl Rows for PgRows<'_> {
 
 impl RowsMut for PgRows<'_> {
     fn put(&self, name: &'static str, key: &str, value: &[u8]) -> Result<(), StoreError> {
-        let sql = format!(
-            "INSERT INTO {} (key, value) VALUES ($1, $2) \
-             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            table(name)
-        );
+        let sql = upsert_sql(name);
         self.touch(name, key);
         self.defer(sql, WriteParams::KeyValue(key.to_string(), value.to_vec()))
     }
@@ -1095,6 +1197,48 @@ impl RowsMut for PgRows<'_> {
         let sql = format!("DELETE FROM {} WHERE seq <= $1", table(AUDIT_EVENTS_NAME));
         let last = Self::seq(last).unwrap_or(i64::MAX);
         self.defer(sql, WriteParams::Seq(last))
+    }
+
+    fn node_chain(&self) -> Result<Option<NodeHead>, StoreError> {
+        if let Some(head) = self.head.get() {
+            return Ok(Some(head));
+        }
+        // A chain per process run, numbered at random: two processes never share one,
+        // even a node restarted while its old process still commits, and starting one
+        // asks the database nothing.
+        let mut raw = [0u8; 8];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut raw)
+            .map_err(|_| StoreError::Database("no randomness for an audit chain".into()))?;
+        let head = NodeHead {
+            chain: u64::from_be_bytes(raw),
+            n: 0,
+            tag: [0; 32],
+            time_ms: 0,
+        };
+        self.head.set(Some(head));
+        Ok(Some(head))
+    }
+
+    fn node_append(&self, head: NodeHead, row: &[u8]) -> Result<(), StoreError> {
+        self.appended.borrow_mut().push(row.to_vec());
+        self.head.set(Some(head));
+        Ok(())
+    }
+}
+
+/// Inserts or replaces one row of a key-value table.
+fn upsert_sql(name: &str) -> String {
+    format!(
+        "INSERT INTO {} (key, value) VALUES ($1, $2) \
+         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        table(name)
+    )
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match mutex.lock() {
+        Ok(guard) => guard,
+        Err(poisoned) => poisoned.into_inner(),
     }
 }
 

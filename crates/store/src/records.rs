@@ -384,13 +384,87 @@ pub struct AuditEntry {
     pub prev: [u8; 32],
 }
 
+/// Version 1 is a record of the data file's one chain, where a record's place is its
+/// sequence number. Version 2 is a record of one node's own chain (PostgreSQL, where
+/// several nodes append at once): the chain, the place in it, and the other chains'
+/// places the record binds (`NodeRecord::heads`).
 #[derive(Debug, Serialize, Deserialize)]
 pub enum AuditEntryRecord {
     V1(AuditEntry),
+    V2(NodeRecord),
+}
+
+/// An audit record of one node's chain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    /// The chain: a random number a node draws when it starts one.
+    pub chain: u64,
+    /// The record's place in its chain (1, 2, …); `entry.prev` is the tag of the one
+    /// before.
+    pub n: u64,
+    /// Other chains' places this record vouches for (a checkpoint): each chain named
+    /// must hold at least that many records up to here. Empty for an ordinary record.
+    pub heads: Vec<ChainPlace>,
+    pub entry: AuditEntry,
+}
+
+/// A chain and a place in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChainPlace {
+    pub chain: u64,
+    pub n: u64,
+}
+
+/// A decoded audit row's record: the event and, for a node's chain, where it sits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuditRecord {
+    Single(AuditEntry),
+    Node(NodeRecord),
+}
+
+impl AuditRecord {
+    pub fn entry(&self) -> &AuditEntry {
+        match self {
+            Self::Single(entry) => entry,
+            Self::Node(record) => &record.entry,
+        }
+    }
+
+    pub fn into_entry(self) -> AuditEntry {
+        match self {
+            Self::Single(entry) => entry,
+            Self::Node(record) => record.entry,
+        }
+    }
+}
+
+pub(crate) fn encode_audit_entry(value: &AuditEntry) -> Vec<u8> {
+    #[derive(Serialize)]
+    enum Borrowed<'a> {
+        V1(&'a AuditEntry),
+    }
+    encode(&Borrowed::V1(value))
+}
+
+pub(crate) fn encode_audit_node_record(value: &NodeRecord) -> Vec<u8> {
+    #[derive(Serialize)]
+    enum Borrowed<'a> {
+        #[allow(dead_code)]
+        V1(&'a AuditEntry),
+        V2(&'a NodeRecord),
+    }
+    encode(&Borrowed::V2(value))
+}
+
+pub(crate) fn decode_audit_record(bytes: &[u8]) -> Result<AuditRecord, DecodeError> {
+    decode::<AuditEntryRecord>(bytes).map(|record| match record {
+        AuditEntryRecord::V1(entry) => AuditRecord::Single(entry),
+        AuditEntryRecord::V2(record) => AuditRecord::Node(record),
+    })
 }
 
 /// Where the audit log starts after pruning, tagged with the chain key.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct AuditCheckpoint {
     /// The sequence number of the first record that was kept.
     pub next_seq: u64,
@@ -400,13 +474,103 @@ pub struct AuditCheckpoint {
     pub pruned: u64,
     /// The time of the newest record pruned.
     pub pruned_through_ms: u64,
+    /// Where each node's chain goes on after pruning (empty for a data file's one chain).
+    pub chains: Vec<ChainStart>,
     /// HMAC-SHA256 under the chain key over the fields above.
     pub tag: [u8; 32],
 }
 
+/// Where a node's chain goes on after pruning: the place of its first kept record and
+/// the tag that record must carry as `prev`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChainStart {
+    pub chain: u64,
+    pub next_n: u64,
+    pub prev: [u8; 32],
+}
+
+/// The checkpoint of a data file's one chain.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct AuditCheckpointV1 {
+    pub next_seq: u64,
+    pub prev: [u8; 32],
+    pub pruned: u64,
+    pub pruned_through_ms: u64,
+    pub tag: [u8; 32],
+}
+
+/// The checkpoint of a log with node chains.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct AuditCheckpointV2 {
+    pub next_seq: u64,
+    pub prev: [u8; 32],
+    pub pruned: u64,
+    pub pruned_through_ms: u64,
+    pub chains: Vec<ChainStart>,
+    pub tag: [u8; 32],
+}
+
+/// Version 1 is written while no node chain was pruned, so a data file's checkpoint
+/// reads as it always did.
 #[derive(Debug, Serialize, Deserialize)]
 pub enum AuditCheckpointRecord {
-    V1(AuditCheckpoint),
+    V1(AuditCheckpointV1),
+    V2(AuditCheckpointV2),
+}
+
+pub(crate) fn encode_audit_checkpoint(cp: &AuditCheckpoint) -> Vec<u8> {
+    if cp.chains.is_empty() {
+        encode(&AuditCheckpointRecord::V1(AuditCheckpointV1 {
+            next_seq: cp.next_seq,
+            prev: cp.prev,
+            pruned: cp.pruned,
+            pruned_through_ms: cp.pruned_through_ms,
+            tag: cp.tag,
+        }))
+    } else {
+        encode(&AuditCheckpointRecord::V2(AuditCheckpointV2 {
+            next_seq: cp.next_seq,
+            prev: cp.prev,
+            pruned: cp.pruned,
+            pruned_through_ms: cp.pruned_through_ms,
+            chains: cp.chains.clone(),
+            tag: cp.tag,
+        }))
+    }
+}
+
+pub(crate) fn decode_audit_checkpoint(bytes: &[u8]) -> Result<AuditCheckpoint, DecodeError> {
+    Ok(match decode::<AuditCheckpointRecord>(bytes)? {
+        AuditCheckpointRecord::V1(cp) => AuditCheckpoint {
+            next_seq: cp.next_seq,
+            prev: cp.prev,
+            pruned: cp.pruned,
+            pruned_through_ms: cp.pruned_through_ms,
+            chains: Vec::new(),
+            tag: cp.tag,
+        },
+        AuditCheckpointRecord::V2(cp) => AuditCheckpoint {
+            next_seq: cp.next_seq,
+            prev: cp.prev,
+            pruned: cp.pruned,
+            pruned_through_ms: cp.pruned_through_ms,
+            chains: cp.chains,
+            tag: cp.tag,
+        },
+    })
+}
+
+/// The last record of one node's chain (`audit_checkpoint.v1`, key `head/<chain>`):
+/// what a checkpoint record binds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChainHead {
+    pub n: u64,
+    pub time_ms: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum ChainHeadRecord {
+    V1(ChainHead),
 }
 
 // ---------------------------------------------------------------------------------------
@@ -484,8 +648,7 @@ single_version_codec! {
     encode_client, decode_client, ClientRecord, Client;
     encode_rate_window, decode_rate_window, RateWindowRecord, RateWindow;
     encode_self_signed, decode_self_signed, SelfSignedCertRecord, SelfSignedCert;
-    encode_audit_entry, decode_audit_entry, AuditEntryRecord, AuditEntry;
-    encode_audit_checkpoint, decode_audit_checkpoint, AuditCheckpointRecord, AuditCheckpoint;
+    encode_chain_head, decode_chain_head, ChainHeadRecord, ChainHead;
     encode_ban, decode_ban, BanRecord, Ban;
     encode_job_state, decode_job_state, JobStateRecord, JobState;
     encode_admin_user, decode_admin_user, AdminUserRecord, AdminUser;

@@ -10,7 +10,7 @@ use std::ops::Bound;
 use redb::{ReadableTable, ReadableTableMetadata, TableDefinition};
 
 use super::StoreError;
-use super::rows::{Rows, RowsMut, Scan};
+use super::rows::{NodeHead, Rows, RowsMut, Scan};
 use super::tables::{AUDIT_EVENTS, AUDIT_EVENTS_NAME};
 
 fn def(table: &str) -> TableDefinition<'_, &'static str, &'static [u8]> {
@@ -178,5 +178,15 @@ impl RowsMut for RedbWrite<'_> {
             log.retain_in(..=last, |_, _| false)?;
             Ok(())
         })
+    }
+
+    fn node_chain(&self) -> Result<Option<NodeHead>, StoreError> {
+        Ok(None)
+    }
+
+    fn node_append(&self, _: NodeHead, _: &[u8]) -> Result<(), StoreError> {
+        Err(StoreError::Database(
+            "a data file keeps one audit chain, not one per node".into(),
+        ))
     }
 }

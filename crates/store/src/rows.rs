@@ -59,6 +59,15 @@ impl<'k> Scan<'k> {
 pub(crate) trait Rows {
     /// The value stored under `key`.
     fn get(&self, table: &'static str, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    /// The values stored under `keys`, in their order: one round trip on an engine
+    /// that has them.
+    fn get_many(
+        &self,
+        table: &'static str,
+        keys: &[String],
+    ) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        keys.iter().map(|key| self.get(table, key)).collect()
+    }
     /// The rows `scan` selects, in key order.
     fn scan(
         &self,
@@ -83,6 +92,23 @@ pub(crate) trait RowsMut: Rows {
     fn log_put(&self, seq: u64, value: &[u8]) -> Result<(), StoreError>;
     /// Removes every audit row up to and including `last`.
     fn log_remove_through(&self, last: u64) -> Result<(), StoreError>;
+    /// Where this node's own audit chain stands in this transaction, for an engine that
+    /// gives each node one (PostgreSQL, where several nodes append at once); `None` for
+    /// an engine whose log is one chain (a data file).
+    fn node_chain(&self) -> Result<Option<NodeHead>, StoreError>;
+    /// Appends `row`, the record after `node_chain`'s, which is now `head`. The engine
+    /// gives it its sequence number as it commits, so numbers follow commit order.
+    fn node_append(&self, head: NodeHead, row: &[u8]) -> Result<(), StoreError>;
+}
+
+/// The last record of a node's audit chain: the chain, its place, its tag and time.
+/// `n` is 0 (and `tag` zeros) for a chain with no record yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct NodeHead {
+    pub(crate) chain: u64,
+    pub(crate) n: u64,
+    pub(crate) tag: [u8; 32],
+    pub(crate) time_ms: u64,
 }
 
 /// How many rows a chunked walk of a table reads at a time: bounds the memory of a

@@ -8,12 +8,12 @@
 
 use super::StoreError;
 use super::audit_chain::{self, AuditFilter, AuditPage, ChainKey, ChainReport, HeadCache, Pruned};
-use super::records::AuditEntry;
 use super::records::{
     self, AcmeAccount, AcmeCertificate, AdminToken, AdminUser, Ban, Client, DecodeError, Device,
     FamilyRevocation, JobState, PairingSession, RateWindow, RefreshToken, RevokedToken,
     SelfSignedCert, SigningKey, SigningKeyPrivate, TokenFamily,
 };
+use super::records::{AuditEntry, ChainHead, ChainPlace};
 use super::rows::{CHUNK, Rows, RowsMut, Scan};
 use super::seal::Sealer;
 use super::tables;
@@ -243,6 +243,25 @@ impl ReadTx<'_> {
         }
     }
 
+    /// The records under `keys`, in their order (one round trip on PostgreSQL).
+    pub fn get_many<T>(
+        &self,
+        records: &Records<T>,
+        keys: &[String],
+    ) -> Result<Vec<Option<T>>, StoreError> {
+        let values = self.rows.get_many(records.name, keys)?;
+        keys.iter()
+            .zip(values)
+            .map(|(key, value)| {
+                value
+                    .map(|value| {
+                        (records.decode)(&value).map_err(|e| decode_err(records.name, key, e))
+                    })
+                    .transpose()
+            })
+            .collect()
+    }
+
     /// Every record of a table, in key order.
     pub fn all<T>(&self, records: &Records<T>) -> Result<Vec<(String, T)>, StoreError> {
         self.first(records, usize::MAX)
@@ -401,6 +420,12 @@ impl ReadTx<'_> {
         self.rows.count(tables::AUDIT_EVENTS_NAME)
     }
 
+    /// Where every node's audit chain stood at its last commit, by chain number (empty
+    /// for a data file).
+    pub fn audit_chain_heads(&self) -> Result<Vec<(u64, ChainHead)>, StoreError> {
+        audit_chain::chain_heads(self.rows)
+    }
+
     /// Walks the whole log and checks every tag and link.
     pub fn audit_verify(
         &self,
@@ -537,16 +562,31 @@ impl WriteTx<'_> {
         self.rows.put(SECRETS, name, &sealed)
     }
 
-    /// Appends one event to the audit log; sets its `prev` and returns its sequence
-    /// number. Durable when the transaction commits.
-    pub fn append_audit(&self, entry: &mut AuditEntry) -> Result<u64, StoreError> {
+    /// Appends one event to the audit log and sets its `prev`. Durable when the
+    /// transaction commits.
+    pub fn append_audit(&self, entry: &mut AuditEntry) -> Result<(), StoreError> {
+        self.append_audit_binding(entry, &[])
+    }
+
+    /// Appends one event that also vouches for where the other nodes' audit chains
+    /// stand (`heads`, from `ReadTx::audit_chain_heads`): a checkpoint. A data file's
+    /// one chain needs none, and there it is an ordinary record.
+    pub fn append_audit_binding(
+        &self,
+        entry: &mut AuditEntry,
+        heads: &[ChainPlace],
+    ) -> Result<(), StoreError> {
+        if let Some(head) = self.rows.node_chain()? {
+            audit_chain::append_node(self.chain, self.rows, head, entry, heads)?;
+            return Ok(());
+        }
         let head = match *self.audit_head.borrow() {
             Some(head) => head,
             None => audit_chain::head(self.rows)?,
         };
-        let (seq, next) = audit_chain::append(self.chain, self.rows, head, entry)?;
+        let (_, next) = audit_chain::append(self.chain, self.rows, head, entry)?;
         *self.audit_head.borrow_mut() = Some(next);
-        Ok(seq)
+        Ok(())
     }
 
     /// Removes up to `max` of the oldest records from before `before_ms` and moves the
