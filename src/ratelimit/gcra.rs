@@ -19,8 +19,9 @@ impl Policy {
         }
     }
 
-    /// Time between requests at the sustained rate, in microseconds.
-    fn interval_us(&self) -> u64 {
+    /// Time between requests at the sustained rate, in microseconds: how far one
+    /// admitted request moves the TAT.
+    pub(crate) fn interval_us(&self) -> u64 {
         (u64::try_from(self.window.as_micros()).unwrap_or(u64::MAX) / u64::from(self.limit)).max(1)
     }
 

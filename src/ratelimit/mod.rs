@@ -35,6 +35,8 @@ pub use gcra::{Decision, Policy, decide};
 pub use lockout::{Ban, BanError, FailedCheck, Lockout, LockoutPolicy};
 pub use table::{BYTES_PER_KEY, RateTable, Window};
 
+use table::Changed;
+
 /// Who is limited: a client address (IPv6 by its /64, since one host usually holds a
 /// whole /64), a device or an API client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -193,6 +195,9 @@ pub struct RateLimits {
     clock: SharedClock,
     refusals: Mutex<Refusals>,
     refused_total: AtomicU64,
+    /// How far one request moves the TAT, by policy number (routes' included), as last
+    /// seen in a decision: what a flush adds to a window nodes share per request.
+    intervals: Box<[AtomicU64]>,
 }
 
 fn window_key(policy_id: u8, subject: &[u8; 17]) -> String {
@@ -240,7 +245,18 @@ impl RateLimits {
             clock,
             refusals: Mutex::default(),
             refused_total: AtomicU64::new(0),
+            intervals: (0..=u8::MAX).map(|_| AtomicU64::new(0)).collect(),
         })
+    }
+
+    /// Notes policy `number`'s interval; a read first, so that deciding on many cores
+    /// does not keep writing one shared cache line.
+    fn note_interval(&self, number: u8, policy: &Policy) {
+        let slot = &self.intervals[usize::from(number)];
+        let interval = policy.interval_us();
+        if slot.load(Ordering::Relaxed) != interval {
+            slot.store(interval, Ordering::Relaxed);
+        }
     }
 
     pub fn policies(&self) -> &Policies {
@@ -264,6 +280,7 @@ impl RateLimits {
     /// Spends one request of `subject` under `policy`, stored as policy `number`; a
     /// refusal is counted for the coalesced audit record.
     fn spend(&self, number: u8, policy: &Policy, subject: &Subject) -> Result<(), Box<Limited>> {
+        self.note_interval(number, policy);
         let decision = self.table.check(number, policy, subject, self.now_us());
         if decision.allowed {
             return Ok(());
@@ -307,6 +324,7 @@ impl RateLimits {
     /// Charges one failed secret check; true when it went over the lockout limit.
     pub(crate) fn charge_failure(&self, subject: &Subject) -> bool {
         let policy = &self.policies.failures;
+        self.note_interval(PolicyId::Failures as u8, policy);
         !self
             .table
             .check(PolicyId::Failures as u8, policy, subject, self.now_us())
@@ -394,26 +412,69 @@ impl RateLimits {
 
     /// Writes the windows changed since the last flush. Called about once a second and
     /// at stop; a crash loses at most the last second of counting.
+    ///
+    /// Nodes sharing a database share the windows too: each adds what it admitted since
+    /// its last flush to the stored window (one interval per request, from the later of
+    /// the stored TAT and now) and takes the sum back, so within one flush a node learns
+    /// what the others spent. Until then each node decides alone: a subject spread over
+    /// N nodes gets at most what each would grant it in one flush interval beyond the
+    /// budget, and the shared window then holds all of it, to be paid back.
     pub(crate) async fn flush(&self) -> Result<usize, StoreError> {
         let changed = self.table.take_changed(self.now_us());
         let count = changed.len();
         if count == 0 {
             return Ok(0);
         }
-        self.store
-            .write(move |tx| -> Result<(), StoreError> {
-                for window in &changed {
-                    tx.put(
-                        &RATE_WINDOWS,
-                        &window_key(window.policy_id, &window.subject),
-                        &RateWindow {
-                            tat_us: window.tat_us,
-                        },
-                    )?;
+        if !self.store.is_postgres() {
+            self.store
+                .write(move |tx| -> Result<(), StoreError> {
+                    for Changed { window, .. } in &changed {
+                        tx.put(
+                            &RATE_WINDOWS,
+                            &window_key(window.policy_id, &window.subject),
+                            &RateWindow {
+                                tat_us: window.tat_us,
+                            },
+                        )?;
+                    }
+                    Ok(())
+                })
+                .await?;
+            return Ok(count);
+        }
+        let advances: Vec<u64> = changed
+            .iter()
+            .map(|c| {
+                let interval =
+                    self.intervals[usize::from(c.window.policy_id)].load(Ordering::Relaxed);
+                interval.saturating_mul(u64::from(c.spent))
+            })
+            .collect();
+        let clock = self.clock.clone();
+        let windows: Vec<Window> = changed.iter().map(|c| c.window).collect();
+        let shared = self
+            .store
+            .write(move |tx| -> Result<Vec<u64>, StoreError> {
+                let now_us = clock.now_ms().saturating_mul(1000);
+                let keys: Vec<String> = windows
+                    .iter()
+                    .map(|w| window_key(w.policy_id, &w.subject))
+                    .collect();
+                let stored = tx.get_many(&RATE_WINDOWS, &keys)?;
+                let mut shared = Vec::with_capacity(keys.len());
+                for ((key, stored), advance) in keys.iter().zip(stored).zip(&advances) {
+                    let tat_us = stored
+                        .map_or(now_us, |s| s.tat_us.max(now_us))
+                        .saturating_add(*advance);
+                    tx.put(&RATE_WINDOWS, key, &RateWindow { tat_us })?;
+                    shared.push(tat_us);
                 }
-                Ok(())
+                Ok(shared)
             })
             .await?;
+        for (changed, tat_us) in changed.iter().zip(shared) {
+            self.table.merge(&changed.window, tat_us);
+        }
         Ok(count)
     }
 

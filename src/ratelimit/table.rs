@@ -17,8 +17,9 @@ type Key = (u8, [u8; 17]);
 struct Entry {
     key: Key,
     tat_us: u64,
-    /// Changed since it was last written (for write-behind persistence).
-    changed: bool,
+    /// Requests admitted since it was last written (for write-behind persistence, and
+    /// for adding this node's spending to a window other nodes share).
+    spent: u32,
 }
 
 /// The shard maps hold the key's keyed SipHash, computed once per decision, so the map
@@ -57,6 +58,13 @@ pub struct Window {
     pub(crate) policy_id: u8,
     pub(crate) subject: [u8; 17],
     pub(crate) tat_us: u64,
+}
+
+/// A window changed since the last flush, and how many requests it admitted since.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Changed {
+    pub(crate) window: Window,
+    pub(crate) spent: u32,
 }
 
 /// The in-memory table of every subject's TAT under every policy.
@@ -102,11 +110,9 @@ impl RateTable {
         let mut shard = self.shard(hash);
         // Two keys with one 64-bit keyed hash would share an entry; the key is compared
         // so that the other is treated as new (its budget whole) rather than mixed in.
-        let tat = shard
-            .entries
-            .get(&hash)
-            .filter(|e| e.key == key)
-            .map(|e| e.tat_us);
+        let found = shard.entries.get(&hash).filter(|e| e.key == key);
+        let tat = found.map(|e| e.tat_us);
+        let spent = found.map_or(0, |e| e.spent);
         let (new_tat, decision) = decide(policy, tat, now_us);
         if let Some(tat_us) = new_tat {
             if tat.is_none() && shard.entries.len() >= self.per_shard {
@@ -117,7 +123,7 @@ impl RateTable {
                 Entry {
                     key,
                     tat_us,
-                    changed: true,
+                    spent: spent.saturating_add(1),
                 },
             );
         }
@@ -160,22 +166,53 @@ impl RateTable {
 
     /// Entries changed since the last call, for the write-behind flush; entries whose
     /// budget is whole again are left out (a missing entry means the same).
-    pub(crate) fn take_changed(&self, now_us: u64) -> Vec<Window> {
+    pub(crate) fn take_changed(&self, now_us: u64) -> Vec<Changed> {
         let mut out = Vec::new();
         for shard in &self.shards {
             let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
-            for entry in shard.entries.values_mut().filter(|e| e.changed) {
-                entry.changed = false;
+            for entry in shard.entries.values_mut().filter(|e| e.spent > 0) {
+                let spent = std::mem::take(&mut entry.spent);
                 if entry.tat_us > now_us {
-                    out.push(Window {
-                        policy_id: entry.key.0,
-                        subject: entry.key.1,
-                        tat_us: entry.tat_us,
+                    out.push(Changed {
+                        window: Window {
+                            policy_id: entry.key.0,
+                            subject: entry.key.1,
+                            tat_us: entry.tat_us,
+                        },
+                        spent,
                     });
                 }
             }
         }
         out
+    }
+
+    /// Takes in the TAT nodes sharing a window left it at (`shared_tat_us`), for the
+    /// window `taken` from this table: what the others spent moves it on, and what was
+    /// admitted here since it was taken (still counted for the next flush) stays on top.
+    pub(crate) fn merge(&self, taken: &Window, shared_tat_us: u64) {
+        let key = (taken.policy_id, taken.subject);
+        let hash = self.hasher.hash_one(key);
+        let mut shard = self.shard(hash);
+        let room = shard.entries.len() < self.per_shard;
+        match shard.entries.get_mut(&hash) {
+            Some(entry) if entry.key == key => {
+                let since = entry.tat_us.saturating_sub(taken.tat_us);
+                entry.tat_us = entry.tat_us.max(shared_tat_us.saturating_add(since));
+            }
+            Some(_) => {}
+            None if room => {
+                shard.entries.insert(
+                    hash,
+                    Entry {
+                        key,
+                        tat_us: shared_tat_us,
+                        spent: 0,
+                    },
+                );
+            }
+            None => {}
+        }
     }
 
     /// Puts back a window loaded from the data file at start (not marked changed).
@@ -189,7 +226,7 @@ impl RateTable {
                 Entry {
                     key,
                     tat_us: window.tat_us,
-                    changed: false,
+                    spent: 0,
                 },
             );
         }
@@ -223,10 +260,11 @@ mod tests {
         }
         let saved = before.take_changed(0);
         assert_eq!(saved.len(), 1);
-        assert!(before.take_changed(0).is_empty(), "flags are cleared");
+        assert_eq!(saved[0].spent, 8);
+        assert!(before.take_changed(0).is_empty(), "counts are cleared");
         let after = RateTable::new(1000);
-        for window in &saved {
-            after.restore(window);
+        for changed in &saved {
+            after.restore(&changed.window);
         }
         assert!(after.check(0, &policy, &subject, 1).allowed);
         assert!(after.check(0, &policy, &subject, 1).allowed);
@@ -234,6 +272,35 @@ mod tests {
             !after.check(0, &policy, &subject, 1).allowed,
             "the 11th is refused"
         );
+    }
+
+    #[test]
+    fn a_merged_window_counts_what_others_spent_and_keeps_what_was_spent_here() {
+        let policy = Policy::new("p", 10, MIN);
+        let subject = Subject::ip(IpAddr::from([192, 0, 2, 1]));
+        let here = RateTable::new(1000);
+        assert!(here.check(0, &policy, &subject, 0).allowed);
+        let taken = here.take_changed(0)[0].window;
+        // Another node spent 7 more of the same budget: the shared TAT says so.
+        let shared = taken.tat_us + 7 * policy.interval_us();
+        assert!(
+            here.check(0, &policy, &subject, 0).allowed,
+            "spent here meanwhile"
+        );
+        here.merge(&taken, shared);
+        assert!(here.check(0, &policy, &subject, 0).allowed, "the 10th");
+        assert!(
+            !here.check(0, &policy, &subject, 0).allowed,
+            "10 spent in all"
+        );
+        assert_eq!(
+            here.take_changed(0)[0].spent,
+            2,
+            "those spent here meanwhile"
+        );
+        // An older TAT never moves a window back.
+        here.merge(&taken, 1);
+        assert!(!here.check(0, &policy, &subject, 0).allowed);
     }
 
     #[test]

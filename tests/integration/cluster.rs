@@ -532,3 +532,82 @@ async fn each_node_appends_its_own_audit_chain_and_checkpoints_bind_them() {
     assert!(problem.contains(&format!("{chain_b:016x}")), "{problem}");
     assert!(problem.contains(&format!("saw {n_b} of them")), "{problem}");
 }
+
+async fn status_of(app: &TestApp, path: &str, token: Option<&str>) -> u16 {
+    let mut request = app.client().get(app.url(path));
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    request.send().await.expect("request").status().as_u16()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limit_budgets_are_shared_across_nodes_within_a_flush() {
+    let Some(pg) = Postgres::start("rate_limit_budgets_are_shared_across_nodes") else {
+        return;
+    };
+    let nodes = nodes(&pg, 2, &[("GATEHOUSE_RATELIMIT_PER_IP", "10/1m")]).await;
+    let (a, b) = (&nodes[0], &nodes[1]);
+    // The address spends its whole budget on A.
+    for i in 0..10 {
+        assert_eq!(
+            status_of(a, "/.well-known/jwks.json", None).await,
+            200,
+            "{i}"
+        );
+    }
+    assert_eq!(status_of(a, "/.well-known/jwks.json", None).await, 429);
+    // Once A has flushed (every second), B learns it at its own first flush after the
+    // address reaches it: B admits what comes in one flush interval, not a budget.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let started = Instant::now();
+    let mut admitted = 0;
+    loop {
+        match status_of(b, "/.well-known/jwks.json", None).await {
+            200 => admitted += 1,
+            429 => break,
+            other => panic!("unexpected {other}"),
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "B never refused ({admitted} admitted)"
+        );
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    // Alone, B would have admitted 10; one flush interval at 400 ms apart is 3 or 4.
+    assert!(
+        admitted <= 5,
+        "B admitted {admitted} after A spent the budget"
+    );
+    for node in nodes {
+        node.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failure_counts_add_up_across_nodes_and_the_ban_applies_everywhere() {
+    const WRONG_ADMIN: &str = "gha_0123456789abcdef_not-the-secret";
+    let Some(pg) = Postgres::start("failure_counts_add_up_across_nodes") else {
+        return;
+    };
+    let nodes = nodes(&pg, 2, &[("GATEHOUSE_LOCKOUT_MAX_FAILURES", "4")]).await;
+    let (a, b) = (&nodes[0], &nodes[1]);
+    for _ in 0..3 {
+        assert_eq!(status_of(a, "/v1/devices", Some(WRONG_ADMIN)).await, 401);
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // B's first failure is its first for this address; its flush adds A's three.
+    assert_eq!(status_of(b, "/v1/devices", Some(WRONG_ADMIN)).await, 401);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Five in all over two nodes: over the limit of four, on B, which bans.
+    assert_eq!(status_of(b, "/v1/devices", Some(WRONG_ADMIN)).await, 401);
+    for node in [a, b] {
+        eventually(PROPAGATION, "the ban applies", || async {
+            status_of(node, "/.well-known/jwks.json", None).await == 429
+        })
+        .await;
+    }
+    for node in nodes {
+        node.stop().await;
+    }
+}
