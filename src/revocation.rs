@@ -226,8 +226,13 @@ impl RevocationList {
             // before its change reached this one: the store has the last word. (Only a
             // validly signed token gets here, so this read cannot be had for free.)
             Err(Refusal::UnknownFamily) if self.store.is_postgres() => {
-                match self.apply_change("token_families.v1", &family.to_string()) {
-                    Ok(()) => self.check_mirror(jti, family, device),
+                let key = family.to_string();
+                match self.store.read(|tx| tx.get(&TOKEN_FAMILIES, &key)) {
+                    Ok(row) => {
+                        self.apply_family(*family, row);
+                        self.changes.bump();
+                        self.check_mirror(jti, family, device)
+                    }
                     Err(_) => Err(Refusal::UnknownFamily),
                 }
             }
@@ -278,9 +283,15 @@ impl RevocationList {
     }
 
     /// Mirrors one row another node changed (`schedule::follow` hands on the change
-    /// feed): re-reads it and brings the list in line with it. Idempotent, so a change
-    /// seen twice (after a resync) does no harm.
-    pub(crate) fn apply_change(&self, table: &str, key: &str) -> Result<(), StoreError> {
+    /// feed, which carries the row as the change left it: `None` when removed) and
+    /// brings the list in line with it. Idempotent, so a change seen twice (after a
+    /// resync) does no harm.
+    pub(crate) fn apply_change(
+        &self,
+        table: &str,
+        key: &str,
+        value: Option<&[u8]>,
+    ) -> Result<(), StoreError> {
         let window = millis(self.access_window);
         let now = self.clock.now_ms();
         match table {
@@ -288,7 +299,9 @@ impl RevocationList {
                 let Some(jti) = TokenId::parse(key) else {
                     return Ok(());
                 };
-                let row = self.store.read(|tx| tx.get(&REVOKED_TOKENS, key))?;
+                let row = value
+                    .map(|value| REVOKED_TOKENS.decode_row(key, value))
+                    .transpose()?;
                 let mut revoked = self.write();
                 match row {
                     Some(row) => {
@@ -303,31 +316,17 @@ impl RevocationList {
                 let Some(id) = FamilyId::parse(key) else {
                     return Ok(());
                 };
-                let row = self.store.read(|tx| tx.get(&TOKEN_FAMILIES, key))?;
-                let mut revoked = self.write();
-                match row {
-                    Some(family) => {
-                        revoked.existing.insert(id);
-                        if let Some(at) = family.revoked_at_ms {
-                            let forget_at = at.saturating_add(window);
-                            if forget_at > now {
-                                let known = revoked.families.entry(id).or_insert(forget_at);
-                                *known = (*known).max(forget_at);
-                            }
-                            // The row says revoked: the journal need not (as a fold).
-                            self.journaled.remove_all(&[id]);
-                        }
-                    }
-                    None => {
-                        revoked.existing.remove(&id);
-                        revoked.families.remove(&id);
-                        self.journaled.remove_all(&[id]);
-                    }
-                }
+                let row = value
+                    .map(|value| TOKEN_FAMILIES.decode_row(key, value))
+                    .transpose()?;
+                self.apply_family(id, row);
             }
             "family_revocations.v1" => {
                 // A removed entry was folded into its family's row, a change of its own.
-                let Some(entry) = self.store.read(|tx| tx.get(&FAMILY_REVOCATIONS, key))? else {
+                let Some(entry) = value
+                    .map(|value| FAMILY_REVOCATIONS.decode_row(key, value))
+                    .transpose()?
+                else {
                     return Ok(());
                 };
                 let Some(id) = FamilyId::parse(&entry.family_id) else {
@@ -345,7 +344,9 @@ impl RevocationList {
                 let Some(id) = DeviceId::parse(key) else {
                     return Ok(());
                 };
-                let row = self.store.read(|tx| tx.get(&DEVICES, key))?;
+                let row = value
+                    .map(|value| DEVICES.decode_row(key, value))
+                    .transpose()?;
                 if row.is_some_and(|device| device.revoked_at_ms.is_some()) {
                     self.write().devices.insert(id);
                 }
@@ -354,6 +355,32 @@ impl RevocationList {
         }
         self.changes.bump();
         Ok(())
+    }
+
+    /// Brings the list in line with a family's row as it now stands (`None`: gone).
+    fn apply_family(&self, id: FamilyId, row: Option<TokenFamily>) {
+        let window = millis(self.access_window);
+        let now = self.clock.now_ms();
+        let mut revoked = self.write();
+        match row {
+            Some(family) => {
+                revoked.existing.insert(id);
+                if let Some(at) = family.revoked_at_ms {
+                    let forget_at = at.saturating_add(window);
+                    if forget_at > now {
+                        let known = revoked.families.entry(id).or_insert(forget_at);
+                        *known = (*known).max(forget_at);
+                    }
+                    // The row says revoked: the journal need not (as a fold).
+                    self.journaled.remove_all(&[id]);
+                }
+            }
+            None => {
+                revoked.existing.remove(&id);
+                revoked.families.remove(&id);
+                self.journaled.remove_all(&[id]);
+            }
+        }
     }
 
     /// Rebuilds the whole list from the store (after a break in the change feed).

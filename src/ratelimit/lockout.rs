@@ -154,11 +154,11 @@ impl Lockout {
     }
 
     /// Mirrors one ban row another node wrote or removed (the change feed).
-    pub(crate) fn apply_change(&self, key: &str) -> Result<(), StoreError> {
+    pub(crate) fn apply_change(&self, key: &str, value: Option<&[u8]>) -> Result<(), StoreError> {
         let Some(subject) = Subject::parse(key) else {
             return Ok(());
         };
-        let row = self.store.read(|tx| tx.get(&BANS, key))?;
+        let row = value.map(|value| BANS.decode_row(key, value)).transpose()?;
         {
             let mut bans = self.bans.write().unwrap_or_else(|p| p.into_inner());
             match row {

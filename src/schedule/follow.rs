@@ -69,13 +69,13 @@ fn apply_all(mirrors: &Mirrors, changes: &[Change]) -> Result<(), String> {
             "revoked_tokens.v1" | "token_families.v1" | "family_revocations.v1" | "devices.v1" => {
                 mirrors
                     .revocations
-                    .apply_change(&change.table, &change.key)
+                    .apply_change(&change.table, &change.key, change.value.as_deref())
                     .map_err(|err| err.to_string())?;
             }
             "signing_keys.v1" => keys_changed = true,
             "bans.v1" => mirrors
                 .lockout
-                .apply_change(&change.key)
+                .apply_change(&change.key, change.value.as_deref())
                 .map_err(|err| err.to_string())?,
             _ => {}
         }

@@ -404,17 +404,20 @@ impl Postgres {
             );
         }
         if !touched.is_empty() {
-            let (tables, keys): (Vec<&str>, Vec<String>) = touched.into_iter().unzip();
+            let mut tables = Vec::with_capacity(touched.len());
+            let mut keys = Vec::with_capacity(touched.len());
+            let mut values = Vec::with_capacity(touched.len());
+            for Touched { table, key, value } in touched {
+                tables.push(table.to_string());
+                keys.push(key);
+                values.push(value);
+            }
             rows.push(
                 format!(
-                    "INSERT INTO {SCHEMA}.changes (node, tbl, key) \
-                     SELECT $1, * FROM unnest($2::text[], $3::text[])"
+                    "INSERT INTO {SCHEMA}.changes (node, tbl, key, value) \
+                     SELECT $1, * FROM unnest($2::text[], $3::text[], $4::bytea[])"
                 ),
-                WriteParams::Feed(
-                    self.node.clone(),
-                    tables.into_iter().map(str::to_string).collect(),
-                    keys,
-                ),
+                WriteParams::Feed(self.node.clone(), tables, keys, values),
             );
             rows.push(
                 format!("SELECT pg_notify('{CHANNEL}', '')"),
@@ -494,7 +497,8 @@ impl Postgres {
         ddl.push_str(&format!(
             "CREATE TABLE IF NOT EXISTS {SCHEMA}.changes (seq bigserial PRIMARY KEY, \
              node text NOT NULL, tbl text NOT NULL, key text NOT NULL, \
-             at timestamptz NOT NULL DEFAULT now());\
+             at timestamptz NOT NULL DEFAULT now(), value bytea);\
+             ALTER TABLE {SCHEMA}.changes ADD COLUMN IF NOT EXISTS value bytea;\
              CREATE SEQUENCE IF NOT EXISTS {SCHEMA}.audit_seq;"
         ));
         ddl.push_str(&advance_audit_seq());
@@ -619,6 +623,9 @@ pub struct Change {
     /// The table's name, one of `FOLLOWED_TABLES`.
     pub table: String,
     pub key: String,
+    /// What the row holds after the change (`None`: removed), so a follower applies it
+    /// without reading the row again.
+    pub value: Option<Vec<u8>>,
 }
 
 /// What a follower hands on.
@@ -707,7 +714,7 @@ impl Follower {
             .map_err(sql_error)?;
         let read = client
             .prepare(&format!(
-                "SELECT seq, node, tbl, key FROM {SCHEMA}.changes WHERE seq > $1 \
+                "SELECT seq, node, tbl, key, value FROM {SCHEMA}.changes WHERE seq > $1 \
                  ORDER BY seq LIMIT 1000"
             ))
             .await
@@ -758,6 +765,7 @@ impl Follower {
                     changes.push(Change {
                         table: row.try_get(2).map_err(sql_error)?,
                         key: row.try_get(3).map_err(sql_error)?,
+                        value: row.try_get(4).map_err(sql_error)?,
                     });
                 }
             }
@@ -910,14 +918,23 @@ struct PgRows<'a> {
     conn: &'a Conn,
     failed: Cell<bool>,
     conflict: Cell<bool>,
-    /// Rows written or removed in followed tables, for the change feed.
-    touched: RefCell<Vec<(&'static str, String)>>,
+    /// Rows written (with their new value) or removed in followed tables, for the
+    /// change feed.
+    touched: RefCell<Vec<Touched>>,
     /// Writes not sent yet (see above).
     pending: RefCell<Vec<Write>>,
     /// This node's audit chain as the transaction leaves it (`RowsMut::node_chain`).
     head: Cell<Option<NodeHead>>,
     /// Audit records appended, numbered and inserted at the commit.
     appended: RefCell<Vec<Vec<u8>>>,
+}
+
+/// A row of a followed table a transaction wrote or removed, for the change feed.
+struct Touched {
+    table: &'static str,
+    key: String,
+    /// The row's new value; `None` when removed.
+    value: Option<Vec<u8>>,
 }
 
 /// A write waiting in `PgRows::pending`: its statement and its own parameters.
@@ -932,8 +949,8 @@ enum WriteParams {
     SeqValue(i64, Vec<u8>),
     Seq(i64),
     Values(Vec<Vec<u8>>),
-    /// The change feed's rows: this node, then the tables and keys.
-    Feed(String, Vec<String>, Vec<String>),
+    /// The change feed's rows: this node, then the tables, keys and values.
+    Feed(String, Vec<String>, Vec<String>, Vec<Option<Vec<u8>>>),
 }
 
 /// Writes kept back at most: past this many they go out at once (a long `retain`).
@@ -971,8 +988,10 @@ impl<'a> PgRows<'a> {
                 match &write.params {
                     WriteParams::None => client.execute(statement, &[]).await,
                     WriteParams::Values(values) => client.execute(statement, &[values]).await,
-                    WriteParams::Feed(node, tables, keys) => {
-                        client.execute(statement, &[node, tables, keys]).await
+                    WriteParams::Feed(node, tables, keys, values) => {
+                        client
+                            .execute(statement, &[node, tables, keys, values])
+                            .await
                     }
                     WriteParams::KeyValue(key, value) => {
                         client.execute(statement, &[key, value]).await
@@ -1036,9 +1055,13 @@ impl<'a> PgRows<'a> {
         result
     }
 
-    fn touch(&self, table: &'static str, key: &str) {
+    fn touch(&self, table: &'static str, key: &str, value: Option<&[u8]>) {
         if FOLLOWED_TABLES.contains(&table) {
-            self.touched.borrow_mut().push((table, key.to_string()));
+            self.touched.borrow_mut().push(Touched {
+                table,
+                key: key.to_string(),
+                value: value.map(<[u8]>::to_vec),
+            });
         }
     }
 
@@ -1172,13 +1195,13 @@ impl Rows for PgRows<'_> {
 impl RowsMut for PgRows<'_> {
     fn put(&self, name: &'static str, key: &str, value: &[u8]) -> Result<(), StoreError> {
         let sql = upsert_sql(name);
-        self.touch(name, key);
+        self.touch(name, key, Some(value));
         self.defer(sql, WriteParams::KeyValue(key.to_string(), value.to_vec()))
     }
 
     fn remove(&self, name: &'static str, key: &str) -> Result<bool, StoreError> {
         let sql = format!("DELETE FROM {} WHERE key = $1", table(name));
-        self.touch(name, key);
+        self.touch(name, key, None);
         let statement = self.noted(self.conn.statement(&sql))?;
         let removed = self.after_pending(self.conn.client.execute(&statement, &[&key]));
         self.noted(removed.map(|n| n > 0))

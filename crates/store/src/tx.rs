@@ -31,6 +31,13 @@ pub struct Records<T: 'static> {
     decode: fn(&[u8]) -> Result<T, DecodeError>,
 }
 
+impl<T> Records<T> {
+    /// Decodes one row's stored bytes (a value the change feed carried, say).
+    pub fn decode_row(&self, key: &str, value: &[u8]) -> Result<T, StoreError> {
+        (self.decode)(value).map_err(|e| decode_err(self.name, key, e))
+    }
+}
+
 impl<T> std::fmt::Debug for Records<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Records({})", self.name)
