@@ -8,7 +8,7 @@
 //! closes, the writer commits what is queued and the file is released.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tokio::sync::watch;
@@ -63,6 +63,8 @@ pub enum AppError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("storage.ca_file {path}: {reason}")]
+    CaFile { path: PathBuf, reason: String },
     #[error(transparent)]
     MasterKey(#[from] SealError),
     #[error(transparent)]
@@ -143,6 +145,24 @@ pub(crate) fn storage_target(config: &Config) -> Result<Option<PostgresTarget>, 
     postgres_target(url, &config.storage).map(Some)
 }
 
+/// The certificates of `storage.ca_file`, as DER.
+fn read_ca_file(path: &Path) -> Result<Vec<Vec<u8>>, AppError> {
+    use rustls::pki_types::{CertificateDer, pem::PemObject};
+    let bad = |reason: String| AppError::CaFile {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let pem = std::fs::read(path).map_err(|err| bad(err.to_string()))?;
+    let certificates = CertificateDer::pem_slice_iter(&pem)
+        .map(|cert| cert.map(|cert| cert.to_vec()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|err| bad(format!("not a PEM certificate file: {err}")))?;
+    if certificates.is_empty() {
+        return Err(bad("it holds no certificate".into()));
+    }
+    Ok(certificates)
+}
+
 /// `storage_target` for a URL given on its own (`storage copy --to`).
 pub(crate) fn postgres_target(
     url: &str,
@@ -151,6 +171,7 @@ pub(crate) fn postgres_target(
     let mut target = PostgresTarget {
         url: url.to_string(),
         password: None,
+        ca_roots: storage.ca_file.as_deref().map(read_ca_file).transpose()?,
     };
     if let Some(path) = &storage.password_file {
         let text = std::fs::read_to_string(path).map_err(|source| AppError::PasswordFile {

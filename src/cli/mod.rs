@@ -881,8 +881,13 @@ async fn open_local(config: &Config) -> anyhow::Result<(crate::store::Store, Ser
     let store = crate::app::open_existing_store(config, clock.clone())
         .await
         .with_context(|| {
+            let store = if config.storage.url.is_some() {
+                "the database"
+            } else {
+                "the data file"
+            };
             format!(
-                "no server answered on {}, and the data file could not be opened directly",
+                "no server answered on {}, and {store} could not be opened directly",
                 config.admin_socket.display()
             )
         })?;

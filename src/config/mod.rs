@@ -232,6 +232,9 @@ pub(crate) struct StorageConfig {
     pub(crate) url: Option<String>,
     /// `storage.password_file`: the database password, on its first line.
     pub(crate) password_file: Option<PathBuf>,
+    /// `storage.ca_file`: the certificates trusted to sign the database server's (PEM);
+    /// not set: Mozilla's roots.
+    pub(crate) ca_file: Option<PathBuf>,
     /// PostgreSQL's own password file, read when `password_file` is not set:
     /// `PGPASSFILE`, else `~/.pgpass` (libpq's order).
     pub(crate) pgpass: Option<PathBuf>,

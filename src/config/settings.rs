@@ -158,6 +158,15 @@ pub static SETTINGS: &[Setting] = &[
         |c, v| c.storage.password_file = Some(v)
     ),
     setting!(
+        "storage.ca_file",
+        "GATEHOUSE_STORAGE_CA_FILE",
+        None,
+        Derived("Mozilla's roots, built in"),
+        "the certificates (PEM) trusted to sign the database server's TLS certificate",
+        FilePath,
+        |c, v| c.storage.ca_file = Some(v)
+    ),
+    setting!(
         "master_key_file",
         "GATEHOUSE_MASTER_KEY_FILE",
         Some("--master-key-file"),

@@ -217,6 +217,31 @@ impl Postgres {
         );
     }
 
+    /// Turns TLS on (a certificate for 127.0.0.1 and localhost from a test CA of its own)
+    /// and restarts; returns the CA's certificate (PEM) to trust. Connections without
+    /// TLS are still accepted, as `sslmode=prefer` clients expect.
+    pub fn enable_tls(&self) -> PathBuf {
+        let ca = crate::test_ca::TestCa::new("database test CA");
+        let leaf = ca.issue(&self.data, "server", &["127.0.0.1", "localhost"], 30);
+        // The server refuses a key that others may read, and must be able to read it.
+        fs::set_permissions(&leaf.key, fs::Permissions::from_mode(0o600)).unwrap();
+        if let Some((uid, gid)) = self.run_as {
+            for file in [&leaf.cert, &leaf.key] {
+                std::os::unix::fs::chown(file, Some(uid), Some(gid)).unwrap();
+            }
+        }
+        self.configure(&format!(
+            "ssl = on
+ssl_cert_file = '{}'
+ssl_key_file = '{}'
+",
+            leaf.cert.display(),
+            leaf.key.display()
+        ));
+        self.restart();
+        ca.write_root(&self.dir.path().join("database-ca.pem"))
+    }
+
     /// Starts the server again on the same data and port (stopping it first if it runs).
     pub fn restart(&self) {
         self.stop();

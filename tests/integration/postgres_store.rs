@@ -363,3 +363,62 @@ async fn a_node_that_loses_its_database_refuses_writes_with_503_and_recovers_by_
     assert_eq!(answer["active"], true, "{answer}");
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_reaches_its_database_over_tls_and_refuses_a_certificate_it_does_not_trust() {
+    let Some(pg) = Postgres::start("a_node_reaches_its_database_over_tls") else {
+        return;
+    };
+    let ca = pg.enable_tls();
+    let url = format!("{}?sslmode=require", pg.url());
+    let mut env = storage_env(&pg, &url);
+    env.push(("GATEHOUSE_STORAGE_CA_FILE", ca.display().to_string()));
+    let app = spawn_app_in(tempfile::tempdir().expect("dir"), &as_refs(&env)).await;
+    app.pair_device().await;
+    // Every connection of the node's is encrypted: the writer's, the readers', the
+    // change follower's.
+    let plain = pg.psql(
+        "postgres",
+        "SELECT count(*) FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) \
+         WHERE a.application_name = 'gatehouse' AND NOT s.ssl",
+    );
+    let encrypted = pg.psql(
+        "postgres",
+        "SELECT count(*) FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) \
+         WHERE a.application_name = 'gatehouse' AND s.ssl",
+    );
+    assert_eq!(plain, "0");
+    assert!(
+        encrypted.parse::<u32>().expect("a count") >= 2,
+        "{encrypted}"
+    );
+    let key = app.config.master_key.path.clone();
+    let dir = app.stop().await;
+
+    // Without the CA file the server's certificate is checked against Mozilla's roots,
+    // which did not sign it: the node does not start, and says why.
+    let check = |extra: &[(&str, String)]| {
+        let mut cmd = gatehouse(&dir.path().join("gatehouse.redb"));
+        cmd.env("GATEHOUSE_STORAGE", &url)
+            .env("GATEHOUSE_STORAGE_PASSWORD_FILE", pg.password_file())
+            .env("GATEHOUSE_MASTER_KEY_FILE", &key)
+            .args(["audit", "verify"]);
+        for (name, value) in extra {
+            cmd.env(name, value);
+        }
+        run(&mut cmd)
+    };
+    let refused = check(&[]);
+    assert!(!refused.status.success(), "{}", text(&refused));
+    assert!(text(&refused).contains("certificate"), "{}", text(&refused));
+    // A CA file that is not one is named.
+    let bogus = dir.path().join("bogus.pem");
+    std::fs::write(&bogus, "not a certificate").expect("write");
+    let refused = check(&[("GATEHOUSE_STORAGE_CA_FILE", bogus.display().to_string())]);
+    assert!(!refused.status.success(), "{}", text(&refused));
+    assert!(
+        text(&refused).contains("storage.ca_file"),
+        "{}",
+        text(&refused)
+    );
+}

@@ -30,9 +30,11 @@ use std::time::Duration;
 
 use futures_executor::block_on;
 use tokio::sync::mpsc;
+use tokio_postgres::config::SslMode;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{Client, NoTls, Statement};
+use tokio_postgres::{Client, Statement};
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::StoreError;
 use super::audit_chain;
@@ -50,6 +52,9 @@ const IDLE_READERS: usize = 8;
 /// A PostgreSQL database: where it is, how to connect, and open connections.
 pub(crate) struct Postgres {
     config: tokio_postgres::Config,
+    /// TLS for every connection the server accepts it on (rustls on ring; the server's
+    /// certificate and name are always checked).
+    tls: MakeRustlsConnect,
     /// The URL without any password, for messages.
     location: String,
     /// Owns the connections' tasks; `None` only while dropping.
@@ -128,6 +133,9 @@ pub fn pgpass_lookup(text: &str, host: &str, port: u16, db: &str, user: &str) ->
 pub struct PostgresTarget {
     pub url: String,
     pub password: Option<String>,
+    /// The certificates (DER) trusted to sign the server's, from `storage.ca_file`;
+    /// `None`: Mozilla's roots.
+    pub ca_roots: Option<Vec<Vec<u8>>>,
 }
 
 impl std::fmt::Debug for PostgresTarget {
@@ -151,6 +159,50 @@ impl PostgresTarget {
         let db = config.get_dbname().unwrap_or(&user).to_string();
         Ok((host, port, db, user))
     }
+}
+
+/// The TLS client for the database: rustls on ring, trusting `target.ca_roots` (else
+/// Mozilla's roots).
+fn tls_connector(target: &PostgresTarget) -> Result<MakeRustlsConnect, StoreError> {
+    let bad = |reason: String| StoreError::BadStorageUrl {
+        url: redact(&target.url),
+        reason,
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    match &target.ca_roots {
+        Some(certificates) => {
+            for der in certificates {
+                roots
+                    .add(rustls::pki_types::CertificateDer::from(der.clone()))
+                    .map_err(|err| bad(format!("a certificate of storage.ca_file: {err}")))?;
+            }
+        }
+        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|err| bad(format!("TLS: {err}")))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(MakeRustlsConnect::new(config))
+}
+
+/// Whether every host the URL names is this machine (a Unix socket or a loopback
+/// address), where an unencrypted connection crosses no network.
+fn local_only(config: &tokio_postgres::Config) -> bool {
+    config.get_hosts().iter().all(|host| match host {
+        tokio_postgres::config::Host::Unix(_) => true,
+        tokio_postgres::config::Host::Tcp(name) => {
+            name == "localhost"
+                || name
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        }
+    })
 }
 
 fn parse_url(url: &str) -> Result<tokio_postgres::Config, StoreError> {
@@ -213,6 +265,16 @@ impl Postgres {
         if let Some(password) = &target.password {
             config.password(password.as_bytes());
         }
+        let tls = tls_connector(target)?;
+        if !target.url.contains("sslmode=") && !local_only(&config) {
+            // libpq's default, `prefer`, goes on in the clear when a server offers no
+            // TLS: to a database on another machine that would send the password's
+            // proof and every sealed row over the network unencrypted.
+            config.ssl_mode(SslMode::Require);
+        }
+        if config.get_ssl_mode() == SslMode::Disable && !local_only(&config) {
+            tracing::warn!(location = %target.url, "sslmode=disable: the connection to the database is not encrypted");
+        }
         config.application_name("gatehouse");
         config.connect_timeout(std::time::Duration::from_secs(10));
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -225,6 +287,7 @@ impl Postgres {
             })?;
         let db = Self {
             config,
+            tls,
             location: target.url.clone(),
             runtime: Some(runtime),
             idle: Mutex::new(Vec::new()),
@@ -249,9 +312,10 @@ impl Postgres {
             .as_ref()
             .ok_or_else(|| StoreError::Database("PostgreSQL's runtime has stopped".into()))?;
         let config = self.config.clone();
+        let tls = self.tls.clone();
         let location = self.location.clone();
         let connecting = runtime.spawn(async move {
-            let (client, connection) = config.connect(NoTls).await?;
+            let (client, connection) = config.connect(tls).await?;
             tokio::spawn(async move {
                 if let Err(err) = connection.await {
                     tracing::warn!(error = %err, "PostgreSQL connection ended");
@@ -452,6 +516,7 @@ impl Postgres {
         let (sender, receiver) = mpsc::channel(FOLLOW_QUEUE);
         let follower = Follower {
             config: self.config.clone(),
+            tls: self.tls.clone(),
             location: self.location.clone(),
             node: self.node.clone(),
             leading: self.leading.clone(),
@@ -647,6 +712,7 @@ fn random_node_id() -> Result<String, StoreError> {
 /// The change feed's reader, on the store's runtime (see `Postgres::follow`).
 struct Follower {
     config: tokio_postgres::Config,
+    tls: MakeRustlsConnect,
     location: String,
     node: String,
     leading: Arc<AtomicBool>,
@@ -676,7 +742,7 @@ impl Follower {
     async fn connected(&mut self, resync: bool) -> Result<(), String> {
         let (client, mut connection) = self
             .config
-            .connect(NoTls)
+            .connect(self.tls.clone())
             .await
             .map_err(|err| describe(&err))?;
         // Notifications coalesce: however many commits notified since the last read,
@@ -1288,6 +1354,23 @@ mod tests {
             Some("fallback")
         );
         assert_eq!(pgpass_lookup("a:b:c\n", "a", 1, "c", "d"), None);
+    }
+
+    #[test]
+    fn only_connections_that_stay_on_this_machine_may_go_without_tls() {
+        let local = |url: &str| parse_url(url).is_ok_and(|config| local_only(&config));
+        assert!(local("postgres://u@127.0.0.1/db"));
+        assert!(local("postgres://u@localhost:5433/db"));
+        assert!(local("postgres://u@[::1]/db"));
+        assert!(local("postgres://u@%2Frun%2Fpostgresql/db"));
+        for remote in [
+            "postgres://u@db.internal/db",
+            "postgres://u@10.0.0.5/db",
+            "postgres://u@127.0.0.1,db.internal/db",
+        ] {
+            assert!(parse_url(remote).is_ok(), "{remote}");
+            assert!(!local(remote), "{remote}");
+        }
     }
 
     #[test]
