@@ -31,6 +31,7 @@ mod interop;
 mod jwt_negative;
 mod layers;
 mod lockout;
+mod pebble;
 mod postgres;
 mod postgres_store;
 mod proxy;
