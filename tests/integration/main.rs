@@ -12,6 +12,7 @@
 #![allow(unreachable_pub)]
 
 mod acme;
+mod acme_cluster;
 mod admin_ui;
 mod admin_users;
 mod audit;
