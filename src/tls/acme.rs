@@ -330,14 +330,15 @@ impl StoreCache {
             .write(move |tx| {
                 tx.put_acme_certificate(&record)?;
                 audit::append(tx, &Origin::system(), &event, now)?;
+                // Challenges in the store are the lease holder's: never another's.
                 if tx
                     .acme_order_lease(&directory, &domains)?
                     .is_some_and(|lease| lease.holder == node)
                 {
                     tx.delete_acme_order_lease(&directory, &domains)?;
-                }
-                for name in &domains {
-                    tx.delete_acme_challenge(name)?;
+                    for name in &domains {
+                        tx.delete_acme_challenge(name)?;
+                    }
                 }
                 Ok::<_, StoreError>(())
             })
@@ -489,8 +490,8 @@ impl AcmeDriver {
                 }
             }
             let failures = match self.claim(decision, now).await {
-                Ok(Ok(failures)) => failures,
-                Ok(Err(())) => {
+                Ok(Some(failures)) => failures,
+                Ok(None) => {
                     tokio::select! {
                         () = &mut stop => return,
                         () = tokio::time::sleep(WAIT_POLL) => continue,
@@ -554,10 +555,10 @@ impl AcmeDriver {
     }
 
     /// Takes the order lease in one serializable write, so that of several nodes finding
-    /// it free at once exactly one gets it. `Ok(Ok(failures))`: this node orders,
-    /// continuing from that many failures in a row; `Ok(Err(()))`: it does not (another
-    /// node holds the lease, or has stored the certificate, which is then served).
-    async fn claim(&self, seen: Decision, now: u64) -> Result<Result<u32, ()>, StoreError> {
+    /// it free at once exactly one gets it. `Some(failures)`: this node orders,
+    /// continuing from that many failures in a row; `None`: it does not (another node
+    /// holds the lease, or has stored the certificate, which is then served).
+    async fn claim(&self, seen: Decision, now: u64) -> Result<Option<u32>, StoreError> {
         let decision = match seen {
             Decision::Free(_) => {
                 let ask = self.ask(now);
@@ -597,17 +598,17 @@ impl AcmeDriver {
                         "ACME: took over an order lease that had expired (its node stopped or lost the database)"
                     );
                 }
-                Ok(Ok(previous.map_or(0, |lease| lease.failures_in_row)))
+                Ok(Some(previous.map_or(0, |lease| lease.failures_in_row)))
             }
             Decision::Held(lease) => {
                 self.waiting(&lease);
-                Ok(Err(()))
+                Ok(None)
             }
             Decision::Stored(cert) => {
                 if let Err(err) = self.adopt(&cert) {
                     tracing::error!(error = %err, "ACME: the stored certificate cannot be served");
                 }
-                Ok(Err(()))
+                Ok(None)
             }
         }
     }
@@ -671,9 +672,9 @@ impl AcmeDriver {
             {
                 lease.expires_at_ms = now;
                 tx.put_acme_order_lease(&lease)?;
-            }
-            for name in &domains {
-                tx.delete_acme_challenge(name)?;
+                for name in &domains {
+                    tx.delete_acme_challenge(name)?;
+                }
             }
             Ok::<_, StoreError>(())
         });
@@ -869,9 +870,9 @@ impl AcmeDriver {
                     lease.expires_at_ms =
                         retry_at.saturating_add(crate::clock::millis(TAKEOVER_GRACE));
                     tx.put_acme_order_lease(&lease)?;
-                }
-                for name in &domains {
-                    tx.delete_acme_challenge(name)?;
+                    for name in &domains {
+                        tx.delete_acme_challenge(name)?;
+                    }
                 }
                 Ok::<_, StoreError>(())
             })
