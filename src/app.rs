@@ -535,7 +535,12 @@ async fn prepare_tls(
                 None => tls::self_signed(store, clock.as_ref(), local_addr).await?.0,
             };
             let mut tls = Tls::new(TlsMode::Acme, cert)?;
-            let status = Arc::new(tls::acme::AcmeStatus::new(&settings, issued));
+            let status = Arc::new(tls::acme::AcmeStatus::new(
+                &settings,
+                issued,
+                store.clone(),
+                clock.clone(),
+            ));
             tls.acme = Some(status.clone());
             let tls = Arc::new(tls);
             let driver = tls::acme::AcmeDriver::new(

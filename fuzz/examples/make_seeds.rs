@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 use gatehouse::ids::{ClientId, DeviceId, FamilyId, SessionId, TokenId};
 use gatehouse::jwt::{self, AccessClaims};
 use gatehouse::store::records::{
-    self, AcmeAccount, AcmeAccountRecord, AcmeCertificate, AcmeCertificateRecord, AdminToken,
+    self, AcmeAccount, AcmeAccountRecord, AcmeCertificate, AcmeCertificateRecord, AcmeChallenge,
+    AcmeChallengeRecord, AcmeOrderLease, AcmeOrderLeaseRecord, AdminToken,
     AdminTokenRecord, AdminTokenV1, AdminUser, AdminUserRecord, AuditCheckpoint,
     AuditCheckpointRecord, AuditEntry, AuditEntryRecord, Ban, BanRecord, Client, ClientRecord,
     Device, DeviceRecord, FamilyRevocation, FamilyRevocationRecord, JobState, JobStateRecord,
@@ -205,6 +206,24 @@ fn record_seeds() -> Vec<(&'static str, Vec<u8>)> {
         issued_at_ms: 1_795_000_000_000,
         not_after_ms: 1_802_776_000_000,
     };
+    let acme_lease = AcmeOrderLease {
+        directory: "https://acme-v02.api.letsencrypt.org/directory".into(),
+        domains: vec!["api.example.com".into(), "auth.example.com".into()],
+        holder: "node-1:5f0c9a1b".into(),
+        taken_at_ms: 1_795_000_000_000,
+        expires_at_ms: 1_795_000_660_000,
+        failures_in_row: 2,
+        last_error: Some("the CA could not validate api.example.com".into()),
+        retry_at_ms: Some(1_795_000_600_000),
+    };
+    let acme_challenge = AcmeChallenge {
+        directory: "https://acme-v02.api.letsencrypt.org/directory".into(),
+        name: "auth.example.com".into(),
+        cert_der: vec![0x30, 0x82, 0x01, 0x2c],
+        key_pkcs8: vec![0x30, 0x81, 0x87, 0x02, 0x01, 0x00],
+        created_at_ms: 1_795_000_000_000,
+        expires_at_ms: 1_795_000_600_000,
+    };
     let family_revocation = FamilyRevocation {
         family_id: FamilyId::from_bytes([0x17; 16]).to_string(),
         revoked_at_ms: 40,
@@ -288,6 +307,14 @@ fn record_seeds() -> Vec<(&'static str, Vec<u8>)> {
         (
             "acme_certificate",
             records::encode(&AcmeCertificateRecord::V1(acme_cert)),
+        ),
+        (
+            "acme_order_lease",
+            records::encode(&AcmeOrderLeaseRecord::V1(acme_lease)),
+        ),
+        (
+            "acme_challenge",
+            records::encode(&AcmeChallengeRecord::V1(acme_challenge)),
         ),
         (
             "family_revocation",

@@ -11,7 +11,8 @@
 #![no_main]
 
 use gatehouse::store::records::{
-    self, AcmeAccountRecord, AcmeCertificateRecord, AdminToken, AdminTokenRecord, AdminUserRecord,
+    self, AcmeAccountRecord, AcmeCertificateRecord, AcmeChallengeRecord, AcmeOrderLeaseRecord,
+    AdminToken, AdminTokenRecord, AdminUserRecord,
     AuditCheckpointRecord, AuditEntryRecord, BanRecord, ClientRecord, DeviceRecord,
     FamilyRevocationRecord, JobStateRecord, PairingSessionRecord, RateWindowRecord,
     RefreshTokenRecord, RevokedTokenRecord, SelfSignedCertRecord, SigningKeyPrivateRecord,
@@ -30,6 +31,8 @@ fuzz_target!(|data: &[u8]| {
     round_trip::<AdminUserRecord>(data);
     round_trip::<AcmeAccountRecord>(data);
     round_trip::<AcmeCertificateRecord>(data);
+    round_trip::<AcmeOrderLeaseRecord>(data);
+    round_trip::<AcmeChallengeRecord>(data);
     round_trip::<SigningKeyRecord>(data);
     round_trip::<SigningKeyPrivateRecord>(data);
     // Pairing, devices, tokens and clients.

@@ -350,7 +350,7 @@ fn tls(report: &mut Report, config: &Config, status: Option<&TlsStatus>, now: u6
     }
     if let Some(acme) = &status.acme {
         let text = format!(
-            "{:?} ({} orders, {} issued, {} failures in a row){}{}",
+            "{:?} ({} orders, {} issued, {} failures in a row){}{}{}",
             acme.phase,
             acme.orders_started,
             acme.certificates_issued,
@@ -361,6 +361,10 @@ fn tls(report: &mut Report, config: &Config, status: Option<&TlsStatus>, now: u6
                 .unwrap_or_default(),
             acme.next_attempt_at_ms
                 .map(|t| format!("; next attempt {}", format_rfc3339(t)))
+                .unwrap_or_default(),
+            acme.ordering_node
+                .as_ref()
+                .map(|node| format!("; ordering node {node}"))
                 .unwrap_or_default()
         );
         let level = if acme.failures_in_row > 0 {

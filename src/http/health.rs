@@ -60,6 +60,9 @@ struct AcmeView {
     next_attempt: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     renew_at: Option<String>,
+    /// The node that holds the order lease (this one while it orders or retries).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ordering_node: Option<String>,
 }
 
 async fn readyz(State(state): State<AppState>) -> Result<Json<Ready>, ApiError> {
@@ -125,6 +128,7 @@ async fn readyz(State(state): State<AppState>) -> Result<Json<Ready>, ApiError> 
             last_error: acme.last_error,
             next_attempt: acme.next_attempt_at_ms.map(rfc3339),
             renew_at: acme.renew_at_ms.map(rfc3339),
+            ordering_node: acme.ordering_node,
         }),
     }))
 }

@@ -4,8 +4,9 @@
 //! Modes (`config::TlsMode`):
 //! - `self-signed` ([`self_signed`]): made with rcgen, kept sealed in the data file, the
 //!   same across restarts and backups;
-//! - `acme` ([`acme`]): ordered from an ACME CA through TLS-ALPN-01 on the HTTPS port,
-//!   account and certificate kept sealed in the data file, renewed well before expiry;
+//! - `acme` ([`acme`]): ordered from an ACME CA through TLS-ALPN-01 on the HTTPS port
+//!   ([`order`], [`challenge`]), account and certificate kept sealed in the store,
+//!   renewed well before expiry, by one node at a time when several share a database;
 //! - `files` ([`files`]): a PEM chain and key read at start and again on SIGHUP;
 //! - `off`: plain HTTP on loopback (checked by `config`).
 //!
@@ -16,8 +17,10 @@
 //! stateless tickets and a session cache.
 
 pub mod acme;
+pub(crate) mod challenge;
 pub(crate) mod eab;
 pub(crate) mod files;
+mod order;
 mod self_signed;
 
 use std::path::PathBuf;
@@ -338,8 +341,9 @@ impl TlsStatus {
 }
 
 /// Does the TLS handshake of one connection. In `acme` mode it first looks at the
-/// ClientHello: a TLS-ALPN-01 validation (ALPN `acme-tls/1`) is answered with the
-/// challenge certificate of the order in progress and closed, never reaching HTTP.
+/// ClientHello: a TLS-ALPN-01 validation (ALPN `acme-tls/1` alone) is answered with the
+/// challenge certificate for the name it asks, of the order in progress on this node or
+/// on another (through the store), and closed, never reaching HTTP.
 #[derive(Debug, Clone)]
 pub(crate) struct Acceptor {
     config: Arc<rustls::ServerConfig>,
@@ -360,14 +364,16 @@ impl Acceptor {
         };
         let start =
             tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io).await?;
-        if !rustls_acme::is_tls_alpn_challenge(&start.client_hello()) {
+        let hello = start.client_hello();
+        if !rustls_acme::is_tls_alpn_challenge(&hello) {
             return start.into_stream(self.config.clone()).await.map(Some);
         }
-        let Some(challenge) = acme.challenge_config() else {
-            return Err(std::io::Error::other(
-                "an ACME validation arrived with no order in progress",
-            ));
-        };
+        let name = hello.server_name().map(str::to_string);
+        let challenge = acme
+            .challenges()
+            .responder(name.as_deref())
+            .await
+            .map_err(std::io::Error::other)?;
         let mut stream = start.into_stream(challenge).await?;
         let _ = stream.shutdown().await;
         Ok(None)

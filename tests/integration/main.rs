@@ -12,6 +12,7 @@
 #![allow(unreachable_pub)]
 
 mod acme;
+mod acme_cluster;
 mod admin_ui;
 mod admin_users;
 mod audit;
@@ -31,6 +32,7 @@ mod interop;
 mod jwt_negative;
 mod layers;
 mod lockout;
+mod pebble;
 mod postgres;
 mod postgres_store;
 mod proxy;

@@ -161,6 +161,55 @@ pub enum AcmeCertificateRecord {
     V1(AcmeCertificate),
 }
 
+/// Who orders the certificate for one directory and name set, so that the nodes sharing a
+/// database place one order at a time (`acme/order/<id>/<names-id>` in `secrets.v1`).
+/// Nothing in it is secret: it is sealed because it lives beside the certificate it
+/// guards, and a new kind of row there needs no format change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AcmeOrderLease {
+    pub directory: String,
+    /// The names ordered, sorted.
+    pub domains: Vec<String>,
+    /// The node that holds the lease (its host name and a random id per process).
+    pub holder: String,
+    pub taken_at_ms: u64,
+    /// From then on any node may take the lease; until then only its holder orders.
+    pub expires_at_ms: u64,
+    /// Orders that failed in a row, on whichever node: the backoff is the cluster's.
+    pub failures_in_row: u32,
+    /// The last failure's error, cut to 400 characters.
+    pub last_error: Option<String>,
+    /// After a failure: when the holder tries again.
+    pub retry_at_ms: Option<u64>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum AcmeOrderLeaseRecord {
+    V1(AcmeOrderLease),
+}
+
+/// The TLS-ALPN-01 challenge certificate for one name while an order waits on its
+/// validation (`acme/challenge/<name>` in `secrets.v1`), so that whichever node the CA
+/// connects to can answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AcmeChallenge {
+    pub directory: String,
+    /// The DNS name validated (lowercase); the certificate names only it.
+    pub name: String,
+    /// The self-signed challenge certificate (DER) carrying the acmeIdentifier extension.
+    pub cert_der: Vec<u8>,
+    /// PKCS#8 DER of its ECDSA P-256 key, made for this challenge alone.
+    pub key_pkcs8: Vec<u8>,
+    pub created_at_ms: u64,
+    /// No node answers with it after this, even if the order never removed it.
+    pub expires_at_ms: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum AcmeChallengeRecord {
+    V1(AcmeChallenge),
+}
+
 // ---------------------------------------------------------------------------------------
 // Signing keys (`signing_keys.v1`; private halves sealed in `secrets.v1`)
 
@@ -654,6 +703,8 @@ single_version_codec! {
     encode_admin_user, decode_admin_user, AdminUserRecord, AdminUser;
     encode_acme_account, decode_acme_account, AcmeAccountRecord, AcmeAccount;
     encode_acme_certificate, decode_acme_certificate, AcmeCertificateRecord, AcmeCertificate;
+    encode_acme_order_lease, decode_acme_order_lease, AcmeOrderLeaseRecord, AcmeOrderLease;
+    encode_acme_challenge, decode_acme_challenge, AcmeChallengeRecord, AcmeChallenge;
 }
 
 #[cfg(test)]
@@ -682,6 +733,21 @@ mod tests {
         }
 
         #[test]
+        fn acme_lease_and_challenge_round_trip(holder in ".{0,40}", names in proptest::collection::vec(".{0,20}", 0..4),
+                                               times in any::<[u64; 3]>(), failures in any::<u32>(),
+                                               error in proptest::option::of(".{0,40}"), retry in any::<Option<u64>>(),
+                                               der in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let lease = AcmeOrderLease { directory: "https://ca.test/dir".into(), domains: names, holder,
+                                         taken_at_ms: times[0], expires_at_ms: times[1], failures_in_row: failures,
+                                         last_error: error, retry_at_ms: retry };
+            prop_assert_eq!(decode_acme_order_lease(&encode_acme_order_lease(&lease)).unwrap(), lease);
+            let challenge = AcmeChallenge { directory: "https://ca.test/dir".into(), name: "a.test".into(),
+                                            cert_der: der.clone(), key_pkcs8: der, created_at_ms: times[2],
+                                            expires_at_ms: times[0] };
+            prop_assert_eq!(decode_acme_challenge(&encode_acme_challenge(&challenge)).unwrap(), challenge);
+        }
+
+        #[test]
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
             let _ = decode_admin_token(&bytes);
             let _ = decode_self_signed(&bytes);
@@ -692,6 +758,8 @@ mod tests {
             let _ = decode_refresh_token(&bytes);
             let _ = decode_revoked_token(&bytes);
             let _ = decode_client(&bytes);
+            let _ = decode_acme_order_lease(&bytes);
+            let _ = decode_acme_challenge(&bytes);
         }
 
         #[test]

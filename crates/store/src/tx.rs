@@ -9,9 +9,9 @@
 use super::StoreError;
 use super::audit_chain::{self, AuditFilter, AuditPage, ChainKey, ChainReport, HeadCache, Pruned};
 use super::records::{
-    self, AcmeAccount, AcmeCertificate, AdminToken, AdminUser, Ban, Client, DecodeError, Device,
-    FamilyRevocation, JobState, PairingSession, RateWindow, RefreshToken, RevokedToken,
-    SelfSignedCert, SigningKey, SigningKeyPrivate, TokenFamily,
+    self, AcmeAccount, AcmeCertificate, AcmeChallenge, AcmeOrderLease, AdminToken, AdminUser, Ban,
+    Client, DecodeError, Device, FamilyRevocation, JobState, PairingSession, RateWindow,
+    RefreshToken, RevokedToken, SelfSignedCert, SigningKey, SigningKeyPrivate, TokenFamily,
 };
 use super::records::{AuditEntry, ChainHead, ChainPlace};
 use super::rows::{CHUNK, Rows, RowsMut, Scan};
@@ -239,6 +239,23 @@ fn acme_cert_secret(directory: &str, domains: &[String]) -> String {
     )
 }
 
+/// The order lease of one directory and name set: beside its certificate's name.
+fn acme_order_secret(directory: &str, domains: &[String]) -> String {
+    let mut sorted = domains.to_vec();
+    sorted.sort();
+    format!(
+        "acme/order/{}/{}",
+        short_id(directory),
+        short_id(&sorted.join(","))
+    )
+}
+
+/// A challenge is looked up by the name a validation connection asks for, so the name
+/// itself is the key (names are checked against the configured ones before any lookup).
+fn acme_challenge_secret(name: &str) -> String {
+    format!("acme/challenge/{name}")
+}
+
 impl ReadTx<'_> {
     /// One record by key.
     pub fn get<T>(&self, records: &Records<T>, key: &str) -> Result<Option<T>, StoreError> {
@@ -381,6 +398,31 @@ impl ReadTx<'_> {
             decode_secret(plain, &name, records::decode_acme_certificate)?
                 .filter(|cert| cert.directory == directory && cert.domains == wanted),
         )
+    }
+
+    /// The order lease for `directory` and exactly `domains` (in any order), if one is
+    /// stored.
+    pub fn acme_order_lease(
+        &self,
+        directory: &str,
+        domains: &[String],
+    ) -> Result<Option<AcmeOrderLease>, StoreError> {
+        let name = acme_order_secret(directory, domains);
+        let plain = self.open_secret(&name)?;
+        let mut wanted = domains.to_vec();
+        wanted.sort();
+        Ok(
+            decode_secret(plain, &name, records::decode_acme_order_lease)?
+                .filter(|lease| lease.directory == directory && lease.domains == wanted),
+        )
+    }
+
+    /// The TLS-ALPN-01 challenge stored for `name`, if an order left one.
+    pub fn acme_challenge(&self, name: &str) -> Result<Option<AcmeChallenge>, StoreError> {
+        let key = acme_challenge_secret(name);
+        let plain = self.open_secret(&key)?;
+        Ok(decode_secret(plain, &key, records::decode_acme_challenge)?
+            .filter(|challenge| challenge.name == name))
     }
 
     /// Row counts of every table, for backups, `doctor` and tests.
@@ -539,6 +581,35 @@ impl WriteTx<'_> {
             }
         }
         self.put_secret(&name, &records::encode_acme_certificate(cert))
+    }
+
+    pub fn put_acme_order_lease(&self, lease: &AcmeOrderLease) -> Result<(), StoreError> {
+        self.put_secret(
+            &acme_order_secret(&lease.directory, &lease.domains),
+            &records::encode_acme_order_lease(lease),
+        )
+    }
+
+    /// Removes the order lease of `directory` and `domains`; whether there was one.
+    pub fn delete_acme_order_lease(
+        &self,
+        directory: &str,
+        domains: &[String],
+    ) -> Result<bool, StoreError> {
+        self.rows
+            .remove(SECRETS, &acme_order_secret(directory, domains))
+    }
+
+    pub fn put_acme_challenge(&self, challenge: &AcmeChallenge) -> Result<(), StoreError> {
+        self.put_secret(
+            &acme_challenge_secret(&challenge.name),
+            &records::encode_acme_challenge(challenge),
+        )
+    }
+
+    /// Removes the challenge stored for `name`; whether there was one.
+    pub fn delete_acme_challenge(&self, name: &str) -> Result<bool, StoreError> {
+        self.rows.remove(SECRETS, &acme_challenge_secret(name))
     }
 
     pub fn put_signing_key_private(

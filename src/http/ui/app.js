@@ -498,6 +498,7 @@ async function loadOverview() {
       if (r.acme.renew_at) definition(tls, 'Renewal due', time(r.acme.renew_at));
       if (r.acme.next_attempt) definition(tls, 'Next attempt', time(r.acme.next_attempt));
       if (r.acme.last_error) definition(tls, 'Last ACME error', r.acme.last_error);
+      if (r.acme.ordering_node) definition(tls, 'Ordering node', r.acme.ordering_node);
       if (r.acme.state === 'retrying') {
         warnings.push(`Certificate renewal is failing: ${r.acme.last_error || 'see the server log'}.`);
       }
