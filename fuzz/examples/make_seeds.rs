@@ -12,8 +12,9 @@ use gatehouse::jwt::{self, AccessClaims};
 use gatehouse::store::records::{
     self, AcmeAccount, AcmeAccountRecord, AcmeCertificate, AcmeCertificateRecord, AcmeChallenge,
     AcmeChallengeRecord, AcmeOrderLease, AcmeOrderLeaseRecord, AdminToken,
-    AdminTokenRecord, AdminTokenV1, AdminUser, AdminUserRecord, AuditCheckpoint,
-    AuditCheckpointRecord, AuditEntry, AuditEntryRecord, Ban, BanRecord, Client, ClientRecord,
+    AdminTokenRecord, AdminTokenV1, AdminUser, AdminUserRecord, AuditCheckpointRecord,
+    AuditCheckpointV1, AuditCheckpointV2, ChainHead, ChainHeadRecord, ChainPlace, ChainStart,
+    NodeRecord, AuditEntry, AuditEntryRecord, Ban, BanRecord, Client, ClientRecord,
     Device, DeviceRecord, FamilyRevocation, FamilyRevocationRecord, JobState, JobStateRecord,
     PairingSession, PairingSessionRecord, RateWindow, RateWindowRecord, RefreshToken,
     RefreshTokenRecord, RevokedToken, RevokedTokenRecord, SelfSignedCert, SelfSignedCertRecord,
@@ -241,12 +242,24 @@ fn record_seeds() -> Vec<(&'static str, Vec<u8>)> {
         details: r#"{"name":"Anna's phone","families_revoked":1}"#.into(),
         prev: [0x5d; 32],
     };
-    let checkpoint = AuditCheckpoint {
+    let checkpoint = AuditCheckpointV1 {
         next_seq: 1_001,
         prev: [0x5d; 32],
         pruned: 1_000,
         pruned_through_ms: 1_795_000_000_000,
         tag: [0xc4; 32],
+    };
+    let node_checkpoint = AuditCheckpointV2 {
+        next_seq: 2_001,
+        prev: [0x5e; 32],
+        pruned: 2_000,
+        pruned_through_ms: 1_795_000_000_000,
+        chains: vec![ChainStart {
+            chain: 0x9a3f_0c1b_2d4e_5f60,
+            next_n: 734,
+            prev: [0x61; 32],
+        }],
+        tag: [0xc5; 32],
     };
     let ban = Ban {
         since_ms: 1_795_000_000_000,
@@ -326,7 +339,30 @@ fn record_seeds() -> Vec<(&'static str, Vec<u8>)> {
                 tat_us: 1_795_000_000_250_000,
             })),
         ),
+        (
+            "audit_node_entry",
+            records::encode(&AuditEntryRecord::V2(NodeRecord {
+                chain: 0x9a3f_0c1b_2d4e_5f60,
+                n: 735,
+                heads: vec![ChainPlace {
+                    chain: 0x11d2_33f4_4a55_6b67,
+                    n: 12,
+                }],
+                entry: audit.clone(),
+            })),
+        ),
         ("audit_entry", records::encode(&AuditEntryRecord::V1(audit))),
+        (
+            "audit_node_checkpoint",
+            records::encode(&AuditCheckpointRecord::V2(node_checkpoint)),
+        ),
+        (
+            "chain_head",
+            records::encode(&ChainHeadRecord::V1(ChainHead {
+                n: 735,
+                time_ms: 1_795_000_102_000,
+            })),
+        ),
         (
             "audit_checkpoint",
             records::encode(&AuditCheckpointRecord::V1(checkpoint)),

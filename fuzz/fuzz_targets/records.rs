@@ -13,7 +13,7 @@
 use gatehouse::store::records::{
     self, AcmeAccountRecord, AcmeCertificateRecord, AcmeChallengeRecord, AcmeOrderLeaseRecord,
     AdminToken, AdminTokenRecord, AdminUserRecord,
-    AuditCheckpointRecord, AuditEntryRecord, BanRecord, ClientRecord, DeviceRecord,
+    AuditCheckpointRecord, AuditEntryRecord, BanRecord, ChainHeadRecord, ClientRecord, DeviceRecord,
     FamilyRevocationRecord, JobStateRecord, PairingSessionRecord, RateWindowRecord,
     RefreshTokenRecord, RevokedTokenRecord, SelfSignedCertRecord, SigningKeyPrivateRecord,
     SigningKeyRecord, TokenFamilyRecord,
@@ -47,6 +47,7 @@ fuzz_target!(|data: &[u8]| {
     round_trip::<RateWindowRecord>(data);
     round_trip::<AuditEntryRecord>(data);
     round_trip::<AuditCheckpointRecord>(data);
+    round_trip::<ChainHeadRecord>(data);
     round_trip::<BanRecord>(data);
     round_trip::<JobStateRecord>(data);
 });

@@ -32,7 +32,8 @@ use ring::hmac;
 
 use super::StoreError;
 use super::records::{
-    self, AuditCheckpoint, AuditEntry, AuditRecord, ChainHead, ChainPlace, ChainStart, NodeRecord,
+    self, AuditCheckpoint, AuditEntry, ChainHead, ChainPlace, ChainStart, DecodedAuditEntry,
+    NodeRecord,
 };
 use super::rows::{CHUNK, NodeHead, Rows, RowsMut, Scan};
 use super::seal::{SealError, Sealer};
@@ -182,7 +183,7 @@ fn split_row(seq: u64, bytes: &[u8]) -> Result<([u8; TAG_LEN], &[u8]), StoreErro
     Ok((to_array(tag), record))
 }
 
-fn decode_record(seq: u64, record: &[u8]) -> Result<AuditRecord, StoreError> {
+fn decode_record(seq: u64, record: &[u8]) -> Result<DecodedAuditEntry, StoreError> {
     records::decode_audit_record(record).map_err(|e| StoreError::Decode {
         table: "audit_events.v1",
         key: seq.to_string(),
@@ -191,7 +192,7 @@ fn decode_record(seq: u64, record: &[u8]) -> Result<AuditRecord, StoreError> {
 }
 
 fn decode_entry(seq: u64, record: &[u8]) -> Result<AuditEntry, StoreError> {
-    decode_record(seq, record).map(AuditRecord::into_entry)
+    decode_record(seq, record).map(DecodedAuditEntry::into_entry)
 }
 
 fn decode_checkpoint(bytes: &[u8]) -> Result<AuditCheckpoint, StoreError> {
@@ -393,7 +394,7 @@ pub(super) fn prune(
                 more = true;
                 break 'walk;
             }
-            if let AuditRecord::Node(node) = &record {
+            if let DecodedAuditEntry::Node(node) = &record {
                 chains.insert(node.chain, (tag, node.n + 1));
             }
             last = Some((seq, tag, record.entry().time_ms));
@@ -637,7 +638,7 @@ impl Walk {
         let decoded = records::decode_audit_record(record)
             .map_err(|err| broken(format!("record {seq} does not decode: {err}")))?;
         let bound = match decoded {
-            AuditRecord::Single(entry) => {
+            DecodedAuditEntry::Single(entry) => {
                 if entry.prev != self.prev {
                     return Err(broken(format!(
                         "record {seq} does not follow the record before it"
@@ -645,7 +646,7 @@ impl Walk {
                 }
                 false
             }
-            AuditRecord::Node(node) => self.step_node(seq, &node, tag)?,
+            DecodedAuditEntry::Node(node) => self.step_node(seq, &node, tag)?,
         };
         self.next_seq = seq + 1;
         self.prev = tag;

@@ -466,12 +466,12 @@ pub struct ChainPlace {
 
 /// A decoded audit row's record: the event and, for a node's chain, where it sits.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum AuditRecord {
+pub enum DecodedAuditEntry {
     Single(AuditEntry),
     Node(NodeRecord),
 }
 
-impl AuditRecord {
+impl DecodedAuditEntry {
     pub fn entry(&self) -> &AuditEntry {
         match self {
             Self::Single(entry) => entry,
@@ -505,10 +505,10 @@ pub(crate) fn encode_audit_node_record(value: &NodeRecord) -> Vec<u8> {
     encode(&Borrowed::V2(value))
 }
 
-pub(crate) fn decode_audit_record(bytes: &[u8]) -> Result<AuditRecord, DecodeError> {
+pub(crate) fn decode_audit_record(bytes: &[u8]) -> Result<DecodedAuditEntry, DecodeError> {
     decode::<AuditEntryRecord>(bytes).map(|record| match record {
-        AuditEntryRecord::V1(entry) => AuditRecord::Single(entry),
-        AuditEntryRecord::V2(record) => AuditRecord::Node(record),
+        AuditEntryRecord::V1(entry) => DecodedAuditEntry::Single(entry),
+        AuditEntryRecord::V2(record) => DecodedAuditEntry::Node(record),
     })
 }
 
