@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use crate::error_kind::{Classify, ErrorKind};
 use crate::ids::{hash_matches, random_bytes, secret_hash};
@@ -17,7 +17,7 @@ use serde::Serialize;
 use crate::audit::{self, Event, Origin, Severity};
 use crate::clock::SharedClock;
 use crate::store::records::AdminToken;
-use crate::store::{Store, StoreError};
+use crate::store::{ADMIN_TOKENS, Store, StoreError};
 
 const PREFIX: &str = "gha_";
 const ID_BYTES: usize = 8;
@@ -90,6 +90,19 @@ pub struct AdminTokens {
     /// a minute, not one per request.
     /// When each (token, address) last had its use written.
     last_written: Arc<Mutex<HashMap<UseKey, u64>>>,
+    /// The secret hash of every token not revoked, by id: a check asks the store only
+    /// for an id it does not know (one made a moment ago by another node, or none).
+    /// Other nodes' changes arrive through the change feed (`apply_change`).
+    live: Arc<RwLock<HashMap<String, [u8; 32]>>>,
+}
+
+/// The hashes of the tokens not revoked, by id.
+fn live_hashes(tokens: Vec<(String, AdminToken)>) -> HashMap<String, [u8; 32]> {
+    tokens
+        .into_iter()
+        .filter(|(_, t)| t.revoked_at_ms.is_none())
+        .map(|(id, t)| (id, t.secret_hash))
+        .collect()
 }
 
 fn validate_name(name: &str) -> Result<String, AdminTokenError> {
@@ -116,12 +129,40 @@ fn parse(presented: &str) -> Option<(String, Vec<u8>)> {
 }
 
 impl AdminTokens {
-    pub fn new(store: Store, clock: SharedClock) -> Self {
-        Self {
+    /// The registry, with the live tokens' hashes read into memory.
+    pub fn load(store: Store, clock: SharedClock) -> Result<Self, StoreError> {
+        let live = live_hashes(store.read(|tx| tx.admin_tokens())?);
+        Ok(Self {
             store,
             clock,
             last_written: Arc::default(),
+            live: Arc::new(RwLock::new(live)),
+        })
+    }
+
+    /// Mirrors one token row another node wrote (the change feed, which carries the row:
+    /// `None` when removed).
+    pub(crate) fn apply_change(&self, id: &str, value: Option<&[u8]>) -> Result<(), StoreError> {
+        let token = value
+            .map(|value| ADMIN_TOKENS.decode_row(id, value))
+            .transpose()?;
+        let mut live = self.live.write().unwrap_or_else(|p| p.into_inner());
+        match token {
+            Some(token) if token.revoked_at_ms.is_none() => {
+                live.insert(id.to_string(), token.secret_hash);
+            }
+            _ => {
+                live.remove(id);
+            }
         }
+        Ok(())
+    }
+
+    /// Reads every token again (after a break in the change feed).
+    pub(crate) fn reload(&self) -> Result<(), StoreError> {
+        let fresh = live_hashes(self.store.read(|tx| tx.admin_tokens())?);
+        *self.live.write().unwrap_or_else(|p| p.into_inner()) = fresh;
+        Ok(())
     }
 
     /// Records that token `id` was just used by `origin`: its last-use time and a
@@ -253,6 +294,10 @@ impl AdminTokens {
                 Ok(token)
             })
             .await?;
+        self.live
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
         Ok(AdminTokenInfo {
             id,
             name: token.name,
@@ -269,13 +314,30 @@ impl AdminTokens {
             None => (String::new(), vec![0u8; SECRET_BYTES]),
         };
         let presented_hash = secret_hash(&secret);
-        let stored = if id.is_empty() {
-            None
-        } else {
-            self.store.read(|tx| tx.admin_token(&id))?
+        let known = self
+            .live
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .copied();
+        let stored = match known {
+            Some(hash) => Some(hash),
+            None if id.is_empty() => None,
+            None => {
+                let token = self.store.read(|tx| tx.admin_token(&id))?;
+                let hash = token
+                    .filter(|t| t.revoked_at_ms.is_none())
+                    .map(|t| t.secret_hash);
+                if let Some(hash) = hash {
+                    self.live
+                        .write()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(id.clone(), hash);
+                }
+                hash
+            }
         };
-        let matches = hash_matches(stored.as_ref().map(|t| &t.secret_hash), &presented_hash);
-        if matches && stored.is_some_and(|t| t.revoked_at_ms.is_none()) {
+        if hash_matches(stored.as_ref(), &presented_hash) {
             Ok(id)
         } else {
             Err(AdminTokenError::Invalid)

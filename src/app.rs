@@ -469,6 +469,8 @@ pub async fn start(config: &Config, clock: SharedClock) -> Result<Running, AppEr
                 revocations: services.revocations.clone(),
                 keys: services.keys.clone(),
                 lockout: services.lockout.clone(),
+                admin_tokens: services.admin_tokens.clone(),
+                clients: services.clients.clone(),
             },
             feed,
             until_stopped(stopped.clone()),

@@ -103,6 +103,35 @@ impl Clients {
         })
     }
 
+    /// Mirrors one client row another node wrote (the change feed, which carries the
+    /// row: `None` when removed), so a client made or revoked there is known here.
+    pub(crate) fn apply_change(&self, key: &str, value: Option<&[u8]>) -> Result<(), StoreError> {
+        let Some(id) = ClientId::parse(key) else {
+            return Ok(());
+        };
+        let client = value
+            .map(|value| CLIENTS.decode_row(key, value))
+            .transpose()?;
+        let mut live = self.live.write().unwrap_or_else(|p| p.into_inner());
+        match client {
+            Some(client) if client.revoked_at_ms.is_none() => {
+                live.insert(id, client.secret_hash);
+            }
+            _ => {
+                live.remove(&id);
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads every client again (after a break in the change feed).
+    pub(crate) fn reload(&self) -> Result<(), StoreError> {
+        let fresh = Self::load(self.store.clone(), self.clock.clone())?;
+        let live = std::mem::take(&mut *fresh.live.write().unwrap_or_else(|p| p.into_inner()));
+        *self.live.write().unwrap_or_else(|p| p.into_inner()) = live;
+        Ok(())
+    }
+
     pub async fn create(&self, name: &str, origin: &Origin) -> Result<NewClient, ClientError> {
         let name = crate::ids::credential_name(name)
             .ok_or_else(|| ClientError::BadName(name.trim().to_string()))?;
@@ -184,13 +213,33 @@ impl Clients {
     /// Checks a client id and secret; `Ok(id)` only for a registered, unrevoked client.
     pub(crate) fn verify(&self, client_id: &str, secret: &str) -> Result<ClientId, ClientError> {
         let id = ClientId::parse(client_id);
-        let stored = id.and_then(|id| {
+        let known = id.and_then(|id| {
             self.live
                 .read()
                 .unwrap_or_else(|p| p.into_inner())
                 .get(&id)
                 .copied()
         });
+        // With several nodes, another may have made the client a moment ago, before its
+        // change reached this one: the store has the last word on an id not known here.
+        let stored = match (known, id) {
+            (None, Some(id)) if self.store.is_postgres() => {
+                let key = id.to_string();
+                let hash = self
+                    .store
+                    .read(|tx| tx.get(&CLIENTS, &key))?
+                    .filter(|c| c.revoked_at_ms.is_none())
+                    .map(|c| c.secret_hash);
+                if let Some(hash) = hash {
+                    self.live
+                        .write()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(id, hash);
+                }
+                hash
+            }
+            (known, _) => known,
+        };
         let presented = secret_hash(secret.as_bytes());
         let matches =
             hash_matches(stored.as_ref(), &presented) && Secret::well_formed(secret, SECRET_PREFIX);

@@ -209,7 +209,7 @@ impl Services {
             jobs,
             backups,
             tls: None,
-            admin_tokens: AdminTokens::new(store.clone(), clock.clone()),
+            admin_tokens: AdminTokens::load(store.clone(), clock.clone())?,
             admin_users: AdminUsers::new(store.clone(), clock.clone()),
             admin_sessions: Arc::new(crate::admin_sessions::AdminSessions::new(
                 store.clone(),

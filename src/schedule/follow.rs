@@ -3,13 +3,15 @@
 //! The store's change feed (`Store::follow`, PostgreSQL only) says which rows of the
 //! mirrored tables another node wrote; each goes to the service that mirrors its table:
 //! revocations, devices and token families to the revocation list, signing keys to the
-//! key ring, bans to the lockout. After a break in the feed everything is reloaded. A
+//! key ring, bans to the lockout, admin tokens and API clients to their registries. After a break in the feed everything is reloaded. A
 //! data file has no other writer, so this does nothing there.
 
 use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
+use crate::admin_tokens::AdminTokens;
+use crate::clients::Clients;
 use crate::keys::KeyRing;
 use crate::ratelimit::Lockout;
 use crate::revocation::RevocationList;
@@ -21,6 +23,8 @@ pub(crate) struct Mirrors {
     pub(crate) revocations: Arc<RevocationList>,
     pub(crate) keys: Arc<KeyRing>,
     pub(crate) lockout: Arc<Lockout>,
+    pub(crate) admin_tokens: AdminTokens,
+    pub(crate) clients: Clients,
 }
 
 /// Applies the feed until it ends or `stopped` resolves. A change that cannot be
@@ -77,6 +81,14 @@ fn apply_all(mirrors: &Mirrors, changes: &[Change]) -> Result<(), String> {
                 .lockout
                 .apply_change(&change.key, change.value.as_deref())
                 .map_err(|err| err.to_string())?,
+            "admin_tokens.v1" => mirrors
+                .admin_tokens
+                .apply_change(&change.key, change.value.as_deref())
+                .map_err(|err| err.to_string())?,
+            "clients.v1" => mirrors
+                .clients
+                .apply_change(&change.key, change.value.as_deref())
+                .map_err(|err| err.to_string())?,
             _ => {}
         }
     }
@@ -90,7 +102,11 @@ fn reload_all(mirrors: &Mirrors) -> Result<(), String> {
     let store_err = |err: StoreError| err.to_string();
     mirrors.revocations.reload().map_err(store_err)?;
     mirrors.lockout.reload().map_err(store_err)?;
+    mirrors.admin_tokens.reload().map_err(store_err)?;
+    mirrors.clients.reload().map_err(store_err)?;
     mirrors.keys.reload().map_err(|err| err.to_string())?;
-    tracing::info!("reloaded the revocation list, bans and keys after a break in the change feed");
+    tracing::info!(
+        "reloaded the revocation list, bans, keys, admin tokens and clients after a break in the change feed"
+    );
     Ok(())
 }

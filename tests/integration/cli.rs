@@ -81,7 +81,7 @@ fn verify_tokens(data: &Path, presented: &[&str]) -> Vec<bool> {
     let key = MasterKey::load(&key_path(data)).unwrap();
     let clock: SharedClock = Arc::new(SystemClock);
     let (store, _) = Store::open(data, &key, clock.as_ref()).unwrap();
-    let tokens = AdminTokens::new(store.clone(), clock);
+    let tokens = AdminTokens::load(store.clone(), clock).expect("admin tokens");
     let verdicts = presented.iter().map(|t| tokens.verify(t).is_ok()).collect();
     store.close();
     verdicts

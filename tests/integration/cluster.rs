@@ -611,3 +611,108 @@ async fn failure_counts_add_up_across_nodes_and_the_ban_applies_everywhere() {
         node.stop().await;
     }
 }
+
+/// `POST /v1/introspect` of `token` on `app`, authenticated by `auth`: the status.
+async fn introspect_status(
+    app: &TestApp,
+    auth: impl FnOnce(reqwest::RequestBuilder) -> reqwest::RequestBuilder,
+    token: &str,
+) -> u16 {
+    auth(app.client().post(app.url("/v1/introspect")))
+        .form(&[("token", token)])
+        .send()
+        .await
+        .expect("introspection")
+        .status()
+        .as_u16()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_tokens_and_api_clients_from_one_node_apply_on_the_others() {
+    let Some(pg) = Postgres::start("admin_tokens_and_api_clients_from_one_node") else {
+        return;
+    };
+    let nodes = nodes(&pg, 2, &[]).await;
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let device = a.pair_device().await;
+    let access = device.access_token.clone();
+    let operator = gatehouse::audit::Origin::operator();
+
+    // Made on A, usable on B at once (B asks the database for an id it does not know).
+    let admin = a.create_admin_token().await;
+    let client = a
+        .running
+        .services
+        .clients
+        .create("api", &operator)
+        .await
+        .expect("client");
+    let (id, secret) = (client.client_id.to_string(), client.client_secret.clone());
+    assert_eq!(
+        introspect_status(b, |r| r.bearer_auth(&admin), &access).await,
+        200
+    );
+    assert_eq!(
+        introspect_status(b, |r| r.basic_auth(&id, Some(&secret)), &access).await,
+        200
+    );
+
+    // Revoked on A, refused on B within a second: B knew them live, and learns of the
+    // revocation from the change feed.
+    let admin_id = admin.split('_').nth(1).expect("an id").to_string();
+    a.running
+        .services
+        .admin_tokens
+        .revoke(&admin_id, &operator)
+        .await
+        .expect("revoke the token");
+    a.running
+        .services
+        .clients
+        .revoke(&id, &operator)
+        .await
+        .expect("revoke the client");
+    eventually(
+        PROPAGATION,
+        "the revoked admin token is refused on B",
+        || async { introspect_status(b, |r| r.bearer_auth(&admin), &access).await == 401 },
+    )
+    .await;
+    eventually(
+        PROPAGATION,
+        "the revoked client is refused on B",
+        || async {
+            introspect_status(b, |r| r.basic_auth(&id, Some(&secret)), &access).await == 401
+        },
+    )
+    .await;
+
+    // With the database down, a node still checks the admin tokens and clients it
+    // knows, and the device tokens it can verify offline.
+    let bootstrap = a.admin_token();
+    let client = a
+        .running
+        .services
+        .clients
+        .create("api 2", &operator)
+        .await
+        .expect("client");
+    let (id, secret) = (client.client_id.to_string(), client.client_secret.clone());
+    eventually(PROPAGATION, "B knows the new client", || async {
+        introspect_status(b, |r| r.basic_auth(&id, Some(&secret)), &access).await == 200
+    })
+    .await;
+    pg.stop();
+    for node in [a, b] {
+        let answer = node.introspect_as(&bootstrap, &access).await;
+        assert_eq!(answer["active"], true, "{answer}");
+        assert_eq!(
+            introspect_status(node, |r| r.basic_auth(&id, Some(&secret)), &access).await,
+            200
+        );
+    }
+    pg.restart();
+    for node in nodes {
+        node.stop().await;
+    }
+}

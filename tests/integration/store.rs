@@ -261,7 +261,7 @@ async fn format_v1_fixture_migrates_to_current() {
     assert_eq!(tokens.len(), 2);
     assert!(tokens.iter().all(|(_, t)| t.revoked_at_ms.is_none()));
     let shared: SharedClock = clock();
-    let admin = AdminTokens::new(store.clone(), shared);
+    let admin = AdminTokens::load(store.clone(), shared).expect("admin tokens");
     assert_eq!(
         admin.verify(&fixture_token_text()).unwrap(),
         FIXTURE_TOKEN_ID
@@ -816,7 +816,7 @@ async fn format_v2_fixture_migrates_to_current_with_empty_token_tables() {
     assert_eq!(ops.last_used_at_ms, None);
     assert_eq!(ops.revoked_at_ms, Some(TEST_NOW_MS + 9));
     let shared: SharedClock = clock();
-    let admin = AdminTokens::new(store.clone(), shared);
+    let admin = AdminTokens::load(store.clone(), shared).expect("admin tokens");
     assert_eq!(
         admin.verify(&fixture_token_text()).unwrap(),
         FIXTURE_TOKEN_ID

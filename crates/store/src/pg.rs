@@ -672,8 +672,10 @@ const FEED_KEEP: Duration = Duration::from_secs(600);
 const FOLLOW_POLL: Duration = Duration::from_secs(1);
 
 /// Which tables' changes the feed carries: those a node mirrors in memory (the
-/// revocation list, the key ring, bans). Other tables are read in the request.
+/// revocation list, the key ring, bans, admin tokens and API clients). Other tables are read in the request.
 pub const FOLLOWED_TABLES: &[&str] = &[
+    "admin_tokens.v1",
+    "clients.v1",
     "revoked_tokens.v1",
     "token_families.v1",
     "family_revocations.v1",

@@ -55,7 +55,7 @@ macro_rules! records_table {
     };
 }
 
-records_table!(pub(crate) ADMIN_TOKENS: AdminToken = "admin_tokens.v1",
+records_table!(pub ADMIN_TOKENS: AdminToken = "admin_tokens.v1",
     records::encode_admin_token, records::decode_admin_token);
 records_table!(pub SIGNING_KEYS: SigningKey = "signing_keys.v1",
     records::encode_signing_key, records::decode_signing_key);
