@@ -76,6 +76,7 @@ impl Classify for gatehouse_store::StoreError {
         use gatehouse_store::StoreError as E;
         match self {
             E::Unreachable { .. } | E::Conflict => ErrorKind::Unavailable,
+            E::OtherNodes { .. } => ErrorKind::Conflict,
             E::Io { .. }
             | E::Locked { .. }
             | E::NotADataFile { .. }

@@ -716,3 +716,28 @@ async fn admin_tokens_and_api_clients_from_one_node_apply_on_the_others() {
         node.stop().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rekey_is_refused_while_other_nodes_are_connected() {
+    use gatehouse::store::seal::MasterKey;
+    let Some(pg) = Postgres::start("a_rekey_is_refused_while_other_nodes_are_connected") else {
+        return;
+    };
+    let mut nodes = nodes(&pg, 2, &[]).await.into_iter();
+    let (a, b) = (nodes.next().unwrap(), nodes.next().unwrap());
+    let new = MasterKey::generate().expect("a key");
+    let store = a.running.services.store.clone();
+    let Err(refused) = store.rekey(&new).await else {
+        panic!("a rekey went ahead with another node connected");
+    };
+    let text = refused.to_string();
+    assert!(text.contains("1 other gatehouse process"), "{text}");
+    assert!(text.contains("stop them"), "{text}");
+    // Nothing changed: B still works with the key it has.
+    b.pair_device_as(&a.admin_token()).await;
+    b.stop().await;
+    // Alone on the database, the node may rekey.
+    let resealed = store.rekey(&new).await.expect("rekey with no other node");
+    assert!(resealed > 0);
+    a.stop().await;
+}

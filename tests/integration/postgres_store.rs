@@ -380,12 +380,12 @@ async fn a_node_reaches_its_database_over_tls_and_refuses_a_certificate_it_does_
     let plain = pg.psql(
         "postgres",
         "SELECT count(*) FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) \
-         WHERE a.application_name = 'gatehouse' AND NOT s.ssl",
+         WHERE a.application_name LIKE 'gatehouse %' AND NOT s.ssl",
     );
     let encrypted = pg.psql(
         "postgres",
         "SELECT count(*) FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) \
-         WHERE a.application_name = 'gatehouse' AND s.ssl",
+         WHERE a.application_name LIKE 'gatehouse %' AND s.ssl",
     );
     assert_eq!(plain, "0");
     assert!(

@@ -135,6 +135,11 @@ pub enum StoreError {
          copying refuses to mix two stores: use an empty database"
     )]
     NotEmpty { location: String, rows: u64 },
+    #[error(
+        "{count} other gatehouse process(es) are connected to the database, and would go \
+         on sealing with the old key: stop them, rekey, then start them with the new key"
+    )]
+    OtherNodes { count: u64 },
 }
 
 macro_rules! from_redb {
@@ -585,6 +590,15 @@ impl Store {
     /// transaction; from its commit on, this store uses `new`. Returns the number of
     /// secrets re-sealed.
     pub async fn rekey(&self, new: &MasterKey) -> Result<u64, StoreError> {
+        // Nodes sharing a database each hold the master key; one that is not told would
+        // seal with the old key what the others cannot open. (A node that starts after
+        // this check fails the key check once the rekey has committed.)
+        if let Engine::Postgres(db) = &self.shared.db {
+            let count = db.other_processes()?;
+            if count > 0 {
+                return Err(StoreError::OtherNodes { count });
+            }
+        }
         let sender = self.sender().ok_or(StoreError::WriterStopped)?;
         let (reply, answer) = oneshot::channel();
         sender

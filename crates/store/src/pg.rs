@@ -275,7 +275,10 @@ impl Postgres {
         if config.get_ssl_mode() == SslMode::Disable && !local_only(&config) {
             tracing::warn!(location = %target.url, "sslmode=disable: the connection to the database is not encrypted");
         }
-        config.application_name("gatehouse");
+        let node = random_node_id()?;
+        // Each process's connections carry its node id, so a rekey can tell the other
+        // processes on the database from its own.
+        config.application_name(format!("gatehouse {node}"));
         config.connect_timeout(std::time::Duration::from_secs(10));
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -292,7 +295,7 @@ impl Postgres {
             runtime: Some(runtime),
             idle: Mutex::new(Vec::new()),
             writer: Mutex::new(None),
-            node: random_node_id()?,
+            node,
             mark: AtomicI64::new(0),
             leading: Arc::new(AtomicBool::new(false)),
             chain: Mutex::new(None),
@@ -525,6 +528,19 @@ impl Postgres {
         };
         runtime.spawn(follower.run());
         Ok(receiver)
+    }
+
+    /// How many connections of other gatehouse processes the database has now.
+    pub(crate) fn other_processes(&self) -> Result<u64, StoreError> {
+        let conn = self.take_conn()?;
+        let count = conn.query_one_value::<i64>(
+            "SELECT count(DISTINCT application_name) FROM pg_stat_activity \
+             WHERE datname = current_database() AND application_name LIKE 'gatehouse %' \
+             AND application_name <> $1",
+            &[&format!("gatehouse {}", self.node)],
+        );
+        self.give_back(conn);
+        Ok(u64::try_from(count?).unwrap_or(0))
     }
 
     /// This process's audit chain, once it has appended to one.
