@@ -247,7 +247,23 @@ pub(crate) async fn open_existing_store(
     config: &Config,
     clock: SharedClock,
 ) -> Result<Store, AppError> {
-    if config.storage.url.is_none() && !config.data_path.exists() {
+    if let Some(target) = storage_target(config)? {
+        // A command neither makes a master key nor sets an empty database up under one:
+        // that is the first node's to do.
+        let key = MasterKey::load(&config.master_key.path)?;
+        let opened = tokio::task::spawn_blocking(move || {
+            Store::open_postgres_existing(&target, &key, clock.as_ref())
+        })
+        .await?;
+        return opened.map_err(|err| match err {
+            StoreError::WrongMasterKey { .. } => AppError::WrongMasterKey {
+                source: err,
+                hint: key_hint(config),
+            },
+            other => AppError::Store(other),
+        });
+    }
+    if !config.data_path.exists() {
         return Err(AppError::NoDataFile(config.data_path.clone()));
     }
     match open_store(config, clock).await {

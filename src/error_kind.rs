@@ -92,7 +92,8 @@ impl Classify for gatehouse_store::StoreError {
             | E::JobPanicked
             | E::WriteFailed(_)
             | E::BadStorageUrl { .. }
-            | E::NotEmpty { .. } => ErrorKind::Internal,
+            | E::NotEmpty { .. }
+            | E::EmptyDatabase { .. } => ErrorKind::Internal,
         }
     }
 }

@@ -52,6 +52,7 @@ pub(super) async fn doctor(config: &Config) -> anyhow::Result<()> {
     let mut report = Report::default();
     let now = SystemClock.now_ms();
     files(&mut report, config);
+    let database_ready = database(&mut report, config).await;
     if now < EARLIEST_SANE_MS {
         report.line(
             Level::Fail,
@@ -98,7 +99,11 @@ pub(super) async fn doctor(config: &Config) -> anyhow::Result<()> {
         offline_tls(&mut report, &mut session, config, now).await
     };
     // What the admin UI's overview warns about; nothing to read before the first start.
-    if running || config.data_path.exists() {
+    let store_exists = match config.storage.url {
+        Some(_) => database_ready,
+        None => config.data_path.exists(),
+    };
+    if running || store_exists {
         let tls_off = config.tls_mode == crate::config::TlsMode::Off;
         match session.run(Command::Status { tls_off }).await {
             Ok(Outcome::Warnings { warnings }) => {
@@ -165,6 +170,10 @@ fn files(report: &mut Report, config: &Config) {
             format!("{}: {err}", key.display()),
         ),
     }
+    if config.storage.url.is_some() {
+        // The data file is not used: the database is looked at instead (`database`).
+        return;
+    }
     let data = &config.data_path;
     match std::fs::metadata(data) {
         Ok(meta) if meta.permissions().mode() & 0o077 != 0 => report.line(
@@ -204,6 +213,72 @@ fn files(report: &mut Report, config: &Config) {
             format!("its directory {}: {err}", dir.display()),
         );
     }
+}
+
+/// With `storage.url`: whether the database can be reached as a node would reach it,
+/// over TLS or not, and what runs on it. True when it holds gatehouse's tables.
+async fn database(report: &mut Report, config: &Config) -> bool {
+    let target = match crate::app::storage_target(config) {
+        Ok(Some(target)) => target,
+        Ok(None) => return false,
+        Err(err) => {
+            report.line(Level::Fail, "database", err.to_string());
+            return false;
+        }
+    };
+    let location = target.url.clone();
+    let local = crate::store::probe_is_local(&location);
+    let probed = tokio::task::spawn_blocking(move || crate::store::probe(&target)).await;
+    let probe = match probed {
+        Ok(Ok(probe)) => probe,
+        Ok(Err(err)) => {
+            report.line(Level::Fail, "database", err.to_string());
+            return false;
+        }
+        Err(err) => {
+            report.line(Level::Fail, "database", format!("the check failed: {err}"));
+            return false;
+        }
+    };
+    let encrypted = if probe.tls { "TLS" } else { "not encrypted" };
+    let level = if probe.tls || local {
+        Level::Ok
+    } else {
+        Level::Warn
+    };
+    report.line(
+        level,
+        "database",
+        format!(
+            "{location} (PostgreSQL {}, {encrypted})",
+            probe.server_version
+        ),
+    );
+    if !probe.initialised {
+        report.line(
+            Level::Warn,
+            "database",
+            "holds no gatehouse tables yet; the first node to start creates them",
+        );
+        return false;
+    }
+    match (probe.processes, probe.led) {
+        (0, _) => report.line(Level::Warn, "nodes", "no gatehouse node is connected"),
+        (n, true) => report.line(
+            Level::Ok,
+            "nodes",
+            format!("{n} gatehouse process(es) connected; one leads the scheduled jobs"),
+        ),
+        (n, false) => report.line(
+            Level::Warn,
+            "nodes",
+            format!(
+                "{n} gatehouse process(es) connected, but none holds the leader lock: \
+                 scheduled jobs do not run"
+            ),
+        ),
+    }
+    true
 }
 
 fn ports(report: &mut Report, config: &Config) {

@@ -422,3 +422,88 @@ async fn a_node_reaches_its_database_over_tls_and_refuses_a_certificate_it_does_
         text(&refused)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn doctor_looks_at_the_database_a_node_uses() {
+    let Some(pg) = Postgres::start("doctor_looks_at_the_database") else {
+        return;
+    };
+    let ca = pg.enable_tls();
+    let url = format!("{}?sslmode=require", pg.url());
+    let mut env = storage_env(&pg, &url);
+    env.push(("GATEHOUSE_STORAGE_CA_FILE", ca.display().to_string()));
+    let doctor = |data: &Path| {
+        let mut cmd = gatehouse(data);
+        for (name, value) in &env {
+            cmd.env(name, value);
+        }
+        cmd.arg("doctor");
+        run(&mut cmd)
+    };
+    let has = |out: &str, prefix: &str, text: &str| {
+        out.lines()
+            .any(|l| l.starts_with(prefix) && l.contains(text))
+    };
+    // Before any node: reachable over TLS, empty.
+    let empty = tempfile::tempdir().expect("dir");
+    let done = doctor(&empty.path().join("gatehouse.redb"));
+    let out = String::from_utf8_lossy(&done.stdout).to_string();
+    assert!(has(&out, "ok    database", "(PostgreSQL 15"), "{out}");
+    assert!(has(&out, "ok    database", "TLS)"), "{out}");
+    assert!(
+        has(&out, "warn  database", "no gatehouse tables yet"),
+        "{out}"
+    );
+    assert!(!out.contains("data file"), "{out}");
+    // Neither doctor nor any other command sets the empty database up, or makes a key.
+    let key = empty.path().join("gatehouse.redb.key");
+    let verify = || {
+        let mut cmd = gatehouse(&empty.path().join("gatehouse.redb"));
+        for (name, value) in &env {
+            cmd.env(name, value);
+        }
+        run(cmd.args(["audit", "verify"]))
+    };
+    let refused = verify();
+    assert!(!refused.status.success(), "{}", text(&refused));
+    assert!(!key.exists(), "a command made a master key");
+    gatehouse::store::seal::MasterKey::create_file(&key).expect("a key");
+    let refused = verify();
+    assert!(!refused.status.success(), "{}", text(&refused));
+    assert!(
+        text(&refused).contains("holds no gatehouse data yet"),
+        "{}",
+        text(&refused)
+    );
+    assert_eq!(
+        pg.psql(
+            "gatehouse",
+            "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'gatehouse'"
+        ),
+        "0",
+        "nothing was set up"
+    );
+
+    // With a node running: it is counted, and it leads.
+    let app = spawn_app_in(tempfile::tempdir().expect("dir"), &as_refs(&env)).await;
+    let data = app.data_path().to_path_buf();
+    // The node answers on its admin socket from this runtime's other worker.
+    let done = tokio::task::block_in_place(|| doctor(&data));
+    let out = String::from_utf8_lossy(&done.stdout).to_string();
+    assert!(
+        has(
+            &out,
+            "ok    nodes",
+            "1 gatehouse process(es) connected; one leads"
+        ),
+        "{out}"
+    );
+    app.stop().await;
+
+    // A database it cannot reach is a failure that names it.
+    pg.stop();
+    let done = doctor(&empty.path().join("gatehouse.redb"));
+    let out = String::from_utf8_lossy(&done.stdout).to_string();
+    assert!(!done.status.success(), "{out}");
+    assert!(has(&out, "FAIL  database", "cannot be reached"), "{out}");
+}

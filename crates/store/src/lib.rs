@@ -43,7 +43,10 @@ pub use backup::{BackupInfo, in_use, inspect};
 use gatehouse_clock::Clock;
 pub use migrate::Migrated;
 use pg::Postgres;
-pub use pg::{Change, FOLLOWED_TABLES, Followed, PostgresTarget, pgpass_lookup};
+pub use pg::{
+    Change, DatabaseProbe, FOLLOWED_TABLES, Followed, PostgresTarget, pgpass_lookup, probe,
+    probe_is_local,
+};
 use redb_rows::{RedbRead, RedbWrite};
 use seal::{MasterKey, SealError, Sealer, sync_parent_dir};
 pub use tables::{ALL_TABLES, FORMAT_VERSION, MASTER_KEY_CHECK_PLAINTEXT};
@@ -135,6 +138,11 @@ pub enum StoreError {
          copying refuses to mix two stores: use an empty database"
     )]
     NotEmpty { location: String, rows: u64 },
+    #[error(
+        "the database {location} holds no gatehouse data yet: start a node on it first, or \
+         copy a data file into it (gatehouse storage copy)"
+    )]
+    EmptyDatabase { location: String },
     #[error(
         "{count} other gatehouse process(es) are connected to the database, and would go \
          on sealing with the old key: stop them, rekey, then start them with the new key"
@@ -308,9 +316,33 @@ impl Store {
         master: &MasterKey,
         clock: &dyn Clock,
     ) -> Result<(Self, OpenReport), StoreError> {
+        Self::open_postgres_as(target, master, clock, true)
+    }
+
+    /// `open_postgres` for a database a node has already started on (management
+    /// commands): an empty one is refused, not set up under this command's key.
+    pub fn open_postgres_existing(
+        target: &PostgresTarget,
+        master: &MasterKey,
+        clock: &dyn Clock,
+    ) -> Result<Self, StoreError> {
+        Self::open_postgres_as(target, master, clock, false).map(|(store, _)| store)
+    }
+
+    fn open_postgres_as(
+        target: &PostgresTarget,
+        master: &MasterKey,
+        clock: &dyn Clock,
+        create: bool,
+    ) -> Result<(Self, OpenReport), StoreError> {
         let sealer = Sealer::new(master);
         let db = Arc::new(Postgres::connect(target)?);
         let location = PathBuf::from(db.location());
+        if !create && !db.initialised()? {
+            return Err(StoreError::EmptyDatabase {
+                location: db.location().to_string(),
+            });
+        }
         let mut report = OpenReport::default();
         // Also adds a table a newer build introduced (the change feed) to an older database.
         db.create_tables()?;

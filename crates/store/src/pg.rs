@@ -92,6 +92,58 @@ impl Drop for Postgres {
     }
 }
 
+/// What `gatehouse doctor` reports of a database, read without changing anything.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DatabaseProbe {
+    /// The server's version (`server_version`).
+    pub server_version: String,
+    /// Whether this connection is encrypted.
+    pub tls: bool,
+    /// Whether a node has set the database up (or a copy filled it).
+    pub initialised: bool,
+    /// Gatehouse processes connected now (not counting the probe).
+    pub processes: u64,
+    /// Whether one of them holds the leader lock (runs the scheduled jobs).
+    pub led: bool,
+}
+
+/// Connects to the database as a node would (the same URL, password and TLS) and
+/// reads what `DatabaseProbe` holds; writes nothing.
+pub fn probe(target: &PostgresTarget) -> Result<DatabaseProbe, StoreError> {
+    let db = Postgres::connect(target)?;
+    let initialised = db.initialised()?;
+    let conn = db.take_conn()?;
+    let probe = (|| {
+        let server_version = conn.query_one_value::<String>("SHOW server_version", &[])?;
+        let tls = conn.query_one_value::<bool>(
+            "SELECT coalesce((SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()), false)",
+            &[],
+        )?;
+        let processes = conn.query_one_value::<i64>(
+            "SELECT count(DISTINCT application_name) FROM pg_stat_activity \
+             WHERE datname = current_database() AND application_name LIKE 'gatehouse %' \
+             AND application_name <> $1",
+            &[&format!("gatehouse {}", db.node)],
+        )?;
+        let led = conn.query_one_value::<bool>(
+            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' \
+             AND granted AND database = (SELECT oid FROM pg_database \
+             WHERE datname = current_database()) \
+             AND objsubid = 1 AND ((classid::bigint << 32) | objid::bigint) = $1)",
+            &[&LEADER_LOCK],
+        )?;
+        Ok(DatabaseProbe {
+            server_version,
+            tls,
+            initialised,
+            processes: u64::try_from(processes).unwrap_or(0),
+            led,
+        })
+    })();
+    db.give_back(conn);
+    probe
+}
+
 /// The `PGPASSFILE`-style password file format, for `storage.password_file` and
 /// libpq's own file (`~/.pgpass`): `host:port:database:user:password` lines, `*`
 /// matching anything, `\` escaping `:` and `\`. Returns the first line that matches.
@@ -187,6 +239,12 @@ fn tls_connector(target: &PostgresTarget) -> Result<MakeRustlsConnect, StoreErro
     .with_root_certificates(roots)
     .with_no_client_auth();
     Ok(MakeRustlsConnect::new(config))
+}
+
+/// Whether every host `url` names is this machine (false for a URL that does not
+/// parse), for reports.
+pub fn probe_is_local(url: &str) -> bool {
+    parse_url(url).is_ok_and(|config| local_only(&config))
 }
 
 /// Whether every host the URL names is this machine (a Unix socket or a loopback
@@ -528,6 +586,25 @@ impl Postgres {
         };
         runtime.spawn(follower.run());
         Ok(receiver)
+    }
+
+    /// Whether a node has set the database up: its `meta` table holds the format.
+    pub(crate) fn initialised(&self) -> Result<bool, StoreError> {
+        let conn = self.take_conn()?;
+        let meta = table("meta");
+        let result = conn
+            .query_one_value::<bool>(&format!("SELECT to_regclass('{meta}') IS NOT NULL"), &[])
+            .and_then(|exists| {
+                if !exists {
+                    return Ok(false);
+                }
+                conn.query_one_value::<bool>(
+                    &format!("SELECT EXISTS (SELECT 1 FROM {meta} WHERE key = 'format_version')"),
+                    &[],
+                )
+            });
+        self.give_back(conn);
+        result
     }
 
     /// How many connections of other gatehouse processes the database has now.
