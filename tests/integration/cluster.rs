@@ -494,6 +494,16 @@ async fn each_node_appends_its_own_audit_chain_and_checkpoints_bind_them() {
         },
     )
     .await;
+    // Pruning the oldest records keeps the rest verifiable. (The test clock stands
+    // still, so every record has one time: the count bounds what goes.)
+    let pruned = a
+        .running
+        .services
+        .store
+        .write(move |tx| tx.prune_audit(u64::MAX, 5))
+        .await
+        .expect("prune");
+    assert_eq!(pruned.removed, 5, "{pruned:?}");
     // Kept: the master key is in A's directory.
     let _dir = a.stop().await;
 
@@ -517,6 +527,7 @@ async fn each_node_appends_its_own_audit_chain_and_checkpoints_bind_them() {
         report["checkpoints"].as_u64().expect("checkpoints") >= 1,
         "{report}"
     );
+    assert_eq!(report["pruned"].as_u64(), Some(pruned.removed), "{report}");
 
     // B's chain cut short by its last record: nothing links to it any more, but the
     // checkpoint saw it, so verification fails.
