@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # gatehouse on several nodes sharing one PostgreSQL database, beside one node on a data
 # file, in one run (benches/cluster_load.rs): durable revocations per second over HTTPS,
-# their latency, and how long a revocation on one node takes to be refused by another.
+# their latency, how long a revocation on one node takes to be refused by another, and
+# introspections per second on each node.
 #
 #   bench/cluster.sh            # CLUSTER_NODES=3 CLUSTER_TOKENS=20000 CLUSTER_CLIENTS=48
 #

@@ -15,12 +15,17 @@
 //! after the revocation and its audit record are committed. A 503 (not written: the
 //! write lost every race with other nodes' writes) is tried again at once and counted.
 //! It reports revocations per second, latency percentiles and the 503s, and checks
-//! that every token ends with a 200 and every family is in the revocation journal. With several nodes it then revokes `CLUSTER_SAMPLES`
-//! families one at a time on the first node and times, on each other node, how long
-//! until its in-memory revocation list refuses the family (p50, p99, max).
+//! that every token ends with a 200 and every family is in the revocation journal.
+//! With several nodes it then revokes `CLUSTER_SAMPLES` families one at a time on the
+//! first node and times, on each other node, how long until its in-memory revocation
+//! list refuses the family (p50, p99, max). After the revocations each phase also
+//! measures introspection: the same clients, spread over the nodes, `POST
+//! /v1/introspect` (an admin token) of the access tokens of 200 devices paired over
+//! HTTPS, for `CLUSTER_INTROSPECT_SECS` (5), every answer 200 and active; it reports
+//! each node's rate.
 //!
 //! Run: `bash bench/cluster.sh` (`CLUSTER_NODES`, `CLUSTER_TOKENS`, `CLUSTER_CLIENTS`,
-//! `CLUSTER_SAMPLES` override 3, 20 000, 48, 200).
+//! `CLUSTER_SAMPLES`, `CLUSTER_INTROSPECT_SECS` override 3, 20 000, 48, 200, 5).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 // A bench reads its sizes from the environment and may time against the real clock.
@@ -58,6 +63,7 @@ fn config(dir: &Path, storage: &Storage<'_>, key_file: Option<&Path>) -> Config 
         // Every request comes from 127.0.0.1.
         ("GATEHOUSE_RATELIMIT_PER_IP", "off"),
         ("GATEHOUSE_RATELIMIT_PAIRING", "off"),
+        ("GATEHOUSE_RATELIMIT_INTROSPECTION", "off"),
         // Nodes behind one name sign as one issuer.
         ("GATEHOUSE_ISSUER", "https://gatehouse.bench"),
         ("GATEHOUSE_JOBS_BACKUP", "off"),
@@ -188,6 +194,80 @@ async fn revoke_all(phase: &Phase, tokens: Arc<Vec<String>>, clients_n: usize) -
     }
 }
 
+/// Introspections per second on each node of `phase`: `clients_n` clients spread over
+/// the nodes, each with one keep-alive connection, `POST /v1/introspect` (the bootstrap
+/// admin token) of `access` tokens in turn for `seconds`; every answer must be 200 and
+/// active. The rate of each node, in node order.
+async fn introspect_load(
+    phase: &Phase,
+    access: Arc<Vec<String>>,
+    clients_n: usize,
+    seconds: f64,
+) -> Vec<f64> {
+    let admin = phase.nodes[0]
+        .bootstrap_token
+        .as_ref()
+        .expect("the first node made the bootstrap token")
+        .token
+        .clone();
+    let deadline = Instant::now() + Duration::from_secs_f64(seconds);
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..clients_n {
+        let node = &phase.nodes[i % phase.nodes.len()];
+        let c = client(&node.tls.as_ref().unwrap().cert_der());
+        let url = format!("https://{}/v1/introspect", node.local_addr);
+        let (access, admin) = (access.clone(), admin.clone());
+        tasks.spawn(async move {
+            let mut done = 0u64;
+            while Instant::now() < deadline {
+                let token = &access[(i + done as usize) % access.len()];
+                let response = c
+                    .post(&url)
+                    .bearer_auth(&admin)
+                    .form(&[("token", token.as_str())])
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(response.status(), 200);
+                let body = response.bytes().await.unwrap();
+                assert!(body.starts_with(b"{\"active\":true,"), "{body:?}");
+                done += 1;
+            }
+            (i, done)
+        });
+    }
+    let mut per_node = vec![0u64; phase.nodes.len()];
+    while let Some(done) = tasks.join_next().await {
+        let (i, n) = done.unwrap();
+        per_node[i % phase.nodes.len()] += n;
+    }
+    per_node.into_iter().map(|n| n as f64 / seconds).collect()
+}
+
+/// Access tokens of `count` devices paired on `running` over HTTPS (as devices pair:
+/// an admin opens a session, the device claims it), for introspection on every node.
+async fn access_tokens(running: &Running, count: usize) -> Arc<Vec<String>> {
+    let c = client(&running.tls.as_ref().unwrap().cert_der());
+    let base = format!("https://{}", running.local_addr);
+    let admin = &running.bootstrap_token.as_ref().unwrap().token;
+    let paired = support::pair_devices(&c, &base, admin, count).await;
+    Arc::new(
+        paired
+            .iter()
+            .map(|pair| pair["access_token"].as_str().unwrap().to_string())
+            .collect(),
+    )
+}
+
+fn report_introspection(what: &str, rates: &[f64]) {
+    let each: Vec<String> = rates.iter().map(|r| format!("{r:.0}")).collect();
+    println!(
+        "cluster_load: {what}: {:.0} introspections/s in all; per node {}",
+        rates.iter().sum::<f64>(),
+        each.join(", ")
+    );
+}
+
 fn report(what: &str, outcome: &Outcome) {
     let ms = |p: f64| f64::from(percentile(&outcome.latencies, p)) / 1000.0;
     println!(
@@ -267,6 +347,7 @@ fn main() {
     let total: usize = env_or("CLUSTER_TOKENS", 20_000);
     let clients_n: usize = env_or("CLUSTER_CLIENTS", 48);
     let samples: usize = env_or("CLUSTER_SAMPLES", 200);
+    let introspect_secs: f64 = env_or("CLUSTER_INTROSPECT_SECS", 5.0);
     gatehouse::tls::install_default_provider();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -284,6 +365,9 @@ fn main() {
         assert_eq!(journaled(&single.nodes[0]), total);
         report("1 node on a data file", &outcome);
         let single_rate = outcome.rate;
+        let access = access_tokens(&single.nodes[0], 200).await;
+        let rates = introspect_load(&single, access, clients_n, introspect_secs).await;
+        report_introspection("1 node on a data file", &rates);
         for node in single.nodes {
             node.stop().await.unwrap();
         }
@@ -307,6 +391,9 @@ fn main() {
              (goal: at least 20 000 revocations/s on the cluster)",
             outcome.rate / single_rate
         );
+        let access = access_tokens(&cluster.nodes[0], 200).await;
+        let rates = introspect_load(&cluster, access, clients_n, introspect_secs).await;
+        report_introspection(&format!("{nodes_n} nodes on PostgreSQL"), &rates);
         if nodes_n > 1 {
             let seen = propagation(&cluster, samples).await;
             println!(

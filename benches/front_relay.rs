@@ -163,34 +163,11 @@ async fn pair(server: &Server, count: usize) -> Vec<Arc<str>> {
         .build()
         .unwrap();
     let base = format!("https://{}", server.addr);
-    let mut tokens = Vec::with_capacity(count);
-    for i in 0..count {
-        let session: serde_json::Value = client
-            .post(format!("{base}/v1/pairing/sessions"))
-            .bearer_auth(&server.admin_token)
-            .json(&serde_json::json!({}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let pair: serde_json::Value = client
-            .post(format!("{base}/v1/pair"))
-            .json(&serde_json::json!({
-                "session_id": session["session_id"],
-                "secret": session["secret"],
-                "device": {"name": format!("bench {i}"), "platform": "linux", "app_version": "1"},
-            }))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        tokens.push(pair["access_token"].as_str().unwrap().into());
-    }
-    tokens
+    support::pair_devices(&client, &base, &server.admin_token, count)
+        .await
+        .iter()
+        .map(|pair| pair["access_token"].as_str().unwrap().into())
+        .collect()
 }
 
 /// A relayed socket: TLS to gatehouse, the token in `Authorization`.

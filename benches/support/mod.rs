@@ -345,3 +345,41 @@ pub(crate) fn client(cert_der: &[u8]) -> reqwest::Client {
         .build()
         .unwrap()
 }
+
+/// Pairs `count` devices the way devices pair, over `client` to the server at `base`:
+/// an admin (`admin`) opens a session, the device claims it. Each device's answer to
+/// `POST /v1/pair` (its id and tokens).
+#[allow(dead_code)]
+pub(crate) async fn pair_devices(
+    client: &reqwest::Client,
+    base: &str,
+    admin: &str,
+    count: usize,
+) -> Vec<serde_json::Value> {
+    let mut paired = Vec::with_capacity(count);
+    for i in 0..count {
+        let session: serde_json::Value = client
+            .post(format!("{base}/v1/pairing/sessions"))
+            .bearer_auth(admin)
+            .json(&serde_json::json!({}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let response = client
+            .post(format!("{base}/v1/pair"))
+            .json(&serde_json::json!({
+                "session_id": session["session_id"],
+                "secret": session["secret"],
+                "device": {"name": format!("bench {i}"), "platform": "linux", "app_version": "1"},
+            }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        paired.push(response.json().await.unwrap());
+    }
+    paired
+}
