@@ -154,6 +154,11 @@ define_id!(
     "ps_"
 );
 define_id!(
+    /// A device authorization grant (RFC 8628): the first part of its device code.
+    DeviceGrantId,
+    "dg_"
+);
+define_id!(
     /// An access token's `jti`.
     TokenId,
     ""

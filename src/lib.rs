@@ -40,6 +40,7 @@ mod admin_users;
 pub mod audit;
 pub mod backup;
 pub mod clients;
+pub mod device_grants;
 pub mod devices;
 pub mod keys;
 pub mod live;

@@ -20,6 +20,7 @@ use crate::backup::BackupReport;
 use crate::clients::{ClientInfo, NewClient};
 use crate::config::JobName;
 use crate::config::KeyOrigin;
+use crate::device_grants::GrantView;
 use crate::devices::{DeviceError, DeviceView};
 use crate::error_kind::{Classify, ErrorKind};
 use crate::ids::DeviceId;
@@ -95,6 +96,13 @@ pub(crate) enum Command {
         #[serde(default)]
         device: Option<String>,
     },
+    PairApprove {
+        user_code: String,
+        name: Option<String>,
+    },
+    PairDeny {
+        user_code: String,
+    },
     AuditSearch {
         after: u64,
         kind: Option<String>,
@@ -167,6 +175,7 @@ pub(crate) enum Outcome {
     DeviceRevoked(DeviceView),
     DeviceShown(DeviceView),
     PairingOpened(NewSession),
+    DeviceGrant(GrantView),
     AuditPage(EventPage),
     AuditVerified(VerifyReport),
     BanList {
@@ -328,6 +337,15 @@ pub(crate) async fn execute(
                     .await?,
             ))
         }
+        Command::PairApprove { user_code, name } => Ok(Outcome::DeviceGrant(
+            services
+                .device_grants
+                .approve(&user_code, name.as_deref(), &operator)
+                .await?,
+        )),
+        Command::PairDeny { user_code } => Ok(Outcome::DeviceGrant(
+            services.device_grants.deny(&user_code, &operator).await?,
+        )),
         Command::AuditSearch {
             after,
             kind,

@@ -15,6 +15,7 @@ use crate::clients::Clients;
 use crate::clock::SharedClock;
 use crate::config::Rate;
 use crate::config::{Config, MasterKeySource, TlsMode};
+use crate::device_grants::{DeviceGrants, GrantSettings};
 use crate::devices::Devices;
 use crate::ids::RandomError;
 use crate::keys::{KeyError, KeyRing};
@@ -50,6 +51,7 @@ pub struct Services {
     pub revocations: Arc<RevocationList>,
     pub tokens: Arc<TokenAuthority>,
     pub pairing: Arc<PairingSessions>,
+    pub device_grants: Arc<DeviceGrants>,
     pub devices: Devices,
     pub clients: Clients,
     /// Bumped on every revocation and key change; live connections watch it.
@@ -179,6 +181,18 @@ impl Services {
             limits.clone(),
             lockout.clone(),
         ));
+        let device_grants = Arc::new(DeviceGrants::new(
+            store.clone(),
+            clock.clone(),
+            tokens.clone(),
+            GrantSettings {
+                verification_uri: format!("{}/admin/device", tokens.settings().issuer),
+                ttl: config.tokens.device_code_ttl,
+                interval: config.tokens.device_poll_interval,
+            },
+            limits.clone(),
+            lockout.clone(),
+        ));
         let backups = Backups::new(
             store.clone(),
             audit.clone(),
@@ -196,6 +210,7 @@ impl Services {
                 audit: audit.clone(),
                 tokens: tokens.clone(),
                 pairing: pairing.clone(),
+                device_grants: device_grants.clone(),
                 limits: limits.clone(),
                 lockout: lockout.clone(),
                 backups: backups.clone(),
@@ -226,6 +241,7 @@ impl Services {
             revocations,
             tokens,
             pairing,
+            device_grants,
             changes,
             live: LiveConnections::new(
                 config.ws.max_connections,

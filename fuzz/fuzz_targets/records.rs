@@ -13,7 +13,7 @@
 use gatehouse::store::records::{
     self, AcmeAccountRecord, AcmeCertificateRecord, AcmeChallengeRecord, AcmeOrderLeaseRecord,
     AdminToken, AdminTokenRecord, AdminUserRecord,
-    AuditCheckpointRecord, AuditEntryRecord, BanRecord, ChainHeadRecord, ClientRecord, DeviceRecord,
+    AuditCheckpointRecord, AuditEntryRecord, BanRecord, ChainHeadRecord, ClientRecord, DeviceGrantRecord, DeviceRecord,
     FamilyRevocationRecord, JobStateRecord, PairingSessionRecord, RateWindowRecord,
     RefreshTokenRecord, RevokedTokenRecord, SelfSignedCertRecord, SigningKeyPrivateRecord,
     SigningKeyRecord, TokenFamilyRecord,
@@ -38,6 +38,7 @@ fuzz_target!(|data: &[u8]| {
     // Pairing, devices, tokens and clients.
     round_trip::<PairingSessionRecord>(data);
     round_trip::<DeviceRecord>(data);
+    round_trip::<DeviceGrantRecord>(data);
     round_trip::<TokenFamilyRecord>(data);
     round_trip::<RefreshTokenRecord>(data);
     round_trip::<FamilyRevocationRecord>(data);

@@ -355,6 +355,20 @@ enum PairCommand {
         #[arg(long, value_name = "DEVICE_ID")]
         device: Option<String>,
     },
+    /// Approve a device that asked with the device authorization grant (RFC 8628): the
+    /// user code it shows (BCDF-GHJK) creates the device, whose tokens go to its next poll
+    Approve {
+        /// The code the device shows; case, dash and spaces do not matter
+        user_code: String,
+        /// The new device's name [default: the client_id it sent]
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Deny a device that asked with the device authorization grant
+    Deny {
+        /// The code the device shows
+        user_code: String,
+    },
 }
 
 fn parse_ttl(text: &str) -> Result<std::time::Duration, String> {
@@ -519,6 +533,29 @@ async fn run(command: Commands, config: Config) -> anyhow::Result<()> {
                     "pairing session {} open until {}",
                     session.session_id,
                     format_rfc3339(session.expires_at_ms)
+                );
+            }
+            Ok(())
+        }
+        Commands::Pair(PairCommand::Approve { user_code, name }) => {
+            if let Outcome::DeviceGrant(grant) =
+                run_command(Command::PairApprove { user_code, name }, &config).await?
+            {
+                println!(
+                    "approved: device {} ({}); its tokens go to it at its next poll",
+                    grant.device_id.as_deref().unwrap_or("-"),
+                    grant.device_name.as_deref().unwrap_or("-"),
+                );
+            }
+            Ok(())
+        }
+        Commands::Pair(PairCommand::Deny { user_code }) => {
+            if let Outcome::DeviceGrant(grant) =
+                run_command(Command::PairDeny { user_code }, &config).await?
+            {
+                println!(
+                    "denied the device that asked from {} (grant {})",
+                    grant.requested_from, grant.id
                 );
             }
             Ok(())

@@ -148,6 +148,10 @@ pub(crate) struct TokenConfig {
     pub(crate) key_algorithm: KeyAlgorithm,
     /// How long a pairing session stays open when its creator names no TTL.
     pub(crate) pairing_ttl: Duration,
+    /// How long a device code and its user code (RFC 8628) live.
+    pub(crate) device_code_ttl: Duration,
+    /// The polling interval a device grant starts with.
+    pub(crate) device_poll_interval: Duration,
 }
 
 /// Every rate-limit policy's rate, and the bound on the subjects tracked.

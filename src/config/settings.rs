@@ -714,6 +714,30 @@ pub static SETTINGS: &[Setting] = &[
         |c, v| c.tokens.pairing_ttl = v
     ),
     setting!(
+        "pairing.device_code_ttl",
+        "GATEHOUSE_PAIRING_DEVICE_CODE_TTL",
+        None,
+        Value("10m"),
+        "how long a device code and its user code (RFC 8628) stay valid",
+        Span {
+            min: secs(60),
+            max: PAIRING_MAX_TTL
+        },
+        |c, v| c.tokens.device_code_ttl = v
+    ),
+    setting!(
+        "pairing.device_poll_interval",
+        "GATEHOUSE_PAIRING_DEVICE_POLL_INTERVAL",
+        None,
+        Value("5s"),
+        "how long a device waits between polls of the token endpoint (RFC 8628)",
+        Span {
+            min: secs(1),
+            max: secs(60)
+        },
+        |c, v| c.tokens.device_poll_interval = v
+    ),
+    setting!(
         "ratelimit.pairing",
         "GATEHOUSE_RATELIMIT_PAIRING",
         None,

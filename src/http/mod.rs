@@ -12,6 +12,7 @@ mod audit;
 mod authz;
 mod bans;
 mod client_addr;
+mod device_grants;
 mod devices;
 pub(crate) mod error;
 pub(crate) mod extract;
@@ -135,6 +136,7 @@ pub fn router(state: AppState, limits: &ServerConfig, cors_config: &CorsConfig) 
         .merge(metrics::routes())
         .merge(oauth::routes())
         .merge(pairing::routes())
+        .merge(device_grants::routes())
         .merge(keys::routes())
         .merge(ws::routes())
         .merge(devices::routes())

@@ -1,4 +1,5 @@
-//! The OAuth endpoints: `/v1/token` (refresh grant), `/v1/revoke` (RFC 7009),
+//! The OAuth endpoints: `/v1/token` (the refresh grant, and the device code grant of
+//! RFC 8628), `/v1/revoke` (RFC 7009),
 //! `/v1/introspect` (RFC 7662), the JWKS and the RFC 8414 metadata document.
 
 use axum::Json;
@@ -12,6 +13,7 @@ use serde::Deserialize;
 use super::AppState;
 use super::error::ApiError;
 use super::extract::{ApiForm, Introspector, RequestOrigin, TokenForm};
+use crate::device_grants::DEVICE_CODE_GRANT;
 use crate::keys::JWKS_MAX_AGE_SECS;
 use crate::tokens::{Introspection, TokenError, TokenPair};
 
@@ -33,39 +35,54 @@ const MAX_TOKEN_PARAM: usize = crate::jwt::MAX_TOKEN_BYTES;
 pub(crate) struct TokenRequest {
     grant_type: String,
     refresh_token: Option<String>,
+    /// The device code grant's (RFC 8628 section 3.4).
+    device_code: Option<String>,
     /// Public clients may send it; it is not checked (devices are not OAuth clients).
     #[serde(default)]
     #[allow(dead_code)]
     client_id: Option<String>,
 }
 
-/// `POST /v1/token`: the refresh grant (RFC 6749 section 6).
+/// `POST /v1/token`: the refresh grant (RFC 6749 section 6) and the device code grant
+/// (RFC 8628 section 3.4).
 async fn token(
     State(state): State<AppState>,
     RequestOrigin(origin): RequestOrigin,
     ApiForm(request): ApiForm<TokenRequest>,
 ) -> Result<Response, ApiError> {
-    if request.grant_type != "refresh_token" {
-        return Err(ApiError::new(
+    match request.grant_type.as_str() {
+        "refresh_token" => {
+            let presented = request
+                .refresh_token
+                .ok_or_else(|| missing("refresh_token"))?;
+            match state.services.tokens.refresh(&presented, &origin).await {
+                Ok(pair) => Ok(Json::<TokenPair>(pair).into_response()),
+                Err(TokenError::RateLimited(limited)) => {
+                    Ok(super::limits::too_many(&limited.decision, &limited.policy))
+                }
+                Err(err) => Err(err.into()),
+            }
+        }
+        DEVICE_CODE_GRANT => {
+            let code = request.device_code.ok_or_else(|| missing("device_code"))?;
+            let pair = state.services.device_grants.poll(&code, &origin).await?;
+            Ok(Json::<TokenPair>(pair).into_response())
+        }
+        _ => Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             "unsupported_grant_type",
-            "only grant_type=refresh_token is supported here; devices get their first tokens from /v1/pair",
-        ));
+            "grant_type must be refresh_token or urn:ietf:params:oauth:grant-type:device_code; \
+             devices get their first tokens from /v1/pair or the device code grant",
+        )),
     }
-    let presented = request.refresh_token.ok_or_else(|| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_request",
-            "the refresh_token parameter is missing",
-        )
-    })?;
-    match state.services.tokens.refresh(&presented, &origin).await {
-        Ok(pair) => Ok(Json::<TokenPair>(pair).into_response()),
-        Err(TokenError::RateLimited(limited)) => {
-            Ok(super::limits::too_many(&limited.decision, &limited.policy))
-        }
-        Err(err) => Err(err.into()),
-    }
+}
+
+fn missing(parameter: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::BAD_REQUEST,
+        "invalid_request",
+        format!("the {parameter} parameter is missing"),
+    )
 }
 
 fn bounded(token: &str) -> Option<&str> {
@@ -137,7 +154,8 @@ async fn metadata(State(state): State<AppState>) -> Response {
         "jwks_uri": format!("{issuer}/.well-known/jwks.json"),
         "revocation_endpoint": format!("{issuer}/v1/revoke"),
         "introspection_endpoint": format!("{issuer}/v1/introspect"),
-        "grant_types_supported": ["refresh_token"],
+        "grant_types_supported": ["refresh_token", DEVICE_CODE_GRANT],
+        "device_authorization_endpoint": format!("{issuer}/v1/device_authorization"),
         "response_types_supported": [],
         "token_endpoint_auth_methods_supported": ["none"],
         "revocation_endpoint_auth_methods_supported": ["none"],

@@ -22,6 +22,7 @@ pub(super) fn routes() -> Router<AppState> {
     Router::new()
         .route("/admin", get(redirect))
         .route("/admin/", get(index))
+        .route("/admin/device", get(index))
         .route("/admin/app.js", get(script))
         .route("/admin/app.css", get(style))
 }
@@ -57,7 +58,9 @@ async fn redirect() -> Redirect {
     Redirect::permanent("/admin/")
 }
 
-/// `GET /admin/`: the page.
+/// `GET /admin/`: the page; also at `/admin/device`, the device grant's verification
+/// URI (RFC 8628), where it opens on the page that approves a user code. Its relative
+/// links resolve under `/admin/` from either.
 async fn index() -> Response {
     asset("text/html; charset=utf-8", INDEX_HTML)
 }

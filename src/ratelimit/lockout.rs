@@ -44,6 +44,10 @@ pub enum FailedCheck {
     AdminToken,
     AdminPassword,
     ClientCredential,
+    /// A device polling with a device code that is not one (RFC 8628).
+    DeviceCode,
+    /// An operator typing a user code that names no waiting device.
+    UserCode,
 }
 
 impl FailedCheck {
@@ -53,6 +57,8 @@ impl FailedCheck {
             Self::AdminToken => "admin_token",
             Self::AdminPassword => "admin_password",
             Self::ClientCredential => "client_credential",
+            Self::DeviceCode => "device_code",
+            Self::UserCode => "user_code",
         }
     }
 }

@@ -26,6 +26,7 @@ use crate::audit::{Event, Origin, Severity};
 use crate::backup::Backups;
 use crate::clock::{SharedClock, format_rfc3339};
 use crate::config::{CronSchedule, JobName, JobsConfig};
+use crate::device_grants::DeviceGrants;
 use crate::error_kind::{Classify, ErrorKind};
 use crate::keys::{KeyRing, Rotation};
 use crate::pairing::PairingSessions;
@@ -49,6 +50,7 @@ pub struct JobContext {
     pub(crate) audit: AuditLog,
     pub(crate) tokens: Arc<TokenAuthority>,
     pub(crate) pairing: Arc<PairingSessions>,
+    pub(crate) device_grants: Arc<DeviceGrants>,
     pub(crate) limits: Arc<RateLimits>,
     pub(crate) lockout: Arc<Lockout>,
     pub backups: Backups,
@@ -365,10 +367,16 @@ impl Scheduler {
             }
             JobName::PruneExpired => {
                 let sessions = work.pairing.prune_expired().await.map_err(|e| text(&e))?;
+                let grants = work
+                    .device_grants
+                    .prune_expired()
+                    .await
+                    .map_err(|e| text(&e))?;
                 let windows = work.limits.prune().await.map_err(|e| text(&e))?;
                 let bans = work.lockout.prune().await.map_err(|e| text(&e))?;
                 Ok(RunReport::default()
                     .count("pairing_sessions", sessions)
+                    .count("device_grants", grants)
                     .count("rate_windows", windows)
                     .count("bans", bans))
             }

@@ -15,7 +15,6 @@
 // /usr/bin/chromium), SCREENSHOTS (a folder to save screenshots of the main run, and one per
 // page per width, `390-devices.png`; none if unset).
 
-import { spawn } from 'node:child_process';
 import { request as httpsRequest } from 'node:https';
 import { createServer } from 'node:http';
 import { createHash, randomBytes } from 'node:crypto';
@@ -25,10 +24,10 @@ import { join, resolve } from 'node:path';
 import assert from 'node:assert/strict';
 import { createRequire } from 'node:module';
 import { chromium } from 'playwright-core';
+import { startServer } from './server.mjs';
 
 const axeScript = createRequire(import.meta.url).resolve('axe-core/axe.min.js');
 
-const bin = resolve(process.env.GATEHOUSE_BIN || 'target/debug/gatehouse');
 const executablePath = process.env.CHROMIUM || '/usr/bin/chromium';
 const shots = process.env.SCREENSHOTS ? resolve(process.env.SCREENSHOTS) : null;
 const TIMEOUT = 15000;
@@ -67,40 +66,6 @@ function startUpstream() {
     socket.on('error', () => {});
   });
   return new Promise((ready) => app.listen(0, '127.0.0.1', () => ready(app)));
-}
-
-/**
- * The server's environment: this one without GATEHOUSE_BIN, which names the binary here
- * but is an unknown setting to gatehouse (it refuses to start on one).
- */
-function serverEnv() {
-  const env = { ...process.env, GATEHOUSE_LOG: 'warn' };
-  delete env.GATEHOUSE_BIN;
-  return env;
-}
-
-/** Starts `gatehouse serve` on a fresh data file, in front of `upstream`: its URL and bootstrap token. */
-function startServer(dir, upstream) {
-  const child = spawn(bin, [
-    'serve', '--data', join(dir, 'gatehouse.redb'), '--listen', '127.0.0.1:0', '--tls', 'self-signed',
-    '--upstream', upstream,
-  ], { stdio: ['ignore', 'pipe', 'pipe'], env: serverEnv() });
-  let out = '';
-  return new Promise((done, fail) => {
-    const timer = setTimeout(() => fail(new Error(`the server did not start:\n${out}`)), 30000);
-    const read = (chunk) => {
-      out += chunk;
-      const url = out.match(/gatehouse listening on (https:\/\/\S+)/);
-      const token = out.match(/\b(gha_[A-Za-z0-9_-]+)/);
-      if (url && token) {
-        clearTimeout(timer);
-        done({ child, url: url[1], token: token[1] });
-      }
-    };
-    child.stdout.on('data', read);
-    child.stderr.on('data', read);
-    child.on('exit', (code) => fail(new Error(`the server exited (${code}):\n${out}`)));
-  });
 }
 
 /**
@@ -359,6 +324,7 @@ async function pageReady(page, name) {
   const ready = {
     overview: '#ov-jobs tbody tr',
     pairing: '#pairing-form',
+    device: '#device-form',
     devices: '#devices-table tbody tr button',
     audit: '#audit-table tbody tr',
     bans: '#bans-table tbody tr button',
@@ -404,7 +370,7 @@ async function sweep(browser, server, width, cookies, problems) {
   await check('pairing');
   // Every other page, reached just after a pairing session was opened: the pairing
   // page's message stays there.
-  for (const name of ['overview', 'devices', 'audit', 'front', 'bans', 'keys']) {
+  for (const name of ['overview', 'device', 'devices', 'audit', 'front', 'bans', 'keys']) {
     await page.locator('nav a[data-page="pairing"]').click();
     await pageReady(page, 'pairing');
     await openSession();
@@ -488,7 +454,9 @@ async function main() {
   if (shots) mkdirSync(shots, { recursive: true });
   const dir = mkdtempSync(join(tmpdir(), 'gatehouse-e2e-'));
   const upstream = await startUpstream();
-  const server = await startServer(dir, `http://127.0.0.1:${upstream.address().port}`);
+  // A 1 s device-grant interval keeps the device-code step short.
+  const server = await startServer(dir, ['--upstream', `http://127.0.0.1:${upstream.address().port}`],
+    { GATEHOUSE_PAIRING_DEVICE_POLL_INTERVAL: '1s' });
   const sockets = [];
   const browser = await chromium.launch({
     executablePath,
@@ -502,7 +470,7 @@ async function main() {
     const page = await context.newPage();
     // The one expected failure: a refresh token presented twice (a device made to need
     // pairing), refused with 400.
-    watch(page, problems, { '/v1/token': 400 });
+    watch(page, problems, { '/v1/token': 400, '/v1/device_grants/lookup': 404 });
 
     // /admin redirects to the page, which asks to sign in.
     await page.goto(`${server.url}/admin`);
@@ -691,6 +659,46 @@ async function main() {
     await page.getByRole('link', { name: 'Bans' }).click();
     await page.locator('#bans-table tbody tr', { hasText: 'No bans.' }).waitFor();
     await shot(page, 'bans');
+
+    // Device codes: a device without a camera asks (RFC 8628); the operator arrives
+    // through verification_uri_complete, which fills the code in and approves nothing,
+    // sees who asks, names the device and approves; the device's next poll gets tokens.
+    const grant = await page.evaluate(async () => {
+      const r = await fetch('/v1/device_authorization', {
+        method: 'POST',
+        headers: { 'Content-Type': 'application/x-www-form-urlencoded' },
+        body: 'client_id=hall-display',
+      });
+      return r.json();
+    });
+    const poll = () => page.evaluate(async (code) => {
+      const r = await fetch('/v1/token', {
+        method: 'POST',
+        headers: { 'Content-Type': 'application/x-www-form-urlencoded' },
+        body: `grant_type=${encodeURIComponent('urn:ietf:params:oauth:grant-type:device_code')}&device_code=${encodeURIComponent(code)}`,
+      });
+      return { status: r.status, body: await r.json() };
+    }, grant.device_code);
+    assert.equal((await poll()).body.error, 'authorization_pending');
+    await page.goto(grant.verification_uri_complete);
+    await page.locator('#device-grant', { hasText: 'hall-display' }).waitFor();
+    assert.equal(new URL(page.url()).search, '', 'the code left the address bar');
+    assert.equal(new URL(page.url()).hash, '#device');
+    assert.equal(await page.getByLabel('Code the device shows').inputValue(), grant.user_code);
+    assert.equal((await poll()).body.error, 'slow_down', 'opening the page approved nothing');
+    await page.getByLabel('Name for the device', { exact: true }).fill('Hall display');
+    await shot(page, 'device-code');
+    await page.getByRole('button', { name: 'Approve' }).click();
+    await statusSays(page, 'Approved: Hall display is a device now');
+    assert.equal(await page.locator('#device-decide').isVisible(), false, 'decided: no more buttons');
+    await sleep(6500); // the 1 s interval, 5 s longer after slow_down
+    const polled = await poll();
+    assert.equal(polled.status, 200, JSON.stringify(polled.body));
+    // A wrong code says so, and keeps the form.
+    await page.getByLabel('Code the device shows').fill('BBBB-BBBB');
+    await page.getByRole('button', { name: 'Look up' }).click();
+    await statusSays(page, 'no device is waiting with this user code');
+    assert.equal(await page.locator('#device-grant').isVisible(), false);
 
     // Keys: an emergency rotation after a confirmation.
     await page.getByRole('link', { name: 'Keys' }).click();

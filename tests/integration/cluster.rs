@@ -747,8 +747,130 @@ async fn a_rekey_is_refused_while_other_nodes_are_connected() {
     // Nothing changed: B still works with the key it has.
     b.pair_device_as(&a.admin_token()).await;
     b.stop().await;
-    // Alone on the database, the node may rekey.
-    let resealed = store.rekey(&new).await.expect("rekey with no other node");
+    // Alone on the database, the node may rekey (once PostgreSQL has ended the stopped
+    // node's backends, which it does a moment after their connections close).
+    let started = Instant::now();
+    let resealed = loop {
+        match store.rekey(&new).await {
+            Ok(resealed) => break resealed,
+            Err(gatehouse::store::StoreError::OtherNodes { .. })
+                if started.elapsed() < Duration::from_secs(10) =>
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(err) => panic!("rekey with no other node: {err}"),
+        }
+    };
     assert!(resealed > 0);
     a.stop().await;
+}
+
+/// Asks for a device grant on `node`: its JSON answer.
+async fn ask_device_grant(node: &TestApp) -> serde_json::Value {
+    let response = node
+        .client()
+        .post(node.url("/v1/device_authorization"))
+        .form(&[("client_id", "kiosk")])
+        .send()
+        .await
+        .expect("ask");
+    assert_eq!(response.status(), 200);
+    response.json().await.expect("json")
+}
+
+/// One poll of `node` with `device_code`: status and body.
+async fn poll_device_grant(node: &TestApp, device_code: &str) -> (u16, serde_json::Value) {
+    let response = node
+        .client()
+        .post(node.url("/v1/token"))
+        .form(&[
+            ("grant_type", "urn:ietf:params:oauth:grant-type:device_code"),
+            ("device_code", device_code),
+        ])
+        .send()
+        .await
+        .expect("poll");
+    let status = response.status().as_u16();
+    (status, response.json().await.expect("json"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_grant_asked_on_one_node_is_approved_on_another_and_taken_once() {
+    let Some(pg) = Postgres::start("a_device_grant_across_nodes") else {
+        return;
+    };
+    let nodes = nodes(&pg, 3, &[]).await;
+    let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
+    let admin = a.admin_token();
+    let approve = |node: &TestApp, user_code: serde_json::Value| {
+        node.client()
+            .post(node.url("/v1/device_grants/approve"))
+            .bearer_auth(&admin)
+            .json(&serde_json::json!({"user_code": user_code}))
+            .send()
+    };
+    let wait = || {
+        for node in &nodes {
+            node.clock.advance_ms(10_000);
+        }
+    };
+
+    // Asked on A, approved on B, polled on all three at once: one poll gets the pair.
+    let grant = ask_device_grant(a).await;
+    let code = grant["device_code"].as_str().expect("code");
+    assert_eq!(
+        poll_device_grant(c, code).await.1["error"],
+        "authorization_pending"
+    );
+    let approved = approve(b, grant["user_code"].clone())
+        .await
+        .expect("approve");
+    assert_eq!(approved.status(), 200);
+    let again = approve(c, grant["user_code"].clone())
+        .await
+        .expect("approve");
+    assert_eq!(again.status(), 409, "decided on B, so decided on C");
+    wait();
+    let polls =
+        futures_util::future::join_all(nodes.iter().map(|n| poll_device_grant(n, code))).await;
+    let won: Vec<_> = polls.iter().filter(|(s, _)| *s == 200).collect();
+    assert_eq!(won.len(), 1, "{polls:?}");
+    for (status, body) in polls.iter().filter(|(s, _)| *s != 200) {
+        assert_eq!(
+            (*status, body["error"].as_str()),
+            (400, Some("invalid_grant"))
+        );
+    }
+
+    // Taken on C, presented again on A: what it issued is refused on every node.
+    let grant = ask_device_grant(b).await;
+    let code = grant["device_code"].as_str().expect("code");
+    let approved = approve(a, grant["user_code"].clone())
+        .await
+        .expect("approve");
+    assert_eq!(approved.status(), 200);
+    wait();
+    let (status, pair) = poll_device_grant(c, code).await;
+    assert_eq!(status, 200, "{pair}");
+    let access = pair["access_token"].as_str().expect("access").to_string();
+    for node in [a, b] {
+        assert!(active_on(node, &admin, &access).await);
+    }
+    wait();
+    let (status, body) = poll_device_grant(a, code).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("invalid_grant"))
+    );
+    for node in [a, b, c] {
+        eventually(
+            PROPAGATION,
+            "the leaked device code's tokens are refused",
+            || async { !active_on(node, &admin, &access).await },
+        )
+        .await;
+    }
+    for node in nodes {
+        node.stop().await;
+    }
 }

@@ -674,6 +674,200 @@ async fn the_front_door_view_answers_as_documented() {
 }
 
 #[tokio::test]
+async fn device_grants_answer_as_documented() {
+    let app = helpers::spawn_app().await;
+    let api = Api::new(&app);
+    let grant_type = "urn:ietf:params:oauth:grant-type:device_code";
+
+    // The device's request.
+    let op = "POST /v1/device_authorization";
+    let path = "/v1/device_authorization";
+    let ask = || async {
+        expect(
+            op,
+            200,
+            api.anyone(Method::POST, path)
+                .form(&[("client_id", "contract-tv"), ("scope", "x")]),
+        )
+        .await
+        .json()
+    };
+    let first = ask().await;
+    let second = ask().await;
+    let third = ask().await;
+    expect(op, 200, api.anyone(Method::POST, path).form(&[("x", "y")])).await;
+    expect(
+        op,
+        400,
+        api.anyone(Method::POST, path)
+            .form(&[("client_id", "<bad>")]),
+    )
+    .await;
+    expect(
+        op,
+        400,
+        api.anyone(Method::POST, path)
+            .form(&[("client_id", "a"), ("client_id", "b")]),
+    )
+    .await;
+    expect(
+        op,
+        415,
+        api.anyone(Method::POST, path)
+            .json(&json!({"client_id": "x"})),
+    )
+    .await;
+    expect_405_and_413(op, path, "application/x-www-form-urlencoded", |m, p| {
+        api.anyone(m, p)
+    })
+    .await;
+
+    // Polling: pending, too fast, no such code, then the pair once approved.
+    let op = "POST /v1/token";
+    let poll = |code: &serde_json::Value| {
+        api.anyone(Method::POST, "/v1/token").form(&[
+            ("grant_type", grant_type),
+            ("device_code", code.as_str().unwrap()),
+        ])
+    };
+    let code = &first["device_code"];
+    assert_eq!(
+        expect(op, 400, poll(code)).await.json()["error"],
+        "authorization_pending"
+    );
+    assert_eq!(
+        expect(op, 400, poll(code)).await.json()["error"],
+        "slow_down"
+    );
+    expect(op, 400, poll(&json!("dg_x.y"))).await;
+    expect(
+        op,
+        400,
+        api.anyone(Method::POST, "/v1/token")
+            .form(&[("grant_type", grant_type)]),
+    )
+    .await;
+
+    // The operator's side.
+    for (op, path) in [
+        ("POST /v1/device_grants/lookup", "/v1/device_grants/lookup"),
+        (
+            "POST /v1/device_grants/approve",
+            "/v1/device_grants/approve",
+        ),
+        ("POST /v1/device_grants/deny", "/v1/device_grants/deny"),
+    ] {
+        expect(
+            op,
+            404,
+            api.admin(Method::POST, path)
+                .json(&json!({"user_code": "BBBB-BBBB"})),
+        )
+        .await;
+        expect(
+            op,
+            401,
+            api.anyone(Method::POST, path)
+                .json(&json!({"user_code": first["user_code"]})),
+        )
+        .await;
+        expect(op, 400, api.admin(Method::POST, path).json(&json!({}))).await;
+        expect(
+            op,
+            400,
+            api.admin(Method::POST, path)
+                .json(&json!({"user_code": first["user_code"], "extra": 1})),
+        )
+        .await;
+        expect(
+            op,
+            415,
+            api.admin(Method::POST, path)
+                .form(&[("user_code", "BCDF-GHJK")]),
+        )
+        .await;
+        expect_405_and_413(op, path, "application/json", |m, p| api.admin(m, p)).await;
+    }
+    let op = "POST /v1/device_grants/lookup";
+    expect(
+        op,
+        200,
+        api.admin(Method::POST, "/v1/device_grants/lookup")
+            .json(&json!({"user_code": first["user_code"]})),
+    )
+    .await;
+    let op = "POST /v1/device_grants/approve";
+    let path = "/v1/device_grants/approve";
+    expect(
+        op,
+        400,
+        api.admin(Method::POST, path)
+            .json(&json!({"user_code": first["user_code"], "name": ""})),
+    )
+    .await;
+    expect(
+        op,
+        200,
+        api.admin(Method::POST, path)
+            .json(&json!({"user_code": first["user_code"], "name": "TV"})),
+    )
+    .await;
+    expect(
+        op,
+        409,
+        api.admin(Method::POST, path)
+            .json(&json!({"user_code": first["user_code"]})),
+    )
+    .await;
+    let op = "POST /v1/device_grants/deny";
+    expect(
+        op,
+        200,
+        api.admin(Method::POST, "/v1/device_grants/deny")
+            .json(&json!({"user_code": second["user_code"]})),
+    )
+    .await;
+    expect(
+        op,
+        409,
+        api.admin(Method::POST, "/v1/device_grants/deny")
+            .json(&json!({"user_code": second["user_code"]})),
+    )
+    .await;
+    app.clock.advance_ms(10_000);
+    expect("POST /v1/token", 200, poll(code)).await;
+    assert_eq!(
+        expect("POST /v1/token", 400, poll(&second["device_code"]))
+            .await
+            .json()["error"],
+        "access_denied"
+    );
+    // Past its lifetime, undecided.
+    app.clock.advance_ms(600_000);
+    assert_eq!(
+        expect("POST /v1/token", 400, poll(&third["device_code"]))
+            .await
+            .json()["error"],
+        "expired_token"
+    );
+    for (op, path) in [
+        (
+            "POST /v1/device_grants/approve",
+            "/v1/device_grants/approve",
+        ),
+        ("POST /v1/device_grants/deny", "/v1/device_grants/deny"),
+    ] {
+        expect(
+            op,
+            410,
+            api.admin(Method::POST, path)
+                .json(&json!({"user_code": third["user_code"]})),
+        )
+        .await;
+    }
+}
+
+#[tokio::test]
 async fn administration_answers_as_documented() {
     let app = helpers::spawn_app().await;
     let api = Api::new(&app);

@@ -33,6 +33,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "live",
             "tokens",
             "pairing",
+            "device_grants",
             "devices",
             "ratelimit",
             "backup",

@@ -21,6 +21,7 @@ mod binary;
 mod cli;
 mod cluster;
 mod contract;
+mod device_grants;
 mod devices;
 mod docs;
 mod fixtures;

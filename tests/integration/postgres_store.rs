@@ -487,6 +487,15 @@ async fn doctor_looks_at_the_database_a_node_uses() {
     // With a node running: it is counted, and it leads.
     let app = spawn_app_in(tempfile::tempdir().expect("dir"), &as_refs(&env)).await;
     let data = app.data_path().to_path_buf();
+    // Its follower takes the leader lock a moment after the start.
+    let started = std::time::Instant::now();
+    while !app.running.services.store.is_leader() {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "the only node never took the leader lock"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     // The node answers on its admin socket from this runtime's other worker.
     let done = tokio::task::block_in_place(|| doctor(&data));
     let out = String::from_utf8_lossy(&done.stdout).to_string();
@@ -506,4 +515,50 @@ async fn doctor_looks_at_the_database_a_node_uses() {
     let out = String::from_utf8_lossy(&done.stdout).to_string();
     assert!(!done.status.success(), "{out}");
     assert!(has(&out, "FAIL  database", "cannot be reached"), "{out}");
+}
+
+#[tokio::test]
+async fn a_database_at_format_8_is_brought_up_to_date_at_start() {
+    let Some(pg) = Postgres::start("a_database_at_format_8_is_brought_up_to_date") else {
+        return;
+    };
+    let env = storage_env(&pg, &pg.url());
+    let app = spawn_app_with(&as_refs(&env)).await;
+    let device = app.pair_device().await;
+    let admin = app.create_admin_token().await;
+    let dir = app.stop().await;
+    // What a format-8 build left: no device grant tables, and its version.
+    pg.psql(
+        "gatehouse",
+        "DROP TABLE gatehouse.device_grants_v1, gatehouse.device_grant_codes_v1; \
+         UPDATE gatehouse.meta SET value = '\\x08000000'::bytea WHERE key = 'format_version'",
+    );
+
+    let app = spawn_app_in(dir, &as_refs(&env)).await;
+    assert_eq!(
+        pg.psql(
+            "gatehouse",
+            "SELECT encode(value, 'hex') FROM gatehouse.meta WHERE key = 'format_version'"
+        ),
+        format!("{:08x}", gatehouse::store::FORMAT_VERSION.swap_bytes()),
+        "the current format is recorded"
+    );
+    let migrated = app.audit_events("store.migrated");
+    assert_eq!(migrated.len(), 1, "{migrated:?}");
+    assert_eq!(migrated[0].details["from"], 8);
+    assert_eq!(migrated[0].details["to"], gatehouse::store::FORMAT_VERSION);
+    // What it held works, and so does what the new tables are for.
+    assert_eq!(
+        app.introspect_as(&admin, &device.access_token).await["active"],
+        true
+    );
+    let asked = app
+        .client()
+        .post(app.url("/v1/device_authorization"))
+        .form(&[("client_id", "upgraded")])
+        .send()
+        .await
+        .expect("ask");
+    assert_eq!(asked.status(), 200);
+    app.stop().await;
 }

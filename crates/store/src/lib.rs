@@ -52,9 +52,10 @@ use seal::{MasterKey, SealError, Sealer, sync_parent_dir};
 pub use tables::{ALL_TABLES, FORMAT_VERSION, MASTER_KEY_CHECK_PLAINTEXT};
 use tables::{META, META_CREATED_AT, META_FORMAT_VERSION, META_INSTANCE_ID, META_MASTER_KEY_CHECK};
 pub use tx::{
-    ADMIN_TOKENS, BANS, CLIENTS, DEVICE_FAMILIES, DEVICES, DEVICES_BY_AGE, FAMILY_REVOCATIONS,
-    Index, JOBS, PAIRING_SESSIONS, RATE_WINDOWS, REFRESH_TOKENS, REVOKED_TOKENS, ReadTx, Records,
-    SIGNING_KEYS, TOKEN_FAMILIES, WriteTx, device_age_key, device_family_key,
+    ADMIN_TOKENS, BANS, CLIENTS, DEVICE_FAMILIES, DEVICE_GRANT_CODES, DEVICE_GRANTS, DEVICES,
+    DEVICES_BY_AGE, FAMILY_REVOCATIONS, Index, JOBS, PAIRING_SESSIONS, RATE_WINDOWS,
+    REFRESH_TOKENS, REVOKED_TOKENS, ReadTx, Records, SIGNING_KEYS, TOKEN_FAMILIES, WriteTx,
+    device_age_key, device_family_key, device_grant_code_key,
 };
 use writer::{Job, Pending, WriterContext};
 
@@ -352,7 +353,17 @@ impl Store {
         // serializable transaction lets exactly one of them do it.
         let made = Self::postgres_initialise(&db, &sealer, clock)?;
         report.created = made;
-        let version = db.read(|rows| check_meta_rows(rows, &location, &sealer))?;
+        let mut version = db.read(|rows| check_meta_rows(rows, &location, &sealer))?;
+        if (migrate::TABLES_ONLY_FROM..FORMAT_VERSION).contains(&version) {
+            // The tables the newer format adds were made above; only the version is left.
+            Self::postgres_upgrade(&db)?;
+            report.migrated = Some(Migrated {
+                from: version,
+                to: FORMAT_VERSION,
+                steps: migrate::descriptions(version),
+            });
+            version = FORMAT_VERSION;
+        }
         if version != FORMAT_VERSION {
             return Err(StoreError::NoMigration { from: version });
         }
@@ -360,6 +371,31 @@ impl Store {
         let chain = db.read(|rows| ChainKey::load(rows, &sealer))?;
         let store = Self::start(Engine::Postgres(db), &location, sealer, chain, info)?;
         Ok((store, report))
+    }
+
+    /// Records the current format in a database whose older format differs from it only
+    /// by tables `create_tables` has made. Nodes starting at once may all write it.
+    fn postgres_upgrade(db: &Postgres) -> Result<(), StoreError> {
+        for _ in 0..32 {
+            let mut failed = None;
+            let written = db.transact(&mut |rows| match rows.put(
+                tables::META_NAME,
+                META_FORMAT_VERSION,
+                &FORMAT_VERSION.to_le_bytes(),
+            ) {
+                Ok(()) => true,
+                Err(err) => {
+                    failed = Some(err);
+                    false
+                }
+            });
+            match (written, failed) {
+                (Err(StoreError::Conflict), _) | (_, Some(StoreError::Conflict)) => continue,
+                (_, Some(err)) | (Err(err), None) => return Err(err),
+                (Ok(_), None) => return Ok(()),
+            }
+        }
+        Err(StoreError::Conflict)
     }
 
     /// Writes the instance facts and the audit chain key into an empty database;

@@ -10,9 +10,10 @@ use redb::ReadableTable;
 use super::StoreError;
 use super::records::{self, AdminTokenRecord};
 use super::tables::{
-    ADMIN_TOKENS, AUDIT_CHECKPOINT, AUDIT_EVENTS, BANS, CLIENTS, DEVICE_FAMILIES, DEVICES,
-    DEVICES_BY_AGE, FAMILY_REVOCATIONS, FORMAT_VERSION, JOBS, META, META_FORMAT_VERSION,
-    PAIRING_SESSIONS, RATE_WINDOWS, REFRESH_TOKENS, REVOKED_TOKENS, SIGNING_KEYS, TOKEN_FAMILIES,
+    ADMIN_TOKENS, AUDIT_CHECKPOINT, AUDIT_EVENTS, BANS, CLIENTS, DEVICE_FAMILIES,
+    DEVICE_GRANT_CODES, DEVICE_GRANTS, DEVICES, DEVICES_BY_AGE, FAMILY_REVOCATIONS, FORMAT_VERSION,
+    JOBS, META, META_FORMAT_VERSION, PAIRING_SESSIONS, RATE_WINDOWS, REFRESH_TOKENS,
+    REVOKED_TOKENS, SIGNING_KEYS, TOKEN_FAMILIES,
 };
 use super::tx::{device_age_key, device_family_key};
 
@@ -51,7 +52,17 @@ const STEPS: &[(u32, &str, Step)] = &[
         "indexes of each device's token families and of devices by pairing time",
         create_device_indexes,
     ),
+    (
+        8,
+        "a table for device authorization grants and its index by user code",
+        create_device_grant_tables,
+    ),
 ];
+
+/// The first format from which every step only adds tables: a PostgreSQL database at
+/// that format or later is brought up to date by creating the missing tables (which
+/// every start does) and writing the new format version.
+pub(crate) const TABLES_ONLY_FROM: u32 = 8;
 
 /// What a migration did, for the log and the audit trail.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -84,6 +95,15 @@ pub(super) fn run(tx: &redb::WriteTransaction, found: u32) -> Result<Option<Migr
         to: FORMAT_VERSION,
         steps,
     }))
+}
+
+/// What the steps from format `from` to the current one do, in order.
+pub(crate) fn descriptions(from: u32) -> Vec<&'static str> {
+    STEPS
+        .iter()
+        .filter(|(step, _, _)| *step >= from)
+        .map(|(_, description, _)| *description)
+        .collect()
 }
 
 /// Format 1 → 2: rewrite every admin token as a version-2 record, so that only
@@ -184,6 +204,13 @@ fn create_device_indexes(tx: &redb::WriteTransaction) -> Result<(), StoreError> 
             [].as_slice(),
         )?;
     }
+    Ok(())
+}
+
+/// Format 8 → 9: the device grant table and its index, empty.
+fn create_device_grant_tables(tx: &redb::WriteTransaction) -> Result<(), StoreError> {
+    tx.open_table(DEVICE_GRANTS)?;
+    tx.open_table(DEVICE_GRANT_CODES)?;
     Ok(())
 }
 

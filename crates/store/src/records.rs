@@ -286,6 +286,57 @@ pub enum PairingSessionRecord {
 }
 
 // ---------------------------------------------------------------------------------------
+// Device authorization grants (`device_grants.v1`)
+
+/// One RFC 8628 device authorization request and what became of it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceGrant {
+    /// SHA-256 of the device code's secret part; the secret itself is never stored.
+    pub secret_hash: [u8; 32],
+    /// SHA-256 of the normalised user code (also the key of its index row).
+    pub user_code_hash: [u8; 32],
+    /// The `client_id` the device sent, if any: shown to the operator, never trusted.
+    pub client_id: Option<String>,
+    /// The client address the request came from.
+    pub requested_from: String,
+    pub created_at_ms: u64,
+    pub expires_at_ms: u64,
+    /// The polling interval the device must keep, in seconds (raised by `slow_down`).
+    pub interval_secs: u32,
+    pub last_poll_ms: Option<u64>,
+    pub state: DeviceGrantState,
+}
+
+/// Where a device grant stands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DeviceGrantState {
+    /// Waiting for an operator.
+    Pending,
+    /// Approved: the device exists; its first tokens wait for the device's next poll.
+    Approved {
+        device_id: String,
+        /// Who approved: an admin token id, a user, or `"cli"`.
+        by: String,
+        at_ms: u64,
+    },
+    Denied {
+        by: String,
+        at_ms: u64,
+    },
+    /// The device took its tokens: the code is spent.
+    Issued {
+        device_id: String,
+        family_id: String,
+        at_ms: u64,
+    },
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum DeviceGrantRecord {
+    V1(DeviceGrant),
+}
+
+// ---------------------------------------------------------------------------------------
 // Devices (`devices.v1`)
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -690,6 +741,7 @@ single_version_codec! {
     encode_signing_key_private, decode_signing_key_private, SigningKeyPrivateRecord, SigningKeyPrivate;
     encode_pairing_session, decode_pairing_session, PairingSessionRecord, PairingSession;
     encode_device, decode_device, DeviceRecord, Device;
+    encode_device_grant, decode_device_grant, DeviceGrantRecord, DeviceGrant;
     encode_token_family, decode_token_family, TokenFamilyRecord, TokenFamily;
     encode_refresh_token, decode_refresh_token, RefreshTokenRecord, RefreshToken;
     encode_revoked_token, decode_revoked_token, RevokedTokenRecord, RevokedToken;
@@ -789,6 +841,22 @@ mod tests {
                                            expires_at_ms: times[3], created_by: platform,
                                            claimed_at_ms: revoked, device_id: None };
             prop_assert_eq!(decode_pairing_session(&encode_pairing_session(&session)).unwrap(), session);
+        }
+
+        #[test]
+        fn device_grant_round_trip(hashes in any::<[[u8; 32]; 2]>(), times in any::<[u64; 4]>(),
+                                   interval in any::<u32>(), client in proptest::option::of(".{0,64}"),
+                                   last in any::<Option<u64>>(), state in 0u8..4, text in ".{0,40}") {
+            let state = match state {
+                0 => DeviceGrantState::Pending,
+                1 => DeviceGrantState::Approved { device_id: text.clone(), by: "operator".into(), at_ms: times[2] },
+                2 => DeviceGrantState::Denied { by: text.clone(), at_ms: times[3] },
+                _ => DeviceGrantState::Issued { device_id: text.clone(), family_id: "fam_x".into(), at_ms: times[2] },
+            };
+            let grant = DeviceGrant { secret_hash: hashes[0], user_code_hash: hashes[1], client_id: client,
+                                      requested_from: text, created_at_ms: times[0], expires_at_ms: times[1],
+                                      interval_secs: interval, last_poll_ms: last, state };
+            prop_assert_eq!(decode_device_grant(&encode_device_grant(&grant)).unwrap(), grant);
         }
 
         #[test]

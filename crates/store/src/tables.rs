@@ -8,7 +8,7 @@
 use redb::TableDefinition;
 
 /// The format version this build writes. Files with a higher version are refused.
-pub const FORMAT_VERSION: u32 = 8;
+pub const FORMAT_VERSION: u32 = 9;
 
 /// Instance facts: format version, instance id, creation time, master-key check value.
 /// Keys are the `META_*` constants. `format_version` is 4 bytes little-endian so that it
@@ -111,6 +111,16 @@ pub(crate) const DEVICE_FAMILIES: TableDefinition<&str, &[u8]> =
 pub(crate) const DEVICES_BY_AGE: TableDefinition<&str, &[u8]> =
     TableDefinition::new("devices_by_age.v1");
 
+/// Device authorization grants (RFC 8628) by grant id (`dg_…`). Values:
+/// `DeviceGrantRecord`.
+pub(crate) const DEVICE_GRANTS: TableDefinition<&str, &[u8]> =
+    TableDefinition::new("device_grants.v1");
+
+/// Index: grants by user code, so an operator's typed code finds its grant. Keys: the
+/// lowercase hex SHA-256 of the normalised user code, `/`, the grant id. Values: empty.
+pub(crate) const DEVICE_GRANT_CODES: TableDefinition<&str, &[u8]> =
+    TableDefinition::new("device_grant_codes.v1");
+
 /// Names of every table this format version has, for backups, counts and checks.
 pub const ALL_TABLES: &[&str] = &[
     "meta",
@@ -131,6 +141,8 @@ pub const ALL_TABLES: &[&str] = &[
     "family_revocations.v1",
     "device_families.v1",
     "devices_by_age.v1",
+    "device_grants.v1",
+    "device_grant_codes.v1",
 ];
 
 /// Creates every table of the format that `tx` does not have yet, each with its key

@@ -10,8 +10,9 @@ use super::StoreError;
 use super::audit_chain::{self, AuditFilter, AuditPage, ChainKey, ChainReport, HeadCache, Pruned};
 use super::records::{
     self, AcmeAccount, AcmeCertificate, AcmeChallenge, AcmeOrderLease, AdminToken, AdminUser, Ban,
-    Client, DecodeError, Device, FamilyRevocation, JobState, PairingSession, RateWindow,
-    RefreshToken, RevokedToken, SelfSignedCert, SigningKey, SigningKeyPrivate, TokenFamily,
+    Client, DecodeError, Device, DeviceGrant, FamilyRevocation, JobState, PairingSession,
+    RateWindow, RefreshToken, RevokedToken, SelfSignedCert, SigningKey, SigningKeyPrivate,
+    TokenFamily,
 };
 use super::records::{AuditEntry, ChainHead, ChainPlace};
 use super::rows::{CHUNK, Rows, RowsMut, Scan};
@@ -63,6 +64,8 @@ records_table!(pub PAIRING_SESSIONS: PairingSession = "pairing_sessions.v1",
     records::encode_pairing_session, records::decode_pairing_session);
 records_table!(pub DEVICES: Device = "devices.v1",
     records::encode_device, records::decode_device);
+records_table!(pub DEVICE_GRANTS: DeviceGrant = "device_grants.v1",
+    records::encode_device_grant, records::decode_device_grant);
 records_table!(pub TOKEN_FAMILIES: TokenFamily = "token_families.v1",
     records::encode_token_family, records::decode_token_family);
 records_table!(
@@ -111,6 +114,23 @@ pub static DEVICE_FAMILIES: Index = Index {
 pub static DEVICES_BY_AGE: Index = Index {
     name: "devices_by_age.v1",
 };
+
+/// Device grants by user code: keys from `device_grant_code_key`.
+pub static DEVICE_GRANT_CODES: Index = Index {
+    name: "device_grant_codes.v1",
+};
+
+/// The `DEVICE_GRANT_CODES` key of a grant: the user code's hash first, so that a
+/// prefix read finds the grant of a typed code.
+pub fn device_grant_code_key(user_code_hash: &[u8; 32], grant: &str) -> String {
+    let mut key = String::with_capacity(64 + 1 + grant.len());
+    for byte in user_code_hash {
+        key.push_str(&format!("{byte:02x}"));
+    }
+    key.push('/');
+    key.push_str(grant);
+    key
+}
 
 /// The `DEVICE_FAMILIES` key of one family of one device.
 pub fn device_family_key(device: &str, family: &str) -> String {

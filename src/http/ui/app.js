@@ -286,6 +286,7 @@ function every(ms, work) {
 const PAGES = {
   overview: { title: 'Overview', load: loadOverview },
   pairing: { title: 'Pairing', load: loadPairing },
+  device: { title: 'Device codes', load: loadDeviceCode },
   devices: { title: 'Devices', load: loadDevices },
   audit: { title: 'Audit log', load: loadAudit },
   front: { title: 'Front door', load: loadFront },
@@ -875,6 +876,89 @@ async function rotateKeys() {
   });
 }
 
+// ---------------------------------------------------------------- device codes
+
+// A user code that arrived in the address (`/admin/device?user_code=…`, the device
+// grant's verification_uri_complete), to fill in once signed in; it approves nothing.
+let arrivedUserCode = null;
+
+/** Moves `/admin/device?user_code=X` to `/admin/#device`, keeping the code for the form. */
+function deviceFromAddress() {
+  if (!/\/device$/.test(location.pathname)) return;
+  const code = new URLSearchParams(location.search).get('user_code');
+  if (code) arrivedUserCode = code.slice(0, 32);
+  history.replaceState(null, '', `${location.pathname.replace(/device$/, '')}#device`);
+}
+
+function loadDeviceCode() {
+  $('device-grant').hidden = true;
+  if (arrivedUserCode) {
+    $('device-code').value = arrivedUserCode;
+    arrivedUserCode = null;
+    lookUpDeviceCode();
+  }
+}
+
+async function lookUpDeviceCode(event) {
+  if (event) event.preventDefault();
+  const code = $('device-code').value.trim();
+  if (!code) {
+    say('Type the code the device shows.', 'error');
+    return;
+  }
+  try {
+    const grant = await api('POST', '/v1/device_grants/lookup', { user_code: code });
+    if (currentPage !== 'device') return;
+    showGrant(grant);
+  } catch (err) {
+    $('device-grant').hidden = true;
+    if (err.status !== 401) say(err.message, 'error');
+  }
+}
+
+const GRANT_STATUS = {
+  pending: 'Waiting for your decision',
+  approved: 'Approved; the device has not taken its tokens yet',
+  issued: 'Approved, and the device took its tokens',
+  denied: 'Denied',
+  expired: 'Expired before anyone decided',
+};
+
+function showGrant(grant) {
+  const facts = $('device-grant-facts');
+  facts.replaceChildren();
+  definition(facts, 'Status', GRANT_STATUS[grant.status] || grant.status);
+  definition(facts, 'Calls itself', grant.client_id || el('span', { className: 'muted' }, 'nothing'));
+  definition(facts, 'Asked from', grant.requested_from);
+  definition(facts, 'Asked at', time(grant.created_at));
+  definition(facts, 'Code expires', time(grant.expires_at));
+  if (grant.device_id) definition(facts, 'Device', `${grant.device_name || ''} (${grant.device_id})`);
+  const open = grant.status === 'pending';
+  $('device-decide').hidden = !open;
+  if (open) $('device-name').value = grant.client_id || '';
+  $('device-grant').hidden = false;
+}
+
+async function decideDeviceCode(approve) {
+  const body = { user_code: $('device-code').value.trim() };
+  const name = $('device-name').value.trim();
+  if (approve && name) body.name = name;
+  const buttons = [$('device-approve'), $('device-deny')];
+  for (const b of buttons) b.disabled = true;
+  try {
+    const grant = await api('POST', approve ? '/v1/device_grants/approve' : '/v1/device_grants/deny', body);
+    if (currentPage !== 'device') return;
+    showGrant(grant);
+    say(approve
+      ? `Approved: ${grant.device_name} is a device now, and gets its tokens at its next poll.`
+      : 'Denied: the device is told so at its next poll.');
+  } catch (err) {
+    if (err.status !== 401) say(err.message, 'error');
+  } finally {
+    for (const b of buttons) b.disabled = false;
+  }
+}
+
 // ---------------------------------------------------------------- start
 
 function wire() {
@@ -894,6 +978,9 @@ function wire() {
   $('pairing-form').addEventListener('submit', openPairing);
   $('pairing-again-cancel').addEventListener('click', cancelPairAgain);
   $('pairing-copy').addEventListener('click', copyUri);
+  $('device-form').addEventListener('submit', lookUpDeviceCode);
+  $('device-approve').addEventListener('click', () => decideDeviceCode(true));
+  $('device-deny').addEventListener('click', () => decideDeviceCode(false));
   $('devices-search').addEventListener('input', renderDevices);
   $('audit-form').addEventListener('submit', (event) => { event.preventDefault(); stopPage(); loadAudit(); });
   $('audit-live').addEventListener('change', () => { stopPage(); loadAudit(); });
@@ -909,6 +996,7 @@ function wire() {
 
 async function start() {
   wire();
+  deviceFromAddress();
   if (setupFromAddress()) return;
   try {
     const current = await api('GET', '/v1/session');

@@ -1,0 +1,148 @@
+// The device authorization grant (RFC 8628) driven by an independent, maintained OAuth
+// client, oauth4webapi: discovery through the RFC 8414 metadata, the device authorization
+// request, polling the token endpoint until an operator approves with
+// `gatehouse pair approve`, the token response as the client validates it, a refresh, and
+// the refusals: `authorization_pending`, `slow_down` (and its longer interval),
+// `access_denied` after `gatehouse pair deny`, and `invalid_grant` for a device code
+// used twice. TLS is real: the client trusts only the server's self-signed certificate,
+// read from the handshake.
+//
+// Run from the repository root after `cargo build`:
+//   (cd tests/e2e && npm install) && node tests/e2e/device_grant.mjs
+// Environment: GATEHOUSE_BIN (default target/debug/gatehouse).
+
+import { spawnSync } from 'node:child_process';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { connect } from 'node:tls';
+import assert from 'node:assert/strict';
+import * as oauth from 'oauth4webapi';
+import { Agent, fetch as undiciFetch } from 'undici';
+import { bin, serverEnv, startServer } from './server.mjs';
+
+/** The server's certificate as PEM, read from a TLS handshake with it. */
+function certificateOf(url) {
+  const { hostname, port } = new URL(url);
+  return new Promise((done, fail) => {
+    const socket = connect({ host: hostname, port: Number(port), rejectUnauthorized: false }, () => {
+      const der = socket.getPeerCertificate().raw;
+      socket.end();
+      const b64 = der.toString('base64').match(/.{1,64}/g).join('\n');
+      done(`-----BEGIN CERTIFICATE-----\n${b64}\n-----END CERTIFICATE-----\n`);
+    });
+    socket.on('error', fail);
+  });
+}
+
+/** `gatehouse ARGS` against the running server (through its admin socket). */
+function cli(dir, ...args) {
+  const done = spawnSync(bin, ['--data', join(dir, 'gatehouse.redb'), ...args], {
+    env: serverEnv(), encoding: 'utf8', timeout: 30000,
+  });
+  return done;
+}
+
+const sleep = (ms) => new Promise((done) => setTimeout(done, ms));
+
+/** The error code a refused poll carried, as oauth4webapi reports it. */
+async function pollError(as, client, options, deviceCode) {
+  const response = await oauth.deviceCodeGrantRequest(as, client, oauth.None(), deviceCode, options);
+  try {
+    await oauth.processDeviceCodeResponse(as, client, response);
+  } catch (err) {
+    assert.ok(err instanceof oauth.ResponseBodyError, `not an OAuth error: ${err}`);
+    assert.equal(err.status, 400);
+    return err.error;
+  }
+  assert.fail('the poll was answered with tokens');
+}
+
+async function main() {
+  const dir = mkdtempSync(join(tmpdir(), 'gatehouse-device-grant-'));
+  // A short interval keeps the run short; slow_down still adds its 5 seconds.
+  const server = await startServer(dir, [], { GATEHOUSE_PAIRING_DEVICE_POLL_INTERVAL: '1s' });
+  try {
+    const ca = await certificateOf(server.url);
+    const dispatcher = new Agent({ connect: { ca } });
+    const options = { [oauth.customFetch]: (url, init) => undiciFetch(url, { ...init, dispatcher }) };
+    const issuer = new URL(server.url);
+
+    const as = await oauth.processDiscoveryResponse(
+      issuer,
+      await oauth.discoveryRequest(issuer, { ...options, algorithm: 'oauth2' }),
+    );
+    assert.equal(as.device_authorization_endpoint, `${server.url}/v1/device_authorization`);
+    assert.ok(as.grant_types_supported.includes('urn:ietf:params:oauth:grant-type:device_code'));
+    const client = { client_id: 'e2e-tv' };
+
+    // Ask, poll once (pending), have the operator approve, poll after the interval.
+    const asked = await oauth.processDeviceAuthorizationResponse(
+      as, client,
+      await oauth.deviceAuthorizationRequest(as, client, oauth.None(), {}, options),
+    );
+    assert.match(asked.user_code, /^[BCDFGHJKLMNPQRSTVWXZ]{4}-[BCDFGHJKLMNPQRSTVWXZ]{4}$/);
+    assert.equal(asked.verification_uri, `${server.url}/admin/device`);
+    assert.equal(asked.verification_uri_complete, `${server.url}/admin/device?user_code=${asked.user_code}`);
+    assert.equal(asked.interval, 1);
+    assert.equal(asked.expires_in, 600);
+    assert.equal(await pollError(as, client, options, asked.device_code), 'authorization_pending');
+
+    const approved = cli(dir, 'pair', 'approve', asked.user_code.toLowerCase(), '--name', 'Living-room TV');
+    assert.equal(approved.status, 0, approved.stderr);
+    assert.match(approved.stdout, /^approved: device dev_[0-9a-f]{32} \(Living-room TV\)/);
+    const device = approved.stdout.match(/dev_[0-9a-f]{32}/)[0];
+
+    await sleep(1100);
+    const tokens = await oauth.processDeviceCodeResponse(
+      as, client,
+      await oauth.deviceCodeGrantRequest(as, client, oauth.None(), asked.device_code, options),
+    );
+    assert.equal(tokens.token_type, 'bearer');
+    assert.equal(typeof tokens.access_token, 'string');
+    assert.equal(typeof tokens.refresh_token, 'string');
+    assert.equal(tokens.device_id, device);
+    const [, payload] = tokens.access_token.split('.');
+    const claims = JSON.parse(Buffer.from(payload, 'base64url').toString());
+    assert.equal(claims.sub, device);
+    assert.equal(claims.iss, server.url);
+
+    // The refresh grant through the same client.
+    const refreshed = await oauth.processRefreshTokenResponse(
+      as, client,
+      await oauth.refreshTokenGrantRequest(as, client, oauth.None(), tokens.refresh_token, options),
+    );
+    assert.notEqual(refreshed.refresh_token, tokens.refresh_token);
+
+    // The device code again: spent, and what it issued is revoked.
+    await sleep(1100);
+    assert.equal(await pollError(as, client, options, asked.device_code), 'invalid_grant');
+    const revoked = await oauth.refreshTokenGrantRequest(as, client, oauth.None(), refreshed.refresh_token, options);
+    await assert.rejects(oauth.processRefreshTokenResponse(as, client, revoked), (err) => err.error === 'invalid_grant');
+
+    // Polling too fast, then a denial.
+    const second = await oauth.processDeviceAuthorizationResponse(
+      as, client,
+      await oauth.deviceAuthorizationRequest(as, client, oauth.None(), { scope: 'ignored' }, options),
+    );
+    assert.equal(await pollError(as, client, options, second.device_code), 'authorization_pending');
+    assert.equal(await pollError(as, client, options, second.device_code), 'slow_down');
+    const denied = cli(dir, 'pair', 'deny', second.user_code);
+    assert.equal(denied.status, 0, denied.stderr);
+    // slow_down made the interval 6 seconds.
+    await sleep(6100);
+    assert.equal(await pollError(as, client, options, second.device_code), 'access_denied');
+    const again = cli(dir, 'pair', 'deny', second.user_code);
+    assert.notEqual(again.status, 0, 'a user code is used once');
+
+    // A device code that was never issued.
+    const forged = `${second.device_code.split('.')[0]}.${'A'.repeat(43)}`;
+    assert.equal(await pollError(as, client, options, forged), 'invalid_grant');
+    console.log('device grant through oauth4webapi: ok');
+  } finally {
+    server.child.kill('SIGTERM');
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+await main();
