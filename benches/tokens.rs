@@ -164,6 +164,7 @@ impl Instance {
                     &session.session_id.to_string(),
                     &session.secret,
                     &device,
+                    None,
                     &operator,
                 )
                 .await
@@ -194,7 +195,7 @@ impl Instance {
     /// One new access token, never verified.
     fn issue(&self) -> String {
         self.authority()
-            .issue_access(self.device, self.family)
+            .issue_access(self.device, self.family, None)
             .unwrap()
     }
 
@@ -345,7 +346,7 @@ fn algorithm(c: &mut Criterion, name: &str, instance: &Instance, raw: &RawKey, c
     group.bench_function("issue_access", |b| {
         b.iter_custom(|iters| {
             timed(&id, iters, || {
-                black_box(authority.issue_access(device, family).unwrap());
+                black_box(authority.issue_access(device, family, None).unwrap());
             })
         });
     });
@@ -572,7 +573,7 @@ fn ratios(name: &str, instance: &Instance, raw: &RawKey, out: &mut Vec<Paired>) 
             at = (at + 1) % messages.len();
         },
         |(), _| {
-            black_box(authority.issue_access(device, family).unwrap());
+            black_box(authority.issue_access(device, family, None).unwrap());
         },
     ));
     let mut at = 0;

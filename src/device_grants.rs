@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::audit::{self, Actor, Event, Origin, Severity};
 use crate::clock::{SharedClock, format_rfc3339, millis};
+use crate::dpop::Jkt;
 use crate::error_kind::{Classify, ErrorKind};
 use crate::ids::{
     DeviceGrantId, DeviceId, RandomError, Secret, credential_name, hash_matches, random_bytes,
@@ -81,6 +82,11 @@ pub enum DeviceGrantError {
     BadName(String),
     #[error("bad client_id: {0}")]
     BadClientId(String),
+    #[error(
+        "this server binds every device's tokens to its key (tokens.require_dpop): send a DPoP \
+         proof with the request"
+    )]
+    DpopRequired,
     #[error("too many device authorization requests from this address")]
     RateLimited(Box<Limited>),
     #[error("this address is locked out")]
@@ -102,7 +108,8 @@ impl Classify for DeviceGrantError {
             | Self::Expired
             | Self::InvalidGrant
             | Self::BadName(_)
-            | Self::BadClientId(_) => ErrorKind::Invalid,
+            | Self::BadClientId(_)
+            | Self::DpopRequired => ErrorKind::Invalid,
             Self::UnknownCode => ErrorKind::NotFound,
             Self::Decided(_) => ErrorKind::Conflict,
             Self::CodeExpired => ErrorKind::Gone,
@@ -123,6 +130,7 @@ impl Classify for DeviceGrantError {
             Self::Expired => "expired_token",
             Self::InvalidGrant => "invalid_grant",
             Self::BadClientId(_) => "invalid_request",
+            Self::DpopRequired => "invalid_dpop_proof",
             Self::UnknownCode => "unknown_user_code",
             Self::Token(err) => err.code(),
             other => other.kind().code(),
@@ -294,9 +302,13 @@ impl DeviceGrants {
 
     /// The device's poll (RFC 8628 section 3.4): its first token pair once an operator
     /// approved it, else the error that says why not.
+    ///
+    /// The tokens are bound to `binding` (the key of the request's checked DPoP proof)
+    /// if there is one.
     pub async fn poll(
         &self,
         device_code: &str,
+        binding: Option<Jkt>,
         origin: &Origin,
     ) -> Result<TokenPair, DeviceGrantError> {
         let peer = origin.source.unwrap_or(IpAddr::from([0, 0, 0, 0]));
@@ -339,7 +351,10 @@ impl DeviceGrants {
             },
             DeviceGrantState::Approved { device_id, .. } => {
                 let device = DeviceId::parse(&device_id).ok_or(DeviceGrantError::InvalidGrant)?;
-                self.issue(id, device, origin, now).await
+                if binding.is_none() && self.tokens.settings().require_dpop {
+                    return Err(DeviceGrantError::DpopRequired);
+                }
+                self.issue(id, device, binding, origin, now).await
             }
         }
     }
@@ -381,10 +396,11 @@ impl DeviceGrants {
         &self,
         id: DeviceGrantId,
         device: DeviceId,
+        binding: Option<Jkt>,
         origin: &Origin,
         now: u64,
     ) -> Result<TokenPair, DeviceGrantError> {
-        let family = NewFamily::generate()?;
+        let family = NewFamily::generate()?.bound_to(binding);
         let stored_family = family.clone();
         let tokens = self.tokens.clone();
         let key = id.to_string();
@@ -428,9 +444,12 @@ impl DeviceGrants {
             Polled::Issued => {
                 self.tokens.family_committed(family.family);
                 tracing::info!(grant = %id, %device, "device paired by a device grant");
-                Ok(self
-                    .tokens
-                    .pair_for(device, family.family, family.refresh)?)
+                Ok(self.tokens.pair_for(
+                    device,
+                    family.family,
+                    family.refresh,
+                    family.binding.as_ref(),
+                )?)
             }
             // Spent by a concurrent poll, expired, or the device revoked meanwhile.
             Polled::Changed | Polled::Gone | Polled::Pending | Polled::SlowDown(_) => {

@@ -26,6 +26,7 @@ use ring::rand::SystemRandom;
 use ring::signature::{self as sig, KeyPair as _};
 use serde::{Deserialize, Serialize};
 
+use crate::dpop::Jkt;
 use crate::ids::{DeviceId, FamilyId, TokenId};
 
 /// The longest token accepted anywhere; longer input is refused before it is decoded.
@@ -252,6 +253,17 @@ pub struct AccessClaims {
     pub sid: FamilyId,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scope: Option<String>,
+    /// The key the token is bound to (DPoP, RFC 9449 section 6): only a request with a
+    /// proof signed by it may use the token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cnf: Option<Confirmation>,
+}
+
+/// RFC 7800's confirmation claim, as DPoP uses it: the bound key's thumbprint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Confirmation {
+    pub jkt: Jkt,
 }
 
 /// The `typ` of the assertions the front door adds to requests for an app
@@ -414,6 +426,7 @@ mod tests {
             jti: TokenId::from_bytes([2; 16]),
             sid: FamilyId::from_bytes([3; 16]),
             scope: None,
+            cnf: None,
         }
     }
 

@@ -13,7 +13,7 @@
 //! - `cli::main`, for the `gatehouse` binary;
 //! - the layers the integration tests, benches and fuzz targets drive directly: `app`
 //!   (start and stop a server), `config`, `services` and the domain modules they hold,
-//!   `http` (the router), `schedule`, `backup`, and the leaves `ids`, `jwt`, `clock` and
+//!   `http` (the router), `schedule`, `backup`, and the leaves `ids`, `jwt`, `dpop`, `clock` and
 //!   `store`.
 //!
 //! Within each exported module only the items those callers use are `pub`.
@@ -52,6 +52,7 @@ pub mod tokens;
 
 // The leaves.
 pub mod config;
+pub mod dpop;
 mod error_kind;
 pub mod ids;
 pub mod jwt;

@@ -22,6 +22,7 @@ use serde::Serialize;
 use crate::audit::{self, Actor, Event, Origin};
 use crate::clock::{SharedClock, format_rfc3339, millis};
 use crate::config::PAIRING_MAX_TTL;
+use crate::dpop::Jkt;
 use crate::error_kind::{Classify, ErrorKind};
 use crate::ids::FamilyId;
 use crate::ids::{DeviceId, RandomError, Secret, SessionId, hash_matches, secret_hash};
@@ -81,6 +82,11 @@ pub enum PairingError {
     BadName(String),
     #[error("bad device description: {0}")]
     BadDevice(String),
+    #[error(
+        "this server binds every device's tokens to its key (tokens.require_dpop): send a DPoP \
+         proof with the request"
+    )]
+    DpopRequired,
     #[error(transparent)]
     Random(#[from] RandomError),
     #[error(transparent)]
@@ -98,7 +104,9 @@ impl Classify for PairingError {
             Self::UnknownSession | Self::UnknownDevice(_) => ErrorKind::NotFound,
             Self::DeviceRevoked(_) => ErrorKind::Conflict,
             Self::Closed | Self::SecretUnavailable => ErrorKind::Gone,
-            Self::BadTtl(_) | Self::BadName(_) | Self::BadDevice(_) => ErrorKind::Invalid,
+            Self::BadTtl(_) | Self::BadName(_) | Self::BadDevice(_) | Self::DpopRequired => {
+                ErrorKind::Invalid
+            }
             Self::Unreachable(..) => ErrorKind::Conflict,
             Self::Token(err) => err.kind(),
             Self::Random(_) => ErrorKind::Internal,
@@ -111,6 +119,7 @@ impl Classify for PairingError {
             // The documented code of every failed claim (schema/openapi.yaml).
             Self::Rejected => "pairing_failed",
             Self::Unreachable(..) => "server_unreachable",
+            Self::DpopRequired => "invalid_dpop_proof",
             Self::Token(err) => err.code(),
             other => other.kind().code(),
         }
@@ -431,14 +440,19 @@ impl PairingSessions {
             .remove(id);
     }
 
-    /// Claims a session with its secret: creates the device and returns its tokens.
+    /// Claims a session with its secret: creates the device and returns its tokens,
+    /// bound to `binding` (the key of the request's checked DPoP proof) if there is one.
     pub async fn pair(
         &self,
         session_id: &str,
         secret: &str,
         device: &DeviceInfo,
+        binding: Option<Jkt>,
         origin: &Origin,
     ) -> Result<TokenPair, PairingError> {
+        if binding.is_none() && self.tokens.settings().require_dpop {
+            return Err(PairingError::DpopRequired);
+        }
         let peer = origin.source.unwrap_or(IpAddr::from([0, 0, 0, 0]));
         if let Some(left) = self.lockout.banned(peer) {
             return Err(PairingError::Banned(left));
@@ -491,7 +505,7 @@ impl PairingSessions {
             Some(id) => id,
             None => DeviceId::generate()?,
         };
-        let family = NewFamily::generate()?;
+        let family = NewFamily::generate()?.bound_to(binding);
         let stored_family = family.clone();
         let tokens = self.tokens.clone();
         let key = session_id.to_string();
@@ -566,9 +580,12 @@ impl PairingSessions {
                 self.tokens.families_ended(replaced);
                 self.tokens.family_committed(family.family);
                 tracing::info!(%session_id, device = %device_id, peer, "device paired");
-                Ok(self
-                    .tokens
-                    .pair_for(device_id, family.family, family.refresh)?)
+                Ok(self.tokens.pair_for(
+                    device_id,
+                    family.family,
+                    family.refresh,
+                    family.binding.as_ref(),
+                )?)
             }
             Claim::Lost => Err(self
                 .refuse(origin, Some(&session_id), "claimed concurrently", false)

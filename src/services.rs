@@ -17,6 +17,7 @@ use crate::config::Rate;
 use crate::config::{Config, MasterKeySource, TlsMode};
 use crate::device_grants::{DeviceGrants, GrantSettings};
 use crate::devices::Devices;
+use crate::dpop::Proofs;
 use crate::ids::RandomError;
 use crate::keys::{KeyError, KeyRing};
 use crate::live::{Changes, LiveConnections};
@@ -52,6 +53,8 @@ pub struct Services {
     pub tokens: Arc<TokenAuthority>,
     pub pairing: Arc<PairingSessions>,
     pub device_grants: Arc<DeviceGrants>,
+    /// DPoP proofs checked, and the ones seen within their window (RFC 9449).
+    pub proofs: Arc<Proofs>,
     pub devices: Devices,
     pub clients: Clients,
     /// Bumped on every revocation and key change; live connections watch it.
@@ -113,6 +116,7 @@ impl Services {
             access_ttl: config.tokens.access_ttl,
             refresh_ttl: config.tokens.refresh_ttl,
             leeway: config.tokens.leeway,
+            require_dpop: config.tokens.require_dpop,
         };
         let changes = Changes::default();
         let keys = Arc::new(
@@ -224,6 +228,7 @@ impl Services {
             jobs,
             backups,
             tls: None,
+            proofs: Arc::new(Proofs::new(clock.clone(), config.tokens.leeway)),
             admin_tokens: AdminTokens::load(store.clone(), clock.clone())?,
             admin_users: AdminUsers::new(store.clone(), clock.clone()),
             admin_sessions: Arc::new(crate::admin_sessions::AdminSessions::new(

@@ -25,16 +25,17 @@ use serde::Serialize;
 
 use crate::audit::{self, Actor, Event, Origin, Severity};
 use crate::clock::{SharedClock, millis};
+use crate::dpop::Jkt;
 use crate::error_kind::{Classify, ErrorKind};
 use crate::ids::{DeviceId, FamilyId, RandomError, Secret, TokenId};
-use crate::jwt::{self, ACCESS_TOKEN_TYP, AccessClaims, Malformed};
+use crate::jwt::{self, ACCESS_TOKEN_TYP, AccessClaims, Confirmation, Malformed};
 use crate::keys::{KeyError, KeyRing};
 use crate::ratelimit::{Limited, PolicyId, RateLimits, Subject};
 use crate::revocation::{Refusal, RevocationList};
-use crate::store::records::{RefreshToken, TokenFamily};
+use crate::store::records::{FamilyBinding, RefreshToken, TokenFamily};
 use crate::store::{
-    DEVICE_FAMILIES, DEVICES, REFRESH_TOKENS, Store, StoreError, TOKEN_FAMILIES, WriteTx,
-    device_family_key,
+    DEVICE_FAMILIES, DEVICES, FAMILY_BINDINGS, REFRESH_TOKENS, Store, StoreError, TOKEN_FAMILIES,
+    WriteTx, device_family_key,
 };
 
 /// Refresh tokens read `ghr_<43 base64url characters>`.
@@ -48,6 +49,8 @@ pub struct TokenSettings {
     pub access_ttl: Duration,
     pub(crate) refresh_ttl: Duration,
     pub leeway: Duration,
+    /// Pairing and the device code grant refuse a request without a DPoP proof.
+    pub(crate) require_dpop: bool,
     /// The identity tokens were signed with until this start changed it, if it did.
     pub(crate) previous: Option<PreviousIdentity>,
 }
@@ -160,6 +163,12 @@ pub enum TokenError {
     /// Every failed refresh (unknown, expired, spent, revoked): one answer, no oracle.
     #[error("the refresh token is invalid, expired or revoked")]
     InvalidGrant,
+    /// The family is bound to a key (DPoP) and the request has no proof by it.
+    #[error(
+        "this refresh token is bound to a key (DPoP): send a DPoP proof signed by the key it \
+         was issued to"
+    )]
+    DpopKey,
     #[error("too many refreshes for this device")]
     RateLimited(Box<Limited>),
     #[error(transparent)]
@@ -173,7 +182,7 @@ pub enum TokenError {
 impl Classify for TokenError {
     fn kind(&self) -> ErrorKind {
         match self {
-            Self::InvalidGrant => ErrorKind::Invalid,
+            Self::InvalidGrant | Self::DpopKey => ErrorKind::Invalid,
             Self::RateLimited(_) => ErrorKind::RateLimited,
             Self::Key(err) => err.kind(),
             Self::Random(_) => ErrorKind::Internal,
@@ -185,6 +194,8 @@ impl Classify for TokenError {
         match self {
             // RFC 6749 section 5.2 names this code.
             Self::InvalidGrant => "invalid_grant",
+            // RFC 9449 section 5.
+            Self::DpopKey => "invalid_dpop_proof",
             other => other.kind().code(),
         }
     }
@@ -203,6 +214,7 @@ pub struct TokenPair {
     pub(crate) device_id: DeviceId,
     pub(crate) access_token: String,
     pub(crate) refresh_token: String,
+    /// `Bearer`, or `DPoP` for a family bound to the device's key.
     pub(crate) token_type: String,
     pub(crate) expires_in: u64,
 }
@@ -231,6 +243,9 @@ pub(crate) struct Introspection {
     pub(crate) sid: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) scope: Option<String>,
+    /// The key a DPoP-bound token is bound to (RFC 9449 section 6.2).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) cnf: Option<Confirmation>,
 }
 
 /// A new refresh-token family, generated outside the write transaction that stores it
@@ -239,6 +254,8 @@ pub(crate) struct Introspection {
 pub struct NewFamily {
     pub family: FamilyId,
     pub refresh: Secret,
+    /// The key the family is bound to (DPoP), if the device presented a proof.
+    pub binding: Option<Jkt>,
 }
 
 impl NewFamily {
@@ -246,7 +263,13 @@ impl NewFamily {
         Ok(Self {
             family: FamilyId::generate()?,
             refresh: Secret::generate(REFRESH_PREFIX)?,
+            binding: None,
         })
+    }
+
+    /// The same family, bound to the key of a device's DPoP proof.
+    pub(crate) fn bound_to(self, binding: Option<Jkt>) -> Self {
+        Self { binding, ..self }
     }
 }
 
@@ -256,8 +279,17 @@ fn hash_key(secret_hash: &[u8; 32]) -> String {
 
 /// What the refresh transaction decided.
 enum RefreshOutcome {
-    Rotated { device: DeviceId, family: FamilyId },
-    Reused { device: String, family: FamilyId },
+    Rotated {
+        device: DeviceId,
+        family: FamilyId,
+        binding: Option<Jkt>,
+    },
+    /// The family is bound to a key the request did not prove it holds.
+    Unbound,
+    Reused {
+        device: String,
+        family: FamilyId,
+    },
     Refused(&'static str),
 }
 
@@ -386,8 +418,14 @@ impl TokenAuthority {
         &self.settings
     }
 
-    /// Signs a new access token for a device and family.
-    pub fn issue_access(&self, device: DeviceId, family: FamilyId) -> Result<String, TokenError> {
+    /// Signs a new access token for a device and family, bound to `binding` (DPoP) when
+    /// the family is.
+    pub fn issue_access(
+        &self,
+        device: DeviceId,
+        family: FamilyId,
+        binding: Option<&Jkt>,
+    ) -> Result<String, TokenError> {
         let now_s = self.clock.now_ms() / 1000;
         let claims = AccessClaims {
             iss: self.settings.issuer.clone(),
@@ -399,6 +437,7 @@ impl TokenAuthority {
             jti: TokenId::generate()?,
             sid: family,
             scope: None,
+            cnf: binding.map(|jkt| Confirmation { jkt: jkt.clone() }),
         };
         let token = self.keys.sign(&claims)?;
         self.note_issued(family, claims.jti, claims.exp);
@@ -497,6 +536,16 @@ impl TokenAuthority {
                 revoke_reason: None,
             },
         )?;
+        if let Some(jkt) = &new.binding {
+            tx.put(
+                &FAMILY_BINDINGS,
+                &new.family.to_string(),
+                &FamilyBinding {
+                    jkt: jkt.as_str().to_string(),
+                    bound_at_ms: now_ms,
+                },
+            )?;
+        }
         tx.put(
             &REFRESH_TOKENS,
             &hash_key(&new.refresh.hash()),
@@ -549,27 +598,34 @@ impl TokenAuthority {
         self.revocations.family_created(family);
     }
 
-    /// The pair answered to a device: a fresh access token and the given refresh token.
+    /// The pair answered to a device: a fresh access token (bound to `binding`, when the
+    /// family is) and the given refresh token.
     pub(crate) fn pair_for(
         &self,
         device: DeviceId,
         family: FamilyId,
         refresh: Secret,
+        binding: Option<&Jkt>,
     ) -> Result<TokenPair, TokenError> {
         Ok(TokenPair {
             device_id: device,
-            access_token: self.issue_access(device, family)?,
+            access_token: self.issue_access(device, family, binding)?,
             refresh_token: refresh.into_string(),
-            token_type: "Bearer".into(),
+            token_type: if binding.is_some() { "DPoP" } else { "Bearer" }.into(),
             expires_in: self.settings.access_ttl.as_secs(),
         })
     }
 
     /// The refresh grant: spends `presented` and returns a new pair. A spent token
     /// revokes its family (durably) and is refused like any invalid one.
+    ///
+    /// A family bound to a key (DPoP) refreshes only with a proof by that key (`proof`,
+    /// the thumbprint of the key of the request's checked proof); without one, or with
+    /// another key's, nothing is spent and the answer is `invalid_dpop_proof`.
     pub(crate) async fn refresh(
         &self,
         presented: &str,
+        proof: Option<&Jkt>,
         origin: &Origin,
     ) -> Result<TokenPair, TokenError> {
         if !Secret::well_formed(presented, REFRESH_PREFIX) {
@@ -595,6 +651,7 @@ impl TokenAuthority {
         let now = self.clock.now_ms();
         let refresh_ttl = millis(self.settings.refresh_ttl);
         let journaled = self.revocations.journaled();
+        let proof = proof.cloned();
         let outcome = self
             .store
             .write(move |tx| -> Result<RefreshOutcome, StoreError> {
@@ -646,6 +703,20 @@ impl TokenAuthority {
                 if device.revoked_at_ms.is_some() {
                     return refused("device revoked", Some(&device_text));
                 }
+                let binding = match tx.get(&FAMILY_BINDINGS, &token.family_id)? {
+                    None => None,
+                    Some(bound) => {
+                        let bound = Jkt::parse(&bound.jkt);
+                        if bound.is_none() || bound.as_ref() != proof.as_ref() {
+                            let event = Event::failure("token.refresh_failed")
+                                .device(&device_text)
+                                .detail("reason", "no proof by the bound key");
+                            audit::append(tx, &origin, &event, now)?;
+                            return Ok(RefreshOutcome::Unbound);
+                        }
+                        bound
+                    }
+                };
                 token.spent_at_ms = Some(now);
                 tx.put(&REFRESH_TOKENS, &key, &token)?;
                 let expires = now.saturating_add(refresh_ttl);
@@ -673,13 +744,17 @@ impl TokenAuthority {
                 Ok(RefreshOutcome::Rotated {
                     device: device_id,
                     family: family_id,
+                    binding,
                 })
             })
             .await?;
         match outcome {
-            RefreshOutcome::Rotated { device, family } => {
-                self.pair_for(device, family, next_refresh)
-            }
+            RefreshOutcome::Rotated {
+                device,
+                family,
+                binding,
+            } => self.pair_for(device, family, next_refresh, binding.as_ref()),
+            RefreshOutcome::Unbound => Err(TokenError::DpopKey),
             RefreshOutcome::Reused { device, family } => {
                 self.revocations.remember_family(family);
                 tracing::error!(
@@ -808,6 +883,7 @@ impl TokenAuthority {
                 sid: Some(claims.sid.to_string()),
                 // This server issues no scope: a claim it never wrote is not repeated.
                 scope: None,
+                cnf: claims.cnf,
             },
             Err(reason) => {
                 tracing::debug!(reason = reason.code(), "introspection: inactive");
@@ -955,6 +1031,7 @@ mod tests {
                 jti: TokenId::from_bytes([n; 16]),
                 sid: FamilyId::from_bytes([n; 16]),
                 scope: None,
+                cnf: None,
             },
             kid: "k".into(),
         }

@@ -8,6 +8,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use gatehouse::ids::{ClientId, DeviceId, FamilyId, SessionId, TokenId};
+use gatehouse::dpop::Jkt;
 use gatehouse::jwt::{self, AccessClaims};
 use gatehouse::store::records::{
     self, AcmeAccount, AcmeAccountRecord, AcmeCertificate, AcmeCertificateRecord, AcmeChallenge,
@@ -15,7 +16,8 @@ use gatehouse::store::records::{
     AdminTokenRecord, AdminTokenV1, AdminUser, AdminUserRecord, AuditCheckpointRecord,
     AuditCheckpointV1, AuditCheckpointV2, ChainHead, ChainHeadRecord, ChainPlace, ChainStart,
     NodeRecord, AuditEntry, AuditEntryRecord, Ban, BanRecord, Client, ClientRecord,
-    Device, DeviceGrant, DeviceGrantRecord, DeviceGrantState, DeviceRecord, FamilyRevocation, FamilyRevocationRecord, JobState, JobStateRecord,
+    Device, DeviceGrant, DeviceGrantRecord, DeviceGrantState, DeviceRecord, FamilyBinding,
+    FamilyBindingRecord, FamilyRevocation, FamilyRevocationRecord, JobState, JobStateRecord,
     PairingSession, PairingSessionRecord, RateWindow, RateWindowRecord, RefreshToken,
     RefreshTokenRecord, RevokedToken, RevokedTokenRecord, SelfSignedCert, SelfSignedCertRecord,
     SigningKey, SigningKeyPrivate, SigningKeyPrivateRecord, SigningKeyRecord, StoredKeyAlgorithm,
@@ -42,6 +44,7 @@ fn claims(scope: Option<&str>) -> AccessClaims {
         jti: TokenId::from_bytes([0x9c; 16]),
         sid: FamilyId::from_bytes([0x17; 16]),
         scope: scope.map(str::to_string),
+        cnf: None,
     }
 }
 
@@ -68,8 +71,13 @@ fn jwt_parse() -> Vec<(&'static str, Vec<u8>)> {
     duplicate.push(0xFF);
     duplicate.extend_from_slice(claims_json.as_bytes());
 
+    let mut bound_claims = claims(None);
+    bound_claims.cnf = Jkt::parse("0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I")
+        .map(|jkt| jwt::Confirmation { jkt });
+    let bound = jwt::finish(jwt::signing_input(&ed, &bound_claims), &signature(3));
     vec![
         ("eddsa", plain.clone().into_bytes()),
+        ("eddsa_dpop_bound", bound.into_bytes()),
         ("es256_scope", scoped.into_bytes()),
         ("two_segments", format!("{header_b64}.{rest}").into_bytes()),
         ("four_segments", format!("{plain}.AA").into_bytes()),
@@ -333,6 +341,13 @@ fn record_seeds() -> Vec<(&'static str, Vec<u8>)> {
             records::encode(&TokenFamilyRecord::V1(family)),
         ),
         (
+            "family_binding",
+            records::encode(&FamilyBindingRecord::V1(FamilyBinding {
+                jkt: "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I".into(),
+                bound_at_ms: 1_795_000_000_000,
+            })),
+        ),
+        (
             "refresh_token",
             records::encode(&RefreshTokenRecord::V1(refresh)),
         ),
@@ -435,12 +450,39 @@ fn write(dir: &Path, seeds: Vec<(&'static str, Vec<u8>)>) -> io::Result<()> {
     Ok(())
 }
 
+/// DPoP proofs: the structured form (header JSON, 0xFF, claims JSON) for each key type,
+/// and compact ones with a made-up signature.
+fn dpop_proof() -> Vec<(&'static str, Vec<u8>)> {
+    let okp = r#"{"typ":"dpop+jwt","alg":"EdDSA","jwk":{"kty":"OKP","crv":"Ed25519","x":"11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"}}"#;
+    let ec = r#"{"typ":"dpop+jwt","alg":"ES256","jwk":{"kty":"EC","crv":"P-256","x":"l8tFrhx-34tV3hRICRDY9zCkDlpBhF42UQUfWVAWBFs","y":"9VE4jf_Ok_o64zbTTlcuNJajHmt6v9TDVrU0CdvGRDA"}}"#;
+    let claims = r#"{"jti":"e1j3V_bKic8-LAEB","htm":"POST","htu":"https://auth.example.com/v1/token","iat":1795000000,"ath":"fUHyO2r2Z3DZ53EsNrWBb0xWXoaNy59IiKCAqksmQEo"}"#;
+    let structured = |header: &str| {
+        let mut out = header.as_bytes().to_vec();
+        out.push(0xFF);
+        out.extend_from_slice(claims.as_bytes());
+        out
+    };
+    let b64 = data_encoding::BASE64URL_NOPAD;
+    let compact = format!(
+        "{}.{}.{}",
+        b64.encode(okp.as_bytes()),
+        b64.encode(claims.as_bytes()),
+        b64.encode(&signature(4))
+    );
+    vec![
+        ("structured_okp", structured(okp)),
+        ("structured_ec", structured(ec)),
+        ("compact_okp", compact.into_bytes()),
+    ]
+}
+
 fn main() -> io::Result<()> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("seeds");
     write(&root.join("jwt_parse"), jwt_parse())?;
     write(&root.join("ids"), ids())?;
     write(&root.join("records"), record_seeds())?;
     write(&root.join("pairing_input"), pairing_input())?;
+    write(&root.join("dpop_proof"), dpop_proof())?;
     println!("seeds written to {}", root.display());
     Ok(())
 }

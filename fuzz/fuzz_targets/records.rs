@@ -14,7 +14,7 @@ use gatehouse::store::records::{
     self, AcmeAccountRecord, AcmeCertificateRecord, AcmeChallengeRecord, AcmeOrderLeaseRecord,
     AdminToken, AdminTokenRecord, AdminUserRecord,
     AuditCheckpointRecord, AuditEntryRecord, BanRecord, ChainHeadRecord, ClientRecord, DeviceGrantRecord, DeviceRecord,
-    FamilyRevocationRecord, JobStateRecord, PairingSessionRecord, RateWindowRecord,
+    FamilyBindingRecord, FamilyRevocationRecord, JobStateRecord, PairingSessionRecord, RateWindowRecord,
     RefreshTokenRecord, RevokedTokenRecord, SelfSignedCertRecord, SigningKeyPrivateRecord,
     SigningKeyRecord, TokenFamilyRecord,
 };
@@ -39,6 +39,7 @@ fuzz_target!(|data: &[u8]| {
     round_trip::<PairingSessionRecord>(data);
     round_trip::<DeviceRecord>(data);
     round_trip::<DeviceGrantRecord>(data);
+    round_trip::<FamilyBindingRecord>(data);
     round_trip::<TokenFamilyRecord>(data);
     round_trip::<RefreshTokenRecord>(data);
     round_trip::<FamilyRevocationRecord>(data);

@@ -152,6 +152,8 @@ pub(crate) struct TokenConfig {
     pub(crate) device_code_ttl: Duration,
     /// The polling interval a device grant starts with.
     pub(crate) device_poll_interval: Duration,
+    /// Whether pairing and the device code grant need a DPoP proof (bound tokens only).
+    pub(crate) require_dpop: bool,
 }
 
 /// Every rate-limit policy's rate, and the bound on the subjects tracked.

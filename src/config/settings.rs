@@ -689,6 +689,15 @@ pub static SETTINGS: &[Setting] = &[
         |c, v| c.tokens.leeway = v
     ),
     setting!(
+        "tokens.require_dpop",
+        "GATEHOUSE_REQUIRE_DPOP",
+        None,
+        Value("false"),
+        "whether pairing and the device code grant refuse a request without a DPoP proof, so that every token is bound to its device's key",
+        Switch,
+        |c, v| c.tokens.require_dpop = v
+    ),
+    setting!(
         "keys.algorithm",
         "GATEHOUSE_KEY_ALGORITHM",
         None,

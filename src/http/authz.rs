@@ -22,6 +22,7 @@
 //! banning the address would ban a client for its app's clock. A refusal is a debug log
 //! line and a counter (by class: no token, invalid, expired, revoked).
 
+use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -35,12 +36,12 @@ use super::AppState;
 use super::client_addr::ForwardedBy;
 use super::error::ApiError;
 use super::extract::{
-    BEARER_CHALLENGE as CHALLENGE, BEARER_CHALLENGE_INVALID as CHALLENGE_INVALID, Presented,
-    presented,
+    BEARER_CHALLENGE as CHALLENGE, BEARER_CHALLENGE_INVALID as CHALLENGE_INVALID,
+    DPOP_CHALLENGE_INVALID, Presented, dpop_header, holder_checked, presented,
 };
 use super::security::RequestId;
 use crate::ids::DeviceId;
-use crate::tokens::Rejection;
+use crate::tokens::{Rejection, Verified};
 
 /// This resource's routes. `get` answers HEAD too, which some proxies send.
 pub(super) fn routes() -> Router<AppState> {
@@ -60,6 +61,9 @@ enum Refused {
     Invalid,
     Expired,
     Revoked,
+    /// A DPoP-bound token without a valid proof by its key, or an unbound one sent as
+    /// DPoP.
+    Unbound,
 }
 
 impl Refused {
@@ -89,12 +93,20 @@ impl Refused {
             Self::Invalid => 2,
             Self::Expired => 3,
             Self::Revoked => 4,
+            Self::Unbound => 5,
         }
     }
 }
 
 /// The `outcome` labels, by slot (0 is a success).
-const OUTCOMES: [&str; 5] = ["allowed", "no_token", "invalid_token", "expired", "revoked"];
+const OUTCOMES: [&str; 6] = [
+    "allowed",
+    "no_token",
+    "invalid_token",
+    "expired",
+    "revoked",
+    "invalid_dpop_proof",
+];
 
 /// The original methods counted by name; any other is `other`, none (or one from a peer
 /// that is not a trusted proxy) `unknown`.
@@ -189,13 +201,10 @@ async fn authz(State(state): State<AppState>, request: Request) -> Response {
         .get::<RequestId>()
         .map(RequestId::as_str);
     let checked = match presented(request.headers()) {
-        Presented::Nothing => Err((Refused::NoToken, "no bearer token")),
-        Presented::Unreadable => Err((Refused::Invalid, "unreadable authorization")),
-        Presented::Bearer(token) => state
-            .services
-            .tokens
-            .verify(token)
-            .map_err(|rejection| (Refused::of(rejection), rejection.code())),
+        Presented::Nothing => Err((Refused::NoToken, "no bearer token".into())),
+        Presented::Unreadable => Err((Refused::Invalid, "unreadable authorization".into())),
+        Presented::Bearer(token) => check(&state, &request, token, false),
+        Presented::Dpop(token) => check(&state, &request, token, true),
     };
     match checked {
         Ok(verified) => {
@@ -218,7 +227,7 @@ async fn authz(State(state): State<AppState>, request: Request) -> Response {
         Err((refused, reason)) => {
             state.authz.count(refused.slot(), original.method);
             tracing::debug!(
-                reason,
+                reason = %reason,
                 request_id,
                 client = ?client,
                 method = original.method,
@@ -229,6 +238,53 @@ async fn authz(State(state): State<AppState>, request: Request) -> Response {
             refusal(refused)
         }
     }
+}
+
+/// Verifies `token`, then that it is used as its binding says: a DPoP-bound token with a
+/// proof for the original request, which only a trusted proxy can describe.
+fn check(
+    state: &AppState,
+    request: &Request,
+    token: &str,
+    as_dpop: bool,
+) -> Result<Verified, (Refused, Cow<'static, str>)> {
+    let verified = state
+        .services
+        .tokens
+        .verify(token)
+        .map_err(|rejection| (Refused::of(rejection), rejection.code().into()))?;
+    let forwarded = request.extensions().get::<ForwardedBy>().is_some();
+    let headers = request.headers();
+    let read = |forwarded: &str, original: &str| {
+        headers
+            .get(forwarded)
+            .or_else(|| headers.get(original))
+            .and_then(|v| v.to_str().ok())
+    };
+    let method = read("x-forwarded-method", "x-original-method").filter(|_| forwarded);
+    let uri = match (
+        forwarded,
+        read("x-forwarded-host", "x-original-host"),
+        read("x-forwarded-uri", "x-original-uri"),
+    ) {
+        (true, Some(host), Some(uri)) => {
+            let proto = read("x-forwarded-proto", "x-original-proto").unwrap_or("https");
+            Some(format!("{proto}://{host}{uri}"))
+        }
+        _ => None,
+    };
+    let uris: Vec<&str> = uri.as_deref().into_iter().collect();
+    holder_checked(
+        state,
+        &verified,
+        token,
+        as_dpop,
+        dpop_header(headers),
+        method.unwrap_or_default(),
+        &uris,
+    )
+    .map_err(|why| (Refused::Unbound, why.into()))?;
+    Ok(verified)
 }
 
 fn no_store(headers: &mut HeaderMap) {
@@ -265,6 +321,13 @@ fn refusal(refused: Refused) -> Response {
             "invalid_token",
             "the access token is invalid, expired or revoked",
             CHALLENGE_INVALID,
+        ),
+        Refused::Unbound => (
+            "invalid_dpop_proof",
+            "this token is bound to a key (DPoP): send it as Authorization: DPoP with a proof \
+             by that key for the original request (its method and URL, which the proxy gives \
+             in X-Forwarded-Method, -Proto, -Host and -Uri), or an unbound token as Bearer",
+            DPOP_CHALLENGE_INVALID,
         ),
     };
     let mut response = ApiError::new(StatusCode::UNAUTHORIZED, code, message).into_response();

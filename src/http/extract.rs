@@ -25,7 +25,9 @@ use super::limits::too_many;
 use super::security::RequestId;
 use crate::admin_tokens::AdminTokenError;
 use crate::audit::{Actor, Event, Origin};
+use crate::dpop::{DpopError, Expected, Jkt};
 use crate::ratelimit::{FailedCheck, PolicyId, Subject};
+use crate::tokens::Verified;
 
 /// A JSON body; a bad one is a 400 that says why.
 #[derive(Debug)]
@@ -209,6 +211,78 @@ impl FromRequestParts<AppState> for RequestOrigin {
     }
 }
 
+/// The `DPoP` header's proof (RFC 9449), checked against this request (its method, and
+/// its URL as the issuer names it or as the `Host` header does; no access token): the
+/// thumbprint of the key that signed it, to bind what the request issues to. `None`
+/// without the header. A bad proof is refused (400 `invalid_dpop_proof`).
+#[derive(Debug, Clone)]
+pub(crate) struct DpopBinding(pub Option<Jkt>);
+
+impl FromRequestParts<AppState> for DpopBinding {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let uris = request_uris(parts, &state.services.tokens.settings().issuer);
+        let uris: Vec<&str> = uris.iter().map(String::as_str).collect();
+        Ok(Self(binding_of(
+            state,
+            dpop_header(&parts.headers)?,
+            parts.method.as_str(),
+            &uris,
+        )?))
+    }
+}
+
+/// The key a request's proof binds what it issues to: the proof (if any) checked for
+/// `method` and one of `uris`, without an access token.
+pub(super) fn binding_of(
+    state: &AppState,
+    proof: Option<&str>,
+    method: &str,
+    uris: &[&str],
+) -> Result<Option<Jkt>, DpopError> {
+    let Some(proof) = proof else {
+        return Ok(None);
+    };
+    let expected = Expected {
+        method,
+        uris,
+        access_token: None,
+    };
+    state.services.proofs.check(proof, &expected).map(Some)
+}
+
+/// The one `DPoP` header's value, if there is one.
+pub(crate) fn dpop_header(headers: &HeaderMap) -> Result<Option<&str>, DpopError> {
+    let mut values = headers.get_all("dpop").iter();
+    let (Some(value), None) = (values.next(), values.next()) else {
+        return if headers.contains_key("dpop") {
+            Err(DpopError::Header)
+        } else {
+            Ok(None)
+        };
+    };
+    value.to_str().map(Some).map_err(|_| DpopError::Header)
+}
+
+/// The URLs a proof for this request may name: under the issuer, and under the host the
+/// request was sent to (the `Host` header, or HTTP/2's `:authority`), with the issuer's
+/// scheme. Path only: `htu` has no query.
+pub(crate) fn request_uris(parts: &Parts, issuer: &str) -> Vec<String> {
+    let path = parts.uri.path();
+    let mut uris = vec![format!("{issuer}{path}")];
+    let host = parts
+        .headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| parts.uri.authority().map(|a| a.as_str()));
+    if let Some(host) = host {
+        let scheme = issuer.split("://").next().unwrap_or("https");
+        uris.push(format!("{scheme}://{host}{path}"));
+    }
+    uris
+}
+
 /// The client's address as the TCP connection shows it.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Peer(pub SocketAddr);
@@ -258,12 +332,19 @@ pub(super) const BEARER_CHALLENGE: &str = r#"Bearer realm="gatehouse""#;
 pub(super) const BEARER_CHALLENGE_INVALID: &str =
     r#"Bearer realm="gatehouse", error="invalid_token""#;
 
+/// The challenge for a DPoP-bound token refused (RFC 9449 section 7.1).
+pub(super) const DPOP_CHALLENGE_INVALID: &str =
+    r#"DPoP algs="EdDSA ES256", error="invalid_dpop_proof""#;
+
 /// What a request presents as a device's credentials (`GET /v1/authz`, the front door).
 pub(super) enum Presented<'a> {
-    /// No `Authorization` header, or another scheme than Bearer.
+    /// No `Authorization` header, or another scheme than Bearer or DPoP.
     Nothing,
     /// One Bearer credential.
     Bearer(&'a str),
+    /// One DPoP credential (RFC 9449 section 7.1): a bound token, with its proof in the
+    /// `DPoP` header.
+    Dpop(&'a str),
     /// Several `Authorization` headers, or one that is not visible ASCII: a proxy and
     /// gatehouse could read different ones, so none is taken.
     Unreadable,
@@ -283,9 +364,60 @@ pub(super) fn presented(headers: &HeaderMap) -> Presented<'_> {
     let (scheme, token) = text.split_once(' ').unwrap_or((text, ""));
     if scheme.eq_ignore_ascii_case("bearer") {
         Presented::Bearer(token.trim())
+    } else if scheme.eq_ignore_ascii_case("dpop") {
+        Presented::Dpop(token.trim())
     } else {
         Presented::Nothing
     }
+}
+
+/// Whether a verified device token is used as its binding says (RFC 9449 section 7): a
+/// token bound to a key (`cnf.jkt`) only as `Authorization: DPoP` with a proof by that
+/// key for this request (`method`, one of `uris`, `ath` of the token); an unbound token
+/// only as Bearer. The reason, for the client, when it is not.
+pub(super) fn holder_checked(
+    state: &AppState,
+    verified: &Verified,
+    token: &str,
+    as_dpop: bool,
+    proof: Result<Option<&str>, DpopError>,
+    method: &str,
+    uris: &[&str],
+) -> Result<(), String> {
+    let Some(cnf) = &verified.claims.cnf else {
+        return if as_dpop {
+            Err(
+                "this token is not bound to a key: present it without a DPoP proof (as Bearer)"
+                    .into(),
+            )
+        } else {
+            Ok(())
+        };
+    };
+    if !as_dpop {
+        return Err(
+            "this token is bound to a key (DPoP): present it with a DPoP proof by that key \
+             (over HTTP: Authorization: DPoP and the DPoP header)"
+                .into(),
+        );
+    }
+    let proof = proof
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| "a DPoP proof is required with this token".to_string())?;
+    let expected = Expected {
+        method,
+        uris,
+        access_token: Some(token),
+    };
+    let jkt = state
+        .services
+        .proofs
+        .check(proof, &expected)
+        .map_err(|e| e.to_string())?;
+    if jkt != cnf.jkt {
+        return Err(DpopError::WrongKey.to_string());
+    }
+    Ok(())
 }
 
 const ADMIN_CHALLENGE: &str = r#"Bearer realm="gatehouse admin""#;

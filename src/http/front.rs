@@ -26,7 +26,10 @@ use http::{HeaderValue, StatusCode, header};
 
 use super::AppState;
 use super::error::ApiError;
-use super::extract::{Presented, admin_for_app, admin_required, presented};
+use super::extract::{
+    DPOP_CHALLENGE_INVALID, Presented, admin_for_app, admin_required, dpop_header, holder_checked,
+    presented, request_uris,
+};
 use super::metrics::{HttpCounters, metric};
 use super::security::RequestId;
 use crate::audit::{Actor, Event, Origin};
@@ -380,9 +383,28 @@ async fn authenticate(
             None => Err(Refused::new("no_token", admin_required())),
         },
         RouteAuth::Device => {
-            let token = device_token(parts, websocket)?;
+            let (token, as_dpop) = device_token(parts, websocket)?;
             match state.services.tokens.verify(&token) {
-                Ok(verified) => Ok((Who::Device(verified.claims.sub), Some((token, verified)))),
+                Ok(verified) => {
+                    let uris = request_uris(parts, &state.services.tokens.settings().issuer);
+                    let uris: Vec<&str> = uris.iter().map(String::as_str).collect();
+                    if let Err(why) = holder_checked(
+                        state,
+                        &verified,
+                        &token,
+                        as_dpop,
+                        dpop_header(&parts.headers),
+                        parts.method.as_str(),
+                        &uris,
+                    ) {
+                        tracing::debug!(why, "front door: token used without its key");
+                        return Err(Refused::new(
+                            "invalid_token",
+                            refused(DPOP_CHALLENGE_INVALID, "invalid_dpop_proof", &why),
+                        ));
+                    }
+                    Ok((Who::Device(verified.claims.sub), Some((token, verified))))
+                }
                 Err(reason) => {
                     tracing::debug!(reason = reason.code(), "front door: token refused");
                     let message = match reason {
@@ -399,9 +421,10 @@ async fn authenticate(
     }
 }
 
-/// The device token a request presents: `Authorization: Bearer`, or for a browser's
-/// WebSocket (which cannot set headers) a `gatehouse.bearer.<token>` subprotocol.
-fn device_token(parts: &Parts, websocket: bool) -> Result<String, Refused> {
+/// The device token a request presents, and whether as DPoP: `Authorization: Bearer` or
+/// `DPoP`, or for a browser's WebSocket (which cannot set headers) a
+/// `gatehouse.bearer.<token>` subprotocol.
+fn device_token(parts: &Parts, websocket: bool) -> Result<(String, bool), Refused> {
     let from_protocol = websocket
         .then(|| {
             offered_protocols(parts)
@@ -411,8 +434,9 @@ fn device_token(parts: &Parts, websocket: bool) -> Result<String, Refused> {
         })
         .flatten();
     match (presented(&parts.headers), from_protocol) {
-        (Presented::Bearer(token), _) => Ok(token.to_string()),
-        (Presented::Nothing, Some(token)) => Ok(token),
+        (Presented::Bearer(token), _) => Ok((token.to_string(), false)),
+        (Presented::Dpop(token), _) => Ok((token.to_string(), true)),
+        (Presented::Nothing, Some(token)) => Ok((token, false)),
         (Presented::Unreadable, _) => Err(Refused::new(
             "invalid_token",
             refused(BAD_TOKEN, "invalid_token", "the access token is not valid"),

@@ -12,8 +12,9 @@ use serde::Deserialize;
 
 use super::AppState;
 use super::error::ApiError;
-use super::extract::{ApiForm, Introspector, RequestOrigin, TokenForm};
+use super::extract::{ApiForm, DpopBinding, Introspector, RequestOrigin, TokenForm};
 use crate::device_grants::DEVICE_CODE_GRANT;
+use crate::dpop::DPOP_ALGORITHMS;
 use crate::keys::JWKS_MAX_AGE_SECS;
 use crate::tokens::{Introspection, TokenError, TokenPair};
 
@@ -48,6 +49,7 @@ pub(crate) struct TokenRequest {
 async fn token(
     State(state): State<AppState>,
     RequestOrigin(origin): RequestOrigin,
+    DpopBinding(binding): DpopBinding,
     ApiForm(request): ApiForm<TokenRequest>,
 ) -> Result<Response, ApiError> {
     match request.grant_type.as_str() {
@@ -55,7 +57,12 @@ async fn token(
             let presented = request
                 .refresh_token
                 .ok_or_else(|| missing("refresh_token"))?;
-            match state.services.tokens.refresh(&presented, &origin).await {
+            match state
+                .services
+                .tokens
+                .refresh(&presented, binding.as_ref(), &origin)
+                .await
+            {
                 Ok(pair) => Ok(Json::<TokenPair>(pair).into_response()),
                 Err(TokenError::RateLimited(limited)) => {
                     Ok(super::limits::too_many(&limited.decision, &limited.policy))
@@ -65,7 +72,11 @@ async fn token(
         }
         DEVICE_CODE_GRANT => {
             let code = request.device_code.ok_or_else(|| missing("device_code"))?;
-            let pair = state.services.device_grants.poll(&code, &origin).await?;
+            let pair = state
+                .services
+                .device_grants
+                .poll(&code, binding, &origin)
+                .await?;
             Ok(Json::<TokenPair>(pair).into_response())
         }
         _ => Err(ApiError::new(
@@ -161,6 +172,7 @@ async fn metadata(State(state): State<AppState>) -> Response {
         "revocation_endpoint_auth_methods_supported": ["none"],
         "introspection_endpoint_auth_methods_supported": ["client_secret_basic"],
         "pairing_endpoint": format!("{issuer}/v1/pair"),
+        "dpop_signing_alg_values_supported": DPOP_ALGORITHMS,
     });
     let mut response = Json(document).into_response();
     response.headers_mut().insert(

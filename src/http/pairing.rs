@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use super::AppState;
 use super::error::ApiError;
-use super::extract::{Admin, ApiJson, RequestOrigin};
+use super::extract::{Admin, ApiJson, DpopBinding, RequestOrigin};
 use crate::clock::format_rfc3339;
 use crate::ids::{DeviceId, SessionId};
 use crate::pairing::{DeviceInfo, PairingError};
@@ -89,6 +89,7 @@ pub(crate) struct PairRequest {
 async fn pair(
     State(state): State<AppState>,
     RequestOrigin(origin): RequestOrigin,
+    DpopBinding(binding): DpopBinding,
     ApiJson(request): ApiJson<PairRequest>,
 ) -> Response {
     let paired = state
@@ -98,6 +99,7 @@ async fn pair(
             &request.session_id,
             &request.secret,
             &request.device,
+            binding,
             &origin,
         )
         .await;

@@ -27,9 +27,10 @@ use serde_json::Value;
 
 use super::AppState;
 use super::error::ApiError;
-use super::extract::Peer;
+use super::extract::{Peer, binding_of, holder_checked};
 use super::json::StrictObject;
 use crate::audit::{Actor, Origin};
+use crate::dpop::{DpopError, Jkt};
 use crate::error_kind::{Classify, ErrorKind};
 use crate::ids::DeviceId;
 use crate::live::{MessageBudget, Refused, Slot};
@@ -62,16 +63,25 @@ const TOO_BIG: u16 = 1009;
 #[derive(Debug, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 enum ClientMessage {
+    /// `dpop`: a proof as for `POST /v1/pair` (htm `POST`, htu `{issuer}/v1/pair`).
     Pair {
         session_id: String,
         secret: String,
         device: DeviceInfo,
+        #[serde(default)]
+        dpop: Option<String>,
     },
+    /// `dpop`: for a bound token, a proof for `GET {issuer}/v1/ws` with its `ath`.
     Auth {
         access_token: String,
+        #[serde(default)]
+        dpop: Option<String>,
     },
+    /// `dpop`: a proof as for `POST /v1/token`.
     Refresh {
         refresh_token: String,
+        #[serde(default)]
+        dpop: Option<String>,
     },
     /// A struct variant, so that unknown fields are refused here too.
     Ping {},
@@ -373,28 +383,38 @@ impl Connection {
         };
         match parsed {
             ClientMessage::Ping {} => self.send(socket, &ServerMessage::Pong).await,
-            ClientMessage::Auth { access_token } => self.authenticate(socket, access_token).await,
+            ClientMessage::Auth { access_token, dpop } => {
+                self.authenticate(socket, access_token, dpop).await
+            }
             ClientMessage::Pair {
                 session_id,
                 secret,
                 device,
+                dpop,
             } => {
                 // A socket speaks for one device: it cannot claim a session for another.
                 if self.auth.is_some() {
                     return self.mismatch(socket).await;
                 }
+                let binding = match self.binding(dpop.as_deref(), "/v1/pair") {
+                    Ok(binding) => binding,
+                    Err(err) => return self.refuse_for(socket, &err).await,
+                };
                 let paired = self
                     .state
                     .services
                     .pairing
-                    .pair(&session_id, &secret, &device, &self.origin())
+                    .pair(&session_id, &secret, &device, binding, &self.origin())
                     .await;
                 match paired {
                     Ok(pair) => self.accept_pair(socket, pair).await,
                     Err(err) => self.refuse_for(socket, &err).await,
                 }
             }
-            ClientMessage::Refresh { refresh_token } => {
+            ClientMessage::Refresh {
+                refresh_token,
+                dpop,
+            } => {
                 // Checked before the token is spent: another device's refresh token
                 // presented here must not be rotated (or reuse-detected) by a refusal.
                 if let Some(current) = &self.auth {
@@ -406,11 +426,15 @@ impl Connection {
                         return self.mismatch(socket).await;
                     }
                 }
+                let binding = match self.binding(dpop.as_deref(), "/v1/token") {
+                    Ok(binding) => binding,
+                    Err(err) => return self.refuse_for(socket, &err).await,
+                };
                 match self
                     .state
                     .services
                     .tokens
-                    .refresh(&refresh_token, &self.origin())
+                    .refresh(&refresh_token, binding.as_ref(), &self.origin())
                     .await
                 {
                     Ok(pair) => self.accept_pair(socket, pair).await,
@@ -418,6 +442,12 @@ impl Connection {
                 }
             }
         }
+    }
+
+    /// The key of a message's proof, made as for `POST {issuer}{path}`.
+    fn binding(&self, proof: Option<&str>, path: &str) -> Result<Option<Jkt>, DpopError> {
+        let uri = format!("{}{path}", self.state.services.tokens.settings().issuer);
+        binding_of(&self.state, proof, "POST", &[uri.as_str()])
     }
 
     /// This connection as the origin of an audit record: its address, and its device
@@ -491,7 +521,12 @@ impl Connection {
         .await
     }
 
-    async fn authenticate(&mut self, socket: &mut WebSocket, access_token: String) -> Next {
+    async fn authenticate(
+        &mut self,
+        socket: &mut WebSocket,
+        access_token: String,
+        dpop: Option<String>,
+    ) -> Next {
         let verified = match self.state.services.tokens.verify(&access_token) {
             Ok(verified) => verified,
             Err(reason) => {
@@ -505,6 +540,18 @@ impl Connection {
                     .await;
             }
         };
+        let uri = format!("{}/v1/ws", self.state.services.tokens.settings().issuer);
+        if let Err(why) = holder_checked(
+            &self.state,
+            &verified,
+            &access_token,
+            dpop.is_some(),
+            Ok(dpop.as_deref()),
+            "GET",
+            &[uri.as_str()],
+        ) {
+            return self.refuse(socket, "invalid_dpop_proof", &why).await;
+        }
         let Verified { claims, .. } = verified;
         if let Some(current) = &self.auth
             && current.device != claims.sub

@@ -1,17 +1,21 @@
-// The device authorization grant (RFC 8628) driven by an independent, maintained OAuth
-// client, oauth4webapi: discovery through the RFC 8414 metadata, the device authorization
-// request, polling the token endpoint until an operator approves with
-// `gatehouse pair approve`, the token response as the client validates it, a refresh, and
-// the refusals: `authorization_pending`, `slow_down` (and its longer interval),
-// `access_denied` after `gatehouse pair deny`, and `invalid_grant` for a device code
-// used twice. TLS is real: the client trusts only the server's self-signed certificate,
-// read from the handshake.
+// The device authorization grant (RFC 8628) and DPoP (RFC 9449) driven by an independent,
+// maintained OAuth client, oauth4webapi: discovery through the RFC 8414 metadata, the
+// device authorization request, polling the token endpoint until an operator approves
+// with `gatehouse pair approve`, the token response as the client validates it, a
+// refresh, and the refusals: `authorization_pending`, `slow_down` (and its longer
+// interval), `access_denied` after `gatehouse pair deny`, and `invalid_grant` for a device
+// code used twice. Then a device with its own key (oauth4webapi's DPoP, ES256 and EdDSA):
+// its tokens come bound (`token_type: DPoP`, `cnf.jkt`), its refresh needs a proof by the
+// key, and the app behind the front door is reached with `Authorization: DPoP` and a
+// proof, and not with the token alone. TLS is real: the client trusts only the server's
+// self-signed certificate, read from the handshake.
 //
 // Run from the repository root after `cargo build`:
 //   (cd tests/e2e && npm install) && node tests/e2e/device_grant.mjs
 // Environment: GATEHOUSE_BIN (default target/debug/gatehouse).
 
 import { spawnSync } from 'node:child_process';
+import { createServer } from 'node:http';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -58,10 +62,45 @@ async function pollError(as, client, options, deviceCode) {
   assert.fail('the poll was answered with tokens');
 }
 
+/** The app behind the front door: every request is 200 with the device id it was sent for. */
+function startApp() {
+  const app = createServer((req, res) => {
+    res.setHeader('content-type', 'text/plain');
+    res.end(`hello ${req.headers['x-gatehouse-device-id'] || 'nobody'}`);
+  });
+  return new Promise((ready) => app.listen(0, '127.0.0.1', () => ready(app)));
+}
+
+/** The JWK thumbprint (RFC 7638) of a public key, computed here. */
+async function thumbprint(publicKey) {
+  const jwk = await crypto.subtle.exportKey('jwk', publicKey);
+  const members = jwk.kty === 'EC'
+    ? { crv: jwk.crv, kty: jwk.kty, x: jwk.x, y: jwk.y }
+    : { crv: jwk.crv, kty: jwk.kty, x: jwk.x };
+  const digest = await crypto.subtle.digest('SHA-256', new TextEncoder().encode(JSON.stringify(members)));
+  return Buffer.from(digest).toString('base64url');
+}
+
+/** A device grant approved by the CLI and taken with `options` (a DPoP handle, say). */
+async function approvedTokens(as, client, options, dir, name) {
+  const asked = await oauth.processDeviceAuthorizationResponse(
+    as, client,
+    await oauth.deviceAuthorizationRequest(as, client, oauth.None(), {}, options),
+  );
+  const approved = cli(dir, 'pair', 'approve', asked.user_code, '--name', name);
+  assert.equal(approved.status, 0, approved.stderr);
+  return oauth.processDeviceCodeResponse(
+    as, client,
+    await oauth.deviceCodeGrantRequest(as, client, oauth.None(), asked.device_code, options),
+  );
+}
+
 async function main() {
   const dir = mkdtempSync(join(tmpdir(), 'gatehouse-device-grant-'));
+  const app = await startApp();
   // A short interval keeps the run short; slow_down still adds its 5 seconds.
-  const server = await startServer(dir, [], { GATEHOUSE_PAIRING_DEVICE_POLL_INTERVAL: '1s' });
+  const server = await startServer(dir, ['--upstream', `http://127.0.0.1:${app.address().port}`],
+    { GATEHOUSE_PAIRING_DEVICE_POLL_INTERVAL: '1s' });
   try {
     const ca = await certificateOf(server.url);
     const dispatcher = new Agent({ connect: { ca } });
@@ -139,7 +178,45 @@ async function main() {
     const forged = `${second.device_code.split('.')[0]}.${'A'.repeat(43)}`;
     assert.equal(await pollError(as, client, options, forged), 'invalid_grant');
     console.log('device grant through oauth4webapi: ok');
+
+    // DPoP: the metadata names the algorithms; a device with its own key gets bound
+    // tokens, refreshes with proofs, and reaches the app only with proofs.
+    assert.deepEqual(as.dpop_signing_alg_values_supported, ['EdDSA', 'ES256']);
+    for (const alg of ['ES256', 'EdDSA']) {
+      const keyPair = await oauth.generateKeyPair(alg);
+      const jkt = await thumbprint(keyPair.publicKey);
+      const DPoP = oauth.DPoP(client, keyPair);
+      const bound = await approvedTokens(as, client, { ...options, DPoP }, dir, `bound ${alg}`);
+      assert.equal(bound.token_type, 'dpop');
+      const claims = JSON.parse(Buffer.from(bound.access_token.split('.')[1], 'base64url').toString());
+      assert.deepEqual(claims.cnf, { jkt });
+
+      const rotated = await oauth.processRefreshTokenResponse(
+        as, client,
+        await oauth.refreshTokenGrantRequest(as, client, oauth.None(), bound.refresh_token, { ...options, DPoP }),
+      );
+      assert.equal(rotated.token_type, 'dpop');
+      // Without the key, the refresh token is refused, and nothing was spent.
+      const keyless = await oauth.refreshTokenGrantRequest(as, client, oauth.None(), rotated.refresh_token, options);
+      await assert.rejects(oauth.processRefreshTokenResponse(as, client, keyless),
+        (err) => err.error === 'invalid_dpop_proof');
+
+      const notes = new URL(`${server.url}/notes`);
+      const withProof = await oauth.protectedResourceRequest(
+        rotated.access_token, 'GET', notes, new Headers(), null, { ...options, DPoP },
+      );
+      assert.equal(withProof.status, 200);
+      assert.match(await withProof.text(), /^hello dev_[0-9a-f]{32}$/);
+      const bearerOnly = await undiciFetch(notes, {
+        dispatcher, headers: { authorization: `Bearer ${rotated.access_token}` },
+      });
+      assert.equal(bearerOnly.status, 401, 'a bound token alone is refused');
+      assert.match(bearerOnly.headers.get('www-authenticate'), /^DPoP .*error="invalid_dpop_proof"/);
+      await bearerOnly.body?.cancel();
+    }
+    console.log('DPoP through oauth4webapi: ok');
   } finally {
+    app.close();
     server.child.kill('SIGTERM');
     rmSync(dir, { recursive: true, force: true });
   }

@@ -868,6 +868,98 @@ async fn device_grants_answer_as_documented() {
 }
 
 #[tokio::test]
+async fn dpop_answers_as_documented() {
+    use crate::dpop::DeviceKey;
+    let app = helpers::spawn_app_with(&[("GATEHOUSE_TRUSTED_PROXIES", "127.0.0.1/32")]).await;
+    let api = Api::new(&app);
+    let issuer = app.running.services.tokens.settings().issuer.clone();
+    let now = {
+        use gatehouse::clock::Clock as _;
+        app.clock.now_ms() / 1000
+    };
+    let key = DeviceKey::ed25519();
+    let (session_id, secret) = api.session().await;
+    let op = "POST /v1/pair";
+    expect(
+        op,
+        400,
+        api.anyone(Method::POST, "/v1/pair")
+            .header("DPoP", "not a proof")
+            .json(&pair_body(&session_id, &secret)),
+    )
+    .await;
+    let pair = expect(
+        op,
+        200,
+        api.anyone(Method::POST, "/v1/pair")
+            .header(
+                "DPoP",
+                key.proof_at("POST", &format!("{issuer}/v1/pair"), now, None),
+            )
+            .json(&pair_body(&session_id, &secret)),
+    )
+    .await
+    .json();
+    assert_eq!(pair["token_type"], "DPoP");
+    let access = pair["access_token"].as_str().unwrap().to_string();
+    let refresh = pair["refresh_token"].as_str().unwrap().to_string();
+
+    let op = "POST /v1/token";
+    let form = [
+        ("grant_type", "refresh_token"),
+        ("refresh_token", refresh.as_str()),
+    ];
+    expect(op, 400, api.anyone(Method::POST, "/v1/token").form(&form)).await;
+    expect(
+        op,
+        200,
+        api.anyone(Method::POST, "/v1/token")
+            .header(
+                "DPoP",
+                key.proof_at("POST", &format!("{issuer}/v1/token"), now, None),
+            )
+            .form(&form),
+    )
+    .await;
+
+    let op = "POST /v1/introspect";
+    let answer = expect(
+        op,
+        200,
+        api.admin(Method::POST, "/v1/introspect")
+            .form(&[("token", access.as_str())]),
+    )
+    .await
+    .json();
+    assert_eq!(answer["cnf"]["jkt"], key.jkt());
+
+    let op = "GET /v1/authz";
+    let forwarded = |request: RequestBuilder| {
+        request
+            .header("X-Forwarded-Method", "GET")
+            .header("X-Forwarded-Host", "app.example")
+            .header("X-Forwarded-Uri", "/notes")
+    };
+    expect(
+        op,
+        401,
+        forwarded(api.anyone(Method::GET, "/v1/authz")).bearer_auth(&access),
+    )
+    .await;
+    expect(
+        op,
+        200,
+        forwarded(api.anyone(Method::GET, "/v1/authz"))
+            .header("Authorization", format!("DPoP {access}"))
+            .header(
+                "DPoP",
+                key.proof_at("GET", "https://app.example/notes", now, Some(&access)),
+            ),
+    )
+    .await;
+}
+
+#[tokio::test]
 async fn administration_answers_as_documented() {
     let app = helpers::spawn_app().await;
     let api = Api::new(&app);

@@ -318,6 +318,7 @@ fn valid_claims(app: &TestApp) -> AccessClaims {
         jti: TokenId::generate().unwrap(),
         sid: FamilyId::parse(&family).unwrap(),
         scope: None,
+        cnf: None,
     }
 }
 
@@ -807,7 +808,13 @@ async fn claims_outside_policy_are_refused() {
         ("exp_missing", "exp", None),
         ("nbf_as_string", "nbf", Some(json!("0"))),
         ("extra_unknown_claim", "admin", Some(json!(true))),
-        ("extra_cnf_claim", "cnf", Some(json!({"jkt": "x"}))),
+        ("cnf_with_a_bad_jkt", "cnf", Some(json!({"jkt": "x"}))),
+        (
+            "cnf_with_another_member",
+            "cnf",
+            Some(json!({"jkt": "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I", "x5t#S256": "y"})),
+        ),
+        ("cnf_as_a_string", "cnf", Some(json!("jkt"))),
         ("sub_not_a_device_id", "sub", Some(json!("admin"))),
         ("jti_missing", "jti", None),
         ("scope_as_array", "scope", Some(json!(["admin"]))),

@@ -18,7 +18,16 @@ use std::path::{Path, PathBuf};
 const LAYERS: &[(&str, &[&str])] = &[
     (
         "leaves",
-        &["error_kind", "ids", "config", "jwt", "qr", "clock", "store"],
+        &[
+            "error_kind",
+            "ids",
+            "config",
+            "jwt",
+            "dpop",
+            "qr",
+            "clock",
+            "store",
+        ],
     ),
     (
         "domain",

@@ -24,6 +24,7 @@ mod contract;
 mod device_grants;
 mod devices;
 mod docs;
+mod dpop;
 mod fixtures;
 mod front;
 mod front_failures;

@@ -77,6 +77,7 @@ async fn a_backup_taken_under_a_write_load_restores_to_a_consistent_state() {
                         &session.session_id.to_string(),
                         &session.secret,
                         &device,
+                        None,
                         &origin,
                     )
                     .await

@@ -1115,3 +1115,67 @@ async fn a_close_from_the_client_is_answered() {
     }
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_bound_device_pairs_refreshes_and_authenticates_over_the_socket_with_proofs() {
+    use crate::dpop::DeviceKey;
+    let app = helpers::spawn_app().await;
+    let issuer = app.running.services.tokens.settings().issuer.clone();
+    let now = || {
+        use gatehouse::clock::Clock as _;
+        app.clock.now_ms() / 1000
+    };
+    let key = DeviceKey::ed25519();
+    let (session_id, secret) = app.open_pairing_session().await;
+    let mut ws = Ws::connect(&app).await;
+    ws.send_json(&json!({
+        "type": "pair", "session_id": session_id, "secret": secret, "device": device_json(),
+        "dpop": key.proof_at("POST", &format!("{issuer}/v1/pair"), now(), None),
+    }))
+    .await;
+    let paired = ws.recv_json().await;
+    assert_eq!(paired["token_type"], "DPoP", "{paired}");
+    let access = paired["access_token"].as_str().unwrap().to_string();
+    let refresh = paired["refresh_token"].as_str().unwrap().to_string();
+
+    // A refresh without a proof is refused and spends nothing; with one it rotates.
+    ws.send_json(&json!({"type": "refresh", "refresh_token": refresh}))
+        .await;
+    let refused = ws.recv_json().await;
+    assert_eq!(refused["code"], "invalid_dpop_proof", "{refused}");
+    ws.send_json(&json!({
+        "type": "refresh", "refresh_token": refresh,
+        "dpop": key.proof_at("POST", &format!("{issuer}/v1/token"), now(), None),
+    }))
+    .await;
+    let refreshed = ws.recv_json().await;
+    assert_eq!(refreshed["type"], "auth_success", "{refreshed}");
+    assert_eq!(refreshed["token_type"], "DPoP");
+
+    // On another socket, the bound access token authenticates only with a proof.
+    let mut other = Ws::connect(&app).await;
+    other
+        .send_json(&json!({"type": "auth", "access_token": access}))
+        .await;
+    let refused = other.recv_json().await;
+    assert_eq!(refused["code"], "invalid_dpop_proof", "{refused}");
+    other
+        .send_json(&json!({
+            "type": "auth", "access_token": access,
+            "dpop": DeviceKey::ed25519().proof_at("GET", &format!("{issuer}/v1/ws"), now(), Some(&access)),
+        }))
+        .await;
+    let refused = other.recv_json().await;
+    assert_eq!(
+        refused["code"], "invalid_dpop_proof",
+        "another key: {refused}"
+    );
+    other
+        .send_json(&json!({
+            "type": "auth", "access_token": access,
+            "dpop": key.proof_at("GET", &format!("{issuer}/v1/ws"), now(), Some(&access)),
+        }))
+        .await;
+    let accepted = other.recv_json().await;
+    assert_eq!(accepted["type"], "auth_success", "{accepted}");
+}

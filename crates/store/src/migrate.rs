@@ -11,9 +11,9 @@ use super::StoreError;
 use super::records::{self, AdminTokenRecord};
 use super::tables::{
     ADMIN_TOKENS, AUDIT_CHECKPOINT, AUDIT_EVENTS, BANS, CLIENTS, DEVICE_FAMILIES,
-    DEVICE_GRANT_CODES, DEVICE_GRANTS, DEVICES, DEVICES_BY_AGE, FAMILY_REVOCATIONS, FORMAT_VERSION,
-    JOBS, META, META_FORMAT_VERSION, PAIRING_SESSIONS, RATE_WINDOWS, REFRESH_TOKENS,
-    REVOKED_TOKENS, SIGNING_KEYS, TOKEN_FAMILIES,
+    DEVICE_GRANT_CODES, DEVICE_GRANTS, DEVICES, DEVICES_BY_AGE, FAMILY_BINDINGS,
+    FAMILY_REVOCATIONS, FORMAT_VERSION, JOBS, META, META_FORMAT_VERSION, PAIRING_SESSIONS,
+    RATE_WINDOWS, REFRESH_TOKENS, REVOKED_TOKENS, SIGNING_KEYS, TOKEN_FAMILIES,
 };
 use super::tx::{device_age_key, device_family_key};
 
@@ -56,6 +56,11 @@ const STEPS: &[(u32, &str, Step)] = &[
         8,
         "a table for device authorization grants and its index by user code",
         create_device_grant_tables,
+    ),
+    (
+        9,
+        "a table for the keys token families are bound to (DPoP)",
+        create_family_binding_table,
     ),
 ];
 
@@ -211,6 +216,12 @@ fn create_device_indexes(tx: &redb::WriteTransaction) -> Result<(), StoreError> 
 fn create_device_grant_tables(tx: &redb::WriteTransaction) -> Result<(), StoreError> {
     tx.open_table(DEVICE_GRANTS)?;
     tx.open_table(DEVICE_GRANT_CODES)?;
+    Ok(())
+}
+
+/// Format 9 → 10: the family binding table, empty (no family was bound before).
+fn create_family_binding_table(tx: &redb::WriteTransaction) -> Result<(), StoreError> {
+    tx.open_table(FAMILY_BINDINGS)?;
     Ok(())
 }
 

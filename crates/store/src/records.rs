@@ -379,6 +379,20 @@ pub enum TokenFamilyRecord {
     V1(TokenFamily),
 }
 
+/// The key a token family is bound to (DPoP): every refresh of the family needs a proof
+/// signed by it, and every access token of the family names it (`cnf.jkt`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FamilyBinding {
+    /// The key's RFC 7638 SHA-256 thumbprint, base64url (43 characters).
+    pub jkt: String,
+    pub bound_at_ms: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum FamilyBindingRecord {
+    V1(FamilyBinding),
+}
+
 /// One refresh token, keyed by the hex SHA-256 of its text.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RefreshToken {
@@ -743,6 +757,7 @@ single_version_codec! {
     encode_device, decode_device, DeviceRecord, Device;
     encode_device_grant, decode_device_grant, DeviceGrantRecord, DeviceGrant;
     encode_token_family, decode_token_family, TokenFamilyRecord, TokenFamily;
+    encode_family_binding, decode_family_binding, FamilyBindingRecord, FamilyBinding;
     encode_refresh_token, decode_refresh_token, RefreshTokenRecord, RefreshToken;
     encode_revoked_token, decode_revoked_token, RevokedTokenRecord, RevokedToken;
     encode_family_revocation, decode_family_revocation, FamilyRevocationRecord, FamilyRevocation;
@@ -857,6 +872,12 @@ mod tests {
                                       requested_from: text, created_at_ms: times[0], expires_at_ms: times[1],
                                       interval_secs: interval, last_poll_ms: last, state };
             prop_assert_eq!(decode_device_grant(&encode_device_grant(&grant)).unwrap(), grant);
+        }
+
+        #[test]
+        fn family_binding_round_trip(jkt in ".{0,60}", at in any::<u64>()) {
+            let binding = FamilyBinding { jkt, bound_at_ms: at };
+            prop_assert_eq!(decode_family_binding(&encode_family_binding(&binding)).unwrap(), binding);
         }
 
         #[test]

@@ -8,7 +8,7 @@
 use redb::TableDefinition;
 
 /// The format version this build writes. Files with a higher version are refused.
-pub const FORMAT_VERSION: u32 = 9;
+pub const FORMAT_VERSION: u32 = 10;
 
 /// Instance facts: format version, instance id, creation time, master-key check value.
 /// Keys are the `META_*` constants. `format_version` is 4 bytes little-endian so that it
@@ -121,6 +121,11 @@ pub(crate) const DEVICE_GRANTS: TableDefinition<&str, &[u8]> =
 pub(crate) const DEVICE_GRANT_CODES: TableDefinition<&str, &[u8]> =
     TableDefinition::new("device_grant_codes.v1");
 
+/// Token families bound to a device's key (DPoP, RFC 9449), by family id (`fam_…`).
+/// Values: `FamilyBindingRecord`. A family without a row is not bound.
+pub(crate) const FAMILY_BINDINGS: TableDefinition<&str, &[u8]> =
+    TableDefinition::new("family_bindings.v1");
+
 /// Names of every table this format version has, for backups, counts and checks.
 pub const ALL_TABLES: &[&str] = &[
     "meta",
@@ -143,6 +148,7 @@ pub const ALL_TABLES: &[&str] = &[
     "devices_by_age.v1",
     "device_grants.v1",
     "device_grant_codes.v1",
+    "family_bindings.v1",
 ];
 
 /// Creates every table of the format that `tx` does not have yet, each with its key

@@ -10,9 +10,9 @@ use super::StoreError;
 use super::audit_chain::{self, AuditFilter, AuditPage, ChainKey, ChainReport, HeadCache, Pruned};
 use super::records::{
     self, AcmeAccount, AcmeCertificate, AcmeChallenge, AcmeOrderLease, AdminToken, AdminUser, Ban,
-    Client, DecodeError, Device, DeviceGrant, FamilyRevocation, JobState, PairingSession,
-    RateWindow, RefreshToken, RevokedToken, SelfSignedCert, SigningKey, SigningKeyPrivate,
-    TokenFamily,
+    Client, DecodeError, Device, DeviceGrant, FamilyBinding, FamilyRevocation, JobState,
+    PairingSession, RateWindow, RefreshToken, RevokedToken, SelfSignedCert, SigningKey,
+    SigningKeyPrivate, TokenFamily,
 };
 use super::records::{AuditEntry, ChainHead, ChainPlace};
 use super::rows::{CHUNK, Rows, RowsMut, Scan};
@@ -68,6 +68,10 @@ records_table!(pub DEVICE_GRANTS: DeviceGrant = "device_grants.v1",
     records::encode_device_grant, records::decode_device_grant);
 records_table!(pub TOKEN_FAMILIES: TokenFamily = "token_families.v1",
     records::encode_token_family, records::decode_token_family);
+records_table!(
+    /// Keyed by the family id; no row: the family is not bound.
+    pub FAMILY_BINDINGS: FamilyBinding = "family_bindings.v1",
+    records::encode_family_binding, records::decode_family_binding);
 records_table!(
     /// Keyed by the lowercase hex SHA-256 of the token text.
     pub REFRESH_TOKENS: RefreshToken = "refresh_tokens.v1",
