@@ -25,8 +25,7 @@ use crate::clock::{SharedClock, format_rfc3339, millis};
 use crate::dpop::Jkt;
 use crate::error_kind::{Classify, ErrorKind};
 use crate::ids::{
-    DeviceGrantId, DeviceId, RandomError, Secret, credential_name, hash_matches, random_bytes,
-    secret_hash,
+    DeviceGrantId, DeviceId, RandomError, Secret, hash_matches, random_bytes, secret_hash,
 };
 use crate::pairing::device_name;
 use crate::ratelimit::{FailedCheck, Limited, Lockout, PolicyId, RateLimits, Subject};
@@ -233,9 +232,11 @@ impl DeviceGrants {
         }
         let client_id = client_id
             .map(|id| {
-                credential_name(id).ok_or_else(|| {
+                client_id_text(id).ok_or_else(|| {
                     DeviceGrantError::BadClientId(
-                        "1 to 64 letters, digits, spaces or . _ - @ : /".into(),
+                        "1 to 64 printable ASCII characters (RFC 6749's VSCHAR), not starting or \
+                         ending with a space"
+                            .into(),
                     )
                 })
             })
@@ -754,6 +755,18 @@ fn view(id: &DeviceGrantId, grant: &DeviceGrant, name: Option<String>, now: u64)
         device_id,
         device_name: name,
     }
+}
+
+/// A `client_id` as RFC 6749 appendix A.1 allows it (VSCHAR: printable ASCII), 1 to 64
+/// characters without a space at either end, so that it shows as it is.
+fn client_id_text(id: &str) -> Option<String> {
+    let printable = |b: u8| (0x20..=0x7E).contains(&b);
+    (!id.is_empty()
+        && id.len() <= 64
+        && id.bytes().all(printable)
+        && !id.starts_with(' ')
+        && !id.ends_with(' '))
+    .then(|| id.to_string())
 }
 
 /// `dg_<hex>.<secret>`: the grant id and the secret, if it has that shape.

@@ -700,7 +700,7 @@ async fn device_grants_answer_as_documented() {
         op,
         400,
         api.anyone(Method::POST, path)
-            .form(&[("client_id", "<bad>")]),
+            .form(&[("client_id", " leading space")]),
     )
     .await;
     expect(

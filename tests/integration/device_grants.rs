@@ -293,7 +293,7 @@ async fn bad_requests_get_clear_errors_and_store_nothing() {
     }
     let response = c
         .post(app.url("/v1/device_authorization"))
-        .form(&[("client_id", "<script>")])
+        .form(&[("client_id", "bad\u{7}id")])
         .send()
         .await
         .unwrap();
