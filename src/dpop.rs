@@ -13,6 +13,12 @@
 //!
 //! The replay cache is this process's: with several nodes, a proof replayed to another
 //! node within the window is not caught there (docs/cluster.md, HARDENING.md).
+//!
+//! With nonces on (`tokens.dpop_nonce`), a proof must also carry a `nonce` this server
+//! made (RFC 9449 section 8): the current or the previous five-minute period, with an
+//! HMAC under a key every node shares (sealed in the store), so any node accepts any
+//! node's nonce and none needs to remember one. A proof without a good nonce is refused
+//! with `use_dpop_nonce`, and the answer carries a fresh one in `DPoP-Nonce`.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
@@ -66,6 +72,8 @@ pub enum DpopError {
     Header,
     #[error("too many DPoP proofs in flight; try again in a minute")]
     Busy,
+    #[error("this server needs a nonce in DPoP proofs: use the one in the DPoP-Nonce header")]
+    UseNonce,
 }
 
 impl Classify for DpopError {
@@ -78,8 +86,9 @@ impl Classify for DpopError {
 
     fn code(&self) -> &'static str {
         match self {
-            // RFC 9449 section 12.2 registers this code.
             Self::Busy => self.kind().code(),
+            // RFC 9449 section 12.2 registers these codes.
+            Self::UseNonce => "use_dpop_nonce",
             _ => "invalid_dpop_proof",
         }
     }
@@ -129,15 +138,47 @@ pub struct Proofs {
     /// How far ahead of our clock a proof's `iat` may be.
     leeway: Duration,
     seen: Mutex<Seen>,
+    /// With nonces on, the key they are made with.
+    nonces: Option<NonceKey>,
 }
 
+/// The key of DPoP nonces.
+struct NonceKey(ring::hmac::Key);
+
+impl std::fmt::Debug for NonceKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("NonceKey(..)")
+    }
+}
+
+/// How long one nonce is current; the previous one is still accepted.
+const NONCE_PERIOD: Duration = Duration::from_secs(300);
+
 impl Proofs {
-    pub(crate) fn new(clock: SharedClock, leeway: Duration) -> Self {
+    pub(crate) fn new(clock: SharedClock, leeway: Duration, nonce_key: Option<[u8; 32]>) -> Self {
         Self {
             clock,
             leeway,
             seen: Mutex::new(Seen::default()),
+            nonces: nonce_key
+                .map(|key| NonceKey(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &key))),
         }
+    }
+
+    /// The nonce to hand out now (`DPoP-Nonce`), when nonces are on.
+    pub fn nonce(&self) -> Option<String> {
+        let key = self.nonces.as_ref()?;
+        Some(nonce_for(key, self.clock.now_ms() / millis(NONCE_PERIOD)))
+    }
+
+    /// Whether `nonce` is one this server made in this period or the previous one.
+    fn nonce_is_fresh(&self, key: &NonceKey, nonce: &str) -> bool {
+        let period = self.clock.now_ms() / millis(NONCE_PERIOD);
+        [period, period.saturating_sub(1)].iter().any(|p| {
+            let expected = nonce_for(key, *p);
+            use subtle::ConstantTimeEq;
+            bool::from(expected.as_bytes().ct_eq(nonce.as_bytes()))
+        })
     }
 
     /// Checks `proof` against `expected`; the thumbprint of the key that signed it.
@@ -161,6 +202,16 @@ impl Proofs {
             || iat_ms > now_ms.saturating_add(millis(self.leeway))
         {
             return Err(DpopError::Stale);
+        }
+        if let Some(key) = &self.nonces {
+            let fresh = parsed
+                .claims
+                .nonce
+                .as_deref()
+                .is_some_and(|nonce| self.nonce_is_fresh(key, nonce));
+            if !fresh {
+                return Err(DpopError::UseNonce);
+            }
         }
         match (expected.access_token, &parsed.claims.ath) {
             (Some(token), Some(ath)) if *ath == sha256_b64(token.as_bytes()) => {}
@@ -252,6 +303,16 @@ fn normalize_uri(text: &str) -> Option<String> {
     Some(format!("{scheme}://{host}{port}{path}"))
 }
 
+/// The nonce of a period: the period number and the first 16 bytes of its HMAC, base64url.
+fn nonce_for(key: &NonceKey, period: u64) -> String {
+    let number = period.to_be_bytes();
+    let tag = ring::hmac::sign(&key.0, &number);
+    let mut bytes = Vec::with_capacity(24);
+    bytes.extend_from_slice(&number);
+    bytes.extend_from_slice(&tag.as_ref()[..16]);
+    data_encoding::BASE64URL_NOPAD.encode(&bytes)
+}
+
 fn sha256_b64(bytes: &[u8]) -> String {
     data_encoding::BASE64URL_NOPAD.encode(digest(&SHA256, bytes).as_ref())
 }
@@ -279,6 +340,7 @@ struct Claims {
     htu: String,
     iat: u64,
     ath: Option<String>,
+    nonce: Option<String>,
 }
 
 /// The proof's public key, by algorithm.

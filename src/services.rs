@@ -95,6 +95,21 @@ pub(crate) fn issuer(config: &Config, local_addr: SocketAddr) -> String {
     format!("{scheme}://{local_addr}")
 }
 
+/// The key DPoP nonces are made with: the stored one, or a new one stored now (in a
+/// transaction, so that nodes starting at once all end up with the same one).
+async fn dpop_nonce_key(store: &Store) -> Result<[u8; 32], ServicesError> {
+    let fresh: [u8; 32] = crate::ids::random_bytes()?;
+    Ok(store
+        .write(move |tx| match tx.dpop_nonce_key()? {
+            Some(key) => Ok::<_, StoreError>(key),
+            None => {
+                tx.put_dpop_nonce_key(&fresh)?;
+                Ok(fresh)
+            }
+        })
+        .await?)
+}
+
 impl Services {
     /// Loads the key ring (creating the first keys on a new instance) and the revocation
     /// list, and wires the rest.
@@ -117,6 +132,11 @@ impl Services {
             refresh_ttl: config.tokens.refresh_ttl,
             leeway: config.tokens.leeway,
             require_dpop: config.tokens.require_dpop,
+        };
+        let nonce_key = if config.tokens.dpop_nonce {
+            Some(dpop_nonce_key(&store).await?)
+        } else {
+            None
         };
         let changes = Changes::default();
         let keys = Arc::new(
@@ -228,7 +248,7 @@ impl Services {
             jobs,
             backups,
             tls: None,
-            proofs: Arc::new(Proofs::new(clock.clone(), config.tokens.leeway)),
+            proofs: Arc::new(Proofs::new(clock.clone(), config.tokens.leeway, nonce_key)),
             admin_tokens: AdminTokens::load(store.clone(), clock.clone())?,
             admin_users: AdminUsers::new(store.clone(), clock.clone()),
             admin_sessions: Arc::new(crate::admin_sessions::AdminSessions::new(

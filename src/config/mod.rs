@@ -154,6 +154,8 @@ pub(crate) struct TokenConfig {
     pub(crate) device_poll_interval: Duration,
     /// Whether pairing and the device code grant need a DPoP proof (bound tokens only).
     pub(crate) require_dpop: bool,
+    /// Whether DPoP proofs must carry a nonce this server made (`DPoP-Nonce`).
+    pub(crate) dpop_nonce: bool,
 }
 
 /// Every rate-limit policy's rate, and the bound on the subjects tracked.

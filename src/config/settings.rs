@@ -698,6 +698,15 @@ pub static SETTINGS: &[Setting] = &[
         |c, v| c.tokens.require_dpop = v
     ),
     setting!(
+        "tokens.dpop_nonce",
+        "GATEHOUSE_DPOP_NONCE",
+        None,
+        Value("false"),
+        "whether DPoP proofs must carry a nonce this server handed out in DPoP-Nonce (RFC 9449 section 8)",
+        Switch,
+        |c, v| c.tokens.dpop_nonce = v
+    ),
+    setting!(
         "keys.algorithm",
         "GATEHOUSE_KEY_ALGORITHM",
         None,

@@ -37,7 +37,8 @@ use super::client_addr::ForwardedBy;
 use super::error::ApiError;
 use super::extract::{
     BEARER_CHALLENGE as CHALLENGE, BEARER_CHALLENGE_INVALID as CHALLENGE_INVALID,
-    DPOP_CHALLENGE_INVALID, Presented, dpop_header, holder_checked, presented,
+    DPOP_CHALLENGE_INVALID, DPOP_CHALLENGE_NONCE, Presented, dpop_header, holder_checked,
+    presented, with_dpop_nonce,
 };
 use super::security::RequestId;
 use crate::ids::DeviceId;
@@ -64,6 +65,8 @@ enum Refused {
     /// A DPoP-bound token without a valid proof by its key, or an unbound one sent as
     /// DPoP.
     Unbound,
+    /// A proof without a fresh nonce, while nonces are on.
+    Nonce,
 }
 
 impl Refused {
@@ -94,18 +97,20 @@ impl Refused {
             Self::Expired => 3,
             Self::Revoked => 4,
             Self::Unbound => 5,
+            Self::Nonce => 6,
         }
     }
 }
 
 /// The `outcome` labels, by slot (0 is a success).
-const OUTCOMES: [&str; 6] = [
+const OUTCOMES: [&str; 7] = [
     "allowed",
     "no_token",
     "invalid_token",
     "expired",
     "revoked",
     "invalid_dpop_proof",
+    "use_dpop_nonce",
 ];
 
 /// The original methods counted by name; any other is `other`, none (or one from a peer
@@ -235,7 +240,7 @@ async fn authz(State(state): State<AppState>, request: Request) -> Response {
                 host = original.host,
                 "authz: refused"
             );
-            refusal(refused)
+            refusal(&state, refused)
         }
     }
 }
@@ -283,7 +288,14 @@ fn check(
         method.unwrap_or_default(),
         &uris,
     )
-    .map_err(|why| (Refused::Unbound, why.into()))?;
+    .map_err(|why| {
+        let refused = if why.use_nonce {
+            Refused::Nonce
+        } else {
+            Refused::Unbound
+        };
+        (refused, why.message.into())
+    })?;
     Ok(verified)
 }
 
@@ -310,7 +322,7 @@ fn allowed(device: DeviceId) -> Response {
     response
 }
 
-fn refusal(refused: Refused) -> Response {
+fn refusal(state: &AppState, refused: Refused) -> Response {
     let (code, message, challenge) = match refused {
         Refused::NoToken => (
             "unauthorized",
@@ -329,8 +341,16 @@ fn refusal(refused: Refused) -> Response {
              in X-Forwarded-Method, -Proto, -Host and -Uri), or an unbound token as Bearer",
             DPOP_CHALLENGE_INVALID,
         ),
+        Refused::Nonce => (
+            "use_dpop_nonce",
+            "this server needs a nonce in DPoP proofs: use the one in the DPoP-Nonce header",
+            DPOP_CHALLENGE_NONCE,
+        ),
     };
     let mut response = ApiError::new(StatusCode::UNAUTHORIZED, code, message).into_response();
+    if refused == Refused::Nonce {
+        response = with_dpop_nonce(state, response);
+    }
     let headers = response.headers_mut();
     headers.insert(
         header::WWW_AUTHENTICATE,

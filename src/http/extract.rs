@@ -219,18 +219,27 @@ impl FromRequestParts<AppState> for RequestOrigin {
 pub(crate) struct DpopBinding(pub Option<Jkt>);
 
 impl FromRequestParts<AppState> for DpopBinding {
-    type Rejection = ApiError;
+    type Rejection = Response;
 
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Response> {
         let uris = request_uris(parts, &state.services.tokens.settings().issuer);
         let uris: Vec<&str> = uris.iter().map(String::as_str).collect();
-        Ok(Self(binding_of(
-            state,
-            dpop_header(&parts.headers)?,
-            parts.method.as_str(),
-            &uris,
-        )?))
+        dpop_header(&parts.headers)
+            .and_then(|proof| binding_of(state, proof, parts.method.as_str(), &uris))
+            .map(Self)
+            .map_err(|err| with_dpop_nonce(state, ApiError::from(err).into_response()))
     }
+}
+
+/// `response` with the `DPoP-Nonce` header, when nonces are on (`tokens.dpop_nonce`):
+/// every answer of an endpoint that takes proofs carries the nonce to use next.
+pub(crate) fn with_dpop_nonce(state: &AppState, mut response: Response) -> Response {
+    if let Some(nonce) = state.services.proofs.nonce()
+        && let Ok(value) = HeaderValue::from_str(&nonce)
+    {
+        response.headers_mut().insert("dpop-nonce", value);
+    }
+    response
 }
 
 /// The key a request's proof binds what it issues to: the proof (if any) checked for
@@ -335,6 +344,8 @@ pub(super) const BEARER_CHALLENGE_INVALID: &str =
 /// The challenge for a DPoP-bound token refused (RFC 9449 section 7.1).
 pub(super) const DPOP_CHALLENGE_INVALID: &str =
     r#"DPoP algs="EdDSA ES256", error="invalid_dpop_proof""#;
+/// The challenge when a proof lacked a fresh nonce (RFC 9449 section 8).
+pub(super) const DPOP_CHALLENGE_NONCE: &str = r#"DPoP algs="EdDSA ES256", error="use_dpop_nonce""#;
 
 /// What a request presents as a device's credentials (`GET /v1/authz`, the front door).
 pub(super) enum Presented<'a> {
@@ -383,27 +394,29 @@ pub(super) fn holder_checked(
     proof: Result<Option<&str>, DpopError>,
     method: &str,
     uris: &[&str],
-) -> Result<(), String> {
+) -> Result<(), HolderRefused> {
+    let refused = |message: &str| HolderRefused {
+        use_nonce: false,
+        message: message.to_string(),
+    };
     let Some(cnf) = &verified.claims.cnf else {
         return if as_dpop {
-            Err(
-                "this token is not bound to a key: present it without a DPoP proof (as Bearer)"
-                    .into(),
-            )
+            Err(refused(
+                "this token is not bound to a key: present it without a DPoP proof (as Bearer)",
+            ))
         } else {
             Ok(())
         };
     };
     if !as_dpop {
-        return Err(
+        return Err(refused(
             "this token is bound to a key (DPoP): present it with a DPoP proof by that key \
-             (over HTTP: Authorization: DPoP and the DPoP header)"
-                .into(),
-        );
+             (over HTTP: Authorization: DPoP and the DPoP header)",
+        ));
     }
     let proof = proof
-        .map_err(|e| e.to_string())?
-        .ok_or_else(|| "a DPoP proof is required with this token".to_string())?;
+        .map_err(HolderRefused::from)?
+        .ok_or_else(|| refused("a DPoP proof is required with this token"))?;
     let expected = Expected {
         method,
         uris,
@@ -413,11 +426,45 @@ pub(super) fn holder_checked(
         .services
         .proofs
         .check(proof, &expected)
-        .map_err(|e| e.to_string())?;
+        .map_err(HolderRefused::from)?;
     if jkt != cnf.jkt {
-        return Err(DpopError::WrongKey.to_string());
+        return Err(DpopError::WrongKey.into());
     }
     Ok(())
+}
+
+/// Why a bound (or unbound) token was not used as its binding says.
+#[derive(Debug)]
+pub(super) struct HolderRefused {
+    /// The proof lacked a fresh nonce (`use_dpop_nonce`): the answer carries one.
+    pub(super) use_nonce: bool,
+    pub(super) message: String,
+}
+
+impl From<DpopError> for HolderRefused {
+    fn from(err: DpopError) -> Self {
+        Self {
+            use_nonce: err == DpopError::UseNonce,
+            message: err.to_string(),
+        }
+    }
+}
+
+/// The 401 for a token not used as its binding says: a DPoP challenge with the RFC 9449
+/// error, and the nonce to use when that was what was missing.
+pub(super) fn holder_refusal(state: &AppState, refused: &HolderRefused) -> Response {
+    let (code, challenge) = if refused.use_nonce {
+        ("use_dpop_nonce", DPOP_CHALLENGE_NONCE)
+    } else {
+        ("invalid_dpop_proof", DPOP_CHALLENGE_INVALID)
+    };
+    let mut response =
+        ApiError::new(StatusCode::UNAUTHORIZED, code, refused.message.clone()).into_response();
+    response.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static(challenge),
+    );
+    with_dpop_nonce(state, response)
 }
 
 const ADMIN_CHALLENGE: &str = r#"Bearer realm="gatehouse admin""#;

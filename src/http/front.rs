@@ -27,7 +27,7 @@ use http::{HeaderValue, StatusCode, header};
 use super::AppState;
 use super::error::ApiError;
 use super::extract::{
-    DPOP_CHALLENGE_INVALID, Presented, admin_for_app, admin_required, dpop_header, holder_checked,
+    Presented, admin_for_app, admin_required, dpop_header, holder_checked, holder_refusal,
     presented, request_uris,
 };
 use super::metrics::{HttpCounters, metric};
@@ -397,11 +397,11 @@ async fn authenticate(
                         parts.method.as_str(),
                         &uris,
                     ) {
-                        tracing::debug!(why, "front door: token used without its key");
-                        return Err(Refused::new(
-                            "invalid_token",
-                            refused(DPOP_CHALLENGE_INVALID, "invalid_dpop_proof", &why),
-                        ));
+                        tracing::debug!(
+                            why = why.message,
+                            "front door: token used without its key"
+                        );
+                        return Err(Refused::new("invalid_token", holder_refusal(state, &why)));
                     }
                     Ok((Who::Device(verified.claims.sub), Some((token, verified))))
                 }

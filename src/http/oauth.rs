@@ -12,7 +12,9 @@ use serde::Deserialize;
 
 use super::AppState;
 use super::error::ApiError;
-use super::extract::{ApiForm, DpopBinding, Introspector, RequestOrigin, TokenForm};
+use super::extract::{
+    ApiForm, DpopBinding, Introspector, RequestOrigin, TokenForm, with_dpop_nonce,
+};
 use crate::device_grants::DEVICE_CODE_GRANT;
 use crate::dpop::DPOP_ALGORITHMS;
 use crate::keys::JWKS_MAX_AGE_SECS;
@@ -63,7 +65,10 @@ async fn token(
                 .refresh(&presented, binding.as_ref(), &origin)
                 .await
             {
-                Ok(pair) => Ok(Json::<TokenPair>(pair).into_response()),
+                Ok(pair) => Ok(with_dpop_nonce(
+                    &state,
+                    Json::<TokenPair>(pair).into_response(),
+                )),
                 Err(TokenError::RateLimited(limited)) => {
                     Ok(super::limits::too_many(&limited.decision, &limited.policy))
                 }
@@ -77,7 +82,10 @@ async fn token(
                 .device_grants
                 .poll(&code, binding, &origin)
                 .await?;
-            Ok(Json::<TokenPair>(pair).into_response())
+            Ok(with_dpop_nonce(
+                &state,
+                Json::<TokenPair>(pair).into_response(),
+            ))
         }
         _ => Err(ApiError::new(
             StatusCode::BAD_REQUEST,

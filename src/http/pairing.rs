@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use super::AppState;
 use super::error::ApiError;
-use super::extract::{Admin, ApiJson, DpopBinding, RequestOrigin};
+use super::extract::{Admin, ApiJson, DpopBinding, RequestOrigin, with_dpop_nonce};
 use crate::clock::format_rfc3339;
 use crate::ids::{DeviceId, SessionId};
 use crate::pairing::{DeviceInfo, PairingError};
@@ -104,7 +104,7 @@ async fn pair(
         )
         .await;
     match paired {
-        Ok(pair) => Json::<TokenPair>(pair).into_response(),
+        Ok(pair) => with_dpop_nonce(&state, Json::<TokenPair>(pair).into_response()),
         Err(PairingError::RateLimited(limited)) => {
             super::limits::too_many(&limited.decision, &limited.policy)
         }

@@ -27,7 +27,7 @@ use serde_json::Value;
 
 use super::AppState;
 use super::error::ApiError;
-use super::extract::{Peer, binding_of, holder_checked};
+use super::extract::{Peer, binding_of, holder_checked, with_dpop_nonce};
 use super::json::StrictObject;
 use crate::audit::{Actor, Origin};
 use crate::dpop::{DpopError, Jkt};
@@ -138,14 +138,17 @@ async fn upgrade(
         Ok(slot) => slot,
         Err(refused) => return refusal(refused),
     };
-    upgrade
+    let nonce_state = state.clone();
+    let response = upgrade
         .read_buffer_size(READ_BUFFER_BYTES)
         .write_buffer_size(0)
         .max_message_size(MAX_MESSAGE_BYTES)
         .max_frame_size(MAX_MESSAGE_BYTES)
         .on_upgrade(move |socket| async move {
             Connection::new(state, peer, slot).run(socket).await;
-        })
+        });
+    // The nonce the socket's proofs must carry, when nonces are on.
+    with_dpop_nonce(&nonce_state, response)
 }
 
 /// The answer to a connection over the caps (shared with the front door's relay).
@@ -550,7 +553,12 @@ impl Connection {
             "GET",
             &[uri.as_str()],
         ) {
-            return self.refuse(socket, "invalid_dpop_proof", &why).await;
+            let code = if why.use_nonce {
+                "use_dpop_nonce"
+            } else {
+                "invalid_dpop_proof"
+            };
+            return self.refuse(socket, code, &why.message).await;
         }
         let Verified { claims, .. } = verified;
         if let Some(current) = &self.auth

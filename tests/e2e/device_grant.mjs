@@ -7,7 +7,8 @@
 // code used twice. Then a device with its own key (oauth4webapi's DPoP, ES256 and EdDSA):
 // its tokens come bound (`token_type: DPoP`, `cnf.jkt`), its refresh needs a proof by the
 // key, and the app behind the front door is reached with `Authorization: DPoP` and a
-// proof, and not with the token alone. TLS is real: the client trusts only the server's
+// proof, and not with the token alone; and against a server that wants nonces
+// (`tokens.dpop_nonce`), the client's retry with the `DPoP-Nonce` it was given. TLS is real: the client trusts only the server's
 // self-signed certificate, read from the handshake.
 //
 // Run from the repository root after `cargo build`:
@@ -217,6 +218,53 @@ async function main() {
     console.log('DPoP through oauth4webapi: ok');
   } finally {
     app.close();
+    server.child.kill('SIGTERM');
+    rmSync(dir, { recursive: true, force: true });
+  }
+  await withNonces();
+}
+
+/**
+ * A server that wants a nonce in every proof (`tokens.dpop_nonce`): the client's first
+ * proof has none, the answer says `use_dpop_nonce` with a `DPoP-Nonce`, and oauth4webapi
+ * retries with it, as RFC 9449 section 8 describes.
+ */
+async function withNonces() {
+  const dir = mkdtempSync(join(tmpdir(), 'gatehouse-dpop-nonce-'));
+  const server = await startServer(dir, [], {
+    GATEHOUSE_PAIRING_DEVICE_POLL_INTERVAL: '1s', GATEHOUSE_DPOP_NONCE: 'true',
+  });
+  try {
+    const ca = await certificateOf(server.url);
+    const dispatcher = new Agent({ connect: { ca } });
+    const options = { [oauth.customFetch]: (url, init) => undiciFetch(url, { ...init, dispatcher }) };
+    const issuer = new URL(server.url);
+    const as = await oauth.processDiscoveryResponse(
+      issuer,
+      await oauth.discoveryRequest(issuer, { ...options, algorithm: 'oauth2' }),
+    );
+    const client = { client_id: 'e2e-nonce' };
+    const DPoP = oauth.DPoP(client, await oauth.generateKeyPair('ES256'));
+    const asked = await oauth.processDeviceAuthorizationResponse(
+      as, client,
+      await oauth.deviceAuthorizationRequest(as, client, oauth.None(), {}, options),
+    );
+    const approved = cli(dir, 'pair', 'approve', asked.user_code);
+    assert.equal(approved.status, 0, approved.stderr);
+    const poll = () => oauth.deviceCodeGrantRequest(as, client, oauth.None(), asked.device_code, { ...options, DPoP });
+    let nonceAsked = false;
+    let tokens;
+    try {
+      tokens = await oauth.processDeviceCodeResponse(as, client, await poll());
+    } catch (err) {
+      assert.ok(oauth.isDPoPNonceError(err), `expected use_dpop_nonce: ${err}`);
+      nonceAsked = true;
+      tokens = await oauth.processDeviceCodeResponse(as, client, await poll());
+    }
+    assert.ok(nonceAsked, 'the first proof, without a nonce, was refused');
+    assert.equal(tokens.token_type, 'dpop');
+    console.log('DPoP nonces through oauth4webapi: ok');
+  } finally {
     server.child.kill('SIGTERM');
     rmSync(dir, { recursive: true, force: true });
   }

@@ -103,6 +103,18 @@ impl DeviceKey {
         iat: u64,
         access_token: Option<&str>,
     ) -> String {
+        self.proof_with_nonce(method, url, iat, access_token, None)
+    }
+
+    /// The same, with the server's `nonce`.
+    pub(crate) fn proof_with_nonce(
+        &self,
+        method: &str,
+        url: &str,
+        iat: u64,
+        access_token: Option<&str>,
+        nonce: Option<&str>,
+    ) -> String {
         let header = json!({"typ": "dpop+jwt", "alg": self.alg(), "jwk": self.jwk()});
         let mut claims = json!({
             "jti": b64(&rand_bytes()),
@@ -112,6 +124,9 @@ impl DeviceKey {
         });
         if let Some(token) = access_token {
             claims["ath"] = json!(sha256_b64(token.as_bytes()));
+        }
+        if let Some(nonce) = nonce {
+            claims["nonce"] = json!(nonce);
         }
         self.jws(&header, &claims)
     }
@@ -576,4 +591,102 @@ async fn forward_auth_checks_a_bound_tokens_proof_against_the_original_request()
     .await
     .unwrap();
     assert_eq!(refused.status(), 401);
+}
+
+#[tokio::test]
+async fn with_nonces_on_every_proof_carries_a_fresh_one_from_any_start() {
+    let upstream = trivial_app().await;
+    let env = [
+        ("GATEHOUSE_DPOP_NONCE", "true"),
+        ("GATEHOUSE_UPSTREAM", upstream.as_str()),
+    ];
+    let app = helpers::spawn_app_with(&env).await;
+    let key = DeviceKey::ed25519();
+    let pair_url = format!("{}/v1/pair", issuer(&app));
+    let pair_once = |proof: String| {
+        let app = &app;
+        async move {
+            let (session_id, secret) = app.open_pairing_session().await;
+            app.client()
+                .post(app.url("/v1/pair"))
+                .header("DPoP", proof)
+                .json(&json!({"session_id": session_id, "secret": secret,
+                              "device": {"name": "x", "platform": "y", "app_version": "1"}}))
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    // Without a nonce: refused, with the one to use.
+    let refused = pair_once(key.proof_at("POST", &pair_url, now_s(&app), None)).await;
+    assert_eq!(refused.status(), 400);
+    let nonce = refused.headers()["dpop-nonce"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["error"], "use_dpop_nonce");
+    // A made-up nonce is no better.
+    let forged = pair_once(key.proof_with_nonce(
+        "POST",
+        &pair_url,
+        now_s(&app),
+        None,
+        Some("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"),
+    ))
+    .await;
+    assert_eq!(forged.status(), 400);
+    let paired =
+        pair_once(key.proof_with_nonce("POST", &pair_url, now_s(&app), None, Some(&nonce))).await;
+    assert_eq!(paired.status(), 200);
+    assert!(paired.headers().contains_key("dpop-nonce"));
+    let pair: Value = paired.json().await.unwrap();
+    let token = pair["access_token"].as_str().unwrap().to_string();
+
+    // The front door asks for one the same way, as a 401 challenge.
+    let notes = format!("{}/notes", app.base_url);
+    let (status, challenge) = front_get(
+        &app,
+        "/notes",
+        &format!("DPoP {token}"),
+        Some(key.proof_at("GET", &notes, now_s(&app), Some(&token))),
+    )
+    .await;
+    assert_eq!(status, 401);
+    assert!(
+        challenge.contains(r#"error="use_dpop_nonce""#),
+        "{challenge}"
+    );
+    let (status, body) = front_get(
+        &app,
+        "/notes",
+        &format!("DPoP {token}"),
+        Some(key.proof_with_nonce("GET", &notes, now_s(&app), Some(&token), Some(&nonce))),
+    )
+    .await;
+    assert_eq!((status, body.as_str()), (200, "app"));
+
+    // A nonce stays good through a restart (its key is in the store), for its period
+    // and the next; two periods on, it is stale.
+    let dir = app.stop().await;
+    let app = helpers::spawn_app_in(dir, &env).await;
+    let notes = format!("{}/notes", app.base_url);
+    let (status, _) = front_get(
+        &app,
+        "/notes",
+        &format!("DPoP {token}"),
+        Some(key.proof_with_nonce("GET", &notes, now_s(&app), Some(&token), Some(&nonce))),
+    )
+    .await;
+    assert_eq!(status, 200, "the nonce survives a restart");
+    app.clock.advance_ms(600_001);
+    let (status, challenge) = front_get(
+        &app,
+        "/notes",
+        &format!("DPoP {token}"),
+        Some(key.proof_with_nonce("GET", &notes, now_s(&app), Some(&token), Some(&nonce))),
+    )
+    .await;
+    assert_eq!(status, 401, "ten minutes on, the nonce is stale");
+    assert!(challenge.contains("use_dpop_nonce"), "{challenge}");
 }

@@ -22,6 +22,9 @@ use super::tables;
 /// The name of the self-signed certificate in the secrets table.
 pub(crate) const SECRET_SELF_SIGNED: &str = "tls/self-signed";
 
+/// The name of the key DPoP nonces are made with (32 raw bytes) in the secrets table.
+const SECRET_DPOP_NONCE_KEY: &str = "dpop/nonce-key";
+
 use tables::SECRETS_NAME as SECRETS;
 
 /// A table of versioned records of one type: where they live and how they are coded.
@@ -370,6 +373,20 @@ impl ReadTx<'_> {
         self.all(&ADMIN_TOKENS)
     }
 
+    /// The key every node makes and checks DPoP nonces with, once one was made.
+    pub fn dpop_nonce_key(&self) -> Result<Option<[u8; 32]>, StoreError> {
+        let Some(plain) = self.open_secret(SECRET_DPOP_NONCE_KEY)? else {
+            return Ok(None);
+        };
+        <[u8; 32]>::try_from(plain.as_slice())
+            .map(Some)
+            .map_err(|_| StoreError::Decode {
+                table: SECRETS,
+                key: SECRET_DPOP_NONCE_KEY.into(),
+                reason: format!("{} bytes where 32 were expected", plain.len()),
+            })
+    }
+
     pub fn self_signed_cert(&self) -> Result<Option<SelfSignedCert>, StoreError> {
         let plain = self.open_secret(SECRET_SELF_SIGNED)?;
         decode_secret(plain, SECRET_SELF_SIGNED, records::decode_self_signed)
@@ -570,6 +587,10 @@ impl WriteTx<'_> {
 
     pub fn put_admin_token(&self, id: &str, token: &AdminToken) -> Result<(), StoreError> {
         self.put(&ADMIN_TOKENS, id, token)
+    }
+
+    pub fn put_dpop_nonce_key(&self, key: &[u8; 32]) -> Result<(), StoreError> {
+        self.put_secret(SECRET_DPOP_NONCE_KEY, key)
     }
 
     pub fn put_self_signed_cert(&self, cert: &SelfSignedCert) -> Result<(), StoreError> {
