@@ -258,6 +258,10 @@ fn check(
         .tokens
         .verify(token)
         .map_err(|rejection| (Refused::of(rejection), rejection.code().into()))?;
+    // A bearer token that is not bound, the common case, needs nothing more.
+    if !as_dpop && verified.claims.cnf.is_none() {
+        return Ok(verified);
+    }
     let forwarded = request.extensions().get::<ForwardedBy>().is_some();
     let headers = request.headers();
     let read = |forwarded: &str, original: &str| {

@@ -386,7 +386,12 @@ async fn authenticate(
             let (token, as_dpop) = device_token(parts, websocket)?;
             match state.services.tokens.verify(&token) {
                 Ok(verified) => {
-                    let uris = request_uris(parts, &state.services.tokens.settings().issuer);
+                    // A bearer token that is not bound, the common case, needs no URL.
+                    let uris = if as_dpop || verified.claims.cnf.is_some() {
+                        request_uris(parts, &state.services.tokens.settings().issuer)
+                    } else {
+                        Vec::new()
+                    };
                     let uris: Vec<&str> = uris.iter().map(String::as_str).collect();
                     if let Err(why) = holder_checked(
                         state,
