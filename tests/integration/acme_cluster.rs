@@ -256,7 +256,15 @@ async fn a_lease_left_by_a_stopped_node_is_taken_over_once_it_expires() {
         s.orders_started == 1 && s.failures_in_row == 2
     })
     .await;
-    let failed = audit_kinds(&b, "tls.certificate_failed").await;
+    // The failure's audit record is committed a moment after the state shows it.
+    let mut failed = audit_kinds(&b, "tls.certificate_failed").await;
+    for _ in 0..100 {
+        if failed.len() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        failed = audit_kinds(&b, "tls.certificate_failed").await;
+    }
     let attempts: Vec<(u64, String)> = failed
         .iter()
         .map(|e| {
