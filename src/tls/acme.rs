@@ -825,17 +825,11 @@ impl AcmeDriver {
     async fn failed(&self, error: String) -> Duration {
         let error: String = error.chars().take(MAX_ERROR_CHARS).collect();
         let now = self.clock.now_ms();
-        let (attempt, delay) = self.status.with(|s| {
-            s.failures_in_row = s.failures_in_row.saturating_add(1);
-            s.failures_total += 1;
-            let delay = retry_delay(self.settings.retry, s.failures_in_row);
-            s.phase = AcmePhase::Retrying;
-            s.last_error = Some(error.clone());
-            s.last_failure_at_ms = Some(now);
-            s.next_attempt_at_ms = Some(now + crate::clock::millis(delay));
-            s.ordering_node = Some(self.node.clone());
-            (s.failures_in_row, delay)
-        });
+        // Worked out now, shown once the failure's record is written (one order runs at
+        // a time, so nothing changes the count meanwhile): whoever sees the state can
+        // read the record.
+        let attempt = self.status.with(|s| s.failures_in_row.saturating_add(1));
+        let delay = retry_delay(self.settings.retry, attempt);
         let serving = self.slot.current().info.clone();
         tracing::warn!(
             %error,
@@ -844,6 +838,7 @@ impl AcmeDriver {
             serving_until = %format_rfc3339(serving.not_after_ms),
             "ACME order failed; the current certificate is still served"
         );
+        let shown_error = error.clone();
         let event = Event::failure("tls.certificate_failed")
             .detail("error", error.clone())
             .detail("attempt", attempt)
@@ -880,6 +875,15 @@ impl AcmeDriver {
         {
             tracing::error!(error = %err, "cannot audit the failed ACME order");
         }
+        self.status.with(|s| {
+            s.failures_in_row = attempt;
+            s.failures_total += 1;
+            s.phase = AcmePhase::Retrying;
+            s.last_error = Some(shown_error);
+            s.last_failure_at_ms = Some(now);
+            s.next_attempt_at_ms = Some(now + crate::clock::millis(delay));
+            s.ordering_node = Some(self.node.clone());
+        });
         delay
     }
 }
