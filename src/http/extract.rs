@@ -222,12 +222,16 @@ impl FromRequestParts<AppState> for DpopBinding {
     type Rejection = Response;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Response> {
+        let refuse = |err: DpopError| with_dpop_nonce(state, ApiError::from(err).into_response());
+        // Most requests carry no proof: they need no URL worked out.
+        let Some(proof) = dpop_header(&parts.headers).map_err(refuse)? else {
+            return Ok(Self(None));
+        };
         let uris = request_uris(parts, &state.services.tokens.settings().issuer);
         let uris: Vec<&str> = uris.iter().map(String::as_str).collect();
-        dpop_header(&parts.headers)
-            .and_then(|proof| binding_of(state, proof, parts.method.as_str(), &uris))
+        binding_of(state, Some(proof), parts.method.as_str(), &uris)
             .map(Self)
-            .map_err(|err| with_dpop_nonce(state, ApiError::from(err).into_response()))
+            .map_err(refuse)
     }
 }
 
