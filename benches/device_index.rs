@@ -74,6 +74,7 @@ fn device_row(tx: &WriteTx<'_>, n: u64) -> Result<(), StoreError> {
             refresh_expires_at_ms: created + 7 * 86_400_000,
             revoked_at_ms: None,
             revoke_reason: None,
+            status: Vec::new(),
         },
     )?;
     tx.index_insert(&DEVICE_FAMILIES, &device_family_key(&id, &family))

@@ -34,7 +34,7 @@ use crate::store::{
     DEVICE_GRANT_CODES, DEVICE_GRANTS, DEVICES, DEVICES_BY_AGE, Store, StoreError, WriteTx,
     device_age_key, device_grant_code_key,
 };
-use crate::tokens::{NewFamily, TokenAuthority, TokenError, TokenPair};
+use crate::tokens::{TokenAuthority, TokenError, TokenPair};
 
 /// The grant type of the token request that polls (RFC 8628 section 3.4).
 pub const DEVICE_CODE_GRANT: &str = "urn:ietf:params:oauth:grant-type:device_code";
@@ -401,7 +401,7 @@ impl DeviceGrants {
         origin: &Origin,
         now: u64,
     ) -> Result<TokenPair, DeviceGrantError> {
-        let family = NewFamily::generate()?.bound_to(binding);
+        let family = self.tokens.new_family(binding).await?;
         let stored_family = family.clone();
         let tokens = self.tokens.clone();
         let key = id.to_string();
@@ -450,6 +450,7 @@ impl DeviceGrants {
                     family.family,
                     family.refresh,
                     family.binding.as_ref(),
+                    family.first,
                 )?)
             }
             // Spent by a concurrent poll, expired, or the device revoked meanwhile.

@@ -257,6 +257,25 @@ pub struct AccessClaims {
     /// proof signed by it may use the token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cnf: Option<Confirmation>,
+    /// Where the token's revocation bit is published (draft-ietf-oauth-status-list):
+    /// absent from tokens issued before status lists were.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<TokenStatus>,
+}
+
+/// The `status` claim: the token's place in a status list.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenStatus {
+    pub status_list: StatusListRef,
+}
+
+/// `status_list` inside `status`: the bit's index and the list's URI.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatusListRef {
+    pub idx: u64,
+    pub uri: String,
 }
 
 /// RFC 7800's confirmation claim, as DPoP uses it: the bound key's thumbprint.
@@ -427,6 +446,7 @@ mod tests {
             sid: FamilyId::from_bytes([3; 16]),
             scope: None,
             cnf: None,
+            status: None,
         }
     }
 

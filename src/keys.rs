@@ -463,7 +463,7 @@ pub struct KeyRing {
 
 impl KeyRing {
     /// Loads the ring, making sure there is an active and a next key.
-    pub(crate) async fn open(
+    pub async fn open(
         store: Store,
         clock: SharedClock,
         algorithm: KeyAlgorithm,
@@ -540,6 +540,19 @@ impl KeyRing {
         let set = self.snapshot();
         let key = set.active.as_ref().ok_or(KeyError::NoActiveKey)?;
         Self::sign_input(key, jwt::signing_input(&key.assertion_header, claims))
+    }
+
+    /// Signs any other JWT the server publishes (a token status list) with the active
+    /// key, under its own `typ`.
+    pub(crate) fn sign_typed(
+        &self,
+        claims: &impl serde::Serialize,
+        typ: &str,
+    ) -> Result<String, KeyError> {
+        let set = self.snapshot();
+        let key = set.active.as_ref().ok_or(KeyError::NoActiveKey)?;
+        let header = jwt::encoded_header_of(key.algorithm.jws_alg(), &key.kid, typ);
+        Self::sign_input(key, jwt::signing_input(&header, claims))
     }
 
     fn sign_input(key: &LoadedKey, input: String) -> Result<String, KeyError> {

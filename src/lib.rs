@@ -47,6 +47,7 @@ pub mod live;
 pub mod pairing;
 pub mod ratelimit;
 pub mod revocation;
+pub mod status_list;
 pub mod tls;
 pub mod tokens;
 

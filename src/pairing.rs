@@ -29,7 +29,7 @@ use crate::ids::{DeviceId, RandomError, Secret, SessionId, hash_matches, secret_
 use crate::ratelimit::{FailedCheck, Limited, Lockout, PolicyId, RateLimits, Subject};
 use crate::store::records::{Device, PairingSession};
 use crate::store::{DEVICES, DEVICES_BY_AGE, PAIRING_SESSIONS, Store, StoreError, device_age_key};
-use crate::tokens::{NewFamily, TokenAuthority, TokenError, TokenPair};
+use crate::tokens::{TokenAuthority, TokenError, TokenPair};
 
 /// The shortest session an operator may open.
 pub(crate) const MIN_TTL: Duration = Duration::from_secs(30);
@@ -505,7 +505,7 @@ impl PairingSessions {
             Some(id) => id,
             None => DeviceId::generate()?,
         };
-        let family = NewFamily::generate()?.bound_to(binding);
+        let family = self.tokens.new_family(binding).await?;
         let stored_family = family.clone();
         let tokens = self.tokens.clone();
         let key = session_id.to_string();
@@ -585,6 +585,7 @@ impl PairingSessions {
                     family.family,
                     family.refresh,
                     family.binding.as_ref(),
+                    family.first,
                 )?)
             }
             Claim::Lost => Err(self

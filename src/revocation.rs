@@ -26,6 +26,7 @@ use crate::audit::{self, Event, Origin, Severity};
 use crate::clock::{SharedClock, millis};
 use crate::ids::{DeviceId, FamilyId, TokenId};
 use crate::live::Changes;
+use crate::status_list::{self, StatusIndex};
 use crate::store::records::{FamilyRevocation, RevokedToken, TokenFamily};
 use crate::store::{
     DEVICE_FAMILIES, DEVICES, FAMILY_REVOCATIONS, REVOKED_TOKENS, Store, StoreError,
@@ -415,6 +416,7 @@ impl RevocationList {
         jti: TokenId,
         device: DeviceId,
         expires_at_ms: u64,
+        index: Option<StatusIndex>,
         origin: &Origin,
     ) -> Result<(), StoreError> {
         self.write().tokens.insert(jti, expires_at_ms);
@@ -434,6 +436,8 @@ impl RevocationList {
         self.store
             .write(move |tx| {
                 tx.put(&REVOKED_TOKENS, &key, &row)?;
+                let slots: Vec<_> = index.map(|i| i.slot(expires_at_ms)).into_iter().collect();
+                status_list::mark_in(tx, &slots, now)?;
                 audit::append(tx, &origin, &event, now)?;
                 Ok(())
             })
@@ -453,6 +457,7 @@ impl RevocationList {
             family.revoked_at_ms = Some(now_ms);
             family.revoke_reason = Some(reason.to_string());
             tx.put(&TOKEN_FAMILIES, &family_id.to_string(), family)?;
+            status_list::mark_in(tx, &family.status, now_ms)?;
         }
         Ok(())
     }
@@ -496,6 +501,7 @@ impl RevocationList {
                         reason: reason.clone(),
                     };
                     tx.put(&FAMILY_REVOCATIONS, &journal_key(now, &family_id), &entry)?;
+                    status_list::mark_in(tx, &family.status, now)?;
                 }
                 let event = Event::new("token.revoked")
                     .device(&family.device_id)
@@ -557,6 +563,7 @@ impl RevocationList {
             });
             for chunk in entries.chunks(FOLD_CHUNK) {
                 let chunk = chunk.to_vec();
+                let now = self.clock.now_ms();
                 let (marked, settled) = self
                     .store
                     .write(move |tx| {
@@ -569,6 +576,9 @@ impl RevocationList {
                                 family.revoked_at_ms = Some(entry.revoked_at_ms);
                                 family.revoke_reason = Some(entry.reason.clone());
                                 tx.put(&TOKEN_FAMILIES, &entry.family_id, &family)?;
+                                // Again: a refresh on another node that raced the
+                                // revocation may have added a token since.
+                                status_list::mark_in(tx, &family.status, now)?;
                                 marked += 1;
                             }
                             settled.extend(FamilyId::parse(&entry.family_id));

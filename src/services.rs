@@ -25,6 +25,7 @@ use crate::pairing::{PairingSessions, ServerIdentity};
 use crate::ratelimit::{Lockout, LockoutPolicy, Policies, Policy, RateLimits};
 use crate::revocation::RevocationList;
 use crate::schedule::{JobContext, Scheduler};
+use crate::status_list::{StatusListSettings, StatusLists};
 use crate::store::{Store, StoreError};
 use crate::tokens::{PreviousIdentity, TokenAuthority, TokenSettings};
 
@@ -188,11 +189,22 @@ impl Services {
             },
         )?);
         let audit = AuditLog::new(store.clone(), clock.clone(), config.audit.retention);
+        let status_lists = Arc::new(StatusLists::new(
+            store.clone(),
+            clock.clone(),
+            keys.clone(),
+            StatusListSettings {
+                uri_base: format!("{}/v1/statuslists/", settings.issuer),
+                ttl: config.tokens.status_list_ttl,
+                valid_for: settings.access_window(),
+            },
+        ));
         let tokens = Arc::new(TokenAuthority::new(
             store.clone(),
             clock.clone(),
             keys.clone(),
             revocations.clone(),
+            status_lists,
             settings,
             limits.clone(),
         ));

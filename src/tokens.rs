@@ -32,7 +32,8 @@ use crate::jwt::{self, ACCESS_TOKEN_TYP, AccessClaims, Confirmation, Malformed};
 use crate::keys::{KeyError, KeyRing};
 use crate::ratelimit::{Limited, PolicyId, RateLimits, Subject};
 use crate::revocation::{Refusal, RevocationList};
-use crate::store::records::{FamilyBinding, RefreshToken, TokenFamily};
+use crate::status_list::{self, StatusIndex, StatusListError, StatusLists};
+use crate::store::records::{FamilyBinding, RefreshToken, StatusSlot, TokenFamily};
 use crate::store::{
     DEVICE_FAMILIES, DEVICES, FAMILY_BINDINGS, REFRESH_TOKENS, Store, StoreError, TOKEN_FAMILIES,
     WriteTx, device_family_key,
@@ -176,6 +177,8 @@ pub enum TokenError {
     #[error(transparent)]
     Random(#[from] RandomError),
     #[error(transparent)]
+    StatusList(#[from] StatusListError),
+    #[error(transparent)]
     Store(#[from] StoreError),
 }
 
@@ -186,6 +189,7 @@ impl Classify for TokenError {
             Self::RateLimited(_) => ErrorKind::RateLimited,
             Self::Key(err) => err.kind(),
             Self::Random(_) => ErrorKind::Internal,
+            Self::StatusList(err) => err.kind(),
             Self::Store(err) => err.kind(),
         }
     }
@@ -256,6 +260,9 @@ pub struct NewFamily {
     pub refresh: Secret,
     /// The key the family is bound to (DPoP), if the device presented a proof.
     pub binding: Option<Jkt>,
+    /// The access token answered with the family, when one is (its status-list place is
+    /// written with the family's row).
+    pub first: Option<NextAccess>,
 }
 
 impl NewFamily {
@@ -264,12 +271,25 @@ impl NewFamily {
             family: FamilyId::generate()?,
             refresh: Secret::generate(REFRESH_PREFIX)?,
             binding: None,
+            first: None,
         })
     }
+}
 
-    /// The same family, bound to the key of a device's DPoP proof.
-    pub(crate) fn bound_to(self, binding: Option<Jkt>) -> Self {
-        Self { binding, ..self }
+/// An access token about to be issued: its status-list index and its issue time, fixed
+/// before the transaction that records them in its family's row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NextAccess {
+    pub index: Option<StatusIndex>,
+    pub issued_at_ms: u64,
+}
+
+impl NextAccess {
+    /// Its family row's note of it (its `exp`, whole seconds as in the token).
+    fn slot(&self, access_ttl: Duration) -> Option<StatusSlot> {
+        let exp_s = self.issued_at_ms / 1000 + access_ttl.as_secs();
+        self.index
+            .map(|index| index.slot(exp_s.saturating_mul(1000)))
     }
 }
 
@@ -383,6 +403,8 @@ pub struct TokenAuthority {
     clock: SharedClock,
     keys: Arc<KeyRing>,
     revocations: Arc<RevocationList>,
+    /// Where each access token's revocation bit is published.
+    status: Arc<StatusLists>,
     settings: TokenSettings,
     /// The `refresh` policy is spent per device before each grant.
     limits: Arc<RateLimits>,
@@ -399,6 +421,7 @@ impl TokenAuthority {
         clock: SharedClock,
         keys: Arc<KeyRing>,
         revocations: Arc<RevocationList>,
+        status: Arc<StatusLists>,
         settings: TokenSettings,
         limits: Arc<RateLimits>,
     ) -> Self {
@@ -407,6 +430,7 @@ impl TokenAuthority {
             clock,
             keys,
             revocations,
+            status,
             limits,
             settings,
             cache: VerifiedCache::default(),
@@ -418,15 +442,40 @@ impl TokenAuthority {
         &self.settings
     }
 
+    /// The status lists this authority's tokens name.
+    pub fn status_lists(&self) -> &Arc<StatusLists> {
+        &self.status
+    }
+
+    /// The next access token's status-list index and issue time (now).
+    pub async fn next_access(&self) -> Result<NextAccess, TokenError> {
+        let index = self.status.allocate().await?;
+        Ok(NextAccess {
+            index: Some(index),
+            issued_at_ms: self.clock.now_ms(),
+        })
+    }
+
+    /// A new family whose first access token is answered with it, bound to `binding`
+    /// (the key of a device's DPoP proof) when there is one.
+    pub(crate) async fn new_family(&self, binding: Option<Jkt>) -> Result<NewFamily, TokenError> {
+        Ok(NewFamily {
+            binding,
+            first: Some(self.next_access().await?),
+            ..NewFamily::generate()?
+        })
+    }
+
     /// Signs a new access token for a device and family, bound to `binding` (DPoP) when
-    /// the family is.
+    /// the family is, at the time and status-list index of `next`.
     pub fn issue_access(
         &self,
         device: DeviceId,
         family: FamilyId,
         binding: Option<&Jkt>,
+        next: NextAccess,
     ) -> Result<String, TokenError> {
-        let now_s = self.clock.now_ms() / 1000;
+        let now_s = next.issued_at_ms / 1000;
         let claims = AccessClaims {
             iss: self.settings.issuer.clone(),
             aud: self.settings.audience.clone(),
@@ -438,6 +487,7 @@ impl TokenAuthority {
             sid: family,
             scope: None,
             cnf: binding.map(|jkt| Confirmation { jkt: jkt.clone() }),
+            status: next.index.map(|index| self.status.claim(index)),
         };
         let token = self.keys.sign(&claims)?;
         self.note_issued(family, claims.jti, claims.exp);
@@ -534,6 +584,11 @@ impl TokenAuthority {
                 refresh_expires_at_ms: expires,
                 revoked_at_ms: None,
                 revoke_reason: None,
+                status: new
+                    .first
+                    .and_then(|first| first.slot(self.settings.access_ttl))
+                    .into_iter()
+                    .collect(),
             },
         )?;
         if let Some(jkt) = &new.binding {
@@ -598,18 +653,24 @@ impl TokenAuthority {
         self.revocations.family_created(family);
     }
 
-    /// The pair answered to a device: a fresh access token (bound to `binding`, when the
-    /// family is) and the given refresh token.
+    /// The pair answered to a device: the access token `next` (bound to `binding`, when
+    /// the family is) and the given refresh token. `next` is a new family's `first`,
+    /// always there for the families `new_family` makes.
     pub(crate) fn pair_for(
         &self,
         device: DeviceId,
         family: FamilyId,
         refresh: Secret,
         binding: Option<&Jkt>,
+        next: Option<NextAccess>,
     ) -> Result<TokenPair, TokenError> {
+        let next = next.unwrap_or(NextAccess {
+            index: None,
+            issued_at_ms: self.clock.now_ms(),
+        });
         Ok(TokenPair {
             device_id: device,
-            access_token: self.issue_access(device, family, binding)?,
+            access_token: self.issue_access(device, family, binding, next)?,
             refresh_token: refresh.into_string(),
             token_type: if binding.is_some() { "DPoP" } else { "Bearer" }.into(),
             expires_in: self.settings.access_ttl.as_secs(),
@@ -635,11 +696,9 @@ impl TokenAuthority {
         }
         let key = hash_key(&crate::ids::secret_hash(presented.as_bytes()));
         // The device's refresh budget is spent before the grant is tried.
-        if let Some(device) = self
-            .store
-            .read(|tx| tx.get(&REFRESH_TOKENS, &key))?
-            .and_then(|row| DeviceId::parse(&row.device_id))
-        {
+        let row = self.store.read(|tx| tx.get(&REFRESH_TOKENS, &key))?;
+        let known = row.is_some();
+        if let Some(device) = row.and_then(|row| DeviceId::parse(&row.device_id)) {
             self.limits
                 .limit(PolicyId::Refresh, &Subject::Device(device))
                 .map_err(TokenError::RateLimited)?;
@@ -648,7 +707,17 @@ impl TokenAuthority {
         // Generated outside the transaction, which may run twice.
         let next_refresh = Secret::generate(REFRESH_PREFIX)?;
         let stored_refresh = next_refresh.clone();
-        let now = self.clock.now_ms();
+        // No index for a token that names no row: the grant fails in any case.
+        let next = match known {
+            true => self.next_access().await?,
+            false => NextAccess {
+                index: None,
+                issued_at_ms: self.clock.now_ms(),
+            },
+        };
+        let slot = next.slot(self.settings.access_ttl);
+        let leeway = millis(self.settings.leeway);
+        let now = next.issued_at_ms;
         let refresh_ttl = millis(self.settings.refresh_ttl);
         let journaled = self.revocations.journaled();
         let proof = proof.cloned();
@@ -733,6 +802,7 @@ impl TokenAuthority {
                 )?;
                 family.generation = family.generation.saturating_add(1);
                 family.refresh_expires_at_ms = expires;
+                family.status = status_list::keep_live(&family.status, slot, now, leeway);
                 tx.put(&TOKEN_FAMILIES, &token.family_id, &family)?;
                 device.last_seen_ms = now;
                 tx.put(&DEVICES, &token.device_id, &device)?;
@@ -753,7 +823,7 @@ impl TokenAuthority {
                 device,
                 family,
                 binding,
-            } => self.pair_for(device, family, next_refresh, binding.as_ref()),
+            } => self.pair_for(device, family, next_refresh, binding.as_ref(), Some(next)),
             RefreshOutcome::Unbound => Err(TokenError::DpopKey),
             RefreshOutcome::Reused { device, family } => {
                 self.revocations.remember_family(family);
@@ -962,6 +1032,7 @@ impl TokenAuthority {
                         claims.jti,
                         claims.sub,
                         claims.exp.saturating_mul(1000),
+                        claims.status.as_ref().and_then(StatusIndex::of_claim),
                         origin,
                     )
                     .await?;
@@ -1010,7 +1081,8 @@ impl TokenAuthority {
         let (refresh, deleted) = refresh;
         self.revocations.families_deleted(&deleted);
         let revocations = self.revocations.prune(self.settings.leeway).await?;
-        Ok(refresh + revocations)
+        let bits = self.status.prune(self.settings.leeway).await?;
+        Ok(refresh + revocations + bits)
     }
 }
 
@@ -1032,6 +1104,7 @@ mod tests {
                 sid: FamilyId::from_bytes([n; 16]),
                 scope: None,
                 cnf: None,
+                status: None,
             },
             kid: "k".into(),
         }

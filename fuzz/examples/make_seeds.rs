@@ -21,7 +21,8 @@ use gatehouse::store::records::{
     PairingSession, PairingSessionRecord, RateWindow, RateWindowRecord, RefreshToken,
     RefreshTokenRecord, RevokedToken, RevokedTokenRecord, SelfSignedCert, SelfSignedCertRecord,
     SigningKey, SigningKeyPrivate, SigningKeyPrivateRecord, SigningKeyRecord, StoredKeyAlgorithm,
-    StoredKeyState, TokenFamily, TokenFamilyRecord,
+    StatusAllocation, StatusAllocationRecord, StatusRevoked, StatusRevokedRecord, StatusSlot,
+    StoredKeyState, TokenFamily, TokenFamilyRecord, TokenFamilyV1,
 };
 
 /// A fixed, made-up 64-byte signature: `parse` only checks its length and encoding.
@@ -45,6 +46,12 @@ fn claims(scope: Option<&str>) -> AccessClaims {
         sid: FamilyId::from_bytes([0x17; 16]),
         scope: scope.map(str::to_string),
         cnf: None,
+        status: Some(jwt::TokenStatus {
+            status_list: jwt::StatusListRef {
+                idx: 77,
+                uri: "https://auth.example.com/v1/statuslists/1".into(),
+            },
+        }),
     }
 }
 
@@ -176,6 +183,24 @@ fn record_seeds() -> Vec<(&'static str, Vec<u8>)> {
         refresh_expires_at_ms: 2_592_000_020,
         revoked_at_ms: Some(40),
         revoke_reason: Some("reuse".into()),
+        status: vec![
+            StatusSlot {
+                index: 1_048_577,
+                expires_at_ms: 900_020,
+            },
+            StatusSlot {
+                index: 1_049_601,
+                expires_at_ms: 1_800_020,
+            },
+        ],
+    };
+    let family_v1 = TokenFamilyV1 {
+        device_id: family.device_id.clone(),
+        created_at_ms: 20,
+        generation: 1,
+        refresh_expires_at_ms: 2_592_000_020,
+        revoked_at_ms: None,
+        revoke_reason: None,
     };
     let refresh = RefreshToken {
         family_id: FamilyId::from_bytes([0x17; 16]).to_string(),
@@ -338,7 +363,25 @@ fn record_seeds() -> Vec<(&'static str, Vec<u8>)> {
         ),
         (
             "token_family",
-            records::encode(&TokenFamilyRecord::V1(family)),
+            records::encode(&TokenFamilyRecord::V2(family)),
+        ),
+        (
+            "token_family_v1",
+            records::encode(&TokenFamilyRecord::V1(family_v1)),
+        ),
+        (
+            "status_revoked",
+            records::encode(&StatusRevokedRecord::V1(StatusRevoked {
+                expires_at_ms: 1_795_000_900_000,
+                revoked_at_ms: 1_795_000_000_000,
+            })),
+        ),
+        (
+            "status_allocation",
+            records::encode(&StatusAllocationRecord::V1(StatusAllocation {
+                next_index: 2048,
+                reserved_at_ms: 1_795_000_000_000,
+            })),
         ),
         (
             "family_binding",

@@ -16,7 +16,7 @@ use gatehouse::store::records::{
     AuditCheckpointRecord, AuditEntryRecord, BanRecord, ChainHeadRecord, ClientRecord, DeviceGrantRecord, DeviceRecord,
     FamilyBindingRecord, FamilyRevocationRecord, JobStateRecord, PairingSessionRecord, RateWindowRecord,
     RefreshTokenRecord, RevokedTokenRecord, SelfSignedCertRecord, SigningKeyPrivateRecord,
-    SigningKeyRecord, TokenFamilyRecord,
+    SigningKeyRecord, StatusAllocationRecord, StatusRevokedRecord, TokenFamilyRecord,
 };
 use libfuzzer_sys::fuzz_target;
 use serde::Serialize;
@@ -44,6 +44,8 @@ fuzz_target!(|data: &[u8]| {
     round_trip::<RefreshTokenRecord>(data);
     round_trip::<FamilyRevocationRecord>(data);
     round_trip::<RevokedTokenRecord>(data);
+    round_trip::<StatusRevokedRecord>(data);
+    round_trip::<StatusAllocationRecord>(data);
     round_trip::<ClientRecord>(data);
     // Rate limits, the audit log, bans and scheduled jobs.
     round_trip::<RateWindowRecord>(data);

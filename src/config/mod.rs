@@ -156,6 +156,8 @@ pub(crate) struct TokenConfig {
     pub(crate) require_dpop: bool,
     /// Whether DPoP proofs must carry a nonce this server made (`DPoP-Nonce`).
     pub(crate) dpop_nonce: bool,
+    /// How long a verifier may keep a token status list before fetching it again.
+    pub(crate) status_list_ttl: Duration,
 }
 
 /// Every rate-limit policy's rate, and the bound on the subjects tracked.
@@ -760,6 +762,14 @@ impl Config {
                 "tokens.refresh_ttl ({}) is shorter than tokens.access_ttl ({}): a device \
                  could not refresh before its access token expired",
                 humantime::format_duration(refresh),
+                humantime::format_duration(access)
+            ));
+        }
+        let status_ttl = self.tokens.status_list_ttl;
+        if status_ttl > access {
+            return invalid(format!(
+                "tokens.status_list_ttl ({}) is longer than tokens.access_ttl ({}): an app                  keeping a status list that long would see a revocation only after the                  revoked token had expired anyway",
+                humantime::format_duration(status_ttl),
                 humantime::format_duration(access)
             ));
         }

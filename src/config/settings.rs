@@ -707,6 +707,18 @@ pub static SETTINGS: &[Setting] = &[
         |c, v| c.tokens.dpop_nonce = v
     ),
     setting!(
+        "tokens.status_list_ttl",
+        "GATEHOUSE_STATUS_LIST_TTL",
+        None,
+        Value("1m"),
+        "how long an app that verifies tokens offline may keep a token status list before fetching it again (its ttl claim and Cache-Control max-age): the most a revocation may take to reach it",
+        Span {
+            min: secs(1),
+            max: secs(DAY)
+        },
+        |c, v| c.tokens.status_list_ttl = v
+    ),
+    setting!(
         "keys.algorithm",
         "GATEHOUSE_KEY_ALGORITHM",
         None,

@@ -30,6 +30,7 @@ pub mod security;
 pub(crate) mod serve;
 mod session;
 mod status;
+mod status_lists;
 mod ui;
 mod ws;
 
@@ -144,6 +145,7 @@ pub fn router(state: AppState, limits: &ServerConfig, cors_config: &CorsConfig) 
         .merge(bans::routes())
         .merge(jobs::routes())
         .merge(status::routes())
+        .merge(status_lists::routes())
         .merge(session::routes())
         .merge(admin_users::routes())
         .merge(authz::routes())

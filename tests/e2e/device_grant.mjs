@@ -8,8 +8,12 @@
 // its tokens come bound (`token_type: DPoP`, `cnf.jkt`), its refresh needs a proof by the
 // key, and the app behind the front door is reached with `Authorization: DPoP` and a
 // proof, and not with the token alone; and against a server that wants nonces
-// (`tokens.dpop_nonce`), the client's retry with the `DPoP-Nonce` it was given. TLS is real: the client trusts only the server's
-// self-signed certificate, read from the handshake.
+// (`tokens.dpop_nonce`), the client's retry with the `DPoP-Nonce` it was given. And the
+// token status list (draft-ietf-oauth-status-list) read by a second implementation of
+// the format, @sd-jwt/jwt-status-list: each token's `status` claim found and its list
+// decoded by it (signature checked by WebCrypto against the JWKS), 0 while the token
+// stands, 1 within a second of its revocation. TLS is real: the client trusts only the
+// server's self-signed certificate, read from the handshake.
 //
 // Run from the repository root after `cargo build`:
 //   (cd tests/e2e && npm install) && node tests/e2e/device_grant.mjs
@@ -23,6 +27,7 @@ import { join } from 'node:path';
 import { connect } from 'node:tls';
 import assert from 'node:assert/strict';
 import * as oauth from 'oauth4webapi';
+import { getListFromStatusListJWT, getStatusListFromJWT } from '@sd-jwt/jwt-status-list';
 import { Agent, fetch as undiciFetch } from 'undici';
 import { bin, serverEnv, startServer } from './server.mjs';
 
@@ -61,6 +66,48 @@ async function pollError(as, client, options, deviceCode) {
     return err.error;
   }
   assert.fail('the poll was answered with tokens');
+}
+
+/**
+ * The status of `accessToken` as an offline verifier sees it: @sd-jwt/jwt-status-list
+ * reads the token's place and decodes its list; the list's signature is checked here
+ * with WebCrypto against the published JWKS.
+ */
+async function statusOf(accessToken, fetchWith, jwksUri) {
+  const { idx, uri } = getStatusListFromJWT(accessToken);
+  const response = await fetchWith(uri, { method: 'GET' });
+  assert.equal(response.status, 200);
+  assert.equal(response.headers.get('content-type'), 'application/statuslist+jwt');
+  assert.equal(response.headers.get('cache-control'), 'public, max-age=60');
+  const jwt = await response.text();
+  const [header64, payload64, signature64] = jwt.split('.');
+  const header = JSON.parse(Buffer.from(header64, 'base64url').toString());
+  assert.equal(header.typ, 'statuslist+jwt');
+  assert.equal(header.alg, 'EdDSA');
+  const jwks = await (await fetchWith(jwksUri, { method: 'GET' })).json();
+  const { kty, crv, x } = jwks.keys.find((key) => key.kid === header.kid);
+  const key = await crypto.subtle.importKey('jwk', { kty, crv, x }, { name: 'Ed25519' }, false, ['verify']);
+  const signed = await crypto.subtle.verify(
+    { name: 'Ed25519' }, key, Buffer.from(signature64, 'base64url'), Buffer.from(`${header64}.${payload64}`),
+  );
+  assert.ok(signed, 'the status list verifies with the published key');
+  const payload = JSON.parse(Buffer.from(payload64, 'base64url').toString());
+  assert.equal(payload.sub, uri);
+  assert.equal(payload.ttl, 60);
+  assert.ok(payload.exp > payload.iat);
+  const list = getListFromStatusListJWT(jwt);
+  assert.equal(list.getBitsPerStatus(), 1);
+  return list.getStatus(idx);
+}
+
+/** Polls `statusOf` until it reads `status`; how long that took (at most a second). */
+async function statusBecomes(status, accessToken, fetchWith, jwksUri) {
+  const started = Date.now();
+  while ((await statusOf(accessToken, fetchWith, jwksUri)) !== status) {
+    assert.ok(Date.now() - started < 1000, `status ${status} not shown within a second`);
+    await sleep(25);
+  }
+  return Date.now() - started;
 }
 
 /** The app behind the front door: every request is 200 with the device id it was sent for. */
@@ -154,9 +201,23 @@ async function main() {
     );
     assert.notEqual(refreshed.refresh_token, tokens.refresh_token);
 
-    // The device code again: spent, and what it issued is revoked.
+    // Both access tokens stand in the status list, at two places of one list.
+    const fetchWith = options[oauth.customFetch];
+    const places = [tokens, refreshed].map((t) => getStatusListFromJWT(t.access_token));
+    assert.equal(places[0].uri, `${server.url}/v1/statuslists/0`);
+    assert.equal(places[1].uri, places[0].uri);
+    assert.notEqual(places[1].idx, places[0].idx);
+    for (const t of [tokens, refreshed]) {
+      assert.equal(await statusOf(t.access_token, fetchWith, as.jwks_uri), 0);
+    }
+
+    // The device code again: spent, and what it issued is revoked, in the list too.
     await sleep(1100);
     assert.equal(await pollError(as, client, options, asked.device_code), 'invalid_grant');
+    for (const t of [tokens, refreshed]) {
+      const took = await statusBecomes(1, t.access_token, fetchWith, as.jwks_uri);
+      console.log(`status list: revoked token shown after ${took} ms`);
+    }
     const revoked = await oauth.refreshTokenGrantRequest(as, client, oauth.None(), refreshed.refresh_token, options);
     await assert.rejects(oauth.processRefreshTokenResponse(as, client, revoked), (err) => err.error === 'invalid_grant');
 

@@ -874,3 +874,79 @@ async fn a_device_grant_asked_on_one_node_is_approved_on_another_and_taken_once(
         node.stop().await;
     }
 }
+
+/// Status-list indices handed out by several nodes never collide (each reserves its own
+/// blocks in the database), and a revocation on one node sets the bit in the list every
+/// other node serves within a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_list_indices_never_collide_and_bits_show_on_every_node_within_a_second() {
+    use crate::status_list::{Place, place_of, wait_for_bit};
+    let Some(pg) = Postgres::start("status_list_bits_on_every_node") else {
+        return;
+    };
+    let nodes = nodes(&pg, 2, &[]).await;
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let admin = a.admin_token();
+    let mut places: Vec<Place> = Vec::new();
+    let mut devices = Vec::new();
+    for node in [a, b, a, b] {
+        let device = node.pair_device_as(&admin).await;
+        places.push(place_of(&device.access_token));
+        // Refreshed on the other node: its token's index comes from that node's block.
+        let other = if std::ptr::eq(node, a) { b } else { a };
+        let next: serde_json::Value = refresh(other, &device.refresh_token)
+            .await
+            .json()
+            .await
+            .expect("json");
+        places.push(place_of(
+            next["access_token"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{next}")),
+        ));
+        let latest = next["refresh_token"].as_str().expect("refresh").to_string();
+        devices.push((device, latest));
+    }
+    let mut indices: Vec<(String, u64)> = places.iter().map(|p| (p.uri.clone(), p.idx)).collect();
+    indices.sort();
+    indices.dedup();
+    assert_eq!(indices.len(), places.len(), "no index twice: {places:?}");
+    let (from_a, from_b) = (places[0].idx, places[1].idx);
+    assert!(from_a.abs_diff(from_b) >= 1024, "two blocks: {places:?}");
+
+    // An access token revoked on B: its bit on A's list.
+    let revoked = b
+        .client()
+        .post(b.url("/v1/revoke"))
+        .form(&[("token", devices[0].0.access_token.as_str())])
+        .send()
+        .await
+        .expect("revoke");
+    assert_eq!(revoked.status(), 200);
+    let on = |node: &TestApp, place: &Place| Place {
+        idx: place.idx,
+        uri: node.url(&place.uri[place.uri.find("/v1/").expect("a list URI")..]),
+    };
+    let took = wait_for_bit(&a.client(), &a.base_url, &on(a, &places[0]), true).await;
+    eprintln!("a revocation on B showed in A's list after {took:?}");
+    assert!(took < PROPAGATION, "{took:?}");
+    // A family revoked on A (its latest refresh token, through the journal): the bits
+    // of both of its tokens, one issued by each node, on B's list.
+    let revoked = a
+        .client()
+        .post(a.url("/v1/revoke"))
+        .form(&[("token", devices[1].1.as_str())])
+        .send()
+        .await
+        .expect("revoke");
+    assert_eq!(revoked.status(), 200);
+    for place in [&places[2], &places[3]] {
+        let took = wait_for_bit(&b.client(), &b.base_url, &on(b, place), true).await;
+        assert!(took < PROPAGATION, "{took:?}");
+    }
+    let list = crate::status_list::fetch(&b.client(), &b.base_url, &on(b, &places[4]).uri).await;
+    assert!(!list.bit(places[4].idx) && !list.bit(places[1].idx));
+    for node in nodes {
+        node.stop().await;
+    }
+}

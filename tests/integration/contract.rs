@@ -189,7 +189,7 @@ fn check_response(what: &str, response: &Value, answer: &Answer) {
                 .and_then(|v| v.to_str().ok());
             assert_eq!(Some(id), header, "{what}: request_id is the x-request-id");
         }
-    } else if media.starts_with("text/") || media.ends_with("+xml") {
+    } else if media.starts_with("text/") || media.ends_with("+xml") || media.ends_with("+jwt") {
         let text = std::str::from_utf8(&answer.body)
             .unwrap_or_else(|_| panic!("{what}: the {media} body is not UTF-8"));
         assert!(!text.is_empty(), "{what}: an empty {media} body");
@@ -319,6 +319,31 @@ async fn probes_and_discovery_answer_as_documented() {
     // Every other path is a 404 with the error body.
     expect_unlisted_path(404, api.anyone(Method::GET, "/v1/nothing-here")).await;
     expect_unlisted_path(404, api.admin(Method::GET, "/admin/nothing-here")).await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn status_lists_answer_as_documented() {
+    let app = helpers::spawn_app().await;
+    let api = Api::new(&app);
+    let op = "GET /v1/statuslists/{list}";
+    // No token names a list yet.
+    expect(op, 404, api.anyone(Method::GET, "/v1/statuslists/0")).await;
+    api.pair().await;
+    let list = expect(op, 200, api.anyone(Method::GET, "/v1/statuslists/0")).await;
+    assert_eq!(list.headers["cache-control"], "public, max-age=60");
+    expect(op, 404, api.anyone(Method::GET, "/v1/statuslists/9")).await;
+    expect(op, 400, api.anyone(Method::GET, "/v1/statuslists/007")).await;
+    expect(op, 400, api.anyone(Method::GET, "/v1/statuslists/x")).await;
+    expect(op, 405, api.anyone(Method::POST, "/v1/statuslists/0")).await;
+    expect(
+        op,
+        413,
+        api.anyone(Method::GET, "/v1/statuslists/0")
+            .header("content-type", "application/json")
+            .body(oversized()),
+    )
+    .await;
     app.stop().await;
 }
 

@@ -15,7 +15,7 @@ use gatehouse::store::records::{
     self, AdminToken, AdminTokenRecord, Client, ClientRecord, Device, DeviceRecord, PairingSession,
     PairingSessionRecord, RefreshToken, RefreshTokenRecord, RevokedToken, RevokedTokenRecord,
     SigningKey, SigningKeyPrivate, SigningKeyPrivateRecord, SigningKeyRecord, StoredKeyAlgorithm,
-    StoredKeyState, TokenFamily, TokenFamilyRecord,
+    StoredKeyState, TokenFamilyRecord, TokenFamilyV1,
 };
 use gatehouse::store::seal::{MasterKey, Sealer};
 use gatehouse::store::{ALL_TABLES, FORMAT_VERSION};
@@ -158,6 +158,37 @@ fn write_format_v9_fixture() {
     tx.commit().unwrap();
 }
 
+/// Builds `tests/fixtures/format-v10.redb`: the format-9 fixture as a format-10 build
+/// left it (step 9 → 10 only makes the bindings table), with its token family bound to a
+/// key (DPoP). Its family row stays a version-1 record, as every format-10 row is.
+/// Written raw, as the format-9 content was.
+#[test]
+#[ignore = "regenerates the committed fixture"]
+fn write_format_v10_fixture() {
+    let path = fixtures().join("format-v10.redb");
+    let key_path = fixtures().join("format-v10.key");
+    std::fs::copy(fixtures().join("format-v9.redb"), &path).unwrap();
+    std::fs::copy(fixtures().join("format-v9.key"), &key_path).unwrap();
+    let binding = records::FamilyBinding {
+        jkt: FIXTURE_JKT.into(),
+        bound_at_ms: TEST_NOW_MS,
+    };
+    let db = redb::Database::open(&path).unwrap();
+    let tx = db.begin_write().unwrap();
+    {
+        let mut bindings = tx.open_table(raw("family_bindings.v1")).unwrap();
+        let value = records::encode(&records::FamilyBindingRecord::V1(binding));
+        bindings.insert(FAMILY, value.as_slice()).unwrap();
+        let mut meta = tx.open_table(raw("meta")).unwrap();
+        meta.insert("format_version", 10u32.to_le_bytes().as_slice())
+            .unwrap();
+    }
+    tx.commit().unwrap();
+}
+
+/// The key the format-10 fixture's family is bound to (an RFC 7638 thumbprint's shape).
+const FIXTURE_JKT: &str = "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I";
+
 /// `write_fixture(format)`, then the rows `rows` writes through the store's own writer
 /// (the formats whose rows need the store: the audit chain, the job state, the journal).
 fn write_fixture_with_rows(
@@ -242,6 +273,7 @@ fn tables_of(format: u32) -> impl Iterator<Item = &'static str> {
             "device_families.v1" | "devices_by_age.v1" => 8,
             "device_grants.v1" | "device_grant_codes.v1" => 9,
             "family_bindings.v1" => 10,
+            "status_revoked.v1" | "status_allocation.v1" => 11,
             _ => 3,
         };
         format >= since
@@ -331,7 +363,7 @@ fn write_fixture(format: u32) {
             .unwrap()
             .insert(DEVICE, records::encode(&device).as_slice())
             .unwrap();
-        let family = TokenFamilyRecord::V1(TokenFamily {
+        let family = TokenFamilyRecord::V1(TokenFamilyV1 {
             device_id: DEVICE.into(),
             created_at_ms: TEST_NOW_MS,
             generation: 1,
@@ -746,6 +778,42 @@ async fn a_server_on_the_format_v9_fixture_approves_its_waiting_device_grant() {
         .read(|tx| tx.table_counts())
         .unwrap();
     assert!(counts.contains(&("family_bindings.v1", 0)), "{counts:?}");
+    app.stop().await;
+}
+
+/// A format-10 file opens at the current format with its version-1 family row read as
+/// having no status-list places, its binding kept, and the status-list tables there,
+/// empty; the first token a server on it issues starts the index space at 0.
+#[tokio::test]
+async fn a_server_on_the_format_v10_fixture_keeps_its_binding_and_starts_its_status_lists() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_migrated(10, dir.path());
+    let (family, binding) = store
+        .read(|tx| {
+            Ok::<_, gatehouse::store::StoreError>((
+                tx.get(&gatehouse::store::TOKEN_FAMILIES, FAMILY)?,
+                tx.get(&gatehouse::store::FAMILY_BINDINGS, FAMILY)?,
+            ))
+        })
+        .unwrap();
+    let family = family.expect("the family row");
+    assert_eq!(family.device_id, DEVICE);
+    assert!(family.status.is_empty());
+    assert_eq!(binding.expect("the binding").jkt, FIXTURE_JKT);
+    let counts = store.read(|tx| tx.table_counts()).unwrap();
+    for table in ["status_revoked.v1", "status_allocation.v1"] {
+        assert!(counts.contains(&(table, 0)), "{table}: {counts:?}");
+    }
+    store.close();
+
+    let dir = tempfile::tempdir().unwrap();
+    fixture_copy_of(10, dir.path());
+    let app = helpers::spawn_app_in(dir, &[]).await;
+    let admin = app.create_admin_token().await;
+    let device = app.pair_device_as(&admin).await;
+    let place = crate::status_list::place_of(&device.access_token);
+    assert_eq!(place.idx, 0);
+    assert!(place.uri.ends_with("/v1/statuslists/0"), "{place:?}");
     app.stop().await;
 }
 

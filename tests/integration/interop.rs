@@ -25,6 +25,8 @@ struct AccessClaims {
     sub: String,
     jti: String,
     sid: String,
+    /// Where its revocation bit is published (draft-ietf-oauth-status-list).
+    status: Value,
     #[serde(flatten)]
     extra: Map<String, Value>,
 }
@@ -149,6 +151,14 @@ where
     assert!(hex32(&claims.custom.jti), "jti {}", claims.custom.jti);
     let family = claims.custom.sid.strip_prefix("fam_").unwrap_or_default();
     assert!(hex32(family), "sid {}", claims.custom.sid);
+    let list = &claims.custom.status["status_list"];
+    assert!(list["idx"].is_u64(), "status {}", claims.custom.status);
+    let uri = list["uri"].as_str().unwrap_or_default();
+    assert!(
+        uri.starts_with(&format!("{}/v1/statuslists/", app.base_url)),
+        "status {}",
+        claims.custom.status
+    );
     assert!(
         claims.custom.extra.is_empty(),
         "unexpected claims: {:?}",

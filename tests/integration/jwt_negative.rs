@@ -319,6 +319,7 @@ fn valid_claims(app: &TestApp) -> AccessClaims {
         sid: FamilyId::parse(&family).unwrap(),
         scope: None,
         cnf: None,
+        status: None,
     }
 }
 

@@ -39,6 +39,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "clients",
             "keys",
             "revocation",
+            "status_list",
             "live",
             "tokens",
             "pairing",

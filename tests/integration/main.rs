@@ -43,6 +43,7 @@ mod restore;
 mod routes;
 mod schedule;
 mod sessions;
+mod status_list;
 mod store;
 mod systemd;
 mod test_ca;

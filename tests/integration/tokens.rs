@@ -1517,12 +1517,15 @@ async fn prune_expired_removes_dead_rows_and_the_tokens_stay_refused() {
             table_count(app, "refresh_tokens.v1"),
             table_count(app, "token_families.v1"),
             table_count(app, "revoked_tokens.v1"),
+            table_count(app, "status_revoked.v1"),
         ]
     };
-    assert_eq!(counted(&app), [4, 2, 1]);
+    // Three revoked status-list bits: the revoked access token and the replayed family's
+    // two tokens.
+    assert_eq!(counted(&app), [4, 2, 1, 3]);
     // Nothing is dead yet: spent tokens are kept to catch their replay.
     assert_eq!(tokens.prune_expired().await.unwrap(), 0);
-    assert_eq!(counted(&app), [4, 2, 1]);
+    assert_eq!(counted(&app), [4, 2, 1, 3]);
     assert_eq!(
         refresh(&app, &device.refresh_token).await.status(),
         400,
@@ -1533,8 +1536,11 @@ async fn prune_expired_removes_dead_rows_and_the_tokens_stay_refused() {
     // an access token's window, every row can go.
     app.clock.advance_ms(REFRESH_TTL_MS + ACCESS_WINDOW_MS + 1);
     let removed = tokens.prune_expired().await.unwrap();
-    assert_eq!(removed, 7, "4 refresh tokens, 2 families, 1 revoked token");
-    assert_eq!(counted(&app), [0, 0, 0]);
+    assert_eq!(
+        removed, 11,
+        "4 refresh tokens, 2 families, 1 revoked token, 4 status-list bits"
+    );
+    assert_eq!(counted(&app), [0, 0, 0, 0]);
     assert_eq!(table_count(&app, "devices.v1"), 2, "devices are not pruned");
     let (tokens_mirror, families_mirror, _) = app.running.services.revocations.counts();
     assert_eq!((tokens_mirror, families_mirror), (0, 0));

@@ -54,8 +54,9 @@ use tables::{META, META_CREATED_AT, META_FORMAT_VERSION, META_INSTANCE_ID, META_
 pub use tx::{
     ADMIN_TOKENS, BANS, CLIENTS, DEVICE_FAMILIES, DEVICE_GRANT_CODES, DEVICE_GRANTS, DEVICES,
     DEVICES_BY_AGE, FAMILY_BINDINGS, FAMILY_REVOCATIONS, Index, JOBS, PAIRING_SESSIONS,
-    RATE_WINDOWS, REFRESH_TOKENS, REVOKED_TOKENS, ReadTx, Records, SIGNING_KEYS, TOKEN_FAMILIES,
-    WriteTx, device_age_key, device_family_key, device_grant_code_key,
+    RATE_WINDOWS, REFRESH_TOKENS, REVOKED_TOKENS, ReadTx, Records, SIGNING_KEYS, STATUS_ALLOCATION,
+    STATUS_ALLOCATION_KEY, STATUS_LIST_INDEX_BITS, STATUS_REVOKED, TOKEN_FAMILIES, WriteTx,
+    device_age_key, device_family_key, device_grant_code_key, status_index_key, status_list_prefix,
 };
 use writer::{Job, Pending, WriterContext};
 

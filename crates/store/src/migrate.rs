@@ -13,7 +13,8 @@ use super::tables::{
     ADMIN_TOKENS, AUDIT_CHECKPOINT, AUDIT_EVENTS, BANS, CLIENTS, DEVICE_FAMILIES,
     DEVICE_GRANT_CODES, DEVICE_GRANTS, DEVICES, DEVICES_BY_AGE, FAMILY_BINDINGS,
     FAMILY_REVOCATIONS, FORMAT_VERSION, JOBS, META, META_FORMAT_VERSION, PAIRING_SESSIONS,
-    RATE_WINDOWS, REFRESH_TOKENS, REVOKED_TOKENS, SIGNING_KEYS, TOKEN_FAMILIES,
+    RATE_WINDOWS, REFRESH_TOKENS, REVOKED_TOKENS, SIGNING_KEYS, STATUS_ALLOCATION, STATUS_REVOKED,
+    TOKEN_FAMILIES,
 };
 use super::tx::{device_age_key, device_family_key};
 
@@ -61,6 +62,11 @@ const STEPS: &[(u32, &str, Step)] = &[
         9,
         "a table for the keys token families are bound to (DPoP)",
         create_family_binding_table,
+    ),
+    (
+        10,
+        "tables for revoked token status-list indices and their allocation counter",
+        create_status_list_tables,
     ),
 ];
 
@@ -222,6 +228,14 @@ fn create_device_grant_tables(tx: &redb::WriteTransaction) -> Result<(), StoreEr
 /// Format 9 → 10: the family binding table, empty (no family was bound before).
 fn create_family_binding_table(tx: &redb::WriteTransaction) -> Result<(), StoreError> {
     tx.open_table(FAMILY_BINDINGS)?;
+    Ok(())
+}
+
+/// Format 10 → 11: the status-list tables, empty. Token family rows of format 10 decode
+/// as version-1 records with no status-list places, which is what they are.
+fn create_status_list_tables(tx: &redb::WriteTransaction) -> Result<(), StoreError> {
+    tx.open_table(STATUS_REVOKED)?;
+    tx.open_table(STATUS_ALLOCATION)?;
     Ok(())
 }
 

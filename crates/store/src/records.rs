@@ -372,11 +372,67 @@ pub struct TokenFamily {
     pub revoked_at_ms: Option<u64>,
     /// Why it was revoked, for operators: `"reuse"`, `"revoked"`, `"device revoked"`.
     pub revoke_reason: Option<String>,
+    /// The status-list places of the family's access tokens that may still be presented
+    /// (older ones are dropped whenever the row is written): revoking the family sets
+    /// their bits.
+    pub status: Vec<StatusSlot>,
+}
+
+/// Where one access token's revocation bit lives, and until when it matters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusSlot {
+    /// The token's index across every status list (list = index >> 20).
+    pub index: u64,
+    /// The token's own `exp`, in milliseconds.
+    pub expires_at_ms: u64,
+}
+
+/// Formats 3 to 10 stored no status-list places.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenFamilyV1 {
+    pub device_id: String,
+    pub created_at_ms: u64,
+    pub generation: u32,
+    pub refresh_expires_at_ms: u64,
+    pub revoked_at_ms: Option<u64>,
+    pub revoke_reason: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 pub enum TokenFamilyRecord {
-    V1(TokenFamily),
+    V1(TokenFamilyV1),
+    V2(TokenFamily),
+}
+
+impl TokenFamilyRecord {
+    pub fn into_current(self) -> TokenFamily {
+        match self {
+            Self::V1(v1) => TokenFamily {
+                device_id: v1.device_id,
+                created_at_ms: v1.created_at_ms,
+                generation: v1.generation,
+                refresh_expires_at_ms: v1.refresh_expires_at_ms,
+                revoked_at_ms: v1.revoked_at_ms,
+                revoke_reason: v1.revoke_reason,
+                status: Vec::new(),
+            },
+            Self::V2(current) => current,
+        }
+    }
+}
+
+pub(crate) fn encode_token_family(family: &TokenFamily) -> Vec<u8> {
+    #[derive(Serialize)]
+    enum Borrowed<'a> {
+        #[allow(dead_code)]
+        V1(()),
+        V2(&'a TokenFamily),
+    }
+    encode(&Borrowed::V2(family))
+}
+
+pub(crate) fn decode_token_family(bytes: &[u8]) -> Result<TokenFamily, DecodeError> {
+    decode::<TokenFamilyRecord>(bytes).map(TokenFamilyRecord::into_current)
 }
 
 /// The key a token family is bound to (DPoP): every refresh of the family needs a proof
@@ -441,6 +497,36 @@ pub struct RevokedToken {
 #[derive(Debug, Serialize, Deserialize)]
 pub enum RevokedTokenRecord {
     V1(RevokedToken),
+}
+
+// ---------------------------------------------------------------------------------------
+// Token status lists (`status_revoked.v1`, `status_allocation.v1`)
+
+/// A status-list index whose token is revoked (its bit is 1), keyed by the index; the
+/// row goes once the token has expired.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusRevoked {
+    /// The token's own `exp`, in milliseconds.
+    pub expires_at_ms: u64,
+    pub revoked_at_ms: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum StatusRevokedRecord {
+    V1(StatusRevoked),
+}
+
+/// The next status-list index no node has reserved: indices below it are handed out (or
+/// lost with a stopped node's block), never again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusAllocation {
+    pub next_index: u64,
+    pub reserved_at_ms: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum StatusAllocationRecord {
+    V1(StatusAllocation),
 }
 
 // ---------------------------------------------------------------------------------------
@@ -756,10 +842,11 @@ single_version_codec! {
     encode_pairing_session, decode_pairing_session, PairingSessionRecord, PairingSession;
     encode_device, decode_device, DeviceRecord, Device;
     encode_device_grant, decode_device_grant, DeviceGrantRecord, DeviceGrant;
-    encode_token_family, decode_token_family, TokenFamilyRecord, TokenFamily;
     encode_family_binding, decode_family_binding, FamilyBindingRecord, FamilyBinding;
     encode_refresh_token, decode_refresh_token, RefreshTokenRecord, RefreshToken;
     encode_revoked_token, decode_revoked_token, RevokedTokenRecord, RevokedToken;
+    encode_status_revoked, decode_status_revoked, StatusRevokedRecord, StatusRevoked;
+    encode_status_allocation, decode_status_allocation, StatusAllocationRecord, StatusAllocation;
     encode_family_revocation, decode_family_revocation, FamilyRevocationRecord, FamilyRevocation;
     encode_client, decode_client, ClientRecord, Client;
     encode_rate_window, decode_rate_window, RateWindowRecord, RateWindow;
@@ -883,9 +970,20 @@ mod tests {
         #[test]
         fn token_records_round_trip(times in any::<[u64; 4]>(), spent in any::<Option<u64>>(), generation in any::<u32>(),
                                     reason in proptest::option::of(".{0,20}")) {
+            let status = vec![StatusSlot { index: times[2], expires_at_ms: times[3] }; (generation % 3) as usize];
             let family = TokenFamily { device_id: "dev_x".into(), created_at_ms: times[0], generation,
-                                       refresh_expires_at_ms: times[1], revoked_at_ms: spent, revoke_reason: reason };
-            prop_assert_eq!(decode_token_family(&encode_token_family(&family)).unwrap(), family);
+                                       refresh_expires_at_ms: times[1], revoked_at_ms: spent, revoke_reason: reason,
+                                       status };
+            prop_assert_eq!(decode_token_family(&encode_token_family(&family)).unwrap(), family.clone());
+            let v1 = TokenFamilyV1 { device_id: family.device_id.clone(), created_at_ms: family.created_at_ms,
+                                     generation, refresh_expires_at_ms: family.refresh_expires_at_ms,
+                                     revoked_at_ms: spent, revoke_reason: family.revoke_reason.clone() };
+            let upgraded = decode_token_family(&encode(&TokenFamilyRecord::V1(v1))).unwrap();
+            prop_assert_eq!(upgraded, TokenFamily { status: Vec::new(), ..family });
+            let bit = StatusRevoked { expires_at_ms: times[0], revoked_at_ms: times[1] };
+            prop_assert_eq!(decode_status_revoked(&encode_status_revoked(&bit)).unwrap(), bit);
+            let next = StatusAllocation { next_index: times[2], reserved_at_ms: times[3] };
+            prop_assert_eq!(decode_status_allocation(&encode_status_allocation(&next)).unwrap(), next);
             let refresh = RefreshToken { family_id: "fam_x".into(), device_id: "dev_x".into(),
                                          issued_at_ms: times[2], expires_at_ms: times[3], spent_at_ms: spent };
             prop_assert_eq!(decode_refresh_token(&encode_refresh_token(&refresh)).unwrap(), refresh);

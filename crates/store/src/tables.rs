@@ -8,7 +8,7 @@
 use redb::TableDefinition;
 
 /// The format version this build writes. Files with a higher version are refused.
-pub const FORMAT_VERSION: u32 = 10;
+pub const FORMAT_VERSION: u32 = 11;
 
 /// Instance facts: format version, instance id, creation time, master-key check value.
 /// Keys are the `META_*` constants. `format_version` is 4 bytes little-endian so that it
@@ -126,6 +126,17 @@ pub(crate) const DEVICE_GRANT_CODES: TableDefinition<&str, &[u8]> =
 pub(crate) const FAMILY_BINDINGS: TableDefinition<&str, &[u8]> =
     TableDefinition::new("family_bindings.v1");
 
+/// Status-list indices whose access tokens are revoked (their bit is 1), keyed by the
+/// index as 16 lowercase hex digits, so that one list's rows (2^20 indices) share a
+/// prefix of 11. Values: `StatusRevokedRecord`.
+pub(crate) const STATUS_REVOKED: TableDefinition<&str, &[u8]> =
+    TableDefinition::new("status_revoked.v1");
+
+/// The status-list allocation counter: one row, key `STATUS_ALLOCATION_KEY`. Values:
+/// `StatusAllocationRecord`.
+pub(crate) const STATUS_ALLOCATION: TableDefinition<&str, &[u8]> =
+    TableDefinition::new("status_allocation.v1");
+
 /// Names of every table this format version has, for backups, counts and checks.
 pub const ALL_TABLES: &[&str] = &[
     "meta",
@@ -149,6 +160,8 @@ pub const ALL_TABLES: &[&str] = &[
     "device_grants.v1",
     "device_grant_codes.v1",
     "family_bindings.v1",
+    "status_revoked.v1",
+    "status_allocation.v1",
 ];
 
 /// Creates every table of the format that `tx` does not have yet, each with its key

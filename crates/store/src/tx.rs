@@ -12,7 +12,7 @@ use super::records::{
     self, AcmeAccount, AcmeCertificate, AcmeChallenge, AcmeOrderLease, AdminToken, AdminUser, Ban,
     Client, DecodeError, Device, DeviceGrant, FamilyBinding, FamilyRevocation, JobState,
     PairingSession, RateWindow, RefreshToken, RevokedToken, SelfSignedCert, SigningKey,
-    SigningKeyPrivate, TokenFamily,
+    SigningKeyPrivate, StatusAllocation, StatusRevoked, TokenFamily,
 };
 use super::records::{AuditEntry, ChainHead, ChainPlace};
 use super::rows::{CHUNK, Rows, RowsMut, Scan};
@@ -85,6 +85,14 @@ records_table!(
     records::encode_family_revocation, records::decode_family_revocation);
 records_table!(pub REVOKED_TOKENS: RevokedToken = "revoked_tokens.v1",
     records::encode_revoked_token, records::decode_revoked_token);
+records_table!(
+    /// Keyed by `status_index_key`: one list's rows share a prefix (`status_list_prefix`).
+    pub STATUS_REVOKED: StatusRevoked = "status_revoked.v1",
+    records::encode_status_revoked, records::decode_status_revoked);
+records_table!(
+    /// One row, keyed `STATUS_ALLOCATION_KEY`.
+    pub STATUS_ALLOCATION: StatusAllocation = "status_allocation.v1",
+    records::encode_status_allocation, records::decode_status_allocation);
 records_table!(pub CLIENTS: Client = "clients.v1",
     records::encode_client, records::decode_client);
 records_table!(pub RATE_WINDOWS: RateWindow = "rate_windows.v1",
@@ -126,6 +134,25 @@ pub static DEVICES_BY_AGE: Index = Index {
 pub static DEVICE_GRANT_CODES: Index = Index {
     name: "device_grant_codes.v1",
 };
+
+/// How many indices one token status list holds, as a power of two: list `n` holds the
+/// indices `n << 20` to `(n << 20) + 2^20 - 1`.
+pub const STATUS_LIST_INDEX_BITS: u32 = 20;
+
+/// The key of the one `STATUS_ALLOCATION` row.
+pub const STATUS_ALLOCATION_KEY: &str = "next";
+
+/// The `STATUS_REVOKED` key of a status-list index: 16 lowercase hex digits, so that key
+/// order is index order...
+pub fn status_index_key(index: u64) -> String {
+    format!("{index:016x}")
+}
+
+/// ...and every row of list `list` starts with the same 11 (the low 20 bits are the last
+/// five digits).
+pub fn status_list_prefix(list: u64) -> String {
+    format!("{list:011x}")
+}
 
 /// The `DEVICE_GRANT_CODES` key of a grant: the user code's hash first, so that a
 /// prefix read finds the grant of a typed code.
@@ -325,6 +352,22 @@ impl ReadTx<'_> {
         max: usize,
     ) -> Result<Vec<(String, T)>, StoreError> {
         decode_rows(records, self.rows.scan(records.name, Scan::first(max))?)
+    }
+
+    /// Records whose key starts with `prefix` and sorts after `after` (every one when
+    /// `after` is `None`), at most `max`, in key order.
+    pub fn prefixed<T>(
+        &self,
+        records: &Records<T>,
+        prefix: &str,
+        after: Option<&str>,
+        max: usize,
+    ) -> Result<Vec<(String, T)>, StoreError> {
+        decode_rows(
+            records,
+            self.rows
+                .scan(records.name, Scan::prefix(prefix, after, max))?,
+        )
     }
 
     /// Keys of an index that start with `prefix` and sort after `after` (every one when

@@ -1,0 +1,86 @@
+//! `GET /v1/statuslists/{list}`: a token status list (draft-ietf-oauth-status-list), the
+//! signed `statuslist+jwt` an app that verifies tokens offline fetches to see which of
+//! them are revoked. Public, like the JWKS: a list says only which indices are revoked.
+
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use http::{HeaderValue, StatusCode, header};
+
+use super::AppState;
+use super::error::ApiError;
+use crate::status_list::STATUS_LIST_MEDIA_TYPE;
+
+/// This resource's routes.
+pub(super) fn routes() -> Router<AppState> {
+    Router::new().route("/v1/statuslists/{list}", get(list))
+}
+
+/// A list's number as its URI spells it: decimal, no sign, no leading zero, so that one
+/// list has one URI (and one entry in any cache on the way).
+fn parse_list(text: &str) -> Option<u64> {
+    let canonical = !text.is_empty()
+        && text.len() <= 20
+        && text.bytes().all(|b| b.is_ascii_digit())
+        && (text == "0" || !text.starts_with('0'));
+    canonical.then(|| text.parse().ok()).flatten()
+}
+
+async fn list(
+    State(state): State<AppState>,
+    Path(list): Path<String>,
+) -> Result<Response, ApiError> {
+    let Some(number) = parse_list(&list) else {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "a status list is named by its number in decimal, as the token's status.status_list.uri gives it",
+        ));
+    };
+    let lists = state.services.tokens.status_lists().clone();
+    let served = match lists.fresh(number) {
+        Some(served) => served,
+        // A build reads the store and compresses 128 KiB: not on an async worker.
+        None => tokio::task::spawn_blocking(move || lists.list_token(number))
+            .await
+            .map_err(|e| ApiError::internal(&e))??,
+    };
+    let mut response = (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static(STATUS_LIST_MEDIA_TYPE),
+        )],
+        served.token.to_string(),
+    )
+        .into_response();
+    if let Ok(value) = HeaderValue::from_str(&format!("public, max-age={}", served.ttl.as_secs())) {
+        response.headers_mut().insert(header::CACHE_CONTROL, value);
+    }
+    Ok(response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_canonical_decimal_names_a_list() {
+        assert_eq!(parse_list("0"), Some(0));
+        assert_eq!(parse_list("17"), Some(17));
+        assert_eq!(parse_list("17592186044415"), Some(17_592_186_044_415));
+        for bad in [
+            "",
+            "01",
+            "-1",
+            "+1",
+            "1.0",
+            "0x1",
+            "1 ",
+            "99999999999999999999",
+            "١",
+        ] {
+            assert_eq!(parse_list(bad), None, "{bad:?}");
+        }
+    }
+}
