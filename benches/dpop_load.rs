@@ -1,22 +1,26 @@
 //! DPoP-bound requests beside unbound ones, in one run, over HTTPS: what binding a
 //! device's tokens to its key costs where they are used.
 //!
-//! One gatehouse (a data file) in front of a trivial app (every request 200, in this
-//! process). Two devices pair: one without a proof (bearer tokens), one with a proof by
-//! its Ed25519 key (bound tokens, `cnf.jkt`). Then, in alternating phases of
-//! `DPOP_SECS` seconds (default 5), `DPOP_ROUNDS` times (default 2), `DPOP_CLIENTS`
-//! clients (default 32, one keep-alive connection each):
+//! One `gatehouse serve` (a child process, on a data file) in front of a trivial app
+//! (every request 200, in this process). Two devices pair: one without a proof (bearer
+//! tokens), one with a proof by its Ed25519 key (bound tokens, `cnf.jkt`). Then
+//! `DPOP_ROUNDS` rounds (default 10) of four blocks of `DPOP_SECS` seconds each (default
+//! 1), `DPOP_CLIENTS` clients (default 32, one keep-alive connection each), the kinds in
+//! turn so that the machine's slow and fast phases fall on each alike:
 //!
 //! - **front door**: `GET /notes` through gatehouse to the app, as `Authorization:
 //!   Bearer` with the unbound token, then as `Authorization: DPoP` with the bound token
 //!   and a fresh proof per request (`htm`, `htu`, `ath`, its own `jti`: each is checked
-//!   and remembered by the server). Proofs are signed before each DPoP phase, outside
-//!   the timed region, so the clients' signing is not counted;
+//!   and remembered by the server). Proofs are signed before each round, outside the
+//!   timed blocks, so the clients' signing is not counted;
 //! - **introspection**: `POST /v1/introspect` (an admin token) of the unbound token, then
 //!   of the bound one (whose answer adds `cnf`; the proof is the app's to check).
 //!
-//! Every answer must be 200. It prints each phase's rate and, per kind, the ratio of the
-//! unbound rate to the bound one: how many times a bound request costs (goal ≤ 1.6).
+//! Every answer must be 200. For each block it reads the server process's CPU time
+//! (`/proc/<pid>/stat`) before and after, and prints each kind's rate and server CPU per
+//! request, and the ratio bound / unbound of the CPU per request: how many times a bound
+//! request costs the server (goal ≤ 1.6), with the ratio of rates beside it (which also
+//! counts the clients' share of the machine: their TLS and the larger request).
 //! Run: `cargo bench --bench dpop_load`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
@@ -28,9 +32,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use gatehouse::app::{self, Running};
-use gatehouse::clock::{SharedClock, SystemClock};
-use gatehouse::config::{Config, Env, Flags};
 use ring::rand::SystemRandom;
 use ring::signature::{Ed25519KeyPair, KeyPair as _};
 use serde_json::{Value, json};
@@ -38,7 +39,7 @@ use serde_json::{Value, json};
 // The shared bench helpers; this bench uses a few of them.
 #[allow(dead_code)]
 mod support;
-use support::{client, env_or};
+use support::{Server, cpu_seconds, env_or, loopback_client, start_server};
 
 fn b64(bytes: &[u8]) -> String {
     data_encoding::BASE64URL_NOPAD.encode(bytes)
@@ -88,11 +89,10 @@ async fn start_app() -> String {
     format!("http://{addr}")
 }
 
-fn config(dir: &std::path::Path, upstream: &str) -> Config {
-    let env: BTreeMap<String, String> = [
-        ("GATEHOUSE_LOG", "warn"),
-        ("GATEHOUSE_UPSTREAM", upstream),
-        // Every request comes from 127.0.0.1.
+/// The settings of the server under test: no per-address limits (every request comes
+/// from 127.0.0.1), tokens that outlive the run.
+fn server_env() -> Vec<(&'static str, String)> {
+    [
         ("GATEHOUSE_RATELIMIT_PER_IP", "off"),
         ("GATEHOUSE_RATELIMIT_PAIRING", "off"),
         ("GATEHOUSE_RATELIMIT_INTROSPECTION", "off"),
@@ -100,18 +100,12 @@ fn config(dir: &std::path::Path, upstream: &str) -> Config {
         ("GATEHOUSE_JOBS_BACKUP", "off"),
     ]
     .into_iter()
-    .map(|(k, v)| (k.to_string(), v.to_string()))
-    .collect();
-    let flags = Flags::default()
-        .with("--data", dir.join("gatehouse.redb").display().to_string())
-        .with("--listen", "127.0.0.1:0");
-    Config::load(&flags, &Env(env)).unwrap()
+    .map(|(k, v)| (k, v.to_string()))
+    .collect()
 }
 
 /// Pairs a device, with a proof by `key` when there is one: its access token.
-async fn pair(c: &reqwest::Client, running: &Running, key: Option<&DeviceKey>) -> String {
-    let base = format!("https://{}", running.local_addr);
-    let admin = &running.bootstrap_token.as_ref().unwrap().token;
+async fn pair(c: &reqwest::Client, base: &str, admin: &str, key: Option<&DeviceKey>) -> String {
     let session: Value = c
         .post(format!("{base}/v1/pairing/sessions"))
         .bearer_auth(admin)
@@ -153,16 +147,25 @@ enum Ask {
     Introspect { token: String, admin: String },
 }
 
-/// Requests per second over `secs` with `clients_n` clients, each answer 200.
-async fn load(running: &Running, ask: Ask, clients_n: usize, secs: f64) -> f64 {
-    let cert = running.tls.as_ref().unwrap().cert_der();
-    let base = format!("https://{}", running.local_addr);
+/// One block of load: requests answered, and the server's CPU seconds meanwhile.
+struct Block {
+    requests: u64,
+    seconds: f64,
+    server_cpu: f64,
+}
+
+/// `ask` sent by each of `clients` (one keep-alive connection each) for `secs`; every
+/// answer must be 200.
+async fn load(server: &Server, clients: &[reqwest::Client], ask: Ask, secs: f64) -> Block {
+    let base = format!("https://{}", server.addr);
     let next = Arc::new(AtomicUsize::new(0));
+    let pid = server.child.id();
+    let cpu_before = cpu_seconds(pid);
     let deadline = Instant::now() + Duration::from_secs_f64(secs);
     let mut tasks = tokio::task::JoinSet::new();
     let started = Instant::now();
-    for _ in 0..clients_n {
-        let (c, base, ask, next) = (client(&cert), base.clone(), ask.clone(), next.clone());
+    for c in clients {
+        let (c, base, ask, next) = (c.clone(), base.clone(), ask.clone(), next.clone());
         tasks.spawn(async move {
             let mut done = 0u64;
             while Instant::now() < deadline {
@@ -189,14 +192,43 @@ async fn load(running: &Running, ask: Ask, clients_n: usize, secs: f64) -> f64 {
             done
         });
     }
-    let total: u64 = tasks.join_all().await.into_iter().sum();
-    total as f64 / started.elapsed().as_secs_f64()
+    let requests: u64 = tasks.join_all().await.into_iter().sum();
+    Block {
+        requests,
+        seconds: started.elapsed().as_secs_f64(),
+        server_cpu: cpu_seconds(pid) - cpu_before,
+    }
+}
+
+/// Blocks of one kind, added up.
+#[derive(Default)]
+struct Totals {
+    requests: u64,
+    seconds: f64,
+    server_cpu: f64,
+}
+
+impl Totals {
+    fn add(&mut self, block: &Block) {
+        self.requests += block.requests;
+        self.seconds += block.seconds;
+        self.server_cpu += block.server_cpu;
+    }
+
+    fn rate(&self) -> f64 {
+        self.requests as f64 / self.seconds
+    }
+
+    /// The server's CPU per request, in µs.
+    fn cpu_us(&self) -> f64 {
+        self.server_cpu * 1e6 / self.requests as f64
+    }
 }
 
 fn main() {
-    let secs: f64 = env_or("DPOP_SECS", 5.0);
+    let secs: f64 = env_or("DPOP_SECS", 1.0);
     let clients_n: usize = env_or("DPOP_CLIENTS", 32);
-    let rounds: usize = env_or("DPOP_ROUNDS", 2);
+    let rounds: usize = env_or("DPOP_ROUNDS", 10);
     gatehouse::tls::install_default_provider();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -204,74 +236,110 @@ fn main() {
         .unwrap();
     runtime.block_on(async {
         let upstream = start_app().await;
-        let dir = tempfile::tempdir().unwrap();
-        let clock: SharedClock = Arc::new(SystemClock);
-        let running = app::start(&config(dir.path(), &upstream), clock)
-            .await
-            .unwrap();
-        let c = client(&running.tls.as_ref().unwrap().cert_der());
+        let server = start_server(&["--upstream".into(), upstream], &server_env());
+        let base = format!("https://{}", server.addr);
+        let clients: Vec<reqwest::Client> = (0..clients_n).map(|_| loopback_client()).collect();
         let key = DeviceKey::new();
-        let unbound = pair(&c, &running, None).await;
-        let bound = pair(&c, &running, Some(&key)).await;
-        let admin = running.bootstrap_token.as_ref().unwrap().token.clone();
-        let notes = format!("https://{}/notes", running.local_addr);
-        // Enough proofs that no phase runs out (a DPoP phase stops early if it does).
-        let pool = (secs * 25_000.0) as u64;
+        let unbound = pair(&clients[0], &base, &server.admin_token, None).await;
+        let bound = pair(&clients[0], &base, &server.admin_token, Some(&key)).await;
+        let admin = server.admin_token.clone();
+        let notes = format!("{base}/notes");
+        // Enough proofs that no block runs out (a DPoP block stops early if it does).
+        let pool = (secs * 40_000.0) as u64;
         let mut jti = 1u64;
-        let mut rates: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+        let mut totals: BTreeMap<&str, Totals> = BTreeMap::new();
+        // Short blocks of each kind in turn, so that the machine's slow and fast phases
+        // fall on both kinds alike.
         for round in 0..rounds {
-            let bearer = load(&running, Ask::FrontBearer(unbound.clone()), clients_n, secs).await;
             let proofs: Vec<String> = (0..pool)
                 .map(|_| {
                     jti += 1;
                     key.proof("GET", &notes, Some(&bound), jti)
                 })
                 .collect();
-            let dpop = load(
-                &running,
-                Ask::FrontDpop(bound.clone(), Arc::new(proofs)),
-                clients_n,
-                secs,
-            )
-            .await;
-            let plain = load(
-                &running,
-                Ask::Introspect {
-                    token: unbound.clone(),
-                    admin: admin.clone(),
-                },
-                clients_n,
-                secs,
-            )
-            .await;
-            let with_cnf = load(
-                &running,
-                Ask::Introspect {
-                    token: bound.clone(),
-                    admin: admin.clone(),
-                },
-                clients_n,
-                secs,
-            )
-            .await;
-            println!(
-                "dpop_load: round {}: front door {bearer:.0} req/s as Bearer, {dpop:.0} as DPoP \
-                 with a proof each; introspection {plain:.0}/s unbound, {with_cnf:.0}/s bound",
-                round + 1
-            );
-            rates.entry("front_bearer").or_default().push(bearer);
-            rates.entry("front_dpop").or_default().push(dpop);
-            rates.entry("introspect_unbound").or_default().push(plain);
-            rates.entry("introspect_bound").or_default().push(with_cnf);
+            let blocks = [
+                (
+                    "front_bearer",
+                    load(&server, &clients, Ask::FrontBearer(unbound.clone()), secs).await,
+                ),
+                (
+                    "front_dpop",
+                    load(
+                        &server,
+                        &clients,
+                        Ask::FrontDpop(bound.clone(), Arc::new(proofs)),
+                        secs,
+                    )
+                    .await,
+                ),
+                (
+                    "introspect_unbound",
+                    load(
+                        &server,
+                        &clients,
+                        Ask::Introspect {
+                            token: unbound.clone(),
+                            admin: admin.clone(),
+                        },
+                        secs,
+                    )
+                    .await,
+                ),
+                (
+                    "introspect_bound",
+                    load(
+                        &server,
+                        &clients,
+                        Ask::Introspect {
+                            token: bound.clone(),
+                            admin: admin.clone(),
+                        },
+                        secs,
+                    )
+                    .await,
+                ),
+            ];
+            let line: Vec<String> = blocks
+                .iter()
+                .map(|(name, b)| {
+                    format!(
+                        "{name} {:.0}/s {:.1} µs",
+                        b.requests as f64 / b.seconds,
+                        b.server_cpu * 1e6 / b.requests as f64
+                    )
+                })
+                .collect();
+            println!("dpop_load: round {}: {}", round + 1, line.join(", "));
+            for (name, block) in &blocks {
+                totals.entry(name).or_default().add(block);
+            }
         }
-        let total = |name: &str| rates[name].iter().sum::<f64>();
+        for name in [
+            "front_bearer",
+            "front_dpop",
+            "introspect_unbound",
+            "introspect_bound",
+        ] {
+            let t = &totals[name];
+            println!(
+                "dpop_load: {name:20} {:>8.0} req/s, {:>6.1} µs of server CPU per request",
+                t.rate(),
+                t.cpu_us()
+            );
+        }
+        let ratio = |unbound: &str, bound: &str| {
+            (
+                totals[bound].cpu_us() / totals[unbound].cpu_us(),
+                totals[unbound].rate() / totals[bound].rate(),
+            )
+        };
+        let (front_cpu, front_rate) = ratio("front_bearer", "front_dpop");
+        let (intro_cpu, intro_rate) = ratio("introspect_unbound", "introspect_bound");
         println!(
-            "dpop_load: a bound request costs {:.2}x an unbound one through the front door \
-             (goal <= 1.6x), {:.2}x at introspection ({clients_n} clients, {rounds} rounds of \
-             {secs} s)",
-            total("front_bearer") / total("front_dpop"),
-            total("introspect_unbound") / total("introspect_bound"),
+            "dpop_load: a bound request costs the server {front_cpu:.2}x the CPU of an unbound \
+             one through the front door (goal <= 1.6x; {front_rate:.2}x in throughput), \
+             {intro_cpu:.2}x at introspection ({intro_rate:.2}x in throughput); {clients_n} \
+             clients, {rounds} rounds of {secs} s blocks"
         );
-        running.stop().await.unwrap();
     });
 }

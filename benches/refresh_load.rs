@@ -29,7 +29,7 @@
 
 mod support;
 
-use support::{Server, cpu_seconds, env_or, load_average, settle};
+use support::{cpu_seconds, env_or, load_average, loopback_client, settle};
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -52,43 +52,6 @@ fn percentile(sorted: &[u32], p: f64) -> f64 {
     }
     let at = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
     f64::from(sorted[at]) / 1000.0
-}
-
-/// A reqwest client with one connection, HTTP/1.1, that accepts the server's
-/// self-signed certificate.
-fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .tls_backend_preconfigured((*support::tls_config(&[b"http/1.1"])).clone())
-        .pool_max_idle_per_host(1)
-        .build()
-        .unwrap()
-}
-
-/// Pairs one device over HTTPS; returns its refresh token.
-async fn pair(server: &Server, client: &reqwest::Client, base: &str) -> String {
-    let session: serde_json::Value = client
-        .post(format!("{base}/v1/pairing/sessions"))
-        .bearer_auth(&server.admin_token)
-        .json(&serde_json::json!({"name": "bench"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let response = client
-        .post(format!("{base}/v1/pair"))
-        .json(&serde_json::json!({
-            "session_id": session["session_id"],
-            "secret": session["secret"],
-            "device": {"name": "bench", "platform": "linux", "app_version": "1"},
-        }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200, "paired");
-    let body: serde_json::Value = response.json().await.unwrap();
-    body["refresh_token"].as_str().unwrap().to_string()
 }
 
 /// One refresh: the status and, on a 200, the new refresh token.
@@ -156,19 +119,20 @@ fn main() {
         .build()
         .unwrap();
 
-    let clients: Vec<reqwest::Client> = (0..clients_n).map(|_| client()).collect();
+    let clients: Vec<reqwest::Client> = (0..clients_n).map(|_| loopback_client()).collect();
     let first: Vec<String> = runtime.block_on(async {
-        let mut tokens = Vec::new();
-        for c in &clients {
-            tokens.push(pair(&server, c, &base).await);
-        }
+        let paired =
+            support::pair_devices(&clients[0], &base, &server.admin_token, clients_n).await;
         // Every client's connection is open (TLS done) before the clock starts.
         for c in &clients {
             let r = c.get(format!("{base}/healthz")).send().await.unwrap();
             assert!(r.status().is_success());
             r.bytes().await.unwrap();
         }
-        tokens
+        paired
+            .iter()
+            .map(|device| device["refresh_token"].as_str().unwrap().to_string())
+            .collect()
     });
     let load = if benching { settle() } else { load_average() };
     println!("refresh_load: {clients_n} devices paired over HTTPS; load average {load}");

@@ -52,6 +52,8 @@ const MAX_INTERVAL_SECS: u32 = 300;
 const MAX_DEVICE_CODE_LEN: usize = 160;
 /// Grants are kept this long after they expire (for operators and the log), then pruned.
 const KEEP_EXPIRED: Duration = Duration::from_secs(24 * 3600);
+/// Grants read (and pruned, in one transaction) at a time.
+const PRUNE_PAGE: usize = 1024;
 /// The platform a device made by a grant is listed with.
 const PLATFORM: &str = "device-grant";
 
@@ -401,7 +403,7 @@ impl DeviceGrants {
         origin: &Origin,
         now: u64,
     ) -> Result<TokenPair, DeviceGrantError> {
-        let family = self.tokens.new_family(binding).await?;
+        let (family, first) = self.tokens.new_family(binding).await?;
         let stored_family = family.clone();
         let tokens = self.tokens.clone();
         let key = id.to_string();
@@ -450,7 +452,7 @@ impl DeviceGrants {
                     family.family,
                     family.refresh,
                     family.binding.as_ref(),
-                    family.first,
+                    first,
                 )?)
             }
             // Spent by a concurrent poll, expired, or the device revoked meanwhile.
@@ -687,23 +689,49 @@ impl DeviceGrants {
     /// the scheduler.
     pub(crate) async fn prune_expired(&self) -> Result<u64, DeviceGrantError> {
         let cutoff = self.clock.now_ms().saturating_sub(millis(KEEP_EXPIRED));
-        Ok(self
-            .store
-            .write(move |tx| {
-                let mut pruned = 0;
-                for (key, grant) in tx.all(&DEVICE_GRANTS)? {
-                    if grant.expires_at_ms <= cutoff {
-                        tx.delete(&DEVICE_GRANTS, &key)?;
-                        tx.index_remove(
-                            &DEVICE_GRANT_CODES,
-                            &device_grant_code_key(&grant.user_code_hash, &key),
-                        )?;
-                        pruned += 1;
-                    }
-                }
-                Ok::<_, StoreError>(pruned)
-            })
-            .await?)
+        let mut pruned = 0;
+        let mut after: Option<String> = None;
+        // Read a page at a time and delete what it holds in a transaction of its own:
+        // anyone may ask for grants, so the table may be large, and neither the memory
+        // nor the writer's time may grow with it.
+        loop {
+            let page = self
+                .store
+                .read(|tx| tx.prefixed(&DEVICE_GRANTS, "", after.as_deref(), PRUNE_PAGE))?;
+            let last_page = page.len() < PRUNE_PAGE;
+            after = page.last().map(|(key, _)| key.clone());
+            let doomed: Vec<String> = page
+                .into_iter()
+                .filter(|(_, grant)| grant.expires_at_ms <= cutoff)
+                .map(|(key, _)| key)
+                .collect();
+            if !doomed.is_empty() {
+                pruned += self
+                    .store
+                    .write(move |tx| {
+                        let mut gone = 0;
+                        for key in &doomed {
+                            // Read again inside the transaction: it is the one that counts.
+                            let Some(grant) = tx.get(&DEVICE_GRANTS, key)? else {
+                                continue;
+                            };
+                            if grant.expires_at_ms <= cutoff {
+                                tx.delete(&DEVICE_GRANTS, key)?;
+                                tx.index_remove(
+                                    &DEVICE_GRANT_CODES,
+                                    &device_grant_code_key(&grant.user_code_hash, key),
+                                )?;
+                                gone += 1;
+                            }
+                        }
+                        Ok::<_, StoreError>(gone)
+                    })
+                    .await?;
+            }
+            if last_page {
+                return Ok(pruned);
+            }
+        }
     }
 }
 

@@ -505,7 +505,7 @@ impl PairingSessions {
             Some(id) => id,
             None => DeviceId::generate()?,
         };
-        let family = self.tokens.new_family(binding).await?;
+        let (family, first) = self.tokens.new_family(binding).await?;
         let stored_family = family.clone();
         let tokens = self.tokens.clone();
         let key = session_id.to_string();
@@ -585,7 +585,7 @@ impl PairingSessions {
                     family.family,
                     family.refresh,
                     family.binding.as_ref(),
-                    family.first,
+                    first,
                 )?)
             }
             Claim::Lost => Err(self

@@ -8,8 +8,9 @@
 //! from the data file at start. Entries are pruned once the tokens they name could no
 //! longer verify anyway (expired plus leeway). Signing-key revocation lives in `keys`.
 //!
-//! A family revoked through `POST /v1/revoke` is not marked in its row at once: the
-//! revocation is appended to the revocation journal (`family_revocations.v1`, in time
+//! A family revoked through `POST /v1/revoke` is not marked in its row at once (on a data
+//! file; on PostgreSQL it is, see `revoke_family`): the revocation is appended to the
+//! revocation journal (`family_revocations.v1`, in time
 //! order), whose rows share the table's last page, where rewriting a family row copies a
 //! page of a large table keyed at random for every revocation. Until the journal is
 //! folded into the rows (`fold_journal`: sorted by family, in bounded transactions, when
@@ -476,14 +477,25 @@ impl RevocationList {
     /// this returns. Unknown families are ignored: there is nothing to revoke. The
     /// revocation goes to the journal (see the module docs); a failed write leaves the
     /// family refused in memory until the next start.
+    ///
+    /// On PostgreSQL the family's row is marked at once instead. A refresh of the family
+    /// on another node writes that row too, so of the two serializable transactions one
+    /// commits first and the other is retried after it: the refresh is refused, or the
+    /// revocation sees (and sets the status-list bit of) the token it issued. A journal
+    /// entry conflicts with nothing a refresh writes, and that node learns of it only
+    /// through the change feed. (The journal's reason to be, the random page a row
+    /// costs in a large redb file, is redb's.)
     pub(crate) async fn revoke_family(
         &self,
         family_id: FamilyId,
         reason: &str,
         origin: &Origin,
     ) -> Result<bool, StoreError> {
+        let in_row = self.store.is_postgres();
         self.remember_family(family_id);
-        self.journaled.insert(family_id);
+        if !in_row {
+            self.journaled.insert(family_id);
+        }
         let now = self.clock.now_ms();
         let reason = reason.to_string();
         let key = family_id.to_string();
@@ -491,10 +503,12 @@ impl RevocationList {
         let known = self
             .store
             .write(move |tx| {
-                let Some(family) = tx.get(&TOKEN_FAMILIES, &key)? else {
+                let Some(mut family) = tx.get(&TOKEN_FAMILIES, &key)? else {
                     return Ok::<_, StoreError>(false);
                 };
-                if family.revoked_at_ms.is_none() {
+                if in_row {
+                    Self::revoke_family_in(tx, &family_id, &mut family, &reason, now)?;
+                } else if family.revoked_at_ms.is_none() {
                     let entry = FamilyRevocation {
                         family_id: key.clone(),
                         revoked_at_ms: now,

@@ -197,6 +197,7 @@ impl Services {
                 uri_base: format!("{}/v1/statuslists/", settings.issuer),
                 ttl: config.tokens.status_list_ttl,
                 valid_for: settings.access_window(),
+                leeway: settings.leeway,
             },
         ));
         let tokens = Arc::new(TokenAuthority::new(

@@ -23,6 +23,7 @@
 use std::collections::HashMap;
 use std::io::Write;
 use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -54,6 +55,9 @@ pub const REBUILD_AFTER: Duration = Duration::from_millis(500);
 /// node (it may have been a revocation) makes the next fetch after it build the list.
 pub const REBUILD_GAP: Duration = Duration::from_millis(50);
 
+/// The longest `tokens.leeway` a configuration may set (5 minutes), in ms.
+const MAX_LEEWAY_MS: u64 = 300_000;
+
 /// The `typ` of a status list token (draft-ietf-oauth-status-list section 5.1).
 pub const STATUS_LIST_TYP: &str = "statuslist+jwt";
 
@@ -69,6 +73,8 @@ pub enum StatusListError {
     Exhausted,
     #[error("cannot compress the status list: {0}")]
     Compress(std::io::Error),
+    #[error("building the status list was interrupted: {0}")]
+    Interrupted(String),
     #[error(transparent)]
     Key(#[from] KeyError),
     #[error(transparent)]
@@ -79,7 +85,7 @@ impl Classify for StatusListError {
     fn kind(&self) -> ErrorKind {
         match self {
             Self::UnknownList(_) => ErrorKind::NotFound,
-            Self::Exhausted | Self::Compress(_) => ErrorKind::Internal,
+            Self::Exhausted | Self::Compress(_) | Self::Interrupted(_) => ErrorKind::Internal,
             Self::Key(err) => err.kind(),
             Self::Store(err) => err.kind(),
         }
@@ -132,13 +138,15 @@ impl StatusIndex {
 }
 
 /// Sets the bits of `slots` (in a revocation's transaction): one row per index whose
-/// token has not expired, kept until it has.
+/// token may still be presented with the longest leeway a server allows, kept until
+/// `prune` finds it expired beyond the configured one.
 pub(crate) fn mark_in(
     tx: &WriteTx<'_>,
     slots: &[StatusSlot],
     now_ms: u64,
 ) -> Result<(), StoreError> {
-    for slot in slots.iter().filter(|slot| slot.expires_at_ms > now_ms) {
+    let live = |slot: &&StatusSlot| slot.expires_at_ms.saturating_add(MAX_LEEWAY_MS) > now_ms;
+    for slot in slots.iter().filter(live) {
         tx.put(
             &STATUS_REVOKED,
             &status_index_key(slot.index),
@@ -206,6 +214,9 @@ pub struct StatusListSettings {
     pub ttl: Duration,
     /// How long a list token is valid (`exp - iat`): no token it speaks for lives longer.
     pub valid_for: Duration,
+    /// The clock skew verifiers are told to allow (`tokens.leeway`): a revoked token's
+    /// bit stays set until its `exp` plus this.
+    pub leeway: Duration,
 }
 
 /// Index allocation and the lists themselves.
@@ -219,8 +230,22 @@ pub struct StatusLists {
     block: tokio::sync::Mutex<Range<u64>>,
     /// Built lists by number, each served until `REBUILD_AFTER` has passed.
     built: Mutex<HashMap<u64, ServedList>>,
-    /// Held while a list is built, so that a burst of fetches builds it once.
-    building: Mutex<()>,
+    /// Held while a list is built, so that a burst of fetches builds it once and takes
+    /// one blocking thread.
+    building: tokio::sync::Mutex<()>,
+    /// The allocation counter as this node last knew it: lists below it exist.
+    known_next: AtomicU64,
+    /// When `check_known` last read the counter from the store.
+    counter_read_at: Mutex<Option<Instant>>,
+}
+
+/// How many lists exist when `next` is the first index not reserved.
+fn lists_below(next: u64) -> u64 {
+    if next == 0 {
+        0
+    } else {
+        ((next - 1) >> STATUS_LIST_INDEX_BITS) + 1
+    }
 }
 
 impl StatusLists {
@@ -237,7 +262,9 @@ impl StatusLists {
             settings,
             block: tokio::sync::Mutex::new(0..0),
             built: Mutex::default(),
-            building: Mutex::new(()),
+            building: tokio::sync::Mutex::new(()),
+            known_next: AtomicU64::new(0),
+            counter_read_at: Mutex::new(None),
         }
     }
 
@@ -251,6 +278,7 @@ impl StatusLists {
         let mut block = self.block.lock().await;
         if block.is_empty() {
             *block = self.reserve().await?;
+            self.known_next.fetch_max(block.end, Ordering::AcqRel);
         }
         let index = block.start;
         block.start += 1;
@@ -297,22 +325,78 @@ impl StatusLists {
         format!("{}{list}", self.settings.uri_base)
     }
 
-    /// List `list`, signed: built again when the one in memory is older than
-    /// `REBUILD_AFTER`. Unknown when no index of it has been reserved yet.
-    pub fn list_token(&self, list: u64) -> Result<ServedList, StatusListError> {
+    /// List `list`, signed, as a verifier gets it: the one in memory while it is fresh
+    /// (`fresh`), else built again on a blocking thread by one caller at a time, while
+    /// the others get the one in memory if it is younger than `REBUILD_AFTER`, or wait
+    /// for the build. Unknown when no index of it has been reserved yet.
+    pub async fn serve(self: &Arc<Self>, list: u64) -> Result<ServedList, StatusListError> {
         if let Some(fresh) = self.fresh(list) {
             return Ok(fresh);
         }
-        let _one_build = self.building.lock().unwrap_or_else(|p| p.into_inner());
+        self.check_known(list)?;
+        let _one_build = match self.building.try_lock() {
+            Ok(guard) => guard,
+            Err(_) => {
+                if let Some(recent) = self.recent(list) {
+                    return Ok(recent);
+                }
+                self.building.lock().await
+            }
+        };
         if let Some(fresh) = self.fresh(list) {
             return Ok(fresh);
         }
-        let served = self.build(list)?;
+        let this = self.clone();
+        let served = tokio::task::spawn_blocking(move || this.build(list))
+            .await
+            .map_err(|e| StatusListError::Interrupted(e.to_string()))??;
         let mut built = self.built.lock().unwrap_or_else(|p| p.into_inner());
         // Lists nobody asks for any more are not kept.
         built.retain(|_, old| old.built_at.elapsed() < REBUILD_AFTER * 4);
         built.insert(list, served.clone());
         Ok(served)
+    }
+
+    /// Whether list `list` may exist: below the lists this node knows of, or, at most
+    /// every `REBUILD_GAP`, below the lists the shared counter says exist (another node
+    /// may have started one). A made-up number costs no store read most of the time.
+    fn check_known(&self, list: u64) -> Result<(), StatusListError> {
+        if list < lists_below(self.known_next.load(Ordering::Acquire)) {
+            return Ok(());
+        }
+        {
+            let mut checked = self
+                .counter_read_at
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if checked.is_some_and(|at| at.elapsed() < REBUILD_GAP) {
+                return Err(StatusListError::UnknownList(list));
+            }
+            *checked = Some(Instant::now());
+        }
+        let next = self.store.read(|tx| {
+            Ok::<_, StoreError>(
+                tx.get(&STATUS_ALLOCATION, STATUS_ALLOCATION_KEY)?
+                    .map_or(0, |row| row.next_index),
+            )
+        })?;
+        self.known_next.fetch_max(next, Ordering::AcqRel);
+        if list < lists_below(next) {
+            Ok(())
+        } else {
+            Err(StatusListError::UnknownList(list))
+        }
+    }
+
+    /// List `list` as last built, if younger than `REBUILD_AFTER` (served while another
+    /// caller builds it again).
+    fn recent(&self, list: u64) -> Option<ServedList> {
+        self.built
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&list)
+            .filter(|served| served.built_at.elapsed() < REBUILD_AFTER)
+            .cloned()
     }
 
     /// List `list` as last built, if it may still be served: younger than `REBUILD_GAP`,
@@ -341,7 +425,7 @@ impl StatusLists {
             let next = tx
                 .get(&STATUS_ALLOCATION, STATUS_ALLOCATION_KEY)?
                 .map_or(0, |row| row.next_index);
-            if list > next.saturating_sub(1) >> STATUS_LIST_INDEX_BITS || next == 0 {
+            if list >= lists_below(next) {
                 return Ok::<_, StoreError>((next, Vec::new()));
             }
             Ok((
@@ -349,14 +433,19 @@ impl StatusLists {
                 tx.prefixed(&STATUS_REVOKED, &prefix, None, usize::MAX)?,
             ))
         })?;
-        if next == 0 || list > (next - 1) >> STATUS_LIST_INDEX_BITS {
+        self.known_next.fetch_max(next, Ordering::AcqRel);
+        if list >= lists_below(next) {
             return Err(StatusListError::UnknownList(list));
         }
         let mut bytes = vec![0u8; usize::try_from(LIST_LEN / 8).unwrap_or(0)];
         for (key, row) in &rows {
-            // An expired token's bit says nothing a verifier needs (the token is refused
-            // for its `exp`); the row only waits for the prune.
-            if row.expires_at_ms <= now {
+            // A token expired beyond the leeway a verifier allows is refused for its
+            // `exp`: its bit says nothing more, and the row only waits for the prune.
+            if row
+                .expires_at_ms
+                .saturating_add(millis(self.settings.leeway))
+                <= now
+            {
                 continue;
             }
             let Some(low) = key.get(prefix.len()..) else {

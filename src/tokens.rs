@@ -42,6 +42,12 @@ use crate::store::{
 /// Refresh tokens read `ghr_<43 base64url characters>`.
 pub(crate) const REFRESH_PREFIX: &str = "ghr_";
 
+/// The most access tokens one family may hold that can still be presented: each has a
+/// status-list place in the family's row, rewritten at every refresh and read at its
+/// revocation, so the row must stay small whatever the refresh rate limit allows.
+/// (One refresh a second for a 15-minute token is 900.)
+pub const MAX_LIVE_ACCESS_TOKENS: usize = 1024;
+
 /// Fixed settings of the authority.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TokenSettings {
@@ -172,6 +178,13 @@ pub enum TokenError {
     DpopKey,
     #[error("too many refreshes for this device")]
     RateLimited(Box<Limited>),
+    /// The family holds `MAX_LIVE_ACCESS_TOKENS` access tokens that may still be
+    /// presented: the next one waits until the oldest expires (seconds).
+    #[error(
+        "this device holds {MAX_LIVE_ACCESS_TOKENS} access tokens that have not expired yet; \
+         refresh less often (retry in {0} s)"
+    )]
+    Crowded(u64),
     #[error(transparent)]
     Key(#[from] KeyError),
     #[error(transparent)]
@@ -186,7 +199,7 @@ impl Classify for TokenError {
     fn kind(&self) -> ErrorKind {
         match self {
             Self::InvalidGrant | Self::DpopKey => ErrorKind::Invalid,
-            Self::RateLimited(_) => ErrorKind::RateLimited,
+            Self::RateLimited(_) | Self::Crowded(_) => ErrorKind::RateLimited,
             Self::Key(err) => err.kind(),
             Self::Random(_) => ErrorKind::Internal,
             Self::StatusList(err) => err.kind(),
@@ -306,6 +319,8 @@ enum RefreshOutcome {
     },
     /// The family is bound to a key the request did not prove it holds.
     Unbound,
+    /// The family holds `MAX_LIVE_ACCESS_TOKENS`; the oldest leaves in this many seconds.
+    Crowded(u64),
     Reused {
         device: String,
         family: FamilyId,
@@ -456,14 +471,20 @@ impl TokenAuthority {
         })
     }
 
-    /// A new family whose first access token is answered with it, bound to `binding`
-    /// (the key of a device's DPoP proof) when there is one.
-    pub(crate) async fn new_family(&self, binding: Option<Jkt>) -> Result<NewFamily, TokenError> {
-        Ok(NewFamily {
+    /// A new family, bound to `binding` (the key of a device's DPoP proof) when there is
+    /// one, and the first access token answered with it (its place is written with the
+    /// family's row).
+    pub(crate) async fn new_family(
+        &self,
+        binding: Option<Jkt>,
+    ) -> Result<(NewFamily, NextAccess), TokenError> {
+        let first = self.next_access().await?;
+        let family = NewFamily {
             binding,
-            first: Some(self.next_access().await?),
+            first: Some(first),
             ..NewFamily::generate()?
-        })
+        };
+        Ok((family, first))
     }
 
     /// Signs a new access token for a device and family, bound to `binding` (DPoP) when
@@ -654,20 +675,15 @@ impl TokenAuthority {
     }
 
     /// The pair answered to a device: the access token `next` (bound to `binding`, when
-    /// the family is) and the given refresh token. `next` is a new family's `first`,
-    /// always there for the families `new_family` makes.
+    /// the family is) and the given refresh token.
     pub(crate) fn pair_for(
         &self,
         device: DeviceId,
         family: FamilyId,
         refresh: Secret,
         binding: Option<&Jkt>,
-        next: Option<NextAccess>,
+        next: NextAccess,
     ) -> Result<TokenPair, TokenError> {
-        let next = next.unwrap_or(NextAccess {
-            index: None,
-            issued_at_ms: self.clock.now_ms(),
-        });
         Ok(TokenPair {
             device_id: device,
             access_token: self.issue_access(device, family, binding, next)?,
@@ -786,6 +802,16 @@ impl TokenAuthority {
                         bound
                     }
                 };
+                let live = status_list::keep_live(&family.status, slot, now, leeway);
+                if live.len() > MAX_LIVE_ACCESS_TOKENS {
+                    let oldest = live.iter().map(|s| s.expires_at_ms).min().unwrap_or(now);
+                    let wait_ms = oldest.saturating_add(leeway).saturating_sub(now);
+                    let event = Event::failure("token.refresh_failed")
+                        .device(&device_text)
+                        .detail("reason", "too many live access tokens");
+                    audit::append(tx, &origin, &event, now)?;
+                    return Ok(RefreshOutcome::Crowded(wait_ms.div_ceil(1000).max(1)));
+                }
                 token.spent_at_ms = Some(now);
                 tx.put(&REFRESH_TOKENS, &key, &token)?;
                 let expires = now.saturating_add(refresh_ttl);
@@ -802,7 +828,7 @@ impl TokenAuthority {
                 )?;
                 family.generation = family.generation.saturating_add(1);
                 family.refresh_expires_at_ms = expires;
-                family.status = status_list::keep_live(&family.status, slot, now, leeway);
+                family.status = live;
                 tx.put(&TOKEN_FAMILIES, &token.family_id, &family)?;
                 device.last_seen_ms = now;
                 tx.put(&DEVICES, &token.device_id, &device)?;
@@ -823,8 +849,9 @@ impl TokenAuthority {
                 device,
                 family,
                 binding,
-            } => self.pair_for(device, family, next_refresh, binding.as_ref(), Some(next)),
+            } => self.pair_for(device, family, next_refresh, binding.as_ref(), next),
             RefreshOutcome::Unbound => Err(TokenError::DpopKey),
+            RefreshOutcome::Crowded(retry_after_s) => Err(TokenError::Crowded(retry_after_s)),
             RefreshOutcome::Reused { device, family } => {
                 self.revocations.remember_family(family);
                 tracing::error!(

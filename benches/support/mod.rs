@@ -325,6 +325,17 @@ pub(crate) fn percentile(sorted: &[u32], p: f64) -> u32 {
     sorted[at]
 }
 
+/// A reqwest client with one kept-alive HTTP/1.1 connection that accepts the server's
+/// self-signed certificate (`tls_config`).
+#[allow(dead_code)]
+pub(crate) fn loopback_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .tls_backend_preconfigured((*tls_config(&[b"http/1.1"])).clone())
+        .pool_max_idle_per_host(1)
+        .build()
+        .unwrap()
+}
+
 /// A reqwest client with one trust anchor, the server's certificate, speaking HTTP/1.1
 /// over one kept-alive connection.
 #[allow(dead_code)]

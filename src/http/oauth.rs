@@ -72,6 +72,13 @@ async fn token(
                 Err(TokenError::RateLimited(limited)) => {
                     Ok(super::limits::too_many(&limited.decision, &limited.policy))
                 }
+                Err(crowded @ TokenError::Crowded(retry_after_s)) => {
+                    let mut response = ApiError::from(crowded).into_response();
+                    response
+                        .headers_mut()
+                        .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_s));
+                    Ok(response)
+                }
                 Err(err) => Err(err.into()),
             }
         }

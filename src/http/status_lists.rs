@@ -38,14 +38,7 @@ async fn list(
             "a status list is named by its number in decimal, as the token's status.status_list.uri gives it",
         ));
     };
-    let lists = state.services.tokens.status_lists().clone();
-    let served = match lists.fresh(number) {
-        Some(served) => served,
-        // A build reads the store and compresses 128 KiB: not on an async worker.
-        None => tokio::task::spawn_blocking(move || lists.list_token(number))
-            .await
-            .map_err(|e| ApiError::internal(&e))??,
-    };
+    let served = state.services.tokens.status_lists().serve(number).await?;
     let mut response = (
         [(
             header::CONTENT_TYPE,
@@ -54,7 +47,10 @@ async fn list(
         served.token.to_string(),
     )
         .into_response();
-    if let Ok(value) = HeaderValue::from_str(&format!("public, max-age={}", served.ttl.as_secs())) {
+    // `private`: a shared cache on the way would keep it for `ttl` and the app then
+    // for another `ttl`, twice the bound `tokens.status_list_ttl` promises.
+    let cache = format!("private, max-age={}", served.ttl.as_secs());
+    if let Ok(value) = HeaderValue::from_str(&cache) {
         response.headers_mut().insert(header::CACHE_CONTROL, value);
     }
     Ok(response)

@@ -78,7 +78,7 @@ async function statusOf(accessToken, fetchWith, jwksUri) {
   const response = await fetchWith(uri, { method: 'GET' });
   assert.equal(response.status, 200);
   assert.equal(response.headers.get('content-type'), 'application/statuslist+jwt');
-  assert.equal(response.headers.get('cache-control'), 'public, max-age=60');
+  assert.equal(response.headers.get('cache-control'), 'private, max-age=60');
   const jwt = await response.text();
   const [header64, payload64, signature64] = jwt.split('.');
   const header = JSON.parse(Buffer.from(header64, 'base64url').toString());

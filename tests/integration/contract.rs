@@ -331,7 +331,7 @@ async fn status_lists_answer_as_documented() {
     expect(op, 404, api.anyone(Method::GET, "/v1/statuslists/0")).await;
     api.pair().await;
     let list = expect(op, 200, api.anyone(Method::GET, "/v1/statuslists/0")).await;
-    assert_eq!(list.headers["cache-control"], "public, max-age=60");
+    assert_eq!(list.headers["cache-control"], "private, max-age=60");
     expect(op, 404, api.anyone(Method::GET, "/v1/statuslists/9")).await;
     expect(op, 400, api.anyone(Method::GET, "/v1/statuslists/007")).await;
     expect(op, 400, api.anyone(Method::GET, "/v1/statuslists/x")).await;

@@ -403,3 +403,45 @@ async fn pair_approve_and_pair_deny_work_from_the_command_line() {
     let approvals = app.audit_events("pairing.approved");
     assert_eq!(approvals[0].actor, "operator");
 }
+
+/// Pruning reads the grants a page at a time: more grants than a page, all expired a day
+/// ago, go with their codes, and a grant asked for afterwards stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pruning_takes_more_grants_than_a_page_and_spares_live_ones() {
+    let app = helpers::spawn_app_with(&[
+        ("GATEHOUSE_RATELIMIT_PAIRING", "off"),
+        ("GATEHOUSE_RATELIMIT_PER_IP", "off"),
+    ])
+    .await;
+    for _ in 0..11 {
+        futures_util::future::join_all((0..100).map(|_| ask(&app, None))).await;
+    }
+    let count = |table: &str| {
+        let counts = app
+            .running
+            .services
+            .store
+            .read(|tx| tx.table_counts())
+            .unwrap();
+        counts.iter().find(|(t, _)| *t == table).map(|(_, n)| *n)
+    };
+    assert_eq!(count("device_grants.v1"), Some(1100));
+    wait(&app, 600 + 24 * 3600);
+    let live = ask(&app, None).await;
+    app.running
+        .services
+        .jobs
+        .run(gatehouse::config::JobName::PruneExpired)
+        .await
+        .unwrap();
+    assert_eq!(count("device_grants.v1"), Some(1));
+    assert_eq!(count("device_grant_codes.v1"), Some(1));
+    let (status, _) = admin(
+        &app,
+        "lookup",
+        json!({"user_code": live["user_code"].as_str().unwrap()}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    app.stop().await;
+}

@@ -188,7 +188,7 @@ async fn a_revoked_access_token_flips_its_bit_within_a_second_and_no_other() {
     let list = list_of(&app, &first).await;
     assert_eq!(list.claims["sub"], first.uri.as_str());
     assert!(!list.bit(first.idx) && !list.bit(second.idx));
-    assert_eq!(list.cache_control, "public, max-age=60");
+    assert_eq!(list.cache_control, "private, max-age=60");
     assert_eq!(list.claims["ttl"], 60);
     let (iat, exp) = (
         list.claims["iat"].as_u64().unwrap(),
@@ -298,8 +298,12 @@ async fn indices_survive_restarts_and_bits_go_once_their_tokens_have_expired() {
     assert!(list.bit(before.idx), "the bit is durable");
     assert!(!list.bit(after.idx));
 
+    // Past the token's expiry but within the leeway a verifier allows, the bit stands.
+    app.clock.advance_ms(905 * 1000);
+    tokio::time::sleep(gatehouse::status_list::REBUILD_AFTER).await;
+    assert!(list_of(&app, &before).await.bit(before.idx));
     // Past the token's expiry and leeway the row is pruned and the bit reads 0 again.
-    app.clock.advance_ms(16 * 60 * 1000);
+    app.clock.advance_ms(16 * 60 * 1000 - 905 * 1000);
     let pruned = app.running.services.tokens.prune_expired().await.unwrap();
     assert!(pruned >= 1);
     let counts = app
@@ -372,4 +376,28 @@ fn a_status_list_ttl_longer_than_the_access_ttl_is_refused() {
         .expect_err("refused")
         .to_string();
     assert!(err.contains("tokens.status_list_ttl"), "{err}");
+}
+
+/// A family holds at most 1 024 access tokens that may still be presented (each has a
+/// place in its row): the next refresh is refused with 429 and `Retry-After` until the
+/// oldest expires, and spends nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_family_refreshed_too_often_waits_for_its_oldest_token_to_expire() {
+    let app = helpers::spawn_app_with(&[("GATEHOUSE_RATELIMIT_REFRESH", "off")]).await;
+    let mut device = app.pair_device().await;
+    let cap = gatehouse::tokens::MAX_LIVE_ACCESS_TOKENS;
+    for _ in 1..cap {
+        device = refreshed(&app, &device).await;
+    }
+    let refused = app.refresh(&device.refresh_token).await;
+    assert_eq!(refused.status(), 429);
+    assert_eq!(refused.headers()["retry-after"], (900 + 30).to_string());
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["error"], "rate_limited");
+    // The first token leaves the window: one more refresh goes through, with the same
+    // refresh token (nothing was spent).
+    app.clock.advance_ms((900 + 30) * 1000);
+    let again = refreshed(&app, &device).await;
+    assert!(!again.access_token.is_empty());
+    app.stop().await;
 }
