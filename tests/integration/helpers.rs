@@ -120,6 +120,21 @@ impl TestApp {
         response.json().await.expect("token pair")
     }
 
+    /// How many rows the table `table` holds.
+    pub fn table_count(&self, table: &str) -> u64 {
+        let counts = self
+            .running
+            .services
+            .store
+            .read(|tx| tx.table_counts())
+            .expect("table counts");
+        counts
+            .iter()
+            .find(|(name, _)| *name == table)
+            .unwrap_or_else(|| panic!("no table {table} in {counts:?}"))
+            .1
+    }
+
     /// The audit records of one type, oldest first (at most 100).
     pub fn audit_events(&self, kind: &str) -> Vec<gatehouse::audit::EventView> {
         self.running

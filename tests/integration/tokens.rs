@@ -203,20 +203,6 @@ async fn rotate_http(app: &TestApp, body: Option<&str>) -> Response {
     request.send().await.unwrap()
 }
 
-fn table_count(app: &TestApp, table: &str) -> u64 {
-    let counts = app
-        .running
-        .services
-        .store
-        .read(|tx| tx.table_counts())
-        .unwrap();
-    counts
-        .iter()
-        .find(|(name, _)| *name == table)
-        .unwrap_or_else(|| panic!("no table {table} in {counts:?}"))
-        .1
-}
-
 fn all_counts(app: &TestApp) -> Vec<(&'static str, u64)> {
     app.running
         .services
@@ -247,7 +233,7 @@ async fn opening_a_pairing_session_needs_an_admin_token() {
         .revoke(&doomed.id, &gatehouse::audit::Origin::operator())
         .await
         .unwrap();
-    let sessions_before = table_count(&app, "pairing_sessions.v1");
+    let sessions_before = app.table_count("pairing_sessions.v1");
 
     let no_token = app
         .client()
@@ -283,7 +269,7 @@ async fn opening_a_pairing_session_needs_an_admin_token() {
         assert_eq!(body["error"], "unauthorized", "{what}: {body}");
     }
     // A refused caller opened nothing.
-    assert_eq!(table_count(&app, "pairing_sessions.v1"), sessions_before);
+    assert_eq!(app.table_count("pairing_sessions.v1"), sessions_before);
     app.stop().await;
 }
 
@@ -312,7 +298,7 @@ async fn a_pairing_session_answers_its_secret_and_uri_and_validates_its_body() {
         let response = open_session_as(&app, &app.admin_token(), json!({"ttl_seconds": ttl})).await;
         assert_eq!(response.status(), 201, "ttl {ttl}");
     }
-    let sessions = table_count(&app, "pairing_sessions.v1");
+    let sessions = app.table_count("pairing_sessions.v1");
     for ttl in [0, 29, 3601, 86_400] {
         let response = open_session_as(&app, &app.admin_token(), json!({"ttl_seconds": ttl})).await;
         let (status, body) = error_of(response).await;
@@ -348,7 +334,7 @@ async fn a_pairing_session_answers_its_secret_and_uri_and_validates_its_body() {
         .unwrap();
     assert_eq!(response.status(), 400);
     assert_eq!(
-        table_count(&app, "pairing_sessions.v1"),
+        app.table_count("pairing_sessions.v1"),
         sessions,
         "refused requests open no session"
     );
@@ -523,7 +509,7 @@ async fn device_fields_are_validated_and_a_refusal_keeps_the_session() {
         assert_eq!(status, 400, "{what}: {body}");
         assert_eq!(body["error"], "invalid_request", "{what}: {body}");
     }
-    assert_eq!(table_count(&app, "devices.v1"), 0);
+    assert_eq!(app.table_count("devices.v1"), 0);
     // 64 characters (multi-byte ones, counted as characters) are fine, and the session
     // survived every refusal above.
     let name = "é".repeat(64);
@@ -575,9 +561,9 @@ async fn sixteen_concurrent_claims_of_one_session_pair_exactly_one_device() {
     let devices = app.running.services.devices.list().unwrap();
     assert_eq!(devices.len(), 1);
     assert_eq!(devices[0].id.to_string(), winners[0]["device_id"]);
-    assert_eq!(table_count(&app, "devices.v1"), 1);
-    assert_eq!(table_count(&app, "token_families.v1"), 1);
-    assert_eq!(table_count(&app, "refresh_tokens.v1"), 1);
+    assert_eq!(app.table_count("devices.v1"), 1);
+    assert_eq!(app.table_count("token_families.v1"), 1);
+    assert_eq!(app.table_count("refresh_tokens.v1"), 1);
     assert!(active(&app, winners[0]["access_token"].as_str().unwrap()).await);
     app.stop().await;
 }
@@ -1038,7 +1024,7 @@ async fn revoking_an_access_token_spares_its_refresh_family() {
         !active(&app, &device.access_token).await,
         "and the revoked one stays dead"
     );
-    assert_eq!(table_count(&app, "revoked_tokens.v1"), 1);
+    assert_eq!(app.table_count("revoked_tokens.v1"), 1);
     app.stop().await;
 }
 
@@ -1514,10 +1500,10 @@ async fn prune_expired_removes_dead_rows_and_the_tokens_stay_refused() {
 
     let counted = |app: &TestApp| {
         [
-            table_count(app, "refresh_tokens.v1"),
-            table_count(app, "token_families.v1"),
-            table_count(app, "revoked_tokens.v1"),
-            table_count(app, "status_revoked.v1"),
+            app.table_count("refresh_tokens.v1"),
+            app.table_count("token_families.v1"),
+            app.table_count("revoked_tokens.v1"),
+            app.table_count("status_revoked.v1"),
         ]
     };
     // Three revoked status-list bits: the revoked access token and the replayed family's
@@ -1541,7 +1527,7 @@ async fn prune_expired_removes_dead_rows_and_the_tokens_stay_refused() {
         "4 refresh tokens, 2 families, 1 revoked token, 4 status-list bits"
     );
     assert_eq!(counted(&app), [0, 0, 0, 0]);
-    assert_eq!(table_count(&app, "devices.v1"), 2, "devices are not pruned");
+    assert_eq!(app.table_count("devices.v1"), 2, "devices are not pruned");
     let (tokens_mirror, families_mirror, _) = app.running.services.revocations.counts();
     assert_eq!((tokens_mirror, families_mirror), (0, 0));
 
