@@ -18,13 +18,14 @@ pub(super) fn routes() -> Router<AppState> {
 }
 
 /// A list's number as its URI spells it: decimal, no sign, no leading zero, so that one
-/// list has one URI (and one entry in any cache on the way).
-fn parse_list(text: &str) -> Option<u64> {
+/// list has one URI (and one entry in any cache on the way); at most 20 digits. `None`
+/// when it is not spelt so; `Some(None)` when it is, but above any list there can be.
+fn parse_list(text: &str) -> Option<Option<u64>> {
     let canonical = !text.is_empty()
         && text.len() <= 20
         && text.bytes().all(|b| b.is_ascii_digit())
         && (text == "0" || !text.starts_with('0'));
-    canonical.then(|| text.parse().ok()).flatten()
+    canonical.then(|| text.parse().ok())
 }
 
 async fn list(
@@ -36,6 +37,13 @@ async fn list(
             StatusCode::BAD_REQUEST,
             "invalid_request",
             "a status list is named by its number in decimal, as the token's status.status_list.uri gives it",
+        ));
+    };
+    let Some(number) = number else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no status list {list}: no token names it"),
         ));
     };
     let served = state.services.tokens.status_lists().serve(number).await?;
@@ -62,9 +70,12 @@ mod tests {
 
     #[test]
     fn only_the_canonical_decimal_names_a_list() {
-        assert_eq!(parse_list("0"), Some(0));
-        assert_eq!(parse_list("17"), Some(17));
-        assert_eq!(parse_list("17592186044415"), Some(17_592_186_044_415));
+        assert_eq!(parse_list("0"), Some(Some(0)));
+        assert_eq!(parse_list("17"), Some(Some(17)));
+        assert_eq!(parse_list("17592186044415"), Some(Some(17_592_186_044_415)));
+        assert_eq!(parse_list("18446744073709551615"), Some(Some(u64::MAX)));
+        // Spelt right, but past any number: no such list, not a bad request.
+        assert_eq!(parse_list("99999999999999999999"), Some(None));
         for bad in [
             "",
             "01",
@@ -73,7 +84,7 @@ mod tests {
             "1.0",
             "0x1",
             "1 ",
-            "99999999999999999999",
+            "100000000000000000000",
             "١",
         ] {
             assert_eq!(parse_list(bad), None, "{bad:?}");

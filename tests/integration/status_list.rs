@@ -330,8 +330,9 @@ async fn unknown_and_misspelt_lists_are_refused() {
         ("/v1/statuslists/01", 400, "invalid_request"),
         ("/v1/statuslists/-1", 400, "invalid_request"),
         ("/v1/statuslists/0x0", 400, "invalid_request"),
+        ("/v1/statuslists/99999999999999999999", 404, "not_found"),
         (
-            "/v1/statuslists/99999999999999999999",
+            "/v1/statuslists/100000000000000000000",
             400,
             "invalid_request",
         ),
