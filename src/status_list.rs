@@ -35,8 +35,8 @@ use crate::jwt::{StatusListRef, TokenStatus};
 use crate::keys::{KeyError, KeyRing};
 use crate::store::records::{StatusAllocation, StatusRevoked, StatusSlot};
 use crate::store::{
-    STATUS_ALLOCATION, STATUS_ALLOCATION_KEY, STATUS_LIST_INDEX_BITS, STATUS_REVOKED, Store,
-    StoreError, WriteTx, status_index_key, status_list_prefix,
+    ReadTx, STATUS_ALLOCATION, STATUS_ALLOCATION_KEY, STATUS_LIST_INDEX_BITS, STATUS_REVOKED,
+    Store, StoreError, WriteTx, status_index_key, status_list_prefix,
 };
 
 /// Indices in one list: 2^20, so a list is 128 KiB before compression (a few hundred
@@ -239,6 +239,13 @@ pub struct StatusLists {
     counter_read_at: Mutex<Option<Instant>>,
 }
 
+/// The allocation counter: the first index no node has reserved (0 before any).
+fn next_index(tx: &ReadTx<'_>) -> Result<u64, StoreError> {
+    Ok(tx
+        .get(&STATUS_ALLOCATION, STATUS_ALLOCATION_KEY)?
+        .map_or(0, |row| row.next_index))
+}
+
 /// How many lists exist when `next` is the first index not reserved.
 fn lists_below(next: u64) -> u64 {
     if next == 0 {
@@ -268,10 +275,6 @@ impl StatusLists {
         }
     }
 
-    pub fn settings(&self) -> &StatusListSettings {
-        &self.settings
-    }
-
     /// A fresh index for an access token about to be issued. Reserves a new block first
     /// when this node's is spent (one durable write per `BLOCK` tokens).
     pub async fn allocate(&self) -> Result<StatusIndex, StatusListError> {
@@ -291,9 +294,7 @@ impl StatusLists {
         let reserved = self
             .store
             .write(move |tx| {
-                let next = tx
-                    .get(&STATUS_ALLOCATION, STATUS_ALLOCATION_KEY)?
-                    .map_or(0, |row| row.next_index);
+                let next = next_index(tx)?;
                 let Some(end) = next.checked_add(BLOCK) else {
                     return Ok::<_, StoreError>(None);
                 };
@@ -374,12 +375,7 @@ impl StatusLists {
             }
             *checked = Some(Instant::now());
         }
-        let next = self.store.read(|tx| {
-            Ok::<_, StoreError>(
-                tx.get(&STATUS_ALLOCATION, STATUS_ALLOCATION_KEY)?
-                    .map_or(0, |row| row.next_index),
-            )
-        })?;
+        let next = self.store.read(next_index)?;
         self.known_next.fetch_max(next, Ordering::AcqRel);
         if list < lists_below(next) {
             Ok(())
@@ -391,27 +387,25 @@ impl StatusLists {
     /// List `list` as last built, if younger than `REBUILD_AFTER` (served while another
     /// caller builds it again).
     fn recent(&self, list: u64) -> Option<ServedList> {
-        self.built
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&list)
-            .filter(|served| served.built_at.elapsed() < REBUILD_AFTER)
-            .cloned()
+        self.last_built(list, |served| served.built_at.elapsed() < REBUILD_AFTER)
     }
 
     /// List `list` as last built, if it may still be served: younger than `REBUILD_GAP`,
-    /// or younger than `REBUILD_AFTER` with nothing committed on this node since. No I/O:
-    /// a handler asks this before it hands a build to a blocking thread.
-    pub fn fresh(&self, list: u64) -> Option<ServedList> {
+    /// or younger than `REBUILD_AFTER` with nothing committed on this node since. No I/O.
+    fn fresh(&self, list: u64) -> Option<ServedList> {
         let commits = self.store.commits();
+        self.last_built(list, |served| {
+            let age = served.built_at.elapsed();
+            age < REBUILD_GAP || (age < REBUILD_AFTER && served.commits == commits)
+        })
+    }
+
+    fn last_built(&self, list: u64, usable: impl Fn(&ServedList) -> bool) -> Option<ServedList> {
         self.built
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(&list)
-            .filter(|served| {
-                let age = served.built_at.elapsed();
-                age < REBUILD_GAP || (age < REBUILD_AFTER && served.commits == commits)
-            })
+            .filter(|served| usable(served))
             .cloned()
     }
 
@@ -421,22 +415,10 @@ impl StatusLists {
         let commits = self.store.commits();
         let now = self.clock.now_ms();
         let prefix = status_list_prefix(list);
-        let (next, rows) = self.store.read(|tx| {
-            let next = tx
-                .get(&STATUS_ALLOCATION, STATUS_ALLOCATION_KEY)?
-                .map_or(0, |row| row.next_index);
-            if list >= lists_below(next) {
-                return Ok::<_, StoreError>((next, Vec::new()));
-            }
-            Ok((
-                next,
-                tx.prefixed(&STATUS_REVOKED, &prefix, None, usize::MAX)?,
-            ))
-        })?;
-        self.known_next.fetch_max(next, Ordering::AcqRel);
-        if list >= lists_below(next) {
-            return Err(StatusListError::UnknownList(list));
-        }
+        // `serve` has checked that the list exists (`check_known`).
+        let rows = self
+            .store
+            .read(|tx| tx.prefixed(&STATUS_REVOKED, &prefix, None, usize::MAX))?;
         let mut bytes = vec![0u8; usize::try_from(LIST_LEN / 8).unwrap_or(0)];
         for (key, row) in &rows {
             // A token expired beyond the leeway a verifier allows is refused for its

@@ -97,6 +97,16 @@ impl TestApp {
             .expect("request")
     }
 
+    /// `POST /v1/revoke` (no credentials: RFC 7009 needs none here).
+    pub async fn revoke(&self, token: &str) -> reqwest::Response {
+        self.client()
+            .post(self.url("/v1/revoke"))
+            .form(&[("token", token)])
+            .send()
+            .await
+            .expect("request")
+    }
+
     /// Pairs a new device over HTTP: the answer of `/v1/pair`.
     pub async fn pair_device(&self) -> PairedDevice {
         self.pair_device_as(&self.admin_token()).await

@@ -164,14 +164,7 @@ async fn refreshed(app: &TestApp, device: &PairedDevice) -> PairedDevice {
 }
 
 async fn revoke(app: &TestApp, token: &str) {
-    let response = app
-        .client()
-        .post(app.url("/v1/revoke"))
-        .form(&[("token", token)])
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
+    assert_eq!(app.revoke(token).await.status(), 200);
 }
 
 #[tokio::test]

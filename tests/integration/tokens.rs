@@ -79,14 +79,8 @@ async fn token_raw(app: &TestApp, body: &str) -> Response {
         .expect("request")
 }
 
-/// `POST /v1/revoke` (no credentials: RFC 7009 needs none here).
 async fn revoke(app: &TestApp, token: &str) -> Response {
-    app.client()
-        .post(app.url("/v1/revoke"))
-        .form(&[("token", token)])
-        .send()
-        .await
-        .expect("request")
+    app.revoke(token).await
 }
 
 /// `/v1/introspect` with an explicit admin token (a restarted instance has no bootstrap).
